@@ -1,0 +1,75 @@
+"""Plain data shared by the router, the replicas and the metrics: the seams between parts.
+
+Owns: ``ReplicaStats`` (what a vLLM replica reports about itself), ``ReplicaSnapshot`` (what a
+routing policy sees of one replica at decision time), ``RoutingRequest`` (what a policy sees of one
+request) and ``Decision`` (what a policy returns). Pure Python: no ray, fastapi or vllm imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    """A replica's self-report, produced by the vLLM replica and polled by Serve's router.
+
+    Attributes:
+        replica_id: Serve's unique replica id (``ReplicaID.unique_id``).
+        model_id: served model name.
+        block_size: KV block size in tokens, read from the engine.
+        num_gpu_blocks: KV capacity of the engine, in blocks.
+        kv_usage: fraction of KV blocks in use, 0..1.
+        num_running: requests the engine is decoding or prefilling.
+        num_waiting: requests queued inside the engine.
+        queued_prefill_tokens: prompt tokens not yet prefilled (uncached part) over requests waiting
+            for their first token on this replica.
+        prefill_tokens_per_s: measured prefill speed (EWMA), or 0 if not yet measured.
+        kv_events_endpoint: ZMQ endpoint publishing this replica's vLLM KV events, if enabled.
+        timestamp: wall-clock time of the report (seconds).
+    """
+
+    replica_id: str
+    model_id: str
+    block_size: int
+    num_gpu_blocks: int
+    kv_usage: float
+    num_running: int
+    num_waiting: int
+    queued_prefill_tokens: int
+    prefill_tokens_per_s: float = 0.0
+    kv_events_endpoint: str | None = None
+    timestamp: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSnapshot:
+    """What a policy sees of one candidate replica when it decides."""
+
+    replica_id: str
+    queued_prefill_tokens: int = 0
+    running: int = 0
+    kv_capacity_blocks: int = 0
+    kv_usage: float = 0.0
+    block_size: int = 16
+    max_ongoing: int = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRequest:
+    """What a policy sees of one request: its prompt as chained KV block hashes."""
+
+    model_id: str
+    num_prompt_tokens: int
+    block_hashes: tuple[int, ...] = ()
+    session_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's choice and why it made it."""
+
+    replica_id: str
+    reason: str
+    predicted_cached_tokens: int = 0
+    scores: dict[str, float] = field(default_factory=dict)

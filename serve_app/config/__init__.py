@@ -1,0 +1,107 @@
+"""The application's one configuration tree, and how it is loaded.
+
+Owns: ``AppConfig`` (root), ``load_app_config`` (from a Serve config YAML or a plain dict) and
+``ConfigError``. A config file is a Ray Serve config file: ``applications[i].args`` holds an
+``AppConfig``; the same file drives ``serve run``, the tests and the RayService ``serveConfigV2``.
+Validation happens before anything starts, and an error names the offending field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve_app.config.deployment import DeploymentOptions
+from serve_app.config.kv_tier import KVTierConfig
+from serve_app.config.models import ModelConfig
+from serve_app.config.routing import RoutingConfig
+
+__all__ = [
+    "AppConfig",
+    "ConfigError",
+    "DeploymentOptions",
+    "IngressConfig",
+    "KVTierConfig",
+    "ModelConfig",
+    "RoutingConfig",
+    "load_app_config",
+    "load_serve_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the field."""
+
+
+def _default_ingress_options() -> DeploymentOptions:
+    return DeploymentOptions(num_replicas=1, max_ongoing_requests=2048, ray_actor_options={"num_cpus": 1})
+
+
+class IngressConfig(BaseModel):
+    """The OpenAI-compatible ingress deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: DeploymentOptions = Field(
+        default_factory=_default_ingress_options, description="Ray Serve options of the ingress deployment."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Upper bound on one request, in seconds.")
+
+
+class AppConfig(BaseModel):
+    """Root of the application configuration (``applications[].args`` in a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(min_length=1, description="Served models, each with its own replicas.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="Ingress deployment.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Request routing.")
+    kv_tier: KVTierConfig = Field(default_factory=KVTierConfig, description="Shared KV tier.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "AppConfig":
+        ids = [m.id for m in self.models]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"models: duplicate model id(s) {dup}")
+        return self
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        """The model with this id, or None."""
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+def _format(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{where}{loc}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_app_config(args: dict[str, Any], where: str = "") -> AppConfig:
+    """Validate one application's ``args``; raise ConfigError naming the field."""
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(_format(err, where)) from None
+
+
+def load_serve_config(path: str | Path) -> tuple[dict[str, Any], list[AppConfig]]:
+    """Read a Serve config file; return the raw document and each application's validated AppConfig."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("applications"), list):
+        raise ConfigError(f"{path}: expected a Ray Serve config with an `applications:` list")
+    apps = []
+    for i, app in enumerate(doc["applications"]):
+        if not isinstance(app, dict) or not isinstance(app.get("args"), dict):
+            raise ConfigError(f"{path}: applications.{i}.args must be a mapping holding the app config")
+        apps.append(load_app_config(app["args"], where=f"applications.{i}.args."))
+    return doc, apps

@@ -1,0 +1,83 @@
+"""Ray Serve deployment options, passed through to ``serve.deployment`` unchanged.
+
+Owns: ``DeploymentOptions``, the subset of Ray Serve's per-deployment schema a user may set for the
+ingress and for each model's replica deployment. Names and meanings are Serve's own (so the same YAML
+reads the same in Serve's docs); nothing is re-invented. ``max_ongoing_requests`` is always set
+explicitly because Serve's default of 5 throttles LLM serving. ``autoscaling_config`` is validated by
+Serve's own ``AutoscalingConfig`` model, and must name ``target_ongoing_requests`` explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class DeploymentOptions(BaseModel):
+    """Options of one Ray Serve deployment (a subset of ``ray.serve.schema.DeploymentSchema``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(
+        default=None, ge=0, description="Fixed replica count; leave unset when autoscaling_config is set."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Ray Serve autoscaling_config (min/max/initial_replicas, target_ongoing_requests, "
+        "upscale_delay_s, downscale_delay_s, ...). target_ongoing_requests must be given explicitly.",
+    )
+    max_ongoing_requests: int = Field(
+        ge=1, description="Requests one replica runs at once. Required: Serve's default (5) throttles LLMs."
+    )
+    max_queued_requests: int = Field(
+        default=-1,
+        ge=-1,
+        description="Requests a caller may queue for this deployment before getting 503; -1 = unbounded.",
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="Ray actor options of each replica (num_cpus, memory, runtime_env...)."
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(default=30.0, gt=0, description="Health check timeout in seconds.")
+    graceful_shutdown_wait_loop_s: float = Field(
+        default=2.0, gt=0, description="Seconds between checks for in-flight requests during shutdown."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=60.0, ge=0, description="Seconds a stopping replica may take to finish in-flight generations."
+    )
+    max_replicas_per_node: int | None = Field(default=None, ge=1, description="Spread limit per node.")
+    request_routing_stats_period_s: float = Field(
+        default=1.0, gt=0, description="How often Serve polls each replica's routing stats (seconds)."
+    )
+    request_routing_stats_timeout_s: float = Field(
+        default=5.0, gt=0, description="Timeout of one routing-stats poll (seconds)."
+    )
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _check_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if "target_ongoing_requests" not in value:
+            raise ValueError(
+                "autoscaling_config.target_ongoing_requests must be set explicitly "
+                "(otherwise a replica never looks busy enough to scale)"
+            )
+        from ray.serve.config import AutoscalingConfig  # Serve's own validation
+
+        AutoscalingConfig(**value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.deployment(...).options(...)``."""
+        opts = self.model_dump(exclude_none=True)
+        if self.num_replicas is None and self.autoscaling_config is None:
+            opts["num_replicas"] = 1
+        return opts

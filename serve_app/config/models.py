@@ -1,0 +1,94 @@
+"""Per-model configuration: which weights, which vLLM engine arguments, which replica deployment.
+
+Owns: ``ModelConfig``. Engine arguments are vLLM's ``AsyncEngineArgs`` fields passed through in
+``engine_kwargs``; the few that the project itself derives (model path, tensor parallelism, dtype,
+context length) are first-class fields and may not be repeated there.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app import settings
+from serve_app.config.deployment import DeploymentOptions
+
+#: engine_kwargs keys that are owned by first-class fields.
+_DERIVED_ENGINE_KEYS = {"model", "tokenizer", "served_model_name", "tensor_parallel_size", "dtype", "max_model_len"}
+
+
+def _default_replica_options() -> DeploymentOptions:
+    return DeploymentOptions(
+        num_replicas=1,
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 1},
+    )
+
+
+class ModelConfig(BaseModel):
+    """One served model and its vLLM replica deployment."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    id: str = Field(description="Name clients pass as `model` (served model name). Must be unique.")
+    path: str = Field(
+        description="Model directory (config.json + weights + tokenizer). Relative paths resolve under "
+        "KVSERVE_MODEL_DIR, where `kvserve prepare-model` writes."
+    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer directory; defaults to `path`.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (one placement bundle each).")
+    dtype: str = Field(default="auto", description="vLLM dtype: auto, float32, float16, bfloat16.")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length; default from the model.")
+    accelerator_type: str | None = Field(
+        default=None, description="Ray accelerator type (e.g. H100) requested by every GPU bundle."
+    )
+    placement_group_strategy: str = Field(
+        default="STRICT_PACK", description="Placement strategy of the replica's bundles (PACK, STRICT_PACK, ...)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through unchanged."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables set in the replica's runtime_env."
+    )
+    deployment: DeploymentOptions = Field(
+        default_factory=_default_replica_options, description="Ray Serve options of the replica deployment."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", value):
+            raise ValueError(f"model id {value!r} may contain only letters, digits and . _ : / -")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        allowed = {"auto", "float32", "float16", "bfloat16", "half", "float"}
+        if value not in allowed:
+            raise ValueError(f"dtype must be one of {sorted(allowed)}, got {value!r}")
+        return value
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(_DERIVED_ENGINE_KEYS & value.keys())
+        if clash:
+            raise ValueError(f"{clash} are first-class model fields; set them there, not in engine_kwargs")
+        return value
+
+    def resolved_path(self) -> Path:
+        """Absolute model directory."""
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else settings.model_dir() / p
+
+    def resolved_tokenizer(self) -> Path:
+        """Absolute tokenizer directory."""
+        if self.tokenizer is None:
+            return self.resolved_path()
+        p = Path(self.tokenizer).expanduser()
+        return p if p.is_absolute() else settings.model_dir() / p

@@ -1,0 +1,40 @@
+"""The one place where environment variables are read.
+
+Every variable the project honours is declared here, with its default and meaning. Nothing else in
+the code base calls ``os.environ`` for configuration (vLLM's ``envs.py`` pattern). Values are read
+lazily so tests can set them with ``monkeypatch.setenv``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFIX = "KVSERVE_"
+
+#: name -> (default, description). Defaults are strings, as in the environment.
+VARIABLES: dict[str, tuple[str, str]] = {
+    "KVSERVE_MODEL_DIR": (
+        str(Path.home() / ".cache" / "kvserve" / "models"),
+        "Directory where prepare-model writes models; relative model paths in configs resolve here.",
+    ),
+    "KVSERVE_HTTP_HOST": ("127.0.0.1", "Host the CLI's invoke/bench commands talk to."),
+    "KVSERVE_HTTP_PORT": ("8000", "Port of the Serve HTTP proxy that the CLI talks to."),
+}
+
+
+def get(name: str) -> str:
+    """Return the value of a declared variable (environment first, then its default)."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not a declared setting; add it to serve_app.settings.VARIABLES")
+    return os.environ.get(name, VARIABLES[name][0])
+
+
+def model_dir() -> Path:
+    """Directory holding prepared models."""
+    return Path(get("KVSERVE_MODEL_DIR")).expanduser()
+
+
+def base_url() -> str:
+    """OpenAI base URL of the local service, as the CLI sees it."""
+    return f"http://{get('KVSERVE_HTTP_HOST')}:{get('KVSERVE_HTTP_PORT')}/v1"
