@@ -1,0 +1,129 @@
+"""Construction of one vLLM ``AsyncLLM`` for a replica, and the live stats it reports.
+
+Owns: ``engine_args`` (ModelConfig + AppConfig -> vLLM ``AsyncEngineArgs`` keyword arguments, the
+single place where project config turns into engine config), ``start_engine`` and ``EngineStats``
+(a mutable record that a vLLM stat logger updates after every engine step; the replica reads it
+without any call into the engine).
+
+This is the only module that touches vLLM's engine API (kept to AsyncLLM, AsyncEngineArgs,
+SamplingParams and the stat-logger interface, which vLLM 0.26-0.29 share).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.config import AppConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Latest scheduler view of one engine, updated in place by ``_StatsLogger``."""
+
+    block_size: int = 16
+    num_gpu_blocks: int = 0
+    kv_usage: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests): loopback is right
+        return "127.0.0.1"
+
+
+def engine_args(model: ModelConfig, app: AppConfig, kv_events_port: int | None) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments of one replica."""
+    args: dict[str, Any] = {
+        "model": str(model.resolved_path()),
+        "tokenizer": str(model.resolved_tokenizer()),
+        "served_model_name": model.id,
+        "tensor_parallel_size": model.tensor_parallel_size,
+        "dtype": model.dtype,
+        "enable_prefix_caching": True,
+        "disable_log_stats": False,
+    }
+    if model.max_model_len is not None:
+        args["max_model_len"] = model.max_model_len
+    if model.tensor_parallel_size > 1:
+        args["distributed_executor_backend"] = "ray"
+    if kv_events_port is not None:
+        from deployments.kv_events import kv_events_engine_kwargs
+
+        args.update(kv_events_engine_kwargs(kv_events_port))
+    if app.kv_tier.enabled:
+        from deployments.kv_tier import kv_tier_engine_kwargs
+
+        args.update(kv_tier_engine_kwargs(app.kv_tier, model))
+    args.update(model.engine_kwargs)  # the user's word is final
+    return args
+
+
+def _stats_logger_factory(stats: EngineStats):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _StatsLogger(StatLoggerBase):
+        """Copies the scheduler's numbers into ``stats`` after every step (no I/O)."""
+
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            cache = vllm_config.cache_config
+            stats.block_size = int(cache.block_size)
+            stats.num_gpu_blocks = int(cache.num_gpu_blocks or 0)
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                stats.kv_usage = scheduler_stats.kv_cache_usage
+                stats.num_running = scheduler_stats.num_running_reqs
+                stats.num_waiting = scheduler_stats.num_waiting_reqs
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _StatsLogger
+
+
+async def start_engine(model: ModelConfig, app: AppConfig):
+    """Start the engine of one replica; return (engine, stats, kv_events_endpoint or None)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    events_port = _free_port() if app.routing.strategy == "kv-aware" else None
+    kwargs = engine_args(model, app, events_port)
+    logger.info("engine args for %s: %s", model.id, kwargs)
+    eargs = AsyncEngineArgs(**kwargs)
+    vllm_config = eargs.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    if model.tensor_parallel_size > 1:
+        import ray
+
+        # The TP workers go into this replica's own placement group (the bundles Serve reserved).
+        vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+    stats = EngineStats()
+    engine = AsyncLLM.from_vllm_config(
+        vllm_config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        stat_loggers=[_stats_logger_factory(stats), RayPrometheusStatLogger],
+        disable_log_stats=False,
+    )
+    stats.block_size = int(engine.vllm_config.cache_config.block_size)
+    stats.num_gpu_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or stats.num_gpu_blocks)
+    endpoint = f"tcp://{_node_ip()}:{events_port}" if events_port is not None else None
+    logger.info("engine of %s started in pid %d", model.id, os.getpid())
+    return engine, stats, endpoint

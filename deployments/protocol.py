@@ -1,0 +1,59 @@
+"""The messages between the ingress and a vLLM replica (over a Serve deployment handle).
+
+Owns: ``GenerateRequest`` (token ids in, already rendered and tokenized by the ingress, plus the
+routing hints the request router reads from ``PendingRequest.args[0]``) and ``GenerateChunk`` (one
+streamed piece of output). Plain dataclasses: cheap to pickle, no pydantic on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """One generation request, as the replica receives it.
+
+    Attributes:
+        request_id: unique id (also the vLLM request id; used to abort).
+        model_id: served model name.
+        prompt_token_ids: the prompt, tokenized once by the ingress.
+        sampling: vLLM ``SamplingParams`` keyword arguments (n, max_tokens, temperature, top_p, seed,
+            stop, stop_token_ids, ...). ``output_kind`` is set by the replica.
+        block_hashes: the prompt's chained KV block hashes (low 64 bits, vLLM's algorithm), computed
+            by the ingress for routing; empty if the router does not need them.
+        session_key: value of the session-affinity header, if configured and present.
+        cache_salt: per-tenant salt; part of the first block's hash in vLLM and in the router.
+        arrival_time: ingress wall-clock time when the request arrived (seconds).
+    """
+
+    request_id: str
+    model_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]
+    block_hashes: tuple[int, ...] = ()
+    session_key: str | None = None
+    cache_salt: str | None = None
+    arrival_time: float = 0.0
+
+
+@dataclass(slots=True)
+class GenerateChunk:
+    """Output produced since the previous chunk, for every choice that advanced.
+
+    Attributes:
+        texts: choice index -> new text.
+        token_counts: choice index -> number of new tokens.
+        finish_reasons: choice index -> "stop" | "length" | "abort", for choices that finished.
+        prompt_tokens: prompt length (set on the first chunk).
+        cached_tokens: prompt tokens served from the prefix cache or the KV tier (first chunk).
+        replica_id: the replica that served the request (first chunk).
+    """
+
+    texts: dict[int, str] = field(default_factory=dict)
+    token_counts: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    replica_id: str | None = None

@@ -1,0 +1,187 @@
+"""The vLLM replica deployment: one vLLM ``AsyncLLM`` per Ray Serve replica.
+
+Owns: ``VLLMReplica`` (a plain class Serve wraps), ``placement_bundles`` (bundles derived from
+tensor_parallel_size) and ``build_replica`` (the one place that applies ``serve.deployment``).
+
+A replica generates from token ids (the ingress tokenized once), streams ``GenerateChunk``s back,
+aborts the engine request when the caller goes away (Serve cancels this generator when the HTTP
+client disconnects), fails its health check when the engine dies, and reports ``ReplicaStats`` to
+Serve's request router through ``record_routing_stats``. Engine construction and stat collection
+live in ``deployments.engine``; this module is the Serve-facing shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.engine import EngineStats, start_engine
+from deployments.metrics import metrics
+from deployments.protocol import GenerateChunk, GenerateRequest
+from routers.types import ReplicaStats
+from serve_app.config import AppConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def placement_bundles(model: ModelConfig) -> tuple[list[dict[str, float]], str]:
+    """Placement-group bundles and strategy of one replica, derived from tensor_parallel_size.
+
+    GPU replicas (``ray_actor_options.num_gpus`` > 0, fractions allowed for several replicas on one
+    GPU) get one ``{"GPU": num_gpus}`` bundle per tensor-parallel rank, plus a sliver of the
+    accelerator-type resource when one is named so the autoscaler launches the right node type.
+    The replica actor's own CPUs are added to bundle 0, where Serve places the actor. CPU replicas
+    get a single ``{"CPU": num_cpus}`` bundle.
+    """
+    actor = model.deployment.ray_actor_options
+    num_cpus = float(actor.get("num_cpus", 1))
+    gpus = float(actor.get("num_gpus", 0) or 0)
+    if gpus <= 0:
+        if model.tensor_parallel_size > 1:
+            raise ValueError(f"model {model.id}: tensor_parallel_size > 1 needs ray_actor_options.num_gpus > 0")
+        return [{"CPU": num_cpus}], model.placement_group_strategy
+    rank: dict[str, float] = {"GPU": gpus}
+    if model.accelerator_type:
+        rank[f"accelerator_type:{model.accelerator_type}"] = 0.001
+    bundles = [dict(rank) for _ in range(model.tensor_parallel_size)]
+    bundles[0]["CPU"] = num_cpus
+    return bundles, model.placement_group_strategy
+
+
+class VLLMReplica:
+    """One vLLM engine behind a Serve replica."""
+
+    async def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        self._model = ModelConfig.model_validate(model)
+        self._app = AppConfig.model_validate(app)
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        self._replica_id = ctx.replica_id.unique_id
+        self._engine, self._stats, self._kv_events_endpoint = await start_engine(self._model, self._app)
+        self._inflight_prefill: dict[str, int] = {}
+        self._prefill_tps = 0.0
+        logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
+                    self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the output of one request; abort it in the engine if the caller cancels."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
+        prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
+        if req.cache_salt:
+            prompt["cache_salt"] = req.cache_salt
+        n_prompt = len(req.prompt_token_ids)
+        self._inflight_prefill[req.request_id] = n_prompt
+        start = time.perf_counter()
+        first = True
+        finished = False
+        try:
+            async for out in self._engine.generate(prompt, params, req.request_id):
+                chunk = GenerateChunk()
+                if first:
+                    first = False
+                    self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0, start)
+                    chunk.prompt_tokens = n_prompt
+                    chunk.cached_tokens = out.num_cached_tokens or 0
+                    chunk.replica_id = self._replica_id
+                for c in out.outputs:
+                    if c.text or c.token_ids:
+                        chunk.texts[c.index] = chunk.texts.get(c.index, "") + c.text
+                        chunk.token_counts[c.index] = chunk.token_counts.get(c.index, 0) + len(c.token_ids)
+                    if c.finish_reason is not None:
+                        chunk.finish_reasons[c.index] = c.finish_reason
+                finished = out.finished
+                yield chunk
+        finally:
+            self._inflight_prefill.pop(req.request_id, None)
+            if not finished:
+                # Cancelled (client went away) or failed: free the engine's slot now.
+                await self._engine.abort(req.request_id)
+
+    def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int, start: float) -> None:
+        self._inflight_prefill.pop(request_id, None)
+        elapsed = time.perf_counter() - start
+        uncached = n_prompt - n_cached
+        if uncached >= 256 and elapsed > 0:  # long enough to be a prefill measurement
+            tps = uncached / elapsed
+            self._prefill_tps = tps if self._prefill_tps == 0 else 0.8 * self._prefill_tps + 0.2 * tps
+
+    def stats(self) -> ReplicaStats:
+        """This replica's current self-report."""
+        s: EngineStats = self._stats
+        return ReplicaStats(
+            replica_id=self._replica_id,
+            model_id=self._model.id,
+            block_size=s.block_size,
+            num_gpu_blocks=s.num_gpu_blocks,
+            kv_usage=s.kv_usage,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            queued_prefill_tokens=sum(self._inflight_prefill.values()),
+            prefill_tokens_per_s=self._prefill_tps,
+            kv_events_endpoint=self._kv_events_endpoint,
+            timestamp=time.time(),
+        )
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Serve every request_routing_stats_period_s; read by the request router."""
+        st = self.stats()
+        m = metrics()
+        tags = {"model": self._model.id, "replica": self._replica_id}
+        m.replica_queued_prefill_tokens.set(st.queued_prefill_tokens, tags=tags)
+        m.replica_running.set(st.num_running, tags=tags)
+        return dataclasses.asdict(st)
+
+    async def get_stats(self) -> dict[str, Any]:
+        """The same report, on demand (tests, debugging)."""
+        return dataclasses.asdict(self.stats())
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the engine's prefix cache (publishes AllBlocksCleared when KV events are on)."""
+        return bool(await self._engine.reset_prefix_cache())
+
+    async def check_health(self) -> None:
+        """Serve's health check: raise when the engine is dead."""
+        if self._engine.errored:
+            raise RuntimeError(f"vLLM engine of replica {self._replica_id} is dead: {self._engine.dead_error}")
+        await asyncio.wait_for(self._engine.check_health(), timeout=10)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_replica(model: ModelConfig, app: AppConfig):
+    """The Serve application node of one model's replica deployment."""
+    from ray import serve
+
+    opts = model.deployment.serve_options()
+    actor = dict(opts.pop("ray_actor_options", {}))
+    env = {"PYTHONHASHSEED": app.routing.hash_seed, **model.env}
+    runtime_env = dict(actor.pop("runtime_env", {}) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    actor["runtime_env"] = runtime_env
+    router_cfg: dict[str, Any] = {}
+    router_cfg["request_routing_stats_period_s"] = opts.pop("request_routing_stats_period_s")
+    router_cfg["request_routing_stats_timeout_s"] = opts.pop("request_routing_stats_timeout_s")
+    bundles, strategy = placement_bundles(model)
+    opts["placement_group_bundles"] = bundles
+    opts["placement_group_strategy"] = strategy
+    # The actor lives in bundle 0: with TP=1 it runs the engine and takes the GPU share itself; with
+    # TP>1 vLLM's Ray executor starts one GPU worker per bundle and the actor keeps only its CPUs.
+    if model.tensor_parallel_size > 1:
+        actor["num_gpus"] = 0
+    name = "vllm-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in model.id)
+    deployment = serve.deployment(VLLMReplica, name=name).options(
+        ray_actor_options=actor, request_router_config=router_cfg, **opts
+    )
+    logger.info("replica deployment %s: %s", name, {**opts, "ray_actor_options": actor})
+    return deployment.bind(model.model_dump(), app.model_dump())
