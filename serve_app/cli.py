@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("config")
     cc.set_defaults(func=_check_config)
 
-    for module in ("benchmarks.cli",):
+    for module in ("benchmarks.cli", "serve_app.kuberay.cli"):
         __import__(module, fromlist=["register"]).register(sub)
     return p
 
