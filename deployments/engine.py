@@ -48,7 +48,7 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-def engine_args(model: ModelConfig, app: AppConfig, kv_events_port: int | None) -> dict[str, Any]:
+def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, int] | None) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments of one replica."""
     args: dict[str, Any] = {
         "model": str(model.resolved_path()),
@@ -57,16 +57,17 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_port: int | None) 
         "tensor_parallel_size": model.tensor_parallel_size,
         "dtype": model.dtype,
         "enable_prefix_caching": True,
+        "prefix_caching_hash_algo": app.routing.hash_algo,
         "disable_log_stats": False,
     }
     if model.max_model_len is not None:
         args["max_model_len"] = model.max_model_len
     if model.tensor_parallel_size > 1:
         args["distributed_executor_backend"] = "ray"
-    if kv_events_port is not None:
+    if kv_events_ports is not None:
         from deployments.kv_events import kv_events_engine_kwargs
 
-        args.update(kv_events_engine_kwargs(kv_events_port))
+        args.update(kv_events_engine_kwargs(*kv_events_ports))
     if app.kv_tier.enabled:
         from deployments.kv_tier import kv_tier_engine_kwargs
 
@@ -105,8 +106,8 @@ async def start_engine(model: ModelConfig, app: AppConfig):
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-    events_port = _free_port() if app.routing.strategy == "kv-aware" else None
-    kwargs = engine_args(model, app, events_port)
+    events_ports = (_free_port(), _free_port()) if app.routing.strategy == "kv-aware" else None
+    kwargs = engine_args(model, app, events_ports)
     logger.info("engine args for %s: %s", model.id, kwargs)
     eargs = AsyncEngineArgs(**kwargs)
     vllm_config = eargs.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -124,6 +125,10 @@ async def start_engine(model: ModelConfig, app: AppConfig):
     )
     stats.block_size = int(engine.vllm_config.cache_config.block_size)
     stats.num_gpu_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or stats.num_gpu_blocks)
-    endpoint = f"tcp://{_node_ip()}:{events_port}" if events_port is not None else None
+    endpoint = None
+    if events_ports is not None:
+        from deployments.kv_events import advertised_endpoint
+
+        endpoint = advertised_endpoint(_node_ip(), *events_ports)
     logger.info("engine of %s started in pid %d", model.id, os.getpid())
     return engine, stats, endpoint

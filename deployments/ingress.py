@@ -31,6 +31,7 @@ from deployments.generation import Accumulator, merge, sse_events
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
 from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.request_router import record_actual_cached_tokens
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,9 @@ class Ingress:
             produced = False
             try:
                 async for chunk in m.handle.generate.remote(req):
-                    produced = True
+                    if not produced:
+                        produced = True
+                        record_actual_cached_tokens(req.request_id, chunk.cached_tokens or 0)
                     yield chunk
                 return
             except BackPressureError:

@@ -64,6 +64,7 @@ class VLLMReplica:
         self._replica_id = ctx.replica_id.unique_id
         self._engine, self._stats, self._kv_events_endpoint = await start_engine(self._model, self._app)
         self._inflight_prefill: dict[str, int] = {}
+        self._streams = 0
         self._prefill_tps = 0.0
         logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
                     self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
@@ -79,14 +80,16 @@ class VLLMReplica:
             prompt["cache_salt"] = req.cache_salt
         n_prompt = len(req.prompt_token_ids)
         self._inflight_prefill[req.request_id] = n_prompt
+        self._streams += 1
         start = time.perf_counter()
-        first = True
+        chunk: GenerateChunk | None = None
+        last_sent = 0.0
         finished = False
         try:
             async for out in self._engine.generate(prompt, params, req.request_id):
-                chunk = GenerateChunk()
-                if first:
-                    first = False
+                if chunk is None:
+                    chunk = GenerateChunk()
+                if last_sent == 0.0:
                     self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0, start)
                     chunk.prompt_tokens = n_prompt
                     chunk.cached_tokens = out.num_cached_tokens or 0
@@ -98,12 +101,24 @@ class VLLMReplica:
                     if c.finish_reason is not None:
                         chunk.finish_reasons[c.index] = c.finish_reason
                 finished = out.finished
-                yield chunk
+                now = time.perf_counter()
+                # The first chunk and the last go out at once; in between, consecutive engine steps are
+                # merged while this replica streams more chunks per second than its budget allows.
+                if finished or last_sent == 0.0 or now - last_sent >= self._chunk_interval():
+                    last_sent = now
+                    yield chunk
+                    chunk = None
         finally:
+            self._streams -= 1
             self._inflight_prefill.pop(req.request_id, None)
             if not finished:
                 # Cancelled (client went away) or failed: free the engine's slot now.
                 await self._engine.abort(req.request_id)
+
+    def _chunk_interval(self) -> float:
+        """Seconds between chunks of one stream so that all streams together stay within budget."""
+        rate = self._model.stream_chunks_per_s
+        return 0.0 if rate <= 0 else self._streams / rate
 
     def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int, start: float) -> None:
         self._inflight_prefill.pop(request_id, None)
@@ -163,15 +178,17 @@ def build_replica(model: ModelConfig, app: AppConfig):
     """The Serve application node of one model's replica deployment."""
     from ray import serve
 
+    from deployments.request_router import request_router_config
+
     opts = model.deployment.serve_options()
     actor = dict(opts.pop("ray_actor_options", {}))
     env = {"PYTHONHASHSEED": app.routing.hash_seed, **model.env}
     runtime_env = dict(actor.pop("runtime_env", {}) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
     actor["runtime_env"] = runtime_env
-    router_cfg: dict[str, Any] = {}
-    router_cfg["request_routing_stats_period_s"] = opts.pop("request_routing_stats_period_s")
-    router_cfg["request_routing_stats_timeout_s"] = opts.pop("request_routing_stats_timeout_s")
+    router_cfg = request_router_config(
+        app.routing, model_id=model.id, stats_period_s=opts.pop("request_routing_stats_period_s"),
+        stats_timeout_s=opts.pop("request_routing_stats_timeout_s"))
     bundles, strategy = placement_bundles(model)
     opts["placement_group_bundles"] = bundles
     opts["placement_group_strategy"] = strategy

@@ -44,7 +44,13 @@ class ReplicaStats:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaSnapshot:
-    """What a policy sees of one candidate replica when it decides."""
+    """What a policy sees of one candidate replica when it decides.
+
+    ``queued_prefill_tokens`` and ``running`` are the router adapter's best estimate (the replica's
+    last report, aged, merged with the router's own in-flight accounting). ``prefill_tokens_per_s``
+    is 0 when not yet measured (the policy then uses its configured per-token cost). ``has_stats`` is
+    False while the replica has not reported yet (just started).
+    """
 
     replica_id: str
     queued_prefill_tokens: int = 0
@@ -53,6 +59,8 @@ class ReplicaSnapshot:
     kv_usage: float = 0.0
     block_size: int = 16
     max_ongoing: int = 1 << 30
+    prefill_tokens_per_s: float = 0.0
+    has_stats: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,14 @@
 """Configuration of the shared KV tier in Ray's object store.
 
-Owns: ``KVTierConfig``.
+Owns: ``KVTierConfig``. ``deployments.kv_tier.kv_tier_engine_kwargs`` turns it into vLLM engine
+arguments (a ``kv_transfer_config`` naming the tier's connector).
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+GiB = 1024**3
 
 
 class KVTierConfig(BaseModel):
@@ -13,4 +16,71 @@ class KVTierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(default=False, description="Store and load prefix KV blocks through the object store.")
+    enabled: bool = Field(
+        default=True,
+        description="Store full prompt blocks' KV in the object store and load them on any replica. "
+        "On by default: stores run off the critical path (side stream + background thread, dropped "
+        "when staging is busy), so non-sharing loads keep their throughput.",
+    )
+    budget_gib: float = Field(
+        default=8.0, gt=0,
+        description="Byte budget of the tier (GiB, cluster-wide). LRU chunks are evicted beyond it. "
+        "Also capped at `max_object_store_fraction` of the smallest node's object store.",
+    )
+    max_object_store_fraction: float = Field(
+        default=0.6, gt=0, le=0.9,
+        description="Cap of the budget as a fraction of one node's object store, leaving room for "
+        "Serve's own objects and in-flight chunks (no spilling, no ObjectStoreFullError).",
+    )
+    chunk_mib: float = Field(
+        default=32.0, gt=0,
+        description="Target size of one stored object (MiB): consecutive blocks of one request are "
+        "packed up to this size (ray.put costs ~0.4 ms per object; 32 MiB chunks reach GB/s).",
+    )
+    min_store_blocks: int = Field(
+        default=2, ge=1, description="Prompts with fewer full KV blocks than this are not stored."
+    )
+    min_load_blocks: int = Field(
+        default=1, ge=1, description="A tier hit shorter than this many blocks is ignored (recomputed)."
+    )
+    store_slots: int = Field(
+        default=8, ge=1,
+        description="Staging buffers (each one chunk, pinned on GPU) for stores in flight; when all "
+        "are busy further stores wait in the backlog (never the engine).",
+    )
+    store_threads: int = Field(
+        default=2, ge=1, description="Threads doing ray.put of staged chunks (each ~5-17 GB/s on an H100 host)."
+    )
+    store_backlog_mib: float = Field(
+        default=2048, gt=0,
+        description="Most KV (MiB) queued for storing per worker; the queued blocks stay allocated until "
+        "copied, so this bounds the KV capacity stores can hold back. Beyond it stores are dropped.",
+    )
+    load_threads: int = Field(
+        default=8, ge=1, description="Parallel chunk loads per worker (8 reached 23-30 GB/s on an H100)."
+    )
+    lookup_timeout_s: float = Field(
+        default=0.5, gt=0,
+        description="A directory lookup slower than this is treated as a miss (the request is not held).",
+    )
+    load_timeout_s: float = Field(
+        default=30.0, gt=0, description="A load slower than this fails and its blocks are recomputed."
+    )
+    directory_name: str = Field(default="kvserve_kv_tier_directory", description="Name of the directory actor.")
+    namespace: str = Field(
+        default="kvserve",
+        description="Ray namespace of the directory actor; the engine core joins the cluster with it.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray address the engine core connects to; default: the replica's own cluster "
+        "(its GCS address), else RAY_ADDRESS / `auto`.",
+    )
+    emit_kv_events: bool = Field(
+        default=True, description="Publish BlockStored/BlockRemoved events with medium=\"OBJ\" for the router."
+    )
+
+    @property
+    def budget_bytes(self) -> int:
+        """The configured budget in bytes."""
+        return int(self.budget_gib * GiB)

@@ -1,6 +1,9 @@
 """Routing configuration: which policy the ingress uses and its knobs.
 
-Owns: ``RoutingConfig``. The defaults here are the single documented place for routing defaults.
+Owns: ``RoutingConfig``. The defaults here are the single documented place for routing defaults;
+``knobs()`` turns them into the plain ``routers.policy.Knobs`` the pure policies take (routers/
+holds no defaults of its own). The algorithm is described in ``routers/policy.py`` and
+docs/routing.md.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from routers.policy import Knobs
+
 Strategy = Literal["prefix-aware", "kv-aware", "round-robin", "least-loaded"]
+HashAlgo = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
 
 
 class RoutingConfig(BaseModel):
@@ -17,7 +23,12 @@ class RoutingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Strategy = Field(default="prefix-aware", description="Routing policy.")
+    strategy: Strategy = Field(
+        default="prefix-aware",
+        description="Routing policy. prefix-aware: approximate index learned from routing decisions; kv-aware: "
+        "precise index from the replicas' vLLM KV events (GPU/CPU/OBJ tiers), needs kv events on the replicas; "
+        "round-robin; least-loaded. Cache-aware policies minimise predicted time to first token.",
+    )
     session_header: str | None = Field(
         default=None, description="HTTP header whose value pins a session to a replica (e.g. x-session-id)."
     )
@@ -26,3 +37,99 @@ class RoutingConfig(BaseModel):
         description="PYTHONHASHSEED given to every replica; vLLM derives its root block hash from it, and the "
         "router uses the same value so both compute the same block hashes.",
     )
+    hash_algo: HashAlgo = Field(
+        default="sha256",
+        description="vLLM prefix_caching_hash_algo; the builder must pass the same value in engine_kwargs "
+        "(sha256 is vLLM's default). xxhash variants need the xxhash package.",
+    )
+    prefill_s_per_token: float = Field(
+        default=1e-4,
+        gt=0,
+        description="Per-token prefill cost (seconds) assumed for a replica that has not yet measured its own "
+        "prefill speed (ReplicaStats.prefill_tokens_per_s); 1e-4 = 10k tokens/s.",
+    )
+    running_request_tokens: float = Field(
+        default=16.0,
+        ge=0,
+        description="Prefill-equivalent tokens charged per running request on a replica (decode batches "
+        "share the engine step with prefill chunks).",
+    )
+    host_load_ratio: float = Field(
+        default=0.08,
+        ge=0,
+        le=1,
+        description="Cost of loading one token's KV from a replica's own CPU/host tier, as a fraction of "
+        "recomputing it (measured: 8K prompt, ~20 ms pinned load vs ~260 ms recompute on an H100).",
+    )
+    obj_load_ratio: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="Cost of loading one token's KV from the shared object-store tier (medium OBJ), as a "
+        "fraction of recomputing it (plasma loads measured 20-160 ms vs 260 ms recompute for 8K tokens).",
+    )
+    balance_abs_requests: int = Field(
+        default=32,
+        ge=0,
+        description="Imbalance guard, absolute part: a replica is excluded as hot when its outstanding "
+        "requests exceed the least-loaded replica's by more than this AND by the relative factor.",
+    )
+    balance_rel: float = Field(
+        default=1.5,
+        ge=1,
+        description="Imbalance guard, relative part: hot also requires outstanding > balance_rel x minimum.",
+    )
+    index_capacity_factor: float = Field(
+        default=1.0,
+        gt=0,
+        description="Approximate-index entries kept per replica, as a multiple of the replica's KV capacity "
+        "in blocks (ReplicaStats.num_gpu_blocks).",
+    )
+    default_capacity_blocks: int = Field(
+        default=8192,
+        ge=1,
+        description="Approximate-index entries per replica until the replica reports its KV capacity.",
+    )
+    speculative_ttl_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="kv-aware: blocks routed to a replica count as cached there for this long, before its KV "
+        "events confirm them (covers bursts of requests sharing a new prefix).",
+    )
+    recompute_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="Extra weight on a request's uncached prompt tokens in the routing cost: the cluster-wide "
+        "price of recomputing a prefix another replica holds. 0 = pure predicted-TTFT greedy; 1 = leave the "
+        "holder only when its queue delay exceeds the recompute time.",
+    )
+    tie_tolerance: float = Field(
+        default=0.1,
+        ge=0,
+        description="Replicas whose cost is within this fraction of the request's own prefill time of the best "
+        "are tied (load estimates are that noisy); ties go to the least recently routed replica, so with no "
+        "real signal routing rotates like round-robin.",
+    )
+    kv_events_replay: bool = Field(
+        default=True,
+        description="kv-aware: ask a replica's replay socket for missed event batches (and for the recent "
+        "history when an ingress replica subscribes mid-stream).",
+    )
+
+    def knobs(self) -> Knobs:
+        """The policy parameters (plain data for routers/)."""
+        return Knobs(
+            strategy=self.strategy,
+            prefill_s_per_token=self.prefill_s_per_token,
+            running_request_tokens=self.running_request_tokens,
+            host_load_ratio=self.host_load_ratio,
+            obj_load_ratio=self.obj_load_ratio,
+            balance_abs_requests=self.balance_abs_requests,
+            balance_rel=self.balance_rel,
+            session_affinity=self.session_header is not None,
+            index_capacity_factor=self.index_capacity_factor,
+            default_capacity_blocks=self.default_capacity_blocks,
+            speculative_ttl_s=self.speculative_ttl_s,
+            recompute_weight=self.recompute_weight,
+            tie_tolerance=self.tie_tolerance,
+        )

@@ -1,0 +1,268 @@
+"""Ray Serve request router for the vLLM replica deployment: a thin adapter over routers/.
+
+Owns: ``KVServeRouter`` (Serve ``RequestRouter`` subclass, created by Serve inside every process
+holding a handle to the replica deployment, i.e. the ingress), ``request_router_config`` (the
+deployment option that selects it) and ``record_actual_cached_tokens`` (the ingress reports what
+the engine really reused, for the prediction-error metric).
+
+Per request (``choose_replicas``, on the handle's event loop, no blocking calls):
+  1. read ``pending_request.args[0]`` (a ``GenerateRequest``); use its ``block_hashes`` or compute
+     them with the engine's block size from the replicas' stats (vLLM-identical, routers.hashing,
+     memoised so shared prefixes are not re-hashed);
+  2. build one ``ReplicaSnapshot`` per candidate from ``RunningReplica.routing_stats``
+     (``asdict(ReplicaStats)``, empty until the replica's first report) merged with this router's
+     in-flight accounting (routers.load); 3. ``policy.choose`` -> Decision with a reason;
+  4. return ``[[chosen], others]``: Serve sends to ``chosen`` unless its queue is full, else to the
+     shortest queue among the others.
+After Serve reports where the request went (``on_request_routed``) the index and the load tracker
+learn it; ``on_request_completed`` releases the load. Replica removal or death drops its state.
+kv-aware: a ``KVEventSubscriber`` task per replica endpoint feeds the precise index on this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from deployments.kv_events import KVEventSubscriber
+from deployments.metrics import metrics
+from routers.hashing import BlockHasher
+from routers.load import LoadTracker
+from routers.policy import make_policy
+from routers.types import Decision, ReplicaSnapshot, RoutingRequest
+from serve_app.config.routing import RoutingConfig
+
+logger = logging.getLogger(__name__)
+
+ROUTER_CLASS = "deployments.request_router:KVServeRouter"
+_SYNC_PERIOD_S = 1.0
+_MAX_PENDING = 50_000
+
+
+def request_router_config(
+    routing: RoutingConfig, *, model_id: str = "", stats_period_s: float = 1.0, stats_timeout_s: float = 5.0
+) -> dict[str, Any]:
+    """Serve ``request_router_config`` for a vLLM replica deployment's options.
+
+    ``stats_period_s``/``stats_timeout_s``: how often Serve polls ``record_routing_stats`` (pass the
+    deployment's ``request_routing_stats_period_s``/``_timeout_s``).
+    """
+    return {
+        "request_router_class": ROUTER_CLASS,
+        "request_router_kwargs": {"routing": routing.model_dump(mode="json"), "model_id": model_id},
+        "request_routing_stats_period_s": stats_period_s,
+        "request_routing_stats_timeout_s": stats_timeout_s,
+    }
+
+
+class _PredictionLog:
+    """request id -> (model, strategy, predicted cached tokens); bounded, oldest dropped first."""
+
+    def __init__(self, maxlen: int = 50_000) -> None:
+        self._log: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
+        self._maxlen = maxlen
+
+    def put(self, request_id: str, model: str, strategy: str, predicted: int) -> None:
+        self._log[request_id] = (model, strategy, predicted)
+        while len(self._log) > self._maxlen:
+            self._log.popitem(last=False)
+
+    def pop(self, request_id: str) -> tuple[str, str, int] | None:
+        return self._log.pop(request_id, None)
+
+
+_PREDICTIONS = _PredictionLog()
+
+
+def record_actual_cached_tokens(request_id: str, actual: int) -> None:
+    """The ingress reports ``GenerateChunk.cached_tokens`` of a request's first chunk (one call)."""
+    entry = _PREDICTIONS.pop(request_id)
+    if entry is None:
+        return
+    model, strategy, predicted = entry
+    tags = {"model": model, "strategy": strategy}
+    m = metrics()
+    m.router_actual_cached_tokens.inc(actual, tags=tags) if actual > 0 else None
+    m.router_prediction_error_tokens.observe(abs(predicted - actual), tags=tags)
+
+
+class KVServeRouter(RequestRouter):
+    """Cache- and load-aware routing for vLLM replicas (see routers/policy.py)."""
+
+    def initialize_state(self, routing: dict[str, Any] | None = None, model_id: str = "", seed: int | None = None):
+        self._config = RoutingConfig.model_validate(routing or {})
+        knobs = self._config.knobs()
+        self._policy = make_policy(knobs)
+        self._strategy = knobs.strategy
+        self._model = model_id
+        self._load = LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token)
+        self._rng = random.Random(seed)
+        self._hasher = BlockHasher(algo=self._config.hash_algo, seed=self._config.hash_seed)
+        self._pending: OrderedDict[str, tuple[RoutingRequest, Decision, str]] = OrderedDict()
+        self._known: set[str] = set()
+        self._subscriber: KVEventSubscriber | None = None
+        self._last_sync = float("-inf")
+        logger.info("KVServeRouter for %r: %s", model_id, self._config.model_dump())
+
+    # --- Serve hooks -----------------------------------------------------------------------
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas or pending_request is None:
+            return [candidate_replicas]
+        t0 = time.perf_counter()
+        now = self._get_curr_time_s()
+        try:
+            snaps = [self._snapshot(r, now) for r in candidate_replicas]
+            request, request_id = self._routing_request(pending_request, snaps)
+            if request is None:
+                return [candidate_replicas]  # not a GenerateRequest: Serve's shortest queue
+            decision = self._policy.choose(request, snaps, now, self._rng)
+        except Exception:  # a routing bug must not strand the request: let Serve pick
+            logger.exception("KVServeRouter.choose_replicas failed; falling back to Serve's choice")
+            tags = {"model": self._model, "strategy": self._strategy, "reason": "router-error"}
+            metrics().router_decisions.inc(1, tags=tags)
+            return [candidate_replicas]
+        key = pending_request.metadata.internal_request_id
+        self._pending[key] = (request, decision, request_id)
+        while len(self._pending) > _MAX_PENDING:
+            self._pending.popitem(last=False)
+        self._maybe_sync(candidate_replicas, now)
+        m = metrics()
+        m.router_decisions.inc(1, tags={"model": self._model, "strategy": self._strategy, "reason": decision.reason})
+        m.router_decision_latency_us.observe((time.perf_counter() - t0) * 1e6, tags={"strategy": self._strategy})
+        chosen = [r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id]
+        return [chosen, [r for r in candidate_replicas if r.replica_id.unique_id != decision.replica_id]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult):
+        try:
+            key = pending_request.metadata.internal_request_id
+            entry = self._pending.pop(key, None)
+            if entry is None:
+                return
+            request, decision, request_id = entry
+            rid, now = replica_id.unique_id, self._get_curr_time_s()
+            replica = self._replicas.get(replica_id)
+            stats = replica.routing_stats if replica is not None else None
+            snap = self._load.snapshot(rid, stats, 1 << 30, now)
+            predicted = decision.predicted_cached_tokens if rid == decision.replica_id else 0
+            self._policy.on_routed(request, snap, now)
+            self._load.on_routed(rid, key, max(request.num_prompt_tokens - predicted, 0), now)
+            _PREDICTIONS.put(request_id, self._model, self._strategy, predicted)
+            if predicted > 0:
+                tags = {"model": self._model, "strategy": self._strategy}
+                metrics().router_predicted_cached_tokens.inc(predicted, tags=tags)
+        except Exception:  # never fail a request because of bookkeeping
+            logger.exception("KVServeRouter.on_request_routed failed")
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str):
+        self._pending.pop(internal_request_id, None)
+        self._load.on_completed(replica_id.unique_id, internal_request_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]):
+        super().update_replicas(replicas)
+        current = {r.replica_id.unique_id for r in replicas}
+        for rid in self._known - current:
+            self._forget(rid)
+        self._known = current
+        self._last_sync = float("-inf")
+        self._sync_subscriptions()
+
+    def on_replica_actor_died(self, replica_id: ReplicaID):
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id.unique_id)
+        self._known.discard(replica_id.unique_id)
+        self._last_sync = float("-inf")
+        self._sync_subscriptions()
+
+    # --- internals -------------------------------------------------------------------------
+    def _snapshot(self, replica: RunningReplica, now: float) -> ReplicaSnapshot:
+        stats = replica.routing_stats or None
+        return self._load.snapshot(replica.replica_id.unique_id, stats, replica.max_ongoing_requests, now)
+
+    def _routing_request(
+        self, pending: PendingRequest, snaps: list[ReplicaSnapshot]
+    ) -> tuple[RoutingRequest | None, str]:
+        gen = pending.args[0] if pending.args else None
+        token_ids = getattr(gen, "prompt_token_ids", None)
+        if token_ids is None:
+            return None, ""
+        hashes = tuple(getattr(gen, "block_hashes", ()) or ())
+        key = pending.metadata.internal_request_id
+        if key in self._pending:
+            hashes = hashes or self._pending[key][0].block_hashes  # a retry: hashed already
+        if not hashes and self._strategy in ("prefix-aware", "kv-aware"):
+            block_size = next((s.block_size for s in snaps if s.has_stats), 0)
+            if block_size:
+                hashes = tuple(self._hasher(token_ids, block_size, salt=getattr(gen, "cache_salt", None)))
+        request = RoutingRequest(
+            model_id=getattr(gen, "model_id", self._model),
+            num_prompt_tokens=len(token_ids),
+            block_hashes=hashes,
+            session_key=getattr(gen, "session_key", None),
+        )
+        return request, str(getattr(gen, "request_id", key))
+
+    def _forget(self, rid: str) -> None:
+        try:
+            self._policy.remove_replica(rid)
+            self._load.remove_replica(rid)
+            metrics().router_index_blocks.set(0, tags={"model": self._model, "replica": rid, "strategy": self._strategy})
+        except Exception:
+            logger.exception("KVServeRouter: dropping replica %s failed", rid)
+
+    def _maybe_sync(self, replicas: list[RunningReplica], now: float) -> None:
+        """At most once a second: KV-event subscriptions and index-size gauges."""
+        if now - self._last_sync < _SYNC_PERIOD_S:
+            return
+        self._last_sync = now
+        precise = getattr(self._policy, "precise", None)
+        if precise is not None:
+            if self._subscriber is None:
+                self._subscriber = KVEventSubscriber(
+                    self._on_kv_event, self._on_kv_reset, replay=self._config.kv_events_replay, on_batch=self._on_batch
+                )
+            self._sync_subscriptions()
+        approx = getattr(self._policy, "approx", None)
+        if approx is not None:
+            g = metrics().router_index_blocks
+            for r in replicas:
+                rid = r.replica_id.unique_id
+                size = approx.size(rid) + (precise.size(rid) if precise is not None else 0)
+                g.set(size, tags={"model": self._model, "replica": rid, "strategy": self._strategy})
+
+    def _sync_subscriptions(self) -> None:
+        """Subscribe to every current replica's advertised endpoint (not just one call's candidates).
+
+        A replica counts as live (its precise entries trusted) from its first event batch; until
+        then the approximate index serves it.
+        """
+        if self._subscriber is None:
+            return
+        try:
+            self._subscriber.set_endpoints(
+                {
+                    r.replica_id.unique_id: (r.routing_stats or {}).get("kv_events_endpoint")
+                    for r in self._replicas.values()
+                }
+            )
+        except Exception:
+            logger.exception("KVServeRouter: updating KV-event subscriptions failed")
+
+    def _on_kv_event(self, rid: str, event) -> None:
+        if rid in self._known or not self._known:
+            self._policy.on_event(rid, event)
+
+    def _on_kv_reset(self, rid: str) -> None:
+        precise = getattr(self._policy, "precise", None)
+        if precise is not None:
+            precise.reset_replica(rid)
+        metrics().router_kv_event_resets.inc(1, tags={"model": self._model, "replica": rid})
+
+    def _on_batch(self, rid: str, n: int) -> None:
+        metrics().router_kv_events.inc(n, tags={"model": self._model, "replica": rid}) if n else None

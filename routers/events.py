@@ -1,0 +1,107 @@
+"""vLLM KV-cache events as plain data, and the sequence bookkeeping of one event stream.
+
+Owns: ``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared`` (the three events vLLM's block pool
+and KV connectors emit), ``decode_batch`` (msgpack-decoded ``[ts, events, dp_rank]`` -> events) and
+``SeqTracker`` (detects gaps so the subscriber can ask the replay socket). No sockets here: the ZMQ
+subscriber in ``deployments/kv_events.py`` does the I/O and feeds these to the precise index.
+
+Wire format (``vllm/distributed/kv_events.py``): each ZMQ message is ``(topic, seq: 8-byte big-endian,
+payload)``; the payload is msgpack of an array-like ``EventBatch`` ``[ts, [event...], dp_rank]``
+where each event is a map tagged ``{"type": "BlockStored" | "BlockRemoved" | "AllBlocksCleared",
+...}``. Block hashes are the low 64 bits of vLLM's digests (ints), or raw bytes when the engine runs
+with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``; bytes are folded to the same 64-bit ints here.
+``medium`` is "GPU", "CPU" (host offload), "STORAGE"/"FS" (local disk) or "OBJ" (our shared
+object-store tier); None means GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_LOW64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    block_hashes: tuple[int, ...]
+    medium: str = "GPU"
+    parent_block_hash: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    block_hashes: tuple[int, ...]
+    medium: str = "GPU"
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+def _as_int(h: Any) -> int:
+    if isinstance(h, int):
+        return h & _LOW64
+    if isinstance(h, (bytes, bytearray, memoryview)):
+        return int.from_bytes(bytes(h), "big") & _LOW64
+    raise ValueError(f"unexpected block hash type {type(h).__name__}")
+
+
+def _field(raw: Any, name: str, pos: int, default: Any = None) -> Any:
+    if isinstance(raw, dict):
+        return raw.get(name, default)
+    return raw[pos] if len(raw) > pos else default  # array-like struct: [tag, field1, field2, ...]
+
+
+def decode_event(raw: Any) -> KVEvent | None:
+    """One msgpack-decoded event (map or array form) -> a KVEvent; None for unknown kinds."""
+    kind = raw.get("type") if isinstance(raw, dict) else (raw[0] if raw else None)
+    if kind == "BlockStored":
+        hashes = tuple(_as_int(h) for h in _field(raw, "block_hashes", 1, ()))
+        parent = _field(raw, "parent_block_hash", 2)
+        medium = _field(raw, "medium", 6) or "GPU"
+        return BlockStored(hashes, medium, None if parent is None else _as_int(parent))
+    if kind == "BlockRemoved":
+        hashes = tuple(_as_int(h) for h in _field(raw, "block_hashes", 1, ()))
+        return BlockRemoved(hashes, _field(raw, "medium", 2) or "GPU")
+    if kind == "AllBlocksCleared":
+        return AllBlocksCleared()
+    return None
+
+
+def decode_batch(raw: Any) -> tuple[float, list[KVEvent], int | None]:
+    """A msgpack-decoded ``EventBatch`` -> (timestamp, events, data-parallel rank)."""
+    if not isinstance(raw, (list, tuple)) or len(raw) < 2:
+        raise ValueError("an event batch is [ts, events, dp_rank]")
+    events = [e for e in (decode_event(r) for r in raw[1]) if e is not None]
+    return float(raw[0]), events, (raw[2] if len(raw) > 2 else None)
+
+
+class SeqTracker:
+    """Sequence numbers of one publisher: which batch is next, and whether one was missed.
+
+    ``observe(seq)`` returns "ok" (next in order, or the first one seen), "dup" (already applied:
+    drop it) or "gap" (batches ``expected .. seq-1`` were missed: ask for replay from ``expected``
+    before applying ``seq``). After a replay that cannot fill the gap, call ``reset(seq)``.
+    """
+
+    __slots__ = ("expected",)
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
+
+    def observe(self, seq: int) -> str:
+        if self.expected is None or seq == self.expected:
+            self.expected = seq + 1
+            return "ok"
+        if seq < self.expected:
+            return "dup"
+        return "gap"
+
+    def reset(self, seq: int) -> None:
+        """Accept ``seq`` as the new position (the missed batches are lost)."""
+        self.expected = seq + 1

@@ -1,0 +1,225 @@
+"""The Serve adapter with fake RunningReplica objects (no Ray cluster): snapshots, decisions,
+in-flight accounting, empty stats, replica removal and death, and the deployment option dict."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest
+from routers_factories import doc
+
+from deployments.protocol import GenerateRequest
+from deployments.request_router import KVServeRouter, record_actual_cached_tokens, request_router_config
+from routers.hashing import block_hashes
+from routers.types import ReplicaStats
+from serve_app.config.routing import RoutingConfig
+
+pytestmark = pytest.mark.unit
+
+DEPLOYMENT = DeploymentID(name="llm", app_name="app")
+
+
+class FakeReplica:
+    """The parts of ``RunningReplica`` the router reads."""
+
+    def __init__(self, uid: str, stats: ReplicaStats | None = None, max_ongoing: int = 64) -> None:
+        self.replica_id = ReplicaID(unique_id=uid, deployment_id=DEPLOYMENT)
+        self.routing_stats = dataclasses.asdict(stats) if stats else {}
+        self.max_ongoing_requests = max_ongoing
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return 0
+
+
+def _stats(uid: str, **kw) -> ReplicaStats:
+    base = {"replica_id": uid, "model_id": "m", "block_size": 16, "num_gpu_blocks": 1000, "kv_usage": 0.0,
+            "num_running": 0, "num_waiting": 0, "queued_prefill_tokens": 0}
+    return ReplicaStats(**{**base, **kw})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _router(strategy: str = "prefix-aware", clock: Clock | None = None, **routing) -> KVServeRouter:
+    r = KVServeRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN,
+                      get_curr_time_s=clock or Clock())
+    r.initialize_state(**request_router_config(RoutingConfig(strategy=strategy, **routing), model_id="m")[
+        "request_router_kwargs"], seed=0)
+    return r
+
+
+def _pending(tokens: list[int], n: int, **kw) -> PendingRequest:
+    gen = GenerateRequest(request_id=f"req-{n}", model_id="m", prompt_token_ids=tokens, sampling={}, **kw)
+    return PendingRequest(args=[gen], kwargs={}, metadata=RequestMetadata(request_id=f"req-{n}",
+                                                                          internal_request_id=f"int-{n}"))
+
+
+async def _send(router: KVServeRouter, replicas, pending) -> str:
+    ranked = await router.choose_replicas(replicas, pending)
+    chosen = ranked[0][0]
+    router.on_request_routed(pending, chosen.replica_id, None)
+    return chosen.replica_id.unique_id
+
+
+def test_request_router_config_is_a_valid_serve_option():
+    cfg = request_router_config(RoutingConfig(strategy="kv-aware"), model_id="m", stats_period_s=0.5)
+    parsed = RequestRouterConfig(**cfg)
+    assert parsed.request_router_kwargs["routing"]["strategy"] == "kv-aware"
+    assert cfg["request_router_class"] == "deployments.request_router:KVServeRouter"
+    assert parsed.request_routing_stats_period_s == 0.5
+
+
+def test_shared_prefix_follows_the_first_replica_and_ranks_the_rest_as_fallback():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(3)]
+        router.update_replicas(replicas)
+        first = await _send(router, replicas, _pending(doc(1) + [1, 2], 1))
+        ranked = await router.choose_replicas(replicas, _pending(doc(1) + [3, 4], 2))
+        return first, ranked
+
+    first, ranked = asyncio.run(go())
+    assert ranked[0][0].replica_id.unique_id == first
+    assert len(ranked[1]) == 2 and all(r.replica_id.unique_id != first for r in ranked[1])
+
+
+def test_precomputed_block_hashes_are_used_as_given():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
+        router.update_replicas(replicas)
+        hashes = tuple(block_hashes(doc(2), 16))
+        first = await _send(router, replicas, _pending(doc(2), 1, block_hashes=hashes))
+        assert router._policy.approx.match(hashes, ["r0", "r1"]) == {first: 16}
+
+    asyncio.run(go())
+
+
+def test_in_flight_accounting_spreads_a_burst_of_cold_requests():
+    async def go():
+        router = _router(clock=Clock())
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(4)]
+        router.update_replicas(replicas)
+        picks = [await _send(router, replicas, _pending(doc(100 + i), i)) for i in range(4)]
+        return picks, router
+
+    picks, router = asyncio.run(go())
+    assert sorted(picks) == ["r0", "r1", "r2", "r3"]  # stats are stale; own accounting sees the queue
+    for i, rid in enumerate(picks):
+        router.on_request_completed(ReplicaID(unique_id=rid, deployment_id=DEPLOYMENT), f"int-{i}")
+    assert all(router._load.outstanding(f"r{i}") == 0 for i in range(4))
+
+
+def test_empty_routing_stats_degrade_to_least_loaded_with_a_reason():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica("a"), FakeReplica("b")]
+        router.update_replicas(replicas)
+        await _send(router, replicas, _pending(doc(3), 1))
+        ranked = await router.choose_replicas(replicas, _pending(doc(3), 2))
+        return router, ranked
+
+    router, ranked = asyncio.run(go())
+    assert router._pending["int-2"][1].reason == "no-stats"
+    assert router._load.outstanding(ranked[0][0].replica_id.unique_id) == 0  # went to the idle one
+
+
+def test_removed_and_dead_replicas_are_dropped_without_errors():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(3)]
+        router.update_replicas(replicas)
+        first = await _send(router, replicas, _pending(doc(4), 1))
+        survivors = [r for r in replicas if r.replica_id.unique_id != first]
+        router.update_replicas(survivors)
+        assert router._policy.approx.size(first) == 0
+        second = await _send(router, survivors, _pending(doc(4), 2))
+        router.on_replica_actor_died(ReplicaID(unique_id=second, deployment_id=DEPLOYMENT))
+        router.on_replica_actor_died(ReplicaID(unique_id="unknown", deployment_id=DEPLOYMENT))
+        router.on_request_completed(ReplicaID(unique_id=second, deployment_id=DEPLOYMENT), "int-2")
+        return router, second
+
+    router, second = asyncio.run(go())
+    assert router._policy.approx.size(second) == 0 and router._load.outstanding(second) == 0
+
+
+def test_non_generate_requests_and_missing_request_fall_back_to_serve():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica("a", _stats("a"))]
+        router.update_replicas(replicas)
+        plain = PendingRequest(args=["hello"], kwargs={}, metadata=RequestMetadata("x", "int-x"))
+        return await router.choose_replicas(replicas, plain), await router.choose_replicas(replicas, None)
+
+    a, b = asyncio.run(go())
+    assert len(a) == 1 and len(a[0]) == 1 and b == a
+
+
+def test_round_robin_strategy_and_prediction_log():
+    async def go():
+        router = _router("round-robin")
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
+        router.update_replicas(replicas)
+        return [await _send(router, replicas, _pending(doc(5), i)) for i in range(4)]
+
+    assert asyncio.run(go()) == ["r0", "r1", "r0", "r1"]
+    record_actual_cached_tokens("req-0", 128)  # recorded once, then forgotten
+    record_actual_cached_tokens("req-0", 128)
+    record_actual_cached_tokens("never-routed", 5)
+
+
+def test_kv_aware_subscribes_to_reported_endpoints_and_follows_events():
+    from test_routers_events import FakePublisher, _batch, _stored
+
+    from deployments.kv_events import advertised_endpoint
+
+    pub = FakePublisher()
+
+    async def go():
+        router = _router("kv-aware")
+        ep = advertised_endpoint("127.0.0.1", pub.port, pub.replay_port)
+        replicas = [FakeReplica("r0", _stats("r0")), FakeReplica("r1", _stats("r1", kv_events_endpoint=ep))]
+        router.update_replicas(replicas)
+        await router.choose_replicas(replicas, _pending(doc(7), 0))  # starts the subscription
+        await asyncio.sleep(0.3)
+        pub.publish(_batch(_stored(block_hashes(doc(7), 16))))
+        await asyncio.sleep(0.3)
+        ranked = await router.choose_replicas(replicas, _pending(doc(7), 1))
+        reason = router._pending["int-1"][1].reason
+        router.update_replicas(replicas[:1])  # r1 leaves: its subscription and entries go
+        await asyncio.sleep(0.05)
+        subscribed = router._subscriber.endpoints()
+        await router._subscriber.close()
+        return ranked, reason, subscribed, router
+
+    try:
+        ranked, reason, subscribed, router = asyncio.run(go())
+    finally:
+        pub.close()
+    assert ranked[0][0].replica_id.unique_id == "r1" and reason == "cache-hit"
+    assert subscribed == {} and router._policy.precise.size("r1") == 0
+
+
+def test_a_policy_failure_falls_back_to_serves_choice():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica("a", _stats("a")), FakeReplica("b", _stats("b"))]
+        router.update_replicas(replicas)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("bug")
+
+        router._policy.choose = broken
+        return await router.choose_replicas(replicas, _pending(doc(6), 1)), replicas
+
+    ranked, replicas = asyncio.run(go())
+    assert ranked == [replicas]

@@ -1,0 +1,61 @@
+"""LoadTracker: reports aged by prefill speed, merged with the router's own in-flight accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from routers.load import LoadTracker
+
+pytestmark = pytest.mark.unit
+
+REPORT = {"block_size": 16, "num_gpu_blocks": 500, "num_running": 2, "num_waiting": 1,
+          "queued_prefill_tokens": 10_000, "prefill_tokens_per_s": 1_000.0, "kv_usage": 0.5, "timestamp": 100.0}
+
+
+def test_report_is_aged_by_the_measured_prefill_speed():
+    lt = LoadTracker(default_prefill_s_per_token=1e-4)
+    s = lt.snapshot("a", REPORT, 64, now=104.0)
+    assert (s.queued_prefill_tokens, s.running, s.kv_capacity_blocks, s.block_size) == (6_000, 3, 500, 16)
+    assert s.has_stats and s.prefill_tokens_per_s == 1_000.0 and s.max_ongoing == 64
+    assert lt.snapshot("a", REPORT, 64, now=200.0).queued_prefill_tokens == 0
+
+
+def test_own_accounting_covers_what_the_stale_report_misses():
+    lt = LoadTracker(default_prefill_s_per_token=1e-4)
+    lt.snapshot("a", REPORT, 64, now=100.0)  # learns a's speed: 1000 tokens/s
+    for i in range(5):
+        lt.on_routed("a", f"q{i}", 4_000, now=100.0)
+    s = lt.snapshot("a", REPORT, 64, now=101.0)
+    assert s.queued_prefill_tokens == 19_000  # own fluid queue 20k - 1s x 1000 > aged report 9k
+    assert s.running == 5
+    lt.on_completed("a", "q0")
+    lt.on_completed("a", "unknown")
+    assert lt.outstanding("a") == 4
+
+
+def test_no_report_yet_uses_own_counts_only():
+    lt = LoadTracker(default_prefill_s_per_token=1e-3)
+    lt.on_routed("new", "q", 500, now=0.0)
+    s = lt.snapshot("new", {}, 8, now=0.1)
+    assert not s.has_stats and s.running == 1 and s.queued_prefill_tokens == 400
+
+
+def test_outstanding_is_bounded_and_removal_forgets():
+    lt = LoadTracker(default_prefill_s_per_token=1e-4, max_outstanding=3)
+    for i in range(10):
+        lt.on_routed("a", f"q{i}", 1, now=0.0)
+    assert lt.outstanding("a") == 3
+    lt.remove_replica("a")
+    assert lt.outstanding("a") == 0 and lt.snapshot("a", {}, 8, now=1.0).queued_prefill_tokens == 0
+
+
+def test_snapshot_is_reused_only_while_its_inputs_are_unchanged():
+    lt = LoadTracker(default_prefill_s_per_token=1e-4)
+    first = lt.snapshot("a", REPORT, 64, now=100.0)
+    assert lt.snapshot("a", REPORT, 64, now=100.001) is first
+    assert lt.snapshot("a", REPORT, 64, now=100.01) is not first  # older than SNAPSHOT_REUSE_S
+    second = lt.snapshot("a", REPORT, 64, now=100.01)
+    lt.on_routed("a", "q", 100, now=100.01)
+    assert lt.snapshot("a", REPORT, 64, now=100.01) is not second  # own accounting changed
+    third = lt.snapshot("a", REPORT, 64, now=100.01)
+    assert lt.snapshot("a", dict(REPORT), 64, now=100.01) is not third  # a new report arrived
