@@ -59,14 +59,12 @@ def _args() -> argparse.Namespace:
     a = p.parse_args()
     smoke = a.cpu_smoke
     a.prefix_tokens = a.prefix_tokens or (1024 if smoke else 8192)
-    a.no_reuse_requests = a.no_reuse_requests or (4 if smoke else 48)
+    a.no_reuse_requests = a.no_reuse_requests or (4 if smoke else 32)
     a.no_reuse_prompt_tokens = a.no_reuse_prompt_tokens or (384 if smoke else 2048)
     a.no_reuse_output_tokens = a.no_reuse_output_tokens or (4 if smoke else 32)
     a.kv_cache_gib = a.kv_cache_gib or (1.0 if smoke else 12.0)
-    a.tier_budget_gib = a.tier_budget_gib or (0.5 if smoke else 16.0)
+    a.tier_budget_gib = a.tier_budget_gib or (1.0 if smoke else 16.0)
     a.object_store_gib = a.object_store_gib or (2.0 if smoke else 40.0)
-    if smoke:
-        a.rounds = min(a.rounds, 2)
     return a
 
 
@@ -97,7 +95,7 @@ def _machine(smoke: bool) -> str:
         import torch
 
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    except Exception as err:  # pragma: no cover - informational
+    except Exception as err:  # noqa: BLE001 - informational only
         return f"unknown ({err})"
 
 
@@ -106,6 +104,15 @@ def main() -> int:
     _watchdog(a.deadline_s, a.out)
     t_start = time.monotonic()
     RESULT.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=_machine(a.cpu_smoke))
+    try:
+        import shutil
+
+        RESULT["dev_shm_gib"] = round(shutil.disk_usage("/dev/shm").total / 1024**3, 1)
+        if RESULT["dev_shm_gib"] < a.object_store_gib:
+            print(f"[bench] /dev/shm is {RESULT['dev_shm_gib']} GiB < object store: Ray falls back to /tmp",
+                  flush=True)
+    except OSError:
+        pass
 
     sys.path.insert(0, str(REPO))
     import ray
@@ -136,10 +143,10 @@ def main() -> int:
 
     tier = KVTierConfig(enabled=True, budget_gib=a.tier_budget_gib, namespace=NAMESPACE,
                         directory_name=DIRECTORY, load_threads=a.load_threads,
-                        max_object_store_fraction=0.6)
-    base = dict(max_model_len=a.prefix_tokens + 512, enable_prefix_caching=True, seed=0,
-                enforce_eager=not a.cuda_graphs, skip_tokenizer_init=True, max_num_seqs=64,
-                block_size=128 if a.cpu_smoke else 16)
+                        max_object_store_fraction=0.6, lookup_timeout_s=10.0 if a.cpu_smoke else 0.5)
+    base = {"max_model_len": a.prefix_tokens + 512, "enable_prefix_caching": True, "seed": 0,
+            "enforce_eager": not a.cuda_graphs, "skip_tokenizer_init": True, "max_num_seqs": 64,
+            "block_size": 128 if a.cpu_smoke else 16}
     env = {**kv_tier_env(tier), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if a.cpu_smoke:
         base.update(dtype="float32")
@@ -176,18 +183,42 @@ def main() -> int:
     for e in (eng_a, eng_b):  # warm-up (kernels, allocator) at the measured length
         gen(e, [tokens(a.prefix_tokens + 32)])
 
+    def stored() -> int:
+        return ray.get(directory.stats.remote(), timeout=30)["blocks_stored"]
+
+    def settle() -> int:
+        """Wait until no store is landing (stores are asynchronous); return the stored count."""
+        last, t_last, t0 = stored(), time.monotonic(), time.monotonic()
+        while time.monotonic() - t_last < 0.5 and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+            now = stored()
+            if now != last:
+                last, t_last = now, time.monotonic()
+        return last
+
+    def wait_stored(before: int) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + 30:
+            if stored() >= before + a.prefix_tokens // base["block_size"]:
+                RESULT.setdefault("store_wait_s", []).append(round(time.monotonic() - t0, 3))
+                return
+            time.sleep(0.05)
+        RESULT.setdefault("store_wait_s", []).append(None)
+
+    # Warm the load path once (B's first get of an object owned by A sets up the connection).
+    warm = tokens(a.prefix_tokens)
+    before = settle()
+    gen(eng_a, [warm + tokens(32)])
+    wait_stored(before)
+    RESULT["warmup_tier_hit_cached_tokens"] = gen(eng_b, [warm + tokens(32)])[2][0]
+
     # --- phase 2: TTFT hit vs recompute on B --------------------------------------------------
     hit_ms, rec_ms, cached, gbps = [], [], [], []
     for _ in range(a.rounds):
         prefix = tokens(a.prefix_tokens)
-        before = ray.get(directory.stats.remote(), timeout=30)["blocks"]
+        before = settle()
         gen(eng_a, [prefix + tokens(32)])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # stores are asynchronous: wait until registered
-            s = ray.get(directory.stats.remote(), timeout=30)
-            if s["blocks"] >= before + a.prefix_tokens // base["block_size"] - 1:
-                break
-            time.sleep(0.05)
+        wait_stored(before)
         n_loads = len(ray.get(directory.recent_loads.remote(), timeout=30))
         dt, _, c = gen(eng_b, [prefix + tokens(32)])
         hit_ms.append(dt * 1e3)
@@ -247,5 +278,19 @@ def main() -> int:
     return 0
 
 
+def _run() -> int:
+    out = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--out"), "kv_tier_h100.json")
+    try:
+        return main()
+    except Exception as err:  # noqa: BLE001 - keep what was measured, say what broke
+        import traceback
+
+        RESULT["error"] = f"{type(err).__name__}: {err}"
+        RESULT["traceback"] = traceback.format_exc()[-4000:]
+        _write(out)
+        print(RESULT["traceback"], file=sys.stderr, flush=True)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

@@ -28,10 +28,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from deployments.engine import engine_args  # noqa: E402
+from serve_app import settings  # noqa: E402
 from serve_app.config import load_serve_config  # noqa: E402
 
-#: Environment under which kvserve runs (also what kuberay/ sets on pods).
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+#: kvserve variants: the Serve environment each runs under. "kvserve" is the one we ship (configs +
+#: kuberay/ set the same variables); the others are measured to justify that choice.
+VARIANTS = {
+    "kvserve": dict(settings.SERVE_FAST_PATH_ENV),
+    "kvserve_python_proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "kvserve_serve_defaults": {},
+}
 
 
 def _wait_ready(url: str, timeout_s: float, proc: subprocess.Popen) -> float:
@@ -108,7 +114,7 @@ def _run_system(tag: str, start_cmd: list[str], env: dict, base: str, model: str
         return res
     finally:
         _stop(proc)
-        if tag == "kvserve":
+        if tag.startswith("kvserve"):
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
         time.sleep(5)
 
@@ -119,31 +125,43 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--prompts-c1", type=int, default=40)
-    p.add_argument("--prompts-c64", type=int, default=512)
+    p.add_argument("--prompts-c1", type=int, default=30)
+    p.add_argument("--prompts-c64", type=int, default=384)
     p.add_argument("--start-timeout", type=float, default=420)
     p.add_argument("--bench-timeout", type=float, default=300)
-    p.add_argument("--only", choices=("vllm", "kvserve"), help="run one system only")
+    p.add_argument("--systems", default="vllm_serve,kvserve",
+                   help=f"comma-separated: vllm_serve and any of {sorted(VARIANTS)}")
+    p.add_argument("--merge", action="store_true", help="add to the results already in --out")
+    p.add_argument("--work-dir", default="/tmp/kvserve-bench", help="where raw results and server logs go")
     args = p.parse_args()
     out = Path(args.out)
-    out_dir = out.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.work_dir)  # raw bench JSON + server logs (only the summary goes to --out)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, apps = load_serve_config(ROOT / args.config)
     app = apps[0]
     model = app.models[0]
     eargs = engine_args(model, app, None)
     tokenizer = eargs["tokenizer"]
-    results: dict = {"config": args.config, "model_dir": eargs["model"],
-                     "workload": f"vllm bench serve random {args.input_len} in / {args.output_len} out, ignore-eos"}
-    if args.only != "kvserve":
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", eargs["model"],
-               "--port", "8001", *_vllm_cli_flags(eargs)]
-        results["vllm_serve"] = _run_system("vllm", cmd, {}, "http://127.0.0.1:8001", model.id, tokenizer,
-                                            out_dir, args)
-    if args.only != "vllm":
-        cmd = ["serve", "run", str(ROOT / args.config)]
-        results["kvserve"] = _run_system("kvserve", cmd, SERVE_ENV, "http://127.0.0.1:8000", model.id,
-                                         tokenizer, out_dir, args)
+    results: dict = json.loads(out.read_text()) if args.merge and out.exists() else {}
+    results.update({"config": args.config, "model_dir": eargs["model"],
+                    "workload": f"vllm bench serve random {args.input_len} in / {args.output_len} out, ignore-eos"})
+    for system in args.systems.split(","):
+        if system == "vllm_serve":
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", eargs["model"],
+                   "--port", "8001", *_vllm_cli_flags(eargs)]
+            results[system] = _run_system("vllm", cmd, {}, "http://127.0.0.1:8001", model.id, tokenizer,
+                                          out_dir, args)
+        elif system in VARIANTS:
+            cmd = ["serve", "run", str(ROOT / args.config)]
+            try:
+                results[system] = _run_system(system, cmd, VARIANTS[system], "http://127.0.0.1:8000", model.id,
+                                              tokenizer, out_dir, args)
+            except (subprocess.SubprocessError, RuntimeError, TimeoutError) as err:
+                results[system] = {"error": f"{type(err).__name__}: {err}", "env": VARIANTS[system]}
+        else:
+            p.error(f"unknown system {system!r}")
+        out.write_text(json.dumps(results, indent=2) + "\n")  # keep what is done if a later step fails
     if "vllm_serve" in results and "kvserve" in results:
         v, k = results["vllm_serve"], results["kvserve"]
         results["ttft_p50_delta_ms_c1"] = k["c1"]["median_ttft_ms"] - v["c1"]["median_ttft_ms"]
@@ -157,7 +175,7 @@ def main() -> int:
     except (OSError, subprocess.SubprocessError):
         gpu = "none"
     results["machine"] = {"host": platform.node(), "gpu": gpu, "python": platform.python_version()}
-    results["command"] = shlex.join([sys.executable, *sys.argv])
+    results.setdefault("commands", []).append(shlex.join([sys.executable, *sys.argv]))
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0

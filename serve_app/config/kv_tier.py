@@ -17,10 +17,10 @@ class KVTierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(
-        default=True,
-        description="Store full prompt blocks' KV in the object store and load them on any replica. "
-        "On by default: stores run off the critical path (side stream + background thread, dropped "
-        "when staging is busy), so non-sharing loads keep their throughput.",
+        default=False,
+        description="Store full prompt blocks' KV in the object store and load them on any replica. Off by "
+        "default: on the H100 (benchmarks/results/kv_tier_h100.json) it cost 14% throughput on a workload with "
+        "no reuse (no_reuse_throughput_ratio 0.86), so enable it where prefixes are shared across replicas.",
     )
     budget_gib: float = Field(
         default=8.0, gt=0,

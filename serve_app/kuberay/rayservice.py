@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from serve_app import settings
 from serve_app.config import AppConfig, ConfigError, ModelConfig
 from serve_app.kuberay.targets import ClusterSpec, Target, effective_serve_config
 
@@ -146,7 +147,7 @@ def _env(target: Target, cluster: ClusterSpec, apps: list[AppConfig]) -> dict[st
     if len(seeds) != 1:
         raise ConfigError(f"target {target.name}: applications disagree on routing.hash_seed {sorted(seeds)}")
     model_dir = target.model_dir or (cluster.model_store.mount_path if cluster.model_store else None)
-    env = {"PYTHONHASHSEED": seeds.pop(), "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    env = {"PYTHONHASHSEED": seeds.pop(), **settings.SERVE_FAST_PATH_ENV}
     if model_dir:
         env["KVSERVE_MODEL_DIR"] = model_dir
     return {**env, "HF_HUB_OFFLINE": "1", **target.extra_env}

@@ -1,0 +1,50 @@
+"""KV tier config -> vLLM engine kwargs and replica environment (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.kv_tier import kv_tier_engine_kwargs, kv_tier_env
+from serve_app.config import load_app_config
+from serve_app.config.kv_tier import KVTierConfig
+
+pytestmark = pytest.mark.unit
+
+
+def test_disabled_tier_adds_nothing():
+    tier = KVTierConfig(enabled=False)
+    assert kv_tier_engine_kwargs(tier, "m") == {}
+    assert kv_tier_env(tier) == {}
+
+
+def test_enabled_tier_names_the_connector_and_recompute_policy():
+    tier = KVTierConfig(enabled=True, budget_gib=2, namespace="ns", directory_name="dir", chunk_mib=16)
+    kw = kv_tier_engine_kwargs(tier, "llama", ray_address="10.0.0.1:6379")
+    ktc = kw["kv_transfer_config"]
+    assert ktc["kv_connector"] == "RayObjectStoreConnector"
+    assert ktc["kv_connector_module_path"] == "deployments.kv_tier.connector"
+    assert ktc["kv_role"] == "kv_both" and ktc["kv_load_failure_policy"] == "recompute"
+    x = ktc["kv_connector_extra_config"]
+    assert x["model_id"] == "llama" and x["ray_address"] == "10.0.0.1:6379"
+    assert x["namespace"] == "ns" and x["directory_name"] == "dir"
+    assert x["budget_bytes"] == 2 * 1024**3 and x["chunk_mib"] == 16
+    assert kv_tier_env(tier) == {"PYTHONHASHSEED": "0"}
+
+
+def test_every_field_is_described_and_unknown_fields_are_rejected():
+    for name, field in KVTierConfig.model_fields.items():
+        assert field.description, name
+    with pytest.raises(ValidationError):
+        KVTierConfig(budget=1)
+
+
+def test_app_config_accepts_kv_tier_section():
+    cfg = load_app_config({"models": [{"id": "m", "path": "/x"}], "kv_tier": {"enabled": True, "budget_gib": 1}})
+    assert cfg.kv_tier.budget_bytes == 1024**3
+
+
+def test_model_config_is_accepted_for_the_model_id():
+    cfg = load_app_config({"models": [{"id": "m1", "path": "/x"}], "kv_tier": {"enabled": True}})
+    x = kv_tier_engine_kwargs(cfg.kv_tier, cfg.models[0])["kv_transfer_config"]["kv_connector_extra_config"]
+    assert x["model_id"] == "m1"
