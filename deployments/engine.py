@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +100,38 @@ def _stats_logger_factory(stats: EngineStats):
     return _StatsLogger
 
 
+def start_watchdog(timeout_s: float, what: str) -> threading.Event:
+    """Exit this process (and kill its children) unless the returned event is set within ``timeout_s``.
+
+    An engine start that hangs (a crashed TP worker, a stuck compile) never returns control to the
+    event loop, so the check runs on a thread and ends the replica actor from there.
+    """
+    started = threading.Event()
+
+    def watch() -> None:
+        if started.wait(timeout_s):
+            return
+        import psutil
+
+        logger.error("%s did not start within %.0f s; killing its processes and exiting", what, timeout_s)
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="engine-start-watchdog", daemon=True).start()
+    return started
+
+
 async def start_engine(model: ModelConfig, app: AppConfig):
     """Start the engine of one replica; return (engine, stats, kv_events_endpoint or None)."""
+    started = start_watchdog(model.engine_start_timeout_s, f"vLLM engine of {model.id}")
+    try:
+        return await _start_engine(model, app)
+    finally:
+        started.set()  # a start that failed with an exception is reported by Serve already
+
+
+async def _start_engine(model: ModelConfig, app: AppConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM

@@ -245,7 +245,8 @@ class Ingress:
             raise
         finally:
             track.done(acc)
-        return JSONResponse(acc.response(n_choices))
+        headers = {"x-kvserve-replica": acc.replica_id} if acc.replica_id else None
+        return JSONResponse(acc.response(n_choices), headers=headers)
 
 
 def build_ingress(cfg: AppConfig, replicas: dict[str, Any]):

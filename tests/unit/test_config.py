@@ -1,0 +1,90 @@
+"""Config validation: the shipped files load, and bad input fails before anything starts, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve_app.cli import main
+from serve_app.config import ConfigError, load_app_config, load_serve_config
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+MODEL = {"id": "m", "path": "p", "deployment": {"num_replicas": 1, "max_ongoing_requests": 8}}
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml", "gpu-tp2.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    doc, apps = load_serve_config(ROOT / "configs" / name)
+    assert doc["applications"][0]["import_path"] == "serve_app.builder:build_app"
+    assert apps[0].models and all(m.deployment.max_ongoing_requests > 5 for m in apps[0].models)
+
+
+@pytest.mark.parametrize("args, where", [
+    ({"models": []}, "models"),
+    ({"models": [MODEL], "bogus": 1}, "bogus"),
+    ({"models": [{**MODEL, "dtype": "fp7"}]}, "models.0.dtype"),
+    ({"models": [{**MODEL, "tensor_parallel_size": 0}]}, "models.0.tensor_parallel_size"),
+    ({"models": [{**MODEL, "engine_kwargs": {"tensor_parallel_size": 2}}]}, "models.0.engine_kwargs"),
+    ({"models": [{**MODEL, "deployment": {"num_replicas": 1}}]}, "models.0.deployment.max_ongoing_requests"),
+    ({"models": [{**MODEL, "deployment": {"max_ongoing_requests": 8, "autoscaling_config": {"max_replicas": 2}}}]},
+     "models.0.deployment.autoscaling_config"),
+    ({"models": [{**MODEL, "deployment": {"max_ongoing_requests": 8, "num_replicas": 2,
+                                         "autoscaling_config": {"target_ongoing_requests": 2}}}]},
+     "models.0.deployment"),
+    ({"models": [MODEL, MODEL]}, "duplicate model id"),
+    ({"models": [MODEL], "routing": {"strategy": "random"}}, "routing.strategy"),
+])
+def test_invalid_config_names_the_field(args: dict, where: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_app_config(args, where="applications.0.args.")
+    assert where in str(e.value)
+
+
+def test_autoscaling_is_checked_by_serve(tmp_path: Path) -> None:
+    bad = {**MODEL, "deployment": {"max_ongoing_requests": 8, "autoscaling_config": {
+        "min_replicas": 3, "max_replicas": 2, "target_ongoing_requests": 2}}}
+    with pytest.raises(ConfigError, match="autoscaling_config"):
+        load_app_config({"models": [bad]})
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(ROOT / "configs/cpu.yaml")]) == 0
+    f = tmp_path / "bad.yaml"
+    f.write_text("applications:\n  - import_path: serve_app.builder:build_app\n    args:\n      models: [{id: m}]\n")
+    assert main(["check-config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "applications.0.args.models.0.path: Field required" in err
+    f.write_text("not: [a serve config")
+    assert main(["check-config", str(f)]) == 2
+
+
+def test_relative_paths_resolve_under_model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KVSERVE_MODEL_DIR", str(tmp_path))
+    cfg = load_app_config({"models": [MODEL]})
+    assert cfg.models[0].resolved_path() == tmp_path / "p"
+    assert cfg.models[0].resolved_tokenizer() == tmp_path / "p"
+
+
+def test_start_watchdog_kills_a_hung_start() -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import subprocess, sys, time
+        from deployments.engine import start_watchdog
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(child.pid, flush=True)
+        start_watchdog(0.5, "test engine")
+        time.sleep(30)  # a hung start
+    """)
+    t0 = __import__("time").time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert proc.returncode == 1 and __import__("time").time() - t0 < 15
+    child_pid = int(proc.stdout.split()[0])
+    import psutil
+
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
