@@ -227,6 +227,8 @@ def main() -> int:
         loads = ray.get(directory.recent_loads.remote(), timeout=30)[n_loads:]
         if loads and loads[-1][1] > 0:
             gbps.append(loads[-1][0] / (loads[-1][1] / 1e3) / 1e9)
+            if len(loads[-1]) > 3:  # chunks DMA'd straight from registered plasma (GPU path)
+                RESULT.setdefault("load_direct_chunks", []).append(loads[-1][3])
         dt, _, _ = gen(eng_b, [tokens(a.prefix_tokens + 32)])
         rec_ms.append(dt * 1e3)
         print(f"[bench] round: hit {hit_ms[-1]:.1f} ms (cached {c[0]}), recompute {rec_ms[-1]:.1f} ms", flush=True)

@@ -12,7 +12,14 @@ Block arithmetic for one prompt of ``T`` tokens, block size ``B``::
   * Only full prompt blocks are stored (their hash exists and their KV never changes).
   * A load never covers the last prompt token: the engine must compute at least one token to
     sample, so at most ``(T - 1) // B`` blocks are loadable.
-  * Blocks that were hits (local or tier) are not stored again by this request.
+  * Blocks that were hits (local or tier) are not stored again by this request, and blocks the
+    directory already held at lookup time are not copied again (one copy per prefix, cluster-wide).
+  * On a busy step (more scheduled requests than ``store_busy_requests``) the store path is the
+    main cost the tier adds to a workload without reuse (H100: 0.86x throughput with every prompt
+    block stored), so a busy step admits at most a small block budget, lowest block index first
+    (the shared part of prompts is their beginning); a request whose range was cut stores nothing
+    more (a hit needs an unbroken run from block 0). Idle and lightly loaded steps store everything,
+    and since a prefix needs storing only once cluster-wide, hot prefixes still reach the tier.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class ReqPlan:
     load_blocks: int = 0  # blocks loaded from the tier
     load_pending: bool = False  # a load op still has to be emitted
     stored_any: bool = False  # a store op was emitted (the worker reports it in finished_sending)
+    present: list[bool] = field(default_factory=list)  # tier presence per block at lookup time
+    store_stopped: bool = False  # a range was skipped (busy engine): later blocks would be unreachable
 
 
 def loadable_blocks(num_tokens: int, block_size: int) -> int:
@@ -67,3 +76,46 @@ def store_ranges(
     full = min(computed_tokens, num_prompt_tokens) // block_size
     ranges = [(lo, min(lo + chunk_blocks, full)) for lo in range(next_store, full, chunk_blocks)]
     return ranges, max(next_store, full)
+
+
+def skip_present(lo: int, hi: int, present: list[bool]) -> int:
+    """First block of ``[lo, hi)`` that the tier did not hold at lookup time (leading hits skipped)."""
+    while lo < hi and lo < len(present) and present[lo]:
+        lo += 1
+    return lo
+
+
+def admit_stores(cands: list[tuple[str, int, int]], busy: bool,
+                 budget_blocks: int) -> tuple[list[tuple[str, int, int]], set[str]]:
+    """Which candidate store ranges ``(req_id, lo, hi)`` run this step.
+
+    Not busy: all of them. Busy: at most ``budget_blocks`` blocks, lowest ``lo`` first (a range may
+    be cut short). Returns the admitted ranges and the requests that lost (part of) a range; a
+    request loses every range after its first cut one.
+    """
+    if not busy:
+        return list(cands), set()
+    out: list[tuple[str, int, int]] = []
+    cut: set[str] = set()
+    left = max(0, budget_blocks)
+    for rid, lo, hi in sorted(cands, key=lambda c: c[1]):
+        if rid in cut:
+            continue
+        take = min(hi - lo, left)
+        if take > 0:
+            out.append((rid, lo, lo + take))
+            left -= take
+        if take < hi - lo:
+            cut.add(rid)
+    return out, cut
+
+
+def copy_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """``(src0, dst0, length)`` runs where both indices step by one (a chunk's blocks -> cache ids)."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs

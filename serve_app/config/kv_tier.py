@@ -20,7 +20,8 @@ class KVTierConfig(BaseModel):
         default=False,
         description="Store full prompt blocks' KV in the object store and load them on any replica. Off by "
         "default: on the H100 (benchmarks/results/kv_tier_h100.json) it cost 14% throughput on a workload with "
-        "no reuse (no_reuse_throughput_ratio 0.86), so enable it where prefixes are shared across replicas.",
+        "no reuse (no_reuse_throughput_ratio 0.86, before busy steps stopped storing every block: see "
+        "`store_busy_requests`), so enable it where prefixes are shared across replicas.",
     )
     budget_gib: float = Field(
         default=8.0, gt=0,
@@ -55,6 +56,23 @@ class KVTierConfig(BaseModel):
         default=2048, gt=0,
         description="Most KV (MiB) queued for storing per worker; the queued blocks stay allocated until "
         "copied, so this bounds the KV capacity stores can hold back. Beyond it stores are dropped.",
+    )
+    store_busy_requests: int = Field(
+        default=2, ge=0,
+        description="A step that schedules more requests than this is busy: it stores at most "
+        "`store_busy_mib_per_step` of prompt KV (lowest blocks first). Storing every prompt block cost 14% "
+        "throughput on the H100 without reuse; hot prefixes still get stored once, cluster-wide, by a "
+        "lightly loaded step. 0 disables the gate (store everything).",
+    )
+    store_busy_mib_per_step: float = Field(
+        default=32.0, ge=0, description="Prompt KV (MiB) a busy step may store (see `store_busy_requests`)."
+    )
+    register_host_memory: bool = Field(
+        default=False,
+        description="GPU only: page-lock (cudaHostRegister) the object-store memory of each chunk being "
+        "loaded and DMA it straight to the GPU instead of memcpy into a pinned slot first. Off by default: "
+        "on the H100, registering per 32 MiB chunk made loads slower (4.1 GB/s, kv_tier_h100.json) than "
+        "the pinned-slot copy (8.3 GB/s, kv_tier_h100_first_run.json).",
     )
     load_threads: int = Field(
         default=8, ge=1, description="Parallel chunk loads per worker (8 reached 23-30 GB/s on an H100)."

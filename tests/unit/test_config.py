@@ -79,11 +79,10 @@ def test_start_watchdog_kills_a_hung_start() -> None:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         print(child.pid, flush=True)
         start_watchdog(0.5, "test engine")
-        time.sleep(30)  # a hung start
+        time.sleep(120)  # a hung start: without the watchdog this process would exit 0 after 120 s
     """)
-    t0 = __import__("time").time()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT)
-    assert proc.returncode == 1 and __import__("time").time() - t0 < 15
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert proc.returncode == 1
     child_pid = int(proc.stdout.split()[0])
     import psutil
 

