@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -160,7 +161,17 @@ class VLLMReplica:
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the engine's prefix cache (publishes AllBlocksCleared when KV events are on)."""
-        return bool(await self._engine.reset_prefix_cache())
+        ok = bool(await self._engine.reset_prefix_cache())
+        if ok and self._kv_events_endpoint is not None:
+            # vLLM queues AllBlocksCleared and publishes KV events only at the end of an engine step; an
+            # idle engine would hold it until its next request, which routers would still send here on
+            # the stale view. A 1-token request (no full block, so no BlockStored) forces that step.
+            from vllm import SamplingParams
+
+            async for _ in self._engine.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1),
+                                                 f"kvserve-flush-{uuid.uuid4().hex}"):
+                pass
+        return ok
 
     async def check_health(self) -> None:
         """Serve's health check: raise when the engine is dead."""

@@ -46,7 +46,8 @@ class RoutingConfig(BaseModel):
         default=1e-4,
         gt=0,
         description="Per-token prefill cost (seconds) assumed for a replica that has not yet measured its own "
-        "prefill speed (ReplicaStats.prefill_tokens_per_s); 1e-4 = 10k tokens/s.",
+        "prefill speed (ReplicaStats.prefill_tokens_per_s) when no other replica has either; otherwise the "
+        "unmeasured replica is costed at its peers' mean measured speed. 1e-4 = 10k tokens/s.",
     )
     running_request_tokens: float = Field(
         default=16.0,

@@ -165,3 +165,15 @@ def test_reasons_and_strategies_are_a_closed_set():
         assert _route(p, request(doc(i % 3)), ss, now=float(i)).reason in REASONS
     with pytest.raises(ValueError):
         policy("random")
+
+
+def test_unmeasured_replica_is_costed_at_its_peers_speed_not_the_default():
+    # The holder measured 1k tok/s (slow CPU); an empty, unmeasured peer must not look 10x faster.
+    p = policy()
+    holder, cold = (dataclasses.replace(s, prefill_tokens_per_s=rate)
+                    for s, rate in zip(snaps(2), (1000.0, 0.0)))
+    first = _route(p, request(doc(3) + [1]), [holder, dataclasses.replace(cold, queued_prefill_tokens=10**6)])
+    assert first.replica_id == holder.replica_id
+    # 160 new tokens: at the 10k tok/s default the cold peer would look cheaper than the 1k tok/s holder.
+    again = p.choose(request(doc(3) + [2] * 160), [holder, cold], 1.0, random.Random(0))
+    assert again.replica_id == holder.replica_id and again.reason == "cache-hit"
