@@ -72,24 +72,22 @@ def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
     from serve_app.builder import build_app
     from serve_app.config import load_app_config
 
-    running: list[str] = []
+    def _delete_all() -> None:  # one app at a time keeps the 2-core machine responsive
+        for other in list(serve.status().applications):
+            serve.delete(other)
 
     def _start(config: str = "configs/cpu.yaml", name: str = "kvserve", route_prefix: str = "/",
                overrides: dict[str, Any] | None = None) -> str:
         doc = yaml.safe_load((ROOT / config).read_text())
         args = deep_merge(doc["applications"][0]["args"], overrides or {})
         cfg = load_app_config(args)
-        for other in list(running):  # one app at a time keeps the 2-core machine responsive
-            serve.delete(other)
-            running.remove(other)
+        _delete_all()
         serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
-        running.append(name)
         _wait_ready(ray_cluster.base_url, [m.id for m in cfg.models])
         return ray_cluster.base_url
 
     yield _start
-    for name in running:
-        serve.delete(name)
+    _delete_all()
 
 
 def _wait_ready(base_url: str, model_ids: list[str], timeout_s: float = 600) -> None:

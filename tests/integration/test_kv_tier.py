@@ -54,23 +54,14 @@ def _prompt(seed: int, n: int = PROMPT_TOKENS) -> list[int]:
     return [(seed * 7919 + i * 104729) % 40000 + 100 for i in range(n)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-METRICS_PORT = _free_port()
-
-
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, object_store_memory=2 * 1024**3, include_dashboard=False, namespace=NAMESPACE,
-             _metrics_export_port=METRICS_PORT)
-    yield
-    ray.shutdown()
+def cluster(ray_cluster):
+    """The session's Ray cluster (tests/integration/conftest.py), with no Serve app holding engines."""
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)  # two more engines next to a running app would crowd a 2-core machine
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +146,7 @@ def test_tier_hit_same_output_then_owner_death_then_budget(engines):
     assert _plasma_used_bytes() <= BUDGET + 64 * MIB
 
 
-def test_tier_metrics_reach_the_node_metrics_agent(engines):
+def test_tier_metrics_reach_the_node_metrics_agent(engines, cluster):
     """Counters recorded in the engine-core/worker processes (own Ray drivers) and the directory
     actor are exported by the node's metrics agent."""
     import urllib.request
@@ -165,7 +156,7 @@ def test_tier_metrics_reach_the_node_metrics_agent(engines):
     deadline, seen = time.monotonic() + 45, set()
     while time.monotonic() < deadline and seen != wanted:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read().decode()
         except OSError:
             text = ""
         seen = {name for name in wanted if name in text}
