@@ -252,7 +252,5 @@ class Ingress:
 def build_ingress(cfg: AppConfig, replicas: dict[str, Any]):
     """The Serve application node of the ingress, bound to each model's replica deployment."""
     opts = cfg.ingress.deployment.serve_options()
-    opts.pop("request_routing_stats_period_s", None)
-    opts.pop("request_routing_stats_timeout_s", None)
     logger.info("ingress deployment: %s", opts)
     return serve.deployment(Ingress, name="ingress").options(**opts).bind(cfg.model_dump(), replicas)

@@ -198,8 +198,8 @@ def build_replica(model: ModelConfig, app: AppConfig):
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
     actor["runtime_env"] = runtime_env
     router_cfg = request_router_config(
-        app.routing, model_id=model.id, stats_period_s=opts.pop("request_routing_stats_period_s"),
-        stats_timeout_s=opts.pop("request_routing_stats_timeout_s"))
+        app.routing, model_id=model.id, stats_period_s=model.deployment.request_routing_stats_period_s,
+        stats_timeout_s=model.deployment.request_routing_stats_timeout_s)
     bundles, strategy = placement_bundles(model)
     opts["placement_group_bundles"] = bundles
     opts["placement_group_strategy"] = strategy

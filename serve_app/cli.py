@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from serve_app import settings
 
@@ -82,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     pm = sub.add_parser("prepare-model", help="write SmolLM2 (and optional shape dirs) into the model dir")
     pm.add_argument("--shape", action="append", choices=sorted(SHAPES),
                     help="also write a weightless shape dir for load_format=dummy (repeatable)")
-    pm.add_argument("--model-dir", type=lambda s: __import__("pathlib").Path(s).expanduser(), default=None,
+    pm.add_argument("--model-dir", type=lambda s: Path(s).expanduser(), default=None,
                     help="output directory (default: KVSERVE_MODEL_DIR)")
     pm.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     pm.set_defaults(func=_prepare_model)

@@ -14,6 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+_ROUTER_CONFIG_FIELDS = {"request_routing_stats_period_s", "request_routing_stats_timeout_s"}
+
+
 class DeploymentOptions(BaseModel):
     """Options of one Ray Serve deployment (a subset of ``ray.serve.schema.DeploymentSchema``)."""
 
@@ -76,8 +79,12 @@ class DeploymentOptions(BaseModel):
         return self
 
     def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``serve.deployment(...).options(...)``."""
-        opts = self.model_dump(exclude_none=True)
+        """Keyword arguments for ``serve.deployment(...).options(...)``.
+
+        The routing-stats periods belong in Serve's ``request_router_config``, which only the replica
+        builder sets, so they are left out here.
+        """
+        opts = self.model_dump(exclude_none=True, exclude=_ROUTER_CONFIG_FIELDS)
         if self.num_replicas is None and self.autoscaling_config is None:
             opts["num_replicas"] = 1
         return opts
