@@ -12,6 +12,7 @@ before producing output is retried on another; backpressure becomes 503.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,6 +36,23 @@ from deployments.request_router import record_actual_cached_tokens
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+def _own_serve_request_id() -> None:
+    """Give the calls made from the current asyncio task their own Serve internal request id.
+
+    Serve copies the HTTP request's internal id into every handle call made while serving it, and its
+    request router indexes pending requests by that id (a second pending request with the same id is
+    taken for a retry and never indexed). The prompts of one batched completion are dispatched
+    concurrently, so without distinct ids all but one could wait forever for a replica. Each prompt's
+    task sets its own id here; the context variable is task-local, so the HTTP request keeps its own.
+    """
+    from ray.serve import context as serve_context
+
+    current = serve_context._get_serve_request_context()
+    serve_context._serve_request_context.set(
+        dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
 _RETRIES = 2  # extra attempts when a replica dies before producing output
@@ -196,7 +214,9 @@ class Ingress:
                 arrival_time=time.time()))
         return reqs
 
-    async def _chunks(self, m: _Model, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool) -> AsyncIterator[GenerateChunk]:
+        if own_id:  # one prompt of a batch, iterated in its own task (generation.merge)
+            _own_serve_request_id()
         for attempt in range(_RETRIES + 1):
             produced = False
             try:
@@ -228,7 +248,7 @@ class Ingress:
             raise
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
         n_choices = body.n * len(reqs)
-        chunks = merge([self._chunks(m, r) for r in reqs], body.n)
+        chunks = merge([self._chunks(m, r, own_id=len(reqs) > 1) for r in reqs], body.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(acc, chunks, n_choices, include_usage, track.first, track.error)

@@ -36,7 +36,8 @@ class DeploymentOptions(BaseModel):
     max_queued_requests: int = Field(
         default=-1,
         ge=-1,
-        description="Requests a caller may queue for this deployment before getting 503; -1 = unbounded.",
+        description="Requests a caller may queue for this deployment before getting 503; -1 = unbounded. Each "
+        "prompt of a batched completion request is one request here.",
     )
     ray_actor_options: dict[str, Any] = Field(
         default_factory=dict, description="Ray actor options of each replica (num_cpus, memory, runtime_env...)."
