@@ -11,7 +11,8 @@ Per request (``choose_replicas``, on the handle's event loop, no blocking calls)
      memoised so shared prefixes are not re-hashed);
   2. build one ``ReplicaSnapshot`` per candidate from ``RunningReplica.routing_stats``
      (``asdict(ReplicaStats)``, empty until the replica's first report) merged with this router's
-     in-flight accounting (routers.load); 3. ``policy.choose`` -> Decision with a reason;
+     in-flight accounting (routers.load); 3. ``policy.choose`` -> Decision with a reason, whose
+     predicted cached tokens go into the request (the replica's queued-prefill report uses them);
   4. return ``[[chosen], others]``: Serve sends to ``chosen`` unless its queue is full, else to the
      shortest queue among the others.
 After Serve reports where the request went (``on_request_routed``) the index and the load tracker
@@ -47,14 +48,19 @@ _MAX_PENDING = 50_000
 def request_router_config(
     routing: RoutingConfig, *, model_id: str = "", stats_period_s: float = 1.0, stats_timeout_s: float = 5.0
 ) -> dict[str, Any]:
-    """Serve ``request_router_config`` for a vLLM replica deployment's options.
+    """Serve ``request_router_config`` for a vLLM replica deployment's options (kvserve's router unless
+    ``routing.request_router_class`` names another).
 
     ``stats_period_s``/``stats_timeout_s``: how often Serve polls ``record_routing_stats`` (pass the
     deployment's ``request_routing_stats_period_s``/``_timeout_s``).
     """
+    if routing.request_router_class is not None:  # somebody else's router (head-to-head benchmarks)
+        cls, kwargs = routing.request_router_class, dict(routing.request_router_kwargs)
+    else:
+        cls, kwargs = ROUTER_CLASS, {"routing": routing.model_dump(mode="json"), "model_id": model_id}
     return {
-        "request_router_class": ROUTER_CLASS,
-        "request_router_kwargs": {"routing": routing.model_dump(mode="json"), "model_id": model_id},
+        "request_router_class": cls,
+        "request_router_kwargs": kwargs,
         "request_routing_stats_period_s": stats_period_s,
         "request_routing_stats_timeout_s": stats_timeout_s,
     }
@@ -128,6 +134,9 @@ class KVServeRouter(RequestRouter):
             tags = {"model": self._model, "strategy": self._strategy, "reason": "router-error"}
             metrics().router_decisions.inc(1, tags=tags)
             return [candidate_replicas]
+        gen = pending_request.args[0]
+        if hasattr(gen, "predicted_cached_tokens"):  # read by the replica's queued-prefill report
+            gen.predicted_cached_tokens = decision.predicted_cached_tokens
         key = pending_request.metadata.internal_request_id
         self._pending[key] = (request, decision, request_id)
         while len(self._pending) > _MAX_PENDING:

@@ -80,7 +80,8 @@ class VLLMReplica:
         if req.cache_salt:
             prompt["cache_salt"] = req.cache_salt
         n_prompt = len(req.prompt_token_ids)
-        self._inflight_prefill[req.request_id] = n_prompt
+        # Queued prefill work: the uncached part, as the router predicted it (the engine says at first output).
+        self._inflight_prefill[req.request_id] = max(n_prompt - req.predicted_cached_tokens, 0)
         self._streams += 1
         start = time.perf_counter()
         chunk: GenerateChunk | None = None

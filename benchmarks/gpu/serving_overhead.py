@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import serverproc  # noqa: E402
 from deployments.engine import engine_args  # noqa: E402
 from serve_app import settings  # noqa: E402
 from serve_app.config import load_serve_config  # noqa: E402
@@ -38,31 +36,6 @@ VARIANTS = {
     "kvserve_python_proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "kvserve_serve_defaults": {},
 }
-
-
-def _wait_ready(url: str, timeout_s: float, proc: subprocess.Popen) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200 and b'"data":[{' in r.read().replace(b" ", b""):
-                    return time.time() - t0
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s")
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _vllm_cli_flags(args: dict) -> list[str]:
@@ -103,17 +76,15 @@ def _bench(base: str, model: str, tokenizer: str, conc: int, n: int, out_dir: Pa
 def _run_system(tag: str, start_cmd: list[str], env: dict, base: str, model: str, tokenizer: str,
                 out_dir: Path, args) -> dict:
     print("+", shlex.join(start_cmd), flush=True)
-    log = open(out_dir / f"{tag}_server.log", "w")
-    proc = subprocess.Popen(start_cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=ROOT)
+    proc = serverproc.start(start_cmd, env, out_dir / f"{tag}_server.log", ROOT)
     try:
-        ready_s = _wait_ready(base + "/v1/models", args.start_timeout, proc)
+        ready_s = serverproc.wait_ready(base + "/v1/models", args.start_timeout, proc)
         res = {"start_cmd": shlex.join(start_cmd), "env": env, "ready_s": round(ready_s, 1)}
         for conc, n in ((1, args.prompts_c1), (64, args.prompts_c64)):
             res[f"c{conc}"] = _bench(base, model, tokenizer, conc, n, out_dir, tag, args)
         return res
     finally:
-        _stop(proc)
+        serverproc.stop(proc)
         if tag.startswith("kvserve"):
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
         time.sleep(5)

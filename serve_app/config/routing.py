@@ -8,9 +8,9 @@ docs/routing.md.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from routers.policy import Knobs
 
@@ -116,6 +116,23 @@ class RoutingConfig(BaseModel):
         description="kv-aware: ask a replica's replay socket for missed event batches (and for the recent "
         "history when an ingress replica subscribes mid-stream).",
     )
+
+    request_router_class: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Import path ('module:Class') of another Ray Serve RequestRouter for the replica deployments, "
+        "used instead of kvserve's (strategy and its knobs are then unused). For head-to-head comparisons, e.g. "
+        "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity (Ray Serve LLM's PrefixCacheAffinityRouter).",
+    )
+    request_router_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of request_router_class's initialize_state."
+    )
+
+    @model_validator(mode="after")
+    def _kwargs_need_class(self) -> RoutingConfig:
+        if self.request_router_kwargs and self.request_router_class is None:
+            raise ValueError("routing.request_router_kwargs is set but routing.request_router_class is not")
+        return self
 
     def knobs(self) -> Knobs:
         """The policy parameters (plain data for routers/)."""

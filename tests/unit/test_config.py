@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"id": "m", "path": "p", "deployment": {"num_replicas": 1, "max_ongoing_requests": 8}}
 
 
-@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml", "gpu-tp2.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml", "gpu-tp2.yaml", "gpu-routing.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
     doc, apps = load_serve_config(ROOT / "configs" / name)
     assert doc["applications"][0]["import_path"] == "serve_app.builder:build_app"

@@ -78,6 +78,15 @@ def test_request_router_config_is_a_valid_serve_option():
     assert parsed.request_routing_stats_period_s == 0.5
 
 
+def test_request_router_class_replaces_kvserves_router_with_its_kwargs():
+    routing = RoutingConfig(request_router_class="benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity",
+                            request_router_kwargs={"imbalanced_threshold": 10})
+    cfg = request_router_config(routing, model_id="m")
+    parsed = RequestRouterConfig(**cfg)
+    assert cfg["request_router_class"] == "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
+    assert parsed.request_router_kwargs == {"imbalanced_threshold": 10}
+
+
 def test_shared_prefix_follows_the_first_replica_and_ranks_the_rest_as_fallback():
     async def go():
         router = _router()
@@ -90,6 +99,23 @@ def test_shared_prefix_follows_the_first_replica_and_ranks_the_rest_as_fallback(
     first, ranked = asyncio.run(go())
     assert ranked[0][0].replica_id.unique_id == first
     assert len(ranked[1]) == 2 and all(r.replica_id.unique_id != first for r in ranked[1])
+
+
+def test_the_request_carries_the_predicted_cached_tokens_to_the_replica():
+    async def go():
+        router = _router()
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
+        router.update_replicas(replicas)
+        first = _pending(doc(1) + [1, 2], 1)
+        await _send(router, replicas, first)
+        second = _pending(doc(1) + [3, 4], 2)
+        await _send(router, replicas, second)
+        return first.args[0], second.args[0]
+
+    first, second = asyncio.run(go())
+    assert first.predicted_cached_tokens == 0  # nobody held the document yet
+    # The whole shared document (its full 16-token blocks) is expected to be cached on the same replica.
+    assert second.predicted_cached_tokens == len(doc(1)) // 16 * 16 > 0
 
 
 def test_precomputed_block_hashes_are_used_as_given():

@@ -1,0 +1,71 @@
+"""Starting and stopping a server process for a benchmark run.
+
+Owns ``start`` (a server command in its own process group, output to a log file), ``wait_ready``
+(poll an OpenAI ``/v1/models`` URL until it lists a model, failing fast when the process exits),
+``wait_serving`` (until a one-token completion succeeds: an ingress can list models while its engine
+replicas are still starting) and
+``stop`` (SIGINT to the whole group, SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+def start(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
+    """Run ``cmd`` in a new session (so ``stop`` reaches its children), stdout+stderr to ``log_path``."""
+    log = open(log_path, "w")  # noqa: SIM115 - owned by the process for its lifetime
+    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=cwd)
+
+
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen) -> float:
+    """Seconds until ``url`` (``.../v1/models``) lists a model; raise if the process exits or time runs out."""
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200 and b'"data":[{' in r.read().replace(b" ", b""):
+                    return time.time() - t0
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGINT the process group, then SIGKILL it if it has not exited within ``timeout_s``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.Popen) -> float:
+    """Seconds until ``POST base_url/completions`` for one token of ``model`` answers 200."""
+    t0 = time.time()
+    body = json.dumps({"model": model, "prompt": [1, 2, 3], "max_tokens": 1}).encode()
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before serving")
+        req = urllib.request.Request(base_url + "/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                if r.status == 200:
+                    return time.time() - t0
+        except Exception:  # noqa: BLE001 - replicas still starting
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{base_url} did not serve {model} within {timeout_s}s")
