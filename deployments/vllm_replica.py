@@ -81,6 +81,7 @@ class VLLMReplica:
             prompt["cache_salt"] = req.cache_salt
         n_prompt = len(req.prompt_token_ids)
         # Queued prefill work: the uncached part, as the router predicted it (the engine says at first output).
+        alone = not self._inflight_prefill  # no other prompt ahead of this one: its TTFT measures prefill speed
         self._inflight_prefill[req.request_id] = max(n_prompt - req.predicted_cached_tokens, 0)
         self._streams += 1
         start = time.perf_counter()
@@ -92,7 +93,7 @@ class VLLMReplica:
                 if chunk is None:
                     chunk = GenerateChunk()
                 if last_sent == 0.0:
-                    self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0, start)
+                    self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0, start, alone)
                     chunk.prompt_tokens = n_prompt
                     chunk.cached_tokens = out.num_cached_tokens or 0
                     chunk.replica_id = self._replica_id
@@ -122,11 +123,13 @@ class VLLMReplica:
         rate = self._model.stream_chunks_per_s
         return 0.0 if rate <= 0 else self._streams / rate
 
-    def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int, start: float) -> None:
+    def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int, start: float, alone: bool) -> None:
         self._inflight_prefill.pop(request_id, None)
         elapsed = time.perf_counter() - start
         uncached = n_prompt - n_cached
-        if uncached >= 256 and elapsed > 0:  # long enough to be a prefill measurement
+        # Only a prompt that waited behind no other prompt measures speed (queueing would make a busy replica
+        # look slow), and only a long one (fixed per-step costs dominate short ones).
+        if alone and uncached >= 256 and elapsed > 0:
             tps = uncached / elapsed
             self._prefill_tps = tps if self._prefill_tps == 0 else 0.8 * self._prefill_tps + 0.2 * tps
 

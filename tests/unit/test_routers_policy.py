@@ -177,3 +177,15 @@ def test_unmeasured_replica_is_costed_at_its_peers_speed_not_the_default():
     # 160 new tokens: at the 10k tok/s default the cold peer would look cheaper than the 1k tok/s holder.
     again = p.choose(request(doc(3) + [2] * 160), [holder, cold], 1.0, random.Random(0))
     assert again.replica_id == holder.replica_id and again.reason == "cache-hit"
+
+
+def test_a_busy_holder_measured_slower_keeps_its_cached_prompt():
+    # Measured under load the holder looks 4x slower than its idle peer; both run the same model on the
+    # same hardware, so one speed costs both and the cached 1,024 tokens keep the prompt at the holder.
+    p = policy()
+    holder, peer = snaps(2)
+    _route(p, request(doc(3, 1024)), [holder, dataclasses.replace(peer, queued_prefill_tokens=10**6)])
+    busy = dataclasses.replace(holder, prefill_tokens_per_s=500.0, queued_prefill_tokens=600)
+    idle = dataclasses.replace(peer, prefill_tokens_per_s=2000.0)
+    d = p.choose(request(doc(3, 1024) + [7] * 76), [busy, idle], 1.0, random.Random(0))
+    assert d.replica_id == holder.replica_id and d.reason == "cache-hit"
