@@ -35,7 +35,7 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen) -> float:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200 and b'"data":[{' in r.read().replace(b" ", b""):
                     return time.time() - t0
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # noqa: BLE001, S110 - not up yet
             pass
         time.sleep(2)
     raise TimeoutError(f"{url} not ready after {timeout_s}s")
@@ -65,7 +65,7 @@ def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.P
             with urllib.request.urlopen(req, timeout=120) as r:
                 if r.status == 200:
                     return time.time() - t0
-        except Exception:  # noqa: BLE001 - replicas still starting
+        except Exception:  # noqa: BLE001, S110 - replicas still starting
             pass
         time.sleep(2)
     raise TimeoutError(f"{base_url} did not serve {model} within {timeout_s}s")

@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from benchmarks.routing_h2h.run import RAY_ROUTER, SYSTEMS, serve_config, summarize, table
+from benchmarks.routing_h2h.run import RAY_ROUTER, SCALES, SYSTEMS, serve_config, summarize, table
 from serve_app.config import load_app_config
 
-BASE = yaml.safe_load(open("configs/cpu.yaml"))
-
+ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("system", list(SYSTEMS))
-def test_each_system_config_differs_only_in_routing_and_engine_overrides(system: str) -> None:
-    cfg = serve_config(BASE, SYSTEMS[system], {"num_gpu_blocks_override": 48})
+@pytest.mark.parametrize("config, scale", [("configs/cpu.yaml", "cpu"), ("configs/gpu-routing.yaml", "gpu")])
+def test_each_system_config_differs_only_in_routing_and_engine_overrides(system: str, config: str, scale: str) -> None:
+    base = yaml.safe_load((ROOT / config).read_text())
+    overrides = SCALES[scale]["engine_kwargs"]
+    cfg = serve_config(base, SYSTEMS[system], overrides)
     args = cfg["applications"][0]["args"]
     app = load_app_config(args)  # still a valid kvserve config
-    assert app.models[0].engine_kwargs == {**BASE["applications"][0]["args"]["models"][0]["engine_kwargs"],
-                                           "num_gpu_blocks_override": 48}
+    assert app.models[0].engine_kwargs == {**base["applications"][0]["args"]["models"][0]["engine_kwargs"],
+                                           **overrides}
     if system == "ray-prefix-cache-affinity":
         assert app.routing.request_router_class == RAY_ROUTER
     else:
         assert app.routing.strategy == system and app.routing.request_router_class is None
     rest = {k: v for k, v in args.items() if k not in ("routing", "models")}
-    assert rest == {k: v for k, v in BASE["applications"][0]["args"].items() if k not in ("routing", "models")}
-    assert BASE["applications"][0]["args"]["routing"] == {"strategy": "prefix-aware"}  # base left untouched
+    assert rest == {k: v for k, v in base["applications"][0]["args"].items() if k not in ("routing", "models")}
+    assert base["applications"][0]["args"]["routing"] == {"strategy": "prefix-aware"}  # base left untouched
 
 
 def test_ray_router_sees_shared_token_prefixes_as_shared_text() -> None:
