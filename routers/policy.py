@@ -131,11 +131,11 @@ class Policy:
     ) -> Decision:
         spt = self._spt(snaps)
         scores = {s.replica_id: spt * (self._base_tokens(s) + request.num_prompt_tokens) for s in snaps}
-        return Decision(self._argmin(scores, self._tolerance(request, snaps), rng), reason, 0, scores)
+        return Decision(self._argmin(scores, self._tolerance(request, spt), rng), reason, 0, scores)
 
-    def _tolerance(self, request: RoutingRequest, snaps: Sequence[ReplicaSnapshot]) -> float:
+    def _tolerance(self, request: RoutingRequest, spt: float) -> float:
         """Cost differences below this (seconds) are estimation noise: tie_tolerance x the prompt's prefill time."""
-        return self.knobs.tie_tolerance * request.num_prompt_tokens * self._spt(snaps) + 1e-12
+        return self.knobs.tie_tolerance * request.num_prompt_tokens * spt + 1e-12
 
     def _argmin(self, scores: dict[str, float], tolerance: float, rng: random.Random) -> str:
         """Lowest score; near-ties go to the least recently routed replica, then to ``rng``."""
@@ -210,7 +210,7 @@ class CacheAware(Policy):
                 work += bs * (m.host * k.host_load_ratio + m.obj * k.obj_load_ratio) - weight * reuse
             scores[rid] = work * spt
             cached[rid] = reuse
-        rid = self._argmin(scores, self._tolerance(request, cool), rng)
+        rid = self._argmin(scores, self._tolerance(request, spt), rng)
         best_cached = max((m.blocks for m in matches.values()), default=0)
         if best_cached == 0:
             reason = "no-cache"

@@ -45,9 +45,9 @@ class RoutingConfig(BaseModel):
     prefill_s_per_token: float = Field(
         default=1e-4,
         gt=0,
-        description="Per-token prefill cost (seconds) assumed for a replica that has not yet measured its own "
-        "prefill speed (ReplicaStats.prefill_tokens_per_s) when no other replica has either; otherwise the "
-        "unmeasured replica is costed at its peers' mean measured speed. 1e-4 = 10k tokens/s.",
+        description="Per-token prefill cost (seconds) assumed while no replica has measured its prefill speed "
+        "(ReplicaStats.prefill_tokens_per_s); once some have, every replica is costed at their mean measured "
+        "speed. 1e-4 = 10k tokens/s.",
     )
     running_request_tokens: float = Field(
         default=16.0,
