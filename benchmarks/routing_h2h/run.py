@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, round-robin first")
     p.add_argument("--workloads", help="comma-separated subset of the scale's workloads")
     p.add_argument("--duration", type=float, help="seconds per run (default: the scale's)")
+    p.add_argument("--fractions", help="comma-separated Poisson loads as fractions of round-robin's saturated "
+                                       "rate (default: the scale's)")
     p.add_argument("--out", required=True, help="result JSON (a .md table is written beside it)")
     p.add_argument("--work-dir", default="/tmp/kvserve-routing-h2h", help="configs, server logs, raw results")
     p.add_argument("--start-timeout", type=float, default=900)
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         scale["workloads"] = {w: scale["workloads"][w] for w in args.workloads.split(",")}
     if args.duration:
         scale["duration_s"] = args.duration
+    if args.fractions:
+        scale["fractions"] = [float(f) for f in args.fractions.split(",")]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
