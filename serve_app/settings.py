@@ -28,7 +28,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
 #: router on the replica's event loop, buffers request logs and gives each ingress replica its own HTTP
 #: server; ENABLE_HA_PROXY puts HAProxy in front of those servers instead of Serve's Python proxy.
 #: On the H100 this took TTFT p50 at c=1 from +7.8 ms to +3.4 ms over `vllm serve` and throughput at
-#: c=64 from 0.975x to 0.998x (benchmarks/results/serving_overhead.json).
+#: c=64 from 0.975x to 0.998x (benchmarks/results/serving_overhead_session1.json).
 SERVE_FAST_PATH_ENV: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
