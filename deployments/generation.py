@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.openai_api import (
-    SSE_DONE, APIError, chat_chunk, completion_chunk, sse, usage, usage_chunk,
+    SSE_DONE,
+    APIError,
+    chat_chunk,
+    completion_chunk,
+    sse,
+    usage,
+    usage_chunk,
 )
 from deployments.protocol import GenerateChunk
 

@@ -67,7 +67,7 @@ class _SamplingFields(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "_SamplingFields":
+    def _unsupported(self) -> _SamplingFields:
         if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs are not supported by this server")
         return self
@@ -108,7 +108,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _chat_unsupported(self) -> "ChatCompletionRequest":
+    def _chat_unsupported(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools are not supported by this server")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -124,7 +124,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _completion_unsupported(self) -> "CompletionRequest":
+    def _completion_unsupported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported by this server")
         if self.suffix:

@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("config")
     cc.set_defaults(func=_check_config)
 
-    for module in ("benchmarks.cli", "serve_app.kuberay.cli"):
+    for module in ("benchmarks.cli", "serve_app.kuberay.cli", "serve_app.drain"):
         __import__(module, fromlist=["register"]).register(sub)
     return p
 

@@ -62,7 +62,7 @@ class AppConfig(BaseModel):
     kv_tier: KVTierConfig = Field(default_factory=KVTierConfig, description="Shared KV tier.")
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> "AppConfig":
+    def _unique_ids(self) -> AppConfig:
         ids = [m.id for m in self.models]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:

@@ -13,7 +13,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 _ROUTER_CONFIG_FIELDS = {"request_routing_stats_period_s", "request_routing_stats_timeout_s"}
 
 
@@ -74,7 +73,7 @@ class DeploymentOptions(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_scaling_mode(self) -> "DeploymentOptions":
+    def _one_scaling_mode(self) -> DeploymentOptions:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self

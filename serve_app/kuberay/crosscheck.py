@@ -3,15 +3,18 @@
 Owns: ``cross_check(docs, apps_by_service, ray_version)``. For every RayService:
   - the ingress fits a CPU worker group; each GPU model's tensor_parallel_size equals
     ``nvidia.com/gpu`` of a worker group declaring its ``accelerator_type:<X>`` resource (STRICT_PACK
-    puts all TP bundles of a replica on one pod), and that group's maxReplicas covers the model's
-    Serve max_replicas;
+    puts all TP bundles of a replica on one pod), that group's Ray CPUs cover the replica's bundles, and
+    its maxReplicas covers the model's Serve max_replicas. A group's Ray CPUs are read the way KubeRay
+    starts Ray: ``resources.CPU``, else rayStartParams ``num-cpus``, else the container's CPU limit;
   - PYTHONHASHSEED on every Ray container equals ``routing.hash_seed``;
   - terminationGracePeriodSeconds >= the longest graceful_shutdown_timeout_s;
   - object-store-memory fits /dev/shm, which fits the container memory limit, and every node's object
     store lets the KV tier have its budget (the tier caps it by the smallest store in the cluster);
   - rayVersion matches the image tag's ``ray<X.Y.Z>`` and the Dockerfile; <name>-serve-svc <= 63 chars;
-  - PVCs, ServiceAccounts and NodePools it names exist, the pods tolerate the NodePool's taints, the
-    NodePool's GPU limit covers maxReplicas x GPUs, and consolidateAfter >= every downscale_delay_s.
+  - the PVCs, ServiceAccounts, Secrets and ConfigMaps (and their keys) its pods name exist, unless the
+    reference is ``optional``; the NodePool each group selects exists, the group tolerates its taints
+    (key, value, effect, as the scheduler matches them), its GPU limit covers maxReplicas x GPUs, and
+    consolidateAfter >= every downscale_delay_s (the reference and toleration logic is references.py).
 For every PodMonitor: it selects at least one Ray pod template and each scraped port name is
 declared on that pod's container. PersistentVolume claimRefs and PVC volumeNames agree.
 """
@@ -25,27 +28,12 @@ from typing import Any
 
 from serve_app.config import AppConfig
 from serve_app.kuberay.rayservice import replica_bounds
+from serve_app.kuberay.references import check_references, check_toleration
+from serve_app.kuberay.units import duration_s, quantity, quantity_bytes
 
 #: Labels KubeRay puts on every pod it creates, by group kind.
 OPERATOR_LABELS = {"head": {"ray.io/node-type": "head", "ray.io/is-ray-node": "yes"},
                    "worker": {"ray.io/node-type": "worker", "ray.io/is-ray-node": "yes"}}
-_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def quantity_bytes(value: Any) -> int:
-    """Bytes of a Kubernetes quantity ("16Gi", "500M", 1024)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?|k)?", str(value))
-    if not m:
-        raise ValueError(f"not a memory quantity: {value!r}")
-    return int(float(m.group(1)) * _UNITS.get(m.group(2) or "", 1))
-
-
-def duration_s(value: str) -> float:
-    """Seconds of a Karpenter duration ("15m", "1h30m", "900s", "Never")."""
-    if value == "Never":
-        return math.inf
-    parts = re.findall(r"(\d+)([smh])", value)
-    return float(sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in parts))
 
 
 def _pods(rs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
@@ -70,19 +58,34 @@ def _gpus(tpl: dict[str, Any]) -> int:
     return int(_container(tpl).get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
 
 
-def _ray_cpus(group: dict[str, Any], tpl: dict[str, Any]) -> float:
-    """CPUs Ray advertises for a group: rayStartParams num-cpus, else the container's CPU limit."""
-    value = group.get("rayStartParams", {}).get("num-cpus")
-    if value is None:
-        value = _container(tpl).get("resources", {}).get("limits", {}).get("cpu", 0)
-    text = str(value)
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+def ray_cpus(group: dict[str, Any], tpl: dict[str, Any]) -> float:
+    """CPUs KubeRay passes to ``ray start --num-cpus`` for a group.
+
+    ``resources.CPU`` (any case) wins, rounded up as the operator does; else rayStartParams ``num-cpus``;
+    else the container's CPU limit, rounded up. The operator rejects a group setting both of the first two.
+    """
+    value = next((v for k, v in (group.get("resources") or {}).items() if k.lower() == "cpu"), None)
+    if value is not None:
+        return float(math.ceil(quantity(value)))
+    value = (group.get("rayStartParams") or {}).get("num-cpus")
+    if value is not None:
+        return float(value)
+    return float(math.ceil(quantity(_container(tpl).get("resources", {}).get("limits", {}).get("cpu", 0))))
+
+
+def _replica_cpus(model: Any) -> tuple[float, str]:
+    """Ray CPUs one pod must offer a model replica: all bundles under STRICT_PACK, else the largest."""
+    from deployments.vllm_replica import placement_bundles
+
+    bundles, strategy = placement_bundles(model)
+    cpus = [b.get("CPU", 0.0) for b in bundles]
+    return (sum(cpus) if strategy == "STRICT_PACK" else max(cpus)), strategy
 
 
 def _check_models(name: str, rs: dict[str, Any], apps: list[AppConfig]) -> list[str]:
     errs: list[str] = []
     workers = [(g, t) for _, kind, g, t in _pods(rs) if kind == "worker"]
-    cpu_groups = {g.get("groupName"): _ray_cpus(g, t) for g, t in workers if not _gpus(t)}
+    cpu_groups = {g.get("groupName"): ray_cpus(g, t) for g, t in workers if not _gpus(t)}
     for app in apps:
         need = float(app.ingress.deployment.ray_actor_options.get("num_cpus", 1))
         if not any(c >= need for c in cpu_groups.values()):
@@ -93,7 +96,7 @@ def _check_models(name: str, rs: dict[str, Any], apps: list[AppConfig]) -> list[
             if gpus <= 0:
                 continue
             acc = f"accelerator_type:{m.accelerator_type}" if m.accelerator_type else None
-            fits = [g for g, t in workers if _gpus(t) == m.tensor_parallel_size
+            fits = [(g, t) for g, t in workers if _gpus(t) == m.tensor_parallel_size
                     and (acc is None or acc in (g.get("resources") or {}))]
             if not fits:
                 shapes = {g.get("groupName"): _gpus(t) for g, t in workers}
@@ -101,10 +104,17 @@ def _check_models(name: str, rs: dict[str, Any], apps: list[AppConfig]) -> list[
                             f"accelerator {m.accelerator_type}) matches no worker group's nvidia.com/gpu "
                             f"limit {shapes}")
                 continue
+            cpus, strategy = _replica_cpus(m)
+            offers = {g.get("groupName"): ray_cpus(g, t) for g, t in fits}
+            if not any(c >= cpus for c in offers.values()):
+                errs.append(f"model {m.id}: a replica's placement bundles need {cpus:g} Ray CPUs on one pod "
+                            f"({strategy}) but worker group(s) offer {offers} (resources.CPU, else rayStartParams "
+                            "num-cpus, else the CPU limit); the replica would never be placed")
             need = math.ceil(replica_bounds(m)[1] * gpus)
-            if sum(_max_pods(g) for g in fits) < need:
+            pods = sum(_max_pods(g) for g, _ in fits)
+            if pods < need:
                 errs.append(f"model {m.id}: Serve may run {replica_bounds(m)[1]} replicas but worker group(s) "
-                            f"{[g.get('groupName') for g in fits]} allow only {sum(_max_pods(g) for g in fits)} pods")
+                            f"{[g.get('groupName') for g, _ in fits]} allow only {pods} pods")
     return errs
 
 
@@ -133,14 +143,7 @@ def _check_pods(name: str, rs: dict[str, Any], apps: list[AppConfig], index: dic
         grace = spec.get("terminationGracePeriodSeconds", 30)
         if grace < graceful:
             errs.append(f"{where}: terminationGracePeriodSeconds {grace} < graceful_shutdown_timeout_s {graceful}")
-        errs += _check_memory(where, group, spec, c)
-        for v in spec.get("volumes", []):
-            claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
-            if claim and ("PersistentVolumeClaim", ns, claim) not in index:
-                errs.append(f"{where}: PersistentVolumeClaim {ns}/{claim} is not among the documents")
-        sa = spec.get("serviceAccountName")
-        if sa and ("ServiceAccount", ns, sa) not in index:
-            errs.append(f"{where}: ServiceAccount {ns}/{sa} is not among the documents")
+        errs += _check_memory(where, group, spec, c) + check_references(where, spec, ns, index)
         pool_name = spec.get("nodeSelector", {}).get("karpenter.sh/nodepool")
         if pool_name:
             errs += _check_pool(where, pool_name, spec, group, tpl, delays, index)
@@ -184,10 +187,8 @@ def _check_pool(where: str, pool_name: str, spec: dict[str, Any], group: dict[st
         return [f"{where}: NodePool {pool_name} is not among the documents"]
     errs = []
     pspec = pool["spec"]
-    tolerated = {(t.get("key"), t.get("effect")) for t in spec.get("tolerations", [])}
     for taint in pspec.get("template", {}).get("spec", {}).get("taints", []):
-        if (taint["key"], taint["effect"]) not in tolerated:
-            errs.append(f"{where}: does not tolerate taint {taint['key']}:{taint['effect']} of NodePool {pool_name}")
+        errs += check_toleration(where, spec.get("tolerations") or [], taint, f"NodePool {pool_name}")
     gpus = _gpus(tpl)
     limit = pspec.get("limits", {}).get("nvidia.com/gpu")
     if gpus and limit is not None and int(limit) < gpus * _max_pods(group):

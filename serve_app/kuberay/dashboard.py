@@ -85,7 +85,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Replica running requests", "short",
      [(f"max by (replica) ({_q('ray_kvserve_replica_running_requests')})", "{{replica}}")]),
     ("vLLM KV cache usage", "percentunit",
-     [(f"max by (WorkerId) ({_q('ray_vllm_kv_cache_usage_perc')})", "{{WorkerId}}")]),
+     [(f"max by (ReplicaId) ({_q('ray_vllm_kv_cache_usage_perc')})", "{{ReplicaId}}")]),
     ("Serve replicas (healthy) and Ray nodes", "short", [
         (f"sum by (deployment) ({_q('ray_serve_deployment_replica_healthy')})", "replicas {{deployment}}"),
         # The autoscaler's own exporter (head port as-metrics, 44217) has no ray_ prefix.

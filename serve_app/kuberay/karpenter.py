@@ -4,7 +4,10 @@ Owns: ``build_karpenter`` -> [EC2NodeClass, NodePool (CPU), NodePool per GPU typ
 
 - One EC2NodeClass (Bottlerocket: the NVIDIA variant ships the device plugin, so ``nvidia.com/gpu``
   is advertised without a DaemonSet; instance-store NVMe in RAID0 holds images and caches).
-- The CPU pool hosts the head (``karpenter.sh/do-not-disrupt`` on the pod) and the ingress group.
+- The CPU pool hosts the head (``karpenter.sh/do-not-disrupt`` on the pod) and the ingress group; its
+  nodes never expire (``expireAfter: Never``): expiring the head's node would restart the service.
+- Each GPU pool requires ``karpenter.k8s.aws/instance-gpu-count`` = the pool's GPUs per node and is
+  disrupted (drift, expiry) ``gpu_disruption_budget`` nodes at a time.
 - Each GPU pool is tainted ``nvidia.com/gpu:NoSchedule`` (only Ray GPU workers tolerate it), has a
   ``nvidia.com/gpu`` limit as a cost guard, and consolidates only ``WhenEmpty`` after
   ``consolidateAfter`` >= every Serve ``downscale_delay_s`` (a node emptied by a replica restart is
@@ -29,7 +32,7 @@ def build_node_class(cluster: ClusterSpec) -> dict[str, Any]:
         "metadata": {"name": NODE_CLASS},
         "spec": {
             "role": cluster.node_role,
-            "amiSelectorTerms": [{"alias": "bottlerocket@latest"}],
+            "amiSelectorTerms": [{"alias": cluster.ami_alias}],
             "subnetSelectorTerms": [{"tags": discovery}],
             "securityGroupSelectorTerms": [{"tags": discovery}],
             "instanceStorePolicy": "RAID0",
@@ -48,11 +51,12 @@ def build_node_class(cluster: ClusterSpec) -> dict[str, Any]:
 
 
 def _pool(name: str, requirements: list[dict[str, Any]], limits: dict[str, str], cluster: ClusterSpec,
-          policy: str, taints: list[dict[str, str]], weight: int) -> dict[str, Any]:
+          policy: str, taints: list[dict[str, str]], weight: int, expire_after: str,
+          budget: str | None = None) -> dict[str, Any]:
     template_spec: dict[str, Any] = {
         "nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": NODE_CLASS},
         "requirements": requirements,
-        "expireAfter": cluster.node_expire_after,
+        "expireAfter": expire_after,
         "terminationGracePeriod": cluster.node_termination_grace,
     }
     if taints:
@@ -65,7 +69,8 @@ def _pool(name: str, requirements: list[dict[str, Any]], limits: dict[str, str],
             "weight": weight,
             "template": {"metadata": {"labels": {"app.kubernetes.io/name": "kvserve"}}, "spec": template_spec},
             "limits": limits,
-            "disruption": {"consolidationPolicy": policy, "consolidateAfter": f"{cluster.consolidate_after_s}s"},
+            "disruption": {"consolidationPolicy": policy, "consolidateAfter": f"{cluster.consolidate_after_s}s",
+                           **({"budgets": [{"nodes": budget}]} if budget else {})},
         },
     }
 
@@ -83,13 +88,15 @@ def build_karpenter(cluster: ClusterSpec) -> list[dict[str, Any]]:
          _req("karpenter.sh/capacity-type", ["on-demand"]),
          _req("karpenter.k8s.aws/instance-category", list(cpu.instance_categories)),
          _req("karpenter.k8s.aws/instance-generation", [str(cpu.min_generation - 1)], "Gt")],
-        {"cpu": str(cpu.cpu_limit)}, cluster, "WhenEmptyOrUnderutilized", [], 10)]
+        {"cpu": str(cpu.cpu_limit)}, cluster, "WhenEmptyOrUnderutilized", [], 10, "Never")]
     for pool in cluster.gpu_pools:
         docs.append(_pool(
             pool.name,
             [_req("kubernetes.io/arch", ["amd64"]), _req("kubernetes.io/os", ["linux"]),
              _req("karpenter.sh/capacity-type", list(pool.capacity_types)),
-             _req("node.kubernetes.io/instance-type", list(pool.instance_types))],
+             _req("node.kubernetes.io/instance-type", list(pool.instance_types)),
+             _req("karpenter.k8s.aws/instance-gpu-count", [str(pool.gpus_per_node)])],
             {"nvidia.com/gpu": str(pool.gpu_limit)}, cluster, "WhenEmpty",
-            [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}], 50))
+            [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}], 50, cluster.node_expire_after,
+            cluster.gpu_disruption_budget))
     return docs

@@ -6,10 +6,13 @@ Everything that can be derived from the Serve config is derived, never restated:
   - one GPU worker group per (accelerator_type, tensor_parallel_size); each pod has
     ``nvidia.com/gpu`` = TP, because the replica's TP bundles are STRICT_PACKed onto one node;
   - min/maxReplicas from the models' Serve ``autoscaling_config`` (or ``num_replicas``);
-  - ``resources: {"accelerator_type:<X>": "1"}`` so the autoscaler can scale such a group from zero;
+  - ``resources: {"CPU": <replica CPUs>, "accelerator_type:<X>": "1"}`` so the autoscaler can scale such a
+    group from zero (and no resource in rayStartParams: the operator rejects a group that has both);
   - ``PYTHONHASHSEED`` = ``routing.hash_seed`` on every pod (block hashes agree across replicas);
-  - terminationGracePeriodSeconds and rayClusterDeletionDelaySeconds from the longest
-    ``graceful_shutdown_timeout_s``, so in-flight generations finish on scale-down and upgrades.
+  - terminationGracePeriodSeconds, the workers' preStop drain (``kvserve drain``) and
+    rayClusterDeletionDelaySeconds from the longest ``graceful_shutdown_timeout_s``, itself checked to
+    cover ``ingress.request_timeout_s``, so in-flight generations finish on scale-down, node
+    disruption and upgrades.
 """
 
 from __future__ import annotations
@@ -163,18 +166,41 @@ def kv_tier_min_store_gib(apps: list[AppConfig]) -> int:
     return max((math.ceil(t.budget_gib / t.max_object_store_fraction) for t in tiers), default=0)
 
 
-def _max_graceful_s(apps: list[AppConfig]) -> float:
-    values = [a.ingress.deployment.graceful_shutdown_timeout_s for a in apps]
-    values += [m.deployment.graceful_shutdown_timeout_s for a in apps for m in a.models]
-    return max(values)
+def shutdown_s(target: Target, apps: list[AppConfig]) -> int:
+    """Seconds a deployment may wait for in-flight requests at shutdown, checked to cover the longest one.
+
+    A request lives at most ``ingress.request_timeout_s``; a deployment that waits less than that on
+    shutdown (scale-down, drain, upgrade) could cut a generation, so that is a ConfigError.
+    """
+    values: list[float] = []
+    for app in apps:
+        waits = {"ingress.deployment": app.ingress.deployment.graceful_shutdown_timeout_s}
+        waits |= {f"models[{m.id}].deployment": m.deployment.graceful_shutdown_timeout_s for m in app.models}
+        short = [f"{where}.graceful_shutdown_timeout_s={v:g}" for where, v in waits.items()
+                 if v < app.ingress.request_timeout_s]
+        if short:
+            raise ConfigError(f"target {target.name}: {', '.join(short)} < ingress.request_timeout_s="
+                              f"{app.ingress.request_timeout_s:g}: a generation still running at shutdown would be "
+                              "cut; raise them (model_overrides / args_overrides) or lower request_timeout_s")
+        values += waits.values()
+    return math.ceil(max(values))
+
+
+def _pre_stop(container: dict[str, Any], deadline_s: int) -> dict[str, Any]:
+    """Worker containers drain their Ray node before Kubernetes sends SIGTERM (serve_app/drain.py)."""
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["kvserve", "drain", "--deadline-s",
+                                                               str(deadline_s)]}}}
+    return container
 
 
 def build_rayservice(target: Target, cluster: ClusterSpec, doc: dict[str, Any], apps: list[AppConfig],
                      ray_version: str) -> dict[str, Any]:
     """The RayService of one target (doc is its effective Serve config)."""
     env = _env(target, cluster, apps)
-    graceful = _max_graceful_s(apps)
-    grace_s = int(graceful) + 60
+    groups = gpu_groups(apps, target) if target.gpu else []
+    graceful = shutdown_s(target, apps)
+    drain_s = graceful + 30  # Serve starts replacements, then stops this node's replicas gracefully
+    grace_s = drain_s + 30  # the preStop drain counts against the pod's grace period
     tier_gib = kv_tier_min_store_gib(apps)
     head_store = max(2, tier_gib)
     head_c = _container("ray-head", target, env, HEAD_PORTS, target.head.cpu, target.head.memory_gib, 0)
@@ -184,8 +210,8 @@ def build_rayservice(target: Target, cluster: ClusterSpec, doc: dict[str, Any], 
         "template": _pod(target, cluster, head_c, head_store + 1, "head", cluster.cpu_pool.name, False, grace_s),
     }
     cpu_store = max(target.cpu_object_store_gib, tier_gib)
-    cpu_c = _container("ray-worker", target, env, WORKER_PORTS, target.cpu_workers.cpu,
-                       target.cpu_workers.memory_gib, 0)
+    cpu_c = _pre_stop(_container("ray-worker", target, env, WORKER_PORTS, target.cpu_workers.cpu,
+                                 target.cpu_workers.memory_gib, 0), drain_s)
     workers = [{
         "groupName": "cpu",
         "minReplicas": target.cpu_workers_min,
@@ -195,24 +221,28 @@ def build_rayservice(target: Target, cluster: ClusterSpec, doc: dict[str, Any], 
         "template": _pod(target, cluster, cpu_c, cpu_store + SHM_HEADROOM_GIB, "worker", cluster.cpu_pool.name,
                          False, grace_s),
     }]
-    for g in gpu_groups(apps, target) if target.gpu else []:
+    for g in groups:
         pool = cluster.gpu_pool(g.accelerator_type)
         if pool is None:
             raise ConfigError(f"target {target.name}: no gpu_pools entry with accelerator_type "
                               f"{g.accelerator_type!r} (models {g.models})")
+        if g.tp > pool.gpus_per_node:
+            raise ConfigError(f"target {target.name}: models {g.models} need {g.tp} GPUs on one node (TP, "
+                              f"STRICT_PACK) but pool {pool.name} has {pool.gpus_per_node} per node")
         store = pool.object_store_gib_per_gpu * g.tp
-        c = _container("ray-worker", target, env, WORKER_PORTS, pool.cpu_per_gpu * g.tp,
-                       pool.memory_gib_per_gpu * g.tp, g.tp)
+        c = _pre_stop(_container("ray-worker", target, env, WORKER_PORTS, pool.cpu_per_gpu * g.tp,
+                                 pool.memory_gib_per_gpu * g.tp, g.tp), drain_s)
         workers.append({
             "groupName": g.name,
             "minReplicas": g.min_pods,
             "maxReplicas": g.max_pods,
             "replicas": g.min_pods,
+            "rayStartParams": {"metrics-export-port": str(METRICS_PORT), "object-store-memory": str(store * GIB)},
             # Ray CPUs = the replica actor's CPUs: the ingress stays on the cpu group, and the pod's
-            # remaining cores go to vLLM's own threads (tokenizer, detokenizer, scheduler).
-            "rayStartParams": {"num-cpus": str(math.ceil(g.cpus)),  # `ray start --num-cpus` takes an int
-                               "metrics-export-port": str(METRICS_PORT), "object-store-memory": str(store * GIB)},
-            "resources": {f"accelerator_type:{g.accelerator_type}": "1"},
+            # remaining cores go to vLLM's own threads (tokenizer, detokenizer, scheduler). Declared
+            # here, not as rayStartParams num-cpus: the operator rejects a group that sets resources in
+            # both places, and maps CPU to `ray start --num-cpus` (an integer) itself.
+            "resources": {"CPU": str(math.ceil(g.cpus)), f"accelerator_type:{g.accelerator_type}": "1"},
             "template": _pod(target, cluster, c, store + SHM_HEADROOM_GIB, "worker", pool.name, True, grace_s),
         })
     serve_yaml = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
@@ -228,7 +258,7 @@ def build_rayservice(target: Target, cluster: ClusterSpec, doc: dict[str, Any], 
         "spec": {
             "upgradeStrategy": {"type": target.upgrade_strategy},
             # Old cluster lives on after the traffic switch until its in-flight generations are done.
-            "rayClusterDeletionDelaySeconds": int(graceful) + 30,
+            "rayClusterDeletionDelaySeconds": graceful + 30,
             "serveConfigV2": serve_yaml,
             "rayClusterConfig": {
                 "rayVersion": ray_version,

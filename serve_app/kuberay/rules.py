@@ -1,13 +1,18 @@
-"""Rules the CRD schemas do not express: KubeRay operator validation and a strict serveConfigV2 check.
+"""Rules the CRD schemas do not express for one document: KubeRay operator validation, pod-spec rules
+the API server applies to the pods the operator creates, and the Karpenter CEL rules that matter here.
 
-Owns: ``rayservice_rules`` (KubeRay ``validation.go`` behaviour, reimplemented: name <= 47 chars and
-DNS-1035, upgradeStrategy values, no headService name, 0 <= minReplicas <= replicas <= maxReplicas,
-incremental-upgrade prerequisites, autoscaler v2 restartPolicy, no resource both in rayStartParams and
-resources, head ports include ``serve``; plus integer rayStartParams, which ``ray start`` needs),
-``serve_config_rules`` (serveConfigV2 against ``ray.serve.schema`` with unknown keys rejected at
-every level, then the project's ``AppConfig``) and ``karpenter_rules`` (the Karpenter CEL rules that
-matter here).
-Each function returns a list of precise messages, "path: problem"; empty means valid.
+Owns: ``rayservice_rules`` and ``karpenter_rules``. ``rayservice_rules`` reimplements KubeRay's
+``ray-operator/controllers/ray/utils/validation.go`` (read at 1.5-1.7): name <= 47 chars and
+DNS-1035; ``ray.io/initializing-timeout`` a positive Go duration or integer of seconds;
+upgradeStrategy values and incremental-upgrade prerequisites; no headService name; 0 <= minReplicas <=
+maxReplicas; autoscaler v2 restartPolicy; a group with a non-empty ``resources`` map sets none of
+num-cpus/num-gpus/memory/resources in rayStartParams; no ``labels`` in rayStartParams. It adds what
+would only fail later: integer rayStartParams (``ray start`` crash-loops on a fraction), parseable
+``resources`` quantities (the operator skips others), head ports naming ``serve``, extended resources
+with request == limit (the API server rejects the pod, not the RayService), and, as a lint the
+operator does not enforce, ``replicas`` inside [minReplicas, maxReplicas].
+A negative ``rayClusterDeletionDelaySeconds`` is left to the CRD schema (``minimum: 0``).
+The serveConfigV2 rules live in rules_serve.py. Each function returns "path: problem" messages.
 """
 
 from __future__ import annotations
@@ -15,21 +20,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import yaml
-
-from serve_app.config import AppConfig, ConfigError, load_app_config
+from serve_app.kuberay.units import go_duration_s, quantity
 
 DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 MAX_RAYSERVICE_NAME = 47
 UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
-#: rayStartParams key -> the ``resources`` key that means the same resource.
-_START_PARAM_RESOURCES = {"num-cpus": "CPU", "num-gpus": "GPU", "memory": "memory"}
-BUILDER = "serve_app.builder:build_app"
+INITIALIZING_TIMEOUT = "ray.io/initializing-timeout"
+#: rayStartParams that declare Ray resources; KubeRay rejects any of them next to a non-empty group
+#: ``resources`` map, which it turns into these flags itself (CPU -> num-cpus, GPU -> num-gpus, ...).
+RESOURCE_START_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
 #: rayStartParams that `ray start` parses as integers (a fraction makes the pod crash-loop).
 _INT_START_PARAMS = ("num-cpus", "num-gpus", "memory", "object-store-memory", "metrics-export-port")
+_MAX_INT32 = 2147483647
 
 
-def _groups(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def groups(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(field path, group spec) of the head group and every worker group of a RayService spec."""
     rcc = spec.get("rayClusterConfig", {})
     out = [("spec.rayClusterConfig.headGroupSpec", rcc.get("headGroupSpec", {}))]
     out += [(f"spec.rayClusterConfig.workerGroupSpecs.{i}", g) for i, g in enumerate(rcc.get("workerGroupSpecs", []))]
@@ -38,29 +44,18 @@ def _groups(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def rayservice_rules(doc: dict[str, Any]) -> list[str]:
     """KubeRay operator checks of a RayService (those the API server would let through)."""
+    meta = doc.get("metadata", {})
+    name = meta.get("name", "")
     errs: list[str] = []
-    name = doc.get("metadata", {}).get("name", "")
     if len(name) > MAX_RAYSERVICE_NAME:
         errs.append(f"metadata.name: {name!r} is {len(name)} characters; KubeRay allows at most "
                     f"{MAX_RAYSERVICE_NAME} (it derives <name>-serve-svc and RayCluster names from it)")
     if not DNS1035.fullmatch(name):
         errs.append(f"metadata.name: {name!r} is not a DNS-1035 label")
+    errs += _initializing_timeout((meta.get("annotations") or {}).get(INITIALIZING_TIMEOUT))
     spec = doc.get("spec", {})
-    upgrade = spec.get("upgradeStrategy", {})
-    utype = upgrade.get("type")
-    if utype is not None and utype not in UPGRADE_TYPES:
-        errs.append(f"spec.upgradeStrategy.type: {utype!r} is not one of {list(UPGRADE_TYPES)}")
     rcc = spec.get("rayClusterConfig", {})
-    if utype == "NewClusterWithIncrementalUpgrade":
-        opts = upgrade.get("clusterUpgradeOptions") or {}
-        if not rcc.get("enableInTreeAutoscaling"):
-            errs.append("spec.upgradeStrategy: NewClusterWithIncrementalUpgrade needs enableInTreeAutoscaling")
-        if not opts.get("gatewayClassName"):
-            errs.append("spec.upgradeStrategy.clusterUpgradeOptions.gatewayClassName: required for incremental upgrade")
-        if opts.get("stepSizePercent", 0) > opts.get("maxSurgePercent", 100):
-            errs.append("spec.upgradeStrategy.clusterUpgradeOptions: stepSizePercent exceeds maxSurgePercent")
-        if opts.get("intervalSeconds", 0) <= 0:
-            errs.append("spec.upgradeStrategy.clusterUpgradeOptions.intervalSeconds: must be > 0")
+    errs += _upgrade_rules(spec.get("upgradeStrategy") or {}, rcc)
     head = rcc.get("headGroupSpec", {})
     if (head.get("headService") or {}).get("metadata", {}).get("name"):
         errs.append("spec.rayClusterConfig.headGroupSpec.headService.metadata.name: must not be set "
@@ -76,93 +71,114 @@ def rayservice_rules(doc: dict[str, Any]) -> list[str]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         errs.append(f"spec.rayClusterConfig.workerGroupSpecs: duplicate groupName(s) {dup}")
-    for where, group in _groups(spec):
-        errs += _group_rules(where, group, v2, where.endswith("headGroupSpec"))
+    for where, group in groups(spec):
+        is_head = where.endswith("headGroupSpec")
+        errs += ([] if is_head else _replica_rules(where, group)) + _group_rules(where, group, v2)
+        errs += _extended_resource_rules(where, group.get("template", {}).get("spec", {}))
     return errs
 
 
-def _group_rules(where: str, group: dict[str, Any], v2: bool, is_head: bool) -> list[str]:
+def _initializing_timeout(value: Any) -> list[str]:
+    """KubeRay parses the annotation as a Go duration, else as integer seconds; either must be > 0."""
+    where = f"metadata.annotations[{INITIALIZING_TIMEOUT}]"
+    if value is None or value == "":
+        return []  # unset: no timeout (the operator treats an empty value the same way)
+    if not isinstance(value, str):
+        return [f"{where}: annotation values must be strings, got {type(value).__name__} {value!r}"]
+    try:
+        seconds = go_duration_s(value)
+    except ValueError:
+        if not re.fullmatch(r"[+-]?\d+", value):
+            return [(f"{where}: {value!r} is neither a Go duration (e.g. '45m', '1h30m', '300s') nor an integer "
+                     "number of seconds; KubeRay rejects the RayService")]
+        seconds = int(value)
+    if seconds <= 0:
+        return [f"{where}: {value!r} is not positive; KubeRay rejects the RayService (use e.g. '45m')"]
+    return []
+
+
+def _upgrade_rules(upgrade: dict[str, Any], rcc: dict[str, Any]) -> list[str]:
+    utype = upgrade.get("type")
+    if utype is not None and utype not in UPGRADE_TYPES:
+        return [f"spec.upgradeStrategy.type: {utype!r} is not one of {list(UPGRADE_TYPES)}"]
+    if utype != "NewClusterWithIncrementalUpgrade":
+        return []
+    errs = []
+    opts = upgrade.get("clusterUpgradeOptions") or {}
+    if not rcc.get("enableInTreeAutoscaling"):
+        errs.append("spec.upgradeStrategy: NewClusterWithIncrementalUpgrade needs enableInTreeAutoscaling")
+    if not opts.get("gatewayClassName"):
+        errs.append("spec.upgradeStrategy.clusterUpgradeOptions.gatewayClassName: required for incremental upgrade")
+    if opts.get("stepSizePercent", 0) > opts.get("maxSurgePercent", 100):
+        errs.append("spec.upgradeStrategy.clusterUpgradeOptions: stepSizePercent exceeds maxSurgePercent")
+    if opts.get("intervalSeconds", 0) <= 0:
+        errs.append("spec.upgradeStrategy.clusterUpgradeOptions.intervalSeconds: must be > 0")
+    return errs
+
+
+def _replica_rules(where: str, group: dict[str, Any]) -> list[str]:
+    lo, hi, n = group.get("minReplicas", 0), group.get("maxReplicas", _MAX_INT32), group.get("replicas")
+    if not all(isinstance(v, int) for v in (lo, hi, 0 if n is None else n)):
+        return []  # wrong types: the schema check reports them
+    if lo < 0 or lo > hi:
+        return [f"{where}: minReplicas ({lo}) must be >= 0 and <= maxReplicas ({hi})"]
+    if n is not None and not lo <= n <= hi:
+        # KubeRay does not reject this: it clamps the desired pods to [minReplicas, maxReplicas]
+        # (GetWorkerGroupDesiredReplicas), and the autoscaler owns `replicas` from then on.
+        return [(f"{where}.replicas: {n} is outside [minReplicas {lo}, maxReplicas {hi}] (lint, not an operator "
+                 f"rejection: KubeRay clamps it and starts {min(max(n, lo), hi)} pods; write that value instead)")]
+    return []
+
+
+def _group_rules(where: str, group: dict[str, Any], v2: bool) -> list[str]:
     errs: list[str] = []
-    if not is_head:
-        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2147483647)
-        n = group.get("replicas")
-        if not all(isinstance(v, int) for v in (lo, hi, 0 if n is None else n)):
-            return errs  # wrong types: the schema check reports them
-        if lo < 0 or lo > hi:
-            errs.append(f"{where}: minReplicas ({lo}) must be >= 0 and <= maxReplicas ({hi})")
-        if n is not None and not lo <= n <= hi:
-            errs.append(f"{where}.replicas: {n} is outside [minReplicas {lo}, maxReplicas {hi}]")
     restart = group.get("template", {}).get("spec", {}).get("restartPolicy")
     if v2 and restart not in (None, "Never"):
         errs.append(f"{where}.template.spec.restartPolicy: autoscaler v2 needs Never or unset, got {restart!r}")
-    params, resources = group.get("rayStartParams", {}), group.get("resources") or {}
+    params, resources = group.get("rayStartParams") or {}, group.get("resources") or {}
     for key in _INT_START_PARAMS:
         if key in params and not str(params[key]).isdigit():
             errs.append(f"{where}.rayStartParams[{key}]: `ray start --{key}` takes an integer, got {params[key]!r}")
-    for param, res in _START_PARAM_RESOURCES.items():
-        if param in params and res in resources:
-            errs.append(f"{where}: {res} is set both in rayStartParams[{param}] and resources")
-    if "resources" in params and resources:
-        errs.append(f"{where}: custom resources are set both in rayStartParams[resources] and resources")
+    if "labels" in params:
+        errs.append(f"{where}.rayStartParams[labels]: KubeRay rejects it; use the group's top-level labels field")
+    both = [k for k in RESOURCE_START_PARAMS if params.get(k) not in (None, "")]
+    if resources and both:
+        errs.append(f"{where}.rayStartParams: sets {both} while {where}.resources is non-empty "
+                    f"({sorted(resources)}); KubeRay rejects a group that declares Ray resources in both places. "
+                    "Move them into resources (CPU becomes --num-cpus, GPU --num-gpus, memory --memory, "
+                    "any other key --resources)")
+    for key, value in resources.items():
+        try:
+            quantity(value)
+        except ValueError:
+            errs.append(f"{where}.resources[{key}]: {value!r} is not a Kubernetes quantity; KubeRay would "
+                        "silently drop it from `ray start`")
     return errs
 
 
-def _unknown(where: str, obj: Any, model: type) -> list[str]:
-    if not isinstance(obj, dict):
-        return []
-    fields = model.model_fields
-    allowed = set(fields) | {f.alias for f in fields.values() if f.alias}
-    return [f"{where}: unknown key {k!r} (not a field of {model.__name__})" for k in obj if k not in allowed]
+def _extended_resource_rules(where: str, pod: dict[str, Any]) -> list[str]:
+    """Extended resources (``nvidia.com/gpu``...) cannot be overcommitted: request must equal limit."""
+    errs = []
+    for field in ("initContainers", "containers"):
+        for i, c in enumerate(pod.get(field) or []):
+            res = c.get("resources") or {}
+            requests, limits = res.get("requests") or {}, res.get("limits") or {}
+            for key in sorted({k for k in {**requests, **limits} if "/" in k and not k.startswith("kubernetes.io/")}):
+                path = f"{where}.template.spec.{field}.{i}.resources"
+                if key in requests and key not in limits:
+                    errs.append(f"{path}: requests {key} without a limit; Kubernetes rejects the pod (an extended "
+                                "resource needs a limit, and the request defaults to it)")
+                elif key in requests and _differ(requests[key], limits[key]):
+                    errs.append(f"{path}: requests {key}={requests[key]} but limits {key}={limits[key]}; Kubernetes "
+                                "rejects the pod (an extended resource's request must equal its limit)")
+    return errs
 
 
-def _walk_deployment_options(where: str, dep: Any) -> list[str]:
-    from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import RayActorOptionsSchema
-
-    if not isinstance(dep, dict):
-        return []
-    return (_unknown(f"{where}.autoscaling_config", dep.get("autoscaling_config"), AutoscalingConfig)
-            + _unknown(f"{where}.ray_actor_options", dep.get("ray_actor_options"), RayActorOptionsSchema))
-
-
-def serve_config_rules(text: Any) -> tuple[list[str], list[AppConfig]]:
-    """Check serveConfigV2 strictly; return (errors, the AppConfigs of kvserve applications)."""
-    from pydantic import ValidationError
-    from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
-
-    where = "spec.serveConfigV2"
-    if not isinstance(text, str):
-        return [f"{where}: must be a YAML string, got {type(text).__name__}"], []
+def _differ(a: Any, b: Any) -> bool:
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        return [f"{where}: not valid YAML: {err}"], []
-    if not isinstance(doc, dict):
-        return [f"{where}: must be a mapping with an applications list"], []
-    errs = _unknown(where, doc, ServeDeploySchema) + _unknown(f"{where}.http_options", doc.get("http_options"),
-                                                              HTTPOptionsSchema)
-    try:
-        ServeDeploySchema.model_validate(doc)
-    except ValidationError as err:
-        errs += [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-    apps: list[AppConfig] = []
-    for i, app in enumerate(doc.get("applications") or []):
-        aw = f"{where}.applications.{i}"
-        errs += _unknown(aw, app, ServeApplicationSchema)
-        for j, dep in enumerate(app.get("deployments") or []):
-            errs += _unknown(f"{aw}.deployments.{j}", dep, DeploymentSchema)
-            errs += _walk_deployment_options(f"{aw}.deployments.{j}", dep)
-        if app.get("import_path") == BUILDER:
-            args = app.get("args") or {}
-            for k, m in enumerate(args.get("models") or []):
-                errs += _walk_deployment_options(f"{aw}.args.models.{k}.deployment", (m or {}).get("deployment"))
-            errs += _walk_deployment_options(f"{aw}.args.ingress.deployment",
-                                             (args.get("ingress") or {}).get("deployment"))
-            try:
-                apps.append(load_app_config(args, where=f"{aw}.args."))
-            except ConfigError as err:
-                errs.append(str(err).replace("invalid config:\n  ", "").replace("\n  ", "; "))
-    return errs, apps
+        return quantity(a) != quantity(b)
+    except ValueError:
+        return str(a) != str(b)
 
 
 def karpenter_rules(doc: dict[str, Any]) -> list[str]:

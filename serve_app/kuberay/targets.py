@@ -23,6 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.config import AppConfig, ConfigError, load_app_config, load_serve_config
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+#: NVIDIA GPUs per EC2 instance type (AWS accelerated-computing specs), for the types the pools name.
+_GPUS_PER_INSTANCE = {
+    **{f"g6e.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    "g6e.12xlarge": 4, "g6e.24xlarge": 4, "g6e.48xlarge": 8,
+    **{f"g6.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    "g6.12xlarge": 4, "g6.24xlarge": 4, "g6.48xlarge": 8,
+    **{f"g5.{s}": 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    "g5.12xlarge": 4, "g5.24xlarge": 4, "g5.48xlarge": 8,
+    "p4d.24xlarge": 8, "p5.48xlarge": 8, "p5e.48xlarge": 8, "p5en.48xlarge": 8,
+}
 
 
 class _Strict(BaseModel):
@@ -42,6 +52,19 @@ class GpuPool(_Strict):
     object_store_gib_per_gpu: int = Field(
         ge=1, description="Ray object store per GPU in GiB: the node's share of the KV tier, in /dev/shm."
     )
+    gpus_per_node: int = Field(
+        ge=1, description="GPUs of every instance type listed (karpenter.k8s.aws/instance-gpu-count): 1 keeps "
+                          "TP=1 replicas on single-GPU nodes, so losing a node loses one replica."
+    )
+
+    @model_validator(mode="after")
+    def _check_gpu_count(self) -> GpuPool:
+        counts = {t: _GPUS_PER_INSTANCE[t] for t in self.instance_types if t in _GPUS_PER_INSTANCE}
+        wrong = sorted(t for t, n in counts.items() if n != self.gpus_per_node)
+        if wrong:
+            raise ValueError(f"gpu pool {self.name}: {wrong} do not have gpus_per_node={self.gpus_per_node} GPUs "
+                             f"({ {t: counts[t] for t in wrong} })")
+        return self
 
 
 class CpuPool(_Strict):
@@ -77,7 +100,17 @@ class ClusterSpec(_Strict):
     consolidate_after_s: int = Field(
         ge=0, description="Karpenter consolidateAfter; must be >= every Serve downscale_delay_s."
     )
-    node_expire_after: str = Field(default="720h")
+    node_expire_after: str = Field(
+        default="720h", description="expireAfter of the GPU pools; the CPU pool (head) never expires, since "
+                                    "replacing the head restarts the whole service (upgrade it with a new RayService "
+                                    "cluster instead).")
+    ami_alias: str = Field(
+        default="bottlerocket@latest",
+        description="EC2NodeClass amiSelectorTerms alias. Pin a version (bottlerocket@v1.N.M) in production: with "
+                    "@latest every Bottlerocket release drifts, and so replaces, every node.")
+    gpu_disruption_budget: str = Field(
+        default="1", description="NodePool disruption budget of the GPU pools (nodes at once, or a percentage): "
+                                 "drift and expiry replace GPU nodes one at a time.")
     node_termination_grace: str = Field(
         default="2h", description="NodePool terminationGracePeriod: bounds how long draining may block."
     )
@@ -131,7 +164,10 @@ class Target(_Strict):
         default=None, description="KVSERVE_MODEL_DIR when there is no model store (e.g. baked into the image)."
     )
     initializing_timeout: str = Field(default="45m", description="ray.io/initializing-timeout.")
-    upgrade_strategy: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = "NewCluster"
+    upgrade_strategy: Literal["NewCluster", "None"] = Field(
+        default="NewCluster",
+        description="RayService upgradeStrategy.type. NewClusterWithIncrementalUpgrade is not offered: it needs "
+                    "clusterUpgradeOptions (Gateway API) that targets cannot express yet.")
     autoscaler_idle_timeout_s: int = Field(default=60, ge=0, description="Ray autoscaler idleTimeoutSeconds.")
     extra_env: dict[str, str] = Field(default_factory=dict, description="Env vars on every Ray container.")
 

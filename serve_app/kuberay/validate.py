@@ -4,7 +4,8 @@ Owns: ``load_documents`` and ``validate_documents`` / ``validate_files``, which 
   1. core kinds (v1 ServiceAccount, PersistentVolume(Claim), ConfigMap, Namespace...) through
      ``kubernetes_validate`` in strict mode for one Kubernetes version;
   2. custom resources against their CRD schemas with API-server defaulting and strict keys (crd.py);
-  3. operator-only and Karpenter rules, and serveConfigV2 strictly against ray.serve.schema (rules.py);
+  3. operator-only and Karpenter rules (rules.py), and serveConfigV2 strictly against ray.serve.schema
+     (rules_serve.py);
   4. cross-document checks over the whole set (crosscheck.py).
 Every message names the file, the object (Kind/name) and the field path. Validating a set means
 validating it together: names referenced in one file must be defined in one of the others.
@@ -21,7 +22,8 @@ import yaml
 
 from serve_app.kuberay.crd import DEFAULT_SCHEMA_DIR, load_schemas
 from serve_app.kuberay.crosscheck import cross_check
-from serve_app.kuberay.rules import karpenter_rules, rayservice_rules, serve_config_rules
+from serve_app.kuberay.rules import karpenter_rules, rayservice_rules
+from serve_app.kuberay.rules_serve import serve_config_rules
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def validate_documents(docs: list[tuple[str, dict[str, Any]]], schema_dir: Path 
             msgs = _core(doc, k8s_version)
         if kind == "RayService":
             msgs += rayservice_rules(doc)
-            serve_errs, apps = serve_config_rules(doc.get("spec", {}).get("serveConfigV2"))
+            serve_errs, apps = serve_config_rules(doc)
             msgs += serve_errs
             apps_by_service[name] = apps
         elif doc.get("apiVersion", "").startswith("karpenter."):

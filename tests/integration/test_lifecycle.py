@@ -90,14 +90,14 @@ def test_metrics_move_in_prometheus_text(base_url: str, ray_cluster) -> None:
         inv = _value(text, "ray_model_invocations_total", model=MODEL, status="success")
         # Ray's agent drops a gauge not re-exported within two report intervals (2 s here): on the loaded
         # 2-core machine one late export can hide it from a single scrape, so scrape until it is there too.
-        gauge = re.search(r"^# TYPE ray_model_concurrent_requests gauge", text, re.M)
+        gauge = re.search(r"^# TYPE ray_model_concurrent_requests gauge", text, re.MULTILINE)
         if (inv >= inv0 + 3 and gauge) or time.time() > deadline:
             break
         time.sleep(2)
     assert inv >= inv0 + 3
     assert _value(text, "ray_model_ttfb_milliseconds_count", model=MODEL) >= ttfb0 + 3
     assert _value(text, "ray_kvserve_completion_tokens_total", model=MODEL) >= toks0 + 15
-    assert re.search(r"^ray_model_latency_milliseconds_bucket\{.*le=", text, re.M)
-    assert re.search(r"^# TYPE ray_model_concurrent_requests gauge", text, re.M)
-    assert re.search(r"^ray_vllm_\w+", text, re.M), "vLLM engine metrics are exported too"
-    assert re.search(r"^ray_kvserve_router_decisions_total\{", text, re.M)
+    assert re.search(r"^ray_model_latency_milliseconds_bucket\{.*le=", text, re.MULTILINE)
+    assert re.search(r"^# TYPE ray_model_concurrent_requests gauge", text, re.MULTILINE)
+    assert re.search(r"^ray_vllm_\w+", text, re.MULTILINE), "vLLM engine metrics are exported too"
+    assert re.search(r"^ray_kvserve_router_decisions_total\{", text, re.MULTILINE)

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kuberay_schemas import schema_dir_or_skip
 
 from serve_app.kuberay import render
-from serve_app.kuberay.crosscheck import duration_s, quantity_bytes
 from serve_app.kuberay.dashboard import METRICS_USED, build_dashboard
 from serve_app.kuberay.rayservice import replica_bounds
+from serve_app.kuberay.rules import RESOURCE_START_PARAMS
 from serve_app.kuberay.targets import effective_serve_config, load_targets
-from serve_app.kuberay.validate import default_schema_dir, load_documents, validate_documents
+from serve_app.kuberay.units import duration_s, quantity_bytes
+from serve_app.kuberay.validate import load_documents, validate_documents
 
 pytestmark = pytest.mark.unit
 
@@ -26,10 +28,7 @@ RAYSERVICE_FILES = [p for p in MANIFESTS if p.name.startswith("rayservice-")]
 
 @pytest.fixture(scope="module")
 def schema_dir() -> Path:
-    path = default_schema_dir()
-    if not path.is_dir():
-        pytest.skip(f"CRD schemas not found at {path}")
-    return path
+    return schema_dir_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +121,8 @@ def test_gpu_groups_can_scale_from_zero_onto_their_node_pool(path):
     for g in gpu_groups:
         pod = g["template"]["spec"]
         assert any(k.startswith("accelerator_type:") for k in g["resources"]), g["groupName"]
+        # Ray CPUs are declared in resources: KubeRay rejects them next to rayStartParams num-cpus.
+        assert g["resources"].get("CPU") and not set(RESOURCE_START_PARAMS) & set(g["rayStartParams"]), g["groupName"]
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         assert pod["nodeSelector"]["karpenter.sh/nodepool"].startswith("kvserve-gpu-")
         assert any(v.get("persistentVolumeClaim") for v in pod["volumes"]), "model store not mounted"

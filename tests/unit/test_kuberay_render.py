@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kuberay_schemas import schema_dir_or_skip
 
 from serve_app.config import ConfigError
 from serve_app.kuberay import cli, render
 from serve_app.kuberay.targets import Target, effective_serve_config, load_targets, merge_patch
-from serve_app.kuberay.validate import default_schema_dir
 
 pytestmark = pytest.mark.unit
 
@@ -90,8 +90,7 @@ def test_cli_render_check(tree, capsys):
 
 
 def test_cli_validate(tree, capsys):
-    if not default_schema_dir().is_dir():  # the CRD schemas live beside the checkout (../shared/schemas)
-        pytest.skip(f"CRD schemas not found at {default_schema_dir()}")
+    schema_dir_or_skip()  # the CRD schemas live beside the checkout (../shared/schemas)
     files = [str(p) for p in sorted((ROOT / "kuberay").glob("*.yaml"))]
     assert cli.main(["validate", *files, "--dockerfile", str(ROOT / "kuberay" / "Dockerfile")]) == 0
     broken = tree / "broken.yaml"
@@ -147,3 +146,15 @@ def test_gpu_target_needs_an_accelerator_type(tmp_path):
     target = Target(name="t", file="t.yaml", serve_config="configs/gpu.yaml", image="i")
     with pytest.raises(ConfigError, match="model llama-3.1-8b needs accelerator_type on a GPU target"):
         build_target(target, spec.cluster, ROOT, "2.60.0")
+
+
+def test_ci_fails_instead_of_skipping_without_the_crd_schemas(monkeypatch, tmp_path):
+    import kuberay_schemas
+
+    monkeypatch.setattr(kuberay_schemas, "default_schema_dir", lambda: tmp_path / "absent")
+    monkeypatch.setenv("KVSERVE_REQUIRE_SCHEMAS", "1")
+    with pytest.raises(pytest.fail.Exception, match="CRD schemas not found .*KVSERVE_REQUIRE_SCHEMAS=1"):
+        kuberay_schemas.schema_dir_or_skip()
+    monkeypatch.setenv("KVSERVE_REQUIRE_SCHEMAS", "0")
+    with pytest.raises(pytest.skip.Exception):
+        kuberay_schemas.schema_dir_or_skip()

@@ -24,7 +24,8 @@ CLUSTER = ClusterSpec.model_validate({
     "model_store": {"bucket": "b", "region": "us-east-1"},
     "cpu_pool": {"name": "kvserve-cpu", "cpu_limit": 64},
     "gpu_pools": [{"name": "kvserve-gpu-h100", "accelerator_type": "H100", "instance_types": ["p5.48xlarge"],
-                   "gpu_limit": 64, "cpu_per_gpu": 20, "memory_gib_per_gpu": 200, "object_store_gib_per_gpu": 32}],
+                   "gpu_limit": 64, "cpu_per_gpu": 20, "memory_gib_per_gpu": 200, "object_store_gib_per_gpu": 32,
+                   "gpus_per_node": 8}],
 })
 
 
@@ -54,7 +55,8 @@ def test_worker_group_gpu_limit_equals_tp(tp):
     (group,) = groups
     assert group["groupName"] == f"gpu-h100-tp{tp}"
     assert _limit(group) == tp
-    assert group["resources"] == {"accelerator_type:H100": "1"}
+    assert group["resources"] == {"CPU": "2", "accelerator_type:H100": "1"}
+    assert "num-cpus" not in group["rayStartParams"]  # the operator rejects resources set in both places
     docs = [*build_common(CLUSTER), *build_karpenter(CLUSTER), rs]
     assert [m for _, m in cross_check(docs, {rs["metadata"]["name"]: apps}, "2.60.0")] == []
 
@@ -68,7 +70,7 @@ def test_placement_bundles_fit_exactly_one_worker_pod(tp):
     assert len(bundles) == tp
     assert sum(b.get("GPU", 0) for b in bundles) == _limit(group) == tp
     assert all(b.get("accelerator_type:H100", 0) > 0 for b in bundles)
-    assert float(group["rayStartParams"]["num-cpus"]) >= sum(b.get("CPU", 0) for b in bundles)
+    assert float(group["resources"]["CPU"]) >= sum(b.get("CPU", 0) for b in bundles)
     assert bundles[0]["CPU"] == model.deployment.ray_actor_options["num_cpus"]
 
 
