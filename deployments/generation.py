@@ -3,7 +3,8 @@
 Owns: ``Accumulator`` (per-request token/usage bookkeeping and the non-streaming response body),
 ``sse_events`` (the streaming body: chat or completion chunks, an optional usage chunk, then
 ``[DONE]``; errors after the stream started become an error event, never a dropped connection) and
-``merge`` (several prompts of one batched completion request, interleaved as they produce output).
+``merge`` (several prompts of one batched completion request, interleaved as they produce output) and
+``within`` (a request's deadline: ``ingress.request_timeout_s``).
 """
 
 from __future__ import annotations
@@ -104,6 +105,32 @@ async def merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIte
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def within(stream: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
+    """Yield from ``stream`` until it ends; past ``seconds`` in all, close it and raise a 504 APIError.
+
+    Closing the stream cancels the replica call, which aborts the request in the engine: a request
+    never outlives ``ingress.request_timeout_s``, the bound that shutdown grace periods are sized by.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    it = aiter(stream)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise APIError(504, f"the request took longer than request_timeout_s={seconds:g}s and was stopped",
+                               type_="timeout_error", code="request_timeout") from None
+            yield item
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def sse_events(acc: Accumulator, chunks: AsyncIterator[tuple[int, GenerateChunk]], n_choices: int,

@@ -28,7 +28,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.generation import Accumulator, merge, sse_events
+from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
 from deployments.protocol import GenerateChunk, GenerateRequest
@@ -248,7 +248,8 @@ class Ingress:
             raise
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
         n_choices = body.n * len(reqs)
-        chunks = merge([self._chunks(m, r, own_id=len(reqs) > 1) for r in reqs], body.n)
+        chunks = within(merge([self._chunks(m, r, own_id=len(reqs) > 1) for r in reqs], body.n),
+                        self._cfg.ingress.request_timeout_s)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(acc, chunks, n_choices, include_usage, track.first, track.error)

@@ -48,7 +48,10 @@ class IngressConfig(BaseModel):
     deployment: DeploymentOptions = Field(
         default_factory=_default_ingress_options, description="Ray Serve options of the ingress deployment."
     )
-    request_timeout_s: float = Field(default=600.0, gt=0, description="Upper bound on one request, in seconds.")
+    request_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="Upper bound on one request, in seconds: past it the generation is aborted and the client gets "
+        "a 504 (timeout_error). Shutdown grace periods must cover it (checked by `kvserve kuberay render`).")
 
 
 class AppConfig(BaseModel):
