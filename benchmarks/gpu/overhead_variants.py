@@ -19,6 +19,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from serve_app.kuberay.targets import merge_patch
 
 #: variant -> patch of the first application's args (model patches go to the first model).
 VARIANTS = {
@@ -29,19 +32,12 @@ VARIANTS = {
 }
 
 
-def _merge(base: dict, patch: dict) -> dict:
-    out = dict(base)
-    for k, v in patch.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def write_variant(base_config: Path, name: str, work: Path) -> Path:
     doc = yaml.safe_load(base_config.read_text())
     args = doc["applications"][0]["args"]
     patch = VARIANTS[name]
-    args = _merge(args, patch.get("args", {}))
-    args["models"][0] = _merge(args["models"][0], patch.get("model", {}))
+    args = merge_patch(args, patch.get("args", {}))
+    args["models"][0] = merge_patch(args["models"][0], patch.get("model", {}))
     doc["applications"][0]["args"] = args
     path = work / f"gpu-{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serve_app.config import AppConfig
-from serve_app.kuberay.rayservice import replica_bounds
+from serve_app.kuberay.rayservice import longest_graceful_s, replica_bounds
 from serve_app.kuberay.references import check_references, check_toleration
 from serve_app.kuberay.units import duration_s, quantity, quantity_bytes
 
@@ -123,8 +123,7 @@ def _check_pods(name: str, rs: dict[str, Any], apps: list[AppConfig], index: dic
     errs: list[str] = []
     ns = rs["metadata"].get("namespace", "default")
     seeds = {a.routing.hash_seed for a in apps}
-    graceful = max([a.ingress.deployment.graceful_shutdown_timeout_s for a in apps]
-                   + [m.deployment.graceful_shutdown_timeout_s for a in apps for m in a.models] + [0])
+    graceful = longest_graceful_s(apps)
     delays = [float((m.deployment.autoscaling_config or {}).get("downscale_delay_s", 600.0))
               for a in apps for m in a.models if m.deployment.autoscaling_config is not None]
     rv = rs["spec"].get("rayClusterConfig", {}).get("rayVersion")

@@ -166,24 +166,31 @@ def kv_tier_min_store_gib(apps: list[AppConfig]) -> int:
     return max((math.ceil(t.budget_gib / t.max_object_store_fraction) for t in tiers), default=0)
 
 
+def graceful_waits(app: AppConfig) -> dict[str, float]:
+    """graceful_shutdown_timeout_s of each deployment of an application, keyed by where it is set."""
+    waits = {"ingress.deployment": app.ingress.deployment.graceful_shutdown_timeout_s}
+    return waits | {f"models[{m.id}].deployment": m.deployment.graceful_shutdown_timeout_s for m in app.models}
+
+
+def longest_graceful_s(apps: list[AppConfig]) -> float:
+    """The longest graceful_shutdown_timeout_s of any deployment (0 without applications)."""
+    return max((v for app in apps for v in graceful_waits(app).values()), default=0.0)
+
+
 def shutdown_s(target: Target, apps: list[AppConfig]) -> int:
     """Seconds a deployment may wait for in-flight requests at shutdown, checked to cover the longest one.
 
     A request lives at most ``ingress.request_timeout_s``; a deployment that waits less than that on
     shutdown (scale-down, drain, upgrade) could cut a generation, so that is a ConfigError.
     """
-    values: list[float] = []
     for app in apps:
-        waits = {"ingress.deployment": app.ingress.deployment.graceful_shutdown_timeout_s}
-        waits |= {f"models[{m.id}].deployment": m.deployment.graceful_shutdown_timeout_s for m in app.models}
-        short = [f"{where}.graceful_shutdown_timeout_s={v:g}" for where, v in waits.items()
+        short = [f"{where}.graceful_shutdown_timeout_s={v:g}" for where, v in graceful_waits(app).items()
                  if v < app.ingress.request_timeout_s]
         if short:
             raise ConfigError(f"target {target.name}: {', '.join(short)} < ingress.request_timeout_s="
                               f"{app.ingress.request_timeout_s:g}: a generation still running at shutdown would be "
                               "cut; raise them (model_overrides / args_overrides) or lower request_timeout_s")
-        values += waits.values()
-    return math.ceil(max(values))
+    return math.ceil(longest_graceful_s(apps))
 
 
 def _pre_stop(container: dict[str, Any], deadline_s: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kuberay_schemas import schema_dir_or_skip
+from kuberay_support import schema_dir_or_skip
 
 from serve_app.kuberay import render
 from serve_app.kuberay.dashboard import METRICS_USED, build_dashboard

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import yaml
-from kuberay_schemas import schema_dir_or_skip
+from kuberay_support import schema_dir_or_skip
 
 from serve_app.kuberay import render
 from serve_app.kuberay.validate import load_documents, validate_documents

@@ -4,12 +4,11 @@ the Serve config itself, and the CLI's render/--check/validate behave as documen
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from kuberay_schemas import schema_dir_or_skip
+from kuberay_support import copy_inputs, schema_dir_or_skip
 
 from serve_app.config import ConfigError
 from serve_app.kuberay import cli, render
@@ -23,10 +22,7 @@ ROOT = render.repo_root()
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """A copy of the inputs (configs/ and the Dockerfile), rendered once."""
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    (tmp_path / "kuberay").mkdir()
-    shutil.copy(ROOT / "kuberay" / "Dockerfile", tmp_path / "kuberay" / "Dockerfile")
-    render.write(tmp_path)
+    render.write(copy_inputs(tmp_path))
     return tmp_path
 
 
@@ -149,12 +145,12 @@ def test_gpu_target_needs_an_accelerator_type(tmp_path):
 
 
 def test_ci_fails_instead_of_skipping_without_the_crd_schemas(monkeypatch, tmp_path):
-    import kuberay_schemas
+    import kuberay_support
 
-    monkeypatch.setattr(kuberay_schemas, "default_schema_dir", lambda: tmp_path / "absent")
+    monkeypatch.setattr(kuberay_support, "default_schema_dir", lambda: tmp_path / "absent")
     monkeypatch.setenv("KVSERVE_REQUIRE_SCHEMAS", "1")
     with pytest.raises(pytest.fail.Exception, match="CRD schemas not found .*KVSERVE_REQUIRE_SCHEMAS=1"):
-        kuberay_schemas.schema_dir_or_skip()
+        kuberay_support.schema_dir_or_skip()
     monkeypatch.setenv("KVSERVE_REQUIRE_SCHEMAS", "0")
     with pytest.raises(pytest.skip.Exception):
-        kuberay_schemas.schema_dir_or_skip()
+        kuberay_support.schema_dir_or_skip()

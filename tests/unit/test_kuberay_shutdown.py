@@ -4,11 +4,11 @@ drain hook's wait loop (serve_app/drain.py) returns when the node is empty or at
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from kuberay_support import copy_inputs
 
 from serve_app.config import ConfigError
 from serve_app.drain import NodeLoad, wait_drained
@@ -56,10 +56,7 @@ def test_gpu_groups_declare_cpus_as_group_resources_not_start_params():
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    (tmp_path / "kuberay").mkdir()
-    shutil.copy(ROOT / "kuberay" / "Dockerfile", tmp_path / "kuberay" / "Dockerfile")
-    return tmp_path
+    return copy_inputs(tmp_path)
 
 
 def test_a_grace_period_shorter_than_the_request_timeout_is_refused(tree):

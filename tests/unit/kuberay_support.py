@@ -1,16 +1,20 @@
-"""Where the kuberay tests find the CRD schemas, and what they do without them.
+"""Shared by the kuberay tests: the CRD schemas and a scratch copy of the render inputs.
 
 The schemas live beside the checkout (../shared/schemas). A clone elsewhere skips the tests that
 need them; CI sets KVSERVE_REQUIRE_SCHEMAS=1 (.ci/run) so that a missing directory fails instead.
+``copy_inputs`` copies what `kvserve kuberay render` reads (configs/ and kuberay/Dockerfile), so a test
+can change a source and render without touching the repository.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from serve_app import settings
+from serve_app.kuberay.render import repo_root
 from serve_app.kuberay.validate import default_schema_dir
 
 
@@ -22,3 +26,12 @@ def schema_dir_or_skip() -> Path:
     if settings.get("KVSERVE_REQUIRE_SCHEMAS") == "1":
         pytest.fail(f"CRD schemas not found at {path} (KVSERVE_REQUIRE_SCHEMAS=1)")
     pytest.skip(f"CRD schemas not found at {path}")
+
+
+def copy_inputs(dest: Path) -> Path:
+    """Copy the render inputs (configs/ and kuberay/Dockerfile) under ``dest``; return ``dest``."""
+    root = repo_root()
+    shutil.copytree(root / "configs", dest / "configs")
+    (dest / "kuberay").mkdir()
+    shutil.copy(root / "kuberay" / "Dockerfile", dest / "kuberay" / "Dockerfile")
+    return dest
