@@ -1,23 +1,32 @@
-"""Construction of one vLLM ``AsyncLLM`` for a replica, and the live stats it reports.
+"""The engine behind a replica: the ``Engine`` protocol, its vLLM implementation, and its live stats.
 
-Owns: ``engine_args`` (ModelConfig + AppConfig -> vLLM ``AsyncEngineArgs`` keyword arguments, the
-single place where project config turns into engine config), ``start_engine`` and ``EngineStats``
-(a mutable record that a vLLM stat logger updates after every engine step; the replica reads it
-without any call into the engine).
+Owns: ``Engine`` (what a replica needs from an engine: generate from a ``GenerateRequest``, abort,
+health, prefix-cache reset, shutdown), ``VLLMEngine`` (that protocol over one vLLM ``AsyncLLM``),
+``engine_args`` (ModelConfig + AppConfig -> vLLM ``AsyncEngineArgs`` keyword arguments, the single
+place where project config turns into engine config), ``start_engine`` (vLLM, or the class that
+``models[].engine_class`` names: tests and the overhead benchmark run the serving path over a fake
+engine) and ``EngineStats`` (a mutable record that a vLLM stat logger updates after every engine
+step; the replica reads it without any call into the engine).
 
 This is the only module that touches vLLM's engine API (kept to AsyncLLM, AsyncEngineArgs,
-SamplingParams and the stat-logger interface, which vLLM 0.26-0.29 share).
+SamplingParams and the stat-logger interface, which vLLM 0.26-0.29 share). Outputs keep vLLM's
+``RequestOutput`` shape (``outputs[i].index/text/token_ids/finish_reason``, ``num_cached_tokens``,
+``finished``), so the vLLM path converts nothing per step.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 import threading
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from deployments.protocol import GenerateRequest
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +41,79 @@ class EngineStats:
     kv_usage: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
+
+
+class Engine(Protocol):
+    """What a replica needs from its engine."""
+
+    stats: EngineStats
+    kv_events_endpoint: str | None  # where the engine publishes KV events (kv-aware routing), or None
+
+    @property
+    def errored(self) -> bool: ...
+
+    @property
+    def dead_error(self) -> BaseException | None: ...
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        """Outputs of ``req`` (vLLM ``RequestOutput`` shape, delta mode) until it finishes."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache; once it returns, a KV-event subscriber has been told (AllBlocksCleared)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+class VLLMEngine:
+    """``Engine`` over one vLLM ``AsyncLLM``."""
+
+    def __init__(self, llm: Any, stats: EngineStats, kv_events_endpoint: str | None) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._llm, self.stats, self.kv_events_endpoint = llm, stats, kv_events_endpoint
+        self._params, self._delta = SamplingParams, RequestOutputKind.DELTA
+
+    @property
+    def errored(self) -> bool:
+        return bool(self._llm.errored)
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return self._llm.dead_error
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        params = self._params(**req.sampling, output_kind=self._delta)
+        prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
+        if req.cache_salt:
+            prompt["cache_salt"] = req.cache_salt
+        return self._llm.generate(prompt, params, req.request_id, trace_headers=req.trace_headers)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    async def reset_prefix_cache(self) -> bool:
+        ok = bool(await self._llm.reset_prefix_cache())
+        if ok and self.kv_events_endpoint is not None:
+            # vLLM queues AllBlocksCleared and publishes KV events only at the end of an engine step; an
+            # idle engine would hold it until its next request, which routers would still send here on
+            # the stale view. A 1-token request (no full block, so no BlockStored) forces that step.
+            async for _ in self._llm.generate({"prompt_token_ids": [0]}, self._params(max_tokens=1),
+                                              f"kvserve-flush-{uuid.uuid4().hex}"):
+                pass
+        return ok
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
 
 
 def _free_port() -> int:
@@ -69,6 +151,8 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, 
         from deployments.kv_events import kv_events_engine_kwargs
 
         args.update(kv_events_engine_kwargs(*kv_events_ports))
+    if app.tracing.otlp_traces_endpoint:
+        args["otlp_traces_endpoint"] = app.tracing.otlp_traces_endpoint
     if app.kv_tier.enabled:
         from deployments.kv_tier import kv_tier_engine_kwargs
 
@@ -122,8 +206,11 @@ def start_watchdog(timeout_s: float, what: str) -> threading.Event:
     return started
 
 
-async def start_engine(model: ModelConfig, app: AppConfig):
-    """Start the engine of one replica; return (engine, stats, kv_events_endpoint or None)."""
+async def start_engine(model: ModelConfig, app: AppConfig) -> Engine:
+    """Start the engine of one replica: vLLM, or ``await Class.create(model, app)`` of ``model.engine_class``."""
+    if model.engine_class is not None:
+        module, _, name = model.engine_class.partition(":")
+        return await getattr(importlib.import_module(module), name).create(model, app)
     started = start_watchdog(model.engine_start_timeout_s, f"vLLM engine of {model.id}")
     try:
         return await _start_engine(model, app)
@@ -131,7 +218,7 @@ async def start_engine(model: ModelConfig, app: AppConfig):
         started.set()  # a start that failed with an exception is reported by Serve already
 
 
-async def _start_engine(model: ModelConfig, app: AppConfig):
+async def _start_engine(model: ModelConfig, app: AppConfig) -> VLLMEngine:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -162,4 +249,4 @@ async def _start_engine(model: ModelConfig, app: AppConfig):
 
         endpoint = advertised_endpoint(_node_ip(), *events_ports)
     logger.info("engine of %s started in pid %d", model.id, os.getpid())
-    return engine, stats, endpoint
+    return VLLMEngine(engine, stats, endpoint)

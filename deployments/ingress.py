@@ -1,9 +1,15 @@
 """The OpenAI-compatible ingress deployment.
 
 Owns: the FastAPI routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
-``/health``), tokenization (the chat template is rendered and the prompt tokenized once, here; the
-replica receives token ids), request validation and the context-length check, error mapping to
-OpenAI's shape, request metrics, and ``build_ingress``.
+``/health``), tokenization and block hashing (the chat template is rendered, the prompt tokenized and
+its KV block hashes computed once, here; the replica receives token ids and the router the hashes),
+request validation and the context-length check, error mapping to OpenAI's shape, request metrics,
+and ``build_ingress``. Per-stage timing and tracing live in ``deployments.stages``.
+
+Prompt preparation (render + tokenize + hash) runs on the event loop for short prompts and on the
+model's one preparation thread for long ones (``_INLINE_CHARS``): a long prompt must not stall every
+other request's streaming, and a short one is cheaper than a thread hop. One thread per model keeps
+the tokenizer and the hash memo single-threaded.
 
 The call to a replica goes through the model's deployment handle, whose request router (configured on
 the replica deployment, see ``deployments.request_router``) picks the replica. A replica that dies
@@ -12,12 +18,15 @@ before producing output is retried on another; backpressure becomes 503.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +42,8 @@ from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
 from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.request_router import record_actual_cached_tokens
+from deployments.stages import AcceptedAtMiddleware, RequestStages, Tracer, accepted_at
+from routers.hashing import BlockHasher
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -55,7 +66,9 @@ def _own_serve_request_id() -> None:
 
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
+app.add_middleware(AcceptedAtMiddleware)
 _RETRIES = 2  # extra attempts when a replica dies before producing output
+_INLINE_CHARS = 8192  # prompts up to this many characters (~2K tokens, ~1 ms) are prepared on the event loop
 
 
 @app.exception_handler(APIError)
@@ -78,7 +91,17 @@ class _Model:
     tokenizer: Any
     max_model_len: int
     handle: Any
+    hasher: BlockHasher | None  # None: the routing strategy needs no block hashes
+    prep: ThreadPoolExecutor  # the one thread that prepares long prompts
+    block_size: int = 0  # the engine's, learned from the first response (0: the router hashes)
     inflight: int = 0
+    hash_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # loop and prep thread
+
+    def hashes(self, ids: list[int], salt: str | None) -> tuple[int, ...]:
+        if self.hasher is None or not self.block_size:
+            return ()
+        with self.hash_lock:
+            return tuple(self.hasher(ids, self.block_size, salt=salt))
 
 
 def _max_model_len(model: ModelConfig) -> int:
@@ -91,8 +114,9 @@ def _max_model_len(model: ModelConfig) -> int:
 class _Tracker:
     """Request metrics: concurrency, TTFB, latency, tokens, outcome."""
 
-    def __init__(self, m: _Model, start: float) -> None:
+    def __init__(self, m: _Model, start: float, stages: RequestStages) -> None:
         self._m, self._start, self._status, self._first = m, start, "success", False
+        self.stages = stages
         m.inflight += 1
         metrics().concurrent.set(m.inflight, tags={"model": m.config.id})
 
@@ -101,6 +125,7 @@ class _Tracker:
             self._first = True
             ms = (time.perf_counter() - self._start) * 1000
             metrics().ttfb_ms.observe(ms, tags={"model": self._m.config.id, "status": "success"})
+            self.stages.first_byte()
 
     def error(self, err: APIError) -> None:
         self._status = "client_error" if err.status < 500 else "server_error"
@@ -120,6 +145,7 @@ class _Tracker:
 
     def done(self, acc: Accumulator) -> None:
         m, model = metrics(), self._m.config.id
+        self.stages.end(self._status)
         self._m.inflight -= 1
         m.concurrent.set(self._m.inflight, tags={"model": model})
         tags = {"model": model, "status": self._status}
@@ -141,10 +167,16 @@ class Ingress:
         self._cfg = AppConfig.model_validate(app_config)
         self._session_header = self._cfg.routing.session_header
         self._models: dict[str, _Model] = {}
+        routing = self._cfg.routing
+        hashed = routing.strategy in ("prefix-aware", "kv-aware") and routing.request_router_class is None
         for m in self._cfg.models:
             tok = AutoTokenizer.from_pretrained(str(m.resolved_tokenizer()))
             handle = handles[m.id].options(stream=True)
-            self._models[m.id] = _Model(m, tok, _max_model_len(m), handle)
+            hasher = BlockHasher(algo=routing.hash_algo, seed=routing.hash_seed) if hashed else None
+            prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{m.id}")
+            self._models[m.id] = _Model(m, tok, _max_model_len(m), handle, hasher, prep)
+        tracing = self._cfg.tracing
+        self._tracer = Tracer(tracing.otlp_traces_endpoint, tracing.service_name) if tracing.otlp_traces_endpoint else None
         self._created = int(time.time())
         logger.info("ingress ready for models %s", list(self._models))
 
@@ -162,29 +194,40 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         m = self._model(body.model)
-        try:
-            messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
-            text = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from None
-        except Exception as err:  # noqa: BLE001 - template errors are the client's input
-            raise APIError(400, f"cannot render the chat template: {err}", param="messages") from None
-        ids = m.tokenizer.encode(text, add_special_tokens=False)
-        return await self._serve(m, body, [ids], chat=True, request=request)
+        messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
+        size = sum(len(msg["content"]) for msg in messages)
+
+        def prepare() -> list[list[int]]:
+            try:
+                text = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except ValueError as err:
+                raise APIError(400, str(err), param="messages") from None
+            except Exception as err:  # noqa: BLE001 - template errors are the client's input
+                raise APIError(400, f"cannot render the chat template: {err}", param="messages") from None
+            return [m.tokenizer.encode(text, add_special_tokens=False)]
+
+        return await self._serve(m, body, prepare, size, chat=True, request=request)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         m = self._model(body.model)
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):
-                prompts.append(m.tokenizer.encode(p, add_special_tokens=True))
-            else:
-                vocab = len(m.tokenizer)
-                if any(t < 0 or t >= vocab for t in p):
-                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-                prompts.append(list(p))
-        return await self._serve(m, body, prompts, chat=False, request=request)
+        raw = body.prompts()
+        size = sum(len(p) for p in raw)
+
+        def prepare() -> list[list[int]]:
+            prompts = []
+            for p in raw:
+                if isinstance(p, str):
+                    ids = m.tokenizer.encode(p, add_special_tokens=True)
+                else:
+                    vocab = len(m.tokenizer)
+                    if any(t < 0 or t >= vocab for t in p):
+                        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+                    ids = list(p)
+                prompts.append(ids)
+            return prompts
+
+        return await self._serve(m, body, prepare, size, chat=False, request=request)
 
     # --- request path -------------------------------------------------------------------------
     def _model(self, model_id: str) -> _Model:
@@ -194,10 +237,12 @@ class Ingress:
                            param="model", code="model_not_found")
         return m
 
-    def _requests(self, m: _Model, body, prompts: list[list[int]], request: Request) -> list[GenerateRequest]:
+    def _requests(self, m: _Model, body, prompts: list[tuple[list[int], tuple[int, ...]]], request: Request,
+                  stages: RequestStages) -> list[GenerateRequest]:
         reqs = []
         session = request.headers.get(self._session_header) if self._session_header else None
-        for ids in prompts:
+        trace_headers = stages.trace_headers()
+        for ids, hashes in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
             budget = m.max_model_len - len(ids)
@@ -210,19 +255,24 @@ class Ingress:
                     param="max_tokens", code="context_length_exceeded")
             reqs.append(GenerateRequest(
                 request_id=uuid.uuid4().hex, model_id=m.config.id, prompt_token_ids=ids,
-                sampling=body.sampling(max_tokens), session_key=session, cache_salt=body.cache_salt,
-                arrival_time=time.time()))
+                sampling=body.sampling(max_tokens), block_hashes=hashes, session_key=session,
+                cache_salt=body.cache_salt, arrival_time=time.time(), trace_headers=trace_headers))
         return reqs
 
-    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool) -> AsyncIterator[GenerateChunk]:
+    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool,
+                      stages: RequestStages) -> AsyncIterator[GenerateChunk]:
         if own_id:  # one prompt of a batch, iterated in its own task (generation.merge)
             _own_serve_request_id()
         for attempt in range(_RETRIES + 1):
             produced = False
             try:
+                req.dispatched_at = time.time()
                 async for chunk in m.handle.generate.remote(req):
                     if not produced:
                         produced = True
+                        stages.on_chunk(chunk.timing, chunk.replica_id)
+                        if chunk.timing is not None and chunk.timing.block_size != m.block_size:
+                            m.block_size = chunk.timing.block_size
                         record_actual_cached_tokens(req.request_id, chunk.cached_tokens or 0)
                     yield chunk
                 return
@@ -236,19 +286,32 @@ class Ingress:
                 logger.warning("replica failed before output (%s); retrying", type(err).__name__)
                 req.request_id = uuid.uuid4().hex
 
-    async def _serve(self, m: _Model, body, prompts: list[list[int]], chat: bool, request: Request):
-        start = time.perf_counter()
-        track = _Tracker(m, start)
+    async def _serve(self, m: _Model, body, prepare: Callable[[], list], size: int, chat: bool, request: Request):
+        start = accepted_at(request)
+        stages = RequestStages(m.config.id, start, self._tracer)
+        track = _Tracker(m, start, stages)
         acc = Accumulator(chat=chat, rid="", created=int(time.time()), model=m.config.id)
+        def prepare_and_hash() -> list[tuple[list[int], tuple[int, ...]]]:
+            prompts = prepare()
+            stages.tokenized = time.perf_counter()
+            hashed = [(ids, m.hashes(ids, body.cache_salt)) for ids in prompts]
+            stages.hashed = time.perf_counter()
+            return hashed
+
         try:
-            reqs = self._requests(m, body, prompts, request)
+            if size <= _INLINE_CHARS:
+                prompts = prepare_and_hash()
+            else:
+                prompts = await asyncio.get_running_loop().run_in_executor(m.prep, prepare_and_hash)
+            reqs = self._requests(m, body, prompts, request, stages)
         except APIError as err:
             track.error(err)
             track.done(acc)
             raise
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
         n_choices = body.n * len(reqs)
-        chunks = within(merge([self._chunks(m, r, own_id=len(reqs) > 1) for r in reqs], body.n),
+        stages.mark_dispatched()
+        chunks = within(merge([self._chunks(m, r, len(reqs) > 1, stages) for r in reqs], body.n),
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -22,6 +22,9 @@ LATENCY_MS_BUCKETS = [
     1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000,
     7500, 10000, 20000, 30000, 60000, 120000, 300000, 600000,
 ]
+# Stage durations in milliseconds: 50 us .. 10 s (most stages take well under a millisecond).
+STAGE_MS_BUCKETS = [0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 35, 50, 75, 100, 200, 500,
+                    1000, 2000, 5000, 10000]
 MICROSECOND_BUCKETS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 5000, 20000]
 # Token-count buckets for routing predictions (cached prompt tokens, prediction error).
 TOKEN_BUCKETS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
@@ -59,6 +62,22 @@ class _Metrics:
         self.cached_tokens = Counter(
             "kvserve_cached_prompt_tokens",
             description="Prompt tokens served from the prefix cache or the KV tier.", tag_keys=("model",),
+        )
+        # --- request-path stages (deployments.stages.STAGES), one histogram each ---
+        from deployments.stages import STAGES
+
+        self.stage_ms = {
+            stage: Histogram(
+                f"kvserve_stage_{stage}_milliseconds",
+                description=f"Time in the request-path stage '{stage}' before the first byte (deployments/stages.py).",
+                boundaries=STAGE_MS_BUCKETS, tag_keys=("model", "replica"),
+            )
+            for stage in STAGES
+        }
+        self.route_wait_ms = Histogram(
+            "kvserve_stage_route_milliseconds",
+            description="From the handle call to the routing decision (Serve's queueing + the decision), per request.",
+            boundaries=STAGE_MS_BUCKETS, tag_keys=("model",),
         )
         # --- vLLM replica ---
         self.replica_queued_prefill_tokens = Gauge(

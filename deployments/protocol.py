@@ -29,6 +29,10 @@ class GenerateRequest:
         predicted_cached_tokens: set by the request router when it picks a replica: the prompt tokens it
             expects that replica to hold. The replica counts only the rest as queued prefill work until
             the engine reports the real figure (a cache hit is not prefill work for the cost model).
+        dispatched_at: ingress wall-clock time when the request was handed to the deployment handle
+            (the replica measures routing + transfer from it).
+        trace_headers: W3C trace context (``traceparent``) of the ingress's request span, passed to the
+            engine so vLLM's own request span joins the same trace; None when tracing is off.
     """
 
     request_id: str
@@ -40,6 +44,26 @@ class GenerateRequest:
     cache_salt: str | None = None
     arrival_time: float = 0.0
     predicted_cached_tokens: int = 0
+    dispatched_at: float = 0.0
+    trace_headers: dict[str, str] | None = None
+
+
+@dataclass(slots=True)
+class ReplicaTiming:
+    """Where a request's time went inside its replica, sent back with its first chunk.
+
+    Wall-clock seconds (``time.time()``), so that the ingress can place them between its own stamps;
+    across nodes they are as good as the nodes' clock sync.
+
+    Attributes:
+        received_at: the replica's generator started (after routing and the transfer from the ingress).
+        first_output_at: the engine produced the request's first output (queueing + prefill done).
+        block_size: the engine's KV block size (the ingress hashes prompts with it once it knows it).
+    """
+
+    received_at: float
+    first_output_at: float
+    block_size: int = 0
 
 
 @dataclass(slots=True)
@@ -53,6 +77,7 @@ class GenerateChunk:
         prompt_tokens: prompt length (set on the first chunk).
         cached_tokens: prompt tokens served from the prefix cache or the KV tier (first chunk).
         replica_id: the replica that served the request (first chunk).
+        timing: the replica-side stage stamps (first chunk).
     """
 
     texts: dict[int, str] = field(default_factory=dict)
@@ -61,3 +86,4 @@ class GenerateChunk:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     replica_id: str | None = None
+    timing: ReplicaTiming | None = None

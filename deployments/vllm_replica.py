@@ -1,4 +1,4 @@
-"""The vLLM replica deployment: one vLLM ``AsyncLLM`` per Ray Serve replica.
+"""The vLLM replica deployment: one engine (vLLM ``AsyncLLM``) per Ray Serve replica.
 
 Owns: ``VLLMReplica`` (a plain class Serve wraps), ``placement_bundles`` (bundles derived from
 tensor_parallel_size) and ``build_replica`` (the one place that applies ``serve.deployment``).
@@ -16,13 +16,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.engine import EngineStats, start_engine
+from deployments.engine import Engine, EngineStats, start_engine
 from deployments.metrics import metrics
-from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.protocol import GenerateChunk, GenerateRequest, ReplicaTiming
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
@@ -63,7 +62,9 @@ class VLLMReplica:
 
         ctx = serve.get_replica_context()
         self._replica_id = ctx.replica_id.unique_id
-        self._engine, self._stats, self._kv_events_endpoint = await start_engine(self._model, self._app)
+        self._engine: Engine = await start_engine(self._model, self._app)
+        self._stats = self._engine.stats
+        self._kv_events_endpoint = self._engine.kv_events_endpoint
         self._inflight_prefill: dict[str, int] = {}
         self._streams = 0
         self._prefill_tps = 0.0
@@ -72,13 +73,7 @@ class VLLMReplica:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the output of one request; abort it in the engine if the caller cancels."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
-        prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
-        if req.cache_salt:
-            prompt["cache_salt"] = req.cache_salt
+        received_at = time.time()
         n_prompt = len(req.prompt_token_ids)
         # Queued prefill work: the uncached part, as the router predicted it (the engine says at first output).
         alone = not self._inflight_prefill  # no other prompt ahead of this one: its TTFT measures prefill speed
@@ -89,7 +84,7 @@ class VLLMReplica:
         last_sent = 0.0
         finished = False
         try:
-            async for out in self._engine.generate(prompt, params, req.request_id):
+            async for out in self._engine.generate(req):
                 if chunk is None:
                     chunk = GenerateChunk()
                 if last_sent == 0.0:
@@ -97,6 +92,7 @@ class VLLMReplica:
                     chunk.prompt_tokens = n_prompt
                     chunk.cached_tokens = out.num_cached_tokens or 0
                     chunk.replica_id = self._replica_id
+                    chunk.timing = ReplicaTiming(received_at, time.time(), self._stats.block_size)
                 for c in out.outputs:
                     if c.text or c.token_ids:
                         chunk.texts[c.index] = chunk.texts.get(c.index, "") + c.text
@@ -165,17 +161,7 @@ class VLLMReplica:
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the engine's prefix cache (publishes AllBlocksCleared when KV events are on)."""
-        ok = bool(await self._engine.reset_prefix_cache())
-        if ok and self._kv_events_endpoint is not None:
-            # vLLM queues AllBlocksCleared and publishes KV events only at the end of an engine step; an
-            # idle engine would hold it until its next request, which routers would still send here on
-            # the stale view. A 1-token request (no full block, so no BlockStored) forces that step.
-            from vllm import SamplingParams
-
-            async for _ in self._engine.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1),
-                                                 f"kvserve-flush-{uuid.uuid4().hex}"):
-                pass
-        return ok
+        return await self._engine.reset_prefix_cache()
 
     async def check_health(self) -> None:
         """Serve's health check: raise when the engine is dead."""

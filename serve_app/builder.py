@@ -2,7 +2,8 @@
 
 Owns: ``build_app``, the ``import_path`` target of every config file
 (``serve_app.builder:build_app``). It validates the whole config before anything starts (a
-``ConfigError`` names the field), then binds one vLLM replica deployment per model and the ingress
+``ConfigError`` names the field), refuses to start beside an orphaned HAProxy of an earlier session
+(``serve_app.haproxy_guard``), then binds one vLLM replica deployment per model and the ingress
 that routes to them. No request-path logic lives here.
 """
 
@@ -12,6 +13,7 @@ import logging
 from typing import Any
 
 from serve_app.config import AppConfig, load_app_config
+from serve_app.haproxy_guard import check_no_stale_haproxy
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ def build_app(args: dict[str, Any]):
     from deployments.vllm_replica import build_replica
 
     cfg = args if isinstance(args, AppConfig) else load_app_config(dict(args))
+    check_no_stale_haproxy()
     for m in cfg.models:
         if not (m.resolved_path() / "config.json").exists():
             raise FileNotFoundError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,47 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Pre-flight checks, then exec ``serve run CONFIG`` (with the HAProxy fast path if asked)."""
+    from serve_app.config import ConfigError, load_serve_config
+    from serve_app.haproxy_guard import check_no_stale_haproxy, port_holders, write_wrapper
+
+    try:
+        doc, _ = load_serve_config(args.config)
+    except ConfigError as err:
+        print(f"kvserve serve: {err}", file=sys.stderr)
+        return 2
+    port = int((doc.get("http_options") or {}).get("port", 8000))
+    holders = port_holders(port)
+    if holders:
+        who = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in holders)
+        print(f"kvserve serve: port {port} (http_options.port of {args.config}) is already in use by:\n{who}\n"
+              f"stop it (kill {' '.join(str(p) for p, _ in holders)}) or choose another port", file=sys.stderr)
+        return 2
+    try:
+        check_no_stale_haproxy()
+    except RuntimeError as err:
+        print(f"kvserve serve: {err}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if args.fast_path:
+        env.update(settings.SERVE_FAST_PATH_ENV)
+        env.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(write_wrapper()))
+    os.execvpe("serve", ["serve", "run", args.config], env)
+    return 0  # not reached
+
+
+def _haproxy_wrapper(args: argparse.Namespace) -> int:
+    from serve_app.haproxy_guard import write_wrapper
+
+    try:
+        print(write_wrapper(args.path))
+    except RuntimeError as err:
+        print(f"kvserve haproxy-wrapper: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvserve", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -100,6 +142,18 @@ def parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate a Serve config file without starting anything")
     cc.add_argument("config")
     cc.set_defaults(func=_check_config)
+
+    sv = sub.add_parser("serve", help="check the config, its port and leftovers of earlier runs, then `serve run` it")
+    sv.add_argument("config")
+    sv.add_argument("--fast-path", action="store_true",
+                    help="run Serve with HAProxy in front (settings.SERVE_FAST_PATH_ENV; what the GPU configs are "
+                    "measured with), HAProxy tied to its proxy by `kvserve haproxy-wrapper`")
+    sv.set_defaults(func=_serve)
+
+    hw = sub.add_parser("haproxy-wrapper", help="write the script that ties Serve's HAProxy to its proxy; print "
+                        "its path (for RAY_SERVE_HAPROXY_BINARY_PATH)")
+    hw.add_argument("--path", type=Path, default=None, help="where to write it (default /tmp/kvserve/kvserve-haproxy)")
+    hw.set_defaults(func=_haproxy_wrapper)
 
     for module in ("benchmarks.cli", "serve_app.kuberay.cli", "serve_app.drain"):
         __import__(module, fromlist=["register"]).register(sub)

@@ -27,6 +27,7 @@ __all__ = [
     "KVTierConfig",
     "ModelConfig",
     "RoutingConfig",
+    "TracingConfig",
     "load_app_config",
     "load_serve_config",
 ]
@@ -54,6 +55,19 @@ class IngressConfig(BaseModel):
         "a 504 (timeout_error). Shutdown grace periods must cover it (checked by `kvserve kuberay render`).")
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry request spans (off unless an OTLP endpoint is named)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/gRPC endpoint (e.g. http://otel-collector:4317). When set, the ingress exports one span "
+        "per request with a child span per stage, and every vLLM engine gets the same endpoint "
+        "(vLLM's otlp_traces_endpoint) with the request's trace context, so its span joins the trace.")
+    service_name: str = Field(default="kvserve", description="service.name of the ingress's spans.")
+
+
 class AppConfig(BaseModel):
     """Root of the application configuration (``applications[].args`` in a Serve config file)."""
 
@@ -63,6 +77,7 @@ class AppConfig(BaseModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="Ingress deployment.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Request routing.")
     kv_tier: KVTierConfig = Field(default_factory=KVTierConfig, description="Shared KV tier.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry request spans.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:

@@ -54,6 +54,11 @@ class ModelConfig(BaseModel):
         "processes and exits, so Serve reports a failed replica instead of waiting on a hung start "
         "(seen with tensor-parallel warm-up crashes).",
     )
+    engine_class: str | None = Field(
+        default=None, pattern=r"^[\w.]+:\w+$",
+        description="'module:Class' of an engine implementing deployments.engine.Engine to use instead of vLLM "
+        "(its async classmethod create(model, app) builds it). For tests and overhead measurements of the "
+        "serving path; unset in production.")
     stream_chunks_per_s: float = Field(
         default=2000.0, ge=0,
         description="Budget of streamed chunks per second per replica. The first token is always sent at "

@@ -1,0 +1,1 @@
+"""Fakes for tests and overhead measurements (never used by a shipped config)."""
