@@ -143,6 +143,7 @@ class KVServeRouter(RequestRouter):
             self._pending.popitem(last=False)
         self._maybe_sync(candidate_replicas, now)
         m = metrics()
+        m.route_wait_ms.observe(max(time.time() - pending_request.created_at, 0.0) * 1000, tags={"model": self._model})
         m.router_decisions.inc(1, tags={"model": self._model, "strategy": self._strategy, "reason": decision.reason})
         m.router_decision_latency_us.observe((time.perf_counter() - t0) * 1e6, tags={"strategy": self._strategy})
         chosen = [r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id]
