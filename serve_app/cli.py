@@ -1,6 +1,7 @@
 """The ``kvserve`` command line.
 
-Owns: argument parsing and the small commands (``prepare-model``, ``invoke``, ``check-config``);
+Owns: argument parsing and the small commands (``prepare-model``, ``invoke``, ``check-config``; ``serve``
+lives in ``serve_app.launcher``);
 bigger command groups register themselves (``bench`` from benchmarks/, ``kuberay`` from
 serve_app/kuberay/). Errors print one precise line to stderr and exit with status 2 (bad input) or
 1 (the action failed), never a traceback for expected failures.
@@ -96,6 +97,12 @@ def parser() -> argparse.ArgumentParser:
     inv.add_argument("--temperature", type=float, default=0.0)
     inv.add_argument("--timeout", type=float, default=120.0)
     inv.set_defaults(func=_invoke)
+
+    sv = sub.add_parser("serve", help="run a config file in the foreground (Ctrl-C / SIGTERM stops everything)")
+    sv.add_argument("config", nargs="?", default="configs/cpu.yaml")
+    sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one; the stop "
+                    "then removes the apps and leaves Ray running")
+    sv.set_defaults(func=lambda a: __import__("serve_app.launcher", fromlist=["run"]).run(a.config, a.address))
 
     cc = sub.add_parser("check-config", help="validate a Serve config file without starting anything")
     cc.add_argument("config")

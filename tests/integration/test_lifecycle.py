@@ -57,7 +57,8 @@ def test_disconnect_mid_stream_aborts_and_replica_stays_healthy(base_url: str) -
 
 
 def test_health_endpoint(base_url: str) -> None:
-    assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}
+    r = httpx.get(base_url.removesuffix("/v1") + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "models": {MODEL: "ready"}}
 
 
 def _scrape(port: int) -> str:
