@@ -11,7 +11,7 @@ times in a row (the later starts show whether vLLM's compile cache is used), and
 
 Variants: ``default`` (vLLM's CPU default: dynamo + inductor with AOT compile), ``no_aot``
 (``VLLM_USE_AOT_COMPILE=0``: inductor through torch's own caches) and ``eager`` (``compilation_config
-{"mode": 0}``: no torch.compile).
+{"mode": 0}``: no torch.compile; what ``engine_args`` sets on CPU replicas).
 
 Usage: ``python -m benchmarks.engine_start [--variants default,no_aot,eager] [--starts 2] [--out PATH]``;
 writes benchmarks/results/engine_start_cpu.json (command, machine, git commit, vllm version). Run it
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "default": ({}, {}),
-    "no_aot": ({"VLLM_USE_AOT_COMPILE": "0"}, {}),
+VARIANTS = {  # name -> (environment, engine kwargs over engine_args'; None drops the key)
+    "default": ({}, {"compilation_config": None}),
+    "no_aot": ({"VLLM_USE_AOT_COMPILE": "0"}, {"compilation_config": None}),
     "eager": ({}, {"compilation_config": {"mode": 0}}),
 }
 RELOAD_FAILURE = "Compiling model again due to a load failure"
@@ -49,7 +49,11 @@ def _child(config: str, extra_kwargs: str) -> None:
     model = cfg.models[0]
     os.environ.update(model.env)
     kwargs = engine_args(model, cfg, None)
-    kwargs.update(json.loads(extra_kwargs))
+    for key, value in json.loads(extra_kwargs).items():
+        if value is None:
+            kwargs.pop(key, None)
+        else:
+            kwargs[key] = value
     kwargs.pop("disable_log_stats", None)
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams

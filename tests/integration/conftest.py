@@ -9,6 +9,7 @@ real SmolLM2 checkpoint prepared by ``kvserve prepare-model``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -65,12 +66,18 @@ def ray_cluster() -> Iterator[ServeCluster]:
 
 @pytest.fixture(scope="session")
 def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
-    """Deploy an app from a config file (+ overrides of its args); return the OpenAI base URL."""
+    """Deploy an app from a config file (+ overrides of its args); return the OpenAI base URL.
+
+    The same config and overrides as the app already running (and RUNNING) reuse it: engines start once
+    for all the modules that ask for the same app.
+    """
     import yaml
     from ray import serve
 
     from serve_app.builder import build_app
     from serve_app.config import load_app_config
+
+    running: dict[str, str] = {}
 
     def _delete_all() -> None:  # one app at a time keeps the 2-core machine responsive
         for other in list(serve.status().applications):
@@ -81,9 +88,15 @@ def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
         doc = yaml.safe_load((ROOT / config).read_text())
         args = deep_merge(doc["applications"][0]["args"], overrides or {})
         cfg = load_app_config(args)
+        key = json.dumps([name, route_prefix, args], sort_keys=True)
+        app = serve.status().applications.get(name)
+        if running.get("key") == key and app is not None and app.status == "RUNNING":
+            return ray_cluster.base_url
         _delete_all()
+        running.clear()
         serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
         _wait_ready(ray_cluster.base_url, [m.id for m in cfg.models])
+        running["key"] = key
         return ray_cluster.base_url
 
     yield _start
