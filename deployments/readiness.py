@@ -1,6 +1,7 @@
 """Which models can serve now: a snapshot of each model's replica states, refreshed in the background.
 
-Owns: ``ModelReadiness`` (one model's replica counts and its state: ``ready``, ``starting`` or
+Owns: ``ModelReadiness`` (one model's replica counts and its state: ``ready``, ``scaled_to_zero``
+(autoscaled to no replica; a request makes Serve start one, so requests pass), ``starting`` or
 ``unavailable``), ``Readiness`` (the snapshot the ingress reads on every request without any call:
 ``check`` raises a 503 with ``Retry-After`` for a model that has no running replica, ``models_body``
 and ``health`` shape ``/v1/models`` and ``/health``) and ``serve_status_source`` (the default source,
@@ -24,6 +25,7 @@ from deployments.openai_api import APIError
 logger = logging.getLogger(__name__)
 
 _STARTING_STATES = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+_SETTLED = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # the deployment reached (or is autoscaling from) its target
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +42,16 @@ class ModelReadiness:
     def state(self) -> str:
         if self.running > 0:
             return "ready"
+        if self.deployment_status in _SETTLED and self.starting == 0:
+            return "scaled_to_zero"  # autoscaling at min_replicas 0: a request makes Serve start one
         if self.deployment_status in ("DEPLOY_FAILED", "UNHEALTHY") and self.starting == 0:
             return "unavailable"
         return "starting"
+
+    @property
+    def serves(self) -> bool:
+        """Whether a request should go to the deployment (it has a replica, or Serve starts one for it)."""
+        return self.state in ("ready", "scaled_to_zero")
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.model_id, "status": self.state, "running_replicas": self.running,
@@ -116,7 +125,7 @@ class Readiness:
         return self._models[model_id]
 
     def all_ready(self) -> bool:
-        return all(m.state == "ready" for m in self._models.values())
+        return all(m.serves for m in self._models.values())
 
     # --- background refresh ----------------------------------------------------------------
     def start(self) -> None:
@@ -137,7 +146,7 @@ class Readiness:
     def check(self, model_id: str) -> None:
         """Raise a 503 (OpenAI's error shape, with Retry-After) unless the model has a running replica."""
         m = self._models[model_id]
-        if m.state == "ready":
+        if m.serves:
             return
         if m.state == "starting":
             msg = (f"model {model_id} is starting: no replica is running yet ({m.starting} starting); "
@@ -149,8 +158,8 @@ class Readiness:
 
     def models_body(self, entry: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         """``/v1/models``: ``data`` lists the models that can serve; the others are under ``pending``."""
-        data = [{**entry(m), "status": "ready"} for m, r in self._models.items() if r.state == "ready"]
-        pending = [r.as_dict() for r in self._models.values() if r.state != "ready"]
+        data = [{**entry(m), "status": r.state} for m, r in self._models.items() if r.serves]
+        pending = [r.as_dict() for r in self._models.values() if not r.serves]
         return {"object": "list", "data": data, "pending": pending}
 
     def health(self) -> tuple[int, dict[str, Any]]:

@@ -88,6 +88,16 @@ def test_failed_deployment_is_unavailable_and_health_says_degraded() -> None:
         r.check("a")
 
 
+def test_a_deployment_autoscaled_to_zero_takes_requests() -> None:
+    src = _Source()
+    r = _readiness(src)
+    src.deployments = {"vllm-a": _Dep("HEALTHY", {}), "vllm-b": _Dep("UPDATING", {})}
+    r.refresh(now=1.0)
+    assert r.get("a").state == "scaled_to_zero" and r.get("b").state == "starting"
+    r.check("a")  # Serve starts a replica for it
+    assert [m["id"] for m in r.models_body(lambda i: {"id": i})["data"]] == ["a"]
+
+
 def test_a_failed_refresh_keeps_the_last_snapshot() -> None:
     src = _Source()
     r = _readiness(src)
