@@ -35,6 +35,17 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Overrides of configs/cpu.yaml's args shared by the modules that need no other app (test_lifecycle,
+#: test_openai_api, test_routing's prefix-aware part): small replica queues, so the overload test can fill
+#: them. The same overrides give the same app, which ``start_app`` reuses instead of starting engines again.
+SMALL_QUEUES: dict[str, Any] = {"models": [{
+    "id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
+    "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
+    "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
+                   "ray_actor_options": {"num_cpus": 0.5}},
+}]}
+
+
 class ServeCluster:
     """Handles to the session's Ray cluster."""
 
