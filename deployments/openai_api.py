@@ -19,9 +19,13 @@ class APIError(Exception):
     """An error that reaches the client in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
+                 model: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # extra HTTP headers, e.g. Retry-After on a 503
+        self.model = model  # the (known) model the request named, for the metrics' model label
+        self.counted = False  # set once the request's metrics recorded this error
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

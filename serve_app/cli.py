@@ -1,6 +1,7 @@
 """The ``kvserve`` command line.
 
-Owns: argument parsing and the small commands (``prepare-model``, ``invoke``, ``check-config``);
+Owns: argument parsing and the small commands (``prepare-model``, ``invoke``, ``check-config``; ``serve``
+lives in ``serve_app.launcher``);
 bigger command groups register themselves (``bench`` from benchmarks/, ``kuberay`` from
 serve_app/kuberay/). Errors print one precise line to stderr and exit with status 2 (bad input) or
 1 (the action failed), never a traceback for expected failures.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -74,36 +74,6 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """Pre-flight checks, then exec ``serve run CONFIG`` (with the HAProxy fast path if asked)."""
-    from serve_app.config import ConfigError, load_serve_config
-    from serve_app.haproxy_guard import check_no_stale_haproxy, port_holders, write_wrapper
-
-    try:
-        doc, _ = load_serve_config(args.config)
-    except ConfigError as err:
-        print(f"kvserve serve: {err}", file=sys.stderr)
-        return 2
-    port = int((doc.get("http_options") or {}).get("port", 8000))
-    holders = port_holders(port)
-    if holders:
-        who = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in holders)
-        print(f"kvserve serve: port {port} (http_options.port of {args.config}) is already in use by:\n{who}\n"
-              f"stop it (kill {' '.join(str(p) for p, _ in holders)}) or choose another port", file=sys.stderr)
-        return 2
-    try:
-        check_no_stale_haproxy()
-    except RuntimeError as err:
-        print(f"kvserve serve: {err}", file=sys.stderr)
-        return 2
-    env = dict(os.environ)
-    if args.fast_path:
-        env.update(settings.SERVE_FAST_PATH_ENV)
-        env.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(write_wrapper()))
-    os.execvpe("serve", ["serve", "run", args.config], env)
-    return 0  # not reached
-
-
 def _haproxy_wrapper(args: argparse.Namespace) -> int:
     from serve_app.haproxy_guard import write_wrapper
 
@@ -139,16 +109,20 @@ def parser() -> argparse.ArgumentParser:
     inv.add_argument("--timeout", type=float, default=120.0)
     inv.set_defaults(func=_invoke)
 
+    sv = sub.add_parser("serve", help="run a config file in the foreground (Ctrl-C / SIGTERM stops everything)")
+    sv.add_argument("config", nargs="?", default="configs/cpu.yaml")
+    sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one; the stop "
+                    "then removes the apps and leaves Ray running")
+    sv.add_argument("--fast-path", action="store_true",
+                    help="HAProxy in front of the ingress replicas (settings.SERVE_FAST_PATH_ENV, as the GPU configs "
+                    "are measured), tied to its proxy by `kvserve haproxy-wrapper`; with --address, set them where "
+                    "that Ray was started instead")
+    sv.set_defaults(func=lambda a: __import__("serve_app.launcher", fromlist=["run"]).run(
+        a.config, a.address, a.fast_path))
+
     cc = sub.add_parser("check-config", help="validate a Serve config file without starting anything")
     cc.add_argument("config")
     cc.set_defaults(func=_check_config)
-
-    sv = sub.add_parser("serve", help="check the config, its port and leftovers of earlier runs, then `serve run` it")
-    sv.add_argument("config")
-    sv.add_argument("--fast-path", action="store_true",
-                    help="run Serve with HAProxy in front (settings.SERVE_FAST_PATH_ENV; what the GPU configs are "
-                    "measured with), HAProxy tied to its proxy by `kvserve haproxy-wrapper`")
-    sv.set_defaults(func=_serve)
 
     hw = sub.add_parser("haproxy-wrapper", help="write the script that ties Serve's HAProxy to its proxy; print "
                         "its path (for RAY_SERVE_HAPROXY_BINARY_PATH)")

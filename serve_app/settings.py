@@ -21,7 +21,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "KVSERVE_HTTP_HOST": ("127.0.0.1", "Host the CLI's invoke/bench commands talk to."),
     "KVSERVE_HTTP_PORT": ("8000", "Port of the Serve HTTP proxy that the CLI talks to."),
     "KVSERVE_REQUIRE_SCHEMAS": (
-        "0", "1: tests that need the CRD schemas (../shared/schemas) fail instead of skipping without them (CI)."
+        "0", "1: tests that need the CRD schemas (kuberay/schemas, shipped) fail instead of skipping without them (CI)."
     ),
 }
 

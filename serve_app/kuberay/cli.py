@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_render)
     v = sub.add_parser("validate", help="validate manifests offline (schemas, operator rules, cross-checks)")
     v.add_argument("files", nargs="+", help="manifest files, validated together")
-    v.add_argument("--schemas", help="CRD schema directory (default: ../shared/schemas from the repo root)")
+    v.add_argument("--schemas", help="CRD schema directory (default: kuberay/schemas in the repo)")
     v.add_argument("--dockerfile", help="check rayVersion against this Dockerfile's ARG RAY_VERSION")
     v.set_defaults(func=_validate)
 

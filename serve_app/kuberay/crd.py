@@ -26,8 +26,8 @@ from jsonschema import Draft202012Validator
 logger = logging.getLogger(__name__)
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-#: Where the schemas live relative to the repository root (shared by all sessions of the project).
-DEFAULT_SCHEMA_DIR = Path("..") / "shared" / "schemas"
+#: Where the schemas live relative to the repository root (shipped verbatim; sources in its README.md).
+DEFAULT_SCHEMA_DIR = Path("kuberay") / "schemas"
 
 
 def _strict(schema: Any) -> Any:

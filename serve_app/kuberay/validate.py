@@ -45,7 +45,7 @@ class Problem:
 
 
 def default_schema_dir(root: Path | None = None) -> Path:
-    """../shared/schemas next to the repository (where the project keeps CRD schemas)."""
+    """kuberay/schemas in the repository (the CRD schemas it ships)."""
     from serve_app.kuberay.render import repo_root
 
     return ((root or repo_root()) / DEFAULT_SCHEMA_DIR).resolve()

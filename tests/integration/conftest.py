@@ -9,6 +9,7 @@ real SmolLM2 checkpoint prepared by ``kvserve prepare-model``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -32,6 +33,17 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+#: Overrides of configs/cpu.yaml's args shared by the modules that need no other app (test_lifecycle,
+#: test_openai_api, test_routing's prefix-aware part): small replica queues, so the overload test can fill
+#: them. The same overrides give the same app, which ``start_app`` reuses instead of starting engines again.
+SMALL_QUEUES: dict[str, Any] = {"models": [{
+    "id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
+    "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
+    "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
+                   "ray_actor_options": {"num_cpus": 0.5}},
+}]}
 
 
 class ServeCluster:
@@ -65,12 +77,18 @@ def ray_cluster() -> Iterator[ServeCluster]:
 
 @pytest.fixture(scope="session")
 def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
-    """Deploy an app from a config file (+ overrides of its args); return the OpenAI base URL."""
+    """Deploy an app from a config file (+ overrides of its args); return the OpenAI base URL.
+
+    The same config and overrides as the app already running (and RUNNING) reuse it: engines start once
+    for all the modules that ask for the same app.
+    """
     import yaml
     from ray import serve
 
     from serve_app.builder import build_app
     from serve_app.config import load_app_config
+
+    running: dict[str, str] = {}
 
     def _delete_all() -> None:  # one app at a time keeps the 2-core machine responsive
         for other in list(serve.status().applications):
@@ -81,9 +99,15 @@ def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
         doc = yaml.safe_load((ROOT / config).read_text())
         args = deep_merge(doc["applications"][0]["args"], overrides or {})
         cfg = load_app_config(args)
+        key = json.dumps([name, route_prefix, args], sort_keys=True)
+        app = serve.status().applications.get(name)
+        if running.get("key") == key and app is not None and app.status == "RUNNING":
+            return ray_cluster.base_url
         _delete_all()
+        running.clear()
         serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
         _wait_ready(ray_cluster.base_url, [m.id for m in cfg.models])
+        running["key"] = key
         return ray_cluster.base_url
 
     yield _start

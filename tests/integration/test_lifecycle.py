@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import SMALL_QUEUES
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MODEL = "smollm2"
@@ -16,7 +18,7 @@ MODEL = "smollm2"
 
 @pytest.fixture(scope="module")
 def base_url(start_app) -> str:
-    return start_app()
+    return start_app(overrides=SMALL_QUEUES)  # the app test_openai_api uses too (started once)
 
 
 def _replica_stats(rounds: int = 24) -> dict[str, dict]:
@@ -57,7 +59,8 @@ def test_disconnect_mid_stream_aborts_and_replica_stays_healthy(base_url: str) -
 
 
 def test_health_endpoint(base_url: str) -> None:
-    assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}
+    r = httpx.get(base_url.removesuffix("/v1") + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "models": {MODEL: "ready"}}
 
 
 def _scrape(port: int) -> str:
@@ -80,10 +83,14 @@ def test_metrics_move_in_prometheus_text(base_url: str, ray_cluster) -> None:
     inv0 = _value(before, "ray_model_invocations_total", model=MODEL, status="success")
     ttfb0 = _value(before, "ray_model_ttfb_milliseconds_count", model=MODEL)
     toks0 = _value(before, "ray_kvserve_completion_tokens_total", model=MODEL)
+    unknown0 = _value(before, "ray_model_invocations_total", model="unknown", status="client_error")
+    bad0 = _value(before, "ray_model_invocations_total", model=MODEL, status="client_error")
     for _ in range(3):
         client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, extra_body={"ignore_eos": True})
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):  # rejected by request validation, before any replica
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     deadline = time.time() + 60
     while True:
         text = _scrape(ray_cluster.metrics_port)
@@ -92,12 +99,15 @@ def test_metrics_move_in_prometheus_text(base_url: str, ray_cluster) -> None:
         # gauge is set only when a request starts or ends: on the loaded 2-core machine the export can fall
         # between scrapes, so keep traffic flowing (one more request per try) until a scrape shows it.
         gauge = re.search(r"^# TYPE ray_model_concurrent_requests gauge", text, re.MULTILINE)
-        if (inv >= inv0 + 3 and gauge) or time.time() > deadline:
+        rejected = (_value(text, "ray_model_invocations_total", model="unknown", status="client_error") > unknown0
+                    and _value(text, "ray_model_invocations_total", model=MODEL, status="client_error") > bad0)
+        if (inv >= inv0 + 3 and gauge and rejected) or time.time() > deadline:
             break
         if not gauge:
             client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, extra_body={"ignore_eos": True})
         time.sleep(1)
     assert inv >= inv0 + 3
+    assert rejected, "the 404 (unknown model, label model=unknown) and the 400 are counted with their status"
     assert _value(text, "ray_model_ttfb_milliseconds_count", model=MODEL) >= ttfb0 + 3
     assert _value(text, "ray_kvserve_completion_tokens_total", model=MODEL) >= toks0 + 15
     assert re.search(r"^ray_model_latency_milliseconds_bucket\{.*le=", text, re.MULTILINE)

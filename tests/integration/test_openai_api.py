@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import SMALL_QUEUES
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MODEL = "smollm2"
@@ -17,12 +19,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def base_url(start_app) -> str:
     # Small replica queues, so the overload test can fill them; everything else fits easily.
-    return start_app(overrides={"models": [{
-        "id": MODEL, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
-        "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
-                       "ray_actor_options": {"num_cpus": 0.5}},
-    }]})
+    return start_app(overrides=SMALL_QUEUES)
 
 
 @pytest.fixture(scope="module")

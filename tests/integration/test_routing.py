@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from tests.integration.conftest import SMALL_QUEUES
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MODEL = "smollm2"
@@ -79,7 +81,8 @@ def _run_workload(client: openai.OpenAI) -> list[tuple[str, int, int]]:
 
 @pytest.fixture(scope="module")
 def prefix_aware_results(start_app) -> list[tuple[str, int, int]]:
-    return _run_workload(_client(start_app()))  # configs/cpu.yaml: prefix-aware by default
+    # configs/cpu.yaml's routing (prefix-aware by default), on the app test_openai_api uses too
+    return _run_workload(_client(start_app(overrides=SMALL_QUEUES)))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Shared by the kuberay tests: the CRD schemas and a scratch copy of the render inputs.
 
-The schemas live beside the checkout (../shared/schemas). A clone elsewhere skips the tests that
-need them; CI sets KVSERVE_REQUIRE_SCHEMAS=1 (.ci/run) so that a missing directory fails instead.
+The schemas ship in the repository (kuberay/schemas, verbatim upstream files; sources and licences in
+its README.md). A checkout without them (a sparse one) skips the tests that need them; CI sets
+KVSERVE_REQUIRE_SCHEMAS=1 (.ci/run) so that a missing directory fails instead.
 ``copy_inputs`` copies what `kvserve kuberay render` reads (configs/ and kuberay/Dockerfile), so a test
 can change a source and render without touching the repository.
 """

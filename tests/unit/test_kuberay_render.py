@@ -86,7 +86,7 @@ def test_cli_render_check(tree, capsys):
 
 
 def test_cli_validate(tree, capsys):
-    schema_dir_or_skip()  # the CRD schemas live beside the checkout (../shared/schemas)
+    schema_dir_or_skip()  # the CRD schemas ship in kuberay/schemas
     files = [str(p) for p in sorted((ROOT / "kuberay").glob("*.yaml"))]
     assert cli.main(["validate", *files, "--dockerfile", str(ROOT / "kuberay" / "Dockerfile")]) == 0
     broken = tree / "broken.yaml"
