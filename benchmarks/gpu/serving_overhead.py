@@ -8,7 +8,8 @@ metrics (kvserve: the ``kvserve_stage_*`` histograms and vLLM's engine histogram
 agent; ``vllm serve``: vLLM's engine histograms), stops it and checks that nothing of it is left (listeners on
 its ports, engine processes) before the next start. It starts and stops Ray (``ray stop`` ends every Ray on
 the machine): run it on a machine of its own. kvserve runs the way the GPU configs are served:
-``kvserve serve --fast-path`` (HAProxy tied to its proxy) on a Ray started with a known metrics port.
+``kvserve serve --address auto`` on a Ray started with a known metrics port and the fast-path environment
+(HAProxy in front, tied to its proxy by ``kvserve haproxy-wrapper``).
 
 Variants of kvserve patch the config's first application (``VARIANTS``) to measure one knob at a time.
 The JSON keeps every run, the medians per system, and the ratios of ``kvserve`` to ``vllm_serve``:
@@ -145,8 +146,7 @@ def run_system(system: str, run: int, cfg_path: Path, model, eargs: dict, work: 
                "RAY_metrics_report_interval_ms": "1000"}
         ray_start = ["ray", "start", "--head", "--metrics-export-port", "8080", "--disable-usage-stats"]
         subprocess.run(ray_start, check=True, env={**os.environ, **env}, capture_output=True, timeout=120)
-        start = [sys.executable, "-m", "serve_app.cli", "serve", "--fast-path", str(cfg_path)]
-        env["RAY_ADDRESS"] = "auto"
+        start = [sys.executable, "-m", "serve_app.cli", "serve", "--address", "auto", str(cfg_path)]
         base, metrics_url = "http://127.0.0.1:8000", KVSERVE_METRICS
     print(f"=== {tag}:", shlex.join(start), flush=True)
     proc = serverproc.start(start, env, work / f"{tag}_server.log", ROOT)
