@@ -28,6 +28,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
@@ -55,12 +56,13 @@ def _own_serve_request_id() -> None:
 
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
+app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
 _RETRIES = 2  # extra attempts when a replica dies before producing output
 
 
 @app.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -93,6 +95,7 @@ class _Tracker:
 
     def __init__(self, m: _Model, start: float) -> None:
         self._m, self._start, self._status, self._first = m, start, "success", False
+        self.on_done: Any = None  # called with the Accumulator when the request ends (token limits)
         m.inflight += 1
         metrics().concurrent.set(m.inflight, tags={"model": m.config.id})
 
@@ -129,6 +132,8 @@ class _Tracker:
                                (m.completion_tokens, acc.completion_tokens)):
             if value > 0:  # ray.util.metrics rejects inc(0)
                 counter.inc(value, tags={"model": model})
+        if self.on_done is not None:
+            self.on_done(acc)
 
 
 @serve.ingress(app)
@@ -146,6 +151,7 @@ class Ingress:
             handle = handles[m.id].options(stream=True)
             self._models[m.id] = _Model(m, tok, _max_model_len(m), handle)
         self._created = int(time.time())
+        self.gate = Gate.from_app(self._cfg)  # read by AuthMiddleware
         logger.info("ingress ready for models %s", list(self._models))
 
     # --- routes -------------------------------------------------------------------------------
@@ -197,6 +203,7 @@ class Ingress:
     def _requests(self, m: _Model, body, prompts: list[list[int]], request: Request) -> list[GenerateRequest]:
         reqs = []
         session = request.headers.get(self._session_header) if self._session_header else None
+        tenant = tenant_of(request)
         for ids in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
@@ -210,8 +217,9 @@ class Ingress:
                     param="max_tokens", code="context_length_exceeded")
             reqs.append(GenerateRequest(
                 request_id=uuid.uuid4().hex, model_id=m.config.id, prompt_token_ids=ids,
-                sampling=body.sampling(max_tokens), session_key=session, cache_salt=body.cache_salt,
-                arrival_time=time.time()))
+                sampling=body.sampling(max_tokens), session_key=session,
+                cache_salt=self.gate.cache_salt(tenant, body.cache_salt), arrival_time=time.time()))
+        self.gate.admit_tokens(tenant, sum(len(ids) for ids in prompts), time.monotonic())
         return reqs
 
     async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool) -> AsyncIterator[GenerateChunk]:
@@ -228,7 +236,8 @@ class Ingress:
                 return
             except BackPressureError:
                 raise APIError(503, f"model {m.config.id} is overloaded; retry later",
-                               type_="overloaded_error", code="overloaded") from None
+                               type_="overloaded_error", code="overloaded",
+                               headers={"Retry-After": str(self._cfg.ingress.retry_after_s)}) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                 if produced or attempt == _RETRIES:
                     raise APIError(503, f"the replica serving this request failed: {type(err).__name__}",
@@ -239,7 +248,10 @@ class Ingress:
     async def _serve(self, m: _Model, body, prompts: list[list[int]], chat: bool, request: Request):
         start = time.perf_counter()
         track = _Tracker(m, start)
-        acc = Accumulator(chat=chat, rid="", created=int(time.time()), model=m.config.id)
+        tenant = tenant_of(request)
+        track.on_done = lambda a: self.gate.settle(tenant, a.completion_tokens, time.monotonic())
+        acc = Accumulator(chat=chat, rid="", created=int(time.time()), model=m.config.id,
+                          show_cached=self._cfg.ingress.expose_cached_tokens)
         try:
             reqs = self._requests(m, body, prompts, request)
         except APIError as err:
@@ -266,7 +278,8 @@ class Ingress:
             raise
         finally:
             track.done(acc)
-        headers = {"x-kvserve-replica": acc.replica_id} if acc.replica_id else None
+        show = acc.replica_id and self._cfg.ingress.expose_replica_header
+        headers = {"x-kvserve-replica": acc.replica_id} if show else None
         return JSONResponse(acc.response(n_choices), headers=headers)
 
 
