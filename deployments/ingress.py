@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -234,10 +235,11 @@ class Ingress:
                         record_actual_cached_tokens(req.request_id, chunk.cached_tokens or 0)
                     yield chunk
                 return
-            except BackPressureError:
+            except BackPressureError as err:
+                retry = max(1, math.ceil(getattr(err, "retry_after_s", None) or 1))
                 raise APIError(503, f"model {m.config.id} is overloaded; retry later",
                                type_="overloaded_error", code="overloaded",
-                               headers={"Retry-After": str(self._cfg.ingress.retry_after_s)}) from None
+                               headers={"Retry-After": str(retry)}) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                 if produced or attempt == _RETRIES:
                     raise APIError(503, f"the replica serving this request failed: {type(err).__name__}",

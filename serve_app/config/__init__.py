@@ -55,9 +55,6 @@ class IngressConfig(BaseModel):
         default=600.0, gt=0,
         description="Upper bound on one request, in seconds: past it the generation is aborted and the client gets "
         "a 504 (timeout_error). Shutdown grace periods must cover it (checked by `kvserve kuberay render`).")
-    retry_after_s: int = Field(
-        default=1, ge=0, description="Retry-After (seconds) sent with the 503 of a request refused because every "
-        "replica's queue (max_ongoing_requests + max_queued_requests) is full.")
     expose_cached_tokens: bool = Field(
         default=False,
         description="Report usage.prompt_tokens_details.cached_tokens. Off by default: with several tenants sharing "

@@ -27,6 +27,7 @@ import yaml
 
 from serve_app import settings
 from serve_app.config import AppConfig, ConfigError, ModelConfig
+from serve_app.kuberay.rules_serve import unbounded_queues
 from serve_app.kuberay.targets import ClusterSpec, Target, effective_serve_config
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,9 @@ def build_common(cluster: ClusterSpec) -> list[dict[str, Any]]:
 def build_target(target: Target, cluster: ClusterSpec, root: Path, ray_version: str) -> list[dict[str, Any]]:
     """The documents of one target's manifest file (its RayService; shared objects are in build_common)."""
     doc, apps = effective_serve_config(target, root)
+    unbounded = [msg for i, app in enumerate(apps) for msg in unbounded_queues(app, f"applications.{i}.args.")]
+    if unbounded:
+        raise ConfigError(f"target {target.name} ({target.serve_config}): " + "; ".join(unbounded))
     rs = build_rayservice(target, cluster, doc, apps, ray_version)
     logger.info("target %s: %d worker group(s) from %s", target.name,
                 len(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]), target.serve_config)
