@@ -68,7 +68,7 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, 
     if kv_events_ports is not None:
         from deployments.kv_events import kv_events_engine_kwargs
 
-        args.update(kv_events_engine_kwargs(*kv_events_ports))
+        args.update(kv_events_engine_kwargs(*kv_events_ports, host=_node_ip()))
     if app.kv_tier.enabled:
         from deployments.kv_tier import kv_tier_engine_kwargs
 
