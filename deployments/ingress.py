@@ -28,12 +28,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
-from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError
 from deployments.request_router import record_actual_cached_tokens
 from serve_app.config import AppConfig, ModelConfig
 
@@ -64,6 +65,13 @@ _RETRIES = 2  # extra attempts when a replica dies before producing output
 @app.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unparsable body, unknown path, wrong method) in OpenAI's shape."""
+    return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -240,6 +248,10 @@ class Ingress:
                 raise APIError(503, f"model {m.config.id} is overloaded; retry later",
                                type_="overloaded_error", code="overloaded",
                                headers={"Retry-After": str(retry)}) from None
+            except InvalidRequestError as err:  # the engine refused the parameters: the client's error
+                cause = getattr(err, "cause", err)
+                raise APIError(400, str(cause.args[0] if cause.args else cause), code="invalid_sampling_params") \
+                    from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                 if produced or attempt == _RETRIES:
                     raise APIError(503, f"the replica serving this request failed: {type(err).__name__}",

@@ -22,7 +22,7 @@ from typing import Any
 
 from deployments.engine import EngineStats, start_engine
 from deployments.metrics import metrics
-from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
@@ -53,6 +53,17 @@ def placement_bundles(model: ModelConfig) -> tuple[list[dict[str, float]], str]:
     return bundles, model.placement_group_strategy
 
 
+def sampling_params(req: GenerateRequest):
+    """vLLM ``SamplingParams`` of a request (delta outputs); InvalidRequestError when vLLM refuses them."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InvalidRequestError(f"invalid sampling parameters: {err}") from None
+
+
 class VLLMReplica:
     """One vLLM engine behind a Serve replica."""
 
@@ -72,10 +83,7 @@ class VLLMReplica:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the output of one request; abort it in the engine if the caller cancels."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
+        params = sampling_params(req)
         prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
         if req.cache_salt:
             prompt["cache_salt"] = req.cache_salt

@@ -23,10 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class StubHandle:
-    """A deployment handle whose ``generate.remote`` streams ``words`` (or raises ``fail``)."""
+    """A deployment handle whose ``generate.remote`` streams ``words`` (or raises ``fail``).
 
-    def __init__(self, words: int = 3, cached_tokens: int = 0) -> None:
-        self.words, self.cached_tokens = words, cached_tokens
+    ``validate_sampling``: build vLLM's ``SamplingParams`` from the request first, as the replica does, and
+    raise what it raises (skipped when vLLM is not importable).
+    """
+
+    def __init__(self, words: int = 3, cached_tokens: int = 0, validate_sampling: bool = False) -> None:
+        self.words, self.cached_tokens, self.validate_sampling = words, cached_tokens, validate_sampling
         self.fail: Callable[[int], BaseException | None] = lambda attempt: None
         self.requests: list[GenerateRequest] = []
         self.generate = SimpleNamespace(remote=self._remote)
@@ -42,6 +46,10 @@ class StubHandle:
         err = self.fail(attempt)
         if err is not None:
             raise err
+        if self.validate_sampling:
+            from deployments.vllm_replica import sampling_params
+
+            sampling_params(req)
         n = req.sampling.get("n", 1)
         words = min(self.words, req.sampling["max_tokens"])
         for i in range(words):
