@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from deployments.protocol import GenerateRequest
+from deployments.protocol import GenerateRequest, InvalidRequestError
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -70,15 +70,25 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def sampling_params(req: GenerateRequest):
+    """vLLM ``SamplingParams`` of a request (delta outputs); InvalidRequestError when vLLM refuses them."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InvalidRequestError(f"invalid sampling parameters: {err}") from None
+
+
 class VLLMEngine:
     """``Engine`` over one vLLM ``AsyncLLM``."""
 
     def __init__(self, llm: Any, stats: EngineStats, kv_events_endpoint: str | None) -> None:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
 
         self._llm, self.stats, self.kv_events_endpoint = llm, stats, kv_events_endpoint
-        self._params, self._delta = SamplingParams, RequestOutputKind.DELTA
+        self._params = SamplingParams
 
     @property
     def errored(self) -> bool:
@@ -89,7 +99,7 @@ class VLLMEngine:
         return self._llm.dead_error
 
     def generate(self, req: GenerateRequest) -> AsyncIterator[Any]:
-        params = self._params(**req.sampling, output_kind=self._delta)
+        params = sampling_params(req)  # raises InvalidRequestError before anything reaches the engine
         prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
         if req.cache_salt:
             prompt["cache_salt"] = req.cache_salt
@@ -161,7 +171,7 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, 
     if kv_events_ports is not None:
         from deployments.kv_events import kv_events_engine_kwargs
 
-        args.update(kv_events_engine_kwargs(*kv_events_ports))
+        args.update(kv_events_engine_kwargs(*kv_events_ports, host=_node_ip()))
     if app.tracing.otlp_traces_endpoint:
         args["otlp_traces_endpoint"] = app.tracing.otlp_traces_endpoint
     if app.kv_tier.enabled:

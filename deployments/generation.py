@@ -40,6 +40,7 @@ class Accumulator:
     completion_tokens: int = 0
     cached_tokens: int = 0
     replica_id: str | None = None
+    show_cached: bool = True  # ingress.expose_cached_tokens
 
     def add(self, offset: int, chunk: GenerateChunk) -> None:
         if chunk.prompt_tokens is not None:
@@ -53,7 +54,7 @@ class Accumulator:
             self.finish[offset + i] = _finish(reason)
 
     def usage(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens if self.show_cached else None)
 
     def response(self, n_choices: int) -> dict[str, Any]:
         choices = []

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -36,11 +37,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
-from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError
 from deployments.readiness import Readiness, serve_status_source
 from deployments.rejections import record_rejection, status_label
 from deployments.request_router import record_actual_cached_tokens
@@ -68,7 +71,8 @@ def _own_serve_request_id() -> None:
 
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
-app.add_middleware(AcceptedAtMiddleware)
+app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
+app.add_middleware(AcceptedAtMiddleware)  # added last: outermost, so it stamps before auth runs
 _RETRIES = 2  # extra attempts when a replica dies before producing output
 _INLINE_CHARS = 8192  # prompts up to this many characters (~2K tokens, ~1 ms) are prepared on the event loop
 
@@ -78,6 +82,13 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
     if not err.counted:
         record_rejection(err.status, err.model, getattr(request.app.state, "model_ids", ()))
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unparsable body, unknown path, wrong method) in OpenAI's shape."""
+    return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -123,6 +134,7 @@ class _Tracker:
     def __init__(self, m: _Model, start: float, stages: RequestStages) -> None:
         self._m, self._start, self._status, self._first = m, start, "success", False
         self.stages = stages
+        self.on_done: Any = None  # called with the Accumulator when the request ends (token limits)
         m.inflight += 1
         metrics().concurrent.set(m.inflight, tags={"model": m.config.id})
 
@@ -162,6 +174,8 @@ class _Tracker:
                                (m.completion_tokens, acc.completion_tokens)):
             if value > 0:  # ray.util.metrics rejects inc(0)
                 counter.inc(value, tags={"model": model})
+        if self.on_done is not None:
+            self.on_done(acc)
 
 
 @serve.ingress(app)
@@ -189,6 +203,7 @@ class Ingress:
         self._readiness = Readiness({i: handles[i].deployment_name for i in self._models},
                                     serve_status_source(serve.get_replica_context().app_name))
         self._readiness.start()
+        self.gate = Gate.from_app(self._cfg)  # read by AuthMiddleware
         logger.info("ingress up for models %s", list(self._models))
 
     # --- routes -------------------------------------------------------------------------------
@@ -253,7 +268,7 @@ class Ingress:
         return m
 
     def _requests(self, m: _Model, body, prompts: list[tuple[list[int], tuple[int, ...]]], request: Request,
-                  stages: RequestStages) -> list[GenerateRequest]:
+                  stages: RequestStages, tenant: Any, salt: str | None) -> list[GenerateRequest]:
         reqs = []
         session = request.headers.get(self._session_header) if self._session_header else None
         trace_headers = stages.trace_headers()
@@ -271,7 +286,8 @@ class Ingress:
             reqs.append(GenerateRequest(
                 request_id=uuid.uuid4().hex, model_id=m.config.id, prompt_token_ids=ids,
                 sampling=body.sampling(max_tokens), block_hashes=hashes, session_key=session,
-                cache_salt=body.cache_salt, arrival_time=time.time(), trace_headers=trace_headers))
+                cache_salt=salt, arrival_time=time.time(), trace_headers=trace_headers))
+        self.gate.admit_tokens(tenant, sum(len(ids) for ids, _ in prompts), time.monotonic())
         return reqs
 
     async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool,
@@ -291,9 +307,15 @@ class Ingress:
                         record_actual_cached_tokens(req.request_id, chunk.cached_tokens or 0)
                     yield chunk
                 return
-            except BackPressureError:
+            except BackPressureError as err:
+                retry = max(1, math.ceil(getattr(err, "retry_after_s", None) or 1))
                 raise APIError(503, f"model {m.config.id} is overloaded; retry later",
-                               type_="overloaded_error", code="overloaded") from None
+                               type_="overloaded_error", code="overloaded",
+                               headers={"Retry-After": str(retry)}) from None
+            except InvalidRequestError as err:  # the engine refused the parameters: the client's error
+                cause = getattr(err, "cause", err)
+                raise APIError(400, str(cause.args[0] if cause.args else cause), code="invalid_sampling_params") \
+                    from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                 if produced or attempt == _RETRIES:
                     raise APIError(503, f"the replica serving this request failed: {type(err).__name__}",
@@ -305,11 +327,16 @@ class Ingress:
         start = accepted_at(request)
         stages = RequestStages(m.config.id, start, self._tracer)
         track = _Tracker(m, start, stages)
-        acc = Accumulator(chat=chat, rid="", created=int(time.time()), model=m.config.id)
+        tenant = tenant_of(request)
+        salt = self.gate.cache_salt(tenant, body.cache_salt)  # the tenant's, not the client's
+        track.on_done = lambda a: self.gate.settle(tenant, a.completion_tokens, time.monotonic())
+        acc = Accumulator(chat=chat, rid="", created=int(time.time()), model=m.config.id,
+                          show_cached=self._cfg.ingress.expose_cached_tokens)
+
         def prepare_and_hash() -> list[tuple[list[int], tuple[int, ...]]]:
             prompts = prepare()
             stages.tokenized = time.perf_counter()
-            hashed = [(ids, m.hashes(ids, body.cache_salt)) for ids in prompts]
+            hashed = [(ids, m.hashes(ids, salt)) for ids in prompts]
             stages.hashed = time.perf_counter()
             return hashed
 
@@ -318,7 +345,7 @@ class Ingress:
                 prompts = prepare_and_hash()
             else:
                 prompts = await asyncio.get_running_loop().run_in_executor(m.prep, prepare_and_hash)
-            reqs = self._requests(m, body, prompts, request, stages)
+            reqs = self._requests(m, body, prompts, request, stages, tenant, salt)
         except APIError as err:
             track.error(err)
             track.done(acc)
@@ -344,7 +371,8 @@ class Ingress:
             raise
         finally:
             track.done(acc)
-        headers = {"x-kvserve-replica": acc.replica_id} if acc.replica_id else None
+        show = acc.replica_id and self._cfg.ingress.expose_replica_header
+        headers = {"x-kvserve-replica": acc.replica_id} if show else None
         return JSONResponse(acc.response(n_choices), headers=headers)
 
 

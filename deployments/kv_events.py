@@ -36,12 +36,17 @@ _END_SEQ = -1
 _REPLAY_TIMEOUT_S = 2.0
 
 
-def kv_events_engine_kwargs(port: int, replay_port: int | None = None, *, topic: str = "") -> dict[str, Any]:
-    """vLLM engine kwargs making a replica publish its KV events on ``port`` (all interfaces).
+def kv_events_engine_kwargs(port: int, replay_port: int | None = None, *, topic: str = "",
+                            host: str = "*") -> dict[str, Any]:
+    """vLLM engine kwargs making a replica publish its KV events on ``port``.
 
     Add the result to the replica's ``AsyncEngineArgs`` kwargs. ``replay_port`` (recommended) opens
-    vLLM's replay socket so subscribers can recover missed batches. Prefix caching must stay on and
-    PYTHONHASHSEED must be set to ``RoutingConfig.hash_seed`` in the replica's environment.
+    vLLM's replay socket so subscribers can recover missed batches; it binds to ``host`` (the replica's
+    node IP: the only address the ingress uses). The PUB socket binds all interfaces whatever ``host``
+    is: vLLM's publisher binds only an endpoint holding a wildcard and *connects* to any other, so the
+    PUB port is closed to other pods by the cluster's NetworkPolicy instead (serve_app/kuberay/network.py).
+    Prefix caching must stay on and PYTHONHASHSEED must be set to the routing seed in the replica's
+    environment.
     """
     config: dict[str, Any] = {
         "enable_kv_cache_events": True,
@@ -50,7 +55,7 @@ def kv_events_engine_kwargs(port: int, replay_port: int | None = None, *, topic:
         "topic": topic,
     }
     if replay_port is not None:
-        config["replay_endpoint"] = f"tcp://*:{replay_port}"
+        config["replay_endpoint"] = f"tcp://{host}:{replay_port}"
     return {"kv_events_config": config}
 
 

@@ -23,7 +23,7 @@ class APIError(Exception):
                  model: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers  # extra HTTP headers, e.g. Retry-After on a 503
+        self.headers = headers  # e.g. Retry-After on 429/503, WWW-Authenticate on 401
         self.model = model  # the (known) model the request named, for the metrics' model label
         self.counted = False  # set once the request's metrics recorded this error
 
@@ -147,13 +147,16 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details`` only when cached tokens are reported."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def sse(obj: dict[str, Any]) -> str:

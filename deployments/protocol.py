@@ -1,8 +1,9 @@
 """The messages between the ingress and a vLLM replica (over a Serve deployment handle).
 
 Owns: ``GenerateRequest`` (token ids in, already rendered and tokenized by the ingress, plus the
-routing hints the request router reads from ``PendingRequest.args[0]``) and ``GenerateChunk`` (one
-streamed piece of output). Plain dataclasses: cheap to pickle, no pydantic on the hot path.
+routing hints the request router reads from ``PendingRequest.args[0]``), ``GenerateChunk`` (one
+streamed piece of output) and ``InvalidRequestError`` (the engine refused the request's parameters:
+the client's fault, never retried). Plain dataclasses: cheap to pickle, no pydantic on the hot path.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class ReplicaTiming:
     received_at: float
     first_output_at: float
     block_size: int = 0
+
+
+class InvalidRequestError(ValueError):
+    """Raised by a replica before generating when vLLM refuses the sampling parameters; the ingress answers 400.
+
+    Ray re-raises it at the caller as a subclass of both this class and ``RayTaskError``; the message is
+    in ``args[0]`` of the original (``RayTaskError.cause``).
+    """
 
 
 @dataclass(slots=True)

@@ -108,7 +108,7 @@ class KVServeRouter(RequestRouter):
         self._model = model_id
         self._load = LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token)
         self._rng = random.Random(seed)
-        self._hasher = BlockHasher(algo=self._config.hash_algo, seed=self._config.hash_seed)
+        self._hasher = BlockHasher(algo=self._config.hash_algo, seed=self._config.seed())
         self._pending: OrderedDict[str, tuple[RoutingRequest, Decision, str]] = OrderedDict()
         self._known: set[str] = set()
         self._subscriber: KVEventSubscriber | None = None

@@ -183,7 +183,9 @@ def build_replica(model: ModelConfig, app: AppConfig):
 
     opts = model.deployment.serve_options()
     actor = dict(opts.pop("ray_actor_options", {}))
-    env = {"PYTHONHASHSEED": app.routing.hash_seed, **model.env}
+    seed = app.routing.seed()  # from the config, or checked present in this process's env (hash_seed_from_env)
+    # A seed from the environment (a Secret on every pod) stays out of the deployment's visible options.
+    env = {**({} if app.routing.hash_seed_from_env else {"PYTHONHASHSEED": seed}), **model.env}
     runtime_env = dict(actor.pop("runtime_env", {}) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
     actor["runtime_env"] = runtime_env

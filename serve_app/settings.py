@@ -20,6 +20,14 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "KVSERVE_HTTP_HOST": ("127.0.0.1", "Host the CLI's invoke/bench commands talk to."),
     "KVSERVE_HTTP_PORT": ("8000", "Port of the Serve HTTP proxy that the CLI talks to."),
+    "KVSERVE_API_KEYS": (
+        "", ("API keys of the ingress as `tenant:key` entries (auth.api_keys_env names this variable by default; "
+        "read by deployments.auth, which keeps only their digests). Set it from a Secret, never in a config file."),
+    ),
+    "PYTHONHASHSEED": (
+        "", "Python's own hash seed; the block-hash seed when routing.hash_seed_from_env is true (set from a Secret).",
+    ),
+    "KVSERVE_FUZZ_REPORT": ("", "Tests: path where tests/unit/test_fuzz_api.py writes its case and 5xx counts."),
     "KVSERVE_REQUIRE_SCHEMAS": (
         "0", "1: tests that need the CRD schemas (kuberay/schemas, shipped) fail instead of skipping without them (CI)."
     ),

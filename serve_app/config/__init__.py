@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serve_app.config.auth import AuthConfig, TenantConfig
 from serve_app.config.deployment import DeploymentOptions
 from serve_app.config.kv_tier import KVTierConfig
 from serve_app.config.models import ModelConfig
@@ -21,12 +22,14 @@ from serve_app.config.routing import RoutingConfig
 
 __all__ = [
     "AppConfig",
+    "AuthConfig",
     "ConfigError",
     "DeploymentOptions",
     "IngressConfig",
     "KVTierConfig",
     "ModelConfig",
     "RoutingConfig",
+    "TenantConfig",
     "TracingConfig",
     "load_app_config",
     "load_serve_config",
@@ -53,6 +56,12 @@ class IngressConfig(BaseModel):
         default=600.0, gt=0,
         description="Upper bound on one request, in seconds: past it the generation is aborted and the client gets "
         "a 504 (timeout_error). Shutdown grace periods must cover it (checked by `kvserve kuberay render`).")
+    expose_cached_tokens: bool = Field(
+        default=False,
+        description="Report usage.prompt_tokens_details.cached_tokens. Off by default: with several tenants sharing "
+        "a cache group, a client could learn which prefixes others sent.")
+    expose_replica_header: bool = Field(
+        default=False, description="Send the `x-kvserve-replica` response header (which replica served the request).")
 
 
 class TracingConfig(BaseModel):
@@ -77,6 +86,7 @@ class AppConfig(BaseModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="Ingress deployment.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Request routing.")
     kv_tier: KVTierConfig = Field(default_factory=KVTierConfig, description="Shared KV tier.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants and their limits.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry request spans.")
 
     @model_validator(mode="after")

@@ -35,8 +35,15 @@ class DeploymentOptions(BaseModel):
     max_queued_requests: int = Field(
         default=-1,
         ge=-1,
-        description="Requests a caller may queue for this deployment before getting 503; -1 = unbounded. Each "
-        "prompt of a batched completion request is one request here.",
+        description="Requests each caller (proxy or ingress replica) may queue for this deployment beyond its "
+        "replicas' max_ongoing_requests before getting a fast 503; -1 = unbounded (refused by `kvserve kuberay "
+        "render`). Each prompt of a batched completion request is one request here.",
+    )
+    backpressure_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Ray Serve backpressure_config of the rejections beyond max_queued_requests: status_code (503 or "
+        "429) and retry_after_s (the Retry-After header). The ingress copies retry_after_s of a model's replicas "
+        "into its own 503.",
     )
     ray_actor_options: dict[str, Any] = Field(
         default_factory=dict, description="Ray actor options of each replica (num_cpus, memory, runtime_env...)."
@@ -70,6 +77,22 @@ class DeploymentOptions(BaseModel):
         from ray.serve.config import AutoscalingConfig  # Serve's own validation
 
         AutoscalingConfig(**value)
+        return value
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (unbounded) or a positive number of requests (Serve rejects 0)")
+        return value
+
+    @field_validator("backpressure_config")
+    @classmethod
+    def _check_backpressure(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import BackpressureConfig  # Serve's own validation
+
+            BackpressureConfig(**value)
         return value
 
     @model_validator(mode="after")

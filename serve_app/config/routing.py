@@ -37,6 +37,12 @@ class RoutingConfig(BaseModel):
         description="PYTHONHASHSEED given to every replica; vLLM derives its root block hash from it, and the "
         "router uses the same value so both compute the same block hashes.",
     )
+    hash_seed_from_env: bool = Field(
+        default=False,
+        description="Take the seed from the PYTHONHASHSEED environment variable of the process that builds the app "
+        "and of each ingress (on KubeRay: set on every pod from a Secret, cluster.security.hash_seed_secret) "
+        "instead of hash_seed, so the seed is not in the config. Missing or 'random' is an error.",
+    )
     hash_algo: HashAlgo = Field(
         default="sha256",
         description="vLLM prefix_caching_hash_algo; the builder must pass the same value in engine_kwargs "
@@ -133,6 +139,18 @@ class RoutingConfig(BaseModel):
         if self.request_router_kwargs and self.request_router_class is None:
             raise ValueError("routing.request_router_kwargs is set but routing.request_router_class is not")
         return self
+
+    def seed(self) -> str:
+        """The block-hash seed: ``hash_seed``, or PYTHONHASHSEED when ``hash_seed_from_env``."""
+        if not self.hash_seed_from_env:
+            return self.hash_seed
+        from serve_app import settings
+
+        value = settings.get("PYTHONHASHSEED")
+        if not value or value == "random":
+            raise ValueError("routing.hash_seed_from_env is true but PYTHONHASHSEED is not set to a seed in this "
+                             f"process ({value!r}); set it from the hash-seed Secret")
+        return value
 
     def knobs(self) -> Knobs:
         """The policy parameters (plain data for routers/)."""

@@ -6,7 +6,11 @@ Owns: ``cross_check(docs, apps_by_service, ray_version)``. For every RayService:
     puts all TP bundles of a replica on one pod), that group's Ray CPUs cover the replica's bundles, and
     its maxReplicas covers the model's Serve max_replicas. A group's Ray CPUs are read the way KubeRay
     starts Ray: ``resources.CPU``, else rayStartParams ``num-cpus``, else the container's CPU limit;
-  - PYTHONHASHSEED on every Ray container equals ``routing.hash_seed``;
+  - PYTHONHASHSEED on every Ray container equals ``routing.hash_seed``, or comes from a Secret when the
+    applications read it from the environment (``routing.hash_seed_from_env``);
+  - Ray token authentication is on (``authOptions.mode: token``, Ray >= 2.52) and a NetworkPolicy of the
+    namespace selects every pod template (otherwise any pod in the cluster reaches the GCS, the dashboard
+    and the KV-event sockets);
   - terminationGracePeriodSeconds >= the longest graceful_shutdown_timeout_s;
   - object-store-memory fits /dev/shm, which fits the container memory limit, and every node's object
     store lets the KV tier have its budget (the tier caps it by the smallest store in the cluster);
@@ -122,7 +126,8 @@ def _check_pods(name: str, rs: dict[str, Any], apps: list[AppConfig], index: dic
                 ) -> list[str]:
     errs: list[str] = []
     ns = rs["metadata"].get("namespace", "default")
-    seeds = {a.routing.hash_seed for a in apps}
+    from_secret = any(a.routing.hash_seed_from_env for a in apps)
+    seeds = {a.routing.hash_seed for a in apps} if not from_secret else set()
     graceful = longest_graceful_s(apps)
     delays = [float((m.deployment.autoscaling_config or {}).get("downscale_delay_s", 600.0))
               for a in apps for m in a.models if m.deployment.autoscaling_config is not None]
@@ -133,6 +138,11 @@ def _check_pods(name: str, rs: dict[str, Any], apps: list[AppConfig], index: dic
     for where, _, group, tpl in _pods(rs):
         spec, c = tpl.get("spec", {}), _container(tpl)
         env = {e.get("name"): e.get("value") for e in c.get("env", [])}
+        seed_ref = next((e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])
+                         if e.get("name") == "PYTHONHASHSEED"), None)
+        if from_secret and not seed_ref:
+            errs.append(f"{where}: routing.hash_seed_from_env is true but PYTHONHASHSEED does not come from a Secret "
+                        "(env[PYTHONHASHSEED].valueFrom.secretKeyRef)")
         if seeds and env.get("PYTHONHASHSEED") not in seeds:
             errs.append(f"{where}: PYTHONHASHSEED={env.get('PYTHONHASHSEED')!r}, routing.hash_seed is "
                         f"{sorted(seeds)} (block hashes would differ across replicas)")
@@ -222,6 +232,35 @@ def _check_monitor(pm: dict[str, Any], services: list[dict[str, Any]]) -> list[s
     return errs
 
 
+def _check_surface(rs: dict[str, Any], policies: list[dict[str, Any]]) -> list[str]:
+    """Ray token authentication on, and every pod template selected by an Ingress NetworkPolicy."""
+    errs = []
+    cfg = rs["spec"].get("rayClusterConfig", {})
+    mode = (cfg.get("authOptions") or {}).get("mode", "disabled")
+    if mode != "token":
+        errs.append(f"rayClusterConfig.authOptions.mode is {mode!r}: the GCS, dashboard and agents accept "
+                    "unauthenticated calls (set mode: token)")
+    elif tuple(int(x) for x in re.findall(r"\d+", str(cfg.get("rayVersion", "0")))[:2]) < (2, 52):
+        errs.append(f"rayClusterConfig.authOptions.mode token needs rayVersion >= 2.52, got {cfg.get('rayVersion')}")
+    ns = rs["metadata"].get("namespace", "default")
+    mine = [p for p in policies if p["metadata"].get("namespace", "default") == ns
+            and "Ingress" in (p["spec"].get("policyTypes") or ["Ingress"])]
+    for where, _, _, tpl in _pods(rs):
+        labels = tpl.get("metadata", {}).get("labels", {})
+        if not any(_selects(p["spec"].get("podSelector") or {}, labels) for p in mine):
+            errs.append(f"{where}: no NetworkPolicy in namespace {ns} selects these pods (labels {labels}): every "
+                        "pod in the cluster could reach the GCS (6379), dashboard (8265), client (10001) and KV-event "
+                        "ports")
+    return errs
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels only; matchExpressions are not rendered) selects these labels."""
+    if selector.get("matchExpressions"):
+        return False
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
 def _guarded(check: Callable[..., list[str]], *args: Any) -> list[str]:
     """Run one check; a malformed document (already reported by the schema check) cannot crash it."""
     try:
@@ -243,7 +282,8 @@ def cross_check(docs: list[dict[str, Any]], apps_by_service: dict[str, list[AppC
             out.append((rs, f"service name {name}-serve-svc exceeds 63 characters"))
         apps = apps_by_service.get(name, [])
         msgs = (_guarded(_check_models, name, rs, apps) + _guarded(_check_kv_tier, rs, apps)
-                + _guarded(_check_pods, name, rs, apps, index, ray_version))
+                + _guarded(_check_pods, name, rs, apps, index, ray_version)
+                + _guarded(_check_surface, rs, [d for d in docs if d.get("kind") == "NetworkPolicy"]))
         out += [(rs, msg) for msg in msgs]
     for pm in (d for d in docs if d.get("kind") == "PodMonitor"):
         out += [(pm, msg) for msg in _guarded(_check_monitor, pm, services)]

@@ -8,7 +8,10 @@ Everything that can be derived from the Serve config is derived, never restated:
   - min/maxReplicas from the models' Serve ``autoscaling_config`` (or ``num_replicas``);
   - ``resources: {"CPU": <replica CPUs>, "accelerator_type:<X>": "1"}`` so the autoscaler can scale such a
     group from zero (and no resource in rayStartParams: the operator rejects a group that has both);
-  - ``PYTHONHASHSEED`` = ``routing.hash_seed`` on every pod (block hashes agree across replicas);
+  - ``PYTHONHASHSEED`` = ``routing.hash_seed`` on every pod (block hashes agree across replicas), or from
+    the hash-seed Secret when ``routing.hash_seed_from_env``; the API-key Secret mounted at
+    ``auth.api_keys_path``; Ray token authentication (``authOptions``) and the target's NetworkPolicy
+    (serve_app/kuberay/network.py);
   - terminationGracePeriodSeconds, the workers' preStop drain (``kvserve drain``) and
     rayClusterDeletionDelaySeconds from the longest ``graceful_shutdown_timeout_s``, itself checked to
     cover ``ingress.request_timeout_s``, so in-flight generations finish on scale-down, node
@@ -27,6 +30,8 @@ import yaml
 
 from serve_app import settings
 from serve_app.config import AppConfig, ConfigError, ModelConfig
+from serve_app.kuberay.network import auth_options, build_network_policy, secret_env, secret_mounts, seed_from_secret
+from serve_app.kuberay.rules_serve import unbounded_queues
 from serve_app.kuberay.targets import ClusterSpec, Target, effective_serve_config
 
 logger = logging.getLogger(__name__)
@@ -150,7 +155,7 @@ def _env(target: Target, cluster: ClusterSpec, apps: list[AppConfig]) -> dict[st
     if len(seeds) != 1:
         raise ConfigError(f"target {target.name}: applications disagree on routing.hash_seed {sorted(seeds)}")
     model_dir = target.model_dir or (cluster.model_store.mount_path if cluster.model_store else None)
-    env = {"PYTHONHASHSEED": seeds.pop(), **settings.SERVE_FAST_PATH_ENV}
+    env = {**({} if seed_from_secret(apps) else {"PYTHONHASHSEED": seeds.pop()}), **settings.SERVE_FAST_PATH_ENV}
     if model_dir:
         env["KVSERVE_MODEL_DIR"] = model_dir
     return {**env, "HF_HUB_OFFLINE": "1", **target.extra_env}
@@ -252,6 +257,11 @@ def build_rayservice(target: Target, cluster: ClusterSpec, doc: dict[str, Any], 
             "resources": {"CPU": str(math.ceil(g.cpus)), f"accelerator_type:{g.accelerator_type}": "1"},
             "template": _pod(target, cluster, c, store + SHM_HEADROOM_GIB, "worker", pool.name, True, grace_s),
         })
+    volumes, mounts = secret_mounts(apps, cluster.security)
+    for tpl in [head["template"]] + [w["template"] for w in workers]:
+        tpl["spec"]["volumes"] += volumes
+        tpl["spec"]["containers"][0]["volumeMounts"] += mounts
+        tpl["spec"]["containers"][0]["env"] += secret_env(apps, cluster.security)
     serve_yaml = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
     return {
         "apiVersion": "ray.io/v1",
@@ -269,6 +279,7 @@ def build_rayservice(target: Target, cluster: ClusterSpec, doc: dict[str, Any], 
             "serveConfigV2": serve_yaml,
             "rayClusterConfig": {
                 "rayVersion": ray_version,
+                "authOptions": auth_options(cluster.security),
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"version": "v2", "upscalingMode": "Default",
                                       "idleTimeoutSeconds": target.autoscaler_idle_timeout_s},
@@ -320,9 +331,13 @@ def build_common(cluster: ClusterSpec) -> list[dict[str, Any]]:
 
 
 def build_target(target: Target, cluster: ClusterSpec, root: Path, ray_version: str) -> list[dict[str, Any]]:
-    """The documents of one target's manifest file (its RayService; shared objects are in build_common)."""
+    """The documents of one target's manifest file (its RayService and NetworkPolicy; shared objects are in
+    build_common)."""
     doc, apps = effective_serve_config(target, root)
+    unbounded = [msg for i, app in enumerate(apps) for msg in unbounded_queues(app, f"applications.{i}.args.")]
+    if unbounded:
+        raise ConfigError(f"target {target.name} ({target.serve_config}): " + "; ".join(unbounded))
     rs = build_rayservice(target, cluster, doc, apps, ray_version)
     logger.info("target %s: %d worker group(s) from %s", target.name,
                 len(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]), target.serve_config)
-    return [rs]
+    return [rs, build_network_policy(target.name, cluster.namespace, cluster.security)]

@@ -11,7 +11,9 @@ applications). It checks, in order:
     Ray container's port named ``serve`` (the port <name>-serve-svc targets);
   - every ``import_path`` imports; the project's builder (``serve_app.builder:build_app``) gets its args
     validated as ``AppConfig`` (whose models feed the cross-checks); another path into the project is
-    an error, because nothing would check its args.
+    an error, because nothing would check its args;
+  - every deployment of a kvserve application has a bounded queue (``unbounded_queues``: render refuses
+    such a config before writing anything).
 """
 
 from __future__ import annotations
@@ -155,11 +157,21 @@ def _app_rules(aw: str, app: dict[str, Any]) -> tuple[list[str], AppConfig | Non
             value = dep.get(key) if isinstance(dep, dict) else None
             errs += unknown_keys(f"{aw}.args.{sub}.deployment.{key}", value, DeploymentSchema.model_fields[key].annotation)
     try:
-        return errs, load_app_config(args, where=f"{aw}.args.")
+        cfg = load_app_config(args, where=f"{aw}.args.")
+        return errs + unbounded_queues(cfg, f"{aw}.args."), cfg
     except ConfigError as err:
         return errs + [str(err).replace("invalid config:\n  ", "").replace("\n  ", "; ")], None
     except (ImportError, AttributeError) as err:  # e.g. Serve importing an autoscaling policy_function
         return errs + [f"{aw}.args: Serve cannot load it ({type(err).__name__}: {err})"], None
+
+
+def unbounded_queues(app: AppConfig, where: str = "") -> list[str]:
+    """A message for each deployment whose ``max_queued_requests`` is -1 (unbounded)."""
+    owners = [(f"models.{k}", m.deployment) for k, m in enumerate(app.models)] + [("ingress", app.ingress.deployment)]
+    return [f"{where}{sub}.deployment.max_queued_requests: -1 (unbounded): under overload requests would wait until "
+            f"ingress.request_timeout_s ({app.ingress.request_timeout_s:g} s) instead of a fast 503 with Retry-After; "
+            f"set a bound (e.g. {dep.max_ongoing_requests}, its max_ongoing_requests)"
+            for sub, dep in owners if dep.max_queued_requests == -1]
 
 
 @functools.cache

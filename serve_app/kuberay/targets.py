@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.config import AppConfig, ConfigError, load_app_config, load_serve_config
+from serve_app.kuberay.network import SecuritySpec
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 #: NVIDIA GPUs per EC2 instance type (AWS accelerated-computing specs), for the types the pools name.
@@ -121,6 +122,8 @@ class ClusterSpec(_Strict):
     )
     cpu_pool: CpuPool
     gpu_pools: list[GpuPool] = Field(default_factory=list)
+    security: SecuritySpec = Field(description="NetworkPolicy peers, Ray token authentication and the Secrets "
+                                   "(API keys, hash seed) the pods read.")
 
     def gpu_pool(self, accelerator_type: str) -> GpuPool | None:
         """The GPU pool whose GPUs are of this Ray accelerator type."""

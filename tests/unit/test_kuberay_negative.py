@@ -152,8 +152,10 @@ CASES: list[tuple[str, Callable[[list], None], str]] = [
      "model llama-3.1-8b: tensor_parallel_size 2 (STRICT_PACK, accelerator L40S) matches no worker group"),
     ("no-cpu-group-for-ingress", lambda d: _rs(d)["spec"]["rayClusterConfig"]["workerGroupSpecs"].pop(0),
      "ingress needs 1.0 CPUs per replica but no CPU worker group offers that"),
-    ("hash-seed-missing", lambda d: _gpu_group(d)["template"]["spec"]["containers"][0]["env"].pop(0),
-     "workerGroupSpecs[gpu-l40s-tp1]: PYTHONHASHSEED=None, routing.hash_seed is ['0']"),
+    ("hash-seed-missing", lambda d: _gpu_group(d)["template"]["spec"]["containers"][0].update(env=[
+        e for e in _gpu_container(d)["env"] if e["name"] != "PYTHONHASHSEED"]),
+     ("workerGroupSpecs[gpu-l40s-tp1]: routing.hash_seed_from_env is true but PYTHONHASHSEED does not come from a "
+     "Secret")),
     ("object-store-over-shm", lambda d: _gpu_group(d)["rayStartParams"].update(
         **{"object-store-memory": str(64 * 2**30)}), "exceeds /dev/shm sizeLimit 18Gi"),
     ("kv-tier-capped-by-head", lambda d: _head(d)["rayStartParams"].update(**{"object-store-memory": str(2 * 2**30)}),

@@ -17,6 +17,7 @@ ROOT = render.repo_root()
 TP_SIZES = [1, 2, 4, 8]
 
 from deployments.vllm_replica import placement_bundles
+from serve_app.kuberay.network import build_network_policy
 
 CLUSTER = ClusterSpec.model_validate({
     "name": "test", "namespace": "kvserve", "node_role": "role", "service_account": "kvserve",
@@ -26,6 +27,7 @@ CLUSTER = ClusterSpec.model_validate({
     "gpu_pools": [{"name": "kvserve-gpu-h100", "accelerator_type": "H100", "instance_types": ["p5.48xlarge"],
                    "gpu_limit": 64, "cpu_per_gpu": 20, "memory_gib_per_gpu": 200, "object_store_gib_per_gpu": 32,
                    "gpus_per_node": 8}],
+    "security": {"serve_from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}]},
 })
 
 
@@ -57,7 +59,8 @@ def test_worker_group_gpu_limit_equals_tp(tp):
     assert _limit(group) == tp
     assert group["resources"] == {"CPU": "2", "accelerator_type:H100": "1"}
     assert "num-cpus" not in group["rayStartParams"]  # the operator rejects resources set in both places
-    docs = [*build_common(CLUSTER), *build_karpenter(CLUSTER), rs]
+    docs = [*build_common(CLUSTER), *build_karpenter(CLUSTER), rs,
+            build_network_policy(rs["metadata"]["name"], CLUSTER.namespace, CLUSTER.security)]
     assert [m for _, m in cross_check(docs, {rs["metadata"]["name"]: apps}, "2.60.0")] == []
 
 

@@ -1,0 +1,109 @@
+"""The real ingress FastAPI app over a stub replica handle: no Ray cluster, no engine.
+
+Owns: ``stub_ingress`` (an ``Ingress`` built from configs/cpu.yaml plus overrides, with the SmolLM2
+tokenizer and a ``StubHandle`` for the model; Serve's replica context is patched so the routes find
+the instance) and ``StubHandle`` (streams a fixed answer, or fails the way a replica does). Used by
+the auth, overload and fuzz tests; tests that need it are skipped when SmolLM2 is not prepared.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments.protocol import GenerateChunk, GenerateRequest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StubHandle:
+    """A deployment handle whose ``generate.remote`` streams ``words`` (or raises ``fail``).
+
+    ``validate_sampling``: build vLLM's ``SamplingParams`` from the request first, as the replica does, and
+    raise what it raises (skipped when vLLM is not importable).
+    """
+
+    deployment_name = "vllm-stub"
+
+    def __init__(self, words: int = 3, cached_tokens: int = 0, validate_sampling: bool = False) -> None:
+        self.words, self.cached_tokens, self.validate_sampling = words, cached_tokens, validate_sampling
+        self.fail: Callable[[int], BaseException | None] = lambda attempt: None
+        self.requests: list[GenerateRequest] = []
+        self.generate = SimpleNamespace(remote=self._remote)
+
+    def options(self, **_: Any) -> StubHandle:
+        return self
+
+    def _remote(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        self.requests.append(copy.deepcopy(req))
+        return self._stream(req, len(self.requests) - 1)
+
+    async def _stream(self, req: GenerateRequest, attempt: int) -> AsyncIterator[GenerateChunk]:
+        err = self.fail(attempt)
+        if err is not None:
+            raise err
+        if self.validate_sampling:
+            from deployments.engine import sampling_params
+
+            sampling_params(req)
+        n = req.sampling.get("n", 1)
+        words = min(self.words, req.sampling["max_tokens"])
+        for i in range(words):
+            last = i == words - 1
+            yield GenerateChunk(
+                texts={c: f" w{i}" for c in range(n)}, token_counts={c: 1 for c in range(n)},
+                finish_reasons={c: "length" for c in range(n)} if last else {},
+                prompt_tokens=len(req.prompt_token_ids) if i == 0 else None,
+                cached_tokens=self.cached_tokens if i == 0 else None, replica_id="r0" if i == 0 else None)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stub_ingress(monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any] | None = None,
+                 handle: StubHandle | None = None):
+    """(FastAPI app, Ingress instance, handle) for configs/cpu.yaml + ``overrides``."""
+    from serve_app.settings import model_dir
+
+    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
+    args = _merge(doc["applications"][0]["args"], overrides or {})
+    model_path = model_dir() / args["models"][0]["path"]
+    if not (model_path / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 is not prepared under {model_path} (kvserve prepare-model)")
+    from ray import serve
+
+    from deployments import ingress as ingress_mod
+
+    handle = handle or StubHandle()
+    cls = next(c for c in ingress_mod.Ingress.__mro__ if "_requests" in c.__dict__)  # the class Serve wraps
+    obj = cls.__new__(cls)
+    context = SimpleNamespace(servable_object=obj, app_name="kvserve")
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    running = {StubHandle.deployment_name: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})}
+    # Serve's ingress decorator copies the class's module globals: patch the copy its methods read.
+    code_globals = cls.__init__.__globals__
+    monkeypatch.setitem(code_globals, "serve_status_source", lambda app_name: lambda: running)  # every model serves
+    monkeypatch.setitem(code_globals, "metrics", lambda: _NullMetrics())
+    cls.__init__(obj, args, {m["id"]: handle for m in args["models"]})
+    obj._readiness.refresh(0.0)
+    return ingress_mod.app, obj, handle
+
+
+class _NullMetric:
+    def __getattr__(self, _: str) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+class _NullMetrics:
+    def __getattr__(self, _: str) -> _NullMetric:
+        return _NullMetric()

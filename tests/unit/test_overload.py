@@ -1,0 +1,90 @@
+"""Bounded queues: every shipped config and manifest has them, render refuses unbounded ones, and a request
+beyond them gets a fast 503 with Retry-After in OpenAI's shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from kuberay_support import copy_inputs
+
+from serve_app.config import ConfigError, DeploymentOptions, load_serve_config
+from serve_app.kuberay import render
+from serve_app.kuberay.rules_serve import serve_config_rules, unbounded_queues
+from tests.unit.ingress_stub import StubHandle, stub_ingress
+
+pytestmark = pytest.mark.unit
+
+ROOT = render.repo_root()
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_bounds_every_queue(path: Path):
+    _, apps = load_serve_config(path)
+    for app in apps:
+        assert unbounded_queues(app) == []
+        for dep in [m.deployment for m in app.models] + [app.ingress.deployment]:
+            assert dep.serve_options()["backpressure_config"]["retry_after_s"] > 0
+
+
+def test_every_shipped_manifest_bounds_every_queue():
+    for path in sorted((ROOT / "kuberay").glob("rayservice-*.yaml")):
+        (rs,) = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "RayService"]
+        errs, apps = serve_config_rules(rs)
+        assert errs == [] and apps, path
+        for app in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]:
+            deps = [m["deployment"] for m in app["args"]["models"]] + [app["args"]["ingress"]["deployment"]]
+            assert all(d["max_queued_requests"] >= 1 for d in deps), path
+
+
+def test_render_refuses_an_unbounded_queue_before_writing(tmp_path: Path):
+    root = copy_inputs(tmp_path)
+    cfg = root / "configs" / "cpu.yaml"
+    cfg.write_text(cfg.read_text().replace("max_queued_requests: 64", "max_queued_requests: -1"))
+    with pytest.raises(ConfigError) as err:
+        render.write(root)
+    assert str(err.value).startswith("target kvserve-cpu-smoke (configs/cpu.yaml): applications.0.args.models.0."
+                                     "deployment.max_queued_requests: -1 (unbounded)")
+    assert "set a bound (e.g. 64" in str(err.value)
+    assert not list((root / "kuberay").glob("*.yaml"))
+
+
+def test_validate_reports_an_unbounded_queue_in_a_manifest():
+    path = ROOT / "kuberay" / "rayservice-cpu-smoke.yaml"
+    (rs,) = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "RayService"]
+    doc = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    del doc["applications"][0]["args"]["ingress"]["deployment"]["max_queued_requests"]
+    rs["spec"]["serveConfigV2"] = yaml.safe_dump(doc)
+    errs, _ = serve_config_rules(rs)
+    assert errs == [("spec.serveConfigV2.applications.0.args.ingress.deployment.max_queued_requests: -1 (unbounded): "
+                     "under overload requests would wait until ingress.request_timeout_s (180 s) instead of a fast 503 "
+                     "with Retry-After; set a bound (e.g. 512, its max_ongoing_requests)")]
+
+
+def test_queue_options_are_checked_like_serve_checks_them():
+    with pytest.raises(ValueError, match="must be -1 \\(unbounded\\) or a positive number"):
+        DeploymentOptions(max_ongoing_requests=1, max_queued_requests=0)
+    with pytest.raises(ValueError, match="retry_after"):
+        DeploymentOptions(max_ongoing_requests=1, backpressure_config={"retry_after": 1})
+    with pytest.raises(ValueError, match="status_code"):
+        DeploymentOptions(max_ongoing_requests=1, backpressure_config={"status_code": 500})
+
+
+async def test_a_request_beyond_the_replica_queues_gets_a_fast_503_with_retry_after(monkeypatch):
+    from ray.serve.exceptions import BackPressureError
+
+    handle = StubHandle()
+    handle.fail = lambda attempt: BackPressureError(num_queued_requests=64, max_queued_requests=64, retry_after_s=2.5)
+    app, _, _ = stub_ingress(monkeypatch, handle=handle)
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvserve") as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        s = await c.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 503 and r.headers["retry-after"] == "3"
+    assert r.json()["error"] == {"message": "model smollm2 is overloaded; retry later", "type": "overloaded_error",
+                                 "param": None, "code": "overloaded"}
+    assert len(handle.requests) == 2  # not retried: another attempt would only add load
+    assert '"code":"overloaded"' in s.text and s.text.endswith("data: [DONE]\n\n")
