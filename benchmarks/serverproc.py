@@ -52,15 +52,18 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
             proc.wait()
 
 
-def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.Popen) -> float:
-    """Seconds until ``POST base_url/completions`` for one token of ``model`` answers 200."""
+def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.Popen,
+                 api_key: str | None = None) -> float:
+    """Seconds until ``POST base_url/completions`` for one token of ``model`` answers 200 (with ``api_key``)."""
     t0 = time.time()
     body = json.dumps({"model": model, "prompt": [1, 2, 3], "max_tokens": 1}).encode()
     while time.time() - t0 < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before serving")
-        req = urllib.request.Request(base_url + "/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        req = urllib.request.Request(base_url + "/completions", data=body, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 if r.status == 200:

@@ -52,7 +52,9 @@ VARIANTS: dict[str, dict] = {
     "kvserve_nomerge": {"model": {"stream_chunks_per_s": 0}},
     "kvserve_one_ingress": {"args": {"ingress": {"deployment": {"num_replicas": 1}}}},
     "kvserve_round_robin": {"args": {"routing": {"strategy": "round-robin"}}},
+    "kvserve_auth": {"args": {"auth": {"enabled": True}}},  # API keys on, as a user exposing it would run it
 }
+BENCH_KEY = "sk-serving-overhead"  # the one tenant's key of kvserve_auth (KVSERVE_API_KEYS=bench:<key>)
 PORTS = (8000, 8001, 8080, 8404, 9101)  # kvserve HTTP, vllm serve, Ray metrics, HAProxy stats/metrics
 KVSERVE_METRICS = "http://127.0.0.1:8080/metrics"
 VLLM_METRICS = "http://127.0.0.1:8001/metrics"
@@ -116,7 +118,8 @@ def clean(log: list, kill: bool) -> None:
         time.sleep(3)
 
 
-def bench(base: str, model: str, tokenizer: str, conc: int, n: int, work: Path, tag: str, args) -> dict:
+def bench(base: str, model: str, tokenizer: str, conc: int, n: int, work: Path, tag: str, args,
+          api_key: str | None = None) -> dict:
     name = f"{tag}_c{conc}.json"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
            "--base-url", base, "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
@@ -126,7 +129,8 @@ def bench(base: str, model: str, tokenizer: str, conc: int, n: int, work: Path, 
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
            "--save-result", "--result-dir", str(work), "--result-filename", name, "--disable-tqdm"]
     print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, timeout=args.bench_timeout)
+    env = {**os.environ, "OPENAI_API_KEY": api_key} if api_key else None  # vllm bench sends it as Bearer
+    subprocess.run(cmd, check=True, timeout=args.bench_timeout, env=env)
     r = json.loads((work / name).read_text())
     return {k: r.get(k) for k in KEEP} | {"command": shlex.join(cmd)}
 
@@ -143,19 +147,21 @@ def run_system(system: str, run: int, cfg_path: Path, model, eargs: dict, work: 
         from serve_app.haproxy_guard import write_wrapper
 
         env = {**settings.SERVE_FAST_PATH_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(write_wrapper()),
-               "RAY_metrics_report_interval_ms": "1000"}
+               "RAY_metrics_report_interval_ms": "1000", "KVSERVE_API_KEYS": f"bench:{BENCH_KEY}"}
         ray_start = ["ray", "start", "--head", "--metrics-export-port", "8080", "--disable-usage-stats"]
         subprocess.run(ray_start, check=True, env={**os.environ, **env}, capture_output=True, timeout=120)
         start = [sys.executable, "-m", "serve_app.cli", "serve", "--address", "auto", str(cfg_path)]
         base, metrics_url = "http://127.0.0.1:8000", KVSERVE_METRICS
     print(f"=== {tag}:", shlex.join(start), flush=True)
     proc = serverproc.start(start, env, work / f"{tag}_server.log", ROOT)
-    res: dict = {"system": system, "run": run, "start_cmd": shlex.join(start), "env": env}
+    res: dict = {"system": system, "run": run, "start_cmd": shlex.join(start),
+                 "env": {k: v for k, v in env.items() if k != "KVSERVE_API_KEYS"}}
+    key = BENCH_KEY if "auth" in VARIANTS.get(system, {}).get("args", {}) else None
     try:
-        res["ready_s"] = round(serverproc.wait_serving(base + "/v1", model.id, args.start_timeout, proc), 1)
+        res["ready_s"] = round(serverproc.wait_serving(base + "/v1", model.id, args.start_timeout, proc, key), 1)
         for conc, n in ((1, args.prompts_c1), (64, args.prompts_c64)):
             before = scrape(metrics_url)
-            res[f"c{conc}"] = bench(base, model.id, eargs["tokenizer"], conc, n, work, tag, args)
+            res[f"c{conc}"] = bench(base, model.id, eargs["tokenizer"], conc, n, work, tag, args, key)
             time.sleep(3 if system != "vllm_serve" else 0)  # Ray's agent exports every second
             after = scrape(metrics_url)
             res[f"c{conc}"]["engine_ms"] = engine_means_ms(before, after)
