@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see ../shared/device/README.md for shipping the wheel parts first):
+#   bash benchmarks/gpu/run_on_device.sh LIMIT_S SCRIPT-AND-ARGS...
+# installs the wheels once per machine, sets the paths (repo, /tmp/site, the carried model dir .models), runs
+# the script under `timeout LIMIT_S`, then copies /tmp/res (results kept across calls) and the server logs to $OUT.
+set -u
+limit=$1; shift
+if [ ! -f /tmp/site/.kvserve-installed ]; then
+  bash /tmp/parts/p0/install-on-device >/dev/null && touch /tmp/site/.kvserve-installed || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH KVSERVE_MODEL_DIR=$PWD/.models PYTHONUNBUFFERED=1
+mkdir -p /tmp/res
+timeout "$limit" python3 "$@"
+rc=$?
+cp /tmp/res/*.json "$OUT"/ 2>/dev/null
+tar czf "$OUT/logs-$(date +%s).tgz" -C /tmp/res work 2>/dev/null
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+exit $rc
