@@ -5,8 +5,9 @@ Owns ``gpu_cells`` (the cells of a routing head-to-head JSON, ``kvserve.routing_
 GB/s, serving overhead), ``fit`` (the free cost parameters) and ``residuals``.
 
 Method. The free parameters (prefill speed and its attention term, the step's fixed cost, its cost per
-decoding request and per 1K context tokens, GPU contention between co-located replicas) are fitted
-on the round-robin cells only, by a multiplicative coordinate search minimising the squared log
+decoding request and per 1K context tokens, GPU contention between co-located replicas, and the
+per-request latency outside the engine, seeded with the serving overhead measured at concurrency 1)
+are fitted on the round-robin cells only, by a multiplicative coordinate search minimising the squared log
 error of TTFT p50 and TPOT p50 (open-loop cells) and of TPOT p50 (saturated cells). Round-robin
 ignores caches, so it measures the engine; the cache-aware cells are then predictions, and their
 residuals say how far to trust the simulator for routing.
@@ -38,7 +39,8 @@ from benchmarks.simulator.sim import ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
 
 MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware")
-FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_seq", "decode_s_per_ktok", "gpu_contention")
+FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_seq", "decode_s_per_ktok", "gpu_contention",
+        "request_overhead_s")
 #: KV bytes per token of the model shapes the GPU runs use (layers x kv heads x head dim x 2 (K, V) x 2 bytes).
 KV_BYTES_PER_TOKEN = {"llama-3.2-1b": 16 * 8 * 64 * 2 * 2, "llama-3.1-8b": 32 * 8 * 128 * 2 * 2}
 
@@ -215,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def residual_table(rows: list[dict]) -> str:
-    lines = ["| workload | load | strategy | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | sim tok/s | "
-             "GPU hit | sim hit | GPU TPOT ms | sim TPOT |",
+    lines = [("| workload | load | strategy | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | sim tok/s | "
+              "GPU hit | sim hit | GPU TPOT ms | sim TPOT |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         load = r["load"] if r["modelled"] else f"{r['load']} (not modelled)"

@@ -40,6 +40,7 @@ class Result:
     output_tokens: int = 0
     busy_s: float = 0.0
     last_done: float = 0.0
+    first_measured: float | None = None  # send time of the first measured request to complete
     gpu_seconds: float = 0.0
     replicas_end: int = 0
     gpus_end: int = 0
@@ -50,8 +51,8 @@ class Result:
     per_replica: dict[str, int] = field(default_factory=dict)
 
     def summary(self, *, gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD, per_replica: bool = True) -> dict:
-        ms = lambda xs, q: round(pct(xs, q) * 1e3, 2)  # noqa: E731
-        duration = self.last_done
+        ms = lambda xs, q: round(pct(xs, q) * 1e3, 2)
+        duration = self.last_done - (self.first_measured or 0.0)
         out = {
             "requests": self.completed, "sent": self.sent, "retries": self.retries,
             "ttft_p50_ms": ms(self.ttft_s, 0.5), "ttft_p90_ms": ms(self.ttft_s, 0.9),
@@ -72,7 +73,7 @@ class Result:
             "replicas_end": self.replicas_end, "failed_replicas": self.failed_replicas,
             "scale_ups": self.scale_ups, "scale_downs": self.scale_downs,
             "reasons": dict(self.reasons),
-            "cost": token_costs(gpus=self.gpu_seconds / duration if duration else 0.0, duration_s=duration,
+            "cost": token_costs(gpus=self.gpu_seconds / self.last_done if self.last_done else 0.0, duration_s=duration,
                                 input_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
                                 gpu_hour_usd=gpu_hour_usd),
         }

@@ -4,10 +4,16 @@ Owns ``SIZES``, ``scenario`` (the workload and load of one size: rates and shari
 cluster), ``run_table`` and the CLI, which writes ``sim_scale.json``, ``sim_scale.md`` and PNG plots.
 
 Scaling rules (per replica, so every size offers the same load per replica):
-    docqa      6 documents per replica (the GPU run's 24 over 4), Poisson at the GPU run's r70 rate per replica
-    multiturn  endless sessions, 4 open per replica, Poisson at the GPU run's r70 rate per replica
-    mooncake   one trace copy (own user population) per 8 replicas, 10x faster than recorded
+    docqa      one document per 2 replicas (at least 4), Poisson at the GPU run's r70 rate per replica
+    multiturn  endless sessions, one open per replica, Poisson at the GPU run's r70 rate per replica
+    mooncake   one trace copy (own user population) per 64 replicas, sped up to ~4 requests/s per replica
+Each cell sends ``requests_per_replica`` x replicas requests, at most ``max_requests`` (simulation
+time grows with replicas x requests: the policies score every replica on every request); the
+first half warms the caches and only the second half is measured.
 Ingress replicas: one per 64 engine replicas (at least one); kv-aware hears KV events 50 ms late.
+"ingress CPU" is the router's decision time x requests/s per ingress (1.0 = one core busy routing);
+"event CPU" the time applying KV events per second per ingress: where either nears 1, one ingress
+replica no longer keeps up at that size.
 The "+tier" rows add the shared KV tier (object store, ``tier_gib`` per GPU node of 8 GPUs).
 
 CLI: ``python -m benchmarks.simulator.scale --calibration benchmarks/results/sim_calibration.json``.
@@ -36,43 +42,44 @@ SYSTEMS = {"round-robin": ("round-robin", False), "prefix-aware": ("prefix-aware
 TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
 
 
-def scenario(workload: str, replicas: int, settings: dict, rates: dict, engine: EngineModel, *, requests_per_replica: int,
+def scenario(workload: str, replicas: int, settings: dict, rates: dict, engine: EngineModel, *, requests: int,
              gpu_replicas: int = 4, seed: int = 0) -> tuple[Driver, float]:
-    """The load of ``workload`` at ``replicas``; returns (driver, offered requests/s)."""
+    """The load of ``workload`` at ``replicas`` (``requests`` sent); returns (driver, offered requests/s)."""
     bs = engine.block_size
     if workload == "mooncake":
-        copies = max(1, replicas // 8)
+        copies = max(1, replicas // 64)
         sessions = workloads.mooncake_sessions(TRACE, block_tokens=64, max_input_tokens=7000, max_output_tokens=256,
-                                               time_scale=0.1, copies=copies, block_size=bs, seed=seed)
-        n = requests_per_replica * replicas
+                                               time_scale=1.2 * replicas / copies, copies=copies, block_size=bs, seed=seed,
+                                               limit=2 * requests // copies + 200)
+        n = requests
         rate = n / max(sessions[min(n, len(sessions)) - 1].arrival_s, 1e-9)
         return Driver(iter(sessions), LoadPlan("trace", num_requests=n, seed=seed)), rate
     args = list(settings["workloads"][workload])
     rate = rates[workload]["r70"] / gpu_replicas * replicas
     if workload == "docqa":
-        args[args.index("--docs") + 1] = str(6 * replicas)
+        args[args.index("--docs") + 1] = str(max(4, replicas // 2))
         sessions = sessions_for("docqa", args, bs, seed)
         width = 16
     else:
         sessions = workloads.multiturn_sessions(sessions=0, turns=int(args[args.index("--turns") + 1]),
                                                 system_words=512, user_words=(32, 96), output_len=128,
                                                 block_size=bs, seed=seed)
-        width = 4 * replicas
-    plan = LoadPlan("rate", rate, num_requests=requests_per_replica * replicas, width=width, seed=seed)
+        width = replicas
+    plan = LoadPlan("rate", rate, num_requests=requests, width=width, seed=seed)
     return Driver(sessions, plan), rate
 
 
 def run_cell(workload: str, system: str, replicas: int, engine: EngineModel, settings: dict, rates: dict, *,
-             requests_per_replica: int, tier_gib: float, gpu_hour_usd: float | None = None) -> dict:
+             requests: int, tier_gib: float, gpu_hour_usd: float | None = None) -> dict:
     strategy, tier = SYSTEMS[system]
-    driver, rate = scenario(workload, replicas, settings, rates, engine, requests_per_replica=requests_per_replica)
+    driver, rate = scenario(workload, replicas, settings, rates, engine, requests=requests)
     ingresses = max(1, replicas // 64)
     gpus = math.ceil(replicas / engine.replicas_per_gpu)
     budget = int(tier_gib * 2**30 * max(1, gpus // 8) / (engine.kv_bytes_per_token * engine.block_size)) if tier else 0
     cluster = ClusterSpec(replicas, ingresses=ingresses, event_lag_s=0.05, tier_budget_blocks=budget,
                           measure_memory=True)
     t0 = time.perf_counter()
-    res = simulate(driver, RoutingConfig(strategy=strategy).knobs(), cluster, engine)
+    res = simulate(driver, RoutingConfig(strategy=strategy).knobs(), cluster, engine, measure_from=requests // 2)
     kw = {"gpu_hour_usd": gpu_hour_usd} if gpu_hour_usd is not None else {}
     s = res.summary(per_replica=False, **kw)
     per_ingress_rate = s["requests_per_s"] / ingresses
@@ -84,6 +91,7 @@ def run_cell(workload: str, system: str, replicas: int, engine: EngineModel, set
         "ingress_cpu_fraction": round(s["router_decision_p50_us"] * 1e-6 * per_ingress_rate, 3),
         "events_per_s_per_ingress": round(res.events_applied / max(ingresses, 1) / max(res.last_done, 1e-9), 1),
         "event_apply_us_per_event": s["event_apply_us_per_event"],
+        "event_cpu_fraction": round(res.event_apply_s / max(ingresses, 1) / max(res.last_done, 1e-9), 3),
         "cost_per_1k_input_tokens_usd": s["cost"]["cost_per_1k_input_tokens_usd"],
         "cost_per_1k_output_tokens_usd": s["cost"]["cost_per_1k_output_tokens_usd"],
         "sim_wall_s": round(time.perf_counter() - t0, 1),
@@ -92,14 +100,15 @@ def run_cell(workload: str, system: str, replicas: int, engine: EngineModel, set
 
 def table_md(rows: list[dict]) -> str:
     head = ("| workload | replicas | system | TTFT p50 ms | p99 | hit | tier hit | out tok/s | decision p50 us | "
-            "ingress CPU | index MiB/ingress | events/s/ingress | $/1K out |")
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "ingress CPU | index MiB/ingress | events/s/ingress | event CPU | $/1K out |")
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mib = (r["index_bytes_per_ingress"] or 0) / 2**20
         lines.append(f"| {r['workload']} | {r['replicas']} | {r['system']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
                      f"{r['cache_hit_rate']:.2f} | {r['tier_hit_rate']:.2f} | {r['output_tok_per_s']:.0f} | "
                      f"{r['router_decision_p50_us']:.0f} | {r['ingress_cpu_fraction']:.2f} | {mib:.1f} | "
-                     f"{r['events_per_s_per_ingress']:.0f} | {r['cost_per_1k_output_tokens_usd']:.5f} |")
+                     f"{r['events_per_s_per_ingress']:.0f} | {r['event_cpu_fraction']:.2f} | "
+                     f"{r['cost_per_1k_output_tokens_usd']:.5f} |")
     return "\n".join(lines)
 
 
@@ -139,12 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--requests-per-replica", type=int, default=40)
+    ap.add_argument("--requests-per-replica", type=int, default=24)
+    ap.add_argument("--max-requests", type=int, default=2400, help="cap on requests per cell (simulation time)")
     ap.add_argument("--tier-gib", type=float, default=64.0, help="KV tier budget per 8-GPU node")
     ap.add_argument("--gpu-hour-usd", type=float, default=None)
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--plot-dir", default="docs/img")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="SIM_SCALE_JSON",
+                    help="no simulation: combine the rows of these sim_scale.json files (runs split by workload)")
     args = ap.parse_args(argv)
+    if args.merge:
+        docs = [json.loads(Path(p).read_text()) for p in args.merge]
+        return _write(args, docs[0]["engine"], [r for d in docs for r in d["rows"]],
+                      [d["command"] for d in docs])
     cal = json.loads(Path(args.calibration).read_text())
     routing = json.loads(Path(args.routing or cal["sources"]["routing"]).read_text())
     engine = EngineModel.from_dict(cal["engine"])
@@ -153,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         for n in map(int, args.sizes.split(",")):
             for system in args.systems.split(","):
                 row = run_cell(wl, system, n, engine, routing["scale_settings"], routing["rates"],
-                               requests_per_replica=args.requests_per_replica, tier_gib=args.tier_gib,
+                               requests=min(args.requests_per_replica * n, args.max_requests), tier_gib=args.tier_gib,
                                gpu_hour_usd=args.gpu_hour_usd)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
+    return _write(args, engine.to_dict(), rows, ["python -m benchmarks.simulator.scale " + " ".join(
+        argv if argv is not None else sys.argv[1:])])
+
+
+def _write(args: argparse.Namespace, engine: dict, rows: list[dict], commands: list[str]) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": "kvserve.sim_scale/1",
-           "command": "python -m benchmarks.simulator.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "calibration": args.calibration, "engine": engine.to_dict(), "rows": rows}
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    rows = sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["replicas"], list(SYSTEMS).index(r["system"])))
+    doc = {"schema": "kvserve.sim_scale/1", "commands": commands, "calibration": args.calibration,
+           "engine": engine, "rows": rows}
     (out / "sim_scale.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "sim_scale.md").write_text(table_md(rows) + "\n")
     Path(args.plot_dir).mkdir(parents=True, exist_ok=True)

@@ -76,8 +76,13 @@ class _State:
     stats: dict = field(default_factory=dict)
 
 
-def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int = 0) -> Result:
-    """Run ``driver``'s load through the cluster; returns the per-request record and the router costs."""
+def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int = 0,
+             measure_from: int = 0) -> Result:
+    """Run ``driver``'s load through the cluster; returns the per-request record and the router costs.
+
+    Requests sent before the ``measure_from``-th one warm the caches and are not in the samples,
+    token counts or throughput (routing costs count them all).
+    """
     res = Result(knobs.strategy)
     bs = engine.block_size
     tier = ObjectTier(cluster.tier_budget_blocks) if cluster.tier_budget_blocks > 0 else None
@@ -189,6 +194,8 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             job.ready_at = now + engine.tier_load_s(job.from_tier)
         job.remaining = prompt - job.cached - job.from_tier
         job.looked_up = True
+        if job.turn.rid < measure_from:
+            return
         res.prompt_tokens += prompt
         res.cached_tokens += job.cached
         res.tier_tokens += job.from_tier
@@ -240,8 +247,9 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         if not turn.first_token:
             turn.first_token = True
             turn.first_at = now
-            seen = turn.ingress.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
-            res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
+            if turn.rid >= measure_from:
+                seen = turn.ingress.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
+                res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
         stored, removed = rep.insert(turn.block_hashes)
         events = ([BlockStored(tuple(stored), "GPU")] if stored else []) + ([BlockRemoved(tuple(removed), "GPU")] if removed else [])
         emit(rep, events, now)
@@ -265,14 +273,18 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
         turn.ingress.load.on_completed(rep.rid, str(turn.rid))
+        outstanding -= 1
+        driver.finish(turn, now, send)
+        if turn.rid < measure_from:
+            return
+        if res.first_measured is None:
+            res.first_measured = turn.sent_at
         res.e2e_s.append(now - turn.sent_at + engine.request_overhead_s)
         if turn.output_tokens > 1:
             res.tpot_s.append((now - turn.first_at) / (turn.output_tokens - 1))
         res.output_tokens += turn.output_tokens
         res.completed += 1
         res.last_done = now
-        outstanding -= 1
-        driver.finish(turn, now, send)
 
     def send(t: float, turn: Turn) -> None:
         nonlocal outstanding
@@ -355,10 +367,9 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         elif kind == "ready":
             if payload.alive:
                 go_live(payload, now)
-        elif kind == "scale":
-            if outstanding or tick is not None:
-                autoscale(now)
-                push(now + cluster.autoscale.period_s, "scale", None)
+        elif kind == "scale" and (outstanding or tick is not None):
+            autoscale(now)
+            push(now + cluster.autoscale.period_s, "scale", None)
         gpus = gpu_count() if kind in ("fail", "ready", "scale") else gpus
         if outstanding == 0 and tick is None and kind in ("step", "tick"):
             break

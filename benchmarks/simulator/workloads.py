@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
@@ -181,10 +181,11 @@ def mooncake_sessions(
     path: str | Path, *, block_tokens: int = 64, max_input_tokens: int | None = 7000, max_output_tokens: int | None = 256,
     time_scale: float = 1.0, copies: int = 1, limit: int | None = None, block_size: int = 16, seed: int = 0,
 ) -> list[SimSession]:
-    """``kvserve bench --workload mooncake`` (hash id -> ``block_tokens`` tokens, lengths x block_tokens/512).
+    """``kvserve bench --workload mooncake`` (hash id -> ``block_tokens`` tokens, lengths x block_tokens/512;
+    ``time_scale`` 10 replays ten times faster, as the bench's flag does).
 
     ``copies`` > 1 replays the trace that many times at once, each copy a separate user population
-    (its own hash namespace) starting at a random offset within the first minute: the way the scale
+    (its own hash namespace) starting at a random offset within the trace's first minute: the way the scale
     table grows the offered load with the cluster while keeping the trace's reuse structure.
     """
     if block_tokens % block_size:
@@ -201,7 +202,7 @@ def mooncake_sessions(
     rng = random.Random(f"{seed}/mooncake/copies")
     out = []
     for c in range(copies):
-        offset = rng.uniform(0.0, 60.0) if c else 0.0
+        offset = rng.uniform(0.0, 60.0) / time_scale if c else 0.0
         for i, rec in enumerate(records):
             n = max(1, math.ceil(rec["input_length"] * block_tokens / 512))
             n = min(n, max_input_tokens) if max_input_tokens else n
