@@ -11,7 +11,8 @@ Each cell sends ``requests_per_replica`` x replicas requests, at most ``max_requ
 time grows with replicas x requests: the policies score every replica on every request); the
 first half warms the caches and only the second half is measured.
 Ingress replicas: one per 64 engine replicas (at least one); kv-aware hears KV events 50 ms late.
-"ingress CPU" is the router's decision time x requests/s per ingress (1.0 = one core busy routing);
+"ingress CPU" is the router's decision time x offered requests/s per ingress (1.0 = one core busy
+routing);
 "event CPU" the time applying KV events per second per ingress: where either nears 1, one ingress
 replica no longer keeps up at that size.
 The "+tier" rows add the shared KV tier (object store, ``tier_gib`` per GPU node of 8 GPUs).
@@ -82,13 +83,12 @@ def run_cell(workload: str, system: str, replicas: int, engine: EngineModel, set
     res = simulate(driver, RoutingConfig(strategy=strategy).knobs(), cluster, engine, measure_from=requests // 2)
     kw = {"gpu_hour_usd": gpu_hour_usd} if gpu_hour_usd is not None else {}
     s = res.summary(per_replica=False, **kw)
-    per_ingress_rate = s["requests_per_s"] / ingresses
     return {
         "workload": workload, "system": system, "replicas": replicas, "gpus": gpus, "ingresses": ingresses,
         "offered_rps": round(rate, 1), **{k: s[k] for k in (
             "requests", "ttft_p50_ms", "ttft_p99_ms", "cache_hit_rate", "tier_hit_rate", "output_tok_per_s",
             "requests_per_s", "router_decision_p50_us", "router_decision_p99_us", "index_bytes_per_ingress")},
-        "ingress_cpu_fraction": round(s["router_decision_p50_us"] * 1e-6 * per_ingress_rate, 3),
+        "ingress_cpu_fraction": round(s["router_decision_p50_us"] * 1e-6 * rate / ingresses, 3),
         "events_per_s_per_ingress": round(res.events_applied / max(ingresses, 1) / max(res.last_done, 1e-9), 1),
         "event_apply_us_per_event": s["event_apply_us_per_event"],
         "event_cpu_fraction": round(res.event_apply_s / max(ingresses, 1) / max(res.last_done, 1e-9), 3),
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         docs = [json.loads(Path(p).read_text()) for p in args.merge]
         return _write(args, docs[0]["engine"], [r for d in docs for r in d["rows"]],
-                      [d["command"] for d in docs])
+                      [c for d in docs for c in d["commands"]])
     cal = json.loads(Path(args.calibration).read_text())
     routing = json.loads(Path(args.routing or cal["sources"]["routing"]).read_text())
     engine = EngineModel.from_dict(cal["engine"])
@@ -182,6 +182,8 @@ def _write(args: argparse.Namespace, engine: dict, rows: list[dict], commands: l
     out.mkdir(parents=True, exist_ok=True)
     order = {w: i for i, w in enumerate(WORKLOADS)}
     rows = sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["replicas"], list(SYSTEMS).index(r["system"])))
+    for r in rows:  # derived from the row's own fields, so rows merged from several runs agree
+        r["ingress_cpu_fraction"] = round(r["router_decision_p50_us"] * 1e-6 * r["offered_rps"] / r["ingresses"], 3)
     doc = {"schema": "kvserve.sim_scale/1", "commands": commands, "calibration": args.calibration,
            "engine": engine, "rows": rows}
     (out / "sim_scale.json").write_text(json.dumps(doc, indent=2) + "\n")
