@@ -108,6 +108,16 @@ def test_each_ingress_learns_only_from_its_own_decisions():
     assert hit(4) < hit(1)
 
 
+def test_a_busy_ingress_delays_first_tokens():
+    def ttft_p50(engine: EngineModel) -> float:
+        plan = LoadPlan("rate", 40.0, num_requests=300)
+        return simulate(docqa(plan), knobs("prefix-aware"), ClusterSpec(4), engine).summary()["ttft_p50_ms"]
+
+    idle = ttft_p50(ENGINE)
+    busy = ttft_p50(ENGINE.with_(frontend_s_per_request=0.004, frontend_s_per_token=0.0015))
+    assert busy > idle + 4.0  # at least the per-request cost, plus queueing behind streamed tokens
+
+
 def test_cost_per_1k_tokens():
     c = token_costs(gpus=2, duration_s=1800, input_tokens=1_000_000, output_tokens=250_000, gpu_hour_usd=4.0)
     assert c["cost_usd"] == pytest.approx(4.0)
