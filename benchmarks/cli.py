@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
 from serve_app import settings
 
 DEFAULT_TRACE = "/work/shared/traces/mooncake/conversation_trace.jsonl"
@@ -77,6 +78,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="result JSON path (default bench-LABEL-WORKLOAD-LOAD-TIME.json)")
     g.add_argument("--per-request", action="store_true", help="also store every request's record")
+    g.add_argument("--gpu-hour-usd", type=float, default=DEFAULT_GPU_HOUR_USD,
+                   help="price of one GPU-hour for the cost per 1K tokens (default %(default)s: H200, see "
+                   "benchmarks/bench/cost.py)")
+    g.add_argument("--gpus", type=float, help="GPUs serving the endpoint, for the cost (default: the GPUs "
+                   "nvidia-smi lists on this machine, else 1)")
     g.add_argument("--compare", nargs="+", metavar="RESULT", help="no run: plot and tabulate these result JSONs")
     g.add_argument("--plot-dir", default="bench-plots", help="--compare: output folder (default %(default)s)")
 

@@ -11,6 +11,7 @@ Layout (one topic per module):
     loadgen.py     closed-loop concurrency, open-loop Poisson and trace-replay schedulers.
     stats.py       percentiles and the run summary.
     result.py      the result JSON (config, machine, summary, samples).
+    cost.py        cost per 1K input/output tokens from a GPU-hour price.
     compare.py     several result JSONs -> PNG plots and a markdown table.
     command.py     ``kvserve bench``: flags -> workload + LoadSpec, preflight, run, exit codes.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.bench.client import StreamClient
+from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
 from benchmarks.bench.loadgen import LoadSpec, run_load
 from benchmarks.bench.result import build_result, default_output, format_summary, machine_info, utc_now, write_result
 from benchmarks.bench.workloads import make_workload
@@ -193,6 +194,8 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     try:
+        if getattr(args, "gpu_hour_usd", 0.0) < 0 or (getattr(args, "gpus", None) is not None and args.gpus <= 0):
+            raise BenchError("--gpu-hour-usd must be >= 0 and --gpus > 0", 2)
         workload = build_workload(args)
         spec = build_load(args, workload)
         extra, headers = parse_extra(args)
@@ -210,7 +213,9 @@ def run_bench(args: argparse.Namespace) -> int:
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     result = build_result(label=label, workload=workload, spec=spec, base_url=args.base_url, model=model,
                           seed=args.seed, client=client_cfg, argv=argv, machine=machine,
-                          started_at=started_at, outcome=outcome, per_request=args.per_request)
+                          started_at=started_at, outcome=outcome, per_request=args.per_request,
+                          gpus=getattr(args, "gpus", None),
+                          gpu_hour_usd=getattr(args, "gpu_hour_usd", DEFAULT_GPU_HOUR_USD))
     path = Path(args.output) if args.output else default_output(label, workload.name, spec, started_at)
     write_result(result, path)
     print(format_summary(result))

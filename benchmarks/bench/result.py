@@ -8,6 +8,7 @@ exists), ``build_result`` and ``write_result``. Schema ``kvserve.bench/1``:
                   client: {...}, command, argv, machine, started_at},
      "summary":  stats.summarize(...)   per-metric p50/p90/p99/mean, throughput, cache-hit rate, errors
      "headline": stats.headline(...)    flat numbers: ttft_p50_ms, output_tok_per_s, ...
+     "cost":     cost.token_costs(...)  cost per 1K input/output tokens at a GPU-hour price
      "samples":  {ttft_ms: [...], e2e_ms: [...]}   per successful request, in completion order
      "requests": [...]                  only with --per-request; never prompt text}
 
@@ -28,6 +29,7 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD, token_costs
 from benchmarks.bench.loadgen import LoadSpec, RunOutcome
 from benchmarks.bench.stats import headline, summarize
 
@@ -64,7 +66,8 @@ def _record_row(record) -> dict:
 
 def build_result(*, label: str, workload, spec: LoadSpec, base_url: str, model: str, seed: int, client: dict,
                  argv: list[str], machine: dict, started_at: datetime, outcome: RunOutcome,
-                 per_request: bool = False) -> dict:
+                 per_request: bool = False, gpus: float | None = None,
+                 gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD) -> dict:
     """Assemble the result JSON object (see module docstring)."""
     summary = summarize(outcome)
     load = {"mode": spec.mode, "level": spec.level, "num_requests": spec.num_requests, "duration_s": spec.duration_s,
@@ -85,6 +88,9 @@ def build_result(*, label: str, workload, spec: LoadSpec, base_url: str, model: 
         },
         "summary": summary,
         "headline": headline(summary),
+        "cost": token_costs(gpus=gpus if gpus is not None else max(1, len(machine.get("gpus") or [])),
+                            duration_s=summary["duration_s"], input_tokens=summary["tokens"]["prompt_total"],
+                            output_tokens=summary["tokens"]["output_total"], gpu_hour_usd=gpu_hour_usd),
         "samples": {"ttft_ms": [round(r.ttft_s * 1000, 3) for r in ok if r.ttft_s is not None],
                     "e2e_ms": [round(r.e2e_s * 1000, 3) for r in ok if r.e2e_s is not None]},
     }
@@ -127,6 +133,11 @@ def format_summary(result: dict) -> str:
         (f"  output {h['output_tok_per_s']:.1f} tok/s  {h['requests_per_s']:.2f} req/s  cache hit {hit}  "
          f"client cpu {s['client']['cpu_util']:.0%}"),
     ]
+    c = result.get("cost")
+    if c and c["cost_per_1k_output_tokens_usd"] is not None:
+        lines.append(f"  cost at ${c['gpu_hour_usd']:g}/GPU-h x {c['gpus']:g} GPU: "
+                     f"${c['cost_per_1k_input_tokens_usd']:.6f} per 1K input, "
+                     f"${c['cost_per_1k_output_tokens_usd']:.6f} per 1K output tokens")
     if s["errors"]["by_kind"]:
         lines.append(f"  errors by kind: {s['errors']['by_kind']}; first: {s['errors']['samples'][0]}")
     return "\n".join(lines)

@@ -1,6 +1,10 @@
-"""Discrete-event simulator for cluster sizes we cannot run: the production routers/ policies
-against modelled vLLM replicas (prefill cost per uncached token, decode cost, LRU KV capacity).
+"""Discrete-event simulator for cluster sizes we cannot run: the production routers/ policies in
+front of modelled vLLM replicas, calibrated on GPU results.
 
-Owns: ``workloads`` (document QA, no sharing, multi-turn chat, the Mooncake trace) and ``engine``
-(the simulation). CLI: ``python -m benchmarks.simulator --help``.
+Owns: ``engine`` (the cost model of one replica), ``replica`` (per-replica cache and queues, the
+shared KV tier), ``load`` and ``workloads`` (the twin of ``kvserve bench``'s load and workloads),
+``sim`` (the event loop: ingresses, routing, engine steps, failures, autoscaling), ``result`` (what a
+run measured, cost included), ``calibrate`` (fit to GPU JSONs, residuals) and ``scale`` (the 8-1024
+replica table). CLIs: ``python -m benchmarks.simulator``, ``python -m benchmarks.simulator.calibrate``,
+``python -m benchmarks.simulator.scale``; docs/benchmarks.md has the results.
 """

@@ -1,78 +1,133 @@
-"""CLI: ``python -m benchmarks.simulator --workload shared-prefix --replicas 16 --out sim.json``.
+"""CLI: ``python -m benchmarks.simulator --workload docqa --replicas 16 --rate 40 --out sim.json``.
 
-Runs the same request stream through each strategy and writes one JSON document with the command,
-the engine model, the routing knobs and, per strategy, TTFT p50/p90/p99, output tok/s, cache-hit
-rate, reasons and requests per replica. ``--routing KEY=VALUE`` overrides ``RoutingConfig`` fields.
+Runs the same load through each strategy and writes one JSON document with the command, the engine
+model, the cluster and, per strategy, TTFT p50/p90/p95/p99, output tok/s, cache-hit rates (GPU and
+tier), router decision time, cost per 1K tokens, reasons and requests per replica.
+
+Workloads: ``docqa`` and ``multiturn`` are ``kvserve bench``'s (closed loop with ``--concurrency``
+or Poisson with ``--rate``); ``shared-prefix``, ``no-sharing``, ``multi-turn`` and ``mooncake`` are
+fixed-arrival streams (``--rate``, or the trace's timestamps). ``--engine`` loads a calibrated
+engine model (``sim_calibration.json`` or a bare EngineModel JSON object); explicit engine flags
+override it. ``--routing KEY=VALUE`` overrides ``RoutingConfig`` fields.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
 from benchmarks.simulator import workloads
-from benchmarks.simulator.engine import EngineModel, simulate
+from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.sim import Autoscale, ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+FIXED = ("shared-prefix", "no-sharing", "multi-turn", "mooncake")
 
 
-def _requests(args: argparse.Namespace, block_size: int) -> list[workloads.SimRequest]:
+def _driver(args: argparse.Namespace, block_size: int) -> Driver:
     common = {"block_size": block_size, "seed": args.seed}
-    if args.workload == "shared-prefix":
-        return workloads.shared_prefix(args.requests, args.rate, docs=args.docs, doc_tokens=args.doc_tokens, **common)
-    if args.workload == "no-sharing":
-        return workloads.no_sharing(args.requests, args.rate, **common)
-    if args.workload == "multi-turn":
-        return workloads.multi_turn(args.requests, args.rate, sessions=args.sessions, **common)
-    return workloads.mooncake(args.trace, limit=args.requests, time_scale=args.time_scale, block_size=block_size,
-                              max_prompt_tokens=args.max_prompt_tokens)
+    if args.workload in FIXED:
+        if args.workload == "shared-prefix":
+            reqs = workloads.shared_prefix(args.requests, args.rate, docs=args.docs, doc_tokens=args.doc_tokens, **common)
+        elif args.workload == "no-sharing":
+            reqs = workloads.no_sharing(args.requests, args.rate, **common)
+        elif args.workload == "multi-turn":
+            reqs = workloads.multi_turn(args.requests, args.rate, sessions=args.sessions, **common)
+        else:
+            reqs = workloads.mooncake(args.trace, limit=args.requests, time_scale=args.time_scale, block_size=block_size,
+                                      max_prompt_tokens=args.max_prompt_tokens)
+        return Driver(iter(workloads.trace_sessions(reqs)), LoadPlan("trace", seed=args.seed))
+    if args.workload == "docqa":
+        sessions = workloads.docqa_sessions(docs=args.docs, doc_tokens=(args.doc_tokens // 2, args.doc_tokens), **common)
+    else:
+        sessions = workloads.multiturn_sessions(sessions=0, sticky=args.sticky_sessions, **common)
+    if args.concurrency:
+        plan = LoadPlan("concurrency", args.concurrency, num_requests=args.requests, seed=args.seed)
+    else:
+        plan = LoadPlan("rate", args.rate, num_requests=args.requests, seed=args.seed)
+    return Driver(sessions, plan)
+
+
+def _engine(args: argparse.Namespace) -> EngineModel:
+    base = EngineModel()
+    if args.engine:
+        doc = json.loads(Path(args.engine).read_text())
+        base = EngineModel.from_dict(doc.get("engine", doc))
+    changes = {k: v for k, v in (("prefill_tokens_per_s", args.prefill_tps), ("decode_s_per_token", args.decode_s_per_token),
+                                 ("kv_blocks", args.kv_blocks), ("stats_period_s", args.stats_period)) if v is not None}
+    block_size = args.block_size or (512 if args.workload == "mooncake" else base.block_size)
+    if block_size != base.block_size:
+        changes.setdefault("kv_blocks", base.kv_blocks * base.block_size // block_size)
+    return base.with_(block_size=block_size, **changes)
+
+
+def _cluster(args: argparse.Namespace, engine: EngineModel) -> ClusterSpec:
+    failures = tuple((float(t), int(i)) for i, t in (f.split("@") for f in args.fail))
+    autoscale = None
+    if args.autoscale:
+        lo, hi, target = args.autoscale.split(":")
+        autoscale = Autoscale(int(lo), int(hi), float(target), start_s=args.replica_start_s)
+    budget = int(args.tier_gib * 2**30 / (engine.kv_bytes_per_token * engine.block_size)) if args.tier_gib else 0
+    return ClusterSpec(args.replicas, ingresses=args.ingresses, event_lag_s=args.event_lag, tier_budget_blocks=budget,
+                       failures=failures, autoscale=autoscale, measure_memory=args.measure_memory)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator", description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=["shared-prefix", "no-sharing", "multi-turn", "mooncake"], default="shared-prefix")
+    ap.add_argument("--workload", choices=["docqa", "multiturn", *FIXED], default="shared-prefix")
     ap.add_argument("--strategies", default="prefix-aware,kv-aware,least-loaded,round-robin")
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--rate", type=float, default=20.0, help="requests/s (synthetic workloads)")
+    ap.add_argument("--rate", type=float, default=20.0, help="requests/s (open loop)")
+    ap.add_argument("--concurrency", type=int, default=None, help="docqa/multiturn: closed loop instead of --rate")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--sessions", type=int, default=32, help="multi-turn: concurrently open chat sessions")
+    ap.add_argument("--sticky-sessions", action="store_true", help="multiturn: send the session key (x-session-id)")
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--time-scale", type=float, default=1.0, help="mooncake: multiply trace timestamps")
     ap.add_argument("--max-prompt-tokens", type=int, default=None)
-    ap.add_argument("--prefill-tps", type=float, default=EngineModel().prefill_tokens_per_s)
-    ap.add_argument("--decode-s-per-token", type=float, default=EngineModel().decode_s_per_token)
-    ap.add_argument("--kv-blocks", type=int, default=None, help="per replica (default: 64k tokens)")
-    ap.add_argument("--stats-period", type=float, default=EngineModel().stats_period_s, help="replica report period (s)")
+    ap.add_argument("--engine", default=None, help="calibrated engine JSON (sim_calibration.json)")
+    ap.add_argument("--prefill-tps", type=float, default=None)
+    ap.add_argument("--decode-s-per-token", type=float, default=None)
+    ap.add_argument("--kv-blocks", type=int, default=None, help="per replica")
+    ap.add_argument("--stats-period", type=float, default=None, help="replica report period (s)")
     ap.add_argument("--block-size", type=int, default=None, help="default 16; 512 for mooncake")
+    ap.add_argument("--ingresses", type=int, default=1, help="ingress replicas, each with its own router state")
+    ap.add_argument("--event-lag", type=float, default=0.0, help="seconds before a KV event reaches the ingresses")
+    ap.add_argument("--tier-gib", type=float, default=0.0, help="shared KV tier budget (0: no tier)")
+    ap.add_argument("--fail", action="append", default=[], metavar="REPLICA@SECONDS", help="kill a replica")
+    ap.add_argument("--autoscale", default=None, metavar="MIN:MAX:TARGET_ONGOING")
+    ap.add_argument("--replica-start-s", type=float, default=60.0, help="autoscaling: time for a new replica")
+    ap.add_argument("--measure-memory", action="store_true", help="report the router index bytes per ingress")
+    ap.add_argument("--gpu-hour-usd", type=float, default=DEFAULT_GPU_HOUR_USD)
     ap.add_argument("--routing", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    block_size = args.block_size or (512 if args.workload == "mooncake" else 16)
-    engine = EngineModel(
-        prefill_tokens_per_s=args.prefill_tps, decode_s_per_token=args.decode_s_per_token, block_size=block_size,
-        kv_blocks=args.kv_blocks or 65536 // block_size, stats_period_s=args.stats_period,
-    )
+    engine = _engine(args)
+    cluster = _cluster(args, engine)
     overrides = dict(kv.split("=", 1) for kv in args.routing)
-    requests = _requests(args, block_size)
     results = {}
     for strategy in args.strategies.split(","):
         routing = RoutingConfig(strategy=strategy, prefill_s_per_token=1.0 / engine.prefill_tokens_per_s, **overrides)
         t0 = time.perf_counter()
-        res = simulate(requests, routing.knobs(), replicas=args.replicas, engine=engine, seed=args.seed)
-        results[strategy] = {**res.summary(), "sim_wall_s": round(time.perf_counter() - t0, 2)}
+        res = simulate(_driver(args, engine.block_size), routing.knobs(), cluster, engine, seed=args.seed)
+        results[strategy] = {**res.summary(gpu_hour_usd=args.gpu_hour_usd), "sim_wall_s": round(time.perf_counter() - t0, 2)}
     doc = {
         "command": "python -m benchmarks.simulator " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": args.workload, "replicas": args.replicas, "requests": len(requests),
-        "engine": dataclasses.asdict(engine), "routing_overrides": overrides, "results": results,
+        "workload": args.workload, "replicas": args.replicas, "requests": args.requests,
+        "engine": engine.to_dict(), "cluster": {"ingresses": cluster.ingresses, "event_lag_s": cluster.event_lag_s,
+                                                "tier_budget_blocks": cluster.tier_budget_blocks,
+                                                "failures": cluster.failures, "autoscale": args.autoscale},
+        "routing_overrides": overrides, "results": results,
     }
     text = json.dumps(doc, indent=2)
     if args.out:

@@ -230,7 +230,7 @@ def test_cli_run_writes_result_json_and_compare_plots(tmp_path, capsys):
             out = tmp_path / f"c{c}.json"
             argv = ["bench", "--base-url", server.base_url, "--workload", "random", "--input-len", "32",
                     "--output-len", "4", "--concurrency", str(c), "--num-requests", "8", "--warmup", "2",
-                    "--label", "fake", "-o", str(out)]
+                    "--label", "fake", "--gpu-hour-usd", "3.6", "--gpus", "2", "-o", str(out)]
             assert main(argv) == 0
             outputs.append(out)
     result = json.loads(outputs[0].read_text())
@@ -241,8 +241,15 @@ def test_cli_run_writes_result_json_and_compare_plots(tmp_path, capsys):
     assert config["command"].startswith("kvserve bench --base-url") and config["machine"]["hostname"]
     assert result["headline"]["completed"] == 8 and result["headline"]["errors"] == 0
     assert len(result["samples"]["ttft_ms"]) == 8 and result["summary"]["requests"]["warmup"] == 2
-    assert set(result["summary"]["ttft_ms"]) >= {"p50", "p90", "p99", "mean"}
-    assert "TTFT p50" in capsys.readouterr().out
+    assert set(result["summary"]["ttft_ms"]) >= {"p50", "p90", "p95", "p99", "mean"}
+    assert result["headline"]["ttft_p95_ms"] is not None
+    cost, summary = result["cost"], result["summary"]
+    assert (cost["gpus"], cost["gpu_hour_usd"]) == (2, 3.6)
+    assert cost["cost_usd"] == pytest.approx(2 * summary["duration_s"] / 1000, rel=1e-2, abs=1e-6)
+    assert cost["cost_per_1k_output_tokens_usd"] == pytest.approx(
+        cost["cost_usd"] / summary["tokens"]["output_total"] * 1000, rel=1e-3)
+    out_text = capsys.readouterr().out
+    assert "TTFT p50" in out_text and "per 1K output tokens" in out_text
     assert config["workload"]["seed"] == "0/c1"  # prompts salted by load level:
     assert json.loads(outputs[1].read_text())["headline"]["cache_hit_rate"] == 0.0  # c=4 misses c=1's cache
     pytest.importorskip("matplotlib")
@@ -251,6 +258,14 @@ def test_cli_run_writes_result_json_and_compare_plots(tmp_path, capsys):
     table = (plots / "table.md").read_text()
     assert table.count("| fake | random |") == 2
     assert (plots / "ttft_cdf.png").stat().st_size > 0 and (plots / "ttft_p50_vs_load.png").stat().st_size > 0
+
+
+def test_cli_rejects_a_negative_gpu_price(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    argv = ["bench", "--base-url", "http://127.0.0.1:9/v1", "--num-requests", "1", "--gpu-hour-usd", "-1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: --gpu-hour-usd must be >= 0")
 
 
 def test_cli_unknown_model_and_failing_warmup(tmp_path, capsys):

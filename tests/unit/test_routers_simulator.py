@@ -8,24 +8,27 @@ import pytest
 
 from benchmarks.simulator import workloads
 from benchmarks.simulator.__main__ import main as sim_main
-from benchmarks.simulator.engine import EngineModel, simulate
+from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.sim import ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
 
 pytestmark = pytest.mark.unit
 
-ENGINE = EngineModel(prefill_tokens_per_s=10_000, decode_s_per_token=0.01, kv_blocks=2048, block_size=16)
+ENGINE = EngineModel(prefill_tokens_per_s=10_000, step_s=0.01, kv_blocks=2048, block_size=16)
 
 
 def _run(requests, strategy: str) -> dict:
     knobs = RoutingConfig(strategy=strategy, prefill_s_per_token=1e-4).knobs()
-    return simulate(requests, knobs, replicas=4, engine=ENGINE, seed=0).summary()
+    driver = Driver(iter(workloads.trace_sessions(requests)), LoadPlan("trace"))
+    return simulate(driver, knobs, ClusterSpec(4), ENGINE, seed=0).summary()
 
 
 def test_prefix_aware_beats_round_robin_on_shared_prefix_load():
     reqs = workloads.shared_prefix(300, rate=12.0, docs=16, doc_tokens=4096, question_tokens=64, output_tokens=32)
     pa, rr = _run(reqs, "prefix-aware"), _run(reqs, "round-robin")
     assert pa["cache_hit_rate"] > rr["cache_hit_rate"] + 0.2
-    assert pa["ttft_p50_s"] < 0.5 * rr["ttft_p50_s"]
+    assert pa["ttft_p50_ms"] < 0.5 * rr["ttft_p50_ms"]
     assert pa["output_tok_per_s"] >= rr["output_tok_per_s"]
     assert pa["requests"] == rr["requests"] == 300
 
@@ -34,7 +37,7 @@ def test_prefix_aware_ties_round_robin_without_sharing():
     reqs = workloads.no_sharing(300, rate=15.0, prompt_tokens=1024, output_tokens=32, poisson=False)
     pa, rr = _run(reqs, "prefix-aware"), _run(reqs, "round-robin")
     assert pa["cache_hit_rate"] == rr["cache_hit_rate"] == 0.0
-    assert pa["ttft_p50_s"] == pytest.approx(rr["ttft_p50_s"], rel=0.05)
+    assert pa["ttft_p50_ms"] == pytest.approx(rr["ttft_p50_ms"], rel=0.05)
     assert pa["output_tok_per_s"] == pytest.approx(rr["output_tok_per_s"], rel=0.05)
     assert set(pa["reasons"]) == {"no-cache"}
 

@@ -1,0 +1,141 @@
+"""State of the simulated engines: each replica's GPU prefix cache and queue, and the shared KV tier.
+
+Owns ``Replica`` and ``ObjectTier``. Both are LRUs of chained block hashes; a prompt reuses the
+longest run of leading blocks present (GPU first, then the tier continues where the GPU stops), as
+vLLM's prefix cache and the connector's lookup do. ``insert``/``put`` return what changed so the
+simulator can emit the matching KV events (BlockStored/BlockRemoved, medium "GPU" or "OBJ").
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from benchmarks.simulator.load import Turn
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """A turn on a replica: its cache lookup (taken when it first reaches the scheduler) and progress."""
+
+    turn: Turn
+    looked_up: bool = False
+    cached: int = 0
+    from_tier: int = 0
+    remaining: int = 0  # prefill tokens still to compute
+    ready_at: float = 0.0  # tier load done
+    first_token_step: int = 0
+
+
+@dataclass(eq=False)
+class Replica:
+    """One engine: waiting jobs (FIFO, the head ones get prefill chunks), decoding jobs, its GPU cache.
+
+    ``finishing[k]`` holds the jobs whose last output token comes out of step ``k``.
+    """
+
+    rid: str
+    gpu: int
+    capacity_blocks: int
+    alive: bool = True
+    ready: bool = True
+    stepping: bool = False
+    lru: OrderedDict = field(default_factory=OrderedDict)
+    waiting: deque = field(default_factory=deque)
+    loading: list = field(default_factory=list)
+    finishing: dict = field(default_factory=dict)
+    running: int = 0
+    context_tokens: int = 0
+    steps: int = 0
+    served: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.stepping
+
+    @property
+    def ongoing(self) -> int:
+        return len(self.waiting) + len(self.loading) + self.running
+
+    def gpu_prefix(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` held on the GPU."""
+        n = 0
+        lru = self.lru
+        for h in hashes:
+            if h not in lru:
+                break
+            n += 1
+        return n
+
+    def touch(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            self.lru.move_to_end(h)
+
+    def insert(self, hashes: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Cache ``hashes`` (most recent last, the prompt's head kept longest); returns (stored, evicted)."""
+        lru, stored, removed = self.lru, [], []
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                stored.append(h)
+        while len(lru) > self.capacity_blocks:
+            removed.append(lru.popitem(last=False)[0])
+        stored.reverse()
+        return stored, removed
+
+    def take_all(self) -> list[Turn]:
+        """Everything this replica holds (it failed): waiting, loading and decoding turns."""
+        jobs = list(self.waiting) + self.loading + [j for js in self.finishing.values() for j in js]
+        self.waiting.clear()
+        self.loading.clear()
+        self.finishing.clear()
+        self.running = self.context_tokens = 0
+        self.stepping = False
+        return [j.turn for j in jobs]
+
+
+class ObjectTier:
+    """The shared object-store tier: block hash -> the replica that stored it, LRU within a block budget."""
+
+    def __init__(self, budget_blocks: int) -> None:
+        if budget_blocks < 1:
+            raise ValueError("the tier budget must be >= 1 block")
+        self.budget = budget_blocks
+        self.lru: OrderedDict[int, str] = OrderedDict()
+
+    def prefix(self, hashes: Sequence[int], start: int) -> int:
+        """Blocks present in the tier from ``hashes[start]`` on, up to the first missing one."""
+        n = 0
+        for h in hashes[start:]:
+            if h not in self.lru:
+                break
+            n += 1
+        return n
+
+    def touch(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            self.lru.move_to_end(h)
+
+    def put(self, hashes: Sequence[int], reporter: str) -> tuple[list[int], dict[str, list[int]]]:
+        """Store the blocks not yet held; returns (stored, evicted per reporter)."""
+        stored, evicted = [], {}
+        for h in hashes:
+            if h in self.lru:
+                self.lru.move_to_end(h)
+            else:
+                self.lru[h] = reporter
+                stored.append(h)
+        while len(self.lru) > self.budget:
+            h, who = self.lru.popitem(last=False)
+            evicted.setdefault(who, []).append(h)
+        return stored, evicted
+
+    def drop_reporter(self, reporter: str) -> int:
+        """The replica that stored these objects died: they die with it (Ray's ownership)."""
+        gone = [h for h, who in self.lru.items() if who == reporter]
+        for h in gone:
+            del self.lru[h]
+        return len(gone)

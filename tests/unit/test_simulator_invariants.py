@@ -1,0 +1,137 @@
+"""The simulator's invariants: requests conserved (failures, autoscaling), capacity respected, tier
+hits cost exactly their modelled load, several ingresses, and the cost figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.bench.cost import token_costs
+from benchmarks.simulator import workloads
+from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.load import Driver, LoadPlan, SimSession, Turn
+from benchmarks.simulator.replica import ObjectTier, Replica
+from benchmarks.simulator.sim import Autoscale, ClusterSpec, simulate
+from serve_app.config.routing import RoutingConfig
+
+pytestmark = pytest.mark.unit
+
+ENGINE = EngineModel(prefill_tokens_per_s=20_000, step_s=0.005, decode_s_per_seq=1e-4, kv_blocks=1024,
+                     block_size=16, request_overhead_s=0.004, tier_gbps=10.0)
+
+
+def knobs(strategy: str):
+    return RoutingConfig(strategy=strategy, prefill_s_per_token=1 / 20_000).knobs()
+
+
+def docqa(plan: LoadPlan, docs: int = 16) -> Driver:
+    return Driver(workloads.docqa_sessions(docs=docs, doc_tokens=(1024, 2048), output_len=16), plan)
+
+
+@pytest.mark.parametrize("strategy", ["round-robin", "prefix-aware", "kv-aware", "least-loaded"])
+def test_every_request_completes_once_despite_failures(strategy):
+    plan = LoadPlan("rate", 60.0, num_requests=400)
+    cluster = ClusterSpec(4, ingresses=2, event_lag_s=0.05, failures=((2.0, 1), (4.0, 3)))
+    res = simulate(docqa(plan), knobs(strategy), cluster, ENGINE)
+    assert res.sent == res.completed == 400
+    assert len(res.ttft_s) == len(res.e2e_s) == 400
+    assert res.failed_replicas == 2 and res.retries > 0 and res.replicas_end == 2
+    late = sum(n for rid, n in res.per_replica.items() if rid in ("r0000", "r0002"))
+    assert late > 200  # the survivors took over
+
+
+def test_autoscaling_adds_replicas_under_load_and_conserves_requests():
+    plan = LoadPlan("rate", 80.0, num_requests=600)
+    cluster = ClusterSpec(2, autoscale=Autoscale(2, 8, target_ongoing=2.0, period_s=1.0, start_s=2.0))
+    res = simulate(docqa(plan), knobs("prefix-aware"), cluster, ENGINE)
+    assert res.sent == res.completed == 600
+    assert res.scale_ups > 0 and len(res.per_replica) > 2
+    assert sum(res.per_replica.values()) == 600
+
+
+def test_closed_loop_keeps_concurrency_and_multiturn_turns_follow_each_other():
+    plan = LoadPlan("concurrency", 8, num_requests=200)
+    sessions = workloads.multiturn_sessions(sessions=0, turns=4, output_len=8)
+    res = simulate(Driver(sessions, plan), knobs("prefix-aware"), ClusterSpec(2), ENGINE)
+    assert res.completed == res.sent == 200
+    assert res.cached_tokens > 0  # later turns reuse earlier turns' blocks
+
+
+def test_replica_lru_never_exceeds_capacity_and_evicts_oldest_first():
+    rep = Replica("r0", 0, capacity_blocks=4)
+    assert rep.insert((1, 2, 3)) == ([1, 2, 3], [])
+    stored, evicted = rep.insert((10, 11, 12))
+    assert stored == [10, 11, 12] and evicted == [3, 2]  # the prompt head (1) was touched last, kept longest
+    assert len(rep.lru) == 4 and rep.gpu_prefix((10, 11, 12, 1)) == 4
+
+
+def test_tier_respects_its_budget_and_reports_evictions_per_reporter():
+    tier = ObjectTier(3)
+    tier.put((1, 2), "r0")
+    stored, evicted = tier.put((3, 4), "r1")
+    assert stored == [3, 4] and evicted == {"r0": [1]}
+    assert len(tier.lru) == 3 and tier.prefix((2, 3, 4, 9), 0) == 3 and tier.prefix((7, 2), 1) == 1
+    assert tier.drop_reporter("r1") == 2 and list(tier.lru) == [2]
+
+
+def _one(prompt_blocks: tuple[int, ...], t: float) -> SimSession:
+    return SimSession(f"s{t}", [Turn(len(prompt_blocks) * 16 + 8, 4, prompt_blocks)], arrival_s=t)
+
+
+def test_tier_hit_costs_its_modelled_load_and_beats_recompute():
+    blocks = tuple(range(1, 257))  # 4096 tokens + 8
+    sessions = [_one(blocks, 0.0), _one(blocks, 5.0)]  # round-robin: r0 computes, r1 loads from the tier
+    res = simulate(Driver(iter(sessions), LoadPlan("trace")), knobs("round-robin"),
+                   ClusterSpec(2, tier_budget_blocks=10_000), ENGINE)
+    cold, hit = res.ttft_s
+    e = ENGINE
+    tier_tokens = 256 * 16
+    load = e.tier_load_s(tier_tokens)
+    assert hit == pytest.approx(load + e.step_time_s(0, 0, e.prefill_chunk_s(8, tier_tokens), 0) + e.request_overhead_s)
+    assert cold == pytest.approx(e.step_time_s(0, 0, e.prefill_chunk_s(4104, 0), 0) + e.request_overhead_s)
+    assert hit - e.request_overhead_s >= load  # never faster than the load itself
+    assert hit < cold and res.tier_tokens == tier_tokens and res.cached_tokens == 0
+
+
+def test_without_the_tier_the_second_replica_recomputes():
+    blocks = tuple(range(1, 65))
+    res = simulate(Driver(iter([_one(blocks, 0.0), _one(blocks, 5.0)]), LoadPlan("trace")), knobs("round-robin"),
+                   ClusterSpec(2), ENGINE)
+    assert res.ttft_s[0] == pytest.approx(res.ttft_s[1]) and res.tier_tokens == 0
+
+
+def test_each_ingress_learns_only_from_its_own_decisions():
+    def hit(ingresses: int) -> float:
+        plan = LoadPlan("rate", 30.0, num_requests=600)
+        res = simulate(docqa(plan, docs=32), knobs("prefix-aware"), ClusterSpec(8, ingresses=ingresses), ENGINE)
+        return res.predicted_cached_tokens / res.prompt_tokens
+
+    assert hit(4) < hit(1)
+
+
+def test_a_busy_ingress_delays_first_tokens():
+    def ttft_p50(engine: EngineModel) -> float:
+        plan = LoadPlan("rate", 40.0, num_requests=300)
+        return simulate(docqa(plan), knobs("prefix-aware"), ClusterSpec(4), engine).summary()["ttft_p50_ms"]
+
+    idle = ttft_p50(ENGINE)
+    busy = ttft_p50(ENGINE.with_(frontend_s_per_request=0.004, frontend_s_per_token=0.0015))
+    assert busy > idle + 4.0  # at least the per-request cost, plus queueing behind streamed tokens
+
+
+def test_cost_per_1k_tokens():
+    c = token_costs(gpus=2, duration_s=1800, input_tokens=1_000_000, output_tokens=250_000, gpu_hour_usd=4.0)
+    assert c["cost_usd"] == pytest.approx(4.0)
+    assert c["cost_per_1k_input_tokens_usd"] == pytest.approx(0.004)
+    assert c["cost_per_1k_output_tokens_usd"] == pytest.approx(0.016)
+    assert c["cost_per_1k_tokens_usd"] == pytest.approx(0.0032)
+    assert token_costs(gpus=1, duration_s=1, input_tokens=0, output_tokens=0)["cost_per_1k_tokens_usd"] is None
+    with pytest.raises(ValueError):
+        token_costs(gpus=1, duration_s=1, input_tokens=1, output_tokens=1, gpu_hour_usd=-1)
+
+
+def test_simulated_cost_charges_the_gpus_held():
+    plan = LoadPlan("rate", 20.0, num_requests=100)
+    eng = ENGINE.with_(replicas_per_gpu=2)
+    s = simulate(docqa(plan), knobs("round-robin"), ClusterSpec(4), eng).summary(gpu_hour_usd=3.6)
+    assert s["cost"]["gpus"] == pytest.approx(2.0)
+    assert s["cost"]["cost_usd"] == pytest.approx(2 * s["cost"]["duration_s"] / 1000, rel=1e-3)
