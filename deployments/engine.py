@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ class EngineStats:
     kv_usage: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
+    last_step: float = 0.0  # time.monotonic() of the engine's latest step (0: none yet)
 
 
 def _free_port() -> int:
@@ -89,6 +91,7 @@ def _stats_logger_factory(stats: EngineStats):
             stats.num_gpu_blocks = int(cache.num_gpu_blocks or 0)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            stats.last_step = time.monotonic()
             if scheduler_stats is not None:
                 stats.kv_usage = scheduler_stats.kv_cache_usage
                 stats.num_running = scheduler_stats.num_running_reqs
@@ -100,6 +103,16 @@ def _stats_logger_factory(stats: EngineStats):
     return _StatsLogger
 
 
+def kill_children_and_exit(why: str) -> None:
+    """Kill this process's children (vLLM's EngineCore and workers), then exit at once (Serve replaces us)."""
+    import psutil
+
+    logger.error("%s; killing the engine's processes and exiting", why)
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os._exit(1)
+
+
 def start_watchdog(timeout_s: float, what: str) -> threading.Event:
     """Exit this process (and kill its children) unless the returned event is set within ``timeout_s``.
 
@@ -109,14 +122,8 @@ def start_watchdog(timeout_s: float, what: str) -> threading.Event:
     started = threading.Event()
 
     def watch() -> None:
-        if started.wait(timeout_s):
-            return
-        import psutil
-
-        logger.error("%s did not start within %.0f s; killing its processes and exiting", what, timeout_s)
-        for child in psutil.Process().children(recursive=True):
-            child.kill()
-        os._exit(1)
+        if not started.wait(timeout_s):
+            kill_children_and_exit(f"{what} did not start within {timeout_s:.0f} s")
 
     threading.Thread(target=watch, name="engine-start-watchdog", daemon=True).start()
     return started

@@ -6,8 +6,8 @@ replica receives token ids), request validation and the context-length check, er
 OpenAI's shape, request metrics, and ``build_ingress``.
 
 The call to a replica goes through the model's deployment handle, whose request router (configured on
-the replica deployment, see ``deployments.request_router``) picks the replica. A replica that dies
-before producing output is retried on another; backpressure becomes 503.
+the replica deployment, see ``deployments.request_router``) picks the replica; retries, cancellation
+and the mapping of replica failures to errors are ``deployments.dispatch``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,15 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import AuthMiddleware, Gate, tenant_of
+from deployments.dispatch import dispatch
 from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
-from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError
+from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.request_router import record_actual_cached_tokens
 from serve_app.config import AppConfig, ModelConfig
 
@@ -59,7 +57,6 @@ def _own_serve_request_id() -> None:
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
 app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
-_RETRIES = 2  # extra attempts when a replica dies before producing output
 
 
 @app.exception_handler(APIError)
@@ -143,6 +140,10 @@ class _Tracker:
                 counter.inc(value, tags={"model": model})
         if self.on_done is not None:
             self.on_done(acc)
+
+
+def _record_cached(req: GenerateRequest, first: GenerateChunk) -> None:
+    record_actual_cached_tokens(req.request_id, first.cached_tokens or 0)
 
 
 @serve.ingress(app)
@@ -231,33 +232,12 @@ class Ingress:
         self.gate.admit_tokens(tenant, sum(len(ids) for ids in prompts), time.monotonic())
         return reqs
 
-    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool) -> AsyncIterator[GenerateChunk]:
+    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool, stream: bool = True
+                      ) -> AsyncIterator[GenerateChunk]:
         if own_id:  # one prompt of a batch, iterated in its own task (generation.merge)
             _own_serve_request_id()
-        for attempt in range(_RETRIES + 1):
-            produced = False
-            try:
-                async for chunk in m.handle.generate.remote(req):
-                    if not produced:
-                        produced = True
-                        record_actual_cached_tokens(req.request_id, chunk.cached_tokens or 0)
-                    yield chunk
-                return
-            except BackPressureError as err:
-                retry = max(1, math.ceil(getattr(err, "retry_after_s", None) or 1))
-                raise APIError(503, f"model {m.config.id} is overloaded; retry later",
-                               type_="overloaded_error", code="overloaded",
-                               headers={"Retry-After": str(retry)}) from None
-            except InvalidRequestError as err:  # the engine refused the parameters: the client's error
-                cause = getattr(err, "cause", err)
-                raise APIError(400, str(cause.args[0] if cause.args else cause), code="invalid_sampling_params") \
-                    from None
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                if produced or attempt == _RETRIES:
-                    raise APIError(503, f"the replica serving this request failed: {type(err).__name__}",
-                                   type_="server_error", code="replica_failed") from None
-                logger.warning("replica failed before output (%s); retrying", type(err).__name__)
-                req.request_id = uuid.uuid4().hex
+        async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=_record_cached):
+            yield chunk
 
     async def _serve(self, m: _Model, body, prompts: list[list[int]], chat: bool, request: Request):
         start = time.perf_counter()
@@ -274,7 +254,7 @@ class Ingress:
             raise
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
         n_choices = body.n * len(reqs)
-        chunks = within(merge([self._chunks(m, r, own_id=len(reqs) > 1) for r in reqs], body.n),
+        chunks = within(merge([self._chunks(m, r, own_id=len(reqs) > 1, stream=body.stream) for r in reqs], body.n),
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

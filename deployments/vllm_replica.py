@@ -5,8 +5,12 @@ tensor_parallel_size) and ``build_replica`` (the one place that applies ``serve.
 
 A replica generates from token ids (the ingress tokenized once), streams ``GenerateChunk``s back,
 aborts the engine request when the caller goes away (Serve cancels this generator when the HTTP
-client disconnects), fails its health check when the engine dies, and reports ``ReplicaStats`` to
-Serve's request router through ``record_routing_stats``. Engine construction and stat collection
+client disconnects), and reports ``ReplicaStats`` to Serve's request router through
+``record_routing_stats``. When its engine dies it fails the requests it holds with
+``ReplicaUnavailableError`` (the ingress retries them elsewhere) and leaves at once, killing the engine's
+processes, so Serve replaces it instead of routing more requests to a replica that fails fast; its
+health check fails when requests are running and the engine has made no step for
+``engine_stall_timeout_s`` (a hung or stopped engine). Engine construction and stat collection
 live in ``deployments.engine``; this module is the Serve-facing shell.
 """
 
@@ -20,9 +24,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.engine import EngineStats, start_engine
+from deployments.engine import EngineStats, kill_children_and_exit, start_engine
 from deployments.metrics import metrics
-from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError
+from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError, ReplicaUnavailableError
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
@@ -53,6 +57,15 @@ def placement_bundles(model: ModelConfig) -> tuple[list[dict[str, float]], str]:
     return bundles, model.placement_group_strategy
 
 
+def client_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which vLLM refuses a request's own input (vllm.exceptions.VLLMClientError where it exists)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # older vLLM: validation raises ValueError
+        return ValueError, TypeError, OverflowError
+    return VLLMClientError, ValueError, TypeError, OverflowError
+
+
 def sampling_params(req: GenerateRequest):
     """vLLM ``SamplingParams`` of a request (delta outputs); InvalidRequestError when vLLM refuses them."""
     from vllm import SamplingParams
@@ -60,7 +73,7 @@ def sampling_params(req: GenerateRequest):
 
     try:
         return SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
-    except (ValueError, TypeError, OverflowError) as err:
+    except client_errors() as err:
         raise InvalidRequestError(f"invalid sampling parameters: {err}") from None
 
 
@@ -78,11 +91,16 @@ class VLLMReplica:
         self._inflight_prefill: dict[str, int] = {}
         self._streams = 0
         self._prefill_tps = 0.0
+        self._leaving = False
+        self._busy_since = 0.0
+        self._watch = asyncio.get_running_loop().create_task(self._watch_engine())
         logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
                     self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the output of one request; abort it in the engine if the caller cancels."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         params = sampling_params(req)
         prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
         if req.cache_salt:
@@ -91,13 +109,15 @@ class VLLMReplica:
         # Queued prefill work: the uncached part, as the router predicted it (the engine says at first output).
         alone = not self._inflight_prefill  # no other prompt ahead of this one: its TTFT measures prefill speed
         self._inflight_prefill[req.request_id] = max(n_prompt - req.predicted_cached_tokens, 0)
+        if self._streams == 0:
+            self._busy_since = time.monotonic()
         self._streams += 1
         start = time.perf_counter()
         chunk: GenerateChunk | None = None
         last_sent = 0.0
         finished = False
         try:
-            async for out in self._engine.generate(prompt, params, req.request_id):
+            async for out in self._engine_outputs(prompt, params, req.request_id, EngineDeadError):
                 if chunk is None:
                     chunk = GenerateChunk()
                 if last_sent == 0.0:
@@ -122,9 +142,38 @@ class VLLMReplica:
         finally:
             self._streams -= 1
             self._inflight_prefill.pop(req.request_id, None)
-            if not finished:
+            if not finished and not self._engine.errored:
                 # Cancelled (client went away) or failed: free the engine's slot now.
                 await self._engine.abort(req.request_id)
+
+    async def _engine_outputs(self, prompt: dict[str, Any], params: Any, request_id: str, dead: type):
+        """The engine's outputs; its death becomes ReplicaUnavailableError and makes this replica leave, and a
+        request the engine refuses before its first output becomes InvalidRequestError."""
+        first = True
+        try:
+            async for out in self._engine.generate(prompt, params, request_id):
+                first = False
+                yield out
+        except client_errors() as err:
+            if not first:
+                raise
+            raise InvalidRequestError(f"the engine refused the request: {err}") from None
+        except dead:
+            self._leave("the vLLM engine died")
+            raise ReplicaUnavailableError(f"the engine of replica {self._replica_id} died") from None
+
+    def _leave(self, why: str) -> None:
+        """Exit shortly (the failing requests get their errors out first); Serve starts a replacement."""
+        if not self._leaving:
+            self._leaving = True
+            asyncio.get_running_loop().call_later(0.5, kill_children_and_exit, f"replica {self._replica_id}: {why}")
+
+    async def _watch_engine(self) -> None:
+        """Notice an engine that died while no request was running."""
+        while not self._leaving:
+            if self._engine.errored:
+                self._leave("the vLLM engine died")
+            await asyncio.sleep(1.0)
 
     def _chunk_interval(self) -> float:
         """Seconds between chunks of one stream so that all streams together stay within budget."""
@@ -186,15 +235,32 @@ class VLLMReplica:
         return ok
 
     async def check_health(self) -> None:
-        """Serve's health check: raise when the engine is dead."""
+        """Serve's health check: raise when the engine is dead, or stalled with requests running."""
         if self._engine.errored:
             raise RuntimeError(f"vLLM engine of replica {self._replica_id} is dead: {self._engine.dead_error}")
+        stalled = stalled_for(self._stats.last_step, self._busy_since, self._streams, time.monotonic(),
+                              self._model.engine_stall_timeout_s)
+        if stalled is not None:
+            raise RuntimeError(f"vLLM engine of replica {self._replica_id} made no step for {stalled:.0f} s with "
+                               f"{self._streams} request(s) running")
         await asyncio.wait_for(self._engine.check_health(), timeout=10)
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def stalled_for(last_step: float, busy_since: float, running: int, now: float, timeout_s: float) -> float | None:
+    """Seconds without engine progress, if requests are running and that exceeds ``timeout_s``, else None.
+
+    Progress is the later of the engine's last step and the moment the replica went from idle to busy (an
+    engine idle for an hour has an old last step, but is not stalled by that).
+    """
+    since = max(last_step, busy_since)
+    if running <= 0 or now - since < timeout_s:
+        return None
+    return now - since
 
 
 def build_replica(model: ModelConfig, app: AppConfig):
