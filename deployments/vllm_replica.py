@@ -8,9 +8,9 @@ aborts the engine request when the caller goes away (Serve cancels this generato
 client disconnects), and reports ``ReplicaStats`` to Serve's request router through
 ``record_routing_stats``. When its engine dies it fails the requests it holds with
 ``ReplicaUnavailableError`` (the ingress retries them elsewhere) and leaves at once, killing the engine's
-processes, so Serve replaces it instead of routing more requests to a replica that fails fast; its
-health check fails when requests are running and the engine has made no step for
-``engine_stall_timeout_s`` (a hung or stopped engine). Engine construction and stat collection
+processes, so Serve replaces it instead of routing more requests to a replica that fails fast; when
+requests are running and the engine has made no step for ``engine_stall_timeout_s`` (a hung or stopped
+engine) its health check fails and it leaves the same way. Engine construction and stat collection
 live in ``deployments.engine``; this module is the Serve-facing shell.
 """
 
@@ -241,6 +241,7 @@ class VLLMReplica:
         stalled = stalled_for(self._stats.last_step, self._busy_since, self._streams, time.monotonic(),
                               self._model.engine_stall_timeout_s)
         if stalled is not None:
+            self._leave(f"the vLLM engine made no step for {stalled:.0f} s")  # do not wait for Serve's graceful stop
             raise RuntimeError(f"vLLM engine of replica {self._replica_id} made no step for {stalled:.0f} s with "
                                f"{self._streams} request(s) running")
         await asyncio.wait_for(self._engine.check_health(), timeout=10)
