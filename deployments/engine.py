@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class EngineStats:
     kv_usage: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
+    last_step: float = 0.0  # time.monotonic() of the engine's latest step (0: none yet)
 
 
 class Engine(Protocol):
@@ -48,6 +50,8 @@ class Engine(Protocol):
 
     stats: EngineStats
     kv_events_endpoint: str | None  # where the engine publishes KV events (kv-aware routing), or None
+    client_errors: tuple[type[BaseException], ...]  # how it refuses a request's own input
+    dead_errors: tuple[type[BaseException], ...]  # how its requests fail once it died
 
     @property
     def errored(self) -> bool: ...
@@ -70,6 +74,15 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def client_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which vLLM refuses a request's own input (vllm.exceptions.VLLMClientError where it exists)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # older vLLM: validation raises ValueError
+        return ValueError, TypeError, OverflowError
+    return VLLMClientError, ValueError, TypeError, OverflowError
+
+
 def sampling_params(req: GenerateRequest):
     """vLLM ``SamplingParams`` of a request (delta outputs); InvalidRequestError when vLLM refuses them."""
     from vllm import SamplingParams
@@ -77,7 +90,7 @@ def sampling_params(req: GenerateRequest):
 
     try:
         return SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
-    except (ValueError, TypeError, OverflowError) as err:
+    except client_errors() as err:
         raise InvalidRequestError(f"invalid sampling parameters: {err}") from None
 
 
@@ -86,9 +99,11 @@ class VLLMEngine:
 
     def __init__(self, llm: Any, stats: EngineStats, kv_events_endpoint: str | None) -> None:
         from vllm import SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         self._llm, self.stats, self.kv_events_endpoint = llm, stats, kv_events_endpoint
         self._params = SamplingParams
+        self.client_errors, self.dead_errors = client_errors(), (EngineDeadError,)
 
     @property
     def errored(self) -> bool:
@@ -194,6 +209,7 @@ def _stats_logger_factory(stats: EngineStats):
             stats.num_gpu_blocks = int(cache.num_gpu_blocks or 0)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            stats.last_step = time.monotonic()
             if scheduler_stats is not None:
                 stats.kv_usage = scheduler_stats.kv_cache_usage
                 stats.num_running = scheduler_stats.num_running_reqs
@@ -205,6 +221,16 @@ def _stats_logger_factory(stats: EngineStats):
     return _StatsLogger
 
 
+def kill_children_and_exit(why: str) -> None:
+    """Kill this process's children (vLLM's EngineCore and workers), then exit at once (Serve replaces us)."""
+    import psutil
+
+    logger.error("%s; killing the engine's processes and exiting", why)
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os._exit(1)
+
+
 def start_watchdog(timeout_s: float, what: str) -> threading.Event:
     """Exit this process (and kill its children) unless the returned event is set within ``timeout_s``.
 
@@ -214,14 +240,8 @@ def start_watchdog(timeout_s: float, what: str) -> threading.Event:
     started = threading.Event()
 
     def watch() -> None:
-        if started.wait(timeout_s):
-            return
-        import psutil
-
-        logger.error("%s did not start within %.0f s; killing its processes and exiting", what, timeout_s)
-        for child in psutil.Process().children(recursive=True):
-            child.kill()
-        os._exit(1)
+        if not started.wait(timeout_s):
+            kill_children_and_exit(f"{what} did not start within {timeout_s:.0f} s")
 
     threading.Thread(target=watch, name="engine-start-watchdog", daemon=True).start()
     return started

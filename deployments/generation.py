@@ -164,4 +164,8 @@ async def sse_events(acc: Accumulator, chunks: AsyncIterator[tuple[int, Generate
     except APIError as err:
         on_error(err)
         yield sse(err.body())
+    except Exception as err:  # noqa: BLE001 - a stream always ends with an error event and [DONE]
+        api_err = APIError(500, f"the stream failed: {type(err).__name__}", type_="server_error", code="stream_failed")
+        on_error(api_err)
+        yield sse(api_err.body())
     yield SSE_DONE

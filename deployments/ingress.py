@@ -12,8 +12,8 @@ other request's streaming, and a short one is cheaper than a thread hop. One thr
 the tokenizer and the hash memo single-threaded.
 
 The call to a replica goes through the model's deployment handle, whose request router (configured on
-the replica deployment, see ``deployments.request_router``) picks the replica. A replica that dies
-before producing output is retried on another; backpressure becomes 503.
+the replica deployment, see ``deployments.request_router``) picks the replica; retries, cancellation
+and the mapping of replica failures to errors are ``deployments.dispatch``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -35,15 +34,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import AuthMiddleware, Gate, tenant_of
+from deployments.dispatch import dispatch
 from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
 from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
-from deployments.protocol import GenerateChunk, GenerateRequest, InvalidRequestError
+from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.readiness import Readiness, serve_status_source
 from deployments.rejections import record_rejection, status_label
 from deployments.request_router import record_actual_cached_tokens
@@ -73,7 +71,6 @@ def _own_serve_request_id() -> None:
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
 app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
 app.add_middleware(AcceptedAtMiddleware)  # added last: outermost, so it stamps before auth runs
-_RETRIES = 2  # extra attempts when a replica dies before producing output
 _INLINE_CHARS = 8192  # prompts up to this many characters (~2K tokens, ~1 ms) are prepared on the event loop
 
 
@@ -290,38 +287,20 @@ class Ingress:
         self.gate.admit_tokens(tenant, sum(len(ids) for ids, _ in prompts), time.monotonic())
         return reqs
 
-    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool,
-                      stages: RequestStages) -> AsyncIterator[GenerateChunk]:
+    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool, stages: RequestStages,
+                      stream: bool = True) -> AsyncIterator[GenerateChunk]:
         if own_id:  # one prompt of a batch, iterated in its own task (generation.merge)
             _own_serve_request_id()
-        for attempt in range(_RETRIES + 1):
-            produced = False
-            try:
-                req.dispatched_at = time.time()
-                async for chunk in m.handle.generate.remote(req):
-                    if not produced:
-                        produced = True
-                        stages.on_chunk(chunk.timing, chunk.replica_id)
-                        if chunk.timing is not None and chunk.timing.block_size != m.block_size:
-                            m.block_size = chunk.timing.block_size
-                        record_actual_cached_tokens(req.request_id, chunk.cached_tokens or 0)
-                    yield chunk
-                return
-            except BackPressureError as err:
-                retry = max(1, math.ceil(getattr(err, "retry_after_s", None) or 1))
-                raise APIError(503, f"model {m.config.id} is overloaded; retry later",
-                               type_="overloaded_error", code="overloaded",
-                               headers={"Retry-After": str(retry)}) from None
-            except InvalidRequestError as err:  # the engine refused the parameters: the client's error
-                cause = getattr(err, "cause", err)
-                raise APIError(400, str(cause.args[0] if cause.args else cause), code="invalid_sampling_params") \
-                    from None
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                if produced or attempt == _RETRIES:
-                    raise APIError(503, f"the replica serving this request failed: {type(err).__name__}",
-                                   type_="server_error", code="replica_failed") from None
-                logger.warning("replica failed before output (%s); retrying", type(err).__name__)
-                req.request_id = uuid.uuid4().hex
+
+        def on_first(sent: GenerateRequest, first: GenerateChunk) -> None:
+            stages.on_chunk(first.timing, first.replica_id)
+            if first.timing is not None and first.timing.block_size != m.block_size:
+                m.block_size = first.timing.block_size  # later prompts are hashed here, not in the router
+            record_actual_cached_tokens(sent.request_id, first.cached_tokens or 0)
+
+        req.dispatched_at = time.time()
+        async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=on_first):
+            yield chunk
 
     async def _serve(self, m: _Model, body, prepare: Callable[[], list], size: int, chat: bool, request: Request):
         start = accepted_at(request)
@@ -353,7 +332,7 @@ class Ingress:
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
         n_choices = body.n * len(reqs)
         stages.mark_dispatched()
-        chunks = within(merge([self._chunks(m, r, len(reqs) > 1, stages) for r in reqs], body.n),
+        chunks = within(merge([self._chunks(m, r, len(reqs) > 1, stages, body.stream) for r in reqs], body.n),
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -2,8 +2,9 @@
 
 Owns: ``GenerateRequest`` (token ids in, already rendered and tokenized by the ingress, plus the
 routing hints the request router reads from ``PendingRequest.args[0]``), ``GenerateChunk`` (one
-streamed piece of output) and ``InvalidRequestError`` (the engine refused the request's parameters:
-the client's fault, never retried). Plain dataclasses: cheap to pickle, no pydantic on the hot path.
+streamed piece of output), ``InvalidRequestError`` (the engine refused the request's parameters:
+the client's fault, never retried) and ``ReplicaUnavailableError`` (the replica's engine is dead: the
+ingress retries elsewhere). Plain dataclasses: cheap to pickle, no pydantic on the hot path.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class InvalidRequestError(ValueError):
     Ray re-raises it at the caller as a subclass of both this class and ``RayTaskError``; the message is
     in ``args[0]`` of the original (``RayTaskError.cause``).
     """
+
+
+class ReplicaUnavailableError(RuntimeError):
+    """Raised by a replica whose engine died; the replica is leaving, and the ingress retries the request
+    on another replica if nothing reached the client yet."""
 
 
 @dataclass(slots=True)

@@ -5,8 +5,12 @@ tensor_parallel_size) and ``build_replica`` (the one place that applies ``serve.
 
 A replica generates from token ids (the ingress tokenized once), streams ``GenerateChunk``s back,
 aborts the engine request when the caller goes away (Serve cancels this generator when the HTTP
-client disconnects), fails its health check when the engine dies, and reports ``ReplicaStats`` to
-Serve's request router through ``record_routing_stats``. Engine construction and stat collection
+client disconnects), and reports ``ReplicaStats`` to Serve's request router through
+``record_routing_stats``. When its engine dies it fails the requests it holds with
+``ReplicaUnavailableError`` (the ingress retries them elsewhere) and leaves at once, killing the engine's
+processes, so Serve replaces it instead of routing more requests to a replica that fails fast; when
+requests are running and the engine has made no step for ``engine_stall_timeout_s`` (a hung or stopped
+engine) its health check fails and it leaves the same way. Engine construction and stat collection
 live in ``deployments.engine``; this module is the Serve-facing shell.
 """
 
@@ -19,9 +23,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.engine import Engine, EngineStats, start_engine
+from deployments.engine import Engine, EngineStats, kill_children_and_exit, start_engine
 from deployments.metrics import metrics
-from deployments.protocol import GenerateChunk, GenerateRequest, ReplicaTiming
+from deployments.protocol import (
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequestError,
+    ReplicaTiming,
+    ReplicaUnavailableError,
+)
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
@@ -68,6 +78,9 @@ class VLLMReplica:
         self._inflight_prefill: dict[str, int] = {}
         self._streams = 0
         self._prefill_tps = 0.0
+        self._leaving = False
+        self._busy_since = 0.0
+        self._watch = asyncio.get_running_loop().create_task(self._watch_engine())
         logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
                     self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
 
@@ -78,13 +91,15 @@ class VLLMReplica:
         # Queued prefill work: the uncached part, as the router predicted it (the engine says at first output).
         alone = not self._inflight_prefill  # no other prompt ahead of this one: its TTFT measures prefill speed
         self._inflight_prefill[req.request_id] = max(n_prompt - req.predicted_cached_tokens, 0)
+        if self._streams == 0:
+            self._busy_since = time.monotonic()
         self._streams += 1
         start = time.perf_counter()
         chunk: GenerateChunk | None = None
         last_sent = 0.0
         finished = False
         try:
-            async for out in self._engine.generate(req):
+            async for out in self._engine_outputs(req):
                 if chunk is None:
                     chunk = GenerateChunk()
                 if last_sent == 0.0:
@@ -110,9 +125,40 @@ class VLLMReplica:
         finally:
             self._streams -= 1
             self._inflight_prefill.pop(req.request_id, None)
-            if not finished:
+            if not finished and not self._engine.errored:
                 # Cancelled (client went away) or failed: free the engine's slot now.
                 await self._engine.abort(req.request_id)
+
+    async def _engine_outputs(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        """The engine's outputs; its death becomes ReplicaUnavailableError and makes this replica leave, and a
+        request the engine refuses before its first output becomes InvalidRequestError."""
+        first = True
+        try:
+            async for out in self._engine.generate(req):
+                first = False
+                yield out
+        except InvalidRequestError:
+            raise
+        except self._engine.dead_errors:
+            self._leave("the engine died")
+            raise ReplicaUnavailableError(f"the engine of replica {self._replica_id} died") from None
+        except self._engine.client_errors as err:
+            if not first:
+                raise
+            raise InvalidRequestError(f"the engine refused the request: {err}") from None
+
+    def _leave(self, why: str) -> None:
+        """Exit shortly (the failing requests get their errors out first); Serve starts a replacement."""
+        if not self._leaving:
+            self._leaving = True
+            asyncio.get_running_loop().call_later(0.5, kill_children_and_exit, f"replica {self._replica_id}: {why}")
+
+    async def _watch_engine(self) -> None:
+        """Notice an engine that died while no request was running."""
+        while not self._leaving:
+            if self._engine.errored:
+                self._leave("the engine died")
+            await asyncio.sleep(1.0)
 
     def _chunk_interval(self) -> float:
         """Seconds between chunks of one stream so that all streams together stay within budget."""
@@ -164,15 +210,33 @@ class VLLMReplica:
         return await self._engine.reset_prefix_cache()
 
     async def check_health(self) -> None:
-        """Serve's health check: raise when the engine is dead."""
+        """Serve's health check: raise when the engine is dead, or stalled with requests running."""
         if self._engine.errored:
             raise RuntimeError(f"vLLM engine of replica {self._replica_id} is dead: {self._engine.dead_error}")
+        stalled = stalled_for(self._stats.last_step, self._busy_since, self._streams, time.monotonic(),
+                              self._model.engine_stall_timeout_s)
+        if stalled is not None:
+            self._leave(f"the vLLM engine made no step for {stalled:.0f} s")  # do not wait for Serve's graceful stop
+            raise RuntimeError(f"vLLM engine of replica {self._replica_id} made no step for {stalled:.0f} s with "
+                               f"{self._streams} request(s) running")
         await asyncio.wait_for(self._engine.check_health(), timeout=10)
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def stalled_for(last_step: float, busy_since: float, running: int, now: float, timeout_s: float) -> float | None:
+    """Seconds without engine progress, if requests are running and that exceeds ``timeout_s``, else None.
+
+    Progress is the later of the engine's last step and the moment the replica went from idle to busy (an
+    engine idle for an hour has an old last step, but is not stalled by that).
+    """
+    since = max(last_step, busy_since)
+    if running <= 0 or now - since < timeout_s:
+        return None
+    return now - since
 
 
 def build_replica(model: ModelConfig, app: AppConfig):

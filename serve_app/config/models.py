@@ -54,6 +54,12 @@ class ModelConfig(BaseModel):
         "processes and exits, so Serve reports a failed replica instead of waiting on a hung start "
         "(seen with tensor-parallel warm-up crashes).",
     )
+    engine_stall_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="The replica's health check fails when requests are running and the engine has completed no "
+        "step for this many seconds (a hung or stopped engine), so Serve replaces the replica. Longer than the "
+        "slowest single step (a full-length prefill).",
+    )
     engine_class: str | None = Field(
         default=None, pattern=r"^[\w.]+:\w+$",
         description="'module:Class' of an engine implementing deployments.engine.Engine to use instead of vLLM "

@@ -44,6 +44,8 @@ class FakeEngine:
     def __init__(self, step_s: float = 0.0, prefill_s_per_token: float = 0.0, num_blocks: int = 4096) -> None:
         self.stats = EngineStats(block_size=BLOCK_SIZE, num_gpu_blocks=num_blocks)
         self.kv_events_endpoint: str | None = None
+        self.client_errors: tuple[type[BaseException], ...] = (ValueError,)
+        self.dead_errors: tuple[type[BaseException], ...] = (ConnectionError,)
         self._step_s, self._prefill_s = step_s, prefill_s_per_token
         self._cache: OrderedDict[tuple, None] = OrderedDict()
         self._max_blocks = num_blocks

@@ -8,6 +8,7 @@ the auth, overload and fuzz tests; tests that need it are skipped when SmolLM2 i
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class StubHandle:
-    """A deployment handle whose ``generate.remote`` streams ``words`` (or raises ``fail``).
+    """A deployment handle whose ``generate.remote`` streams ``words``, or raises ``fail(attempt)`` after
+    ``fail_after`` chunks; ``gap_s`` between chunks. Each call records whether it was cancelled.
 
     ``validate_sampling``: build vLLM's ``SamplingParams`` from the request first, as the replica does, and
     raise what it raises (skipped when vLLM is not importable).
@@ -34,19 +36,23 @@ class StubHandle:
     def __init__(self, words: int = 3, cached_tokens: int = 0, validate_sampling: bool = False) -> None:
         self.words, self.cached_tokens, self.validate_sampling = words, cached_tokens, validate_sampling
         self.fail: Callable[[int], BaseException | None] = lambda attempt: None
+        self.fail_after, self.gap_s = 0, 0.0
+        self.calls: list[_Call] = []
         self.requests: list[GenerateRequest] = []
         self.generate = SimpleNamespace(remote=self._remote)
 
     def options(self, **_: Any) -> StubHandle:
         return self
 
-    def _remote(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    def _remote(self, req: GenerateRequest) -> _Call:
         self.requests.append(copy.deepcopy(req))
-        return self._stream(req, len(self.requests) - 1)
+        call = _Call(self._stream(req, len(self.requests) - 1))
+        self.calls.append(call)
+        return call
 
     async def _stream(self, req: GenerateRequest, attempt: int) -> AsyncIterator[GenerateChunk]:
         err = self.fail(attempt)
-        if err is not None:
+        if err is not None and self.fail_after == 0:
             raise err
         if self.validate_sampling:
             from deployments.engine import sampling_params
@@ -55,12 +61,32 @@ class StubHandle:
         n = req.sampling.get("n", 1)
         words = min(self.words, req.sampling["max_tokens"])
         for i in range(words):
+            if err is not None and i == self.fail_after:
+                raise err
+            if self.gap_s:
+                await asyncio.sleep(self.gap_s)
             last = i == words - 1
             yield GenerateChunk(
                 texts={c: f" w{i}" for c in range(n)}, token_counts={c: 1 for c in range(n)},
                 finish_reasons={c: "length" for c in range(n)} if last else {},
                 prompt_tokens=len(req.prompt_token_ids) if i == 0 else None,
                 cached_tokens=self.cached_tokens if i == 0 else None, replica_id="r0" if i == 0 else None)
+
+
+class _Call:
+    """A streaming call, like Serve's DeploymentResponseGenerator: async-iterable, with ``cancel()``."""
+
+    def __init__(self, gen: AsyncIterator[GenerateChunk]) -> None:
+        self._gen, self.cancelled = gen, False
+
+    def __aiter__(self) -> _Call:
+        return self
+
+    async def __anext__(self) -> GenerateChunk:
+        return await anext(self._gen)
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
