@@ -15,7 +15,7 @@ residuals say how far to trust the simulator for routing.
 Modelled cells: the open-loop ones (Poisson arrivals at 70% of round-robin's saturated rate). The
 saturated closed-loop cells (64 clients) are reported but not modelled for TTFT: there the queue
 forms in the Serve request path (proxy, ingress, handle streaming), which the simulator's engine
-model does not hold; serving_overhead.json shows it (kvserve's c64 TTFT 1.78x vllm serve's at the
+model does not hold; serving_overhead_h100.json shows it (kvserve's c64 TTFT 1.78x vllm serve's at the
 same throughput). Ray's own router is not simulated; its cells are skipped.
 
 CLI: ``python -m benchmarks.simulator.calibrate --routing R.json --kv-tier K.json --overhead O.json``
