@@ -41,10 +41,10 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen) -> float:
     raise TimeoutError(f"{url} not ready after {timeout_s}s")
 
 
-def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    """SIGINT the process group, then SIGKILL it if it has not exited within ``timeout_s``."""
+def stop(proc: subprocess.Popen, timeout_s: float = 60, sig: signal.Signals = signal.SIGINT) -> None:
+    """``sig`` (SIGINT) to the process group, then SIGKILL it if it has not exited within ``timeout_s``."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

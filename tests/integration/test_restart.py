@@ -18,7 +18,8 @@ import psutil
 import pytest
 import yaml
 
-from serve_app.haproxy_guard import check_no_stale_haproxy, stale_haproxies
+from benchmarks import serverproc
+from serve_app.haproxy_guard import check_no_stale_haproxy, port_holders, stale_haproxies
 from tests.integration.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -68,17 +69,11 @@ def _haproxies() -> list[psutil.Process]:
 
 
 def _listening(port: int) -> bool:
-    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.net_connections("tcp"))
+    return bool(port_holders(port))
 
 
-def _stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def _stop(proc: subprocess.Popen) -> None:
+    serverproc.stop(proc, 60, signal.SIGTERM)  # what a shell's kill sends
 
 
 def _gone(proc: psutil.Process, timeout_s: float) -> bool:
