@@ -218,7 +218,10 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         m = self._model(body.model)
-        messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
+        try:
+            messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
+        except ValueError as err:  # a content part we cannot render
+            raise APIError(400, str(err), param="messages", model=m.config.id) from None
         size = sum(len(msg["content"]) for msg in messages)
 
         def prepare() -> list[list[int]]:
