@@ -55,6 +55,8 @@ def fetch_health(url: str, timeout_s: float = 5.0) -> tuple[int, dict[str, Any] 
 def progress_line(status: int, body: dict[str, Any] | None) -> str:
     if status == 0:
         return "HTTP proxy not answering yet"
+    if status == 404:
+        return "the app's route is not up yet"
     if not isinstance(body, dict) or "models" not in body:
         return f"/health answered {status}"
     return ", ".join(f"{m}: {s}" for m, s in sorted(body["models"].items()))

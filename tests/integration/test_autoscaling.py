@@ -20,8 +20,10 @@ def _running_replicas() -> int:
     return dep.replica_states.get("RUNNING", 0)
 
 
-async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: set[str]) -> None:
-    body = {"model": MODEL, "prompt": list(range(200, 400)), "max_tokens": 48, "ignore_eos": True}
+async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: set[str], k: int) -> None:
+    # A prompt of its own per worker: one shared prompt would stay pinned to the replica caching it (prefix-aware
+    # routing), and the new replica would get traffic only once the first one is overloaded.
+    body = {"model": MODEL, "prompt": list(range(200 + 500 * k, 400 + 500 * k)), "max_tokens": 48, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=300) as c:
         while not stop.is_set():
             r = await c.post(f"{base_url}/completions", json=body)
@@ -44,7 +46,7 @@ def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
 
     async def scenario() -> tuple[list[int], set[str], bool]:
         stop, codes, replicas = asyncio.Event(), [], set()
-        workers = [asyncio.create_task(_load(base_url, stop, codes, replicas)) for _ in range(6)]
+        workers = [asyncio.create_task(_load(base_url, stop, codes, replicas, k)) for k in range(6)]
         deadline = time.time() + 480
         scaled = False
         while time.time() < deadline:  # until a second replica runs and has served requests

@@ -43,6 +43,7 @@ def test_wait_ready_gives_up_when_stopped() -> None:
 def test_progress_line_names_each_model_state() -> None:
     assert launcher.progress_line(503, {"models": {"b": "starting", "a": "ready"}}) == "a: ready, b: starting"
     assert launcher.progress_line(0, None) == "HTTP proxy not answering yet"
+    assert launcher.progress_line(404, None) == "the app's route is not up yet"
 
 
 def test_first_signal_requests_a_stop_and_the_second_forces_it() -> None:
