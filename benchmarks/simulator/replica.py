@@ -15,6 +15,15 @@ from dataclasses import dataclass, field
 from benchmarks.simulator.load import Turn
 
 
+def leading(held, hashes: Sequence[int]) -> int:
+    """How many of ``hashes``, from the first, are in ``held`` (up to the first missing one)."""
+    n = 0
+    for h in hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
+
 @dataclass(eq=False, slots=True)
 class Job:
     """A turn on a replica: its cache lookup (taken when it first reaches the scheduler) and progress."""
@@ -60,13 +69,7 @@ class Replica:
 
     def gpu_prefix(self, hashes: Sequence[int]) -> int:
         """Leading blocks of ``hashes`` held on the GPU."""
-        n = 0
-        lru = self.lru
-        for h in hashes:
-            if h not in lru:
-                break
-            n += 1
-        return n
+        return leading(self.lru, hashes)
 
     def touch(self, hashes: Sequence[int]) -> None:
         for h in hashes:
@@ -108,12 +111,7 @@ class ObjectTier:
 
     def prefix(self, hashes: Sequence[int], start: int) -> int:
         """Blocks present in the tier from ``hashes[start]`` on, up to the first missing one."""
-        n = 0
-        for h in hashes[start:]:
-            if h not in self.lru:
-                break
-            n += 1
-        return n
+        return leading(self.lru, hashes[start:])
 
     def touch(self, hashes: Sequence[int]) -> None:
         for h in hashes:
