@@ -21,11 +21,14 @@ def _running_replicas() -> int:
 
 
 async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: set[str], k: int) -> None:
-    # A prompt of its own per worker: one shared prompt would stay pinned to the replica caching it (prefix-aware
-    # routing), and the new replica would get traffic only once the first one is overloaded.
-    body = {"model": MODEL, "prompt": list(range(200 + 500 * k, 400 + 500 * k)), "max_tokens": 48, "ignore_eos": True}
+    # A new prompt every request: a repeated prompt stays pinned to the replica caching it (prefix-aware routing),
+    # and the new replica would get traffic only once the first one is overloaded. Fresh prompts go by load.
+    i = 0
     async with httpx.AsyncClient(timeout=300) as c:
         while not stop.is_set():
+            i += 1
+            prompt = [1 + (k * 5000 + i) % 40000, *range(200 + 500 * k, 400 + 500 * k)]
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 48, "ignore_eos": True}
             r = await c.post(f"{base_url}/completions", json=body)
             codes.append(r.status_code)
             if r.status_code == 200:
