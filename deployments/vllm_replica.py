@@ -222,6 +222,11 @@ class VLLMReplica:
         await asyncio.wait_for(self._engine.check_health(), timeout=10)
 
     def __del__(self) -> None:
+        """Serve's graceful stop: shut the engine down; its end is not a death to react to."""
+        self._leaving = True  # the watcher stops, and no request path makes the replica exit meanwhile
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.cancel()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
