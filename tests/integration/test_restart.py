@@ -161,7 +161,7 @@ def test_start_refuses_an_orphaned_haproxy(tmp_path, no_haproxy_before):
     try:
         assert proc.wait(60) == 2
         log = (tmp_path / "refused.log").read_text()
-        assert f"port {port} (http_options.port of" in log and f"pid {orphan[0].pid}: " in log, log
+        assert f"port {port} (http_options.port)" in log and f"pid {orphan[0].pid}: " in log, log
         assert f"kill {orphan[0].pid}" in log
     finally:
         _stop(proc)
