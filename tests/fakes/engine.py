@@ -73,8 +73,9 @@ class FakeEngine:
         return min(hit, len(ids) - 1) if hit else 0
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[_Output]:
-        s = req.sampling
-        n, max_tokens = int(s.get("n", 1)), int(s.get("max_tokens") or 16)
+        s = req.sampling  # vLLM's SamplingParams from the ingress, or a dict of its keyword arguments
+        get = s.get if isinstance(s, dict) else lambda name, default=None: getattr(s, name, default)
+        n, max_tokens = int(get("n", 1) or 1), int(get("max_tokens") or 16)
         cached = self._cached_tokens(req.prompt_token_ids, req.cache_salt)
         self.stats.num_running += 1
         try:
