@@ -35,18 +35,40 @@ class APIError(Exception):
 _VLLM_MODELS = {
     "ChatCompletionRequest": "vllm.entrypoints.openai.chat_completion.protocol",
     "CompletionRequest": "vllm.entrypoints.openai.completion.protocol",
-    "TokenizeRequest": "vllm.entrypoints.serve.tokenize.protocol",
     "TokenizeChatRequest": "vllm.entrypoints.serve.tokenize.protocol",
     "TokenizeCompletionRequest": "vllm.entrypoints.serve.tokenize.protocol",
     "DetokenizeRequest": "vllm.entrypoints.serve.tokenize.protocol",
 }
+_models: dict[str, Any] = {}
+
+
+def _object_body(cls: type) -> type:
+    """vLLM's request model ``cls``, refusing a body that is not a JSON object first.
+
+    vLLM's "before" validators call ``data.get`` on the raw body; a JSON array or scalar would raise
+    AttributeError there (a 500). The subclass's own validator runs before the inherited ones.
+    """
+    from pydantic import model_validator
+
+    def _json_object(_, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("the request body must be a JSON object")
+        return data
+
+    ns = {"__module__": __name__, "__doc__": cls.__doc__,
+          "_json_object": model_validator(mode="before")(classmethod(_json_object))}
+    return type(cls.__name__, (cls,), ns)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "TokenizeRequest":  # vLLM's union of the two /tokenize bodies
+        return __getattr__("TokenizeCompletionRequest") | __getattr__("TokenizeChatRequest")
     if name in _VLLM_MODELS:
-        import importlib
+        if name not in _models:
+            import importlib
 
-        return getattr(importlib.import_module(_VLLM_MODELS[name]), name)
+            _models[name] = _object_body(getattr(importlib.import_module(_VLLM_MODELS[name]), name))
+        return _models[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
