@@ -208,6 +208,8 @@ class Frontend:
         """vLLM's SamplingParams of the request (``to_sampling_params``), in delta output mode."""
         from vllm.sampling_params import RequestOutputKind
 
+        if getattr(req, "use_beam_search", False):
+            raise self._error("beam search is not supported by this server", param="use_beam_search")
         try:
             params = req.to_sampling_params(max_tokens, self.default_sampling)
         except self.client_errors as err:
