@@ -114,6 +114,8 @@ class Frontend:
 
         if req.chat_template is not None or (req.chat_template_kwargs or {}).get("chat_template") is not None:
             raise self._error("a chat template in the request is not accepted by this server", param="chat_template")
+        if not req.messages:
+            raise self._error("messages must not be empty", param="messages")
         self._text_only(req.messages)
         self.check_tools(req)
         tools = [t.model_dump() for t in req.tools] if getattr(req, "tools", None) else None
@@ -213,7 +215,8 @@ class Frontend:
         try:
             params = req.to_sampling_params(max_tokens, self.default_sampling)
         except self.client_errors as err:
-            raise self._error(str(err)) from None
+            message = str(err.args[0]) if err.args else str(err)
+            raise self._error(message, param=getattr(err, "parameter", None)) from None
         params.output_kind = RequestOutputKind.DELTA
         return params
 
