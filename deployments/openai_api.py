@@ -43,20 +43,24 @@ _models: dict[str, Any] = {}
 
 
 def _object_body(cls: type) -> type:
-    """vLLM's request model ``cls``, refusing a body that is not a JSON object first.
+    """vLLM's request model ``cls``, whose validators' crashes on malformed bodies become validation errors.
 
-    vLLM's "before" validators call ``data.get`` on the raw body; a JSON array or scalar would raise
-    AttributeError there (a 500). The subclass's own validator runs before the inherited ones.
+    vLLM's "before" validators read the raw body as they expect it (``data.get``, ``list(msg["tool_calls"])``):
+    a JSON array, a scalar or a mistyped field raises AttributeError or TypeError there, a 500. This wrap
+    validator runs around the inherited ones and turns those into a 400 (a pydantic validation error).
     """
     from pydantic import model_validator
 
-    def _json_object(_, data: Any) -> Any:
+    def _guarded(_, data: Any, handler: Any) -> Any:
         if not isinstance(data, dict):
             raise ValueError("the request body must be a JSON object")
-        return data
+        try:
+            return handler(data)
+        except (AttributeError, TypeError, KeyError) as err:
+            raise ValueError(f"malformed request: {err}") from None
 
     ns = {"__module__": __name__, "__doc__": cls.__doc__,
-          "_json_object": model_validator(mode="before")(classmethod(_json_object))}
+          "_guarded": model_validator(mode="wrap")(classmethod(_guarded))}
     return type(cls.__name__, (cls,), ns)
 
 
