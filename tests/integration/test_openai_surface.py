@@ -202,7 +202,7 @@ def test_tokenize_and_detokenize(base_url: str) -> None:
 
 # --- tool_choice auto with a parser (fake engine, its own small app) --------------------------------------
 @pytest.fixture(scope="module")
-def tools_url(ray_cluster, base_url: str):
+def tools_url(ray_cluster):
     """An app beside the shared one: a model with the pythonic parser over the fake engine, at /tools."""
     import yaml
     from ray import serve
@@ -218,7 +218,7 @@ def tools_url(ray_cluster, base_url: str):
         "engine_kwargs": {"fake_text": '[get_weather(city="Paris"), get_time(city="Paris")]'},
         "chat_template": str(ROOT / "tests/integration/data/pythonic_tools.jinja"),
         "tool_call_parser": "pythonic", "enable_auto_tool_choice": True,
-        "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}}],
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}}],
         "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}}})
     url = f"http://127.0.0.1:{ray_cluster.http_port}/tools/v1"
     serve.run(build_app(load_app_config(args)), name="surface-tools", route_prefix="/tools", blocking=False)
