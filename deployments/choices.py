@@ -172,7 +172,8 @@ class Choice:
                 text = self.echo + text
                 ids, lps = list(self._prompt_ids) + ids, list(prompt_logprobs or []) + lps
             lp = self._completion_logprobs(ids, lps, 0) if spec.top_logprobs is not None else None
-            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish_reason(self.finish) or "stop"}
+            reason = finish_reason(self.finish) or "stop"
+            return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": reason}
         reason = finish_reason(self.finish) or "stop"
         lp = self._chat_logprobs(self.token_ids, self.logprobs) if spec.top_logprobs is not None else None
         if spec.plain:

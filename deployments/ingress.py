@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -147,18 +146,6 @@ class _Model:
             return tuple(self.hasher(ids, self.block_size, salt=salt))
 
 
-def _chat_size(body: Any) -> int:
-    """Characters of a chat request's text (decides inline or threaded rendering)."""
-    size = 0
-    for msg in body.messages:
-        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
-        if isinstance(content, str):
-            size += len(content)
-        elif isinstance(content, list):
-            size += sum(len(str(p.get("text", ""))) if isinstance(p, dict) else 0 for p in content)
-    return size + sum(len(json.dumps(t.model_dump())) for t in (getattr(body, "tools", None) or ()))
-
-
 class _Tracker:
     """Request metrics: concurrency, TTFB, latency, tokens, outcome."""
 
@@ -259,21 +246,11 @@ class Ingress:
             return [r.token_ids]
 
         def spec(prompts: list[list[int]]) -> OutputSpec:
-            r = rendered[0]
-            echo = None
-            if body.echo:  # vLLM: the last message, when it is the role the answer continues
-                last = r.conversation[-1] if r.conversation else {}
-                role = "assistant" if body.add_generation_prompt else last.get("role")
-                content = last.get("content") if last.get("role") == role else ""
-                echo = [content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content or [])]
-            parser = (lambda: fe.parser(body.tools, r.chat_template_kwargs)) if fe.parser_cls is not None else None
-            top = (body.top_logprobs or 0) if body.logprobs else None
-            return OutputSpec(chat=True, request=body, tokenizer=fe.tokenizer, parser=parser,
-                              auto_tools=fe.enable_auto_tools, n=body.n or 1, prompt_ids=prompts, echo=echo,
-                              top_logprobs=top)
+            return fe.chat_output(body, rendered[0], prompts)
 
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self._serve(m, body, prepare, spec, _chat_size(body), requested, chat=True, request=request)
+        return await self._serve(m, body, prepare, spec, fe.chat_size(body), requested, chat=True,
+                                 request=request)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -283,11 +260,7 @@ class Ingress:
         size = sum(len(p) for p in raw)
 
         def spec(prompts: list[list[int]]) -> OutputSpec:
-            echo = None
-            if body.echo:
-                echo = [p if isinstance(p, str) else fe.tokenizer.decode(ids) for p, ids in zip(raw, prompts, strict=True)]
-            return OutputSpec(chat=False, request=body, tokenizer=fe.tokenizer, parser=None, auto_tools=False,
-                              n=body.n, prompt_ids=prompts, echo=echo, top_logprobs=body.logprobs)
+            return fe.completion_output(body, raw, prompts)
 
         return await self._serve(m, body, lambda: fe.render_prompts(body), spec, size, body.max_tokens, chat=False,
                                  request=request)
@@ -303,7 +276,7 @@ class Ingress:
                 return fe.render_chat(body).token_ids
             return fe.render_prompts(body)[0]
 
-        size = len(body.prompt) if hasattr(body, "prompt") else _chat_size(body)
+        size = len(body.prompt) if hasattr(body, "prompt") else fe.chat_size(body)
         ids = run() if size <= _INLINE_CHARS else await asyncio.get_running_loop().run_in_executor(m.prep, run)
         strs = fe.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": m.max_model_len, "tokens": ids, "token_strs": strs}

@@ -6,7 +6,8 @@ from its generation config) and ``RenderedChat``. ``render_chat`` follows vLLM's
 vLLM's ``parse_chat_messages`` (developer role, multi-part text, tool calls and tool results in
 history), ``safe_apply_chat_template`` (tools, ``continue_final_message``, chat template kwargs) and the
 parser's ``adjust_request`` (structured outputs for forced tool calls, reasoning). ``render_prompts``
-tokenizes completion prompts; ``sampling`` is vLLM's ``to_sampling_params`` in delta mode.
+tokenizes completion prompts; ``sampling`` is vLLM's ``to_sampling_params`` in delta mode;
+``chat_output`` / ``completion_output`` say what the request asked of its output (``choices.OutputSpec``).
 
 One departure from ``vllm serve``: tool_choice ``required`` or a named function works without a
 tool-call parser. The output is then constrained to the tools' JSON schema (vLLM's
@@ -20,9 +21,11 @@ model's preparation thread for long ones. Every refusal is an ``APIError`` 400.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from deployments.choices import OutputSpec
 from deployments.engine import client_errors
 from deployments.openai_api import APIError
 from serve_app.config import ModelConfig
@@ -170,6 +173,32 @@ class Frontend:
         return self.parser_cls(self.tokenizer, tools, model_config=self.model_config,
                                chat_template_kwargs=chat_template_kwargs)
 
+    def chat_output(self, req: Any, rendered: RenderedChat, prompts: list[list[int]]) -> OutputSpec:
+        """What a chat request asked of its output (parser, logprobs, echo)."""
+        echo = None
+        if req.echo:  # vLLM: the last message, when it has the role the answer continues
+            last = rendered.conversation[-1] if rendered.conversation else {}
+            role = "assistant" if req.add_generation_prompt else last.get("role")
+            content = last.get("content") if last.get("role") == role else ""
+            echo = [content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content or [])]
+        kwargs = rendered.chat_template_kwargs
+        parser = (lambda: self.parser(req.tools, kwargs)) if self.parser_cls is not None else None
+        return OutputSpec(chat=True, request=req, tokenizer=self.tokenizer, parser=parser,
+                          auto_tools=self.enable_auto_tools, n=req.n or 1, prompt_ids=prompts, echo=echo,
+                          top_logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+    @staticmethod
+    def chat_size(req: Any) -> int:
+        """Characters of a chat request's text and tools (decides inline or threaded rendering)."""
+        size = 0
+        for msg in req.messages:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, str):
+                size += len(content)
+            elif isinstance(content, list):
+                size += sum(len(str(p.get("text", ""))) if isinstance(p, dict) else len(str(p)) for p in content)
+        return size + sum(len(json.dumps(t.model_dump())) for t in (getattr(req, "tools", None) or ()))
+
     # --- completions --------------------------------------------------------------------------
     def render_prompts(self, req: Any) -> list[list[int]]:
         """Token ids of each prompt of a completion request (CompletionRequest or TokenizeCompletionRequest)."""
@@ -192,6 +221,15 @@ class Frontend:
                     raise self._error(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
                 out.append(list(p))
         return out
+
+    def completion_output(self, req: Any, raw: list[str | list[int]], prompts: list[list[int]]) -> OutputSpec:
+        """What a completion request asked of its output (logprobs, echo)."""
+        echo = None
+        if req.echo:
+            echo = [p if isinstance(p, str) else self.tokenizer.decode(ids)
+                    for p, ids in zip(raw, prompts, strict=True)]
+        return OutputSpec(chat=False, request=req, tokenizer=self.tokenizer, parser=None, auto_tools=False, n=req.n,
+                          prompt_ids=prompts, echo=echo, top_logprobs=req.logprobs)
 
     @staticmethod
     def prompts(req: Any) -> list[str | list[int]]:
