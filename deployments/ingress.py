@@ -3,8 +3,9 @@
 Owns: the FastAPI routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
 ``/health``), tokenization and block hashing (the chat template is rendered, the prompt tokenized and
 its KV block hashes computed once, here; the replica receives token ids and the router the hashes),
-request validation and the context-length check, error mapping to OpenAI's shape, request metrics,
-and ``build_ingress``. Per-stage timing and tracing live in ``deployments.stages``.
+request validation and the context-length check, request metrics, and ``build_ingress``. Errors in
+OpenAI's shape are ``deployments.http_errors``; the body limit and per-request caps ``deployments.limits``.
+Per-stage timing and tracing live in ``deployments.stages``.
 
 Prompt preparation (render + tokenize + hash) runs on the event loop for short prompts and on the
 model's one preparation thread for long ones (``_INLINE_CHARS``): a long prompt must not stall every
@@ -30,15 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.dispatch import dispatch
 from deployments.choices import OutputSpec
 from deployments.generation import Accumulator, merge, sse_events, within
+from deployments.http_errors import install_error_handlers
+from deployments.limits import BodyLimitMiddleware, RequestLimits
 from deployments.metrics import metrics
 from deployments.openai_api import (
     APIError,
@@ -77,16 +78,11 @@ def _own_serve_request_id() -> None:
 
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
+app.add_middleware(BodyLimitMiddleware)  # 413 (deployments.limits): uses the replica's Ingress.limits
 app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
 app.add_middleware(AcceptedAtMiddleware)  # added last: outermost, so it stamps before auth runs
+install_error_handlers(app)  # every error in OpenAI's shape (deployments.http_errors)
 _INLINE_CHARS = 8192  # prompts up to this many characters (~2K tokens, ~1 ms) are prepared on the event loop
-
-
-@app.exception_handler(APIError)
-async def _api_error(request: Request, err: APIError) -> JSONResponse:
-    if not err.counted:
-        record_rejection(err.status, err.model, getattr(request.app.state, "model_ids", ()))
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _vllm_client_error() -> type[BaseException]:
@@ -104,24 +100,6 @@ async def _vllm_request_error(request: Request, err: Exception) -> JSONResponse:
     record_rejection(400, None, getattr(request.app.state, "model_ids", ()))
     param = getattr(err, "parameter", None)
     return JSONResponse(APIError(400, str(err.args[0]) if err.args else str(err), param=param).body(), status_code=400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (unparsable body, unknown path, wrong method) in OpenAI's shape."""
-    return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
-                        headers=getattr(err, "headers", None))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    msg = first.get("msg", "invalid request")
-    message = f"{'.'.join(loc)}: {msg}" if loc else msg
-    model = err.body.get("model") if isinstance(err.body, dict) else None
-    record_rejection(400, model, getattr(request.app.state, "model_ids", ()))
-    return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
 
 
 @dataclass
@@ -220,6 +198,8 @@ class Ingress:
                                     serve_status_source(serve.get_replica_context().app_name))
         self._readiness.start()
         self.gate = Gate.from_app(self._cfg)  # read by AuthMiddleware
+        self.limits = RequestLimits.build(  # read by BodyLimitMiddleware
+            self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
         logger.info("ingress up for models %s", list(self._models))
 
     # --- routes -------------------------------------------------------------------------------
@@ -362,6 +342,7 @@ class Ingress:
             return hashed
 
         try:
+            self.limits.check(m.config.id, body, size)  # caps and a sure context overflow, before tokenizing
             if size <= _INLINE_CHARS:
                 prompts = prepare_and_hash()
             else:

@@ -62,6 +62,19 @@ class IngressConfig(BaseModel):
         "a cache group, a client could learn which prefixes others sent.")
     expose_replica_header: bool = Field(
         default=False, description="Send the `x-kvserve-replica` response header (which replica served the request).")
+    max_body_bytes: int | None = Field(
+        default=4 * 1024 * 1024, ge=1024,
+        description="Largest request body accepted, in bytes; a larger one gets a 413 before it is parsed. JSON "
+        "decoding and validation hold the ingress's event loop for about 0.15 s per MB of many small messages, so "
+        "this bounds the stall one request can cause. A full 128K-token prompt is ~0.5 MB as text, ~0.8 MB as "
+        "token ids. null: no limit.")
+    max_prompts_per_request: int = Field(
+        default=256, ge=1,
+        description="Most prompts one /v1/completions request may batch (each becomes its own replica call); "
+        "more is a 400 (too_many_prompts).")
+    max_choices_per_request: int = Field(
+        default=512, ge=1,
+        description="Most choices one request may ask for: n x prompts; more is a 400 (too_many_choices).")
 
 
 class TracingConfig(BaseModel):
