@@ -152,7 +152,7 @@ def test_unknown_models_share_one_label(counted: _FakeCounter) -> None:
 def test_ingress_handlers_count_404_400_and_503_once(counted: _FakeCounter) -> None:
     from fastapi.exceptions import RequestValidationError
 
-    from deployments.ingress import _api_error, _validation_error
+    from deployments.http_errors import _api_error, _validation_error
 
     req = _request({"smollm2"})
     not_found = APIError(404, "no such model", param="model", code="model_not_found")
