@@ -1,9 +1,13 @@
 """Every error the HTTP app answers, in OpenAI's shape.
 
-Owns: ``install_error_handlers`` (the app's exception handlers). Whatever goes wrong, the client gets
+Owns: ``install_error_handlers`` (the app's exception handlers) and ``OpenAIRoute`` (the app's route
+class: a body is read as JSON whatever its Content-Type, and must be an object, else a 400 before any
+request model sees it; vLLM's request models' validators assume a mapping and would fail with a 500 on
+a list, a string or raw bytes). Whatever goes wrong, the client gets
 ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status:
 
   - ``APIError`` raised anywhere in the ingress: its own status, body and headers;
+  - a JSON body that is not an object: 400, ``invalid_body`` (``OpenAIRoute``);
   - Starlette's own errors: an unknown route (404, ``unknown_url``), a wrong method (405,
     ``method_not_allowed``), a body FastAPI cannot decode (400, ``invalid_body``: e.g. bad UTF-8), a body
     over ``ingress.max_body_bytes`` found while it is read (413, ``request_too_large``,
@@ -23,8 +27,9 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -94,6 +99,30 @@ async def _unhandled(request: Request, err: Exception) -> JSONResponse:
     record_rejection(500, None, _known(request))
     return _reply(APIError(500, f"internal server error ({type(err).__name__})", type_="server_error",
                            code="internal_error"))
+
+
+class _ObjectBodyRequest(Request):
+    async def json(self) -> Any:
+        value = await super().json()
+        if not isinstance(value, dict):  # FastAPI re-raises an HTTPException raised while the body is read
+            raise HTTPException(400, f"the request body must be a JSON object, not {type(value).__name__}")
+        return value
+
+
+class OpenAIRoute(APIRoute):
+    """FastAPI's route, over a request whose JSON body must be an object (FastAPI's custom route class hook)."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Any:
+            scope = request.scope
+            if self.body_field is not None:  # the body is JSON whatever the Content-Type (curl -d sends a form's)
+                headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            return await handler(_ObjectBodyRequest(scope, request.receive))
+
+        return route_handler
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -72,9 +72,12 @@ async def test_undecodable_bodies_are_400(monkeypatch, body, code, path):
     _error(await _send(monkeypatch, "POST", path, body=body, headers=JSON), 400, code)
 
 
-async def test_a_body_that_is_not_json_is_a_400(monkeypatch):
-    _error(await _send(monkeypatch, "POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(),
-                       headers={"content-type": "text/plain"}), 400)
+async def test_a_body_is_json_whatever_its_content_type(monkeypatch):
+    r = await _send(monkeypatch, "POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(),
+                    headers={"content-type": "application/x-www-form-urlencoded"})  # curl -d
+    assert r.status_code == 200
+    _error(await _send(monkeypatch, "POST", "/v1/chat/completions", body=b"model=smollm2",
+                       headers={"content-type": "application/x-www-form-urlencoded"}), 400, "invalid_json")
 
 
 async def test_a_validation_error_names_the_field(monkeypatch):
