@@ -66,10 +66,18 @@ async def test_unknown_model_is_a_404(monkeypatch):
     (b"[1, 2, 3]", None),
     (b'"just a string"', None),
     (b"null", None),
+    (b'{"model": "smollm2", "messages": 5}', None),  # chat: vLLM's validator raises TypeError on it
+    (b'{"model": "smollm2", "prompt": {"a": 1}, "messages": 5}', None),
 ])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 async def test_undecodable_bodies_are_400(monkeypatch, body, code, path):
     _error(await _send(monkeypatch, "POST", path, body=body, headers=JSON), 400, code)
+
+
+async def test_a_validator_that_crashes_on_the_body_is_a_400(monkeypatch):
+    err = _error(await _send(monkeypatch, "POST", "/v1/chat/completions", json_body={"model": "smollm2", "messages": 5}),
+                 400, "invalid_body")
+    assert "TypeError" in err["message"]
 
 
 async def test_a_body_is_json_whatever_its_content_type(monkeypatch):
