@@ -6,7 +6,8 @@ the route's request model, where a validator that crashes on odd input is a 400,
 request models' validators assume well-formed input). Whatever goes wrong, the client gets
 ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status:
 
-  - ``APIError`` raised anywhere in the ingress: its own status, body and headers;
+  - ``APIError`` raised anywhere in the ingress: its own status, body and headers (vLLM's own request
+    errors are the ingress's handler: a 400 naming vLLM's ``parameter``);
   - a JSON body that is not an object, or on which a request model's validator crashes: 400,
     ``invalid_body`` (``OpenAIRoute``);
   - Starlette's own errors: an unknown route (404, ``unknown_url``), a wrong method (405,
@@ -30,9 +31,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.openai_api import APIError
