@@ -1,21 +1,18 @@
 """Every error the HTTP app answers, in OpenAI's shape.
 
-Owns: ``install_error_handlers`` (the app's exception handlers) and ``OpenAIRoute`` (the app's route
-class: a body is read as JSON whatever its Content-Type, must be an object, and is validated once by
-the route's request model, where a validator that crashes on odd input is a 400, not a 500: vLLM's
-request models' validators assume well-formed input). Whatever goes wrong, the client gets
+Owns: ``install_error_handlers`` (the app's exception handlers). Whatever goes wrong, the client gets
 ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status:
 
   - ``APIError`` raised anywhere in the ingress: its own status, body and headers (vLLM's own request
     errors are the ingress's handler: a 400 naming vLLM's ``parameter``);
-  - a JSON body that is not an object, or on which a request model's validator crashes: 400,
-    ``invalid_body`` (``OpenAIRoute``);
   - Starlette's own errors: an unknown route (404, ``unknown_url``), a wrong method (405,
     ``method_not_allowed``), a body FastAPI cannot decode (400, ``invalid_body``: e.g. bad UTF-8), a body
     over ``ingress.max_body_bytes`` found while it is read (413, ``request_too_large``,
     ``deployments.limits``), and any other status Starlette raises;
   - a body that fails validation: 400 (as OpenAI and vLLM answer it, not FastAPI's 422), naming the
-    first offending field in ``param``; a body that is not JSON: 400, ``invalid_json``;
+    first offending field in ``param`` (a body that is not a JSON object, or on which one of vLLM's
+    validators crashes, is such an error: ``deployments.openai_api``); a body that is not JSON: 400,
+    ``invalid_json``;
   - anything else (a bug): 500, ``server_error``/``internal_error``, with the exception type only (no
     traceback or internal detail reaches the client); the traceback is logged.
 
@@ -29,11 +26,9 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.openai_api import APIError
@@ -102,64 +97,6 @@ async def _unhandled(request: Request, err: Exception) -> JSONResponse:
     record_rejection(500, None, _known(request))
     return _reply(APIError(500, f"internal server error ({type(err).__name__})", type_="server_error",
                            code="internal_error"))
-
-
-class _BodyRequest(Request):
-    """A request whose JSON body is an object, validated once here by the route's body model.
-
-    What the model accepts is returned as the model instance (FastAPI then takes it as is, without validating
-    again); what it refuses with pydantic's or vLLM's errors is returned as decoded, for FastAPI to refuse the
-    same way (its 400 names the field); anything else a validator raises on client input (vLLM's validators
-    raise TypeError on a non-list ``messages``, ...) is a 400 here, never a 500.
-    """
-
-    adapter: TypeAdapter | None = None
-    refusals: tuple[type[BaseException], ...] = (ValidationError,)
-
-    async def json(self) -> Any:
-        value = await super().json()
-        if not isinstance(value, dict):  # FastAPI re-raises an HTTPException raised while the body is read
-            raise HTTPException(400, f"the request body must be a JSON object, not {type(value).__name__}")
-        if self.adapter is None:
-            return value
-        try:
-            return self.adapter.validate_python(value)
-        except self.refusals:
-            return value
-        except Exception as err:  # noqa: BLE001 - a validator that failed on what the client sent
-            raise HTTPException(400, f"invalid request body ({type(err).__name__}: {err})") from None
-
-
-def _refusals() -> tuple[type[BaseException], ...]:
-    """pydantic's ValidationError and vLLM's own request errors (VLLMClientError; VLLMValidationError in 0.26)."""
-    try:
-        from vllm.exceptions import VLLMClientError
-    except ImportError:
-        try:
-            from vllm.exceptions import VLLMValidationError as VLLMClientError
-        except ImportError:
-            return (ValidationError,)
-    return ValidationError, VLLMClientError
-
-
-class OpenAIRoute(APIRoute):
-    """FastAPI's route over a ``_BodyRequest`` (FastAPI's custom route class hook)."""
-
-    def get_route_handler(self) -> Any:
-        handler = super().get_route_handler()
-        adapter = TypeAdapter(self.body_field.field_info.annotation) if self.body_field is not None else None
-        refusals = _refusals() if adapter is not None else ()
-
-        async def route_handler(request: Request) -> Any:
-            scope = request.scope
-            if adapter is not None:  # the body is JSON whatever the Content-Type (curl -d sends a form's)
-                headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-            body_request = _BodyRequest(scope, request.receive)
-            body_request.adapter, body_request.refusals = adapter, refusals
-            return await handler(body_request)
-
-        return route_handler
 
 
 def install_error_handlers(app: FastAPI) -> None:

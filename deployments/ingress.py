@@ -38,7 +38,7 @@ from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.dispatch import dispatch
 from deployments.choices import OutputSpec
 from deployments.generation import Accumulator, merge, sse_events, within
-from deployments.http_errors import OpenAIRoute, install_error_handlers
+from deployments.http_errors import install_error_handlers
 from deployments.limits import BodyLimitMiddleware, RequestLimits
 from deployments.metrics import metrics
 from deployments.openai_api import (
@@ -78,7 +78,6 @@ def _own_serve_request_id() -> None:
 
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
-app.router.route_class = OpenAIRoute  # a JSON body must be an object (deployments.http_errors)
 app.add_middleware(BodyLimitMiddleware)  # 413 (deployments.limits): uses the replica's Ingress.limits
 app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
 app.add_middleware(AcceptedAtMiddleware)  # added last: outermost, so it stamps before auth runs
