@@ -119,9 +119,10 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
            "--model", str(model_dir() / args["path"]), "--served-model-name", MODEL, "--dtype", args["dtype"],
            "--max-model-len", str(args["max_model_len"]),
            "--max-num-seqs", str(args["engine_kwargs"]["max_num_seqs"]), "--enable-prefix-caching",
-           # vLLM 0.27 refuses tool_choice "required" or a named function without a parser (kvserve does not need
-           # one: the output is constrained to the tools' schema either way); "auto" stays off on both.
-           "--tool-call-parser", "hermes"]
+           # vLLM 0.27 refuses tool_choice "required" or a named function unless a tool parser is on, and a parser
+           # is only on with auto tool choice (kvserve needs neither: the output is constrained to the tools' schema
+           # either way). No case here uses "auto": kvserve's shared app has no parser.
+           "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     env = {**os.environ, **args["env"]}
     log_path = tmp_path_factory.mktemp("vllm-serve") / "log"
     log = log_path.open("w")
