@@ -45,16 +45,15 @@ def _cmpl(**kw: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, **kw}
 
 
-#: (case id, path, body): bodies every OpenAI-compatible server should accept.
+#: (case id, path, body): bodies every OpenAI-compatible server should accept. A named tool_choice is not here:
+#: vllm serve 0.27 (hermes parser, which it needs for any tool_choice) answered it with free text and no tool call,
+#: where OpenAI's API (and kvserve) answer with a call of that function: ``test_named_tool_choice_calls_it``.
 VALID = [
     ("chat", CHAT, _chat()),
     ("developer-role", CHAT, _chat(messages=[{"role": "developer", "content": "Answer in one word."}, *ASK])),
     ("multi-part-content", CHAT, _chat(messages=[{"role": "user", "content": [
         {"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]}])),
     ("max-completion-tokens", CHAT, {**_chat(max_completion_tokens=5), "max_tokens": None}),
-    ("tool-choice-named", CHAT, _chat(
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=48,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})),
     ("tool-choice-required", CHAT, _chat(
         messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=64,
         tool_choice="required")),
@@ -78,9 +77,9 @@ VALID = [
                                     min_tokens=4, max_tokens=8, stop=["\n\n"], stop_token_ids=[2], ignore_eos=True)),
     ("stream-usage", CHAT, _chat(stream=True, stream_options={"include_usage": True})),
     ("stream-logprobs", CHAT, _chat(stream=True, logprobs=True, top_logprobs=2, max_tokens=4)),
-    ("stream-tool-named", CHAT, _chat(
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=48,
-        stream=True, tool_choice={"type": "function", "function": {"name": "get_weather"}})),
+    ("stream-tool-required", CHAT, _chat(
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER], max_tokens=64,
+        stream=True, tool_choice="required")),
     ("stream-completion-echo", COMPLETIONS, _cmpl(stream=True, echo=True, max_tokens=3)),
 ]
 
@@ -239,13 +238,26 @@ def test_invalid_requests_are_refused_alike(vllm_url: str, kvserve_url: str, pat
 
 
 def test_the_openai_client_reads_both(vllm_url: str, kvserve_url: str) -> None:
-    """The official client parses a tool call from both servers the same way."""
+    """The official client parses a required tool call from both servers the same way."""
     calls = []
     for url in (vllm_url, kvserve_url):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
         r = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=48, temperature=0)
-        calls.append([(t.function.name, json.loads(t.function.arguments).keys() >= {"city"})
-                      for t in r.choices[0].message.tool_calls])
+            tool_choice="required", max_tokens=64, temperature=0)
+        calls.append([(t.function.name, isinstance(json.loads(t.function.arguments), dict))
+                      for t in r.choices[0].message.tool_calls or []])
     assert calls[0] == calls[1] == [("get_weather", True)]
+
+
+def test_named_tool_choice_calls_it(kvserve_url: str) -> None:
+    """kvserve only (see VALID): a named tool_choice is answered with a call of that function, streamed or not."""
+    client = openai.OpenAI(base_url=kvserve_url, api_key="unused", max_retries=0, timeout=300)
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+          "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+          "max_tokens": 48, "temperature": 0}
+    r = client.chat.completions.create(**kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
+    streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert any(c.choices[0].delta.tool_calls for c in streamed)
