@@ -49,7 +49,7 @@ from serve_app.kuberay.targets import merge_patch
 #: kvserve variant -> patch of the first application's args ("model" patches go to the first model).
 VARIANTS: dict[str, dict] = {
     "kvserve": {},
-    "kvserve_nomerge": {"model": {"stream_chunks_per_s": 0}},
+    "kvserve_nomerge": {"model": {"stream_merge_lag_ms": 0}},  # every engine step a chunk, never merged
     "kvserve_one_ingress": {"args": {"ingress": {"deployment": {"num_replicas": 1}}}},
     "kvserve_round_robin": {"args": {"routing": {"strategy": "round-robin"}}},
     "kvserve_auth": {"args": {"auth": {"enabled": True}}},  # API keys on, as a user exposing it would run it
