@@ -37,7 +37,7 @@ def _cpu_s() -> float:
 
 
 def build(serve):
-    from deployments.protocol import GenerateChunk
+    from deployments.protocol import GenerateChunk, GenerateRequest
 
     @serve.deployment(max_ongoing_requests=1024)
     class Producer:
@@ -67,7 +67,11 @@ def build(serve):
         async def cpu(self) -> tuple[float, int]:
             return _cpu_s(), self._steps
 
-        async def generate(self, steps: int, merge: int):
+        async def generate(self, steps: int, merge: int, req=None):
+            started = time.time()
+            chunk = GenerateChunk(token_counts={0: 0}, texts={0: ""})
+            chunk.timing = started  # the first chunk goes out at once: dispatch and return of one call
+            yield chunk
             chunk = None
             for i in range(steps):
                 await self._tick.wait()
@@ -87,20 +91,35 @@ def build(serve):
         def __init__(self, producer) -> None:
             self._producer = producer
 
-        async def run(self, streams: int, steps: int, step_s: float, merge: int, serialization: str) -> dict:
-            h = self._producer.options(stream=True, method_name="generate", response_serialization=serialization)
+        async def run(self, streams: int, steps: int, step_s: float, merge: int, serialization: str,
+                      prompt_tokens: int) -> dict:
+            h = self._producer.options(stream=True, method_name="generate", request_serialization=serialization,
+                                       response_serialization=serialization)
             p_cpu0, p_steps0 = await self._producer.reset.remote(step_s)
             delays: list[float] = []
+            dispatch: list[float] = []
+            first_back: list[float] = []
             chunks = 0
 
-            async def one() -> None:
+            async def one(k: int) -> None:
                 nonlocal chunks
-                async for c in h.remote(steps, merge):
-                    delays.append(time.time() - c.timing)
+                req = GenerateRequest(request_id=f"r{k}", model_id="m", prompt_token_ids=list(range(prompt_tokens)),
+                                      sampling={"max_tokens": steps, "temperature": 0.0},
+                                      block_hashes=tuple(range(prompt_tokens // 16)))
+                sent = time.time()
+                first = True
+                async for c in h.remote(steps, merge, req):
+                    now = time.time()
+                    if first:
+                        dispatch.append(c.timing - sent)
+                        first_back.append(now - c.timing)
+                        first = False
+                        continue
+                    delays.append(now - c.timing)
                     chunks += 1
 
             c_cpu0, t0 = _cpu_s(), time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(streams)))
+            await asyncio.gather(*(one(k) for k in range(streams)))
             wall = time.perf_counter() - t0
             c_cpu = _cpu_s() - c_cpu0
             p_cpu1, p_steps1 = await self._producer.cpu.remote()
@@ -113,6 +132,8 @@ def build(serve):
                 "delay_ms_p50": round(1000 * delays[len(delays) // 2], 3),
                 "delay_ms_p99": round(1000 * delays[int(len(delays) * 0.99)], 3),
                 "delay_ms_mean": round(1000 * statistics.fmean(delays), 3),
+                "dispatch_ms_p50": round(1000 * statistics.median(dispatch), 3),
+                "first_chunk_return_ms_p50": round(1000 * statistics.median(first_back), 3),
                 "producer_cpu_s_per_1k_chunks": round(1000 * (p_cpu1 - p_cpu0) / chunks, 4),
                 "consumer_cpu_s_per_1k_chunks": round(1000 * c_cpu / chunks, 4),
                 "producer_clock_steps": p_steps1 - p_steps0,
@@ -123,12 +144,13 @@ def build(serve):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=64, help="concurrent streams (1: the c=1 path)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--step-ms", type=float, default=8.0)
     ap.add_argument("--merge", default="1", help="comma list of steps per chunk")
     ap.add_argument("--serialization", default="cloudpickle,pickle")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=1024, help="token ids in each call's GenerateRequest")
     ap.add_argument("--no-fast-path", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -148,7 +170,8 @@ def main() -> None:
         for _ in range(args.repeat):
             for ser in args.serialization.split(","):
                 for merge in (int(m) for m in args.merge.split(",")):
-                    r = await handle.run.remote(args.streams, args.steps, args.step_ms / 1000, merge, ser)
+                    r = await handle.run.remote(args.streams, args.steps, args.step_ms / 1000, merge, ser,
+                                                args.prompt_tokens)
                     r.update(serialization=ser, merge=merge, streams=args.streams)
                     print(json.dumps(r), flush=True)
                     runs.append(r)
