@@ -84,10 +84,18 @@ def client_errors() -> tuple[type[BaseException], ...]:
 
 
 def sampling_params(req: GenerateRequest):
-    """vLLM ``SamplingParams`` of a request (delta outputs); InvalidRequestError when vLLM refuses them."""
+    """vLLM ``SamplingParams`` of a request in delta output mode; InvalidRequestError when vLLM refuses them.
+
+    The ingress sends vLLM's own ``SamplingParams`` (built by vLLM's request models); a dict of keyword
+    arguments (benchmarks, older callers) is turned into one here.
+    """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    if isinstance(req.sampling, SamplingParams):
+        if req.sampling.output_kind != RequestOutputKind.DELTA:
+            raise InvalidRequestError("sampling parameters must ask for delta outputs")
+        return req.sampling
     try:
         return SamplingParams(**req.sampling, output_kind=RequestOutputKind.DELTA)
     except client_errors() as err:
@@ -118,7 +126,8 @@ class VLLMEngine:
         prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
         if req.cache_salt:
             prompt["cache_salt"] = req.cache_salt
-        return self._llm.generate(prompt, params, req.request_id, trace_headers=req.trace_headers)
+        extra = {} if req.reasoning_ended is None else {"reasoning_ended": req.reasoning_ended}
+        return self._llm.generate(prompt, params, req.request_id, trace_headers=req.trace_headers, **extra)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -179,6 +188,8 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, 
     }
     if model.max_model_len is not None:
         args["max_model_len"] = model.max_model_len
+    if model.reasoning_parser:
+        args["reasoning_parser"] = model.reasoning_parser
     if not float(model.deployment.ray_actor_options.get("num_gpus", 0) or 0):
         args.update(CPU_ENGINE_DEFAULTS)
     if model.tensor_parallel_size > 1:

@@ -1,7 +1,8 @@
 """Turning replica chunk streams into OpenAI responses.
 
-Owns: ``Accumulator`` (per-request token/usage bookkeeping and the non-streaming response body),
-``sse_events`` (the streaming body: chat or completion chunks, an optional usage chunk, then
+Owns: ``Accumulator`` (per-request usage bookkeeping, its choices (``deployments.choices``) and the
+non-streaming response body), ``sse_events`` (the streaming body: chat or completion chunks, an optional
+usage chunk, then
 ``[DONE]``; errors after the stream started become an error event, never a dropped connection) and
 ``merge`` (several prompts of one batched completion request, interleaved as they produce output) and
 ``within`` (a request's deadline: ``ingress.request_timeout_s``).
@@ -15,64 +16,69 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.openai_api import (
-    SSE_DONE,
-    APIError,
-    chat_chunk,
-    completion_chunk,
-    sse,
-    usage,
-    usage_chunk,
-)
-from deployments.protocol import GenerateChunk
+from deployments.choices import Choice, OutputSpec
+from deployments.openai_api import SSE_DONE, APIError, chunk, sse, usage, usage_chunk
+from deployments.protocol import GenerateChunk, PositionLogprobs
 
 
 @dataclass(slots=True)
 class Accumulator:
-    """Everything a request produced so far, across its prompts and choices."""
+    """Everything a request produced so far, across its prompts and choices.
+
+    ``spec`` says what the request asked of its output (parsers, logprobs, echo); None: plain text.
+    """
 
     chat: bool
     rid: str
     created: int
     model: str
-    texts: dict[int, list[str]] = field(default_factory=dict)
-    finish: dict[int, str] = field(default_factory=dict)
+    spec: OutputSpec | None = None
+    choices: dict[int, Choice] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)  # prompt offset -> positions
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     replica_id: str | None = None
     show_cached: bool = True  # ingress.expose_cached_tokens
 
-    def add(self, offset: int, chunk: GenerateChunk) -> None:
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = OutputSpec(chat=self.chat, request=None, tokenizer=None, parser=None, auto_tools=False,
+                                   n=1, prompt_ids=[])
+
+    def choice(self, i: int) -> Choice:
+        c = self.choices.get(i)
+        if c is None:
+            c = self.choices[i] = Choice(self.spec, i)
+        return c
+
+    def count(self, offset: int, chunk: GenerateChunk) -> None:
+        """Usage bookkeeping of a chunk (both paths)."""
         if chunk.prompt_tokens is not None:
             self.prompt_tokens += chunk.prompt_tokens
             self.cached_tokens += chunk.cached_tokens or 0
             self.replica_id = chunk.replica_id
-        for i, text in chunk.texts.items():
-            self.texts.setdefault(offset + i, []).append(text)
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs[offset] = chunk.prompt_logprobs
         self.completion_tokens += sum(chunk.token_counts.values())
-        for i, reason in chunk.finish_reasons.items():
-            self.finish[offset + i] = _finish(reason)
+
+    def add(self, offset: int, chunk: GenerateChunk) -> None:
+        """A chunk of a non-streaming request."""
+        self.count(offset, chunk)
+        for i in {*chunk.texts, *chunk.finish_reasons}:
+            self.choice(offset + i).add(chunk.texts.get(i, ""), chunk.token_ids.get(i, ()),
+                                        chunk.logprobs.get(i), chunk.finish_reasons.get(i))
 
     def usage(self) -> dict[str, Any]:
         return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens if self.show_cached else None)
 
+    def _prompt_logprobs(self, i: int) -> list[PositionLogprobs] | None:
+        return self.prompt_logprobs.get(i - i % self.spec.n)
+
     def response(self, n_choices: int) -> dict[str, Any]:
-        choices = []
-        for i in range(n_choices):
-            text = "".join(self.texts.get(i, []))
-            reason = self.finish.get(i, "stop")
-            if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": reason})
-            else:
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        choices = [self.choice(i).final(self._prompt_logprobs(i)) for i in range(n_choices)]
         return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
-
-
-def _finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
 
 
 async def merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIterator[tuple[int, GenerateChunk]]:
@@ -144,28 +150,25 @@ async def sse_events(acc: Accumulator, chunks: AsyncIterator[tuple[int, Generate
                      include_usage: bool, on_first: Any, on_error: Any) -> AsyncIterator[str]:
     """The SSE body of a streaming response."""
     started: set[int] = set()
+    obj = "chat.completion.chunk" if acc.chat else "text_completion"
     try:
-        async for offset, chunk in chunks:
+        async for offset, part in chunks:
             if on_first is not None:
                 on_first()
                 on_first = None
-            acc.add(offset, chunk)
-            indexes = sorted({offset + i for i in (*chunk.texts, *chunk.finish_reasons)})
-            for i in indexes:
-                text = chunk.texts.get(i - offset, "")
-                reason = chunk.finish_reasons.get(i - offset)
-                reason = _finish(reason) if reason is not None else None
-                if acc.chat:
-                    if i not in started:
-                        started.add(i)
-                        yield sse(chat_chunk(acc.rid, acc.created, acc.model, i,
-                                             {"role": "assistant", "content": ""}, None))
-                    delta = {"content": text} if text else {}
-                    yield sse(chat_chunk(acc.rid, acc.created, acc.model, i, delta, reason))
-                else:
-                    yield sse(completion_chunk(acc.rid, acc.created, acc.model, i, text, reason))
+            acc.count(offset, part)
+            for k in sorted({*part.texts, *part.finish_reasons}):
+                i = offset + k
+                if acc.chat and i not in started:
+                    started.add(i)
+                    yield sse(chunk(acc.rid, acc.created, acc.model, obj, {
+                        "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}))
+                choice = acc.choice(i).delta(part.texts.get(k, ""), part.token_ids.get(k, ()), part.logprobs.get(k),
+                                             part.finish_reasons.get(k), acc.prompt_logprobs.get(offset))
+                if choice is not None:
+                    yield sse(chunk(acc.rid, acc.created, acc.model, obj, choice))
         if include_usage:
-            obj = "chat.completion.chunk" if acc.chat else "text_completion"
             yield sse(usage_chunk(acc.rid, acc.created, acc.model, obj, acc.usage()))
     except APIError as err:
         on_error(err)

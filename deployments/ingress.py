@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -38,12 +37,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.dispatch import dispatch
+from deployments.choices import OutputSpec
 from deployments.generation import Accumulator, merge, sse_events, within
 from deployments.metrics import metrics
-from deployments.openai_api import APIError, ChatCompletionRequest, CompletionRequest
+from deployments.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.readiness import Readiness, serve_status_source
 from deployments.rejections import record_rejection, status_label
+from deployments.rendering import Frontend
 from deployments.stages import AcceptedAtMiddleware, RequestStages, Tracer, accepted_at
 from routers.hashing import BlockHasher
 from serve_app.config import AppConfig, ModelConfig
@@ -62,6 +70,23 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
     if not err.counted:
         record_rejection(err.status, err.model, getattr(request.app.state, "model_ids", ()))
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _vllm_client_error() -> type[BaseException]:
+    """vLLM's base class of request errors (VLLMClientError; in vLLM 0.26 its validation errors are ValueErrors)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        from vllm.exceptions import VLLMValidationError as VLLMClientError
+    return VLLMClientError
+
+
+@app.exception_handler(_vllm_client_error())
+async def _vllm_request_error(request: Request, err: Exception) -> JSONResponse:
+    """A vLLM request model refused the body from a validator (vLLM's errors are not pydantic's): a 400."""
+    record_rejection(400, None, getattr(request.app.state, "model_ids", ()))
+    param = getattr(err, "parameter", None)
+    return JSONResponse(APIError(400, str(err.args[0]) if err.args else str(err), param=param).body(), status_code=400)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -85,8 +110,7 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 @dataclass
 class _Model:
     config: ModelConfig
-    tokenizer: Any
-    max_model_len: int
+    frontend: Frontend  # vLLM's rendering, tokenizer, parsers and sampling defaults for this model
     handle: Any
     hasher: BlockHasher | None  # None: the routing strategy needs no block hashes
     prep: ThreadPoolExecutor  # the one thread that prepares long prompts
@@ -94,18 +118,15 @@ class _Model:
     inflight: int = 0
     hash_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # loop and prep thread
 
+    @property
+    def max_model_len(self) -> int:
+        return self.frontend.max_model_len
+
     def hashes(self, ids: list[int], salt: str | None) -> tuple[int, ...]:
         if self.hasher is None or not self.block_size:
             return ()
         with self.hash_lock:
             return tuple(self.hasher(ids, self.block_size, salt=salt))
-
-
-def _max_model_len(model: ModelConfig) -> int:
-    if model.max_model_len is not None:
-        return model.max_model_len
-    cfg = json.loads((model.resolved_path() / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 2048)
 
 
 class _Tracker:
@@ -163,19 +184,17 @@ class Ingress:
     """Validates, tokenizes, dispatches to the model's replicas and streams the answer back."""
 
     def __init__(self, app_config: dict[str, Any], handles: dict[str, Any]) -> None:
-        from transformers import AutoTokenizer
-
         self._cfg = AppConfig.model_validate(app_config)
         self._session_header = self._cfg.routing.session_header
         self._models: dict[str, _Model] = {}
         routing = self._cfg.routing
         hashed = routing.strategy in ("prefix-aware", "kv-aware") and routing.request_router_class is None
         for m in self._cfg.models:
-            tok = AutoTokenizer.from_pretrained(str(m.resolved_tokenizer()))
+            frontend = Frontend(m)
             handle = handles[m.id].options(stream=True)
             hasher = BlockHasher(algo=routing.hash_algo, seed=routing.hash_seed) if hashed else None
             prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{m.id}")
-            self._models[m.id] = _Model(m, tok, _max_model_len(m), handle, hasher, prep)
+            self._models[m.id] = _Model(m, frontend, handle, hasher, prep)
         tracing = self._cfg.tracing
         self._tracer = Tracer(tracing.otlp_traces_endpoint, tracing.service_name) if tracing.otlp_traces_endpoint else None
         self._created = int(time.time())
@@ -201,48 +220,63 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         m = self._model(body.model)
-        try:
-            messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
-        except ValueError as err:  # a content part we cannot render
-            raise APIError(400, str(err), param="messages", model=m.config.id) from None
-        size = sum(len(msg["content"]) for msg in messages)
+        fe = m.frontend
+        rendered: list[Any] = []
 
         def prepare() -> list[list[int]]:
-            try:
-                text = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except ValueError as err:
-                raise APIError(400, str(err), param="messages", model=m.config.id) from None
-            except Exception as err:  # noqa: BLE001 - template errors are the client's input
-                raise APIError(400, f"cannot render the chat template: {err}", param="messages",
-                               model=m.config.id) from None
-            return [m.tokenizer.encode(text, add_special_tokens=False)]
+            r = fe.render_chat(body)
+            rendered.append(r)
+            return [r.token_ids]
 
-        return await self._serve(m, body, prepare, size, chat=True, request=request)
+        def spec(prompts: list[list[int]]) -> OutputSpec:
+            return fe.chat_output(body, rendered[0], prompts)
+
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await self._serve(m, body, prepare, spec, fe.chat_size(body), requested, chat=True,
+                                 request=request)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         m = self._model(body.model)
-        raw = body.prompts()
+        fe = m.frontend
+        raw = fe.prompts(body)
         size = sum(len(p) for p in raw)
 
-        def prepare() -> list[list[int]]:
-            prompts = []
-            for p in raw:
-                if isinstance(p, str):
-                    ids = m.tokenizer.encode(p, add_special_tokens=True)
-                else:
-                    vocab = len(m.tokenizer)
-                    if any(t < 0 or t >= vocab for t in p):
-                        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
-                                       model=m.config.id)
-                    ids = list(p)
-                prompts.append(ids)
-            return prompts
+        def spec(prompts: list[list[int]]) -> OutputSpec:
+            return fe.completion_output(body, raw, prompts)
 
-        return await self._serve(m, body, prepare, size, chat=False, request=request)
+        return await self._serve(m, body, lambda: fe.render_prompts(body), spec, size, body.max_tokens, chat=False,
+                                 request=request)
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: a prompt or a chat (rendered with the model's template) to token ids."""
+        m = self._model(body.model)
+        fe = m.frontend
+
+        def run() -> list[int]:
+            if isinstance(body, TokenizeChatRequest):
+                return fe.render_chat(body).token_ids
+            return fe.render_prompts(body)[0]
+
+        size = len(body.prompt) if hasattr(body, "prompt") else fe.chat_size(body)
+        ids = run() if size <= _INLINE_CHARS else await asyncio.get_running_loop().run_in_executor(m.prep, run)
+        strs = fe.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": m.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's /detokenize: token ids to text."""
+        m = self._model(body.model)
+        fe = m.frontend
+        if any(t >= fe.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {fe.vocab_size})", param="tokens", model=m.config.id)
+        return {"prompt": fe.tokenizer.decode(body.tokens)}
 
     # --- request path -------------------------------------------------------------------------
-    def _model(self, model_id: str) -> _Model:
+    def _model(self, model_id: str | None) -> _Model:
+        if model_id is None:  # vLLM's request models make `model` optional: the first served model
+            model_id = next(iter(self._models))
         m = self._models.get(model_id)
         if m is None:
             raise APIError(404, f"The model `{model_id}` does not exist. Available: {sorted(self._models)}",
@@ -250,16 +284,18 @@ class Ingress:
         self._readiness.check(model_id)
         return m
 
-    def _requests(self, m: _Model, body, prompts: list[tuple[list[int], tuple[int, ...]]], request: Request,
-                  stages: RequestStages, tenant: Any, salt: str | None) -> list[GenerateRequest]:
+    def _requests(self, m: _Model, body, prompts: list[tuple[list[int], tuple[int, ...]]], requested: int | None,
+                  request: Request, stages: RequestStages, tenant: Any, salt: str | None,
+                  reasoning_ended: bool | None) -> list[GenerateRequest]:
         reqs = []
         session = request.headers.get(self._session_header) if self._session_header else None
         trace_headers = stages.trace_headers()
+        fe = m.frontend
         for ids, hashes in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
             budget = m.max_model_len - len(ids)
-            max_tokens = body.max_tokens if body.max_tokens is not None else budget
+            max_tokens = requested if requested is not None else fe.default_max_tokens(budget)
             if budget <= 0 or max_tokens > budget:
                 raise APIError(
                     400, f"This model's maximum context length is {m.max_model_len} tokens. However, you "
@@ -268,8 +304,9 @@ class Ingress:
                     param="max_tokens", code="context_length_exceeded")
             reqs.append(GenerateRequest(
                 request_id=uuid.uuid4().hex, model_id=m.config.id, prompt_token_ids=ids,
-                sampling=body.sampling(max_tokens), block_hashes=hashes, session_key=session,
-                cache_salt=salt, arrival_time=time.time(), trace_headers=trace_headers))
+                sampling=fe.sampling(body, max_tokens), block_hashes=hashes, session_key=session,
+                cache_salt=salt, arrival_time=time.time(), trace_headers=trace_headers,
+                reasoning_ended=reasoning_ended))
         self.gate.admit_tokens(tenant, sum(len(ids) for ids, _ in prompts), time.monotonic())
         return reqs
 
@@ -284,7 +321,9 @@ class Ingress:
         async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=on_first):
             yield chunk
 
-    async def _serve(self, m: _Model, body, prepare: Callable[[], list], size: int, chat: bool, request: Request):
+    async def _serve(self, m: _Model, body, prepare: Callable[[], list[list[int]]],
+                     spec: Callable[[list[list[int]]], OutputSpec], size: int, requested: int | None, chat: bool,
+                     request: Request):
         start = accepted_at(request)
         stages = RequestStages(m.config.id, start, self._tracer)
         track = _Tracker(m, start, stages)
@@ -306,15 +345,18 @@ class Ingress:
                 prompts = prepare_and_hash()
             else:
                 prompts = await asyncio.get_running_loop().run_in_executor(m.prep, prepare_and_hash)
-            reqs = self._requests(m, body, prompts, request, stages, tenant, salt)
+            acc.spec = spec([ids for ids, _ in prompts])
+            parser = acc.spec.parser() if acc.spec.parser is not None else None
+            ended = m.frontend.reasoning_ended(parser, prompts[0][0], body) if chat else None
+            reqs = self._requests(m, body, prompts, requested, request, stages, tenant, salt, ended)
         except APIError as err:
             track.error(err)
             track.done(acc)
             raise
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
-        n_choices = body.n * len(reqs)
+        n_choices = (body.n or 1) * len(reqs)
         stages.mark_dispatched()
-        chunks = within(merge([self._chunks(m, r, stages, body.stream) for r in reqs], body.n),
+        chunks = within(merge([self._chunks(m, r, stages, body.stream) for r in reqs], body.n or 1),
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -1,18 +1,16 @@
-"""OpenAI wire format: request models, the error shape, and response/chunk builders.
+"""OpenAI wire format: the request models, the error shape, and the envelope builders of responses.
 
-Owns: ``ChatCompletionRequest``, ``CompletionRequest``, ``APIError`` (raised anywhere in the
-ingress, rendered as ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status) and
-the dict builders for responses and SSE chunks. Request models ignore unknown fields, as OpenAI's
-server does, but reject supported fields with bad values and unsupported features that would change
-the answer (tools, logprobs, structured output) instead of silently ignoring them.
+Owns: ``APIError`` (raised anywhere in the ingress, rendered as ``{"error": {"message", "type", "param",
+"code"}}`` with its HTTP status), the usage object and the SSE/chunk envelopes. The request models are
+vLLM's own (``ChatCompletionRequest``, ``CompletionRequest``, ``TokenizeRequest``, ``DetokenizeRequest``),
+re-exported from here so that one module holds their import paths: the ingress validates with exactly
+what ``vllm serve`` validates with. What goes inside ``choices[]`` is ``deployments.choices``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Any
 
 
 class APIError(Exception):
@@ -31,120 +29,55 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+#: vLLM's own request models (validation, defaults, ``to_sampling_params``), by the module that holds each: the
+#: same paths in vLLM 0.26 and 0.27. Imported on first use (module ``__getattr__``), so that importing
+#: ``APIError`` does not import vLLM.
+_VLLM_MODELS = {
+    "ChatCompletionRequest": "vllm.entrypoints.openai.chat_completion.protocol",
+    "CompletionRequest": "vllm.entrypoints.openai.completion.protocol",
+    "TokenizeChatRequest": "vllm.entrypoints.serve.tokenize.protocol",
+    "TokenizeCompletionRequest": "vllm.entrypoints.serve.tokenize.protocol",
+    "DetokenizeRequest": "vllm.entrypoints.serve.tokenize.protocol",
+}
+_models: dict[str, Any] = {}
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by chat and completions."""
+def _object_body(cls: type) -> type:
+    """vLLM's request model ``cls``, whose validators' crashes on malformed bodies become validation errors.
 
-    model_config = ConfigDict(extra="ignore")
+    vLLM's "before" validators read the raw body as they expect it (``data.get``, ``list(msg["tool_calls"])``):
+    a JSON array, a scalar or a mistyped field raises AttributeError or TypeError there, a 500. This wrap
+    validator runs around the inherited ones and turns those into a 400 (a pydantic validation error).
+    """
+    from pydantic import model_validator
 
-    model: str
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    # vLLM extensions that clients (and `vllm bench`) use.
-    ignore_eos: bool = False
-    min_tokens: int | None = Field(default=None, ge=0)
-    top_k: int | None = None
-    stop_token_ids: list[int] | None = None
-    cache_salt: str | None = None
-    logprobs: Any = None
+    def _guarded(_, data: Any, handler: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("the request body must be a JSON object")
+        try:
+            return handler(data)
+        except (AttributeError, TypeError, KeyError) as err:
+            raise ValueError(f"malformed request: {err}") from None
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return v
-
-    @model_validator(mode="after")
-    def _unsupported(self) -> _SamplingFields:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return self
-
-    def sampling(self, max_tokens: int) -> dict[str, Any]:
-        """vLLM SamplingParams keyword arguments."""
-        out: dict[str, Any] = {"n": self.n, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos}
-        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                     "min_tokens", "top_k", "stop_token_ids"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.stop:
-            out["stop"] = self.stop
-        return out
+    ns = {"__module__": __name__, "__doc__": cls.__doc__,
+          "_guarded": model_validator(mode="wrap")(classmethod(_guarded))}
+    return type(cls.__name__, (cls,), ns)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+def __getattr__(name: str) -> Any:
+    if name == "TokenizeRequest":  # vLLM's union of the two /tokenize bodies
+        return __getattr__("TokenizeCompletionRequest") | __getattr__("TokenizeChatRequest")
+    if name in _VLLM_MODELS:
+        if name not in _models:
+            import importlib
 
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"content part type {part.get('type')!r} is not supported (text only)")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
+            _models[name] = _object_body(getattr(importlib.import_module(_VLLM_MODELS[name]), name))
+        return _models[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _chat_unsupported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported by this server")
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return self
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-
-    @model_validator(mode="after")
-    def _completion_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if isinstance(self.prompt, list) and len(self.prompt) == 0:
-            raise ValueError("prompt must not be empty")
-        return self
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt(s) as a list: one entry per prompt of a batch."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
+__all__ = ["SSE_DONE", "APIError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest",
+           "TokenizeChatRequest", "TokenizeCompletionRequest", "TokenizeRequest", "chunk", "sse", "usage"]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
@@ -167,16 +100,9 @@ def sse(obj: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
-               finish_reason: str | None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-
-
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: str | None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def chunk(rid: str, created: int, model: str, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """One streamed chunk carrying one ``choices[]`` entry (``obj``: chat.completion.chunk or text_completion)."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, u: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,9 @@ class GenerateRequest:
         request_id: unique id (also the vLLM request id; used to abort).
         model_id: served model name.
         prompt_token_ids: the prompt, tokenized once by the ingress.
-        sampling: vLLM ``SamplingParams`` keyword arguments (n, max_tokens, temperature, top_p, seed,
-            stop, stop_token_ids, ...). ``output_kind`` is set by the replica.
+        sampling: the request's vLLM ``SamplingParams``, built and validated by the ingress from the OpenAI
+            request (vLLM's ``to_sampling_params``: structured outputs, logprobs, logit bias, ...), in
+            delta output mode. A plain msgspec struct: it pickles as it is.
         block_hashes: the prompt's chained KV block hashes (low 64 bits, vLLM's algorithm), computed
             by the ingress for routing; empty if the router does not need them.
         session_key: value of the session-affinity header, if configured and present.
@@ -32,18 +33,21 @@ class GenerateRequest:
             (the replica measures routing + transfer from it).
         trace_headers: W3C trace context (``traceparent``) of the ingress's request span, passed to the
             engine so vLLM's own request span joins the same trace; None when tracing is off.
+        reasoning_ended: vLLM's hint for structured outputs under a reasoning parser (the prompt already
+            ended the reasoning, or reasoning is not returned); None: no reasoning parser.
     """
 
     request_id: str
     model_id: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any]
+    sampling: Any
     block_hashes: tuple[int, ...] = ()
     session_key: str | None = None
     cache_salt: str | None = None
     arrival_time: float = 0.0
     dispatched_at: float = 0.0
     trace_headers: dict[str, str] | None = None
+    reasoning_ended: bool | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +81,11 @@ class ReplicaUnavailableError(RuntimeError):
     on another replica if nothing reached the client yet."""
 
 
+#: The log-probabilities of one token position, as vLLM reports them (its order: the chosen token, then the
+#: top candidates): (token id, logprob, decoded text or None). None: vLLM reported none for the position.
+PositionLogprobs = list[tuple[int, float, str | None]] | None
+
+
 @dataclass(slots=True)
 class GenerateChunk:
     """Output produced since the previous chunk, for every choice that advanced.
@@ -84,6 +93,9 @@ class GenerateChunk:
     Attributes:
         texts: choice index -> new text.
         token_counts: choice index -> number of new tokens.
+        token_ids: choice index -> the new token ids (tool and reasoning parsers read them).
+        logprobs: choice index -> one ``PositionLogprobs`` per new token (only when the request asked).
+        prompt_logprobs: one entry per prompt token (first chunk; only when the request asked).
         finish_reasons: choice index -> "stop" | "length" | "abort", for choices that finished.
         prompt_tokens: prompt length (set on the first chunk).
         cached_tokens: prompt tokens served from the prefix cache or the KV tier (first chunk).
@@ -94,6 +106,9 @@ class GenerateChunk:
     texts: dict[int, str] = field(default_factory=dict)
     token_counts: dict[int, int] = field(default_factory=dict)
     finish_reasons: dict[int, str] = field(default_factory=dict)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)
+    prompt_logprobs: list[PositionLogprobs] | None = None
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     replica_id: str | None = None

@@ -32,6 +32,7 @@ from deployments.protocol import (
     GenerateChunk,
     GenerateRequest,
     InvalidRequestError,
+    PositionLogprobs,
     ReplicaTiming,
     ReplicaUnavailableError,
 )
@@ -67,6 +68,12 @@ def placement_bundles(model: ModelConfig) -> tuple[list[dict[str, float]], str]:
     bundles = [dict(rank) for _ in range(model.tensor_parallel_size)]
     bundles[0]["CPU"] = num_cpus
     return bundles, model.placement_group_strategy
+
+
+def position_logprobs(positions: Any) -> list[PositionLogprobs]:
+    """vLLM's per-position logprob dicts (token id -> Logprob, in its order) as plain tuples for the ingress."""
+    return [None if pos is None else [(tid, lp.logprob, lp.decoded_token) for tid, lp in pos.items()]
+            for pos in positions]
 
 
 class VLLMReplica:
@@ -124,10 +131,15 @@ class VLLMReplica:
                     chunk.cached_tokens = out.num_cached_tokens or 0
                     chunk.replica_id = self._replica_id
                     chunk.timing = ReplicaTiming(received_at, time.time(), self._stats.block_size)
+                    if getattr(out, "prompt_logprobs", None) is not None:
+                        chunk.prompt_logprobs = position_logprobs(out.prompt_logprobs)
                 for c in out.outputs:
                     if c.text or c.token_ids:
                         chunk.texts[c.index] = chunk.texts.get(c.index, "") + c.text
                         chunk.token_counts[c.index] = chunk.token_counts.get(c.index, 0) + len(c.token_ids)
+                        chunk.token_ids.setdefault(c.index, []).extend(c.token_ids)
+                        if getattr(c, "logprobs", None) is not None:
+                            chunk.logprobs.setdefault(c.index, []).extend(position_logprobs(c.logprobs))
                     if c.finish_reason is not None:
                         chunk.finish_reasons[c.index] = c.finish_reason
                 finished = out.finished

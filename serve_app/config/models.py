@@ -2,7 +2,10 @@
 
 Owns: ``ModelConfig``. Engine arguments are vLLM's ``AsyncEngineArgs`` fields passed through in
 ``engine_kwargs``; the few that the project itself derives (model path, tensor parallelism, dtype,
-context length) are first-class fields and may not be repeated there.
+context length) are first-class fields and may not be repeated there. The OpenAI front end of a model
+(chat template, tool-call parser, auto tool choice, reasoning parser) is configured per model as vLLM's
+CLI does it (``--chat-template``, ``--tool-call-parser``, ``--enable-auto-tool-choice``,
+``--reasoning-parser``); the ingress applies it (``deployments.rendering``).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app import settings
 from serve_app.config.deployment import DeploymentOptions
 
 #: engine_kwargs keys that are owned by first-class fields.
-_DERIVED_ENGINE_KEYS = {"model", "tokenizer", "served_model_name", "tensor_parallel_size", "dtype", "max_model_len"}
+_DERIVED_ENGINE_KEYS = {"model", "tokenizer", "served_model_name", "tensor_parallel_size", "dtype", "max_model_len",
+                        "reasoning_parser"}
 
 
 def _default_replica_options() -> DeploymentOptions:
@@ -76,6 +80,24 @@ class ModelConfig(BaseModel):
         default=20.0, gt=0,
         description="While the replica lags (stream_merge_lag_ms), the shortest time between two chunks of a stream.",
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template used instead of the tokenizer's (vLLM's --chat-template): a file path, or the "
+        "Jinja template itself.")
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM tool-call parser name (vLLM's --tool-call-parser, e.g. hermes, llama3_json, pythonic): "
+        "turns the model's tool-call text into OpenAI tool_calls. tool_choice required/named work without one "
+        "(the output is constrained to the tools' JSON schema).")
+    enable_auto_tool_choice: bool = Field(
+        default=False,
+        description="Let the model decide when to call tools (tool_choice auto; vLLM's --enable-auto-tool-choice). "
+        "Needs tool_call_parser.")
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="vLLM reasoning parser name (vLLM's --reasoning-parser, e.g. deepseek_r1, qwen3): the reasoning "
+        "goes to message.reasoning instead of the content; also given to the engine so that structured outputs "
+        "start after the reasoning.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through unchanged."
     )
@@ -108,6 +130,12 @@ class ModelConfig(BaseModel):
         if clash:
             raise ValueError(f"{clash} are first-class model fields; set them there, not in engine_kwargs")
         return value
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ModelConfig:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError(f"model {self.id}: enable_auto_tool_choice needs tool_call_parser")
+        return self
 
     def resolved_path(self) -> Path:
         """Absolute model directory."""

@@ -27,8 +27,8 @@ class StubHandle:
     """A deployment handle whose ``generate.remote`` streams ``words``, or raises ``fail(attempt)`` after
     ``fail_after`` chunks; ``gap_s`` between chunks. Each call records whether it was cancelled.
 
-    ``validate_sampling``: build vLLM's ``SamplingParams`` from the request first, as the replica does, and
-    raise what it raises (skipped when vLLM is not importable).
+    ``validate_sampling``: check the request's ``SamplingParams`` as the replica does, and raise what it raises.
+    ``pieces``: the answer's text, one token per piece; each token gets logprobs when the request asks.
     """
 
     deployment_name = "vllm-stub"
@@ -37,6 +37,8 @@ class StubHandle:
         self.words, self.cached_tokens, self.validate_sampling = words, cached_tokens, validate_sampling
         self.fail: Callable[[int], BaseException | None] = lambda attempt: None
         self.fail_after, self.gap_s = 0, 0.0
+        self.pieces: list[str] | None = None  # the answer, one token per piece (default " w0", " w1", ...)
+        self.finish_reason = "length"
         self.calls: list[_Call] = []
         self.requests: list[GenerateRequest] = []
         self.generate = SimpleNamespace(remote=self._remote)
@@ -58,17 +60,22 @@ class StubHandle:
             from deployments.engine import sampling_params
 
             sampling_params(req)
-        n = req.sampling.get("n", 1)
-        words = min(self.words, req.sampling["max_tokens"])
-        for i in range(words):
+        n = req.sampling.n
+        pieces = self.pieces if self.pieces is not None else [f" w{i}" for i in range(self.words)]
+        pieces = pieces[:req.sampling.max_tokens]
+        top = req.sampling.logprobs
+        for i, piece in enumerate(pieces):
             if err is not None and i == self.fail_after:
                 raise err
             if self.gap_s:
                 await asyncio.sleep(self.gap_s)
-            last = i == words - 1
+            last = i == len(pieces) - 1
+            lps = {c: [[(100 + i, -0.5, piece)] + [(200 + j, -1.0 - j, f"alt{j}") for j in range(top)]]
+                   for c in range(n)} if top is not None else {}
             yield GenerateChunk(
-                texts={c: f" w{i}" for c in range(n)}, token_counts={c: 1 for c in range(n)},
-                finish_reasons={c: "length" for c in range(n)} if last else {},
+                texts={c: piece for c in range(n)}, token_counts={c: 1 for c in range(n)},
+                token_ids={c: [100 + i] for c in range(n)}, logprobs=lps,
+                finish_reasons={c: self.finish_reason for c in range(n)} if last else {},
                 prompt_tokens=len(req.prompt_token_ids) if i == 0 else None,
                 cached_tokens=self.cached_tokens if i == 0 else None, replica_id="r0" if i == 0 else None)
 
