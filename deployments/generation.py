@@ -11,6 +11,7 @@ usage chunk, then
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,12 @@ class Accumulator:
 
 
 async def merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIterator[tuple[int, GenerateChunk]]:
-    """Interleave the streams of a batch; yield (choice offset, chunk). One stream needs no tasks."""
+    """Interleave the streams of a batch; yield (choice offset, chunk). One stream needs no tasks.
+
+    Each stream of a batch runs in a task with an empty ``contextvars.Context``: outside the HTTP request's
+    Serve request context, so the deployment handle gives each prompt's call its own request ids (Serve's
+    request router indexes pending requests by that id; copies of the HTTP request's would collide).
+    """
     if len(streams) == 1:
         async for chunk in streams[0]:
             yield 0, chunk
@@ -98,7 +104,7 @@ async def merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIte
         finally:
             await queue.put(done)
 
-    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(k, s), context=contextvars.Context()) for k, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:

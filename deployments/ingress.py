@@ -53,28 +53,11 @@ from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.readiness import Readiness, serve_status_source
 from deployments.rejections import record_rejection, status_label
 from deployments.rendering import Frontend
-from deployments.request_router import record_actual_cached_tokens
 from deployments.stages import AcceptedAtMiddleware, RequestStages, Tracer, accepted_at
 from routers.hashing import BlockHasher
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
-
-
-def _own_serve_request_id() -> None:
-    """Give the calls made from the current asyncio task their own Serve internal request id.
-
-    Serve copies the HTTP request's internal id into every handle call made while serving it, and its
-    request router indexes pending requests by that id (a second pending request with the same id is
-    taken for a retry and never indexed). The prompts of one batched completion are dispatched
-    concurrently, so without distinct ids all but one could wait forever for a replica. Each prompt's
-    task sets its own id here; the context variable is task-local, so the HTTP request keeps its own.
-    """
-    from ray.serve import context as serve_context
-
-    current = serve_context._get_serve_request_context()
-    serve_context._serve_request_context.set(
-        dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
 
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
@@ -307,16 +290,12 @@ class Ingress:
         self.gate.admit_tokens(tenant, sum(len(ids) for ids, _ in prompts), time.monotonic())
         return reqs
 
-    async def _chunks(self, m: _Model, req: GenerateRequest, own_id: bool, stages: RequestStages,
+    async def _chunks(self, m: _Model, req: GenerateRequest, stages: RequestStages,
                       stream: bool = True) -> AsyncIterator[GenerateChunk]:
-        if own_id:  # one prompt of a batch, iterated in its own task (generation.merge)
-            _own_serve_request_id()
-
         def on_first(sent: GenerateRequest, first: GenerateChunk) -> None:
             stages.on_chunk(first.timing, first.replica_id)
             if first.timing is not None and first.timing.block_size != m.block_size:
                 m.block_size = first.timing.block_size  # later prompts are hashed here, not in the router
-            record_actual_cached_tokens(sent.request_id, first.cached_tokens or 0)
 
         req.dispatched_at = time.time()
         async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=on_first):
@@ -358,7 +337,7 @@ class Ingress:
         acc.rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].request_id
         n_choices = (body.n or 1) * len(reqs)
         stages.mark_dispatched()
-        chunks = within(merge([self._chunks(m, r, len(reqs) > 1, stages, body.stream) for r in reqs], body.n or 1),
+        chunks = within(merge([self._chunks(m, r, stages, body.stream) for r in reqs], body.n or 1),
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -84,6 +84,11 @@ class _Metrics:
             "kvserve_replica_queued_prefill_tokens",
             description="Uncached prompt tokens waiting for prefill on a replica.", tag_keys=("model", "replica"),
         )
+        self.replica_loop_lag_ms = Gauge(
+            "kvserve_replica_loop_lag_milliseconds",
+            description="How late a replica's event loop runs its timers (smoothed); above the model's "
+            "stream_merge_lag_ms its streams merge engine steps into fewer chunks.", tag_keys=("model", "replica"),
+        )
         self.replica_running = Gauge(
             "kvserve_replica_running_requests", description="Requests running in a replica's engine.",
             tag_keys=("model", "replica"),

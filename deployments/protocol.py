@@ -29,9 +29,6 @@ class GenerateRequest:
         session_key: value of the session-affinity header, if configured and present.
         cache_salt: per-tenant salt; part of the first block's hash in vLLM and in the router.
         arrival_time: ingress wall-clock time when the request arrived (seconds).
-        predicted_cached_tokens: set by the request router when it picks a replica: the prompt tokens it
-            expects that replica to hold. The replica counts only the rest as queued prefill work until
-            the engine reports the real figure (a cache hit is not prefill work for the cost model).
         dispatched_at: ingress wall-clock time when the request was handed to the deployment handle
             (the replica measures routing + transfer from it).
         trace_headers: W3C trace context (``traceparent``) of the ingress's request span, passed to the
@@ -48,7 +45,6 @@ class GenerateRequest:
     session_key: str | None = None
     cache_salt: str | None = None
     arrival_time: float = 0.0
-    predicted_cached_tokens: int = 0
     dispatched_at: float = 0.0
     trace_headers: dict[str, str] | None = None
     reasoning_ended: bool | None = None

@@ -1,9 +1,8 @@
 """Ray Serve request router for the vLLM replica deployment: a thin adapter over routers/.
 
 Owns: ``KVServeRouter`` (Serve ``RequestRouter`` subclass, created by Serve inside every process
-holding a handle to the replica deployment, i.e. the ingress), ``request_router_config`` (the
-deployment option that selects it) and ``record_actual_cached_tokens`` (the ingress reports what
-the engine really reused, for the prediction-error metric).
+holding a handle to the replica deployment, i.e. the ingress) and ``request_router_config`` (the
+deployment option that selects it).
 
 Per request (``choose_replicas``, on the handle's event loop, no blocking calls):
   1. read ``pending_request.args[0]`` (a ``GenerateRequest``); use its ``block_hashes`` or compute
@@ -11,12 +10,13 @@ Per request (``choose_replicas``, on the handle's event loop, no blocking calls)
      memoised so shared prefixes are not re-hashed);
   2. build one ``ReplicaSnapshot`` per candidate from ``RunningReplica.routing_stats``
      (``asdict(ReplicaStats)``, empty until the replica's first report) merged with this router's
-     in-flight accounting (routers.load); 3. ``policy.choose`` -> Decision with a reason, whose
-     predicted cached tokens go into the request (the replica's queued-prefill report uses them);
+     in-flight accounting (routers.load); 3. ``policy.choose`` -> Decision with a reason;
   4. return ``[[chosen], others]``: Serve sends to ``chosen`` unless its queue is full, else to the
      shortest queue among the others.
 After Serve reports where the request went (``on_request_routed``) the index and the load tracker
-learn it; ``on_request_completed`` releases the load. Replica removal or death drops its state.
+learn it, and the router keeps its prediction of the cached prompt tokens until the replica's stats report
+what the engine really found (``ReplicaStats.recent_cached_tokens``), for the prediction-error metric;
+``on_request_completed`` releases the load. Replica removal or death drops its state.
 kv-aware: a ``KVEventSubscriber`` task per replica endpoint feeds the precise index on this loop.
 """
 
@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
@@ -66,37 +67,6 @@ def request_router_config(
     }
 
 
-class _PredictionLog:
-    """request id -> (model, strategy, predicted cached tokens); bounded, oldest dropped first."""
-
-    def __init__(self, maxlen: int = 50_000) -> None:
-        self._log: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
-        self._maxlen = maxlen
-
-    def put(self, request_id: str, model: str, strategy: str, predicted: int) -> None:
-        self._log[request_id] = (model, strategy, predicted)
-        while len(self._log) > self._maxlen:
-            self._log.popitem(last=False)
-
-    def pop(self, request_id: str) -> tuple[str, str, int] | None:
-        return self._log.pop(request_id, None)
-
-
-_PREDICTIONS = _PredictionLog()
-
-
-def record_actual_cached_tokens(request_id: str, actual: int) -> None:
-    """The ingress reports ``GenerateChunk.cached_tokens`` of a request's first chunk (one call)."""
-    entry = _PREDICTIONS.pop(request_id)
-    if entry is None:
-        return
-    model, strategy, predicted = entry
-    tags = {"model": model, "strategy": strategy}
-    m = metrics()
-    m.router_actual_cached_tokens.inc(actual, tags=tags) if actual > 0 else None
-    m.router_prediction_error_tokens.observe(abs(predicted - actual), tags=tags)
-
-
 class KVServeRouter(RequestRouter):
     """Cache- and load-aware routing for vLLM replicas (see routers/policy.py)."""
 
@@ -110,6 +80,8 @@ class KVServeRouter(RequestRouter):
         self._rng = random.Random(seed)
         self._hasher = BlockHasher(algo=self._config.hash_algo, seed=self._config.seed())
         self._pending: OrderedDict[str, tuple[RoutingRequest, Decision, str]] = OrderedDict()
+        self._predicted: OrderedDict[str, int] = OrderedDict()  # request id -> predicted cached tokens
+        self._settled: dict[str, Any] = {}  # replica -> the last stats report compared with predictions
         self._known: set[str] = set()
         self._subscriber: KVEventSubscriber | None = None
         self._last_sync = float("-inf")
@@ -134,9 +106,6 @@ class KVServeRouter(RequestRouter):
             tags = {"model": self._model, "strategy": self._strategy, "reason": "router-error"}
             metrics().router_decisions.inc(1, tags=tags)
             return [candidate_replicas]
-        gen = pending_request.args[0]
-        if hasattr(gen, "predicted_cached_tokens"):  # read by the replica's queued-prefill report
-            gen.predicted_cached_tokens = decision.predicted_cached_tokens
         key = pending_request.metadata.internal_request_id
         self._pending[key] = (request, decision, request_id)
         while len(self._pending) > _MAX_PENDING:
@@ -163,7 +132,9 @@ class KVServeRouter(RequestRouter):
             predicted = decision.predicted_cached_tokens if rid == decision.replica_id else 0
             self._policy.on_routed(request, snap, now)
             self._load.on_routed(rid, key, max(request.num_prompt_tokens - predicted, 0), now)
-            _PREDICTIONS.put(request_id, self._model, self._strategy, predicted)
+            self._predicted[request_id] = predicted
+            while len(self._predicted) > _MAX_PENDING:
+                self._predicted.popitem(last=False)
             if predicted > 0:
                 tags = {"model": self._model, "strategy": self._strategy}
                 metrics().router_predicted_cached_tokens.inc(predicted, tags=tags)
@@ -193,7 +164,23 @@ class KVServeRouter(RequestRouter):
     # --- internals -------------------------------------------------------------------------
     def _snapshot(self, replica: RunningReplica, now: float) -> ReplicaSnapshot:
         stats = replica.routing_stats or None
+        if stats is not None and self._settled.get(replica.replica_id.unique_id) is not stats:
+            self._settled[replica.replica_id.unique_id] = stats
+            self._settle(stats)
         return self._load.snapshot(replica.replica_id.unique_id, stats, replica.max_ongoing_requests, now)
+
+    def _settle(self, stats: Mapping[str, Any]) -> None:
+        """Compare this router's predictions with the cached tokens a replica's engine reported."""
+        tags = None
+        for request_id, actual in stats.get("recent_cached_tokens") or ():
+            predicted = self._predicted.pop(request_id, None)
+            if predicted is None:
+                continue  # another router's request, or compared already
+            tags = tags or {"model": self._model, "strategy": self._strategy}
+            m = metrics()
+            if actual > 0:
+                m.router_actual_cached_tokens.inc(actual, tags=tags)
+            m.router_prediction_error_tokens.observe(abs(predicted - actual), tags=tags)
 
     def _routing_request(
         self, pending: PendingRequest, snaps: list[ReplicaSnapshot]
@@ -219,6 +206,7 @@ class KVServeRouter(RequestRouter):
         return request, str(getattr(gen, "request_id", key))
 
     def _forget(self, rid: str) -> None:
+        self._settled.pop(rid, None)
         try:
             self._policy.remove_replica(rid)
             self._load.remove_replica(rid)

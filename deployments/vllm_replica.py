@@ -17,6 +17,7 @@ live in ``deployments.engine``; this module is the Serve-facing shell.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -25,6 +26,8 @@ from typing import Any
 
 from deployments.engine import Engine, EngineStats, kill_children_and_exit, start_engine
 from deployments.metrics import metrics
+from deployments.pacing import LoopLag, StreamPacer
+from deployments.prefix_view import PrefixView
 from deployments.protocol import (
     GenerateChunk,
     GenerateRequest,
@@ -37,6 +40,10 @@ from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+#: (request id, cached prompt tokens) of this many latest first outputs travel in every stats report, so that
+#: each router can compare them with what it predicted (a sample when more start per stats period).
+RECENT_FIRST_OUTPUTS = 256
 
 
 def placement_bundles(model: ModelConfig) -> tuple[list[dict[str, float]], str]:
@@ -82,12 +89,18 @@ class VLLMReplica:
         self._engine: Engine = await start_engine(self._model, self._app)
         self._stats = self._engine.stats
         self._kv_events_endpoint = self._engine.kv_events_endpoint
-        self._inflight_prefill: dict[str, int] = {}
+        self._inflight_prefill: dict[str, tuple[int, tuple[int, ...]]] = {}  # request -> (uncached, hashes)
+        routing = self._app.routing
+        self._view = PrefixView(block_size=self._stats.block_size, num_gpu_blocks=self._stats.num_gpu_blocks,
+                                algo=routing.hash_algo, seed=routing.seed())
+        self._recent_cached: collections.deque[tuple[str, int]] = collections.deque(maxlen=RECENT_FIRST_OUTPUTS)
         self._streams = 0
         self._prefill_tps = 0.0
         self._leaving = False
         self._busy_since = 0.0
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine())
+        self._lag = LoopLag(self._model.stream_merge_lag_ms / 1000)
+        self._lag_probe = asyncio.get_running_loop().create_task(self._lag.run())
         logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
                     self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
 
@@ -95,21 +108,24 @@ class VLLMReplica:
         """Stream the output of one request; abort it in the engine if the caller cancels."""
         received_at = time.time()
         n_prompt = len(req.prompt_token_ids)
-        # Queued prefill work: the uncached part, as the router predicted it (the engine says at first output).
+        # Queued prefill work: the uncached part, as this replica's own history tells (the engine says at first
+        # output).
         alone = not self._inflight_prefill  # no other prompt ahead of this one: its TTFT measures prefill speed
-        self._inflight_prefill[req.request_id] = max(n_prompt - req.predicted_cached_tokens, 0)
+        hashes = tuple(self._view.hashes(req.prompt_token_ids, req.block_hashes, req.cache_salt))
+        self._inflight_prefill[req.request_id] = (max(n_prompt - self._view.cached_tokens(hashes), 0), hashes)
         if self._streams == 0:
             self._busy_since = time.monotonic()
         self._streams += 1
         start = time.perf_counter()
         chunk: GenerateChunk | None = None
-        last_sent = 0.0
+        pacer = StreamPacer(self._lag, self._model.stream_merge_interval_ms / 1000)
+        first = True
         finished = False
         try:
             async for out in self._engine_outputs(req):
                 if chunk is None:
                     chunk = GenerateChunk()
-                if last_sent == 0.0:
+                if first:
                     self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0, start, alone)
                     chunk.prompt_tokens = n_prompt
                     chunk.cached_tokens = out.num_cached_tokens or 0
@@ -127,11 +143,9 @@ class VLLMReplica:
                     if c.finish_reason is not None:
                         chunk.finish_reasons[c.index] = c.finish_reason
                 finished = out.finished
-                now = time.perf_counter()
-                # The first chunk and the last go out at once; in between, consecutive engine steps are
-                # merged while this replica streams more chunks per second than its budget allows.
-                if finished or last_sent == 0.0 or now - last_sent >= self._chunk_interval():
-                    last_sent = now
+                # Every engine step is a chunk of its own unless this replica's loop lags (deployments.pacing).
+                if pacer.due(time.perf_counter(), finished):
+                    first = False
                     yield chunk
                     chunk = None
         finally:
@@ -172,13 +186,11 @@ class VLLMReplica:
                 self._leave("the engine died")
             await asyncio.sleep(1.0)
 
-    def _chunk_interval(self) -> float:
-        """Seconds between chunks of one stream so that all streams together stay within budget."""
-        rate = self._model.stream_chunks_per_s
-        return 0.0 if rate <= 0 else self._streams / rate
-
     def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int, start: float, alone: bool) -> None:
-        self._inflight_prefill.pop(request_id, None)
+        entry = self._inflight_prefill.pop(request_id, None)
+        if entry is not None:
+            self._view.served(entry[1], time.monotonic())
+        self._recent_cached.append((request_id, n_cached))
         elapsed = time.perf_counter() - start
         uncached = n_prompt - n_cached
         # Only a prompt that waited behind no other prompt measures speed (queueing would make a busy replica
@@ -198,10 +210,11 @@ class VLLMReplica:
             kv_usage=s.kv_usage,
             num_running=s.num_running,
             num_waiting=s.num_waiting,
-            queued_prefill_tokens=sum(self._inflight_prefill.values()),
+            queued_prefill_tokens=sum(uncached for uncached, _ in self._inflight_prefill.values()),
             prefill_tokens_per_s=self._prefill_tps,
             kv_events_endpoint=self._kv_events_endpoint,
             timestamp=time.time(),
+            recent_cached_tokens=tuple(self._recent_cached),
         )
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -211,6 +224,7 @@ class VLLMReplica:
         tags = {"model": self._model.id, "replica": self._replica_id}
         m.replica_queued_prefill_tokens.set(st.queued_prefill_tokens, tags=tags)
         m.replica_running.set(st.num_running, tags=tags)
+        m.replica_loop_lag_ms.set(self._lag.lag_s * 1000, tags=tags)
         return dataclasses.asdict(st)
 
     async def get_stats(self) -> dict[str, Any]:

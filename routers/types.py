@@ -27,6 +27,9 @@ class ReplicaStats:
         prefill_tokens_per_s: measured prefill speed (EWMA), or 0 if not yet measured.
         kv_events_endpoint: ZMQ endpoint publishing this replica's vLLM KV events, if enabled.
         timestamp: wall-clock time of the report (seconds).
+        recent_cached_tokens: (request id, prompt tokens the engine found cached) of the latest requests
+            that got their first output here, newest last (bounded); routers compare them with their
+            predictions.
     """
 
     replica_id: str
@@ -40,6 +43,7 @@ class ReplicaStats:
     prefill_tokens_per_s: float = 0.0
     kv_events_endpoint: str | None = None
     timestamp: float = 0.0
+    recent_cached_tokens: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

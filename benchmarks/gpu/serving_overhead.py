@@ -11,7 +11,8 @@ the machine): run it on a machine of its own. kvserve runs the way the GPU confi
 ``kvserve serve --address auto`` on a Ray started with a known metrics port and the fast-path environment
 (HAProxy in front, tied to its proxy by ``kvserve haproxy-wrapper``).
 
-Variants of kvserve patch the config's first application (``VARIANTS``) to measure one knob at a time.
+Variants of kvserve patch the config's first application (``VARIANTS``) to measure one knob at a time; all
+but ``kvserve_noauth`` run with API keys on, as a user exposing the server would.
 The JSON keeps every run, the medians per system, and the ratios of ``kvserve`` to ``vllm_serve``:
 ``ttft_p50_delta_ms_c1``, ``throughput_ratio_c64``, ``ttft_p50_ratio_c64``, ``ttft_p90_ratio_c64``,
 ``itl_p50_ratio_c64`` (and the same per variant under ``variants``).
@@ -47,14 +48,16 @@ from serve_app.config import load_serve_config
 from serve_app.kuberay.targets import merge_patch
 
 #: kvserve variant -> patch of the first application's args ("model" patches go to the first model).
+#: API keys on, as a user exposing the server runs it (every variant but kvserve_noauth).
+_AUTH = {"auth": {"enabled": True}}
 VARIANTS: dict[str, dict] = {
-    "kvserve": {},
-    "kvserve_nomerge": {"model": {"stream_chunks_per_s": 0}},
-    "kvserve_one_ingress": {"args": {"ingress": {"deployment": {"num_replicas": 1}}}},
-    "kvserve_round_robin": {"args": {"routing": {"strategy": "round-robin"}}},
-    "kvserve_auth": {"args": {"auth": {"enabled": True}}},  # API keys on, as a user exposing it would run it
+    "kvserve": {"args": _AUTH},
+    "kvserve_noauth": {},  # configs/gpu.yaml as it is
+    "kvserve_nomerge": {"args": _AUTH, "model": {"stream_merge_lag_ms": 0}},  # every engine step a chunk
+    "kvserve_one_ingress": {"args": {**_AUTH, "ingress": {"deployment": {"num_replicas": 1}}}},
+    "kvserve_round_robin": {"args": {**_AUTH, "routing": {"strategy": "round-robin"}}},
 }
-BENCH_KEY = "sk-serving-overhead"  # the one tenant's key of kvserve_auth (KVSERVE_API_KEYS=bench:<key>)
+BENCH_KEY = "sk-serving-overhead"  # the one tenant's key of the variants with auth on (KVSERVE_API_KEYS=bench:<key>)
 PORTS = (8000, 8001, 8080, 8404, 9101)  # kvserve HTTP, vllm serve, Ray metrics, HAProxy stats/metrics
 KVSERVE_METRICS = "http://127.0.0.1:8080/metrics"
 VLLM_METRICS = "http://127.0.0.1:8001/metrics"

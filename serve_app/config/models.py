@@ -69,11 +69,16 @@ class ModelConfig(BaseModel):
         description="'module:Class' of an engine implementing deployments.engine.Engine to use instead of vLLM "
         "(its async classmethod create(model, app) builds it). For tests and overhead measurements of the "
         "serving path; unset in production.")
-    stream_chunks_per_s: float = Field(
-        default=2000.0, ge=0,
-        description="Budget of streamed chunks per second per replica. The first token is always sent at "
-        "once; beyond the budget, outputs of consecutive engine steps are merged into one chunk (fewer "
-        "messages through Ray at high concurrency, unchanged tokens/s). 0 sends every engine step.",
+    stream_merge_lag_ms: float = Field(
+        default=5.0, ge=0,
+        description="Each engine step of a stream goes out as its own chunk while the replica's event loop runs "
+        "its timers less than this late (smoothed); above it, streams merge consecutive steps into one chunk per "
+        "stream_merge_interval_ms (fewer messages through Ray, unchanged tokens/s) until the lag falls below half "
+        "of it. 0 never merges.",
+    )
+    stream_merge_interval_ms: float = Field(
+        default=20.0, gt=0,
+        description="While the replica lags (stream_merge_lag_ms), the shortest time between two chunks of a stream.",
     )
     chat_template: str | None = Field(
         default=None,

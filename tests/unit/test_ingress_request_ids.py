@@ -7,29 +7,42 @@ import asyncio
 from ray.serve import context as serve_context
 
 from deployments.generation import merge
-from deployments.ingress import _own_serve_request_id
 from deployments.protocol import GenerateChunk
 
 
 def _internal_id() -> str:
+    # read-only look at Serve's request context, to observe what a handle call made here would carry
     return serve_context._get_serve_request_context()._internal_request_id
 
 
-def test_each_prompt_task_gets_its_own_id_and_the_request_keeps_its_own() -> None:
-    async def main() -> tuple[str, list[str], str]:
+def test_each_prompt_of_a_batch_runs_outside_the_http_request_context() -> None:
+    async def main() -> tuple[list[str], str]:
         serve_context._set_request_context(request_id="http-req", _internal_request_id="parent")
         seen: list[str] = []
 
         async def prompt_stream(k: int):
-            _own_serve_request_id()
-            seen.append(_internal_id())
-            assert serve_context._get_serve_request_context().request_id == "http-req"  # logging id kept
+            seen.append(_internal_id())  # "" -> the handle generates a fresh id for this prompt's call
             yield GenerateChunk(texts={0: str(k)})
 
         out = [offset async for offset, _ in merge([prompt_stream(k) for k in range(8)], n=1)]
         assert sorted(out) == [0, 1, 2, 3, 4, 5, 6, 7]
-        return "parent", seen, _internal_id()
+        return seen, _internal_id()
 
-    parent, seen, after = asyncio.run(main())
-    assert len(set(seen)) == 8 and parent not in seen
-    assert after == parent
+    seen, after = asyncio.run(main())
+    assert seen == [""] * 8  # none inherits the HTTP request's id
+    assert after == "parent"  # and the request keeps its own
+
+
+def test_a_single_prompt_keeps_the_request_context() -> None:
+    async def main() -> list[str]:
+        serve_context._set_request_context(request_id="http-req", _internal_request_id="parent")
+        seen: list[str] = []
+
+        async def prompt_stream():
+            seen.append(_internal_id())
+            yield GenerateChunk(texts={0: "x"})
+
+        [_ async for _ in merge([prompt_stream()], n=1)]
+        return seen
+
+    assert asyncio.run(main()) == ["parent"]

@@ -13,7 +13,8 @@ from ray.serve.request_router import PendingRequest
 from routers_factories import doc
 
 from deployments.protocol import GenerateRequest
-from deployments.request_router import KVServeRouter, record_actual_cached_tokens, request_router_config
+from deployments import request_router
+from deployments.request_router import KVServeRouter, request_router_config
 from routers.hashing import block_hashes
 from routers.types import ReplicaStats
 from serve_app.config.routing import RoutingConfig
@@ -101,21 +102,55 @@ def test_shared_prefix_follows_the_first_replica_and_ranks_the_rest_as_fallback(
     assert len(ranked[1]) == 2 and all(r.replica_id.unique_id != first for r in ranked[1])
 
 
-def test_the_request_carries_the_predicted_cached_tokens_to_the_replica():
+class _Recorder:
+    """Stands in for deployments.metrics.metrics(): records what the router observes."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    def __getattr__(self, name: str):
+        rec = self
+
+        class _M:
+            def inc(self, v, tags=None):
+                rec.seen.append((name, v))
+
+            def observe(self, v, tags=None):
+                rec.seen.append((name, v))
+
+            def set(self, v, tags=None):
+                rec.seen.append((name, v))
+
+        return _M()
+
+
+def test_predictions_stay_in_the_router_and_are_settled_from_the_replicas_reports(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(request_router, "metrics", lambda: rec)
+
     async def go():
         router = _router()
         replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
         router.update_replicas(replicas)
         first = _pending(doc(1) + [1, 2], 1)
+        before = dataclasses.replace(first.args[0])
         await _send(router, replicas, first)
         second = _pending(doc(1) + [3, 4], 2)
-        await _send(router, replicas, second)
-        return first.args[0], second.args[0]
+        chosen = await _send(router, replicas, second)
+        assert first.args[0] == before  # the router does not write into the request
+        # The replica that served both reports what its engine found cached (req-2: the document, minus 16).
+        actual = len(doc(1)) // 16 * 16 - 16
+        r = next(x for x in replicas if x.replica_id.unique_id == chosen)
+        r.routing_stats = dataclasses.asdict(_stats(chosen, recent_cached_tokens=(("req-1", 0), ("req-2", actual))))
+        await router.choose_replicas(replicas, _pending([9] * 40, 3))  # the next decision reads the report
+        again = [x for x in rec.seen if x[0] == "router_prediction_error_tokens"]
+        await router.choose_replicas(replicas, _pending([9] * 40, 4))  # the same report: not counted twice
+        return again, [x for x in rec.seen if x[0] == "router_prediction_error_tokens"], actual
 
-    first, second = asyncio.run(go())
-    assert first.predicted_cached_tokens == 0  # nobody held the document yet
-    # The whole shared document (its full 16-token blocks) is expected to be cached on the same replica.
-    assert second.predicted_cached_tokens == len(doc(1)) // 16 * 16 > 0
+    first_errors, later_errors, actual = asyncio.run(go())
+    # req-1 was predicted 0 and found 0; req-2 predicted the whole document (its full blocks), found 16 less
+    assert sorted(v for _, v in first_errors) == [0, 16]
+    assert later_errors == first_errors
 
 
 def test_precomputed_block_hashes_are_used_as_given():
@@ -190,7 +225,7 @@ def test_non_generate_requests_and_missing_request_fall_back_to_serve():
     assert len(a) == 1 and len(a[0]) == 1 and b == a
 
 
-def test_round_robin_strategy_and_prediction_log():
+def test_round_robin_strategy():
     async def go():
         router = _router("round-robin")
         replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
@@ -198,9 +233,6 @@ def test_round_robin_strategy_and_prediction_log():
         return [await _send(router, replicas, _pending(doc(5), i)) for i in range(4)]
 
     assert asyncio.run(go()) == ["r0", "r1", "r0", "r1"]
-    record_actual_cached_tokens("req-0", 128)  # recorded once, then forgotten
-    record_actual_cached_tokens("req-0", 128)
-    record_actual_cached_tokens("never-routed", 5)
 
 
 def test_kv_aware_subscribes_to_reported_endpoints_and_follows_events():

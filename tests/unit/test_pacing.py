@@ -1,0 +1,68 @@
+"""Chunk pacing of a replica's streams: every engine step while the loop keeps up, merged while it lags."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from deployments.pacing import LoopLag, StreamPacer
+
+
+def _steps(pacer: StreamPacer, times: list[float]) -> list[bool]:
+    return [pacer.due(t, finished=(i == len(times) - 1)) for i, t in enumerate(times)]
+
+
+def test_a_loop_that_keeps_up_sends_every_step():
+    lag = LoopLag(threshold_s=0.005)
+    for _ in range(50):
+        lag.observe(0.0004)
+    assert not lag.behind
+    assert _steps(StreamPacer(lag, 0.02), [i * 0.008 for i in range(10)]) == [True] * 10
+
+
+def test_a_lagging_loop_merges_steps_into_one_chunk_per_interval_first_and_last_at_once():
+    lag = LoopLag(threshold_s=0.005)
+    for _ in range(50):
+        lag.observe(0.012)
+    assert lag.behind
+    sent = _steps(StreamPacer(lag, 0.02), [i * 0.008 for i in range(10)])  # steps at 0, 8, 16, ... 72 ms
+    assert sent[0] and sent[-1]
+    # in between: one chunk per 20 ms at most (0, 24, 48 ms), plus the last (72 ms)
+    assert [i for i, s in enumerate(sent) if s] == [0, 3, 6, 9]
+
+
+def test_hysteresis_merging_stops_only_below_half_the_threshold():
+    lag = LoopLag(threshold_s=0.010, alpha=1.0)
+    lag.observe(0.011)
+    assert lag.behind
+    lag.observe(0.007)  # below the threshold, above half: still behind
+    assert lag.behind
+    lag.observe(0.004)
+    assert not lag.behind
+    lag.observe(0.009)  # back up, but not over the threshold: not behind
+    assert not lag.behind
+
+
+def test_threshold_zero_never_merges():
+    lag = LoopLag(threshold_s=0.0)
+    for _ in range(10):
+        lag.observe(1.0)
+    assert not lag.behind
+    assert all(_steps(StreamPacer(lag, 0.02), [i * 0.001 for i in range(5)]))
+
+
+def test_the_probe_sees_a_blocked_loop():
+    async def scenario() -> tuple[bool, bool]:
+        lag = LoopLag(threshold_s=0.005, period_s=0.005, alpha=0.5)
+        task = asyncio.get_running_loop().create_task(lag.run())
+        await asyncio.sleep(0.05)
+        idle = lag.behind
+        time.sleep(0.04)  # the loop is held: the probe's timer fires ~35 ms late
+        for _ in range(3):
+            await asyncio.sleep(0)
+        held = lag.behind
+        task.cancel()
+        return idle, held
+
+    idle, held = asyncio.run(scenario())
+    assert not idle and held
