@@ -120,6 +120,34 @@ async def merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIte
             t.cancel()
 
 
+async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``stream`` with its first item already awaited: an error before any output (overload, the engine refusing
+    the request, the deadline) raises here, while the response's status can still say so; after it, a stream
+    ends with an error event instead. An empty stream stays empty."""
+    it = aiter(stream)
+    try:
+        first = await anext(it)
+    except StopAsyncIteration:
+        first = _EMPTY
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            if first is _EMPTY:
+                return
+            yield first
+            async for item in it:
+                yield item
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return rest()
+
+
+_EMPTY = object()
+
+
 async def within(stream: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
     """Yield from ``stream`` until it ends; past ``seconds`` in all, close it and raise a 504 APIError.
 

@@ -37,7 +37,7 @@ from ray import serve
 from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.dispatch import dispatch
 from deployments.choices import OutputSpec
-from deployments.generation import Accumulator, merge, sse_events, within
+from deployments.generation import Accumulator, merge, primed, sse_events, within
 from deployments.http_errors import install_error_handlers
 from deployments.limits import BodyLimitMiddleware, RequestLimits
 from deployments.metrics import metrics
@@ -340,6 +340,20 @@ class Ingress:
         chunks = within(merge([self._chunks(m, r, stages, body.stream) for r in reqs], body.n or 1),
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
+            try:  # refused before its first output: the status says so (after it, an error event does)
+                chunks = await primed(chunks)
+            except APIError as err:
+                track.error(err)
+                track.done(acc)
+                raise
+            except Exception:  # a bug: the catch-all handler answers a shaped 500
+                track.error(APIError(500, "internal error", type_="server_error"))
+                track.done(acc)
+                raise
+            except BaseException:  # the client went away
+                track.cancelled()
+                track.done(acc)
+                raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(acc, chunks, n_choices, include_usage, track.first, track.error)
             return StreamingResponse(track.wrap(events, acc), media_type="text/event-stream")

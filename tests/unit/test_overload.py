@@ -87,4 +87,6 @@ async def test_a_request_beyond_the_replica_queues_gets_a_fast_503_with_retry_af
     assert r.json()["error"] == {"message": "model smollm2 is overloaded; retry later", "type": "overloaded_error",
                                  "param": None, "code": "overloaded"}
     assert len(handle.requests) == 2  # not retried: another attempt would only add load
-    assert '"code":"overloaded"' in s.text and s.text.endswith("data: [DONE]\n\n")
+    # refused before its first token, a stream gets the same status (not a 200 with an error event)
+    assert s.status_code == 503 and s.headers["retry-after"] == "3"
+    assert s.json()["error"]["code"] == "overloaded"
