@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (see ../shared/device/README.md for shipping the wheel parts first):
+# One call on the GPU machine (see ../shared/device/README.md for shipping the wheel parts first). Build the parts
+# with Ray's metrics agent's missing dependency, so that the kvserve_stage_* histograms can be scraped there:
+#   ../shared/device/make-wheelhouse --part-mib 48 --extra opencensus==0.11.4 --extra opencensus-context==0.1.3 \
+#       --extra six==1.17.0 && cp .whl/install-on-device .whl/p0/
+# and prepare the model shape it carries: kvserve prepare-model --shape llama-3.1-8b --model-dir .models
+# Usage:
 #   bash benchmarks/gpu/run_on_device.sh LIMIT_S SCRIPT-AND-ARGS...
 # installs the wheels once per machine, sets the paths (repo, /tmp/site, the carried model dir .models), runs
 # the script under `timeout LIMIT_S`, then copies /tmp/res (results kept across calls) and the server logs to $OUT.
