@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 STOP_BUDGET_S = 15.0
-_SERVE_SHUTDOWN_S = 8.0  # graceful part of the budget; Ray's shutdown and the process sweep get the rest
+_SERVE_SHUTDOWN_S = 10.0  # graceful part of the budget; Ray's shutdown and the process sweep get the rest
 PROGRESS_EVERY_S = 30.0
 
 
@@ -145,23 +145,28 @@ def _deploy(doc: dict[str, Any]) -> list[str]:
     return names
 
 
-def _stop(own_ray: bool, apps: list[str], stopper: _Stopper, t0: float) -> None:
+def _stop(own_ray: bool, apps: list[str], stopper: _Stopper, t0: float) -> bool:
+    """Stop what this run started; False when Serve's graceful stop ran out of time (its thread still runs)."""
     import ray
     from ray import serve
 
     procs = _descendants()
-    if not stopper.forced.is_set():
+    clean = not stopper.forced.is_set()
+    if clean:
         graceful = serve.shutdown if own_ray else (lambda: [serve.delete(a) for a in apps])
-        if not _run_with_timeout(graceful, _SERVE_SHUTDOWN_S):
+        clean = _run_with_timeout(graceful, _SERVE_SHUTDOWN_S)
+        if not clean:
             print(f"kvserve: Serve did not stop within {_SERVE_SHUTDOWN_S:.0f} s; stopping Ray", flush=True)
     if own_ray:
-        _run_with_timeout(ray.shutdown, max(STOP_BUDGET_S - (time.monotonic() - t0) - 3, 1))
+        if clean:  # with Serve's stop still running in its thread, ray.shutdown would kill the process under it
+            _run_with_timeout(ray.shutdown, max(STOP_BUDGET_S - (time.monotonic() - t0) - 3, 1))
         procs += [p for p in _descendants() if p not in procs]
         left = sweep(procs, grace_s=2.0)
         if left:
             print(f"kvserve: ended {left} leftover process(es) of this run", flush=True)
     else:
         print("kvserve: the Ray cluster it joined keeps running (`ray stop` stops it)", flush=True)
+    return clean
 
 
 def run(config: str, address: str | None = None, fast_path: bool = False) -> int:
@@ -211,6 +216,13 @@ def run(config: str, address: str | None = None, fast_path: bool = False) -> int
         stopper.signal_name = stopper.signal_name or "error"
     t0 = time.monotonic()
     print(f"kvserve: stopping ({stopper.signal_name or 'requested'}) ...", flush=True)
-    _stop(own_ray, apps, stopper, t0)
+    clean = _stop(own_ray, apps, stopper, t0)
     print(f"kvserve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
-    return 0 if stopper.signal_name in ("SIGINT", "SIGTERM") else 1
+    code = 0 if stopper.signal_name in ("SIGINT", "SIGTERM") else 1
+    if not clean:
+        # Serve's stop is still running in a thread on a Ray that is gone: the interpreter's exit (Ray's atexit
+        # shutdown) would race it and end the process with Ray's fatal-error status instead of ours.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
