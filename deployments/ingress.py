@@ -3,7 +3,8 @@
 Owns: the FastAPI routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
 ``/health``), tokenization and block hashing (the chat template is rendered, the prompt tokenized and
 its KV block hashes computed once, here; the replica receives token ids and the router the hashes),
-request validation and the context-length check, request metrics, and ``build_ingress``. Errors in
+request validation and the context-length check, and ``build_ingress``. A model's state and a request's
+metrics are ``deployments.served_model``. Errors in
 OpenAI's shape are ``deployments.http_errors``; the body limit and per-request caps ``deployments.limits``.
 Per-stage timing and tracing live in ``deployments.stages``.
 
@@ -20,14 +21,11 @@ and the mapping of replica failures to errors are ``deployments.dispatch``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,11 +49,12 @@ from deployments.openai_api import (
 )
 from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.readiness import Readiness, serve_status_source
-from deployments.rejections import record_rejection, status_label
+from deployments.rejections import record_rejection
 from deployments.rendering import Frontend
+from deployments.served_model import RequestTracker, ServedModel
 from deployments.stages import AcceptedAtMiddleware, RequestStages, Tracer, accepted_at
 from routers.hashing import BlockHasher
-from serve_app.config import AppConfig, ModelConfig
+from serve_app.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,78 +84,6 @@ async def _vllm_request_error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse(APIError(400, str(err.args[0]) if err.args else str(err), param=param).body(), status_code=400)
 
 
-@dataclass
-class _Model:
-    config: ModelConfig
-    frontend: Frontend  # vLLM's rendering, tokenizer, parsers and sampling defaults for this model
-    handle: Any
-    hasher: BlockHasher | None  # None: the routing strategy needs no block hashes
-    prep: ThreadPoolExecutor  # the one thread that prepares long prompts
-    block_size: int = 0  # the engine's, learned from the first response (0: the router hashes)
-    inflight: int = 0
-    hash_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # loop and prep thread
-
-    @property
-    def max_model_len(self) -> int:
-        return self.frontend.max_model_len
-
-    def hashes(self, ids: list[int], salt: str | None) -> tuple[int, ...]:
-        if self.hasher is None or not self.block_size:
-            return ()
-        with self.hash_lock:
-            return tuple(self.hasher(ids, self.block_size, salt=salt))
-
-
-class _Tracker:
-    """Request metrics: concurrency, TTFB, latency, tokens, outcome."""
-
-    def __init__(self, m: _Model, start: float, stages: RequestStages) -> None:
-        self._m, self._start, self._status, self._first = m, start, "success", False
-        self.stages = stages
-        self.on_done: Any = None  # called with the Accumulator when the request ends (token limits)
-        m.inflight += 1
-        metrics().concurrent.set(m.inflight, tags={"model": m.config.id})
-
-    def first(self) -> None:
-        if not self._first:
-            self._first = True
-            ms = (time.perf_counter() - self._start) * 1000
-            metrics().ttfb_ms.observe(ms, tags={"model": self._m.config.id, "status": "success"})
-            self.stages.first_byte()
-
-    def error(self, err: APIError) -> None:
-        self._status = status_label(err.status)
-        err.counted = True
-
-    def cancelled(self) -> None:
-        self._status = "cancelled"
-
-    async def wrap(self, events: AsyncIterator[str], acc: Accumulator) -> AsyncIterator[str]:
-        try:
-            async for e in events:
-                yield e
-        except BaseException:
-            self.cancelled()
-            raise
-        finally:
-            self.done(acc)
-
-    def done(self, acc: Accumulator) -> None:
-        m, model = metrics(), self._m.config.id
-        self.stages.end(self._status)
-        self._m.inflight -= 1
-        m.concurrent.set(self._m.inflight, tags={"model": model})
-        tags = {"model": model, "status": self._status}
-        m.invocations.inc(1, tags=tags)
-        m.latency_ms.observe((time.perf_counter() - self._start) * 1000, tags=tags)
-        for counter, value in ((m.prompt_tokens, acc.prompt_tokens), (m.cached_tokens, acc.cached_tokens),
-                               (m.completion_tokens, acc.completion_tokens)):
-            if value > 0:  # ray.util.metrics rejects inc(0)
-                counter.inc(value, tags={"model": model})
-        if self.on_done is not None:
-            self.on_done(acc)
-
-
 @serve.ingress(app)
 class Ingress:
     """Validates, tokenizes, dispatches to the model's replicas and streams the answer back."""
@@ -164,7 +91,7 @@ class Ingress:
     def __init__(self, app_config: dict[str, Any], handles: dict[str, Any]) -> None:
         self._cfg = AppConfig.model_validate(app_config)
         self._session_header = self._cfg.routing.session_header
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ServedModel] = {}
         routing = self._cfg.routing
         hashed = routing.strategy in ("prefix-aware", "kv-aware") and routing.request_router_class is None
         for m in self._cfg.models:
@@ -172,7 +99,7 @@ class Ingress:
             handle = handles[m.id].options(stream=True)
             hasher = BlockHasher(algo=routing.hash_algo, seed=routing.hash_seed) if hashed else None
             prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{m.id}")
-            self._models[m.id] = _Model(m, frontend, handle, hasher, prep)
+            self._models[m.id] = ServedModel(m, frontend, handle, hasher, prep)
         tracing = self._cfg.tracing
         self._tracer = Tracer(tracing.otlp_traces_endpoint, tracing.service_name) if tracing.otlp_traces_endpoint else None
         self._created = int(time.time())
@@ -254,7 +181,7 @@ class Ingress:
         return {"prompt": fe.tokenizer.decode(body.tokens)}
 
     # --- request path -------------------------------------------------------------------------
-    def _model(self, model_id: str | None) -> _Model:
+    def _model(self, model_id: str | None) -> ServedModel:
         if model_id is None:  # vLLM's request models make `model` optional: the first served model
             model_id = next(iter(self._models))
         m = self._models.get(model_id)
@@ -264,7 +191,7 @@ class Ingress:
         self._readiness.check(model_id)
         return m
 
-    def _requests(self, m: _Model, body, prompts: list[tuple[list[int], tuple[int, ...]]], requested: int | None,
+    def _requests(self, m: ServedModel, body, prompts: list[tuple[list[int], tuple[int, ...]]], requested: int | None,
                   request: Request, stages: RequestStages, tenant: Any, salt: str | None,
                   reasoning_ended: bool | None) -> list[GenerateRequest]:
         reqs = []
@@ -290,7 +217,7 @@ class Ingress:
         self.gate.admit_tokens(tenant, sum(len(ids) for ids, _ in prompts), time.monotonic())
         return reqs
 
-    async def _chunks(self, m: _Model, req: GenerateRequest, stages: RequestStages,
+    async def _chunks(self, m: ServedModel, req: GenerateRequest, stages: RequestStages,
                       stream: bool = True) -> AsyncIterator[GenerateChunk]:
         def on_first(sent: GenerateRequest, first: GenerateChunk) -> None:
             stages.on_chunk(first.timing, first.replica_id)
@@ -301,12 +228,12 @@ class Ingress:
         async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=on_first):
             yield chunk
 
-    async def _serve(self, m: _Model, body, prepare: Callable[[], list[list[int]]],
+    async def _serve(self, m: ServedModel, body, prepare: Callable[[], list[list[int]]],
                      spec: Callable[[list[list[int]]], OutputSpec], size: int, requested: int | None, chat: bool,
                      request: Request):
         start = accepted_at(request)
         stages = RequestStages(m.config.id, start, self._tracer)
-        track = _Tracker(m, start, stages)
+        track = RequestTracker(m, start, stages)
         tenant = tenant_of(request)
         salt = self.gate.cache_salt(tenant, body.cache_salt)  # the tenant's, not the client's
         track.on_done = lambda a: self.gate.settle(tenant, a.completion_tokens, time.monotonic())
