@@ -85,14 +85,16 @@ def test_stage_histograms_cover_every_stage(base_url, ray_cluster):
 
 
 async def test_long_prompt_does_not_stall_short_ones(base_url):
-    """A 2 MB prompt is tokenized on the model's prep thread: short requests sent after it finish before it."""
+    """A chat of 30,000 messages is rendered and tokenized on the model's prep thread: short requests sent after it
+    finish before it. (A long completion prompt no longer serves: one that cannot fit the context is refused
+    before tokenizing, deployments.limits.)"""
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-    huge = "word " * 400_000
+    huge = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"word {i}"} for i in range(30_000)]
     finished: list[str] = []
 
     async def big() -> None:
         try:
-            await client.completions.create(model="smollm2", prompt=huge, max_tokens=1)
+            await client.chat.completions.create(model="smollm2", messages=huge, max_tokens=1)
         except Exception as err:  # noqa: BLE001 - longer than the model: a 400 once tokenized
             assert "maximum context length" in str(err)
         finished.append("big")
@@ -102,7 +104,7 @@ async def test_long_prompt_does_not_stall_short_ones(base_url):
         finished.append(f"short{i}")
 
     task = asyncio.create_task(big())
-    await asyncio.sleep(0.3)  # the big body is in and being tokenized
+    await asyncio.sleep(0.3)  # the big body is in and being rendered
     await asyncio.gather(*(short(i) for i in range(3)))
     await task
     assert finished.index("big") >= 1, f"short requests waited for the long prompt's tokenization: {finished}"
