@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.bench.result import machine_info
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
@@ -158,6 +161,11 @@ def ordering(rows: list[dict]) -> dict:
     return out
 
 
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, check=False).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator.calibrate", description=__doc__.splitlines()[0])
     ap.add_argument("--overhead", required=True, help="serving-overhead GPU JSON (runs of vllm bench serve, c1/c64)")
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     tested = [r for r in rows if not r["by_construction"]]
     doc = {
         "schema": "kvserve.sim_calibration/2",
-        "command": "python -m benchmarks.simulator.calibrate " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "benchmarks.simulator.calibrate", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(), "git_commit": git_commit(),
         "sources": {"overhead": args.overhead, "overhead_machine": over.get("machine"),
                     "overhead_git_commit": over.get("git_commit"), "kv_tier": args.kv_tier,
                     "tier_gbps": gbps, "tier_source": args.kv_tier or args.tier_source, "routing": args.routing},

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from benchmarks.simulator import workloads
-from benchmarks.simulator.calibrate import sessions_for
+from benchmarks.bench.result import machine_info
+from benchmarks.simulator.calibrate import git_commit, sessions_for
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import ClusterSpec, simulate
@@ -186,7 +187,8 @@ def _write(args: argparse.Namespace, engine: dict, rows: list[dict], commands: l
     rows = sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["replicas"], list(SYSTEMS).index(r["system"])))
     for r in rows:  # derived from the row's own fields, so rows merged from several runs agree
         r["ingress_cpu_fraction"] = round(r["router_decision_p50_us"] * 1e-6 * r["offered_rps"] / r["ingresses"], 3)
-    doc = {"schema": "kvserve.sim_scale/1", "commands": commands, "calibration": args.calibration, "routing": args.routing,
+    doc = {"schema": "kvserve.sim_scale/1", "commands": commands, "machine": machine_info(), "git_commit": git_commit(),
+           "calibration": args.calibration, "routing": args.routing,
            "engine": engine, "rows": rows}
     (out / "sim_scale.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "sim_scale.md").write_text(table_md(rows) + "\n")
