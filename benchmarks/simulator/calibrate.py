@@ -4,7 +4,8 @@ Owns the CLI and the routing head-to-head path: ``gpu_cells`` (the cells of a ``
 JSON), ``fit`` (a multiplicative coordinate search over the fields those cells can identify),
 ``residuals`` and ``ordering``. The engine's costs come from a serving-overhead JSON
 (``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in closed form); the KV
-tier's GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``; KV capacity and the
+tier's GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, and its TTFT cell
+(``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the
 prefill chunk are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
 
 With ``--routing``, the fields a single-prompt-length serving run cannot pin (``prefill_attn_s``,
@@ -36,6 +37,7 @@ from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.serving_cells import SHAPES, fit_serving, serving_residuals, serving_table
 from benchmarks.simulator.sim import ClusterSpec, simulate
+from benchmarks.simulator.tier_cell import tier_row
 from serve_app.config.routing import RoutingConfig
 
 MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware")
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-tier", default=None, help="KV tier GPU JSON (effective_load_gbps)")
     ap.add_argument("--tier-gbps", type=float, default=None, help="tier load GB/s when no KV tier JSON is given")
     ap.add_argument("--tier-source", default=None, help="where --tier-gbps was measured (recorded in the output)")
+    ap.add_argument("--tier-check", default=None, metavar="PREFIX_TOKENS:RECOMPUTE_MS:TIER_HIT_MS",
+                    help="a KV-tier GPU result given by hand (without --kv-tier): reproduced in the output")
     ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
     ap.add_argument("--replicas", type=int, default=4, help="replicas in the routing run (all on one GPU)")
     ap.add_argument("--model-shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -200,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         "serving_ttft_p50_within_25pct": sum(abs(r["ttft_p50_ms_error"]) <= 0.25 for r in tested),
     }
     print(serving_table(rows))
+    check = None
+    if tier:
+        check = (int(tier["prefix_tokens"]), float(tier["ttft_recompute_ms"]), float(tier["ttft_tier_hit_ms"]))
+    elif args.tier_check:
+        p, r, h = args.tier_check.split(":")
+        check = (int(p), float(r), float(h))
+    if check:
+        doc["tier"] = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2],
+                               source=args.kv_tier or args.tier_source)
+        print(json.dumps(doc["tier"]))
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())
         settings, cells = routing["scale_settings"], gpu_cells(routing)

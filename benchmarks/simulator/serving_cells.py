@@ -119,8 +119,10 @@ def fit_serving(doc: dict, *, model_shape: str, base: EngineModel) -> tuple[Engi
         attn = attn_per_pair_s(model_shape, rate)
         rate = L / (p1 - step - attn * L * (L / 2) / 1e6)
     front = _engine_means(doc, "c1", "ttft") / 1e3 - p1 - _engine_means(doc, "c1", "queue") / 1e3
-    overheads = {s: round(cells[s, 1].measured["ttft_p50_ms"] / 1e3 - p1 - front, 5) for s in SYSTEMS if (s, 1) in cells}
-    engine = base.with_(input_s_per_request=front, step_s=step, decode_s_per_seq=0.0, decode_s_per_ktok=per_ktok, prefill_tokens_per_s=rate,
+    overheads = {s: round(cells[s, 1].measured["ttft_p50_ms"] / 1e3 - p1 - front, 5)
+                 for s in SYSTEMS if (s, 1) in cells}
+    engine = base.with_(input_s_per_request=front, step_s=step, decode_s_per_seq=0.0, decode_s_per_ktok=per_ktok,
+                        prefill_tokens_per_s=rate,
                         prefill_attn_s=attn, kv_bytes_per_token=kv_bytes_per_token(model_shape),
                         request_overhead_s=overheads.get("kvserve", overheads["vllm_serve"]))
     inputs = {"input_len": L, "output_len": O, "engine_prefill_ms_c1": round(p1 * 1e3, 3),
@@ -135,8 +137,8 @@ def simulate_serving(cell: ServingCell, engine: EngineModel, doc: dict, seed: in
     L, O = _lengths(doc)
     reqs = no_sharing(cell.prompts, 1.0, prompt_tokens=L, output_tokens=O, block_size=engine.block_size, seed=seed)
     plan = LoadPlan("concurrency", cell.concurrency, num_requests=cell.prompts, seed=seed)
-    return simulate(Driver(iter(trace_sessions(reqs)), plan), RoutingConfig(strategy="round-robin").knobs(), ClusterSpec(1), engine,
-                    seed=seed).summary(per_replica=False)
+    knobs = RoutingConfig(strategy="round-robin").knobs()
+    return simulate(Driver(iter(trace_sessions(reqs)), plan), knobs, ClusterSpec(1), engine, seed=seed).summary(per_replica=False)
 
 
 def serving_residuals(doc: dict, engine: EngineModel, overheads: dict) -> list[dict]:

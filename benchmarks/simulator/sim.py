@@ -11,10 +11,10 @@ Replica side (``replica.py``, costs in ``engine.py``): vLLM's step loop. Each st
 for every running request and gives the rest of the ``chunk_tokens`` budget to prefill chunks, oldest
 waiting request first. A request's reused prefix is looked up when the scheduler first reaches it
 (GPU blocks, then tier blocks, loaded at ``tier_gbps`` before its first chunk); its blocks are cached
-(and, with the tier, written to it) when its prefill completes, which is its first token. Before its scheduler, each replica
-has its own front end (vLLM's input processing), a FIFO server of ``input_s_per_request``. A failed replica's
-requests are re-sent through the ingresses (TTFT still counts from the first send); autoscaling
-adds cold replicas after ``start_s`` and retires idle ones.
+(and, with the tier, written to it) when its prefill completes, which is its first token. Before its
+scheduler, each replica has its own front end (vLLM's input processing), a FIFO server of
+``input_s_per_request``. A failed replica's requests are re-sent through the ingresses (TTFT still
+counts from the first send); autoscaling adds cold replicas after ``start_s`` and retires idle ones.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 from benchmarks.simulator.calibrate import Cell, fit, gpu_cells, ordering, residuals, simulate_cell
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
+from benchmarks.simulator.tier_cell import tier_cell, tier_row
 
 pytestmark = pytest.mark.unit
 
@@ -103,3 +104,16 @@ def test_committed_h200_json_is_fitted_and_its_c1_cells_reproduced():
     rows = {(r["system"], r["concurrency"]): r for r in serving_residuals(doc, engine, inputs["request_overhead_s"])}
     assert abs(rows["vllm_serve", 1]["ttft_p50_ms_error"]) < 0.01  # by construction
     assert abs(rows["vllm_serve", 64]["output_tok_per_s_error"]) < 0.1
+
+
+def test_tier_cell_charges_the_load_then_the_suffix_and_a_recompute_the_whole_prompt():
+    engine = TRUE.with_(chunk_tokens=16384, kv_blocks=4096, tier_gbps=10.0, request_overhead_s=0.5,
+                        input_s_per_request=0.5, replicas_per_gpu=1, gpu_contention=0.0)
+    cell = tier_cell(engine, 4096, suffix_tokens=32)
+    assert cell["tier_tokens"] == 4096
+    hit = engine.tier_load_s(4096) + engine.step_s + engine.prefill_chunk_s(32, 4096)
+    assert cell["tier_hit_ms"] == pytest.approx(hit * 1e3, abs=0.1)  # no front end, no overhead: in-process timing
+    assert cell["recompute_ms"] == pytest.approx((engine.step_s + engine.prefill_chunk_s(4128, 0)) * 1e3, abs=0.1)
+    row = tier_row(engine, prefix_tokens=4096, recompute_ms=cell["recompute_ms"] * 2, tier_hit_ms=cell["tier_hit_ms"],
+                   source="test")
+    assert (row["recompute_error"], row["tier_hit_error"]) == (pytest.approx(-0.5, abs=1e-3), 0.0)
