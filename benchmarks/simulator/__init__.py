@@ -4,7 +4,8 @@ front of modelled vLLM replicas, calibrated on GPU results.
 Owns: ``engine`` (the cost model of one replica), ``replica`` (per-replica cache and queues, the
 shared KV tier), ``load`` and ``workloads`` (the twin of ``kvserve bench``'s load and workloads),
 ``sim`` (the event loop: ingresses, routing, engine steps, failures, autoscaling), ``result`` (what a
-run measured, cost included), ``calibrate`` (fit to GPU JSONs, residuals) and ``scale`` (the 8-1024
-replica table). CLIs: ``python -m benchmarks.simulator``, ``python -m benchmarks.simulator.calibrate``,
+run measured, cost included), ``serving_cells`` (the engine fit on a serving-overhead JSON and its
+cells), ``tier_cell`` (the KV-tier cell), ``calibrate`` (the CLI, routing cells, residuals) and
+``scale`` (the 8-1024 replica table). CLIs: ``python -m benchmarks.simulator``, ``python -m benchmarks.simulator.calibrate``,
 ``python -m benchmarks.simulator.scale``; docs/benchmarks.md has the results.
 """

@@ -1,25 +1,22 @@
 """Calibrate the engine model on GPU results and show how well the simulator reproduces them.
 
-Owns ``gpu_cells`` (the cells of a routing head-to-head JSON, ``kvserve.routing_h2h/1``),
-``fixed_engine`` (what is read straight off the GPU JSONs: KV capacity, replicas per GPU, tier
-GB/s, serving overhead), ``fit`` (the free cost parameters) and ``residuals``.
+Owns the CLI and the routing head-to-head path: ``gpu_cells`` (the cells of a ``kvserve.routing_h2h/1``
+JSON), ``fit`` (a multiplicative coordinate search over the fields those cells can identify),
+``residuals`` and ``ordering``. The engine's costs come from a serving-overhead JSON
+(``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in closed form); the KV
+tier's GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, and its TTFT cell
+(``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the
+prefill chunk are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
 
-Method. The free parameters (prefill speed and its attention term, the step's fixed cost, its cost per
-decoding request and per 1K context tokens, GPU contention between co-located replicas, and the
-per-request latency outside the engine, seeded with the serving overhead measured at concurrency 1)
-are fitted on the round-robin cells only, by a multiplicative coordinate search minimising the squared log
-error of TTFT p50 and TPOT p50 (open-loop cells) and of TPOT p50 (saturated cells). Round-robin
-ignores caches, so it measures the engine; the cache-aware cells are then predictions, and their
-residuals say how far to trust the simulator for routing.
+With ``--routing``, the fields a single-prompt-length serving run cannot pin (``prefill_attn_s``,
+``gpu_contention`` between replicas sharing a GPU) are fitted on its round-robin cells, which measure
+the engine (round-robin ignores caches); the cache-aware cells are then predictions, and their
+residuals and the strategies' ordering say how far to trust the simulator for routing. Modelled
+cells are the open-loop ones (Poisson arrivals); saturated closed-loop cells are fitted on TPOT only
+and reported. Ray's own router is not simulated; its cells are skipped.
 
-Modelled cells: the open-loop ones (Poisson arrivals at 70% of round-robin's saturated rate). The
-saturated closed-loop cells (64 clients) are reported but not modelled for TTFT: there the queue
-forms in the Serve request path (proxy, ingress, handle streaming), which the simulator's engine
-model does not hold; serving_overhead_h100.json shows it (kvserve's c64 TTFT 1.78x vllm serve's at the
-same throughput). Ray's own router is not simulated; its cells are skipped.
-
-CLI: ``python -m benchmarks.simulator.calibrate --routing R.json --kv-tier K.json --overhead O.json``
-writes ``sim_calibration.json`` (engine, fit, residual table) and prints the table.
+CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
+[--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
 """
 
 from __future__ import annotations
@@ -27,22 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.bench.result import machine_info
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.serving_cells import SHAPES, fit_serving, serving_residuals, serving_table
 from benchmarks.simulator.sim import ClusterSpec, simulate
+from benchmarks.simulator.tier_cell import tier_row
 from serve_app.config.routing import RoutingConfig
 
 MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware")
-FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_seq", "decode_s_per_ktok", "gpu_contention",
-        "request_overhead_s")
-#: KV bytes per token of the model shapes the GPU runs use (layers x kv heads x head dim x 2 (K, V) x 2 bytes).
-KV_BYTES_PER_TOKEN = {"llama-3.2-1b": 16 * 8 * 64 * 2 * 2, "llama-3.1-8b": 32 * 8 * 128 * 2 * 2}
+FREE = ("prefill_attn_s", "gpu_contention")
 
 
 @dataclass(frozen=True)
@@ -93,19 +92,6 @@ def gpu_cells(doc: dict) -> list[Cell]:
                 level = spec.get("concurrency") or spec.get("rate")
                 out.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m))
     return out
-
-
-def fixed_engine(routing: dict, kv_tier: dict | None, overhead: dict | None, *, replicas: int, model_shape: str) -> EngineModel:
-    """The engine fields read off the GPU JSONs (the free ones keep their defaults until ``fit``)."""
-    kw = routing.get("scale_settings", {}).get("engine_kwargs", {})
-    fields = {"kv_blocks": int(kw.get("num_gpu_blocks_override", 4096)), "block_size": 16,
-              "replicas_per_gpu": replicas, "kv_bytes_per_token": KV_BYTES_PER_TOKEN[model_shape],
-              "prefill_tokens_per_s": 80_000.0, "step_s": 0.004, "chunk_tokens": 8192}
-    if kv_tier is not None:
-        fields["tier_gbps"] = float(kv_tier["effective_load_gbps"])
-    if overhead is not None:
-        fields["request_overhead_s"] = max(0.0, float(overhead["ttft_p50_delta_ms_c1"]) / 1e3)
-    return EngineModel(**fields)
 
 
 def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0) -> dict:
@@ -177,42 +163,72 @@ def ordering(rows: list[dict]) -> dict:
     return out
 
 
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, check=False).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator.calibrate", description=__doc__.splitlines()[0])
-    ap.add_argument("--routing", required=True, help="routing head-to-head JSON (kvserve.routing_h2h/1)")
+    ap.add_argument("--overhead", required=True, help="serving-overhead GPU JSON (runs of vllm bench serve, c1/c64)")
     ap.add_argument("--kv-tier", default=None, help="KV tier GPU JSON (effective_load_gbps)")
-    ap.add_argument("--overhead", default=None, help="serving overhead GPU JSON (ttft_p50_delta_ms_c1)")
-    ap.add_argument("--replicas", type=int, default=4, help="replicas in the GPU run (all on one GPU)")
-    ap.add_argument("--model-shape", default="llama-3.2-1b", choices=sorted(KV_BYTES_PER_TOKEN))
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tier-gbps", type=float, default=None, help="tier load GB/s when no KV tier JSON is given")
+    ap.add_argument("--tier-source", default=None, help="where --tier-gbps was measured (recorded in the output)")
+    ap.add_argument("--tier-check", default=None, metavar="PREFIX_TOKENS:RECOMPUTE_MS:TIER_HIT_MS",
+                    help="a KV-tier GPU result given by hand (without --kv-tier): reproduced in the output")
+    ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
+    ap.add_argument("--replicas", type=int, default=4, help="replicas in the routing run (all on one GPU)")
+    ap.add_argument("--model-shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
+    ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/sim_calibration.json")
     args = ap.parse_args(argv)
-    routing = json.loads(Path(args.routing).read_text())
-    tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None
-    over = json.loads(Path(args.overhead).read_text()) if args.overhead else None
-    settings = routing["scale_settings"]
-    cells = gpu_cells(routing)
-    if not cells:
-        print(f"no modelled cells in {args.routing}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    engine = fixed_engine(routing, tier, over, replicas=args.replicas, model_shape=args.model_shape)
-    engine, info = fit([c for c in cells if c.strategy == "round-robin"], engine, settings, args.replicas,
-                       rounds=args.rounds, log=lambda m: print(m, file=sys.stderr))
-    rows = residuals(cells, engine, settings, args.replicas)
+    over = json.loads(Path(args.overhead).read_text())
+    tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None
+    gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
+    base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens, **({"tier_gbps": gbps} if gbps else {}))
+    engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base)
+    rows = serving_residuals(over, engine, inputs["request_overhead_s"])
+    tested = [r for r in rows if not r["by_construction"]]
     doc = {
-        "schema": "kvserve.sim_calibration/1",
-        "command": "python -m benchmarks.simulator.calibrate " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "sources": {"routing": args.routing, "routing_machine": routing.get("machine"), "kv_tier": args.kv_tier,
-                    "overhead": args.overhead},
-        "engine": engine.to_dict(), "fit": info, "residuals": rows, "ordering": ordering(rows),
-        "modelled_cells": sum(r["modelled"] for r in rows),
-        "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25 for r in rows),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "schema": "kvserve.sim_calibration/2",
+        "command": shlex.join(["python", "-m", "benchmarks.simulator.calibrate", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(), "git_commit": git_commit(),
+        "sources": {"overhead": args.overhead, "overhead_machine": over.get("machine"),
+                    "overhead_git_commit": over.get("git_commit"), "kv_tier": args.kv_tier,
+                    "tier_gbps": gbps, "tier_source": args.kv_tier or args.tier_source, "routing": args.routing},
+        "engine": engine.to_dict(), "serving_fit": inputs, "serving_residuals": rows,
+        "serving_tested_cells": len(tested),
+        "serving_ttft_p50_within_25pct": sum(abs(r["ttft_p50_ms_error"]) <= 0.25 for r in tested),
     }
+    print(serving_table(rows))
+    check = None
+    if tier:
+        check = (int(tier["prefix_tokens"]), float(tier["ttft_recompute_ms"]), float(tier["ttft_tier_hit_ms"]))
+    elif args.tier_check:
+        p, r, h = args.tier_check.split(":")
+        check = (int(p), float(r), float(h))
+    if check:
+        doc["tier"] = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2],
+                               source=args.kv_tier or args.tier_source)
+        print(json.dumps(doc["tier"]))
+    if args.routing:
+        routing = json.loads(Path(args.routing).read_text())
+        settings, cells = routing["scale_settings"], gpu_cells(routing)
+        kw = settings.get("engine_kwargs", {})
+        start = engine.with_(replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)))
+        fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings, args.replicas,
+                           rounds=args.rounds, log=lambda m: print(m, file=sys.stderr))
+        rrows = residuals(cells, fitted, settings, args.replicas)
+        doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info, "residuals": rrows,
+                          "ordering": ordering(rrows), "modelled_cells": sum(r["modelled"] for r in rrows),
+                          "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25 for r in rrows)}
+        print(residual_table(rrows))
+    doc["wall_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(residual_table(rows))
     return 0
 
 

@@ -15,7 +15,10 @@ step decodes one token for each running request and spends the rest of a ``chunk
 The ingress replica (proxy + ingress process) is one FIFO server per ingress: each request costs
 ``frontend_s_per_request`` before it is routed and each streamed token ``frontend_s_per_token``;
 a first token reaches the client once the server has worked through what was queued before it.
-``request_overhead_s`` is the fixed serving overhead measured at concurrency 1.
+Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
+engine core), one FIFO server costing ``input_s_per_request`` before the request reaches the
+scheduler. ``request_overhead_s`` is the rest of the serving latency at concurrency 1, added to every
+TTFT and end-to-end time without queueing.
 
 ``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1
 models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU).
@@ -37,6 +40,7 @@ class EngineModel:
     gpu_contention: float = 0.0
     replicas_per_gpu: int = 1
     request_overhead_s: float = 0.0
+    input_s_per_request: float = 0.0
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
     kv_blocks: int = 4096

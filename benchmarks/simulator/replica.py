@@ -58,6 +58,8 @@ class Replica:
     context_tokens: int = 0
     steps: int = 0
     served: int = 0
+    input_until: float = 0.0  # its front end's queued work ends
+    entering: int = 0  # routed here, still in its front end
 
     @property
     def busy(self) -> bool:
@@ -65,7 +67,7 @@ class Replica:
 
     @property
     def ongoing(self) -> int:
-        return len(self.waiting) + len(self.loading) + self.running
+        return self.entering + len(self.waiting) + len(self.loading) + self.running
 
     def gpu_prefix(self, hashes: Sequence[int]) -> int:
         """Leading blocks of ``hashes`` held on the GPU."""

@@ -17,6 +17,8 @@ routing);
 replica no longer keeps up at that size.
 The "+tier" rows add the shared KV tier (object store, ``tier_gib`` per GPU node of 8 GPUs).
 
+The workload arguments and per-replica rates come from a routing head-to-head JSON (``--routing``).
+
 CLI: ``python -m benchmarks.simulator.scale --calibration benchmarks/results/sim_calibration.json``.
 """
 
@@ -30,7 +32,8 @@ import time
 from pathlib import Path
 
 from benchmarks.simulator import workloads
-from benchmarks.simulator.calibrate import sessions_for
+from benchmarks.bench.result import machine_info
+from benchmarks.simulator.calibrate import git_commit, sessions_for
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import ClusterSpec, simulate
@@ -143,8 +146,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator.scale", description=__doc__.splitlines()[0])
     ap.add_argument("--calibration", default="benchmarks/results/sim_calibration.json")
-    ap.add_argument("--routing", default=None, help="GPU routing JSON for workload arguments and rates "
-                    "(default: the calibration's source)")
+    ap.add_argument("--routing", default="benchmarks/results/routing_h100.json",
+                    help="routing head-to-head JSON whose workload arguments and r70 rates per replica the table offers")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return _write(args, docs[0]["engine"], [r for d in docs for r in d["rows"]],
                       [c for d in docs for c in d["commands"]])
     cal = json.loads(Path(args.calibration).read_text())
-    routing = json.loads(Path(args.routing or cal["sources"]["routing"]).read_text())
+    routing = json.loads(Path(args.routing).read_text())
     engine = EngineModel.from_dict(cal["engine"])
     rows = []
     for wl in args.workloads.split(","):
@@ -184,7 +187,8 @@ def _write(args: argparse.Namespace, engine: dict, rows: list[dict], commands: l
     rows = sorted(rows, key=lambda r: (order.get(r["workload"], 9), r["replicas"], list(SYSTEMS).index(r["system"])))
     for r in rows:  # derived from the row's own fields, so rows merged from several runs agree
         r["ingress_cpu_fraction"] = round(r["router_decision_p50_us"] * 1e-6 * r["offered_rps"] / r["ingresses"], 3)
-    doc = {"schema": "kvserve.sim_scale/1", "commands": commands, "calibration": args.calibration,
+    doc = {"schema": "kvserve.sim_scale/1", "commands": commands, "machine": machine_info(), "git_commit": git_commit(),
+           "calibration": args.calibration, "routing": args.routing,
            "engine": engine, "rows": rows}
     (out / "sim_scale.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "sim_scale.md").write_text(table_md(rows) + "\n")

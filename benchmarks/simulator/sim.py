@@ -11,9 +11,10 @@ Replica side (``replica.py``, costs in ``engine.py``): vLLM's step loop. Each st
 for every running request and gives the rest of the ``chunk_tokens`` budget to prefill chunks, oldest
 waiting request first. A request's reused prefix is looked up when the scheduler first reaches it
 (GPU blocks, then tier blocks, loaded at ``tier_gbps`` before its first chunk); its blocks are cached
-(and, with the tier, written to it) when its prefill completes, which is its first token. A failed replica's
-requests are re-sent through the ingresses (TTFT still counts from the first send); autoscaling
-adds cold replicas after ``start_s`` and retires idle ones.
+(and, with the tier, written to it) when its prefill completes, which is its first token. Before its
+scheduler, each replica has its own front end (vLLM's input processing), a FIFO server of
+``input_s_per_request``. A failed replica's requests are re-sent through the ingresses (TTFT still
+counts from the first send); autoscaling adds cold replicas after ``start_s`` and retires idle ones.
 """
 
 from __future__ import annotations
@@ -178,6 +179,20 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         res.predicted_cached_tokens += d.predicted_cached_tokens
         rep = st.reps[d.replica_id]
         rep.served += 1
+        if engine.input_s_per_request > 0:
+            rep.input_until = max(now, rep.input_until) + engine.input_s_per_request
+            rep.entering += 1
+            push(rep.input_until, "enqueue", (rep, turn))
+        else:
+            enqueue(rep, turn, now)
+
+    def enqueue(rep: Replica, turn: Turn, now: float) -> None:
+        """``turn`` reaches ``rep``'s scheduler; one sent to a replica that died meanwhile is sent again."""
+        if not rep.alive:
+            turn.attempts += 1
+            res.retries += 1
+            push(now, "arrive", turn)
+            return
         rep.waiting.append(Job(turn))
         kick(rep, now)
 
@@ -348,6 +363,9 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             arrive(payload, now)
         elif kind == "route":
             route(payload, now)
+        elif kind == "enqueue":
+            payload[0].entering -= 1
+            enqueue(*payload, now)
         elif kind == "tick":
             tick = driver.tick(now, send)
             if tick is not None:

@@ -1,5 +1,6 @@
-"""Calibration: the fit recovers a known engine from cells the simulator itself produced, and the
-GPU JSON is read into cells and fixed engine fields as the routing head-to-head wrote it."""
+"""Calibration: the coordinate fit recovers a known engine from cells the simulator itself produced,
+the closed-form serving fit recovers a known engine from the numbers it would have measured, the
+committed H200 serving JSON is read and reproduced, and a routing JSON is read into cells."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.simulator.calibrate import Cell, fit, fixed_engine, gpu_cells, ordering, residuals, simulate_cell
+from benchmarks.simulator.calibrate import Cell, fit, gpu_cells, ordering, residuals, simulate_cell
 from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
+from benchmarks.simulator.tier_cell import tier_cell, tier_row
 
 pytestmark = pytest.mark.unit
 
@@ -49,15 +52,68 @@ def test_ordering_compares_the_gpu_and_simulated_ranking():
     assert not o["same_best"] and not o["same_order"]
 
 
-def test_gpu_json_is_read_into_cells_and_fixed_fields():
+def test_routing_json_is_read_into_the_modelled_cells():
     routing = json.loads((ROOT / "benchmarks/results/routing_h100.json").read_text())
     cells = gpu_cells(routing)
     assert {c.strategy for c in cells} == {"round-robin", "prefix-aware", "kv-aware"}  # Ray's router is not modelled
     assert {(c.workload, c.load, c.mode) for c in cells} >= {("docqa", "sat", "concurrency"), ("multiturn", "r70", "rate")}
-    tier = {"effective_load_gbps": 12.5}
-    over = {"ttft_p50_delta_ms_c1": 8.0}
-    e = fixed_engine(routing, tier, over, replicas=4, model_shape="llama-3.2-1b")
-    assert (e.kv_blocks, e.replicas_per_gpu, e.tier_gbps, e.request_overhead_s) == (4096, 4, 12.5, 0.008)
-    assert e.kv_bytes_per_token == 32768
     with pytest.raises(ValueError, match="unknown EngineModel fields"):
-        EngineModel.from_dict({**e.to_dict(), "prefil_tokens_per_s": 1.0})
+        EngineModel.from_dict({**TRUE.to_dict(), "prefil_tokens_per_s": 1.0})
+
+
+def _serving_doc(e: EngineModel, L: int = 1024, O: int = 128, front_ms: float = 9.0, http_ms: float = 4.0) -> dict:
+    """What serving_overhead.py would record for engine ``e``: vLLM's histograms and vllm bench's medians."""
+    p1 = e.step_s + L / e.prefill_tokens_per_s + e.prefill_attn_s * L * (L / 2) / 1e6
+    itl = lambda n: e.step_s + e.decode_s_per_ktok * n * (L + O / 2) / 1e3
+    cmd = f"vllm bench serve --random-input-len {L} --random-output-len {O} --num-prompts {{n}}"
+    def run(system, extra_ms):
+        ttft = (p1 * 1e3 + front_ms + http_ms + extra_ms)
+        level = lambda c, n: {"completed": n, "command": cmd.format(n=n), "median_ttft_ms": ttft * c,
+                              "p90_ttft_ms": ttft * c, "median_tpot_ms": itl(c) * 1e3, "median_itl_ms": itl(c) * 1e3,
+                              "output_throughput": c / itl(c),
+                              "engine_ms": {"prefill": p1 * 1e3, "queue": 0.0, "ttft": p1 * 1e3 + front_ms}}
+        return {"system": system, "c1": level(1, 30), "c64": level(64, 384)}
+    return {"runs": [run("vllm_serve", 0.0), run("vllm_serve", 0.0), run("kvserve", 4.0)]}
+
+
+def test_serving_fit_recovers_the_engine_behind_the_measurements():
+    rate = 50_000.0
+    true = EngineModel(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s("llama-3.1-8b", rate), step_s=0.005,
+                       decode_s_per_ktok=4e-5)
+    fitted, inputs = fit_serving(_serving_doc(true), model_shape="llama-3.1-8b", base=EngineModel())
+    assert fitted.prefill_tokens_per_s == pytest.approx(rate, rel=1e-3)
+    assert fitted.prefill_attn_s == pytest.approx(true.prefill_attn_s, rel=1e-3)
+    assert fitted.step_s == pytest.approx(0.005, rel=1e-6)
+    assert fitted.decode_s_per_ktok == pytest.approx(4e-5, rel=1e-6)
+    assert fitted.decode_s_per_seq == 0.0
+    assert fitted.input_s_per_request == pytest.approx(0.009)
+    assert inputs["request_overhead_s"] == pytest.approx({"vllm_serve": 0.004, "kvserve": 0.008})
+    assert fitted.request_overhead_s == pytest.approx(0.008)  # the engine carries kvserve's overhead
+    assert fitted.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+
+
+def test_committed_h200_json_is_fitted_and_its_c1_cells_reproduced():
+    doc = json.loads((ROOT / "benchmarks/results/serving_overhead.json").read_text())
+    assert doc["machine"]["gpu"] == "NVIDIA H200"
+    cells = {(c.system, c.concurrency): c for c in serving_cells(doc)}
+    assert {("vllm_serve", 1), ("vllm_serve", 64), ("kvserve", 1), ("kvserve", 64)} <= set(cells)
+    assert cells["vllm_serve", 64].prompts == 384 and cells["vllm_serve", 1].runs == 2
+    engine, inputs = fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(chunk_tokens=8192))
+    assert 0 < engine.step_s < inputs["itl_p50_ms_c1"] / 1e3
+    assert all(0 < v < 0.05 for v in inputs["request_overhead_s"].values())
+    rows = {(r["system"], r["concurrency"]): r for r in serving_residuals(doc, engine, inputs["request_overhead_s"])}
+    assert abs(rows["vllm_serve", 1]["ttft_p50_ms_error"]) < 0.01  # by construction
+    assert abs(rows["vllm_serve", 64]["output_tok_per_s_error"]) < 0.1
+
+
+def test_tier_cell_charges_the_load_then_the_suffix_and_a_recompute_the_whole_prompt():
+    engine = TRUE.with_(chunk_tokens=16384, kv_blocks=4096, tier_gbps=10.0, request_overhead_s=0.5,
+                        input_s_per_request=0.5, replicas_per_gpu=1, gpu_contention=0.0)
+    cell = tier_cell(engine, 4096, suffix_tokens=32)
+    assert cell["tier_tokens"] == 4096
+    hit = engine.tier_load_s(4096) + engine.step_s + engine.prefill_chunk_s(32, 4096)
+    assert cell["tier_hit_ms"] == pytest.approx(hit * 1e3, abs=0.1)  # no front end, no overhead: in-process timing
+    assert cell["recompute_ms"] == pytest.approx((engine.step_s + engine.prefill_chunk_s(4128, 0)) * 1e3, abs=0.1)
+    row = tier_row(engine, prefix_tokens=4096, recompute_ms=cell["recompute_ms"] * 2, tier_hit_ms=cell["tier_hit_ms"],
+                   source="test")
+    assert (row["recompute_error"], row["tier_hit_error"]) == (pytest.approx(-0.5, abs=1e-3), 0.0)

@@ -135,3 +135,16 @@ def test_simulated_cost_charges_the_gpus_held():
     s = simulate(docqa(plan), knobs("round-robin"), ClusterSpec(4), eng).summary(gpu_hour_usd=3.6)
     assert s["cost"]["gpus"] == pytest.approx(2.0)
     assert s["cost"]["cost_usd"] == pytest.approx(2 * s["cost"]["duration_s"] / 1000, rel=1e-3)
+
+
+def test_replica_front_end_is_a_fifo_and_a_request_in_it_survives_its_replica_dying():
+    engine = ENGINE.with_(input_s_per_request=0.01)
+    reqs = workloads.no_sharing(32, 1.0, prompt_tokens=256, output_tokens=4)
+    plan = LoadPlan("concurrency", 32, num_requests=32)
+    res = simulate(Driver(iter(workloads.trace_sessions(reqs)), plan), knobs("round-robin"), ClusterSpec(1), engine)
+    assert res.completed == 32
+    assert max(res.ttft_s) >= 32 * 0.01  # the last of 32 simultaneous arrivals waited for the 31 before it
+    res = simulate(Driver(iter(workloads.trace_sessions(reqs)), plan), knobs("round-robin"),
+                   ClusterSpec(2, failures=((0.005, 1),)), engine)
+    assert res.sent == res.completed == 32 and res.retries > 0
+    assert res.per_replica["r0000"] == 32 and res.retries == res.per_replica["r0001"]  # all resent to the survivor
