@@ -13,7 +13,6 @@ from ray.serve.request_router import PendingRequest
 from routers_factories import doc
 
 from deployments.protocol import GenerateRequest
-from deployments import request_router
 from deployments.request_router import KVServeRouter, request_router_config
 from routers.hashing import block_hashes
 from routers.types import ReplicaStats
@@ -126,7 +125,9 @@ class _Recorder:
 
 def test_predictions_stay_in_the_router_and_are_settled_from_the_replicas_reports(monkeypatch):
     rec = _Recorder()
-    monkeypatch.setattr(request_router, "metrics", lambda: rec)
+    # the globals the router's methods read (in a long test session the module object imported here may not be
+    # the one the class's functions were defined in)
+    monkeypatch.setitem(KVServeRouter._settle.__globals__, "metrics", lambda: rec)
 
     async def go():
         router = _router()
