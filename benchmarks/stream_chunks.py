@@ -179,7 +179,10 @@ def main() -> None:
     try:
         asyncio.run(drive())
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except RuntimeError:  # the fast path's handles lived on drive()'s loop, closed by now
+            pass
         ray.shutdown()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
