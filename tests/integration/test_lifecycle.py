@@ -9,16 +9,10 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import SMALL_QUEUES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MODEL = "smollm2"
-
-
-@pytest.fixture(scope="module")
-def base_url(start_app) -> str:
-    return start_app(overrides=SMALL_QUEUES)  # the app test_openai_api uses too (started once)
 
 
 def _replica_stats(rounds: int = 24) -> dict[str, dict]:

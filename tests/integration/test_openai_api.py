@@ -8,23 +8,11 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import SMALL_QUEUES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def base_url(start_app) -> str:
-    # Small replica queues, so the overload test can fill them; everything else fits easily.
-    return start_app(overrides=SMALL_QUEUES)
-
-
-@pytest.fixture(scope="module")
-def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")

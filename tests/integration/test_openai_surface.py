@@ -18,7 +18,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import ROOT, SMALL_QUEUES
+from tests.integration.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -32,16 +32,6 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def base_url(start_app) -> str:
-    return start_app(overrides=SMALL_QUEUES)
-
-
-@pytest.fixture(scope="module")
-def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 def _stream_tool_calls(stream) -> tuple[dict[int, dict], str | None]:

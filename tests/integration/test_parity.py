@@ -151,11 +151,6 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
         log.close()
 
 
-@pytest.fixture(scope="module")
-def kvserve_url(start_app) -> str:
-    return start_app(overrides=SMALL_QUEUES)
-
-
 def _post(base: str, path: str, body: str) -> httpx.Response:
     return httpx.post(base + path, content=body, headers={"content-type": "application/json"}, timeout=300)
 
@@ -219,16 +214,16 @@ def _shape(path: str, body: dict[str, Any], r: httpx.Response) -> dict[str, Any]
 
 
 @pytest.mark.parametrize("path, body", [pytest.param(p, b, id=i) for i, p, b in VALID])
-def test_valid_requests_answer_alike(vllm_url: str, kvserve_url: str, path: str, body: dict[str, Any]) -> None:
+def test_valid_requests_answer_alike(vllm_url: str, base_url: str, path: str, body: dict[str, Any]) -> None:
     raw = json.dumps({k: v for k, v in body.items() if v is not None})
-    ref, ours = _post(vllm_url, path, raw), _post(kvserve_url, path, raw)
+    ref, ours = _post(vllm_url, path, raw), _post(base_url, path, raw)
     assert ref.status_code == 200, ref.text
     assert _shape(path, body, ours) == _shape(path, body, ref)
 
 
 @pytest.mark.parametrize("path, raw", [pytest.param(p, b, id=i) for i, p, b in INVALID])
-def test_invalid_requests_are_refused_alike(vllm_url: str, kvserve_url: str, path: str, raw: str) -> None:
-    ref, ours = _post(vllm_url, path, raw), _post(kvserve_url, path, raw)
+def test_invalid_requests_are_refused_alike(vllm_url: str, base_url: str, path: str, raw: str) -> None:
+    ref, ours = _post(vllm_url, path, raw), _post(base_url, path, raw)
     assert ref.status_code // 100 == 4, ref.text
     same = ours.status_code == ref.status_code if ref.status_code == 404 else ours.status_code // 100 == 4
     assert same, (
@@ -237,10 +232,10 @@ def test_invalid_requests_are_refused_alike(vllm_url: str, kvserve_url: str, pat
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
 
 
-def test_the_openai_client_reads_both(vllm_url: str, kvserve_url: str) -> None:
+def test_the_openai_client_reads_both(vllm_url: str, base_url: str) -> None:
     """The official client parses a required tool call from both servers the same way."""
     calls = []
-    for url in (vllm_url, kvserve_url):
+    for url in (vllm_url, base_url):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
         r = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER],
@@ -250,9 +245,9 @@ def test_the_openai_client_reads_both(vllm_url: str, kvserve_url: str) -> None:
     assert calls[0] == calls[1] == [("get_weather", True)]
 
 
-def test_named_tool_choice_calls_it(kvserve_url: str) -> None:
+def test_named_tool_choice_calls_it(base_url: str) -> None:
     """kvserve only (see VALID): a named tool_choice is answered with a call of that function, streamed or not."""
-    client = openai.OpenAI(base_url=kvserve_url, api_key="unused", max_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
     kw = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
           "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
           "max_tokens": 48, "temperature": 0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
@@ -102,25 +103,16 @@ def test_shared_prefix_follows_the_first_replica_and_ranks_the_rest_as_fallback(
 
 
 class _Recorder:
-    """Stands in for deployments.metrics.metrics(): records what the router observes."""
+    """Stands in for deployments.metrics.metrics(): records (metric name, value) of every inc/observe/set."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, float]] = []
 
-    def __getattr__(self, name: str):
-        rec = self
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        def record(value: float, tags: dict | None = None) -> None:
+            self.seen.append((name, value))
 
-        class _M:
-            def inc(self, v, tags=None):
-                rec.seen.append((name, v))
-
-            def observe(self, v, tags=None):
-                rec.seen.append((name, v))
-
-            def set(self, v, tags=None):
-                rec.seen.append((name, v))
-
-        return _M()
+        return SimpleNamespace(inc=record, observe=record, set=record)
 
 
 def test_predictions_stay_in_the_router_and_are_settled_from_the_replicas_reports(monkeypatch):
