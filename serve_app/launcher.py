@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 STOP_BUDGET_S = 15.0
-_SERVE_SHUTDOWN_S = 10.0  # graceful part of the budget; Ray's shutdown and the process sweep get the rest
+_SERVE_SHUTDOWN_S = 8.0  # graceful part of the budget; Ray's shutdown and the process sweep get the rest
 PROGRESS_EVERY_S = 30.0
 
 
