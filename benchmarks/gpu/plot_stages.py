@@ -2,7 +2,8 @@
 
 Owns the PNG of the request-path stages. For each run that has them, kvserve's bar stacks the
 ``kvserve_stage_*`` means (deployments.stages.STAGES) and what the client saw beyond them ("client + HTTP");
-``vllm serve``'s bar stacks vLLM's own queue and prefill means and the rest of its TTFT ("frontend + HTTP").
+``vllm serve``'s bar stacks vLLM's own queue and prefill means, the rest of vLLM's own TTFT histogram (its server's
+work before the engine: rendering, tokenizing) and what the client saw beyond that.
 One panel per concurrency.
 
 Usage: python benchmarks/gpu/plot_stages.py benchmarks/results/serving_stages_cpu.json docs/img/serving_stages_cpu.png
@@ -29,7 +30,10 @@ def bars(run: dict, conc: str) -> list[tuple[str, float]]:
         segs = [(s, stages.get(s) or 0.0) for s in STAGES]
     else:
         engine = r.get("engine_ms") or {}
-        segs = [("engine queue", engine.get("queue") or 0.0), ("engine prefill", engine.get("prefill") or 0.0)]
+        queue, prefill = engine.get("queue") or 0.0, engine.get("prefill") or 0.0
+        segs = [("engine queue", queue), ("engine prefill", prefill)]
+        if engine.get("ttft"):  # vLLM's own TTFT starts when its server received the request
+            segs.append(("vLLM server before the engine (render, tokenize)", max(engine["ttft"] - queue - prefill, 0.0)))
     rest = max(ttft - sum(ms for _, ms in segs), 0.0)
     return [*segs, ("client + HTTP + unaccounted", rest)]
 
