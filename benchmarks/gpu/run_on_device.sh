@@ -3,6 +3,8 @@
 # with Ray's metrics agent's missing dependency, so that the kvserve_stage_* histograms can be scraped there:
 #   ../shared/device/make-wheelhouse --part-mib 48 --extra opencensus==0.11.4 --extra opencensus-context==0.1.3 \
 #       --extra six==1.17.0 && cp .whl/install-on-device .whl/p0/
+# and install googleapis-common-protos==1.76.0 and google-api-core==2.44.0 (--no-deps) beside them: opencensus
+# imports google.rpc, and without it the dashboard agent fails its imports and `ray start` times out.
 # and prepare the model shape it carries: kvserve prepare-model --shape llama-3.1-8b --model-dir .models
 # Usage:
 #   bash benchmarks/gpu/run_on_device.sh LIMIT_S SCRIPT-AND-ARGS...
