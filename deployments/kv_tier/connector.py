@@ -2,7 +2,7 @@
 
 Owns: the one module that touches vLLM's connector API (targets vLLM 0.26-0.27; no version
 sniffing: only hooks that exist in both are used). Bookkeeping is delegated to ``plan.py`` and
-``keys.py`` (pure), tensor and object-store I/O to ``transfer.py``.
+``keys.py`` (pure), tensor and object-store I/O to ``transfer.py``, the directory actor to ``directory_actor.py``.
 
 Why a KVConnectorBase_V1 and not an OffloadingConnector spec. The native OffloadingConnector
 + TieringOffloadingSpec would make Ray a *secondary* tier behind a pinned /dev/shm L1 managed in
@@ -65,7 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-from deployments.kv_tier import transfer
+from deployments.kv_tier import directory_actor, transfer
 from deployments.kv_tier.keys import FINGERPRINT_BYTES, Fingerprint, block_keys
 from deployments.kv_tier.plan import ReqPlan, admit_stores, hit_run, loadable_blocks, skip_present, store_ranges
 
@@ -169,7 +169,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         self._chunk_blocks = max(1, int(float(x.get("chunk_mib", 32)) * 1024**2) // max(1, block_bytes))
         try:
             transfer.ensure_ray(x.get("ray_address"), x.get("namespace", "kvserve"))
-            self._dir = transfer.get_directory(
+            self._dir = directory_actor.get_directory(
                 x.get("directory_name", "kvserve_kv_tier_directory"), x.get("namespace", "kvserve"),
                 int(x.get("budget_bytes", 8 * 1024**3)), float(x.get("max_object_store_fraction", 0.6)),
                 str(self._model),

@@ -1,6 +1,6 @@
 """Ray and torch I/O of the KV tier: the directory actor, paged-KV gather/scatter, store and load.
 
-Owns: ``ensure_ray``, ``DirectoryActor`` / ``get_directory``, ``KVPages``, ``Storer``, ``Loader``.
+Owns: ``ensure_ray``, ``KVPages``, ``Storer``, ``Loader`` (the directory actor is ``directory_actor.py``).
 This is the only module of the tier that imports ray and torch at module level.
 
 Object layout. A chunk is one ``ray.put`` numpy ``uint8`` array ``(layers, n_blocks, page_bytes)``
@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from deployments.kv_tier.directory import BlockDirectory, Location
+from deployments.kv_tier.directory import Location
 from deployments.kv_tier.plan import copy_runs
 
 logger = logging.getLogger(__name__)
@@ -88,75 +88,6 @@ def ensure_ray(address: str | None, namespace: str) -> None:
         return
     ray.init(address=address or "auto", namespace=namespace, log_to_driver=False,
              ignore_reinit_error=True, configure_logging=False)
-
-
-class DirectoryActor(BlockDirectory):
-    """The directory as a detached named actor; records the tier's directory-side metrics."""
-
-    def __init__(self, budget_bytes: int, model: str) -> None:
-        super().__init__(budget_bytes)
-        self._tags = {"model": model}
-        self._reported = dict(self.counters)
-        self._loads: list[tuple[int, float, int]] = []
-
-    def add_chunk_ref(self, owner: str, keys: list[bytes], refs: list, nbytes: int) -> bool:
-        """``add_chunk`` with the ref wrapped in a list (so Ray passes it unresolved)."""
-        ok = self.add_chunk(owner, keys, refs[0], nbytes)
-        self._report()
-        return ok
-
-    def note_load(self, nbytes: int, ms: float, failed_blocks: int, direct_chunks: int = 0) -> None:
-        """A worker's report of one finished load (kept for benchmarks; metrics are worker-side).
-
-        ``direct_chunks``: chunks DMA'd straight from registered object-store memory."""
-        self._loads.append((int(nbytes), float(ms), int(failed_blocks), int(direct_chunks)))
-        del self._loads[:-256]
-
-    def recent_loads(self) -> list[tuple[int, float, int, int]]:
-        """The last loads as ``(bytes, milliseconds, failed blocks, direct chunks)``, oldest first."""
-        return list(self._loads)
-
-    def drop_keys(self, keys: list[bytes]) -> int:
-        n = super().drop_keys(keys)
-        self._report()
-        return n
-
-    def drop_owner(self, owner: str) -> int:
-        n = super().drop_owner(owner)
-        logger.info("kv tier: dropped %d blocks of dead owner %s", n, owner)
-        self._report()
-        return n
-
-    def _report(self) -> None:
-        try:
-            from deployments.metrics import metrics
-
-            m = metrics()
-            for name, metric in (("blocks_evicted", m.kv_tier_evicted_blocks),
-                                 ("blocks_lost", m.kv_tier_lost_blocks)):
-                delta = self.counters[name] - self._reported[name]
-                if delta:
-                    metric.inc(delta, tags=self._tags)
-            m.kv_tier_directory_bytes.set(self.bytes_used, tags=self._tags)
-            self._reported = dict(self.counters)
-        except Exception:
-            logger.debug("kv tier: metrics failed", exc_info=True)
-
-
-def get_directory(name: str, namespace: str, budget_bytes: int, store_fraction: float, model: str):
-    """The cluster's directory actor (created detached on first use).
-
-    The budget is capped at ``store_fraction`` of the smallest node's object store, so the tier
-    alone can never fill a store (no spilling, no ObjectStoreFullError).
-    """
-    caps = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
-    cap = int(store_fraction * min(c for c in caps if c > 0)) if any(caps) else budget_bytes
-    budget = max(1, min(int(budget_bytes), cap))
-    actor = ray.remote(DirectoryActor).options(
-        name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=1,
-    ).remote(budget, model)
-    return actor
 
 
 class KVPages:
