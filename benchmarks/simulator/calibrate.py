@@ -3,7 +3,9 @@
 Owns the CLI and the routing head-to-head path: ``gpu_cells`` (the cells of a ``kvserve.routing_h2h/1``
 JSON), ``fit`` (a multiplicative coordinate search over the fields those cells can identify),
 ``residuals`` and ``ordering``. The engine's costs come from a serving-overhead JSON
-(``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in closed form); the KV
+(``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in closed form; kvserve's
+cells are simulated with its overhead split by its stage histograms where the JSON has them, over
+``--ingresses`` ingress replicas, and also without, for comparison); the KV
 tier's GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, and its TTFT cell
 (``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the
 prefill chunk are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
     ap.add_argument("--replicas", type=int, default=4, help="replicas in the routing run (all on one GPU)")
     ap.add_argument("--model-shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--ingresses", type=int, default=2,
+                    help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -189,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None
     gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens, **({"tier_gbps": gbps} if gbps else {}))
-    engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base)
-    rows = serving_residuals(over, engine, inputs["request_overhead_s"])
+    engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
+    rows = serving_residuals(over, engine, inputs["request_overhead_s"], inputs["stage_split"])
+    unsplit = serving_residuals(over, engine, inputs["request_overhead_s"]) if inputs["stage_split"] else []
     tested = [r for r in rows if not r["by_construction"]]
     doc = {
         "schema": "kvserve.sim_calibration/2",
@@ -200,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                     "overhead_git_commit": over.get("git_commit"), "kv_tier": args.kv_tier,
                     "tier_gbps": gbps, "tier_source": args.kv_tier or args.tier_source, "routing": args.routing},
         "engine": engine.to_dict(), "serving_fit": inputs, "serving_residuals": rows,
+        "serving_residuals_unsplit": [r for r in unsplit if r["system"] in inputs["stage_split"]],
         "serving_tested_cells": len(tested),
         "serving_ttft_p50_within_25pct": sum(abs(r["ttft_p50_ms_error"]) <= 0.25 for r in tested),
     }
     print(serving_table(rows))
+    if unsplit:
+        print("without the stage split (kvserve's overhead as in the engine written):")
+        print(serving_table([r for r in unsplit if r["system"] in inputs["stage_split"]]))
     check = None
     if tier:
         check = (int(tier["prefix_tokens"]), float(tier["ttft_recompute_ms"]), float(tier["ttft_tier_hit_ms"]))

@@ -25,6 +25,15 @@ a wave of arrivals queues there as in vLLM's API server. ``request_overhead_s`` 
 system's client TTFT p50 at c=1 minus P1 and the front end (HTTP, the client, kvserve's ingress).
 Both are measured, not fitted, so the c=1 TTFT is matched by construction and the c=64 cells are the
 test.
+
+A kvserve run that carries its stage histograms (``stages_ms`` at c=1, means) is simulated with its
+overhead split by them (``kvserve_split``): the ingress's CPU work per request (``INGRESS_STAGES``:
+accept, tokenise, hash, on the ingress's event loop or its one prepare thread) is one FIFO server per
+ingress replica (``frontend_s_per_request``, ``ingresses`` of them, requests spread round-robin); the
+engine has no front end of its own (``input_s_per_request`` = 0: the ingress hands it token ids);
+the rest (dispatch, the replica's return path, the first byte, HTTP and the client) is
+``request_overhead_s``, a fixed latency. The engine written for other uses (``fit_serving``'s
+engine) keeps the unsplit form.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from benchmarks.simulator.workloads import no_sharing, trace_sessions
 from serve_app.config.routing import RoutingConfig
 
 SYSTEMS = ("vllm_serve", "kvserve", "kvserve_nomerge")
+#: kvserve's stages that are CPU work in the ingress replica, before the request is routed.
+INGRESS_STAGES = ("tokenize", "hash")
 METRICS = {"ttft_p50_ms": "median_ttft_ms", "ttft_p90_ms": "p90_ttft_ms", "tpot_p50_ms": "median_tpot_ms",
            "itl_p50_ms": "median_itl_ms", "output_tok_per_s": "output_throughput"}
 #: Model shapes: (layers, query heads, kv heads, head dim, parameters).
@@ -104,7 +115,19 @@ def _engine_means(doc: dict, level: str, key: str) -> float:
     return statistics.fmean(xs)
 
 
-def fit_serving(doc: dict, *, model_shape: str, base: EngineModel) -> tuple[EngineModel, dict]:
+def kvserve_split(doc: dict, system: str, ttft_c1_s: float, prefill_c1_s: float, ingresses: int) -> dict | None:
+    """``system``'s c=1 overhead split by its stage histograms (means over its runs), or None without them."""
+    stages = [r["c1"]["stages_ms"] for r in doc["runs"] if r["system"] == system and (r.get("c1") or {}).get("stages_ms")]
+    if not stages:
+        return None
+    means = {k: statistics.fmean(s[k] for s in stages) for k in stages[0]}
+    ingress = sum(means[k] for k in INGRESS_STAGES) / 1e3
+    return {"ingresses": ingresses, "frontend_s_per_request": round(ingress, 6), "input_s_per_request": 0.0,
+            "request_overhead_s": round(ttft_c1_s - prefill_c1_s - ingress, 6), "runs": len(stages),
+            "stages_ms_c1": {k: round(v, 3) for k, v in means.items()}}
+
+
+def fit_serving(doc: dict, *, model_shape: str, base: EngineModel, ingresses: int = 2) -> tuple[EngineModel, dict]:
     """The engine's cost fields from ``vllm_serve``'s c=1 and c=64 runs; returns (engine, the inputs and overheads)."""
     L, O = _lengths(doc)
     cells = {(c.system, c.concurrency): c for c in serving_cells(doc)}
@@ -129,25 +152,37 @@ def fit_serving(doc: dict, *, model_shape: str, base: EngineModel) -> tuple[Engi
               "engine_front_end_ms_c1": round(front * 1e3, 3),
               "itl_p50_ms_c1": round(itl1 * 1e3, 3), "itl_p50_ms_c64": round(itl64 * 1e3, 3),
               "request_overhead_s": overheads}
+    splits = {s: kvserve_split(doc, s, cells[s, 1].measured["ttft_p50_ms"] / 1e3, p1, ingresses)
+              for s in SYSTEMS if s != "vllm_serve" and (s, 1) in cells}
+    inputs["stage_split"] = {s: v for s, v in splits.items() if v}
     return engine, inputs
 
 
-def simulate_serving(cell: ServingCell, engine: EngineModel, doc: dict, seed: int = 0) -> dict:
+def simulate_serving(cell: ServingCell, engine: EngineModel, doc: dict, seed: int = 0, ingresses: int = 1) -> dict:
     """``vllm bench serve`` in the simulator: one replica, ``prompts`` random requests, closed loop."""
     L, O = _lengths(doc)
     reqs = no_sharing(cell.prompts, 1.0, prompt_tokens=L, output_tokens=O, block_size=engine.block_size, seed=seed)
     plan = LoadPlan("concurrency", cell.concurrency, num_requests=cell.prompts, seed=seed)
     knobs = RoutingConfig(strategy="round-robin").knobs()
-    return simulate(Driver(iter(trace_sessions(reqs)), plan), knobs, ClusterSpec(1), engine, seed=seed).summary(per_replica=False)
+    return simulate(Driver(iter(trace_sessions(reqs)), plan), knobs, ClusterSpec(1, ingresses=ingresses), engine,
+                    seed=seed).summary(per_replica=False)
 
 
-def serving_residuals(doc: dict, engine: EngineModel, overheads: dict) -> list[dict]:
-    """Measured vs simulated per cell; each system runs with its own measured ``request_overhead_s``."""
+def serving_residuals(doc: dict, engine: EngineModel, overheads: dict, splits: dict | None = None) -> list[dict]:
+    """Measured vs simulated per cell; each system runs with its own measured overhead: its stage split
+    (``splits[system]``, from ``fit_serving``'s ``stage_split``) where it has one, else ``overheads[system]``."""
     rows = []
     for cell in serving_cells(doc):
-        sim = simulate_serving(cell, engine.with_(request_overhead_s=overheads[cell.system]), doc)
+        split = (splits or {}).get(cell.system)
+        if split:
+            e = engine.with_(frontend_s_per_request=split["frontend_s_per_request"],
+                             input_s_per_request=split["input_s_per_request"],
+                             request_overhead_s=split["request_overhead_s"])
+            sim = simulate_serving(cell, e, doc, ingresses=split["ingresses"])
+        else:
+            sim = simulate_serving(cell, engine.with_(request_overhead_s=overheads[cell.system]), doc)
         row = {"system": cell.system, "concurrency": cell.concurrency, "runs": cell.runs,
-               "by_construction": cell.concurrency == 1}
+               "by_construction": cell.concurrency == 1, "stage_split": bool(split)}
         for key in ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "output_tok_per_s"):
             row[f"gpu_{key}"] = round(cell.measured[key], 1)
             row[f"sim_{key}"] = sim[key]

@@ -1,6 +1,7 @@
 """Calibration: the coordinate fit recovers a known engine from cells the simulator itself produced,
-the closed-form serving fit recovers a known engine from the numbers it would have measured, the
-committed H200 serving JSON is read and reproduced, and a routing JSON is read into cells."""
+the closed-form serving fit recovers a known engine from the numbers it would have measured, kvserve's
+stage split queues its ingress work per ingress, the committed H200 serving JSON is read and reproduced,
+and a routing JSON is read into cells."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_routing_json_is_read_into_the_modelled_cells():
         EngineModel.from_dict({**TRUE.to_dict(), "prefil_tokens_per_s": 1.0})
 
 
-def _serving_doc(e: EngineModel, L: int = 1024, O: int = 128, front_ms: float = 9.0, http_ms: float = 4.0) -> dict:
+def _serving_doc(e: EngineModel, L: int = 1024, O: int = 128, front_ms: float = 9.0, http_ms: float = 4.0,
+                 stages_ms: dict | None = None) -> dict:
     """What serving_overhead.py would record for engine ``e``: vLLM's histograms and vllm bench's medians."""
     p1 = e.step_s + L / e.prefill_tokens_per_s + e.prefill_attn_s * L * (L / 2) / 1e6
     itl = lambda n: e.step_s + e.decode_s_per_ktok * n * (L + O / 2) / 1e3
@@ -73,7 +75,10 @@ def _serving_doc(e: EngineModel, L: int = 1024, O: int = 128, front_ms: float = 
                               "output_throughput": c / itl(c),
                               "engine_ms": {"prefill": p1 * 1e3, "queue": 0.0, "ttft": p1 * 1e3 + front_ms}}
         return {"system": system, "c1": level(1, 30), "c64": level(64, 384)}
-    return {"runs": [run("vllm_serve", 0.0), run("vllm_serve", 0.0), run("kvserve", 4.0)]}
+    runs = [run("vllm_serve", 0.0), run("vllm_serve", 0.0), run("kvserve", 4.0)]
+    if stages_ms:
+        runs[2]["c1"]["stages_ms"] = stages_ms
+    return {"runs": runs}
 
 
 def test_serving_fit_recovers_the_engine_behind_the_measurements():
@@ -90,6 +95,27 @@ def test_serving_fit_recovers_the_engine_behind_the_measurements():
     assert inputs["request_overhead_s"] == pytest.approx({"vllm_serve": 0.004, "kvserve": 0.008})
     assert fitted.request_overhead_s == pytest.approx(0.008)  # the engine carries kvserve's overhead
     assert fitted.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+    assert inputs["stage_split"] == {}  # no stage histograms: kvserve runs with its unsplit overhead
+
+
+def test_kvserve_stage_split_puts_ingress_work_in_a_queue_per_ingress_and_the_rest_in_fixed_latency():
+    true = EngineModel(prefill_tokens_per_s=50_000.0, step_s=0.005, decode_s_per_ktok=4e-5)
+    stages = {"tokenize": 6.0, "hash": 0.5, "dispatch": 2.5, "engine": 30.0, "return": 1.0, "first_byte": 0.5}
+    doc = _serving_doc(true, stages_ms=stages)
+    engine, inputs = fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(), ingresses=2)
+    split = inputs["stage_split"]["kvserve"]
+    assert split["ingresses"] == 2 and split["input_s_per_request"] == 0.0
+    assert split["frontend_s_per_request"] == pytest.approx(0.0065)
+    # client TTFT at c=1 = prefill + 9 (front) + 4 (http) + 4 (kvserve's extra) ms; the ingress takes 6.5 of it
+    assert split["request_overhead_s"] == pytest.approx(0.009 + 0.004 + 0.004 - 0.0065, abs=1e-6)
+    assert engine.frontend_s_per_request == 0.0  # the engine written keeps the unsplit form
+    rows = {(r["system"], r["concurrency"]): r
+            for r in serving_residuals(doc, engine, inputs["request_overhead_s"], inputs["stage_split"])}
+    assert rows["kvserve", 1]["stage_split"] and not rows["vllm_serve", 1]["stage_split"]
+    assert abs(rows["kvserve", 1]["ttft_p50_ms_error"]) < 0.01  # still matched by construction at c=1
+    # at c=64 the wave of arrivals queues behind 2 ingresses of 6.5 ms, not one engine front end of 9 ms
+    unsplit = {(r["system"], r["concurrency"]): r for r in serving_residuals(doc, engine, inputs["request_overhead_s"])}
+    assert rows["kvserve", 64]["sim_ttft_p50_ms"] < unsplit["kvserve", 64]["sim_ttft_p50_ms"]
 
 
 def test_committed_h200_json_is_fitted_and_its_c1_cells_reproduced():
@@ -101,9 +127,14 @@ def test_committed_h200_json_is_fitted_and_its_c1_cells_reproduced():
     engine, inputs = fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(chunk_tokens=8192))
     assert 0 < engine.step_s < inputs["itl_p50_ms_c1"] / 1e3
     assert all(0 < v < 0.05 for v in inputs["request_overhead_s"].values())
-    rows = {(r["system"], r["concurrency"]): r for r in serving_residuals(doc, engine, inputs["request_overhead_s"])}
+    split = inputs["stage_split"]["kvserve"]
+    assert split["runs"] == 2 and 0 < split["frontend_s_per_request"] < split["request_overhead_s"] + 0.01
+    rows = {(r["system"], r["concurrency"]): r
+            for r in serving_residuals(doc, engine, inputs["request_overhead_s"], inputs["stage_split"])}
     assert abs(rows["vllm_serve", 1]["ttft_p50_ms_error"]) < 0.01  # by construction
+    assert abs(rows["kvserve", 1]["ttft_p50_ms_error"]) < 0.01
     assert abs(rows["vllm_serve", 64]["output_tok_per_s_error"]) < 0.1
+    assert all(abs(rows[s, 64]["ttft_p50_ms_error"]) <= 0.25 for s in ("vllm_serve", "kvserve"))
 
 
 def test_tier_cell_charges_the_load_then_the_suffix_and_a_recompute_the_whole_prompt():
