@@ -105,11 +105,12 @@ def sampling_params(req: GenerateRequest):
 class VLLMEngine:
     """``Engine`` over one vLLM ``AsyncLLM``."""
 
-    def __init__(self, llm: Any, stats: EngineStats, kv_events_endpoint: str | None) -> None:
+    def __init__(self, llm: Any, stats: EngineStats, relay: Any = None) -> None:
         from vllm import SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        self._llm, self.stats, self.kv_events_endpoint = llm, stats, kv_events_endpoint
+        self._llm, self.stats, self._relay = llm, stats, relay  # relay: deployments.kv_event_relay.KVEventRelay
+        self.kv_events_endpoint = None if relay is None else relay.endpoint
         self._params = SamplingParams
         self.client_errors, self.dead_errors = client_errors(), (EngineDeadError,)
 
@@ -148,6 +149,8 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        if self._relay is not None:
+            self._relay.close()
 
 
 def _free_port() -> int:
@@ -174,8 +177,8 @@ def _node_ip() -> str:
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {"compilation_config": {"mode": 0}}
 
 
-def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, int] | None) -> dict[str, Any]:
-    """AsyncEngineArgs keyword arguments of one replica."""
+def engine_args(model: ModelConfig, app: AppConfig, kv_events: tuple[str, str | None] | None) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments of one replica; ``kv_events``: (PUB, replay) endpoints vLLM publishes on."""
     args: dict[str, Any] = {
         "model": str(model.resolved_path()),
         "tokenizer": str(model.resolved_tokenizer()),
@@ -194,10 +197,10 @@ def engine_args(model: ModelConfig, app: AppConfig, kv_events_ports: tuple[int, 
         args.update(CPU_ENGINE_DEFAULTS)
     if model.tensor_parallel_size > 1:
         args["distributed_executor_backend"] = "ray"
-    if kv_events_ports is not None:
+    if kv_events is not None:
         from deployments.kv_events import kv_events_engine_kwargs
 
-        args.update(kv_events_engine_kwargs(*kv_events_ports, host=_node_ip()))
+        args.update(kv_events_engine_kwargs(*kv_events))
     if app.tracing.otlp_traces_endpoint:
         args["otlp_traces_endpoint"] = app.tracing.otlp_traces_endpoint
     if app.kv_tier.enabled:
@@ -271,13 +274,26 @@ async def start_engine(model: ModelConfig, app: AppConfig) -> Engine:
 
 
 async def _start_engine(model: ModelConfig, app: AppConfig) -> VLLMEngine:
+    relay = None
+    if app.routing.strategy == "kv-aware":  # vLLM publishes on private IPC sockets; the relay strips token ids
+        from deployments.kv_event_relay import KVEventRelay
+
+        relay = KVEventRelay(_node_ip(), _free_port(), _free_port())
+    try:
+        return await _start_vllm(model, app, relay)
+    except BaseException:
+        if relay is not None:
+            relay.close()
+        raise
+
+
+async def _start_vllm(model: ModelConfig, app: AppConfig, relay: Any) -> VLLMEngine:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-    events_ports = (_free_port(), _free_port()) if app.routing.strategy == "kv-aware" else None
-    kwargs = engine_args(model, app, events_ports)
+    kwargs = engine_args(model, app, None if relay is None else (relay.engine_endpoint, relay.engine_replay_endpoint))
     logger.info("engine args for %s: %s", model.id, kwargs)
     eargs = AsyncEngineArgs(**kwargs)
     vllm_config = eargs.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -295,10 +311,5 @@ async def _start_engine(model: ModelConfig, app: AppConfig) -> VLLMEngine:
     )
     stats.block_size = int(engine.vllm_config.cache_config.block_size)
     stats.num_gpu_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or stats.num_gpu_blocks)
-    endpoint = None
-    if events_ports is not None:
-        from deployments.kv_events import advertised_endpoint
-
-        endpoint = advertised_endpoint(_node_ip(), *events_ports)
     logger.info("engine of %s started in pid %d", model.id, os.getpid())
-    return VLLMEngine(engine, stats, endpoint)
+    return VLLMEngine(engine, stats, relay)

@@ -2,7 +2,8 @@
 
 Owns: ``KVEventSubscriber`` (one asyncio task per replica endpoint, on the router's event loop, so
 events are applied between routing decisions without locks), ``kv_events_engine_kwargs`` (what a
-replica passes to vLLM to publish) and the advertised-endpoint format.
+replica passes to vLLM to publish) and the advertised-endpoint format. Replicas publish through
+``deployments.kv_event_relay`` (token ids stripped).
 
 Wire protocol (vLLM's ``ZmqEventPublisher``): PUB frames ``(topic, seq: 8-byte big-endian, payload)``
 with payload = msgpack ``[ts, events, dp_rank]``. Replay: a DEALER sends ``(b"", start_seq)`` to the
@@ -36,26 +37,22 @@ _END_SEQ = -1
 _REPLAY_TIMEOUT_S = 2.0
 
 
-def kv_events_engine_kwargs(port: int, replay_port: int | None = None, *, topic: str = "",
-                            host: str = "*") -> dict[str, Any]:
-    """vLLM engine kwargs making a replica publish its KV events on ``port``.
+def kv_events_engine_kwargs(endpoint: str, replay_endpoint: str | None = None, *, topic: str = "") -> dict[str, Any]:
+    """vLLM engine kwargs making a replica's engine publish its KV events on ``endpoint`` (+ ``replay_endpoint``).
 
-    Add the result to the replica's ``AsyncEngineArgs`` kwargs. ``replay_port`` (recommended) opens
-    vLLM's replay socket so subscribers can recover missed batches; it binds to ``host`` (the replica's
-    node IP: the only address the ingress uses). The PUB socket binds all interfaces whatever ``host``
-    is: vLLM's publisher binds only an endpoint holding a wildcard and *connects* to any other, so the
-    PUB port is closed to other pods by the cluster's NetworkPolicy instead (serve_app/kuberay/network.py).
-    Prefix caching must stay on and PYTHONHASHSEED must be set to the routing seed in the replica's
-    environment.
+    A replica passes the private IPC endpoints of its ``deployments.kv_event_relay.KVEventRelay`` (vLLM binds
+    IPC endpoints; it would connect to a host:port one), so nothing of vLLM's stream leaves the replica's process;
+    the relay publishes the stripped stream on the node IP. Prefix caching must stay on and PYTHONHASHSEED must be
+    set to the routing seed in the replica's environment.
     """
     config: dict[str, Any] = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://*:{port}",
+        "endpoint": endpoint,
         "topic": topic,
     }
-    if replay_port is not None:
-        config["replay_endpoint"] = f"tcp://{host}:{replay_port}"
+    if replay_endpoint is not None:
+        config["replay_endpoint"] = replay_endpoint
     return {"kv_events_config": config}
 
 

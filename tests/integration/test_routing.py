@@ -152,6 +152,42 @@ def test_kv_aware_follows_reset_prefix_cache(kv_client: openai.OpenAI) -> None:
     assert again[0] == after[0] and again[2] >= 1024, (after, again)  # pinned to the new holder
 
 
+def test_kv_events_on_the_wire_carry_no_token_ids(kv_client: openai.OpenAI) -> None:
+    """What a replica publishes for routers (its relay's socket on the node IP) has block hashes, no token ids."""
+    import msgspec
+    import zmq
+
+    actors = _replica_actors()
+    endpoints = {rid: _call_replica(a, "get_stats")["kv_events_endpoint"] for rid, a in actors.items()}
+    assert all(ep and ep.startswith("tcp://") and "*" not in ep for ep in endpoints.values()), endpoints
+    ctx = zmq.Context.instance()
+    subs = []
+    for ep in endpoints.values():
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(ep.partition(";replay=")[0])
+        subs.append(sub)
+    try:
+        time.sleep(0.5)  # slow joiner
+        _ask(kv_client, _doc("lyra"), "what does item 2 weigh?")
+        stored = []
+        deadline = time.time() + 10
+        while time.time() < deadline and not stored:
+            for sub in subs:
+                while sub.poll(100):
+                    _topic, _seq, payload = sub.recv_multipart()
+                    for ev in msgspec.msgpack.decode(payload)[1]:  # vLLM's map form (array form: [tag, ...])
+                        ev = ev if isinstance(ev, dict) else {"type": ev[0], "token_ids": ev[3],
+                                                               "extra_keys": ev[8] if len(ev) > 8 else None}
+                        if ev["type"] == "BlockStored":
+                            stored.append(ev)
+    finally:
+        for sub in subs:
+            sub.close(0)
+    assert stored, "no BlockStored event reached a subscriber"
+    assert all(ev["token_ids"] == [] and ev.get("extra_keys") is None for ev in stored), stored[:2]
+
+
 def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> None:
     import ray
 

@@ -8,7 +8,6 @@ import copy
 import pytest
 import yaml
 
-from deployments.kv_events import kv_events_engine_kwargs
 from serve_app.config import ConfigError, RoutingConfig, load_app_config
 from serve_app.kuberay import render
 from serve_app.kuberay.crosscheck import cross_check
@@ -119,7 +118,3 @@ def test_a_seed_from_the_environment_is_required_and_never_random(monkeypatch):
         secret_env(apps, SecuritySpec(serve_from=[{"ipBlock": {"cidr": "10.0.0.0/16"}}]))
 
 
-def test_kv_event_replay_binds_the_node_ip_and_the_pub_socket_is_left_to_the_network_policy():
-    cfg = kv_events_engine_kwargs(5557, 5558, host="10.1.2.3")["kv_events_config"]
-    assert cfg["replay_endpoint"] == "tcp://10.1.2.3:5558"
-    assert cfg["endpoint"] == "tcp://*:5557"  # vLLM binds only wildcard PUB endpoints (it connects otherwise)

@@ -46,8 +46,8 @@ def test_seq_tracker():
 
 
 def test_engine_kwargs_and_endpoint_format():
-    cfg = kv_events_engine_kwargs(5557, 5558)["kv_events_config"]
-    assert cfg["endpoint"] == "tcp://*:5557" and cfg["replay_endpoint"] == "tcp://*:5558"
+    cfg = kv_events_engine_kwargs("ipc:///tmp/x/pub", "ipc:///tmp/x/replay")["kv_events_config"]
+    assert cfg["endpoint"] == "ipc:///tmp/x/pub" and cfg["replay_endpoint"] == "ipc:///tmp/x/replay"
     assert cfg["enable_kv_cache_events"] and cfg["publisher"] == "zmq"
     ep = advertised_endpoint("10.0.0.1", 5557, 5558)
     assert parse_endpoint(ep) == ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558")
@@ -63,11 +63,13 @@ def _free_port() -> int:
 class FakePublisher:
     """vLLM's ZmqEventPublisher wire behaviour: PUB (topic, seq, payload) + ROUTER replay buffer."""
 
-    def __init__(self, buffer_steps: int = 100) -> None:
+    def __init__(self, buffer_steps: int = 100, endpoint: str | None = None, replay_endpoint: str | None = None) -> None:
         self.ctx = zmq.Context()
         self.port, self.replay_port = _free_port(), _free_port()
+        self.endpoint = endpoint or f"tcp://127.0.0.1:{self.port}"
+        self.replay_endpoint = replay_endpoint or f"tcp://127.0.0.1:{self.replay_port}"
         self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.bind(f"tcp://127.0.0.1:{self.port}")
+        self.pub.bind(self.endpoint)
         self.buffer: list[tuple[int, bytes]] = []
         self.buffer_steps = buffer_steps
         self.seq = 0
@@ -83,7 +85,7 @@ class FakePublisher:
 
     def _serve_replay(self) -> None:
         router = self.ctx.socket(zmq.ROUTER)
-        router.bind(f"tcp://127.0.0.1:{self.replay_port}")
+        router.bind(self.replay_endpoint)
         while not self._stop.is_set():
             if router.poll(20):
                 client, _, start = router.recv_multipart()
