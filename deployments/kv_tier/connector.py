@@ -2,7 +2,8 @@
 
 Owns: the one module that touches vLLM's connector API (targets vLLM 0.26-0.27; no version
 sniffing: only hooks that exist in both are used). Bookkeeping is delegated to ``plan.py`` and
-``keys.py`` (pure), tensor and object-store I/O to ``transfer.py``, the directory actor to ``directory_actor.py``.
+``keys.py`` (pure), tensor and object-store I/O to ``pages.py``, ``store.py`` and ``load.py`` (with
+``host_memory.py`` and ``shared.py``), the directory actor to ``directory_actor.py``.
 
 Why a KVConnectorBase_V1 and not an OffloadingConnector spec. The native OffloadingConnector
 + TieringOffloadingSpec would make Ray a *secondary* tier behind a pinned /dev/shm L1 managed in
@@ -65,9 +66,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-from deployments.kv_tier import directory_actor, transfer
+from deployments.kv_tier import directory_actor
 from deployments.kv_tier.keys import FINGERPRINT_BYTES, Fingerprint, block_keys
+from deployments.kv_tier.load import Loader
+from deployments.kv_tier.pages import KVPages
 from deployments.kv_tier.plan import ReqPlan, admit_stores, hit_run, loadable_blocks, skip_present, store_ranges
+from deployments.kv_tier.shared import ensure_ray, inc
+from deployments.kv_tier.store import Storer
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -148,8 +153,8 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         self._evict_t = time.monotonic()
         self._wait_budget_s = _LOOKUP_WAIT_PER_STEP_S
         # worker-side state
-        self._storer: transfer.Storer | None = None
-        self._loader: transfer.Loader | None = None
+        self._storer: Storer | None = None
+        self._loader: Loader | None = None
         self._bad: set[int] = set()
         self._unstored: set[str] = set()  # store ops this worker could not run (release anyway)
         self._unloaded: set[str] = set()  # load ops this worker could not run (fail -> recompute)
@@ -168,7 +173,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         block_bytes = self._block_bytes = self._fp.num_layers * self._fp.page_bytes
         self._chunk_blocks = max(1, int(float(x.get("chunk_mib", 32)) * 1024**2) // max(1, block_bytes))
         try:
-            transfer.ensure_ray(x.get("ray_address"), x.get("namespace", "kvserve"))
+            ensure_ray(x.get("ray_address"), x.get("namespace", "kvserve"))
             self._dir = directory_actor.get_directory(
                 x.get("directory_name", "kvserve_kv_tier_directory"), x.get("namespace", "kvserve"),
                 int(x.get("budget_bytes", 8 * 1024**3)), float(x.get("max_object_store_fraction", 0.6)),
@@ -186,7 +191,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         if not self._enabled:
             return
         try:
-            pages = transfer.KVPages(kv_caches)
+            pages = KVPages(kv_caches)
         except ValueError as err:
             logger.warning("kv tier: disabled: %s", err)
             self._enabled = False
@@ -202,12 +207,12 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             self._rank = get_pp_group().rank_in_group * get_tp_group().world_size + get_tp_group().rank_in_group
         x = self._x
         backlog = int(float(x.get("store_backlog_mib", 2048)) * 1024**2) // pages.block_bytes()
-        self._storer = transfer.Storer(pages, self._dir, self._owner, self._chunk_blocks,
-                                       int(x.get("store_slots", 8)), int(x.get("store_threads", 2)),
-                                       max(self._chunk_blocks, backlog), self._tags)
-        self._loader = transfer.Loader(pages, self._dir, self._chunk_blocks, int(x.get("load_threads", 8)),
-                                       float(x.get("load_timeout_s", 30.0)), self._tags,
-                                       register_host_memory=bool(x.get("register_host_memory", True)))
+        self._storer = Storer(pages, self._dir, self._owner, self._chunk_blocks,
+                              int(x.get("store_slots", 8)), int(x.get("store_threads", 2)),
+                              max(self._chunk_blocks, backlog), self._tags)
+        self._loader = Loader(pages, self._dir, self._chunk_blocks, int(x.get("load_threads", 8)),
+                              float(x.get("load_timeout_s", 30.0)), self._tags,
+                              register_host_memory=bool(x.get("register_host_memory", True)))
 
     def _keys(self, hashes: list[bytes]) -> list[bytes]:
         return block_keys(self._fp_digest, hashes, self._rank)
@@ -364,11 +369,11 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             self._pending_loads.append(TierOp(rid, list(ids[lk.start:lk.start + hit]),
                                               hashes[lk.start:lk.start + hit]))
             plan.next_store = max(plan.next_store, lk.start + hit)
-            transfer.inc("kv_tier_hit_blocks", hit, self._tags)
-            transfer.inc("kv_tier_hit_tokens", hit * self._bs, self._tags)
+            inc("kv_tier_hit_blocks", hit, self._tags)
+            inc("kv_tier_hit_tokens", hit * self._bs, self._tags)
         if miss:
-            transfer.inc("kv_tier_miss_blocks", miss, self._tags)
-            transfer.inc("kv_tier_miss_tokens", miss * self._bs, self._tags)
+            inc("kv_tier_miss_blocks", miss, self._tags)
+            inc("kv_tier_miss_tokens", miss * self._bs, self._tags)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = TierMeta()
