@@ -28,7 +28,9 @@ Flow (one engine; ``S`` = scheduler side in EngineCore, ``W`` = each worker)::
     S request_finished: hold the blocks (True) until W reports the copies done (finished_sending)
     W get_block_ids_with_load_errors: blocks of lost/evicted chunks -> vLLM recomputes them
 
-Configuration arrives in ``kv_connector_extra_config`` (built by ``kv_tier_engine_kwargs``).
+Configuration arrives in ``kv_connector_extra_config`` (``KVTierConfig.model_dump()`` + the model id,
+built by ``kv_tier_engine_kwargs``) and is validated back into a ``KVTierConfig`` once, in
+``__init__`` (``tier_config_from_extra``); its defaults are the only ones.
 
 Throughput cost of storing (first H100 run: no-reuse throughput 0.86x with the tier on). Every
 prompt block of every request was copied GPU -> pinned -> plasma (2 MiB per 16 tokens for 8B: a
@@ -67,6 +69,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from deployments.kv_tier import directory_actor
+from deployments.kv_tier.engine_args import tier_config_from_extra
 from deployments.kv_tier.keys import FINGERPRINT_BYTES, Fingerprint, block_keys
 from deployments.kv_tier.load import Loader
 from deployments.kv_tier.pages import KVPages
@@ -135,10 +138,10 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config, role, kv_cache_config)
-        x = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self._x = x
+        cfg, model_id = tier_config_from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        self._cfg = cfg
         self._bs = vllm_config.cache_config.block_size
-        self._model = x.get("model_id") or vllm_config.model_config.served_model_name or "model"
+        self._model = model_id or vllm_config.model_config.served_model_name or "model"
         if isinstance(self._model, list):
             self._model = self._model[0]
         self._tags = {"model": str(self._model)}
@@ -171,12 +174,11 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             logger.warning("kv tier: PYTHONHASHSEED is unset, so block hashes differ per process and "
                            "replicas cannot share blocks; set it identically on every replica")
         block_bytes = self._block_bytes = self._fp.num_layers * self._fp.page_bytes
-        self._chunk_blocks = max(1, int(float(x.get("chunk_mib", 32)) * 1024**2) // max(1, block_bytes))
+        self._chunk_blocks = max(1, int(cfg.chunk_mib * 1024**2) // max(1, block_bytes))
         try:
-            ensure_ray(x.get("ray_address"), x.get("namespace", "kvserve"))
+            ensure_ray(cfg.ray_address, cfg.namespace)
             self._dir = directory_actor.get_directory(
-                x.get("directory_name", "kvserve_kv_tier_directory"), x.get("namespace", "kvserve"),
-                int(x.get("budget_bytes", 8 * 1024**3)), float(x.get("max_object_store_fraction", 0.6)),
+                cfg.directory_name, cfg.namespace, cfg.budget_bytes, cfg.max_object_store_fraction,
                 str(self._model),
             )
         except Exception:
@@ -205,14 +207,12 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
             self._rank = get_pp_group().rank_in_group * get_tp_group().world_size + get_tp_group().rank_in_group
-        x = self._x
-        backlog = int(float(x.get("store_backlog_mib", 2048)) * 1024**2) // pages.block_bytes()
-        self._storer = Storer(pages, self._dir, self._owner, self._chunk_blocks,
-                              int(x.get("store_slots", 8)), int(x.get("store_threads", 2)),
-                              max(self._chunk_blocks, backlog), self._tags)
-        self._loader = Loader(pages, self._dir, self._chunk_blocks, int(x.get("load_threads", 8)),
-                              float(x.get("load_timeout_s", 30.0)), self._tags,
-                              register_host_memory=bool(x.get("register_host_memory", True)))
+        cfg = self._cfg
+        backlog = int(cfg.store_backlog_mib * 1024**2) // pages.block_bytes()
+        self._storer = Storer(pages, self._dir, self._owner, self._chunk_blocks, cfg.store_slots,
+                              cfg.store_threads, max(self._chunk_blocks, backlog), self._tags)
+        self._loader = Loader(pages, self._dir, self._chunk_blocks, cfg.load_threads, cfg.load_timeout_s,
+                              self._tags, register_host_memory=cfg.register_host_memory)
 
     def _keys(self, hashes: list[bytes]) -> list[bytes]:
         return block_keys(self._fp_digest, hashes, self._rank)
@@ -292,7 +292,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             return 0, False
         n_load = min(loadable_blocks(request.num_tokens, self._bs), len(request.block_hashes))
         start = num_computed_tokens // self._bs
-        min_load = int(self._x.get("min_load_blocks", 1))
+        min_load = self._cfg.min_load_blocks
         if n_load - start < min_load:
             self._lookups.pop(request.request_id, None)  # a prefetched lookup is moot (local hit)
             return 0, False
@@ -314,9 +314,9 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
                     flat = [False] * (lk.n_blocks * self._tp)
                 n = lk.n_blocks
                 lk.present = [all(flat[r * n + i] for r in range(self._tp)) for i in range(n)]
-            elif time.monotonic() - lk.t0 > float(self._x.get("lookup_timeout_s", 0.5)):
+            elif time.monotonic() - lk.t0 > self._cfg.lookup_timeout_s:
                 logger.warning("kv tier: directory lookup slower than %.2f s; treating it as a miss",
-                               float(self._x.get("lookup_timeout_s", 0.5)))
+                               self._cfg.lookup_timeout_s)
                 lk.present = []
             else:
                 return None, False
@@ -341,7 +341,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             if not self._enabled or not self._hash_granularity_ok(request):
                 return
             n_load = min(loadable_blocks(request.num_tokens, self._bs), len(request.block_hashes))
-            if n_load < int(self._x.get("min_load_blocks", 1)) or request.request_id in self._lookups:
+            if n_load < self._cfg.min_load_blocks or request.request_id in self._lookups:
                 return
             self._send_lookup(request, n_load)
         except Exception:  # a prefetch only: get_num_new_matched_tokens asks again
@@ -407,9 +407,9 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
                 plan.block_ids.extend(new_ids[0])
             cands += self._plan_stores(rid, plan, cached.num_computed_tokens[i] + n_sched.get(rid, 0))
         if cands:
-            busy_reqs = int(self._x.get("store_busy_requests", 2))
+            busy_reqs = self._cfg.store_busy_requests
             busy = busy_reqs > 0 and len(n_sched) > busy_reqs
-            budget = int(float(self._x.get("store_busy_mib_per_step", 32)) * 1024**2) // self._block_bytes
+            budget = int(self._cfg.store_busy_mib_per_step * 1024**2) // self._block_bytes
             admitted, cut = admit_stores(cands, busy, budget)
             for rid in cut:
                 self._plans[rid].store_stopped = True
@@ -419,7 +419,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
     def _plan_stores(self, rid: str, plan: ReqPlan, computed: int) -> list[tuple[str, int, int]]:
         """Candidate store ranges ``(rid, lo, hi)`` of blocks that became full this step."""
-        if plan.num_prompt_tokens // self._bs < int(self._x.get("min_store_blocks", 2)):
+        if plan.num_prompt_tokens // self._bs < self._cfg.min_store_blocks:
             return []
         if not self._hash_granularity_ok(self._reqs[rid]):
             return []
@@ -441,7 +441,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         hashes = self._hashes(request)
         meta.stores.append(TierOp(rid, plan.block_ids[lo:hi], hashes[lo:hi]))
         plan.stored_any = True
-        if self._x.get("emit_kv_events", True):
+        if self._cfg.emit_kv_events:
             self._events.append(self._stored_event(request, hashes, lo, hi))
 
     def _stored_event(self, request: Request, hashes: list[bytes], lo: int, hi: int) -> BlockStored:
@@ -472,7 +472,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
     def _poll_evictions(self) -> None:
         """Turn the directory's evictions of our chunks into BlockRemoved(medium=OBJ) events."""
-        if not self._x.get("emit_kv_events", True):
+        if not self._cfg.emit_kv_events:
             return
         if self._evict_fut is not None:
             ready, _ = ray.wait([self._evict_fut], timeout=0)

@@ -7,9 +7,9 @@ streams): ``load_threads`` threads, one chunk each: ``ray.get`` (a zero-copy vie
 H2D copy of the whole chunk into a device slot (``pages.make_slots``), then one ``_foreach_copy_``
 into every layer's pages when the target blocks form a few runs of consecutive ids
 (``pages.scatter_runs``; else ``index_copy_`` per layer), all on the thread's stream. The H2D
-copy reads plasma directly where ``host_memory.HostRegistrar`` can page-lock the chunk (see
-``host_memory`` for why and what it costs); otherwise the chunk is memcpy'd into the slot's
-pinned host buffer first. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
+copy reads plasma directly where ``host_memory.HostRegistrar`` can page-lock the chunk
+(``register_host_memory``, off by default; see ``host_memory`` for why and what it costs);
+otherwise the chunk is memcpy'd into the slot's pinned host buffer first. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
 reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
 """
 
@@ -40,7 +40,7 @@ class Loader:
     """Loads chunks from the object store into allocated blocks, several chunks in parallel."""
 
     def __init__(self, pages: KVPages, directory, chunk_blocks: int, threads: int,
-                 timeout_s: float, tags: dict[str, str], register_host_memory: bool = True) -> None:
+                 timeout_s: float, tags: dict[str, str], *, register_host_memory: bool) -> None:
         self.pages, self.directory, self.timeout_s, self.tags = pages, directory, timeout_s, tags
         self._registrar = HostRegistrar(register_host_memory) if pages.cuda else None
         self._slots = make_slots(pages, threads, chunk_blocks * pages.block_bytes()) if pages.cuda else None
