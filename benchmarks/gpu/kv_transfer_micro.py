@@ -198,7 +198,7 @@ def main() -> int:
              object_store_memory=int(args.object_store_gib * 1024**3), log_to_driver=False)
     registrar = None
     if cuda:
-        from deployments.kv_tier.transfer import HostRegistrar
+        from deployments.kv_tier.host_memory import HostRegistrar
 
         torch.cuda.set_device(torch.device(args.device))
         torch.zeros(1, device=args.device)  # a current context for the driver-API calls

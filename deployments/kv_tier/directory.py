@@ -1,7 +1,7 @@
 """The KV tier's directory: block key -> (chunk, index), with a byte budget and LRU eviction.
 
 Owns: ``BlockDirectory`` and ``Location``. Pure Python (no ray, torch or vllm imports); the Ray
-actor in ``transfer.py`` is a one-line subclass, so eviction order is unit-testable.
+actor in ``directory_actor.py`` is a thin subclass, so eviction order is unit-testable.
 
 Data model. Engines store KV in *chunks*: one object-store object holding up to
 ``chunk_blocks`` consecutive blocks of one request (big objects: ``ray.put`` costs ~0.4 ms per

@@ -1,7 +1,12 @@
 """How a vLLM replica turns ``KVTierConfig`` into engine arguments and process environment.
 
-Owns: ``kv_tier_engine_kwargs`` and ``kv_tier_env``. Imports neither vllm nor torch (the replica
-builder calls it before the engine exists); Ray only to find the cluster's address.
+Owns: ``kv_tier_engine_kwargs``, ``kv_tier_env`` and ``tier_config_from_extra`` (the connector's
+way back from ``kv_connector_extra_config`` to a ``KVTierConfig``). Imports neither vllm nor torch
+(the replica builder calls it before the engine exists); Ray only to find the cluster's address.
+
+The extra config is ``KVTierConfig.model_dump()`` (with ``ray_address`` resolved) plus
+``model_id``, so the replica and the engine process share one type and its defaults live only in
+the model.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from serve_app.config.kv_tier import KVTierConfig
 
 CONNECTOR_CLASS = "RayObjectStoreConnector"
 CONNECTOR_MODULE = "deployments.kv_tier.connector"
+MODEL_ID_KEY = "model_id"  # the one key of the extra config that is not a KVTierConfig field
 
 
 def _cluster_address() -> str | None:
@@ -41,27 +47,9 @@ def kv_tier_engine_kwargs(tier: KVTierConfig, model_id: Any, ray_address: str | 
     """
     if not tier.enabled:
         return {}
-    extra = {
-        "model_id": str(getattr(model_id, "id", model_id)),
-        "ray_address": ray_address or tier.ray_address or _cluster_address(),
-        "namespace": tier.namespace,
-        "directory_name": tier.directory_name,
-        "budget_bytes": tier.budget_bytes,
-        "max_object_store_fraction": tier.max_object_store_fraction,
-        "chunk_mib": tier.chunk_mib,
-        "min_store_blocks": tier.min_store_blocks,
-        "min_load_blocks": tier.min_load_blocks,
-        "store_slots": tier.store_slots,
-        "store_threads": tier.store_threads,
-        "store_backlog_mib": tier.store_backlog_mib,
-        "store_busy_requests": tier.store_busy_requests,
-        "store_busy_mib_per_step": tier.store_busy_mib_per_step,
-        "register_host_memory": tier.register_host_memory,
-        "load_threads": tier.load_threads,
-        "lookup_timeout_s": tier.lookup_timeout_s,
-        "load_timeout_s": tier.load_timeout_s,
-        "emit_kv_events": tier.emit_kv_events,
-    }
+    extra = tier.model_dump(mode="json")
+    extra["ray_address"] = ray_address or tier.ray_address or _cluster_address()
+    extra[MODEL_ID_KEY] = str(getattr(model_id, "id", model_id))
     return {
         "kv_transfer_config": {
             "kv_connector": CONNECTOR_CLASS,
@@ -84,3 +72,15 @@ def kv_tier_env(tier: KVTierConfig, hash_seed: str = "0") -> dict[str, str]:
     replica's working_dir / PYTHONPATH, inherited by vLLM's spawned processes).
     """
     return {"PYTHONHASHSEED": str(hash_seed)} if tier.enabled else {}
+
+
+def tier_config_from_extra(extra: dict[str, Any] | None) -> tuple[KVTierConfig, str | None]:
+    """The ``KVTierConfig`` and model id that ``kv_tier_engine_kwargs`` put in the extra config.
+
+    Validated once, in the engine process; a missing field takes the model's default (the
+    connector restates none). ``enabled`` is not consulted there: an engine that loads the
+    connector has the tier on.
+    """
+    x = dict(extra or {})
+    model_id = x.pop(MODEL_ID_KEY, None)
+    return KVTierConfig.model_validate(x), (str(model_id) if model_id else None)

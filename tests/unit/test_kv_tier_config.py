@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.kv_tier import kv_tier_engine_kwargs, kv_tier_env
+from deployments.kv_tier.engine_args import tier_config_from_extra
 from serve_app.config import load_app_config
 from serve_app.config.kv_tier import KVTierConfig
 
@@ -28,8 +29,25 @@ def test_enabled_tier_names_the_connector_and_recompute_policy():
     x = ktc["kv_connector_extra_config"]
     assert x["model_id"] == "llama" and x["ray_address"] == "10.0.0.1:6379"
     assert x["namespace"] == "ns" and x["directory_name"] == "dir"
-    assert x["budget_bytes"] == 2 * 1024**3 and x["chunk_mib"] == 16
+    assert x["budget_gib"] == 2 and x["chunk_mib"] == 16
     assert kv_tier_env(tier) == {"PYTHONHASHSEED": "0"}
+
+
+def test_extra_config_is_the_model_dump_and_parses_back():
+    tier = KVTierConfig(enabled=True, budget_gib=2, chunk_mib=16, register_host_memory=True, lookup_timeout_s=3)
+    x = kv_tier_engine_kwargs(tier, "llama", ray_address="10.0.0.1:6379")["kv_transfer_config"]["kv_connector_extra_config"]
+    assert set(x) == set(KVTierConfig.model_fields) | {"model_id"}
+    cfg, model_id = tier_config_from_extra(x)
+    assert model_id == "llama" and cfg == tier.model_copy(update={"ray_address": "10.0.0.1:6379"})
+    assert cfg.budget_bytes == 2 * 1024**3
+
+
+def test_connector_defaults_are_the_models():
+    cfg, model_id = tier_config_from_extra({})
+    assert model_id is None and cfg == KVTierConfig()
+    assert cfg.register_host_memory is False  # the measured default (kv_tier_h100.json), not the loader's
+    with pytest.raises(ValidationError):
+        tier_config_from_extra({"chunk_mb": 32})
 
 
 def test_every_field_is_described_and_unknown_fields_are_rejected():

@@ -33,12 +33,13 @@ def test_skip_present_skips_only_leading_blocks_the_tier_holds():
 
 
 def test_page_interior_registers_whole_pages_only():
-    transfer = pytest.importorskip("deployments.kv_tier.transfer")
+    from deployments.kv_tier.host_memory import page_interior
+
     page = 4096
-    assert transfer.page_interior(3 * page + 64, 10 * page, page) == (page - 64, 10 * page - 64)
-    assert transfer.page_interior(page, 2 * page, page) == (0, 2 * page)
-    assert transfer.page_interior(100, 200, page) == (0, 0)
-    lo, hi = transfer.page_interior(12345, 1 << 22, page)
+    assert page_interior(3 * page + 64, 10 * page, page) == (page - 64, 10 * page - 64)
+    assert page_interior(page, 2 * page, page) == (0, 2 * page)
+    assert page_interior(100, 200, page) == (0, 0)
+    lo, hi = page_interior(12345, 1 << 22, page)
     assert (12345 + lo) % page == 0 and (12345 + hi) % page == 0 and 0 <= lo < page and hi <= 1 << 22
 
 
@@ -53,14 +54,14 @@ def test_copy_runs_groups_consecutive_pairs():
 @pytest.mark.parametrize("dst", [[5, 6, 7, 8], [9, 10, 2, 3], [8, 6, 4, 2, 0]])
 def test_scatter_runs_matches_index_copy(dst):
     torch = pytest.importorskip("torch")
-    transfer = pytest.importorskip("deployments.kv_tier.transfer")
+    pages = pytest.importorskip("deployments.kv_tier.pages")
     n = len(dst)
     src = list(range(n))
     layers_a = [torch.zeros(12, 8, dtype=torch.uint8) for _ in range(3)]
     layers_b = [t.clone() for t in layers_a]
     dev = torch.randint(0, 255, (3, n, 8), dtype=torch.uint8)
-    done = transfer.scatter_runs(layers_a, dev, src, dst)
-    assert done == (len(transfer.copy_runs(src, dst)) <= transfer._MAX_FOREACH_RUNS)
+    done = pages.scatter_runs(layers_a, dev, src, dst)
+    assert done == (len(pages.copy_runs(src, dst)) <= pages.MAX_FOREACH_RUNS)
     if not done:
         return
     for l, layer in enumerate(layers_b):

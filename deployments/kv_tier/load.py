@@ -1,0 +1,152 @@
+"""Load: fetch chunks from Ray's object store into allocated blocks, several chunks in parallel.
+
+Owns: ``Loader``.
+
+GPU path (designed for the H100 numbers in the notes; the CPU path runs the same code without
+streams): ``load_threads`` threads, one chunk each: ``ray.get`` (a zero-copy view of plasma), one
+H2D copy of the whole chunk into a device slot (``pages.make_slots``), then one ``_foreach_copy_``
+into every layer's pages when the target blocks form a few runs of consecutive ids
+(``pages.scatter_runs``; else ``index_copy_`` per layer), all on the thread's stream. The H2D
+copy reads plasma directly where ``host_memory.HostRegistrar`` can page-lock the chunk
+(``register_host_memory``, off by default; see ``host_memory`` for why and what it costs);
+otherwise the chunk is memcpy'd into the slot's pinned host buffer first. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
+reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import torch
+
+from deployments.kv_tier.directory import Location
+from deployments.kv_tier.host_memory import HostRegistrar
+from deployments.kv_tier.pages import KVPages, make_slots, scatter_runs
+from deployments.kv_tier.shared import LOST_ERRORS, inc, observe
+
+logger = logging.getLogger(__name__)
+
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+_STAGED, _DIRECT = 1, 2  # how a chunk reached the GPU (Loader._load_chunk)
+
+
+class Loader:
+    """Loads chunks from the object store into allocated blocks, several chunks in parallel."""
+
+    def __init__(self, pages: KVPages, directory, chunk_blocks: int, threads: int,
+                 timeout_s: float, tags: dict[str, str], *, register_host_memory: bool) -> None:
+        self.pages, self.directory, self.timeout_s, self.tags = pages, directory, timeout_s, tags
+        self._registrar = HostRegistrar(register_host_memory) if pages.cuda else None
+        self._slots = make_slots(pages, threads, chunk_blocks * pages.block_bytes()) if pages.cuda else None
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kv-tier-load")
+        self._coord = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-tier-locate")
+        self._done: queue.Queue = queue.Queue()
+
+    def submit(self, req_id: str, block_ids: list[int], keys: list[bytes]) -> None:
+        """Start loading; the result shows up in ``take_finished``."""
+        self._coord.submit(self._load, req_id, block_ids, keys, time.perf_counter())
+
+    def take_finished(self) -> tuple[set[str], set[int]]:
+        """Requests whose load ended (successfully or not) and the block ids that failed."""
+        reqs, bad = set(), set()
+        while True:
+            try:
+                req_id, failed = self._done.get_nowait()
+            except queue.Empty:
+                return reqs, bad
+            reqs.add(req_id)
+            bad |= failed
+
+    def _load(self, req_id: str, block_ids: list[int], keys: list[bytes], t0: float) -> None:
+        failed: set[int] = set()
+        nbytes = direct = 0
+        try:
+            locs: list[Location | None] = ray.get(self.directory.locate.remote(keys), timeout=self.timeout_s)
+            chunks: dict[int, tuple[Location, list[int], list[int]]] = {}
+            for i, (loc, bid) in enumerate(zip(locs, block_ids)):
+                if loc is None:
+                    failed.update(block_ids[i:])
+                    break
+                entry = chunks.setdefault(loc.chunk_id, (loc, [], []))
+                entry[1].append(loc.index)
+                entry[2].append(bid)
+            futs = [self._pool.submit(self._load_chunk, *entry) for entry in chunks.values()]
+            for fut, (_, _, dst) in zip(futs, chunks.values()):
+                how = fut.result()
+                if how:
+                    nbytes += len(dst) * self.pages.block_bytes()
+                    direct += how == _DIRECT
+                else:
+                    failed.update(dst)
+        except Exception as err:  # noqa: BLE001 - any load failure is a miss: recompute
+            logger.warning("kv tier: load of %s failed, recomputing: %s", req_id, err)
+            failed = set(block_ids)
+        ms = (time.perf_counter() - t0) * 1e3
+        observe("kv_tier_load_latency_ms", ms, self.tags)
+        if failed:
+            inc("kv_tier_load_failed_blocks", len(failed), self.tags)
+        try:
+            self.directory.note_load.remote(nbytes, ms, len(failed), direct)
+        finally:  # the request waits in WAITING_FOR_REMOTE_KVS until this is reported
+            self._done.put((req_id, failed))
+
+    def _load_chunk(self, loc: Location, src: list[int], dst: list[int]) -> int:
+        """0: lost (recompute), ``_STAGED``: copied via a pinned slot (or CPU), ``_DIRECT``: DMA'd
+        from registered plasma."""
+        try:
+            arr = ray.get(loc.ref, timeout=self.timeout_s)
+        except LOST_ERRORS as err:
+            logger.info("kv tier: chunk lost (%s), recomputing", type(err).__name__)
+            if isinstance(err, ray.exceptions.OwnerDiedError):
+                self.directory.drop_owner.remote(loc.owner)
+            else:
+                self.directory.drop_chunk.remote(loc.chunk_id)
+            return 0
+        p = self.pages
+        src_t = torch.from_numpy(arr)  # (layers, n, page) read-only view of plasma
+        whole = src == list(range(arr.shape[1]))
+        with torch.inference_mode():
+            if not p.cuda:
+                dst_ids = torch.tensor(dst, dtype=torch.long)
+                sel = None if whole else torch.tensor(src, dtype=torch.long)
+                for l, layer in enumerate(p.layers):
+                    layer.index_copy_(0, dst_ids, src_t[l] if sel is None else src_t[l].index_select(0, sel))
+                return _STAGED
+            slot = self._slots.get()
+            flat = src_t.reshape(-1)
+            nbytes = arr.nbytes
+            reg = None
+            try:
+                with torch.cuda.device(p.device), torch.cuda.stream(slot.stream):
+                    # a runtime call first: it makes the device's context current in this thread
+                    dst_ids = torch.tensor(dst, dtype=torch.long).to(p.device, non_blocking=True)
+                    reg = self._registrar.register(flat.data_ptr(), nbytes)
+                    if reg is not None:  # DMA straight from plasma; head/tail (<1 page) pageable
+                        lo, hi = reg
+                        if lo:
+                            slot.dev[:lo].copy_(flat[:lo], non_blocking=True)
+                        slot.dev[lo:hi].copy_(flat[lo:hi], non_blocking=True)
+                        if hi < nbytes:
+                            slot.dev[hi:nbytes].copy_(flat[hi:], non_blocking=True)
+                    else:
+                        slot.host[:nbytes].copy_(flat)
+                        slot.dev[:nbytes].copy_(slot.host[:nbytes], non_blocking=True)
+                    dev = slot.dev[:nbytes].view(arr.shape)
+                    if not scatter_runs(p.layers, dev, src, dst):
+                        sel = None if whole else torch.tensor(src, dtype=torch.long, device=p.device)
+                        for l, layer in enumerate(p.layers):
+                            layer.index_copy_(0, dst_ids, dev[l] if sel is None else dev[l].index_select(0, sel))
+                    slot.event.record(slot.stream)
+                slot.event.synchronize()
+            finally:
+                slot.stream.synchronize()  # also on an error path: no copy may still use slot/plasma
+                if reg is not None:
+                    self._registrar.unregister(flat.data_ptr(), reg[0])
+                self._slots.put(slot)
+        return _STAGED if reg is None else _DIRECT
