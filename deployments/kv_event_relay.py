@@ -126,7 +126,7 @@ class KVEventRelay:
                 if self._stop.is_set():
                     return
                 logger.warning("kv event relay: %s", err)
-            except Exception:  # noqa: BLE001 - the relay outlives one bad batch
+            except Exception:  # the relay outlives one bad batch
                 logger.exception("kv event relay: batch failed")
 
     def _on_batch(self, topic: bytes, seq_bytes: bytes, payload: bytes, *_: bytes) -> None:

@@ -9,7 +9,7 @@ prefix hit lands in a running engine's cache) and reports GB/s per variant, chun
   pinned_ring     each thread copies the chunk into its own pinned slot (a ring of slots per thread), then
                   H2D from the slot on the thread's stream, overlapping the next chunk's memcpy
   register_chunk  ``cuMemHostRegister`` the chunk's plasma pages, H2D straight from plasma, unregister
-                  (what the tier does today; the registration is paid per chunk)
+                  (the tier's path with ``register_host_memory`` on; the registration is paid per chunk)
   register_once   register the process's whole plasma mapping once (its cost is reported on its own), then
                   H2D straight from plasma with no per-chunk registration
 
