@@ -185,7 +185,7 @@ def _fuzz() -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         env = {**os.environ, "KVSERVE_FUZZ_REPORT": f.name, "PYTHONPATH": str(ROOT)}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "tests/unit/test_fuzz_api.py"], check=False, cwd=ROOT, env=env, capture_output=True,
+                               "tests/fuzz/test_fuzz_api.py"], check=False, cwd=ROOT, env=env, capture_output=True,
                               text=True)
         counts = json.loads(Path(f.name).read_text() or "{}")
     return {"pytest_rc": proc.returncode, **counts}

@@ -27,7 +27,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "PYTHONHASHSEED": (
         "", "Python's own hash seed; the block-hash seed when routing.hash_seed_from_env is true (set from a Secret).",
     ),
-    "KVSERVE_FUZZ_REPORT": ("", "Tests: path where tests/unit/test_fuzz_api.py writes its case and 5xx counts."),
+    "KVSERVE_FUZZ_REPORT": ("", "Tests: path where tests/fuzz/test_fuzz_api.py writes its case and 5xx counts."),
     "KVSERVE_REQUIRE_SCHEMAS": (
         "0", "1: tests that need the CRD schemas (kuberay/schemas, shipped) fail instead of skipping without them (CI)."
     ),

@@ -46,6 +46,49 @@ SMALL_QUEUES: dict[str, Any] = {"models": [{
 }]}
 
 
+#: Overrides of configs/cpu.yaml's args shared by test_routing_by_model and test_autoscaling: two models in one app,
+#: ``smollm2`` autoscaled between 1 and 2 replicas (it starts with one, and idles back to one) and ``smollm2-b`` on one
+#: replica. One app for both modules saves a start of two engines (~70 s on 2 cores).
+AUTOSCALED = "smollm2"
+TWO_MODELS: dict[str, Any] = {"models": [
+    {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
+     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+     "deployment": {
+         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                "upscale_delay_s": 3, "downscale_delay_s": 15, "metrics_interval_s": 1,
+                                "look_back_period_s": 3},
+         "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
+    {"id": "smollm2-b", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
+     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 4},
+     "deployment": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 4,
+                    "ray_actor_options": {"num_cpus": 0.5}}},
+]}
+
+#: Integration modules in run order, grouped by the app they run on, so that each app starts once per session
+#: (``start_app`` reuses the running app only while the next module asks for the same one; an engine start is
+#: ~65 s on 2 cores). Engines in plain actors and the fake-engine app first; then the shared ``SMALL_QUEUES`` app
+#: (test_routing starts with it, then replaces it); then ``TWO_MODELS`` (test_routing_by_model before
+#: test_autoscaling, which leaves its model on one replica anyway); last the modules that start a Ray of their own.
+#: A module not listed runs after these, in file order.
+MODULE_ORDER = [
+    "test_kv_tier", "test_request_path",
+    "test_lifecycle", "test_openai_api", "test_openai_surface", "test_parity", "test_routing",
+    "test_routing_by_model", "test_autoscaling",
+    "test_drain", "test_restart", "test_serve_command",
+]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run this directory's modules in ``MODULE_ORDER`` (a stable sort: tests keep their order within a module);
+    items of other directories keep their places."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if item.path.parent == here]
+    rank = {name: k for k, name in enumerate(MODULE_ORDER)}
+    ordered = sorted((items[i] for i in slots), key=lambda item: rank.get(item.path.stem, len(rank)))
+    for i, item in zip(slots, ordered, strict=True):
+        items[i] = item
+
+
 class ServeCluster:
     """Handles to the session's Ray cluster."""
 

@@ -8,9 +8,11 @@ import time
 import httpx
 import pytest
 
+from tests.integration.conftest import AUTOSCALED, TWO_MODELS
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-MODEL = "smollm2"
+MODEL = AUTOSCALED
 
 
 def _running_replicas() -> int:
@@ -36,15 +38,7 @@ async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: 
 
 
 def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
-    base_url = start_app(overrides={"models": [{
-        "id": MODEL, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-        "deployment": {
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                                   "upscale_delay_s": 3, "downscale_delay_s": 15, "metrics_interval_s": 1,
-                                   "look_back_period_s": 3},
-            "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}},
-    }]})
+    base_url = start_app(overrides=TWO_MODELS)  # MODEL autoscaled 1..2, beside a second model on one replica
     assert _running_replicas() == 1
 
     async def scenario() -> tuple[list[int], set[str], bool]:

