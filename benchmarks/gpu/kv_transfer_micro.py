@@ -28,6 +28,7 @@ This machine (a smoke run of the plumbing on CPU tensors; no pinned memory, no r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("pageable", "pinned_ring", "register_chunk", "register_once")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def plasma_ranges() -> list[tuple[int, int]]:
@@ -55,14 +55,6 @@ def plasma_ranges() -> list[tuple[int, int]]:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             out.append((lo, hi))
     return out
-
-
-class Pages:
-    """One paged tensor per layer, ``(num_blocks, page_bytes)`` uint8, as the tier sees vLLM's cache."""
-
-    def __init__(self, torch, layers: int, num_blocks: int, page_bytes: int, device: str) -> None:
-        self.layers = [torch.zeros(num_blocks, page_bytes, dtype=torch.uint8, device=device) for _ in range(layers)]
-        self.page_bytes = page_bytes
 
 
 class Worker:
@@ -77,12 +69,12 @@ class Worker:
         self.next = 0
 
 
-def load_chunk(torch, variant: str, arr, dst_ids, pages: Pages, w: Worker, registrar) -> None:
+def load_chunk(torch, variant: str, arr, dst_ids, pages, w: Worker, registrar) -> None:
     """Bring one chunk (numpy view of plasma) into the pages at ``dst_ids`` (a device long tensor)."""
     layers, n, page = arr.shape
     nbytes = arr.nbytes
     src = torch.from_numpy(arr).view(-1)
-    ctx = torch.cuda.stream(w.stream) if w.stream is not None else _null()
+    ctx = torch.cuda.stream(w.stream) if w.stream is not None else contextlib.nullcontext()
     with ctx, torch.inference_mode():
         dev = w.dev[:nbytes]
         if variant == "pinned_ring":
@@ -110,15 +102,7 @@ def load_chunk(torch, variant: str, arr, dst_ids, pages: Pages, w: Worker, regis
         w.stream.synchronize()  # its source may be freed as soon as this returns
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def run_cell(torch, ray, variant: str, refs: list, dst: list, pages: Pages, threads: int, chunk_bytes: int,
+def run_cell(torch, ray, variant: str, refs: list, dst: list, pages, threads: int, chunk_bytes: int,
              device: str, registrar) -> float:
     """Load every chunk once with ``threads`` loader threads; return the wall seconds."""
     workers = [Worker(torch, device, chunk_bytes, ring=2, pinned=variant == "pinned_ring") for _ in range(threads)]
@@ -154,7 +138,7 @@ def run_cell(torch, ray, variant: str, refs: list, dst: list, pages: Pages, thre
     return wall
 
 
-def check(torch, pages: Pages, dst: list, values: list[int]) -> None:
+def check(torch, pages, dst: list, values: list[int]) -> None:
     """Every loaded block holds its chunk's byte value in every layer (first and last byte of the page)."""
     for ids, v in zip(dst, values, strict=True):
         for layer in (pages.layers[0], pages.layers[-1]):
@@ -203,7 +187,10 @@ def main() -> int:
         torch.cuda.set_device(torch.device(args.device))
         torch.zeros(1, device=args.device)  # a current context for the driver-API calls
         registrar = HostRegistrar(enabled=True)
-    pages = Pages(torch, args.layers, args.num_blocks, args.page_bytes, args.device)
+    from deployments.kv_tier.pages import KVPages  # the tier's own view of vLLM's paged cache
+
+    pages = KVPages({f"layer.{i}": torch.zeros(args.num_blocks, args.page_bytes, dtype=torch.uint8, device=args.device)
+                     for i in range(args.layers)})
     block_bytes = args.layers * args.page_bytes
     result: dict = {"command": shlex.join([sys.executable, *sys.argv]), "git_commit": args.git_commit,
                     "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
