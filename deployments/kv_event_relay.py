@@ -30,11 +30,10 @@ from typing import Any
 import msgspec
 import zmq
 
-from deployments.kv_events import advertised_endpoint
+from deployments.kv_events import REPLAY_END, advertised_endpoint, take_replay_frame
 
 logger = logging.getLogger(__name__)
 
-_END_SEQ = (-1).to_bytes(8, "big", signed=True)
 _TOKEN_IDS, _EXTRA_KEYS = 3, 8  # positions in an array-encoded BlockStored: [tag, hashes, parent, token_ids, ...]
 _REPLAY_TIMEOUT_MS = 2000
 
@@ -163,15 +162,8 @@ class KVEventRelay:
         try:
             sock.connect(self.engine_replay_endpoint)
             sock.send_multipart((b"", start.to_bytes(8, "big")))
-            while True:
-                frames = sock.recv_multipart()
-                if len(frames) != 4:
-                    continue
-                if frames[2] == _END_SEQ:
-                    break
-                seq = int.from_bytes(frames[2], "big")
-                if start <= seq < seen and (not out or seq > out[-1][0]):
-                    out.append((seq, frames[1], frames[3]))
+            while not take_replay_frame(sock.recv_multipart(), start, seen, out):
+                pass
         except zmq.ZMQError as err:
             logger.warning("kv event relay: replay of %d..%d from the engine failed: %s", start, seen - 1, err)
         finally:
@@ -187,4 +179,4 @@ class KVEventRelay:
         for seq, topic, payload in list(self._buffer):
             if seq >= start:
                 self._router.send_multipart((identity, b"", topic, seq.to_bytes(8, "big"), payload))
-        self._router.send_multipart((identity, b"", b"", _END_SEQ, b""))
+        self._router.send_multipart((identity, b"", b"", REPLAY_END, b""))

@@ -33,7 +33,7 @@ from routers.events import KVEvent, SeqTracker, decode_batch
 
 logger = logging.getLogger(__name__)
 
-_END_SEQ = -1
+REPLAY_END = (-1).to_bytes(8, "big", signed=True)  # the seq frame that ends a replay answer
 _REPLAY_TIMEOUT_S = 2.0
 
 
@@ -54,6 +54,20 @@ def kv_events_engine_kwargs(endpoint: str, replay_endpoint: str | None = None, *
     if replay_endpoint is not None:
         config["replay_endpoint"] = replay_endpoint
     return {"kv_events_config": config}
+
+
+def take_replay_frame(frames: list[bytes], start: int, seen: int, out: list[tuple[int, bytes, bytes]]) -> bool:
+    """One frame of a replay answer as a DEALER receives it (``b"", topic, seq, payload``): append
+    ``(seq, topic, payload)`` to ``out`` when ``start <= seq < seen`` and it is newer than the last one kept.
+    True at the end marker."""
+    if len(frames) != 4:
+        return False
+    if frames[2] == REPLAY_END:
+        return True
+    seq = int.from_bytes(frames[2], "big")
+    if start <= seq < seen and (not out or seq > out[-1][0]):
+        out.append((seq, frames[1], frames[3]))
+    return False
 
 
 def advertised_endpoint(host: str, port: int, replay_port: int | None = None) -> str:
@@ -171,37 +185,32 @@ class KVEventSubscriber:
         When some are missing and ``reset_if_incomplete``, the replica's entries are dropped first
         (its state is unknown) and the batches that could be had are applied after.
         """
-        batches: list[tuple[int, bytes]] = []
+        batches: list[tuple[int, bytes, bytes]] = []
         if replay:
             try:
                 batches = await self._replay_range(replay, start, seen)
             except (TimeoutError, zmq.ZMQError) as err:
                 logger.warning("kv events: replay from %s failed: %s", rid, err)
-        complete = [seq for seq, _ in batches] == list(range(start, seen))
+        complete = [b[0] for b in batches] == list(range(start, seen))
         if not complete and reset_if_incomplete:
             logger.warning("kv events: lost batches %d..%d of %s; resetting its entries", start, seen - 1, rid)
             self._on_reset(rid)
-        for _, payload in batches:
+        for _, _, payload in batches:
             self._apply(rid, payload)
         return complete
 
-    async def _replay_range(self, endpoint: str, start: int, seen: int) -> list[tuple[int, bytes]]:
-        """Buffered batches with ``start <= seq < seen``, in order, without duplicates."""
+    async def _replay_range(self, endpoint: str, start: int, seen: int) -> list[tuple[int, bytes, bytes]]:
+        """Buffered batches ``(seq, topic, payload)`` with ``start <= seq < seen``, in order, without duplicates."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
-        out: list[tuple[int, bytes]] = []
+        out: list[tuple[int, bytes, bytes]] = []
         try:
             await sock.send_multipart((b"", start.to_bytes(8, "big")))
-            while True:
-                frames = await asyncio.wait_for(sock.recv_multipart(), _REPLAY_TIMEOUT_S)
-                if len(frames) != 4:
-                    continue
-                seq = int.from_bytes(frames[2], "big", signed=True)
-                if seq == _END_SEQ:
-                    return out
-                if start <= seq < seen and (not out or seq > out[-1][0]):
-                    out.append((seq, frames[3]))
+            while not take_replay_frame(await asyncio.wait_for(sock.recv_multipart(), _REPLAY_TIMEOUT_S),
+                                        start, seen, out):
+                pass
+            return out
         finally:
             sock.close(linger=0)
 
