@@ -9,9 +9,10 @@ prefix hit lands in a running engine's cache) and reports GB/s per variant, chun
   pinned_ring     each thread copies the chunk into its own pinned slot (a ring of slots per thread), then
                   H2D from the slot on the thread's stream, overlapping the next chunk's memcpy
   register_chunk  ``cuMemHostRegister`` the chunk's plasma pages, H2D straight from plasma, unregister
-                  (the tier's path with ``register_host_memory`` on; the registration is paid per chunk)
+                  (the tier's ``host_dma: per_chunk``; the registration is paid per chunk)
   register_once   register the process's whole plasma mapping once (its cost is reported on its own), then
-                  H2D straight from plasma with no per-chunk registration
+                  H2D straight from plasma with no per-chunk registration (the tier's ``host_dma: mapping``,
+                  through the same ``HostRegistrar.register_ranges`` and ``plasma_ranges``)
 
 Every variant ends the same way: the chunk's bytes land in a device slot of the thread's stream, then one
 ``index_copy_`` per layer scatters the blocks into the pages. The loaded pages are checked against what was
@@ -44,17 +45,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("pageable", "pinned_ring", "register_chunk", "register_once")
-
-
-def plasma_ranges() -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of Ray's object store (from /proc/self/maps)."""
-    out = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 6 and "plasma" in parts[5]:
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((lo, hi))
-    return out
 
 
 class Worker:
@@ -182,7 +172,7 @@ def main() -> int:
              object_store_memory=int(args.object_store_gib * 1024**3), log_to_driver=False)
     registrar = None
     if cuda:
-        from deployments.kv_tier.host_memory import HostRegistrar
+        from deployments.kv_tier.host_memory import HostRegistrar, plasma_ranges
 
         torch.cuda.set_device(torch.device(args.device))
         torch.zeros(1, device=args.device)  # a current context for the driver-API calls
@@ -210,14 +200,18 @@ def main() -> int:
                for k in range(n_chunks)]
         nbytes = n_chunks * per_chunk * block_bytes
         for variant in variants:
-            once = []
+            once = False
             if variant == "register_once" and registrar is not None:  # the whole mapping, for this variant only
                 ranges = plasma_ranges()
                 t0 = time.perf_counter()
-                once = [(lo, got[0]) for lo, hi in ranges if (got := registrar.register(lo, hi - lo)) is not None]
+                added = registrar.register_ranges(ranges)
                 result.setdefault("register_once", []).append({
                     "chunk_mib": chunk_mib, "seconds": round(time.perf_counter() - t0, 3),
-                    "mapped_bytes": sum(hi - lo for lo, hi in ranges), "registered_ranges": len(once)})
+                    "mapped_bytes": sum(hi - lo for lo, hi in ranges), "registered_bytes": added,
+                    "ranges": len(ranges)})
+                print(json.dumps(result["register_once"][-1]), flush=True)
+                result["plasma_maps"] = [ln for ln in Path("/proc/self/maps").read_text().splitlines() if "plasma" in ln]
+                once = True
             for threads in (int(x) for x in args.threads.split(",")):
                 run_cell(torch, ray, variant, refs, dst, pages, threads, per_chunk * block_bytes, args.device,
                          registrar if variant == "register_chunk" else None)  # warm-up
@@ -234,8 +228,8 @@ def main() -> int:
                 result["cells"].append(cell)
                 print(json.dumps(cell), flush=True)
                 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-            for lo, off in once:
-                registrar.unregister(lo, off)
+            if once:
+                registrar.release_ranges()
         del refs
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     best = max(result["cells"], key=lambda c: c["gbps_median"])

@@ -25,6 +25,7 @@ class DirectoryActor(BlockDirectory):
         self._tags = {"model": model}
         self._reported = dict(self.counters)
         self._loads: list[tuple[int, float, int]] = []
+        self._host_dma: list[dict] = []
 
     def add_chunk_ref(self, owner: str, keys: list[bytes], refs: list, nbytes: int) -> bool:
         """``add_chunk`` with the ref wrapped in a list (so Ray passes it unresolved)."""
@@ -38,6 +39,15 @@ class DirectoryActor(BlockDirectory):
         ``direct_chunks``: chunks DMA'd straight from registered object-store memory."""
         self._loads.append((int(nbytes), float(ms), int(failed_blocks), int(direct_chunks)))
         del self._loads[:-256]
+
+    def note_host_dma(self, replica: str, nbytes: int, seconds: float) -> None:
+        """A worker's report of page-locking its object-store mappings (kept for benchmarks)."""
+        self._host_dma.append({"replica": replica, "bytes": int(nbytes), "seconds": round(float(seconds), 3)})
+        del self._host_dma[:-64]
+
+    def host_dma(self) -> list[dict]:
+        """The workers' ``note_host_dma`` reports, oldest first."""
+        return list(self._host_dma)
 
     def recent_loads(self) -> list[tuple[int, float, int, int]]:
         """The last loads as ``(bytes, milliseconds, failed blocks, direct chunks)``, oldest first."""

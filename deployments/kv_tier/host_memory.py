@@ -1,34 +1,35 @@
 """Page-locking object-store memory so a GPU load can DMA straight from plasma.
 
-Owns: ``HostRegistrar`` (``cuMemHostRegister``/``cuMemHostUnregister`` through ctypes) and
-``page_interior``. Imports neither ray nor torch.
+Owns: ``HostRegistrar`` (``cuMemHostRegister``/``cuMemHostUnregister`` through ctypes),
+``plasma_ranges`` and ``page_interior``. Imports neither ray nor torch.
 
-Why. The first H100 run loaded at 8.3 GB/s through "memcpy into a pinned slot, then H2D" (the
-notes: 7-9 GB/s per thread; the memcpy faults in every plasma page and then copies it on the
-CPU), while registering plasma and DMA'ing it ran at 50-54 GB/s. So the loader's H2D copy can
-read plasma directly: the chunk's page-aligned interior is page-locked with ``cuMemHostRegister``
-(driver API through ctypes, so a failure never leaves a sticky runtime error for torch to trip
-over later) and DMA'd at PCIe speed; the <4 KiB unaligned head and tail go through the driver's
-pageable path. Registering costs ~50 ms/GiB for pages that already exist (a stored chunk's pages
-always do), i.e. ~1.6 ms per 32 MiB chunk, done in the kernel with the GIL released, so 8 threads
-overlap registration of one chunk with DMA of others. Registering per chunk (not the whole plasma
-mapping once) keeps the cost proportional to what is loaded, pins nothing between loads, and
-never pins the object store's unused pages (the whole 40 GiB mapping would take ~20 s and pin all
-of it). The registration is undone after the copy's event, before the plasma view is released.
-If registration fails (a mapping the driver refuses, the same chunk being loaded by two requests
-at once), that chunk falls back to the memcpy-into-pinned-slot path; after repeated failures
-registration is switched off for the process.
+Three ways a loaded chunk reaches the GPU (``KVTierConfig.host_dma``):
 
-Measured since: the second H100 run loaded at 4.1 GB/s with registration per 32 MiB chunk
-(``benchmarks/results/kv_tier_h100.json``), slower than the first run's pinned-slot path, so
-``KVTierConfig.register_host_memory`` is off by default and the loader's registrar is then disabled.
+- ``staged``: memcpy from plasma into a pinned slot, then H2D. The memcpy faults in and copies
+  every page on the CPU: 7-9 GB/s per loader thread on the H100.
+- ``per_chunk``: register the chunk's whole pages, DMA, unregister. Registering costs ~50 ms/GiB
+  for pages that exist, paid on every load; the second H100 run loaded at 4.1 GB/s this way
+  (``benchmarks/results/kv_tier_h100.json``).
+- ``mapping``: register every mapping of the object store in this process once
+  (``register_ranges(plasma_ranges())``), then every chunk inside it is DMA'd with no per-load
+  cost. On the H100, registered plasma DMA'd at 50-54 GB/s; registering 24 GiB took 13.5 s cold /
+  1.2 s warm. The cost is paid once per engine process, off the engine's thread, and pins the
+  object store's pages (shared memory: processes pinning the same pages do not add up). The
+  measured choice between the modes is in ``benchmarks/results/kv_transfer_micro_h200.json``.
+
+Only whole pages are registered (plasma objects are 64-byte aligned, so two chunks can share a
+page, and two loader threads registering overlapping ranges would fail). Driver API via ctypes:
+a failure never leaves a sticky runtime error for torch to trip over later.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import mmap
+import threading
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,19 @@ _PAGE = mmap.PAGESIZE
 _MIN_REGISTER_BYTES = 1 << 20  # below this the pinned-slot memcpy is as fast as registering
 _CU_MEMHOSTREGISTER_PORTABLE = 0x01
 _CU_MEMHOSTREGISTER_READ_ONLY = 0x08
+
+
+def plasma_ranges(maps: str | None = None) -> list[tuple[int, int]]:
+    """``(start, end)`` of this process's mappings of Ray's object store, from ``/proc/self/maps``
+    (the store's backing files are named ``plasma*``, in /dev/shm or the fallback directory)."""
+    text = Path("/proc/self/maps").read_text() if maps is None else maps
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and Path(parts[5]).name.startswith("plasma"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return sorted(out)
 
 
 def page_interior(ptr: int, nbytes: int, page: int = _PAGE) -> tuple[int, int]:
@@ -63,6 +77,8 @@ class HostRegistrar:
         self.enabled = enabled
         self.registered = 0  # chunks DMA'd from registered plasma (for logs/tests)
         self._failures = 0
+        self._held: list[tuple[int, int]] = []  # whole ranges registered by register_ranges, sorted
+        self._held_lock = threading.Lock()
         if not enabled:
             return
         try:
@@ -103,6 +119,50 @@ class HostRegistrar:
         self._failures = 0
         self.registered += 1
         return lo, hi
+
+    def register_ranges(self, ranges: list[tuple[int, int]]) -> int:
+        """Register whole ranges (page-aligned, e.g. ``plasma_ranges()``) and keep them registered;
+        ranges already held are skipped. Returns the bytes newly registered. Needs a current CUDA
+        context in the calling thread."""
+        if not self.enabled:
+            return 0
+        ctx = ctypes.c_void_p()
+        if self._ctx(ctypes.byref(ctx)) != 0 or not ctx.value:
+            return 0
+        added = 0
+        for lo, hi in ranges:
+            if self.covers(lo, hi - lo):
+                continue
+            rc = self._reg(lo, hi - lo, _CU_MEMHOSTREGISTER_PORTABLE)
+            if rc != 0:
+                rc = self._reg(lo, hi - lo, _CU_MEMHOSTREGISTER_PORTABLE | _CU_MEMHOSTREGISTER_READ_ONLY)
+            if rc != 0:
+                logger.warning("kv tier: cuMemHostRegister of %d MiB of the object store failed (CUresult %d)",
+                               (hi - lo) >> 20, rc)
+                continue
+            with self._held_lock:
+                bisect.insort(self._held, (lo, hi))
+            added += hi - lo
+        return added
+
+    def covers(self, ptr: int, nbytes: int) -> bool:
+        """Whether ``[ptr, ptr+nbytes)`` lies inside one range held by ``register_ranges``."""
+        with self._held_lock:
+            i = bisect.bisect_right(self._held, (ptr, float("inf"))) - 1
+            return i >= 0 and self._held[i][0] <= ptr and ptr + nbytes <= self._held[i][1]
+
+    def release_ranges(self) -> None:
+        """Unregister every range held by ``register_ranges``."""
+        with self._held_lock:
+            held, self._held = self._held, []
+        for lo, _ in held:
+            self.unregister(lo, 0)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes kept registered by ``register_ranges``."""
+        with self._held_lock:
+            return sum(hi - lo for lo, hi in self._held)
 
     def unregister(self, ptr: int, lo: int) -> None:
         rc = self._unreg(ptr + lo)

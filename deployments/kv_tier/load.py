@@ -6,26 +6,30 @@ GPU path (designed for the H100 numbers in the notes; the CPU path runs the same
 streams): ``load_threads`` threads, one chunk each: ``ray.get`` (a zero-copy view of plasma), one
 H2D copy of the whole chunk into a device slot (``pages.make_slots``), then one ``_foreach_copy_``
 into every layer's pages when the target blocks form a few runs of consecutive ids
-(``pages.scatter_runs``; else ``index_copy_`` per layer), all on the thread's stream. The H2D
-copy reads plasma directly where ``host_memory.HostRegistrar`` can page-lock the chunk
-(``register_host_memory``, off by default; see ``host_memory`` for why and what it costs);
-otherwise the chunk is memcpy'd into the slot's pinned host buffer first. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
+(``pages.scatter_runs``; else ``index_copy_`` per layer), all on the thread's stream. How the H2D
+copy reads the chunk is ``KVTierConfig.host_dma`` (``host_memory`` has the modes and their
+costs): straight from plasma where it is page-locked (the whole object store, registered once by
+a background thread at start, or the chunk alone), else through the slot's pinned host buffer. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
 reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import ray
 import torch
 
 from deployments.kv_tier.directory import Location
-from deployments.kv_tier.host_memory import HostRegistrar
+from deployments.kv_tier.host_memory import HostRegistrar, plasma_ranges
 from deployments.kv_tier.pages import KVPages, make_slots, scatter_runs
 from deployments.kv_tier.shared import LOST_ERRORS, inc, observe
 
@@ -40,13 +44,49 @@ class Loader:
     """Loads chunks from the object store into allocated blocks, several chunks in parallel."""
 
     def __init__(self, pages: KVPages, directory, chunk_blocks: int, threads: int,
-                 timeout_s: float, tags: dict[str, str], *, register_host_memory: bool) -> None:
+                 timeout_s: float, tags: dict[str, str], *, host_dma: str) -> None:
         self.pages, self.directory, self.timeout_s, self.tags = pages, directory, timeout_s, tags
-        self._registrar = HostRegistrar(register_host_memory) if pages.cuda else None
+        self.host_dma = host_dma if pages.cuda else "staged"
+        self._registrar = HostRegistrar(self.host_dma != "staged") if pages.cuda else None
+        self._per_chunk = self.host_dma == "per_chunk"
+        self._mapping_lock = threading.Lock()
+        self._mapping_at = float("-inf")
+        if self.host_dma == "mapping" and self._registrar.enabled:
+            self._register_mapping()
         self._slots = make_slots(pages, threads, chunk_blocks * pages.block_bytes()) if pages.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kv-tier-load")
         self._coord = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-tier-locate")
         self._done: queue.Queue = queue.Queue()
+
+    def _register_mapping(self) -> None:
+        """Page-lock the object store's mappings in this process, in the background (loads that come
+        first, or chunks outside them, go through the pinned slots). Rate-limited: called again when
+        a chunk lies outside every registered range (the store mapped a new region)."""
+        now = time.monotonic()
+        if now - self._mapping_at < 30.0 or not self._mapping_lock.acquire(blocking=False):
+            return
+        self._mapping_at = now
+
+        def run() -> None:
+            try:
+                t0 = time.perf_counter()
+                ranges = plasma_ranges()
+                if not ranges:  # nothing of the store is mapped in this process yet: map it
+                    ray.put(np.zeros(1 << 21, dtype=np.uint8))  # > the inline limit: lands in plasma
+                    ranges = plasma_ranges()
+                torch.cuda.set_device(self.pages.device)
+                torch.cuda.current_stream().synchronize()  # a runtime call: the context is current here
+                added = self._registrar.register_ranges(ranges)
+                seconds = time.perf_counter() - t0
+                logger.info("kv tier: page-locked %.1f GiB of the object store (%d ranges) in %.1f s",
+                            added / 1024**3, len(ranges), seconds)
+                self.directory.note_host_dma.remote(f"{socket.gethostname()}:{os.getpid()}", added, seconds)
+            except Exception as err:  # noqa: BLE001 - loads stay on the pinned-slot path
+                logger.warning("kv tier: could not page-lock the object store: %s", err)
+            finally:
+                self._mapping_lock.release()
+
+        threading.Thread(target=run, name="kv-tier-host-dma", daemon=True).start()
 
     def submit(self, req_id: str, block_ids: list[int], keys: list[bytes]) -> None:
         """Start loading; the result shows up in ``take_finished``."""
@@ -121,13 +161,19 @@ class Loader:
             slot = self._slots.get()
             flat = src_t.reshape(-1)
             nbytes = arr.nbytes
-            reg = None
+            reg, held = None, False
             try:
                 with torch.cuda.device(p.device), torch.cuda.stream(slot.stream):
                     # a runtime call first: it makes the device's context current in this thread
                     dst_ids = torch.tensor(dst, dtype=torch.long).to(p.device, non_blocking=True)
-                    reg = self._registrar.register(flat.data_ptr(), nbytes)
-                    if reg is not None:  # DMA straight from plasma; head/tail (<1 page) pageable
+                    held = self._registrar.covers(flat.data_ptr(), nbytes)
+                    if not held and self._per_chunk:
+                        reg = self._registrar.register(flat.data_ptr(), nbytes)
+                    elif not held and self.host_dma == "mapping":
+                        self._register_mapping()  # a region mapped after start: pick it up
+                    if held:  # inside the registered object store: one DMA, nothing to undo
+                        slot.dev[:nbytes].copy_(flat, non_blocking=True)
+                    elif reg is not None:  # DMA straight from plasma; head/tail (<1 page) pageable
                         lo, hi = reg
                         if lo:
                             slot.dev[:lo].copy_(flat[:lo], non_blocking=True)
@@ -149,4 +195,4 @@ class Loader:
                 if reg is not None:
                     self._registrar.unregister(flat.data_ptr(), reg[0])
                 self._slots.put(slot)
-        return _STAGED if reg is None else _DIRECT
+        return _DIRECT if held or reg is not None else _STAGED

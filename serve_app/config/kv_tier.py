@@ -6,6 +6,8 @@ arguments (a ``kv_transfer_config`` naming the tier's connector).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 GiB = 1024**3
@@ -67,12 +69,12 @@ class KVTierConfig(BaseModel):
     store_busy_mib_per_step: float = Field(
         default=32.0, ge=0, description="Prompt KV (MiB) a busy step may store (see `store_busy_requests`)."
     )
-    register_host_memory: bool = Field(
-        default=False,
-        description="GPU only: page-lock (cudaHostRegister) the object-store memory of each chunk being "
-        "loaded and DMA it straight to the GPU instead of memcpy into a pinned slot first. Off by default: "
-        "on the H100, registering per 32 MiB chunk made loads slower (4.1 GB/s, kv_tier_h100.json) than "
-        "the pinned-slot copy (8.3 GB/s, kv_tier_h100_first_run.json).",
+    host_dma: Literal["staged", "per_chunk", "mapping"] = Field(
+        default="mapping",
+        description="GPU only: how a loaded chunk reaches the GPU. `mapping`: the object store's memory is "
+        "page-locked once per engine process (in the background at start) and every chunk is DMA'd straight "
+        "from it; `per_chunk`: each chunk is page-locked for its copy and unlocked after; `staged`: memcpy "
+        "into a pinned slot, then H2D. See deployments/kv_tier/host_memory.py for the measured costs.",
     )
     load_threads: int = Field(
         default=8, ge=1, description="Parallel chunk loads per worker (8 reached 23-30 GB/s on an H100)."

@@ -34,7 +34,7 @@ def test_enabled_tier_names_the_connector_and_recompute_policy():
 
 
 def test_extra_config_is_the_model_dump_and_parses_back():
-    tier = KVTierConfig(enabled=True, budget_gib=2, chunk_mib=16, register_host_memory=True, lookup_timeout_s=3)
+    tier = KVTierConfig(enabled=True, budget_gib=2, chunk_mib=16, host_dma="per_chunk", lookup_timeout_s=3)
     x = kv_tier_engine_kwargs(tier, "llama", ray_address="10.0.0.1:6379")["kv_transfer_config"]["kv_connector_extra_config"]
     assert set(x) == set(KVTierConfig.model_fields) | {"model_id"}
     cfg, model_id = tier_config_from_extra(x)
@@ -45,7 +45,7 @@ def test_extra_config_is_the_model_dump_and_parses_back():
 def test_connector_defaults_are_the_models():
     cfg, model_id = tier_config_from_extra({})
     assert model_id is None and cfg == KVTierConfig()
-    assert cfg.register_host_memory is False  # the measured default (kv_tier_h100.json), not the loader's
+    assert cfg.host_dma == "mapping"  # the model's default reaches the engine, not one restated there
     with pytest.raises(ValidationError):
         tier_config_from_extra({"chunk_mb": 32})
 

@@ -1,23 +1,25 @@
-"""KV tier on one H100: TTFT of a tier hit vs recompute, load GB/s, no-reuse throughput on vs off.
+"""KV tier on one GPU (H200): TTFT of a tier hit vs recompute, load GB/s, no-reuse throughput on vs off.
 
-Owns: the GPU benchmark of issue 4. Two vLLM engines share one GPU (Ray actors with
+Owns: the tier's engine-level GPU benchmark (``benchmarks/gpu/kv_transfer_micro.py`` is its transfer
+microbenchmark without engines). Two vLLM engines share one GPU (Ray actors with
 ``num_gpus=0.5``); the Llama-3.1-8B shape with ``load_format="dummy"`` gives real timings.
 
     phase 1  start A and B (tier on) concurrently; KV memory fixed by ``kv_cache_memory_bytes``
-             so their start-up profiling cannot disturb each other
+             so their start-up profiling cannot disturb each other; wait until both have page-locked
+             the object store (``host_dma: mapping``; the seconds it took are reported)
     phase 2  per round: A prefills prefix P_i (+ suffix); B: TTFT of P_i (tier hit) and TTFT of a
              fresh prefix Q_i of the same length (recompute) -> medians; load GB/s from the
              directory's load records (bytes / load latency in the worker)
     phase 3  kill A, start C (tier off, same settings)
     phase 4  no-reuse workload (distinct prompts) on B (tier on) and C (tier off), alternated
-             twice -> best throughput of each -> ratio
+             ``--alternations`` times -> ratio of the medians (and every pair's ratio)
 
 Writes JSON: ttft_recompute_ms, ttft_tier_hit_ms, ttft_ratio, effective_load_gbps,
 no_reuse_throughput_ratio, command, machine (+ details). A watchdog writes what it has and exits
 if ``--deadline-s`` passes, and every Ray call has a timeout.
 
-    python3 benchmarks/gpu/kv_tier_h100.py --model /path/shape-llama-3.1-8b --out results.json
-    python3 benchmarks/gpu/kv_tier_h100.py --cpu-smoke --model ~/.cache/kvserve/models/smollm2-135m-instruct --out /tmp/x.json
+    python3 benchmarks/gpu/kv_tier_h200.py --model /path/shape-llama-3.1-8b --out results.json
+    python3 benchmarks/gpu/kv_tier_h200.py --cpu-smoke --model ~/.cache/kvserve/models/smollm2-135m-instruct --out /tmp/x.json
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--tier-budget-gib", type=float, default=None)
     p.add_argument("--object-store-gib", type=float, default=None)
     p.add_argument("--load-threads", type=int, default=8)
+    p.add_argument("--host-dma", default="mapping", choices=["staged", "per_chunk", "mapping"])
+    p.add_argument("--alternations", type=int, default=3, help="no-reuse on/off pairs")
+    p.add_argument("--git-commit", default="unknown")
     p.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (slower start)")
     p.add_argument("--engine-start-timeout-s", type=float, default=300)
     p.add_argument("--deadline-s", type=float, default=460, help="hard wall-clock limit of the script")
@@ -103,7 +108,8 @@ def main() -> int:
     a = _args()
     _watchdog(a.deadline_s, a.out)
     t_start = time.monotonic()
-    RESULT.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=_machine(a.cpu_smoke))
+    RESULT.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=_machine(a.cpu_smoke),
+                  git_commit=a.git_commit, host_dma=a.host_dma)
     try:
         import shutil
 
@@ -142,7 +148,7 @@ def main() -> int:
             return dt, sum(len(o.outputs[0].token_ids) for o in outs), [int(o.num_cached_tokens or 0) for o in outs]
 
     tier = KVTierConfig(enabled=True, budget_gib=a.tier_budget_gib, namespace=NAMESPACE,
-                        directory_name=DIRECTORY, load_threads=a.load_threads,
+                        directory_name=DIRECTORY, load_threads=a.load_threads, host_dma=a.host_dma,
                         max_object_store_fraction=0.6, lookup_timeout_s=10.0 if a.cpu_smoke else 0.5)
     base = {"max_model_len": a.prefix_tokens + 512, "enable_prefix_caching": True, "seed": 0,
             "enforce_eager": not a.cuda_graphs, "skip_tokenizer_init": True, "max_num_seqs": 64,
@@ -180,6 +186,13 @@ def main() -> int:
     eng_a, eng_b = start(on_kwargs), start(on_kwargs)
     ready([eng_a, eng_b], "a_b")
     directory = ray.get_actor(DIRECTORY, namespace=NAMESPACE)
+    if a.host_dma == "mapping" and not a.cpu_smoke:  # both engines page-lock the store in the background
+        t0 = time.monotonic()
+        while len(ray.get(directory.host_dma.remote(), timeout=30)) < 2 and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+        RESULT["host_dma_registration"] = ray.get(directory.host_dma.remote(), timeout=30)
+        RESULT["host_dma_wait_s"] = round(time.monotonic() - t0, 1)
+        print(f"[bench] host dma: {RESULT['host_dma_registration']}", flush=True)
     for e in (eng_a, eng_b):  # warm-up (kernels, allocator) at the measured length
         gen(e, [tokens(a.prefix_tokens + 32)])
 
@@ -259,13 +272,14 @@ def main() -> int:
         return (len(prompts) * a.no_reuse_prompt_tokens + out_tokens) / dt
 
     on, off = [], []
-    for _ in range(2):
-        on.append(batch_tput(eng_b))
-        off.append(batch_tput(eng_c))
+    for k in range(a.alternations):  # the order flips every pair, so warm-up favours neither side
+        for engine, into in ([(eng_b, on), (eng_c, off)] if k % 2 == 0 else [(eng_c, off), (eng_b, on)]):
+            into.append(batch_tput(engine))
         print(f"[bench] no-reuse tok/s: on {on[-1]:.0f}, off {off[-1]:.0f}", flush=True)
     RESULT.update(
         no_reuse_tokens_per_s_on=[round(x, 1) for x in on], no_reuse_tokens_per_s_off=[round(x, 1) for x in off],
-        no_reuse_throughput_ratio=round(max(on) / max(off), 4),
+        no_reuse_throughput_ratio=round(statistics.median(on) / statistics.median(off), 4),
+        no_reuse_throughput_ratio_per_pair=[round(x / y, 4) for x, y in zip(on, off)],
         no_reuse_workload={"requests": a.no_reuse_requests, "prompt_tokens": a.no_reuse_prompt_tokens,
                            "output_tokens": a.no_reuse_output_tokens},
         directory_stats=ray.get(directory.stats.remote(), timeout=30),
@@ -281,7 +295,7 @@ def main() -> int:
 
 
 def _run() -> int:
-    out = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--out"), "kv_tier_h100.json")
+    out = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--out"), "kv_tier_h200.json")
     try:
         return main()
     except Exception as err:  # noqa: BLE001 - keep what was measured, say what broke
