@@ -95,7 +95,7 @@ def metric_sums(samples: dict) -> dict[str, float]:
     """kvserve tier / router samples summed over their labels (router decisions kept per reason)."""
     out: dict[str, float] = {}
     for (name, labels), v in samples.items():
-        if "kvserve_kv_tier_" not in name and "kvserve_router_" not in name:
+        if ("kvserve_kv_tier_" not in name and "kvserve_router_" not in name) or name.endswith("_bucket"):
             continue
         key = name.removeprefix("ray_kvserve_")
         if "router_decisions" in key and 'reason="' in labels:
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-leftovers", action="store_true",
                    help="kill what an earlier server left before each start (`ray stop`: a machine of its own)")
     args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's CLIs and drivers send the token only with it
     order = args.order.split(",")
     if bad := [s for s in order if s not in SYSTEMS]:
         p.error(f"unknown systems {bad}; choose from {list(SYSTEMS)}")
