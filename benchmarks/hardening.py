@@ -30,18 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench.result import machine_info
 from benchmarks.hardening_load import Outcomes, burst, steady_load
+from benchmarks.serverproc import replica_actors
 
 #: Faster fault detection for the run (recorded in the JSON): the shipped defaults are 60 s / 10 s.
 OVERRIDES = {"ingress": {"request_timeout_s": 90},
              "models": [{"engine_stall_timeout_s": 10,
                          "deployment": {"health_check_period_s": 2, "health_check_timeout_s": 5}}]}
-
-
-def _replicas(part: str) -> list[dict]:
-    from ray.util.state import list_actors
-
-    return [{"id": a.actor_id, "pid": a.pid, "name": a.name} for a in list_actors(
-        filters=[("state", "=", "ALIVE")], limit=1000) if part in (a.class_name or "")]
 
 
 def _engine_pid(replica_pid: int) -> int:
@@ -60,7 +54,7 @@ async def _recovered(app: str, dep: str, gone: str, want: int, timeout_s: float 
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        alive = [r for r in await asyncio.to_thread(_replicas, dep) if r["id"] != gone]
+        alive = [r for r in await asyncio.to_thread(replica_actors, dep) if r["id"] != gone]
         status = await asyncio.to_thread(serve.status)
         d = status.applications[app].deployments[dep]
         if len(alive) >= want and d.status == "HEALTHY" and d.replica_states.get("RUNNING", 0) >= want:
@@ -86,8 +80,8 @@ async def _fault(name: str, base: str, model: str, dep: str, inject, settle_s: f
     out, stop = Outcomes(), asyncio.Event()
     load = asyncio.create_task(steady_load(base, model, out, stop))
     await asyncio.sleep(10)
-    before = len(await asyncio.to_thread(_replicas, dep))
-    victim = (await asyncio.to_thread(_replicas, dep))[0]
+    before = len(await asyncio.to_thread(replica_actors, dep))
+    victim = (await asyncio.to_thread(replica_actors, dep))[0]
     t0 = time.monotonic()
     detail = await inject(victim)
     recovery = await _recovered("kvserve", dep, victim["id"], before)
@@ -163,7 +157,7 @@ async def _overload(base: str, model: str, cfg) -> dict:
 
     m = cfg.models[0].deployment
     capacity = (m.num_replicas or 1) * m.max_ongoing_requests + m.max_queued_requests
-    ingress = (await asyncio.to_thread(_replicas, "ingress"))[0]
+    ingress = (await asyncio.to_thread(replica_actors, "ingress"))[0]
     rss0 = psutil.Process(ingress["pid"]).memory_info().rss
     rows = await burst(base, model, 2 * capacity)
     rss1 = psutil.Process(ingress["pid"]).memory_info().rss

@@ -4,7 +4,9 @@ Owns ``start`` (a server command in its own process group, output to a log file)
 (poll an OpenAI ``/v1/models`` URL until it lists a model, failing fast when the process exits),
 ``wait_serving`` (until a one-token completion succeeds: an ingress can list models while its engine
 replicas are still starting) and
-``stop`` (SIGINT to the whole group, SIGKILL after a grace period).
+``stop`` (SIGINT to the whole group, SIGKILL after a grace period); ``leftovers`` (what an earlier server
+left: listeners on its ports, vLLM engine cores, HAProxy) and ``replica_actors`` (the live Serve replica
+actors of a deployment, for fault injection).
 """
 
 from __future__ import annotations
@@ -72,3 +74,26 @@ def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.P
             pass
         time.sleep(2)
     raise TimeoutError(f"{base_url} did not serve {model} within {timeout_s}s")
+
+
+def leftovers(ports: tuple[int, ...]) -> dict:
+    """What still runs of an earlier server: listeners on ``ports``, vLLM engine cores, HAProxy."""
+    import psutil
+
+    listening = sorted({c.laddr.port for c in psutil.net_connections("tcp")
+                        if c.status == psutil.CONN_LISTEN and c.laddr.port in ports})
+    procs = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        text = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
+        if "EngineCore" in text or "haproxy" in (p.info["name"] or "") or "VLLM::" in text:
+            procs.append({"pid": p.info["pid"], "cmd": text[:160]})
+    return {"listening": listening, "processes": procs}
+
+
+def replica_actors(part: str) -> list[dict]:
+    """Alive actors whose class name contains ``part`` (Serve replicas: ``ServeReplica:<app>:<deployment>``),
+    as {id, pid, name}; needs a connected Ray driver and the dashboard's state API."""
+    from ray.util.state import list_actors
+
+    return [{"id": a.actor_id, "pid": a.pid, "name": a.name} for a in list_actors(
+        filters=[("state", "=", "ALIVE")], limit=1000) if part in (a.class_name or "")]

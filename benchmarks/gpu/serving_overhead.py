@@ -96,16 +96,7 @@ def write_variant(base_config: Path, name: str, work: Path) -> Path:
 
 def leftovers() -> dict:
     """What still runs of an earlier server: listeners on PORTS, vLLM engine cores, HAProxy."""
-    import psutil
-
-    listening = sorted({c.laddr.port for c in psutil.net_connections("tcp")
-                        if c.status == psutil.CONN_LISTEN and c.laddr.port in PORTS})
-    procs = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        text = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
-        if "EngineCore" in text or "haproxy" in (p.info["name"] or "") or "VLLM::" in text:
-            procs.append({"pid": p.info["pid"], "cmd": text[:160]})
-    return {"listening": listening, "processes": procs}
+    return serverproc.leftovers(PORTS)
 
 
 def clean(log: list, kill: bool) -> None:

@@ -97,8 +97,9 @@ def serve_config(base: dict, routing: dict[str, Any], engine_kwargs: dict[str, A
     return cfg
 
 
-def _bench(base_url: str, model: str, workload: list[str], load: list[str], duration_s: float,
-           out: Path, label: str) -> dict:
+def run_bench(base_url: str, model: str, workload: list[str], load: list[str], duration_s: float,
+              out: Path, label: str) -> dict:
+    """One ``kvserve bench`` run (a subprocess) -> its headline + load + the command (or an ``error``)."""
     cmd = [sys.executable, "-m", "benchmarks.cli", "bench", "--base-url", base_url, "--model", model, "--label", label,
            *workload, *load, "--duration", str(duration_s), "--request-timeout", "300", "-o", str(out)]
     print("+", shlex.join(cmd), flush=True)
@@ -130,13 +131,13 @@ def run_system(name: str, cfg: dict, scale: dict, rates: dict[str, dict[str, flo
         out["ready_s"] = round(time.time() - t0, 1)
         for wl, wl_args in scale["workloads"].items():
             res: dict[str, Any] = {}
-            sat = _bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"])],
+            sat = run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"])],
                          scale["duration_s"], work / f"{name}-{wl}-sat.json", name)
             res["sat"] = sat
             if name == "round-robin" and sat.get("requests_per_s"):
                 rates[wl] = {f"r{int(f * 100)}": round(f * sat["requests_per_s"], 3) for f in scale["fractions"]}
             for level, rate in rates.get(wl, {}).items():
-                res[level] = _bench(base_url, model, wl_args, ["--rate", str(rate)], scale["duration_s"],
+                res[level] = run_bench(base_url, model, wl_args, ["--rate", str(rate)], scale["duration_s"],
                                     work / f"{name}-{wl}-{level}.json", name)
             out[wl] = res
     except (RuntimeError, TimeoutError, subprocess.SubprocessError) as err:
