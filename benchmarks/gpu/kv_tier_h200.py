@@ -64,7 +64,7 @@ def _args() -> argparse.Namespace:
     a = p.parse_args()
     smoke = a.cpu_smoke
     a.prefix_tokens = a.prefix_tokens or (1024 if smoke else 8192)
-    a.no_reuse_requests = a.no_reuse_requests or (4 if smoke else 32)
+    a.no_reuse_requests = a.no_reuse_requests or (4 if smoke else 96)
     a.no_reuse_prompt_tokens = a.no_reuse_prompt_tokens or (384 if smoke else 2048)
     a.no_reuse_output_tokens = a.no_reuse_output_tokens or (4 if smoke else 32)
     a.kv_cache_gib = a.kv_cache_gib or (1.0 if smoke else 12.0)
@@ -242,6 +242,8 @@ def main() -> int:
             gbps.append(loads[-1][0] / (loads[-1][1] / 1e3) / 1e9)
             if len(loads[-1]) > 3:  # chunks DMA'd straight from registered plasma (GPU path)
                 RESULT.setdefault("load_direct_chunks", []).append(loads[-1][3])
+            if len(loads[-1]) > 4:  # ... and straight into the pages (no staging slot)
+                RESULT.setdefault("load_into_pages_chunks", []).append(loads[-1][4])
         dt, _, _ = gen(eng_b, [tokens(a.prefix_tokens + 32)])
         rec_ms.append(dt * 1e3)
         print(f"[bench] round: hit {hit_ms[-1]:.1f} ms (cached {c[0]}), recompute {rec_ms[-1]:.1f} ms", flush=True)
@@ -266,6 +268,7 @@ def main() -> int:
 
     # --- phase 4: no-reuse throughput, tier on (B) vs off (C) -----------------------------------
     def batch_tput(engine) -> float:
+        settle()  # the other engine's stores have landed: neither side measures the other's copies
         prompts = [tokens(a.no_reuse_prompt_tokens) for _ in range(a.no_reuse_requests)]
         dt, out_tokens, c = gen(engine, prompts, a.no_reuse_output_tokens, timeout=240)
         assert sum(c) == 0, f"no-reuse prompts must not hit any cache: {c}"

@@ -13,6 +13,9 @@ prefix hit lands in a running engine's cache) and reports GB/s per variant, chun
   register_once   register the process's whole plasma mapping once (its cost is reported on its own), then
                   H2D straight from plasma with no per-chunk registration (the tier's ``host_dma: mapping``,
                   through the same ``HostRegistrar.register_ranges`` and ``plasma_ranges``)
+  register_once_direct  as register_once, but H2D straight into the pages (``pages.scatter_runs`` from the
+                  plasma view: one ``_foreach_copy_`` per chunk) when the destination forms a few runs of
+                  consecutive blocks (``--dst runs``), else the register_once path (the tier's direct load)
 
 Every variant ends the same way: the chunk's bytes land in a device slot of the thread's stream, then one
 ``index_copy_`` per layer scatters the blocks into the pages. The loaded pages are checked against what was
@@ -44,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("pageable", "pinned_ring", "register_chunk", "register_once")
+VARIANTS = ("pageable", "pinned_ring", "register_chunk", "register_once", "register_once_direct")
 
 
 class Worker:
@@ -59,14 +62,20 @@ class Worker:
         self.next = 0
 
 
-def load_chunk(torch, variant: str, arr, dst_ids, pages, w: Worker, registrar) -> None:
-    """Bring one chunk (numpy view of plasma) into the pages at ``dst_ids`` (a device long tensor)."""
+def load_chunk(torch, variant: str, arr, dst_ids, pages, w: Worker, registrar, dst_list=None) -> None:
+    """Bring one chunk (numpy view of plasma) into the pages at ``dst_ids`` (a device long tensor;
+    ``dst_list`` the same ids as a list)."""
+    from deployments.kv_tier.pages import scatter_runs
+
     layers, n, page = arr.shape
     nbytes = arr.nbytes
     src = torch.from_numpy(arr).view(-1)
     ctx = torch.cuda.stream(w.stream) if w.stream is not None else contextlib.nullcontext()
     with ctx, torch.inference_mode():
         dev = w.dev[:nbytes]
+        if variant == "register_once_direct" and scatter_runs(
+                pages.layers, torch.from_numpy(arr), list(range(n)), dst_list, non_blocking=True):
+            return  # the worker's stream is synchronised at the end of the cell, before plasma is released
         if variant == "pinned_ring":
             i = w.next
             w.next = (i + 1) % len(w.host)
@@ -93,7 +102,7 @@ def load_chunk(torch, variant: str, arr, dst_ids, pages, w: Worker, registrar) -
 
 
 def run_cell(torch, ray, variant: str, refs: list, dst: list, pages, threads: int, chunk_bytes: int,
-             device: str, registrar) -> float:
+             device: str, registrar, dst_lists: list) -> float:
     """Load every chunk once with ``threads`` loader threads; return the wall seconds."""
     workers = [Worker(torch, device, chunk_bytes, ring=2, pinned=variant == "pinned_ring") for _ in range(threads)]
     todo = list(range(len(refs)))
@@ -110,7 +119,7 @@ def run_cell(torch, ray, variant: str, refs: list, dst: list, pages, threads: in
                         break
                     k = todo.pop()
                 arr = ray.get(refs[k])
-                load_chunk(torch, variant, arr, dst[k], pages, w, registrar)
+                load_chunk(torch, variant, arr, dst[k], pages, w, registrar, dst_lists[k])
             if w.stream is not None:
                 w.stream.synchronize()
         except BaseException as err:  # noqa: BLE001 - re-raised by the caller
@@ -151,6 +160,8 @@ def main() -> int:
     p.add_argument("--threads", default="1,2,4,8")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dst", choices=["random", "runs"], default="random",
+                   help="destination blocks: scattered one by one, or one run of consecutive blocks per chunk")
     p.add_argument("--object-store-gib", type=float, default=16)
     p.add_argument("--git-commit", default="unknown")
     args = p.parse_args()
@@ -167,7 +178,7 @@ def main() -> int:
             p.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
     cuda = args.device.startswith("cuda")
     if not cuda:
-        variants = [v for v in variants if v in ("pageable", "pinned_ring")]
+        variants = [v for v in variants if v in ("pageable", "pinned_ring", "register_once_direct")]
     ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False,
              object_store_memory=int(args.object_store_gib * 1024**3), log_to_driver=False)
     registrar = None
@@ -186,7 +197,7 @@ def main() -> int:
                     "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                                 "torch": torch.__version__, "ray": ray.__version__,
                                 "gpu": torch.cuda.get_device_name() if cuda else "none"},
-                    "layout": {"layers": args.layers, "page_bytes": args.page_bytes, "block_bytes": block_bytes,
+                    "dst": args.dst, "layout": {"layers": args.layers, "page_bytes": args.page_bytes, "block_bytes": block_bytes,
                                "total_bytes_per_cell": args.total_mib * 1024**2},
                     "cells": []}
     rng = np.random.default_rng(0)
@@ -195,13 +206,17 @@ def main() -> int:
         n_chunks = max(1, args.total_mib * 1024**2 // (per_chunk * block_bytes))
         values = [1 + k % 250 for k in range(n_chunks)]
         refs = [ray.put(np.full((args.layers, per_chunk, args.page_bytes), v, dtype=np.uint8)) for v in values]
-        perm = rng.permutation(args.num_blocks)[: n_chunks * per_chunk]
-        dst = [torch.as_tensor(perm[k * per_chunk:(k + 1) * per_chunk], dtype=torch.long, device=args.device)
-               for k in range(n_chunks)]
+        if args.dst == "runs":  # each chunk lands in one run of consecutive blocks, runs in random order
+            segs = rng.permutation(args.num_blocks // per_chunk)[:n_chunks]
+            perm = np.concatenate([np.arange(g * per_chunk, (g + 1) * per_chunk) for g in segs])
+        else:  # every block somewhere else (a fragmented free list)
+            perm = rng.permutation(args.num_blocks)[: n_chunks * per_chunk]
+        dst_lists = [perm[k * per_chunk:(k + 1) * per_chunk].tolist() for k in range(n_chunks)]
+        dst = [torch.as_tensor(d, dtype=torch.long, device=args.device) for d in dst_lists]
         nbytes = n_chunks * per_chunk * block_bytes
         for variant in variants:
             once = False
-            if variant == "register_once" and registrar is not None:  # the whole mapping, for this variant only
+            if variant.startswith("register_once") and registrar is not None:  # the whole mapping, for this variant only
                 ranges = plasma_ranges()
                 t0 = time.perf_counter()
                 added = registrar.register_ranges(ranges)
@@ -214,12 +229,13 @@ def main() -> int:
                 once = True
             for threads in (int(x) for x in args.threads.split(",")):
                 run_cell(torch, ray, variant, refs, dst, pages, threads, per_chunk * block_bytes, args.device,
-                         registrar if variant == "register_chunk" else None)  # warm-up
+                         registrar if variant == "register_chunk" else None, dst_lists)  # warm-up
                 check(torch, pages, dst, values)
                 walls = []
                 for _ in range(args.repeat):
                     walls.append(run_cell(torch, ray, variant, refs, dst, pages, threads, per_chunk * block_bytes,
-                                          args.device, registrar if variant == "register_chunk" else None))
+                                          args.device, registrar if variant == "register_chunk" else None,
+                                          dst_lists))
                     check(torch, pages, dst, values)
                 gbps = [nbytes / w / 1e9 for w in walls]
                 cell = {"variant": variant, "chunk_mib": round(per_chunk * block_bytes / 1024**2, 2),

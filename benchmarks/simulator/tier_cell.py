@@ -1,6 +1,6 @@
 """The KV-tier GPU cell in the simulator: TTFT of a prefix recomputed vs loaded from the tier.
 
-Owns ``tier_cell`` and ``tier_row``. The GPU benchmark (``benchmarks/gpu/kv_tier_h100.py``) times
+Owns ``tier_cell`` and ``tier_row``. The GPU benchmark (``benchmarks/gpu/kv_tier_h200.py``) times
 engines in-process (token ids in, no HTTP, no tokeniser): one engine computes a prefix of ``P``
 tokens plus a suffix, a second engine then serves the same prefix with another suffix (a tier hit),
 and a fresh prefix of the same length (a recompute). ``tier_cell`` replays exactly that on two

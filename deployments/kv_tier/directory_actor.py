@@ -33,11 +33,13 @@ class DirectoryActor(BlockDirectory):
         self._report()
         return ok
 
-    def note_load(self, nbytes: int, ms: float, failed_blocks: int, direct_chunks: int = 0) -> None:
+    def note_load(self, nbytes: int, ms: float, failed_blocks: int, direct_chunks: int = 0,
+                  into_pages: int = 0) -> None:
         """A worker's report of one finished load (kept for benchmarks; metrics are worker-side).
 
-        ``direct_chunks``: chunks DMA'd straight from registered object-store memory."""
-        self._loads.append((int(nbytes), float(ms), int(failed_blocks), int(direct_chunks)))
+        ``direct_chunks``: chunks DMA'd straight from registered object-store memory; ``into_pages``:
+        those of them copied straight into the paged cache (no device staging slot)."""
+        self._loads.append((int(nbytes), float(ms), int(failed_blocks), int(direct_chunks), int(into_pages)))
         del self._loads[:-256]
 
     def note_host_dma(self, replica: str, nbytes: int, seconds: float) -> None:
@@ -49,8 +51,9 @@ class DirectoryActor(BlockDirectory):
         """The workers' ``note_host_dma`` reports, oldest first."""
         return list(self._host_dma)
 
-    def recent_loads(self) -> list[tuple[int, float, int, int]]:
-        """The last loads as ``(bytes, milliseconds, failed blocks, direct chunks)``, oldest first."""
+    def recent_loads(self) -> list[tuple[int, float, int, int, int]]:
+        """The last loads as ``(bytes, milliseconds, failed blocks, direct chunks, into-pages chunks)``,
+        oldest first."""
         return list(self._loads)
 
     def node_id(self) -> str:

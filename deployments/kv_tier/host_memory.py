@@ -14,8 +14,13 @@ Three ways a loaded chunk reaches the GPU (``KVTierConfig.host_dma``):
   (``register_ranges(plasma_ranges())``), then every chunk inside it is DMA'd with no per-load
   cost. On the H100, registered plasma DMA'd at 50-54 GB/s; registering 24 GiB took 13.5 s cold /
   1.2 s warm. The cost is paid once per engine process, off the engine's thread, and pins the
-  object store's pages (shared memory: processes pinning the same pages do not add up). The
-  measured choice between the modes is in ``benchmarks/results/kv_transfer_micro_h200.json``.
+  object store's pages (shared memory: processes pinning the same pages do not add up).
+
+Measured on the H200 (``benchmarks/results/kv_transfer_micro_h200.json``: 1 GiB of 8B-shaped
+chunks into scattered blocks, 32 MiB chunks, best thread count): ``mapping`` 49.9 GB/s (2 threads),
+``staged`` 25.5 GB/s (2 threads), ``per_chunk`` 5.4 GB/s, a plain pageable copy 8.0 GB/s.
+Registering the 40 GiB store took 20.3 s the first time (the pages are faulted in) and 1.4 s
+after; in an engine (``kv_tier_h200.json``) 23-25 s, in the background. Hence ``mapping``.
 
 Only whole pages are registered (plasma objects are 64-byte aligned, so two chunks can share a
 page, and two loader threads registering overlapping ranges would fail). Driver API via ctypes:

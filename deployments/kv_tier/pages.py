@@ -73,10 +73,12 @@ def make_slots(pages: KVPages, count: int, nbytes: int) -> queue.Queue[Slot]:
 MAX_FOREACH_RUNS = 4
 
 
-def scatter_runs(layers: list[torch.Tensor], dev: torch.Tensor, src: list[int], dst: list[int]) -> bool:
+def scatter_runs(layers: list[torch.Tensor], dev: torch.Tensor, src: list[int], dst: list[int], *,
+                 non_blocking: bool = False) -> bool:
     """Copy ``dev[l, src[i]] -> layers[l][dst[i]]`` for every layer with ONE ``_foreach_copy_`` call
     when the blocks form at most ``MAX_FOREACH_RUNS`` runs of consecutive ids (the usual case for
-    a fresh allocation); returns False (nothing copied) otherwise.
+    a fresh allocation); returns False (nothing copied) otherwise. ``dev`` may be a host tensor
+    (page-locked plasma): the copies are then H2D straight into the pages (``non_blocking``).
 
     Why: a per-layer ``index_copy_`` is 32 Python-level launches per chunk for 8B, each releasing
     and re-taking the GIL in a loader thread while the engine thread spins through empty steps
@@ -92,5 +94,5 @@ def scatter_runs(layers: list[torch.Tensor], dev: torch.Tensor, src: list[int], 
         for s0, d0, k in runs:
             dsts.append(layer[d0:d0 + k])
             srcs.append(dev[l, s0:s0 + k])
-    foreach(dsts, srcs)
+    foreach(dsts, srcs, non_blocking=non_blocking)
     return True

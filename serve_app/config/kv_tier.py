@@ -77,7 +77,10 @@ class KVTierConfig(BaseModel):
         "into a pinned slot, then H2D. See deployments/kv_tier/host_memory.py for the measured costs.",
     )
     load_threads: int = Field(
-        default=8, ge=1, description="Parallel chunk loads per worker (8 reached 23-30 GB/s on an H100)."
+        default=2, ge=1,
+        description="Parallel chunk loads per worker for chunks that cannot go straight into the pages. On the H200, "
+        "2 threads moved 32 MiB chunks fastest (benchmarks/results/kv_transfer_micro_h200.json: 50 GB/s from the "
+        "page-locked store, 25 GB/s through pinned slots; 8 threads: 24 and 14 GB/s).",
     )
     lookup_timeout_s: float = Field(
         default=0.5, gt=0,
