@@ -76,7 +76,7 @@ SCALES: dict[str, dict] = {
         "config": "configs/gpu-routing.yaml", "replicas": 4, "kv_cache_tokens": 32 * 1024, "fast_path": True,
         "tier": {"budget_gib": 16.0}, "object_store_gib": 40.0,
         "docs": 48, "doc_tokens": "4096:8192", "question_tokens": "32:64", "output_len": 64,
-        "load": "concurrency", "rate": 20.0, "concurrency": 64, "num_requests": 2000, "duration_s": 150.0,
+        "load": "concurrency", "rate": 20.0, "concurrency": 64, "num_requests": 2000, "duration_s": 120.0,
         "kill_at_s": 35.0,
     },
 }

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_gpu_scale_is_closed_loop_cpu_scale_open_loop() -> None:
-    assert e2e.load_args(e2e.SCALES["gpu"]) == (["--concurrency", "64", "--num-requests", "2000"], 150.0)
+    assert e2e.load_args(e2e.SCALES["gpu"]) == (["--concurrency", "64", "--num-requests", "2000"], 120.0)
     assert e2e.load_args(e2e.SCALES["cpu"]) == (["--rate", "0.5"], 60.0)
     assert e2e.load_args({"load": "concurrency", "concurrency": 8, "num_requests": None, "duration_s": 30.0}) \
         == (["--concurrency", "8"], 30.0)
