@@ -249,7 +249,8 @@ def restart_midway(dep: str, after_s: float, want: int, t0: float, rec: dict, do
                     eps, errs = event_endpoints(new, timeout_s=10.0)
                     if eps:
                         tap.add(eps)
-                        rec.update(resubscribed_endpoints=len(eps), resubscribed_at_s=round(time.monotonic() - t0, 1))
+                        rec.update(resubscribed_endpoints=len(eps), resubscribed_at_s=round(time.monotonic() - t0, 1),
+                                   resubscribed_before_bench_end=not done.is_set())
                         rec.pop("resubscribe_error", None)
                         break
                     rec["resubscribe_error"] = "; ".join(errs)
@@ -438,9 +439,10 @@ def main(argv: list[str] | None = None) -> int:
            "routing": "kv-aware", "runs": [], "leftovers": [], "git_commit": args.git_commit,
            "command": shlex.join(["python", "benchmarks/gpu/kv_tier_e2e.py", *(argv or sys.argv[1:])]),
            "machine": machine_info(),
-           "notes": {"kv_events_by_medium": "counted on each replica's KV-event socket (the router's); the "
-                                            "router_kv_evidence of each run is the router's own count (all media)"
-                                            " and its predicted vs actual cached tokens",
+           "notes": {"kv_events_by_medium": "blocks per event kind:medium, counted on each replica's KV-event "
+                                            "socket (the router's; a replacement's once its stats answer); "
+                                            "router_kv_evidence: the router's own count of events consumed (all "
+                                            "media, not blocks) and its predicted vs actual cached tokens",
                      "load": "closed loop: bench --concurrency N --num-requests M, --duration a cap; open loop: "
                              "--rate R --duration D"}}
     for system in order:
