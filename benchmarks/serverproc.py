@@ -5,8 +5,10 @@ Owns ``start`` (a server command in its own process group, output to a log file)
 ``wait_serving`` (until a one-token completion succeeds: an ingress can list models while its engine
 replicas are still starting) and
 ``stop`` (SIGINT to the whole group, SIGKILL after a grace period); ``leftovers`` (what an earlier server
-left: listeners on its ports, vLLM engine cores, HAProxy) and ``replica_actors`` (the live Serve replica
-actors of a deployment, for fault injection).
+left: listeners on its ports, vLLM engine cores, HAProxy), ``kill_found`` (end such leftovers by pid, only the
+ones found, and check they are gone), ``gpu_memory_used_mib`` (nvidia-smi, where there is one),
+``deployment_name`` (the Serve deployment of a model id, as ``deployments.vllm_replica`` names it) and
+``replica_actors`` (the live Serve replica actors of a deployment, for fault injection).
 """
 
 from __future__ import annotations
@@ -88,6 +90,64 @@ def leftovers(ports: tuple[int, ...]) -> dict:
         if "EngineCore" in text or "haproxy" in (p.info["name"] or "") or "VLLM::" in text:
             procs.append({"pid": p.info["pid"], "cmd": text[:160]})
     return {"listening": listening, "processes": procs}
+
+
+def kill_found(procs: list[dict], must_contain: str = "EngineCor", grace_s: float = 10.0) -> dict:
+    """SIGTERM, then SIGKILL after ``grace_s``, the processes of ``procs`` ({pid, cmd}, as ``leftovers`` lists
+    them) whose command line contains ``must_contain`` and still does (a reused pid is left alone); then
+    check which are gone. Returns {killed: [{pid, cmd}], sigkilled: [pid], still_alive: [pid], skipped: [pid]}."""
+    import psutil
+
+    out: dict = {"killed": [], "sigkilled": [], "still_alive": [], "skipped": []}
+    targets = []
+    for p in procs:
+        if must_contain not in p["cmd"]:
+            continue
+        try:
+            proc = psutil.Process(p["pid"])
+            text = " ".join(proc.cmdline()) or proc.name()
+        except psutil.NoSuchProcess:
+            continue  # already gone
+        except psutil.AccessDenied:
+            out["skipped"].append(p["pid"])
+            continue
+        if must_contain not in text:
+            out["skipped"].append(p["pid"])
+            continue
+        targets.append(proc)
+        out["killed"].append({"pid": p["pid"], "cmd": p["cmd"]})
+    for proc in targets:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(targets, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+            out["sigkilled"].append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    out["still_alive"] = [p.pid for p in alive]
+    return out
+
+
+def gpu_memory_used_mib() -> list[int] | None:
+    """Memory used per GPU (MiB) from nvidia-smi, or None where there is none."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [int(x) for x in r.stdout.split() if x.strip().isdigit()]
+
+
+def deployment_name(model_id: str) -> str:
+    """The vLLM deployment of ``model_id``: ``vllm-`` + the id with characters other than alphanumerics,
+    ``-`` and ``_`` replaced by ``-`` (``llama-3.2-1b`` -> ``vllm-llama-3-2-1b``), as
+    ``deployments.vllm_replica.build_replica`` names it."""
+    return "vllm-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in model_id)
 
 
 def replica_actors(part: str) -> list[dict]:

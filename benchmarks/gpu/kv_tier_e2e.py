@@ -6,21 +6,32 @@ router that costs tier-held blocks at ``obj_load_ratio`` of recompute through KV
 each replica's GPU KV cache capped so the document set outgrows one replica's cache but fits the tier
 budget; only ``kv_tier.enabled`` differs), starts it with ``kvserve serve`` (its own Ray, object store sized
 by env; stopped, and checked for leftovers, as ``serving_overhead`` does), drives ``kvserve bench --workload
-docqa`` at a Poisson rate with the same seed, kills one vLLM replica actor halfway (Serve's controller
-replaces it, as ``benchmarks/hardening.py`` does) and records when, scrapes Ray's metrics before and after
+docqa`` with the same seed, closed loop (``--concurrency``, bounded by ``--num-requests``; the gpu scale's
+default, so that tier_off saturates) or open loop (``--rate``, the cpu scale's default), kills one vLLM
+replica actor about midway (``--kill-at-s``; Serve's controller replaces it, as ``benchmarks/hardening.py``
+does) and records when (or the error that stopped it), scrapes Ray's metrics before and after
 (``kvserve_kv_tier_*``, ``kvserve_router_*``) and counts the KV events by medium that the replicas publish
-on the sockets the router subscribes to (there is no per-medium router counter).
+on the sockets the router subscribes to (there is no per-medium router counter; ``router_kv_evidence`` keeps
+the router's own count of the events it consumed and its predicted vs actual cached tokens beside it). The
+replica actors are found by their deployment's name as Serve spells it (``llama-3.2-1b`` ->
+``vllm-llama-3-2-1b``). With ``--kill-leftovers`` (or ``--kill-engines-after-stop``, which runs no ``ray stop``),
+the vLLM engine cores a stopped server left are killed by pid (only those found, not there before its start)
+and checked gone (``leftovers_killed``, ``left_after_kill``).
 
 Writes JSON: every run (bench headline, tier and router metric deltas, KV events by medium, restart), the
 medians per system, ``e2e_ttft_p50_ratio`` and ``e2e_throughput_ratio`` (tier_on / tier_off; goals <= 0.6
 and >= 1.3), command, machine, git commit. Configs, server logs and raw bench JSON go to ``--work-dir``
-(default: ``work/`` beside ``--out``). Run it under the shared lock:
+(default: ``work/`` beside ``--out``). ``--git-commit`` must be a literal SHA computed on the developer's
+machine (``git rev-parse HEAD`` there): the device's copy of the repository has stale git metadata, so
+``$(git rev-parse HEAD)`` evaluated on the device names an old commit. Run it under the shared lock:
 
     flock /tmp/kvserve-ray.lock python benchmarks/gpu/kv_tier_e2e.py --scale cpu --out /tmp/e2e/cpu.json
     # GPU (one H200, a machine of its own; first `kvserve prepare-model --shape llama-3.2-1b --model-dir .models`
-    # and carry .models; ~9 min for two systems: starts ~200 s cold / 60-90 s warm, 85 s measured each):
+    # and carry .models; ~9 min for two systems: starts 120-170 s, ~65-80 s measured each at 64 in flight;
+    # SHA below: the literal output of `git rev-parse HEAD` on the developer's machine, pasted in):
     bash benchmarks/gpu/run_on_device.sh 590 benchmarks/gpu/kv_tier_e2e.py --scale gpu --model-dir .models \\
-        --kill-leftovers --order tier_off,tier_on --out /tmp/res/kv_tier_e2e.json --git-commit $(git rev-parse HEAD)
+        --kill-leftovers --order tier_off,tier_on --concurrency 64 --num-requests 2000 \\
+        --out /tmp/res/kv_tier_e2e.json --git-commit 0123456789abcdef0123456789abcdef01234567
 """
 
 from __future__ import annotations
@@ -54,16 +65,19 @@ SCALES: dict[str, dict] = {
         "config": "configs/cpu.yaml", "replicas": 2, "kv_cache_tokens": 24 * 128, "fast_path": False,
         "tier": {"budget_gib": 1.0, "lookup_timeout_s": 5.0}, "object_store_gib": 2.0,
         "docs": 6, "doc_tokens": "700:900", "question_tokens": "16:32", "output_len": 8,
-        "rate": 0.5, "duration_s": 60.0,
+        "load": "rate", "rate": 0.5, "concurrency": 2, "num_requests": None, "duration_s": 60.0,
     },
     # 4 x Llama-3.2-1B shape at 0.2 GPU (32 KiB/token): 32K tokens (1 GiB) per replica, 128K in all; 48 docs
-    # ~295K tokens (9 GiB) fit the 16 GiB tier. The rate must exceed what tier_off sustains (~40% hits, ~75K
-    # prefill tok/s at 20/s) for the open loop's throughput to differ; tier_on mostly loads (~200 MB each).
+    # ~295K tokens (9 GiB) fit the 16 GiB tier. Closed loop (64 in flight): an open loop at 20/s did not
+    # saturate tier_off (~40% hits, served 20.3/s), so its throughput ratio was 1.00 by construction. tier_off
+    # is assumed to saturate at ~25-30 req/s: 2000 requests are a ~65-80 s window (duration_s only caps it);
+    # the replica is killed at 35 s, about midway.
     "gpu": {
         "config": "configs/gpu-routing.yaml", "replicas": 4, "kv_cache_tokens": 32 * 1024, "fast_path": True,
         "tier": {"budget_gib": 16.0}, "object_store_gib": 40.0,
         "docs": 48, "doc_tokens": "4096:8192", "question_tokens": "32:64", "output_len": 64,
-        "rate": 20.0, "duration_s": 85.0,
+        "load": "concurrency", "rate": 20.0, "concurrency": 64, "num_requests": 2000, "duration_s": 120.0,
+        "kill_at_s": 35.0,
     },
 }
 PORTS = (8000, 8404)  # kvserve HTTP, HAProxy stats (the Ray metrics port is read from the cluster)
@@ -110,7 +124,13 @@ class EventTap(threading.Thread):
 
     def __init__(self, endpoints: list[str]) -> None:
         super().__init__(daemon=True)
-        self.endpoints, self.counts, self.stop = endpoints, {}, threading.Event()
+        self.endpoints, self.counts, self.stop = list(endpoints), {}, threading.Event()
+        self._added: list[str] = []  # endpoints of replacement replicas, connected by the tap's thread
+        self._lock = threading.Lock()
+
+    def add(self, endpoints: list[str]) -> None:
+        with self._lock:
+            self._added.extend(ep for ep in endpoints if ep not in self.endpoints)
 
     def run(self) -> None:
         import msgspec
@@ -118,15 +138,23 @@ class EventTap(threading.Thread):
 
         from routers.events import decode_batch
         subs = []
-        for ep in self.endpoints:
+        poller = zmq.Poller()
+
+        def connect(ep: str) -> None:
             sub = zmq.Context.instance().socket(zmq.SUB)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.connect(ep.partition(";replay=")[0])
             subs.append(sub)
-        poller = zmq.Poller()
-        for sub in subs:
             poller.register(sub, zmq.POLLIN)
+
+        for ep in self.endpoints:
+            connect(ep)
         while not self.stop.is_set():
+            with self._lock:
+                added, self._added = self._added, []
+            for ep in added:
+                self.endpoints.append(ep)
+                connect(ep)
             for sock, _ in poller.poll(200):
                 frames = sock.recv_multipart()
                 try:
@@ -139,44 +167,105 @@ class EventTap(threading.Thread):
             sub.close(0)
 
 
-def event_endpoints(names: list[str]) -> list[str]:
-    """Each replica's KV-event endpoint, from its stats (Serve internals, as tests/integration do)."""
+def event_endpoints(names: list[str], timeout_s: float = 60.0) -> tuple[list[str], list[str]]:
+    """Each replica's KV-event endpoint, from its stats (Serve internals, as tests/integration do), and an
+    error line per replica that gave none."""
     import pickle
     import uuid
 
     import ray
     from ray.serve._private.common import RequestMetadata
 
-    out = []
+    out, errors = [], []
     for name in names:
-        rid = uuid.uuid4().hex
-        meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method="get_stats", app_name="kvserve")
-        stats = ray.get(ray.get_actor(name, namespace="serve").handle_request.remote(pickle.dumps(meta)), timeout=60)
-        if stats.get("kv_events_endpoint"):
-            out.append(stats["kv_events_endpoint"])
-    return out
+        try:
+            rid = uuid.uuid4().hex
+            meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method="get_stats",
+                                   app_name="kvserve")
+            stats = ray.get(ray.get_actor(name, namespace="serve").handle_request.remote(pickle.dumps(meta)),
+                            timeout=timeout_s)
+            if stats.get("kv_events_endpoint"):
+                out.append(stats["kv_events_endpoint"])
+            else:
+                errors.append(f"{name}: no kv_events_endpoint in its stats")
+        except Exception as err:  # noqa: BLE001 - recorded; the run goes on without that replica's events
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+    return out, errors
 
 
-def restart_midway(dep: str, after_s: float, want: int, t0: float, rec: dict, done: threading.Event) -> None:
-    """After ``after_s``, kill one replica actor (Serve replaces it); record when, and when ``want`` are back."""
-    import ray
+def router_kv_evidence(metrics: dict[str, float]) -> dict:
+    """The router's own view of the KV events and of what they predicted (deltas over the bench): events it
+    consumed (all media; there is no per-medium counter), predicted vs actual cached tokens."""
+    ev = {k: metrics.get(k) for k in ("router_kv_events_total", "router_predicted_cached_tokens_total",
+                                      "router_actual_cached_tokens_total")}
+    pred, act = ev["router_predicted_cached_tokens_total"], ev["router_actual_cached_tokens_total"]
+    ev["actual_over_predicted"] = round(act / pred, 3) if pred and act is not None else None
+    n = metrics.get("router_cached_tokens_prediction_error_tokens_count")
+    ev["prediction_error_mean_tokens"] = (
+        round(metrics.get("router_cached_tokens_prediction_error_tokens_sum", 0.0) / n, 1) if n else None)
+    return ev
 
-    if done.wait(after_s):
-        return
-    victim = min(serverproc.replica_actors(dep), key=lambda a: a["name"])
-    ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
-    rec.update(killed=victim["name"], kill_at_s=round(time.monotonic() - t0, 1))
-    print(f"[e2e] killed {victim['name']} at {rec['kill_at_s']} s", flush=True)
-    while not done.wait(1.0):
-        alive = [a for a in serverproc.replica_actors(dep) if a["id"] != victim["id"]]
-        if len(alive) >= want:
-            rec["replaced_at_s"] = round(time.monotonic() - t0, 1)  # actor alive (its engine may still load)
+
+def load_args(scale: dict) -> tuple[list[str], float]:
+    """``kvserve bench`` load flags and its --duration: closed loop (``concurrency``, bounded by
+    ``num_requests`` with ``duration_s`` as a cap, or by ``duration_s``) or open loop (Poisson ``rate``)."""
+    if scale["load"] == "concurrency":
+        n = scale.get("num_requests")
+        return ["--concurrency", str(int(scale["concurrency"])), *(["--num-requests", str(int(n))] if n else [])], \
+            float(scale["duration_s"])
+    return ["--rate", str(scale["rate"])], float(scale["duration_s"])
+
+
+def kill_at_s(scale: dict) -> float:
+    """When to kill a replica: the scale's ``kill_at_s``, else half the bench's duration."""
+    return float(scale.get("kill_at_s") or scale["duration_s"] / 2)
+
+
+def restart_midway(dep: str, after_s: float, want: int, t0: float, rec: dict, done: threading.Event,
+                   tap: EventTap | None = None) -> None:
+    """After ``after_s``, kill one replica actor (Serve replaces it); record when, and when ``want`` are back
+    (then subscribe ``tap`` to the replacement's KV events). Any failure lands in ``rec["error"]``."""
+    try:
+        import ray
+
+        rec["planned_at_s"] = round(after_s, 1)
+        if done.wait(after_s):
+            rec["error"] = f"not killed: the bench ended before {after_s:.0f} s"
             return
+        found = serverproc.replica_actors(dep)
+        if not found:
+            raise RuntimeError(f"no alive actor of class *{dep}* (list_actors) to kill")
+        victim = min(found, key=lambda a: a["name"])
+        ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
+        rec.update(killed=victim["name"], kill_at_s=round(time.monotonic() - t0, 1))
+        print(f"[e2e] killed {victim['name']} at {rec['kill_at_s']} s", flush=True)
+        while not done.wait(1.0):
+            alive = [a for a in serverproc.replica_actors(dep) if a["id"] != victim["id"]]
+            if len(alive) >= want:
+                rec["replaced_at_s"] = round(time.monotonic() - t0, 1)  # actor alive (its engine may still load)
+                new = [a["name"] for a in alive if a["name"] not in {v["name"] for v in found}]
+                rec["replacement"] = new
+                while tap is not None and new and not done.is_set():  # its engine may still be loading
+                    eps, errs = event_endpoints(new, timeout_s=10.0)
+                    if eps:
+                        tap.add(eps)
+                        rec.update(resubscribed_endpoints=len(eps), resubscribed_at_s=round(time.monotonic() - t0, 1),
+                                   resubscribed_before_bench_end=not done.is_set())
+                        rec.pop("resubscribe_error", None)
+                        break
+                    rec["resubscribe_error"] = "; ".join(errs)
+                    done.wait(2.0)
+                return
+        rec.setdefault("error", f"replacement not alive ({want} wanted) when the bench ended")
+    except Exception as err:  # noqa: BLE001 - any failure goes into the JSON instead of dying with the thread
+        rec["error"] = f"{type(err).__name__}: {err}"
+        print(f"[e2e] restart failed: {rec['error']}", flush=True)
 
 
 def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, log: list) -> dict:
     tag = f"{system}_{run}"
     clean(log, args.kill_leftovers)
+    before_start = {p["pid"] for p in serverproc.leftovers(PORTS)["processes"]}  # not this server's: left alone
     cfg_path = work / f"{tag}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     store = int(scale["object_store_gib"] * GiB)
@@ -199,22 +288,33 @@ def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, 
         ray.init(address="auto", namespace="kvserve_e2e_bench", logging_level="ERROR", log_to_driver=False)
         node = next(n for n in ray.nodes() if n["Alive"])
         metrics_url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        dep = f"vllm-{model}"
-        replicas = serverproc.replica_actors(dep)
-        tap = EventTap(event_endpoints([a["name"] for a in replicas]))
+        dep = serverproc.deployment_name(model)  # llama-3.2-1b -> vllm-llama-3-2-1b
+        res["deployment"] = dep
+        try:
+            replicas = serverproc.replica_actors(dep)
+        except Exception as err:  # noqa: BLE001 - the state API (dashboard) may be missing; recorded
+            replicas, res["replicas_error"] = [], f"{type(err).__name__}: {err}"
+        res["replicas_found"] = len(replicas)
+        eps, ep_errors = event_endpoints([a["name"] for a in replicas])
+        res["kv_events_endpoints"] = len(eps)
+        if ep_errors or not eps:
+            res["kv_events_error"] = "; ".join(ep_errors) or f"no replica of {dep} found to subscribe to"
+        tap = EventTap(eps)
         tap.start()
+        time.sleep(1)  # ZMQ subscriptions take a moment to reach the publishers
         before = scrape(metrics_url)
         t0, restart = time.monotonic(), {}
         killer = threading.Thread(target=restart_midway, daemon=True,
-                                  args=(dep, scale["duration_s"] / 2, len(replicas), t0, restart, done))
+                                  args=(dep, kill_at_s(scale), len(replicas), t0, restart, done, tap))
         killer.start()
         workload = ["--workload", "docqa", "--docs", str(scale["docs"]), "--doc-tokens", scale["doc_tokens"],
                     "--question-tokens", scale["question_tokens"], "--output-len", str(scale["output_len"]),
                     "--seed", str(args.seed)]
-        res["bench"] = run_bench(base, model, workload, ["--rate", str(scale["rate"])], scale["duration_s"],
-                                 work / f"{tag}_bench.json", system)
+        load, duration = load_args(scale)
+        res["bench"] = run_bench(base, model, workload, load, duration, work / f"{tag}_bench.json", system)
+        res["bench_wall_s"] = round(time.monotonic() - t0, 1)
         done.set()
-        killer.join(5)
+        killer.join(15)  # a resubscription may be waiting on a replacement's stats (10 s)
         res["restart"] = restart
         time.sleep(3)  # Ray's agent exports every second
         after = scrape(metrics_url)
@@ -222,6 +322,7 @@ def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, 
         res["metrics"] = {k: round(v - b.get(k, 0.0), 1) for k, v in sorted(a.items())}
         res["metrics_url"] = metrics_url
         res["kv_events_by_medium"] = dict(tap.counts)
+        res["router_kv_evidence"] = router_kv_evidence(res["metrics"])
     except (RuntimeError, TimeoutError, OSError, StopIteration, IndexError) as err:
         res["error"] = f"{type(err).__name__}: {err}"
     finally:
@@ -239,6 +340,14 @@ def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, 
         res["stop_s"] = round(time.time() - t_stop, 1)
         time.sleep(3)
         res["left_after_stop"] = serverproc.leftovers(PORTS)
+        res["gpu_memory_used_mib_after_stop"] = serverproc.gpu_memory_used_mib()
+        if args.kill_leftovers or args.kill_engines_after_stop:  # engine cores this server left, by pid
+            mine = [p for p in res["left_after_stop"]["processes"] if p["pid"] not in before_start]
+            res["leftovers_killed"] = serverproc.kill_found(mine)
+            res["left_after_kill"] = serverproc.leftovers(PORTS)
+            res["gpu_memory_used_mib_after_kill"] = serverproc.gpu_memory_used_mib()
+            print(f"[e2e] {tag}: leftovers after stop {res['left_after_stop']}; killed {res['leftovers_killed']}; "
+                  f"after the kill {res['left_after_kill']}", flush=True)
     print(f"[e2e] {tag}: {json.dumps({k: res.get(k) for k in ('bench', 'restart', 'kv_events_by_medium')})}",
           flush=True)
     return res
@@ -246,7 +355,7 @@ def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, 
 
 def summarize(runs: list[dict]) -> dict:
     """Medians per system and tier_on / tier_off ratios."""
-    keys = ("ttft_p50_ms", "ttft_p90_ms", "output_tok_per_s", "cache_hit_rate", "errors")
+    keys = ("ttft_p50_ms", "ttft_p90_ms", "output_tok_per_s", "requests_per_s", "cache_hit_rate", "errors")
     med: dict = {}
     for s in SYSTEMS:
         rs = [r for r in runs if r["system"] == s and "ttft_p50_ms" in r.get("bench", {})]
@@ -256,6 +365,8 @@ def summarize(runs: list[dict]) -> dict:
             [r["metrics"].get("kv_tier_hit_tokens_total", 0.0) for r in rs if "metrics" in r] or [0.0])
         med[s]["obj_block_stored_events"] = statistics.median(  # OBJ events on the sockets the router reads
             [r.get("kv_events_by_medium", {}).get("BlockStored:OBJ", 0) for r in rs] or [0])
+        med[s]["router_kv_events"] = statistics.median(  # all media: the router has no per-medium counter
+            [r["metrics"].get("router_kv_events_total", 0.0) for r in rs if "metrics" in r] or [0.0])
         med[s]["runs"] = len(rs)
     on, off = med["tier_on"], med["tier_off"]
 
@@ -263,7 +374,7 @@ def summarize(runs: list[dict]) -> dict:
         return round(on[k] / off[k], 3) if on["runs"] and off["runs"] and off[k] else None
 
     return {"medians": med, "e2e_ttft_p50_ratio": ratio("ttft_p50_ms"), "e2e_ttft_p90_ratio": ratio("ttft_p90_ms"),
-            "e2e_throughput_ratio": ratio("output_tok_per_s"),
+            "e2e_throughput_ratio": ratio("output_tok_per_s"), "e2e_requests_per_s_ratio": ratio("requests_per_s"),
             "targets": {"e2e_ttft_p50_ratio": "<= 0.6", "e2e_throughput_ratio": ">= 1.3"}}
 
 
@@ -276,23 +387,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", help="configs, server logs, raw bench JSON (default: work/ beside --out)")
     p.add_argument("--seed", type=int, default=0)
-    for key in ("rate", "duration_s", "docs", "replicas", "kv_cache_tokens", "object_store_gib"):
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="closed loop: requests in flight (the gpu scale's default: 64)")
+    load.add_argument("--rate", type=float, help="open loop: Poisson requests/s (the cpu scale's default: 0.5)")
+    p.add_argument("--num-requests", type=int,
+                   help="closed loop: measured requests (gpu default 2000; 0: none, --duration-s bounds the run)")
+    p.add_argument("--duration-s", "--duration", dest="duration_s", type=float,
+                   help="bench --duration: the open loop's length, the closed loop's bound or cap")
+    p.add_argument("--kill-at-s", type=float, help="when to kill a replica (default: the scale's, or duration/2)")
+    for key in ("docs", "replicas", "kv_cache_tokens", "object_store_gib"):
         p.add_argument("--" + key.replace("_", "-"), type=float, help="override the scale's value")
     p.add_argument("--budget-gib", type=float, help="kv_tier.budget_gib (default: the scale's)")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--git-commit", default="unknown")
     p.add_argument("--kill-leftovers", action="store_true",
-                   help="kill what an earlier server left before each start (`ray stop`: a machine of its own)")
+                   help="kill what an earlier server left before each start (`ray stop`: a machine of its own) "
+                        "and implies --kill-engines-after-stop")
+    p.add_argument("--kill-engines-after-stop", action="store_true",
+                   help="after each stop, kill the vLLM engine cores that server left (by pid, only those found "
+                        "that were not there before its start; checked gone); no `ray stop`")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's CLIs and drivers send the token only with it
     order = args.order.split(",")
     if bad := [s for s in order if s not in SYSTEMS]:
         p.error(f"unknown systems {bad}; choose from {list(SYSTEMS)}")
     scale = json.loads(json.dumps(SCALES[args.scale]))
-    for key in ("rate", "duration_s", "object_store_gib", "docs", "replicas", "kv_cache_tokens"):
+    for key in ("rate", "duration_s", "object_store_gib", "docs", "replicas", "kv_cache_tokens", "concurrency",
+                "num_requests", "kill_at_s"):
         if getattr(args, key) is not None:
-            scale[key] = getattr(args, key) if key in ("rate", "duration_s", "object_store_gib") \
+            scale[key] = getattr(args, key) if key in ("rate", "duration_s", "object_store_gib", "kill_at_s") \
                 else int(getattr(args, key))
+    if args.rate is not None:
+        scale["load"] = "rate"
+    elif args.concurrency is not None:
+        scale["load"] = "concurrency"
     if args.budget_gib:
         scale["tier"]["budget_gib"] = args.budget_gib
     out = Path(args.out)
@@ -310,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"schema": "kvserve.kv_tier_e2e/1", "scale": args.scale, "scale_settings": scale, "sizes": sizes,
            "routing": "kv-aware", "runs": [], "leftovers": [], "git_commit": args.git_commit,
            "command": shlex.join(["python", "benchmarks/gpu/kv_tier_e2e.py", *(argv or sys.argv[1:])]),
-           "machine": machine_info()}
+           "machine": machine_info(),
+           "notes": {"kv_events_by_medium": "blocks per event kind:medium, counted on each replica's KV-event "
+                                            "socket (the router's; a replacement's once its stats answer); "
+                                            "router_kv_evidence: the router's own count of events consumed (all "
+                                            "media, not blocks) and its predicted vs actual cached tokens",
+                     "load": "closed loop: bench --concurrency N --num-requests M, --duration a cap; open loop: "
+                             "--rate R --duration D"}}
     for system in order:
         cfg = system_config(base, SYSTEMS[system], scale, int(scale["kv_cache_tokens"] * per_token),
                             args.scale == "cpu")

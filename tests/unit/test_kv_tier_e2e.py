@@ -1,0 +1,73 @@
+"""benchmarks/gpu/kv_tier_e2e.py's pieces that need no server: load flags (closed vs open loop), the kill
+time, the router's KV evidence, and the midway kill recording its failure instead of losing it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from benchmarks import serverproc
+from benchmarks.gpu import kv_tier_e2e as e2e
+
+pytestmark = pytest.mark.unit
+
+
+def test_gpu_scale_is_closed_loop_cpu_scale_open_loop() -> None:
+    assert e2e.load_args(e2e.SCALES["gpu"]) == (["--concurrency", "64", "--num-requests", "2000"], 120.0)
+    assert e2e.load_args(e2e.SCALES["cpu"]) == (["--rate", "0.5"], 60.0)
+    assert e2e.load_args({"load": "concurrency", "concurrency": 8, "num_requests": None, "duration_s": 30.0}) \
+        == (["--concurrency", "8"], 30.0)
+    assert e2e.kill_at_s(e2e.SCALES["gpu"]) == 35.0
+    assert e2e.kill_at_s(e2e.SCALES["cpu"]) == 30.0
+
+
+def test_router_kv_evidence() -> None:
+    ev = e2e.router_kv_evidence({"router_kv_events_total": 422880.0, "router_predicted_cached_tokens_total": 200.0,
+                                 "router_actual_cached_tokens_total": 150.0,
+                                 "router_cached_tokens_prediction_error_tokens_sum": 30.0,
+                                 "router_cached_tokens_prediction_error_tokens_count": 3.0})
+    assert ev == {"router_kv_events_total": 422880.0, "router_predicted_cached_tokens_total": 200.0,
+                  "router_actual_cached_tokens_total": 150.0, "actual_over_predicted": 0.75,
+                  "prediction_error_mean_tokens": 10.0}
+    assert e2e.router_kv_evidence({})["actual_over_predicted"] is None
+
+
+def test_restart_midway_records_why_it_did_not_kill(monkeypatch) -> None:
+    monkeypatch.setattr(serverproc, "replica_actors", lambda dep: [])
+    rec: dict = {}
+    e2e.restart_midway("vllm-llama-3-2-1b", 0.01, 4, time.monotonic(), rec, threading.Event())
+    assert rec["error"].startswith("RuntimeError: no alive actor") and "killed" not in rec
+
+    def broken(dep):
+        raise ConnectionError("dashboard unreachable")
+
+    monkeypatch.setattr(serverproc, "replica_actors", broken)
+    rec = {}
+    e2e.restart_midway("d", 0.01, 4, time.monotonic(), rec, threading.Event())
+    assert rec["error"] == "ConnectionError: dashboard unreachable"
+    done = threading.Event()
+    done.set()
+    rec = {}
+    e2e.restart_midway("d", 5.0, 4, time.monotonic(), rec, done)
+    assert rec["error"].startswith("not killed: the bench ended")
+
+
+def test_cli_load_overrides(monkeypatch, tmp_path) -> None:
+    seen = {}
+
+    def fake_scale(args_list):
+        monkeypatch.setattr(e2e, "run_system", lambda system, run, cfg, scale, args, work, log: seen.update(scale)
+                            or {"system": system, "run": run})
+        monkeypatch.setattr(e2e, "kv_bytes_per_token", lambda model_dir, dtype: 32768)
+        e2e.main(["--scale", "gpu", "--order", "tier_off", "--out", str(tmp_path / "o.json"), *args_list])
+        return dict(seen)
+
+    assert fake_scale([])["load"] == "concurrency"
+    s = fake_scale(["--rate", "30"])
+    assert (s["load"], s["rate"]) == ("rate", 30.0)
+    s = fake_scale(["--concurrency", "32", "--num-requests", "500", "--duration", "100"])
+    assert (s["load"], s["concurrency"], s["num_requests"], s["duration_s"]) == ("concurrency", 32, 500, 100.0)
+    with pytest.raises(SystemExit):
+        fake_scale(["--rate", "3", "--concurrency", "4"])
