@@ -12,16 +12,18 @@
 # paste it): the device's copy of the repository has stale git metadata, so `$(git rev-parse HEAD)` in the
 # command, evaluated there, names an old commit.
 # installs the wheels once per machine, sets the paths (repo, /tmp/site, the carried model dir .models), runs
-# the script under `timeout LIMIT_S`, then copies /tmp/res (results kept across calls) and the server logs to $OUT.
+# the script under `timeout LIMIT_S` (its output also kept in /tmp/res/work/<script>-<time>.log), then copies
+# /tmp/res (results kept across calls) and the logs under /tmp/res/work to $OUT. The wheel parts may include a
+# folder of extra wheels (/tmp/parts/pextra: the googleapis/api-core pair above); install-on-device takes every p*/.
 set -u
 limit=$1; shift
 if [ ! -f /tmp/site/.kvserve-installed ]; then
   bash /tmp/parts/p0/install-on-device >/dev/null && touch /tmp/site/.kvserve-installed || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH KVSERVE_MODEL_DIR=$PWD/.models PYTHONUNBUFFERED=1
-mkdir -p /tmp/res
-timeout "$limit" python3 "$@"
-rc=$?
+mkdir -p /tmp/res/work
+timeout "$limit" python3 "$@" 2>&1 | tee "/tmp/res/work/$(basename "$1" .py)-$(date +%s).log"
+rc=${PIPESTATUS[0]}
 cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs-$(date +%s).tgz" -C /tmp/res work 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
