@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serve_app.launcher import sweep
+
 
 def start(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
     """Run ``cmd`` in a new session (so ``stop`` reaches its children), stdout+stderr to ``log_path``."""
@@ -116,19 +118,8 @@ def kill_found(procs: list[dict], must_contain: str = "EngineCor", grace_s: floa
             continue
         targets.append(proc)
         out["killed"].append({"pid": p["pid"], "cmd": p["cmd"]})
-    for proc in targets:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(targets, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-            out["sigkilled"].append(proc.pid)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
+    sweep(targets, grace_s, sigkilled=out["sigkilled"])
+    _, alive = psutil.wait_procs(targets, timeout=5)
     out["still_alive"] = [p.pid for p in alive]
     return out
 

@@ -105,8 +105,9 @@ def _descendants() -> list[Any]:
         return []
 
 
-def sweep(procs: list[Any], grace_s: float) -> int:
-    """Terminate the given processes that still run (SIGTERM, then SIGKILL after ``grace_s``); return how many."""
+def sweep(procs: list[Any], grace_s: float, sigkilled: list[int] | None = None) -> int:
+    """Terminate the given processes that still run (SIGTERM, then SIGKILL after ``grace_s``); return how many.
+    The pids that needed the SIGKILL are appended to ``sigkilled`` when it is given."""
     import psutil
 
     alive = [p for p in procs if p.is_running()]
@@ -119,6 +120,8 @@ def sweep(procs: list[Any], grace_s: float) -> int:
     for p in still:
         try:
             p.kill()
+            if sigkilled is not None:
+                sigkilled.append(p.pid)
         except psutil.Error:
             pass
     return len(alive)
