@@ -108,19 +108,16 @@ class HostRegistrar:
         lo, hi = page_interior(ptr, nbytes)
         if hi - lo < _MIN_REGISTER_BYTES:
             return None
-        ctx = ctypes.c_void_p()
-        if self._ctx(ctypes.byref(ctx)) != 0 or not ctx.value:
+        if not self._has_context():
             return None  # no current context in this thread (the caller makes a runtime call first)
-        rc = self._reg(ptr + lo, hi - lo, _CU_MEMHOSTREGISTER_PORTABLE)
-        if rc != 0:
-            rc2 = self._reg(ptr + lo, hi - lo, _CU_MEMHOSTREGISTER_PORTABLE | _CU_MEMHOSTREGISTER_READ_ONLY)
-            if rc2 != 0:
-                self._failures += 1
-                if self._failures >= self.MAX_FAILURES:
-                    self.enabled = False
-                    logger.warning("kv tier: cuMemHostRegister keeps failing (CUresult %d/%d); loads copy "
-                                   "through pinned slots from now on", rc, rc2)
-                return None
+        rc, rc2 = self._page_lock(ptr + lo, hi - lo)
+        if rc2 != 0:
+            self._failures += 1
+            if self._failures >= self.MAX_FAILURES:
+                self.enabled = False
+                logger.warning("kv tier: cuMemHostRegister keeps failing (CUresult %d/%d); loads copy "
+                               "through pinned slots from now on", rc, rc2)
+            return None
         self._failures = 0
         self.registered += 1
         return lo, hi
@@ -129,18 +126,13 @@ class HostRegistrar:
         """Register whole ranges (page-aligned, e.g. ``plasma_ranges()``) and keep them registered;
         ranges already held are skipped. Returns the bytes newly registered. Needs a current CUDA
         context in the calling thread."""
-        if not self.enabled:
-            return 0
-        ctx = ctypes.c_void_p()
-        if self._ctx(ctypes.byref(ctx)) != 0 or not ctx.value:
+        if not self.enabled or not self._has_context():
             return 0
         added = 0
         for lo, hi in ranges:
             if self.covers(lo, hi - lo):
                 continue
-            rc = self._reg(lo, hi - lo, _CU_MEMHOSTREGISTER_PORTABLE)
-            if rc != 0:
-                rc = self._reg(lo, hi - lo, _CU_MEMHOSTREGISTER_PORTABLE | _CU_MEMHOSTREGISTER_READ_ONLY)
+            _, rc = self._page_lock(lo, hi - lo)
             if rc != 0:
                 logger.warning("kv tier: cuMemHostRegister of %d MiB of the object store failed (CUresult %d)",
                                (hi - lo) >> 20, rc)
@@ -168,6 +160,19 @@ class HostRegistrar:
         """Bytes kept registered by ``register_ranges``."""
         with self._held_lock:
             return sum(hi - lo for lo, hi in self._held)
+
+    def _has_context(self) -> bool:
+        """Whether this thread has a current CUDA context (the driver calls need one)."""
+        ctx = ctypes.c_void_p()
+        return self._ctx(ctypes.byref(ctx)) == 0 and bool(ctx.value)
+
+    def _page_lock(self, addr: int, nbytes: int) -> tuple[int, int]:
+        """``cuMemHostRegister`` portable, then portable + read-only if that fails (plasma mappings a
+        process only reads). Returns both CUresults; the second is 0 when either call succeeded."""
+        rc = self._reg(addr, nbytes, _CU_MEMHOSTREGISTER_PORTABLE)
+        if rc == 0:
+            return 0, 0
+        return rc, self._reg(addr, nbytes, _CU_MEMHOSTREGISTER_PORTABLE | _CU_MEMHOSTREGISTER_READ_ONLY)
 
     def unregister(self, ptr: int, lo: int) -> None:
         rc = self._unreg(ptr + lo)

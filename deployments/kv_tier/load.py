@@ -9,7 +9,10 @@ into every layer's pages when the target blocks form a few runs of consecutive i
 (``pages.scatter_runs``; else ``index_copy_`` per layer), all on the thread's stream. How the H2D
 copy reads the chunk is ``KVTierConfig.host_dma`` (``host_memory`` has the modes and their
 costs): straight from plasma where it is page-locked (the whole object store, registered once by
-a background thread at start, or the chunk alone), else through the slot's pinned host buffer. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
+a background thread at start, or the chunk alone), else through the slot's pinned host buffer.
+With ``mapping``, a load first fetches all its chunks with one ``ray.get``, and the chunks that lie
+in the registered store and land in a few runs of blocks are copied H2D straight into the pages
+by the load's own thread (``_load_direct``); only the rest go to the threads above. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
 reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
 """
 
@@ -48,7 +51,6 @@ class Loader:
         self.pages, self.directory, self.timeout_s, self.tags = pages, directory, timeout_s, tags
         self.host_dma = host_dma if pages.cuda else "staged"
         self._registrar = HostRegistrar(self.host_dma != "staged") if pages.cuda else None
-        self._per_chunk = self.host_dma == "per_chunk"
         self._mapping_lock = threading.Lock()
         self._mapping_at = float("-inf")
         if self.host_dma == "mapping" and self._registrar.enabled:
@@ -202,7 +204,7 @@ class Loader:
                     # a runtime call first: it makes the device's context current in this thread
                     dst_ids = torch.tensor(dst, dtype=torch.long).to(p.device, non_blocking=True)
                     held = self._registrar.covers(flat.data_ptr(), nbytes)
-                    if not held and self._per_chunk:
+                    if not held and self.host_dma == "per_chunk":
                         reg = self._registrar.register(flat.data_ptr(), nbytes)
                     elif not held and self.host_dma == "mapping":
                         self._register_mapping()  # a region mapped after start: pick it up
