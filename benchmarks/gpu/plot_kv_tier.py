@@ -1,11 +1,12 @@
 """The KV tier's GPU figures as one PNG: load GB/s per transfer path, and a tier hit's TTFT against recompute.
 
-Owns the docs PNG of the tier. Left panel, from a ``kv_transfer_micro.py`` JSON: GB/s (median of the
-repeats) against loader threads, one line per variant at the chunk size the tier uses (``--chunk-mib``).
+Owns the docs PNG of the tier. Left panel, from one or more ``kv_transfer_micro.py`` JSONs (comma-separated):
+GB/s (median of the repeats) against loader threads, one line per variant and destination layout at the chunk
+size the tier uses (``--chunk-mib``).
 Right panel, from a ``kv_tier_h200.py`` JSON: TTFT of the prefix recomputed and loaded from the tier
 (every round as a dot, the median as a bar).
 
-Usage: python benchmarks/gpu/plot_kv_tier.py MICRO.json TIER.json OUT.png [--chunk-mib 32]
+Usage: python benchmarks/gpu/plot_kv_tier.py MICRO.json[,MICRO2.json] TIER.json OUT.png [--chunk-mib 32]
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    micro = json.loads(Path(a.micro).read_text())
+    micros = [json.loads(Path(f).read_text()) for f in a.micro.split(",")]
+    micro = micros[0]
     tier = json.loads(Path(a.tier).read_text())
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cells = [c for c in micro["cells"] if abs(c["chunk_mib"] - a.chunk_mib) < 0.5]
-    for variant in dict.fromkeys(c["variant"] for c in cells):
-        pts = sorted((c["threads"], c["gbps_median"]) for c in cells if c["variant"] == variant)
-        left.plot([t for t, _ in pts], [g for _, g in pts], marker="o", label=variant)
+    cells = [(c["variant"] + ("" if m.get("dst", "random") == "random" else f" ({m['dst']})"), c)
+             for m in micros for c in m["cells"] if abs(c["chunk_mib"] - a.chunk_mib) < 0.5]
+    for label in dict.fromkeys(name for name, _ in cells):
+        pts = sorted((c["threads"], c["gbps_median"]) for name, c in cells if name == label)
+        left.plot([t for t, _ in pts], [g for _, g in pts], marker="o", label=label)
     left.set_xlabel("loader threads")
     left.set_ylabel("GB/s (object store -> paged GPU cache)")
     left.set_title(f"transfer paths, {a.chunk_mib:g} MiB chunks ({micro['machine'].get('gpu', '')})", fontsize=9)

@@ -20,10 +20,9 @@ class KVTierConfig(BaseModel):
 
     enabled: bool = Field(
         default=False,
-        description="Store full prompt blocks' KV in the object store and load them on any replica. Off by "
-        "default: on the H100 (benchmarks/results/kv_tier_h100.json) it cost 14% throughput on a workload with "
-        "no reuse (no_reuse_throughput_ratio 0.86, before busy steps stopped storing every block: see "
-        "`store_busy_requests`), so enable it where prefixes are shared across replicas.",
+        description="Store full prompt blocks' KV in the object store and load them on any replica. Off unless "
+        "a config turns it on; the GPU configs do (configs/gpu.yaml: on the H200 it cost 2% throughput with no "
+        "reuse, benchmarks/results/kv_tier_h200.json).",
     )
     budget_gib: float = Field(
         default=8.0, gt=0,
