@@ -27,11 +27,15 @@ machine (``git rev-parse HEAD`` there): the device's copy of the repository has 
 
     flock /tmp/kvserve-ray.lock python benchmarks/gpu/kv_tier_e2e.py --scale cpu --out /tmp/e2e/cpu.json
     # GPU (one H200, a machine of its own; first `kvserve prepare-model --shape llama-3.2-1b --model-dir .models`
-    # and carry .models; ~9 min for two systems: starts 120-170 s, ~65-80 s measured each at 64 in flight;
+    # and carry .models/shape-llama-3.2-1b, copied out of the repo on the device (a later call that does not
+    # carry it removes it while the server runs); one system per call (~4-5 min each: start 100-170 s, bench
+    # 70-90 s at 64 in flight, the wait for the killed replica's replacement, stop), alternated with --append;
     # SHA below: the literal output of `git rev-parse HEAD` on the developer's machine, pasted in):
-    bash benchmarks/gpu/run_on_device.sh 590 benchmarks/gpu/kv_tier_e2e.py --scale gpu --model-dir .models \\
-        --kill-leftovers --order tier_off,tier_on --concurrency 64 --num-requests 2000 \\
+    mkdir -p /tmp/models && cp -r .models/shape-llama-3.2-1b /tmp/models/ && \\
+    bash benchmarks/gpu/run_on_device.sh 560 benchmarks/gpu/kv_tier_e2e.py --scale gpu --model-dir /tmp/models \\
+        --kill-leftovers --order tier_off --concurrency 64 --num-requests 2000 --append \\
         --out /tmp/res/kv_tier_e2e.json --git-commit 0123456789abcdef0123456789abcdef01234567
+    # then the same with --order tier_on, tier_off, tier_on (one call each)
 """
 
 from __future__ import annotations
@@ -378,6 +382,17 @@ def summarize(runs: list[dict]) -> dict:
             "targets": {"e2e_ttft_p50_ratio": "<= 0.6", "e2e_throughput_ratio": ">= 1.3"}}
 
 
+def append_to(doc: dict, prev: dict) -> str | None:
+    """Continue ``prev`` (an earlier invocation's JSON) in ``doc``: its runs, leftovers and commands come first.
+    Returns why it cannot (a different scale, sizes or commit), or None."""
+    for key in ("scale_settings", "sizes", "git_commit"):
+        if prev.get(key) != doc[key]:
+            return f"a different {key} ({prev.get(key)!r} there, {doc[key]!r} here)"
+    doc["runs"], doc["leftovers"] = prev["runs"], prev["leftovers"]
+    doc["commands"] = [*prev.get("commands", [prev["command"]]), doc["command"]]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="gpu")
@@ -400,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-gib", type=float, help="kv_tier.budget_gib (default: the scale's)")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--git-commit", default="unknown")
+    p.add_argument("--append", action="store_true",
+                   help="add this invocation's runs to --out when it exists (same scale settings and commit, else "
+                        "an error): alternated runs (A B A B) that do not fit in one call's time limit")
     p.add_argument("--kill-leftovers", action="store_true",
                    help="kill what an earlier server left before each start (`ray stop`: a machine of its own) "
                         "and implies --kill-engines-after-stop")
@@ -445,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "media, not blocks) and its predicted vs actual cached tokens",
                      "load": "closed loop: bench --concurrency N --num-requests M, --duration a cap; open loop: "
                              "--rate R --duration D"}}
+    if args.append and out.exists() and (why := append_to(doc, json.loads(out.read_text()))):
+        p.error(f"--append: {out}: {why}; write a new file")
     for system in order:
         cfg = system_config(base, SYSTEMS[system], scale, int(scale["kv_cache_tokens"] * per_token),
                             args.scale == "cpu")

@@ -71,3 +71,16 @@ def test_cli_load_overrides(monkeypatch, tmp_path) -> None:
     assert (s["load"], s["concurrency"], s["num_requests"], s["duration_s"]) == ("concurrency", 32, 500, 100.0)
     with pytest.raises(SystemExit):
         fake_scale(["--rate", "3", "--concurrency", "4"])
+
+
+def test_append_continues_an_earlier_invocation_only_with_the_same_settings() -> None:
+    prev = {"scale_settings": {"docs": 48}, "sizes": {"a": 1}, "git_commit": "abc", "command": "first",
+            "runs": [{"system": "tier_off", "run": 1}], "leftovers": []}
+    doc = {"scale_settings": {"docs": 48}, "sizes": {"a": 1}, "git_commit": "abc", "command": "second",
+           "runs": [], "leftovers": []}
+    assert e2e.append_to(doc, prev) is None
+    assert doc["runs"] == [{"system": "tier_off", "run": 1}] and doc["commands"] == ["first", "second"]
+    # the next tier_off run of this invocation is numbered after the earlier one
+    assert sum(r["system"] == "tier_off" for r in doc["runs"]) + 1 == 2
+    other = dict(doc, git_commit="def", runs=[])
+    assert "git_commit" in e2e.append_to(other, prev) and other["runs"] == []
