@@ -240,8 +240,10 @@ def kill_children_and_exit(why: str) -> None:
     import psutil
 
     logger.error("%s; killing the engine's processes and exiting", why)
-    for child in psutil.Process().children(recursive=True):
+    children = psutil.Process().children(recursive=True)
+    for child in children:
         child.kill()
+    psutil.wait_procs(children, timeout=5)  # SIGKILL is asynchronous: exit once they are gone (or 5 s passed)
     os._exit(1)
 
 
