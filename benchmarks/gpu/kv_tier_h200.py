@@ -9,7 +9,9 @@ microbenchmark without engines). Two vLLM engines share one GPU (Ray actors with
              the object store (``host_dma: mapping``; the seconds it took are reported)
     phase 2  per round: A prefills prefix P_i (+ suffix); B: TTFT of P_i (tier hit) and TTFT of a
              fresh prefix Q_i of the same length (recompute) -> medians; load GB/s from the
-             directory's load records (bytes / load latency in the worker)
+             directory's load records (bytes / load latency in the worker); and two floors of a hit:
+             P_i again with a new suffix (now in B's GPU cache: no load) and a 32-token prompt alone,
+             so ``tier_hit_over_gpu_cache_hit_ms`` against ``load_ms`` says what a hit costs beyond its copy
     phase 3  kill A, start C (tier off, same settings)
     phase 4  no-reuse workload (distinct prompts) on B (tier on) and C (tier off), alternated
              ``--alternations`` times -> ratio of the medians (and every pair's ratio)
@@ -227,6 +229,7 @@ def main() -> int:
 
     # --- phase 2: TTFT hit vs recompute on B --------------------------------------------------
     hit_ms, rec_ms, cached, gbps = [], [], [], []
+    local_ms, local_cached, short_ms, load_ms = [], [], [], []
     for _ in range(a.rounds):
         prefix = tokens(a.prefix_tokens)
         before = settle()
@@ -240,13 +243,22 @@ def main() -> int:
         loads = ray.get(directory.recent_loads.remote(), timeout=30)[n_loads:]
         if loads and loads[-1][1] > 0:
             gbps.append(loads[-1][0] / (loads[-1][1] / 1e3) / 1e9)
+            load_ms.append(loads[-1][1])
             if len(loads[-1]) > 3:  # chunks DMA'd straight from registered plasma (GPU path)
                 RESULT.setdefault("load_direct_chunks", []).append(loads[-1][3])
             if len(loads[-1]) > 4:  # ... and straight into the pages (no staging slot)
                 RESULT.setdefault("load_into_pages_chunks", []).append(loads[-1][4])
+        # Floors of the hit: the same prefix now in B's own GPU cache (no load; the suffix's prefill over the
+        # prefix's context), and a 32-token prompt alone (the engine's and the call's own latency).
+        dt, _, c_local = gen(eng_b, [prefix + tokens(32)])
+        local_ms.append(dt * 1e3)
+        local_cached.append(c_local[0])
+        dt, _, _ = gen(eng_b, [tokens(32)])
+        short_ms.append(dt * 1e3)
         dt, _, _ = gen(eng_b, [tokens(a.prefix_tokens + 32)])
         rec_ms.append(dt * 1e3)
-        print(f"[bench] round: hit {hit_ms[-1]:.1f} ms (cached {c[0]}), recompute {rec_ms[-1]:.1f} ms", flush=True)
+        print(f"[bench] round: hit {hit_ms[-1]:.1f} ms (cached {c[0]}), GPU-cache hit {local_ms[-1]:.1f} ms, "
+              f"32 tokens {short_ms[-1]:.1f} ms, recompute {rec_ms[-1]:.1f} ms", flush=True)
     RESULT.update(
         ttft_tier_hit_ms=round(statistics.median(hit_ms), 2),
         ttft_recompute_ms=round(statistics.median(rec_ms), 2),
@@ -254,7 +266,15 @@ def main() -> int:
         tier_hit_cached_tokens=cached, prefix_tokens=a.prefix_tokens,
         effective_load_gbps=round(statistics.median(gbps), 3) if gbps else None,
         effective_load_gbps_all=[round(x, 3) for x in gbps],
+        ttft_gpu_cache_hit_ms=round(statistics.median(local_ms), 2),
+        ttft_gpu_cache_hit_ms_all=[round(x, 2) for x in local_ms], gpu_cache_hit_cached_tokens=local_cached,
+        ttft_short_prompt_ms=round(statistics.median(short_ms), 2),
+        ttft_short_prompt_ms_all=[round(x, 2) for x in short_ms],
     )
+    # What a tier hit adds over the same prefix already in the GPU cache: the lookup, the load, the steps
+    # the request waits in WAITING_FOR_REMOTE_KVS. Compare with the load time alone (effective_load_gbps).
+    RESULT["tier_hit_over_gpu_cache_hit_ms"] = round(RESULT["ttft_tier_hit_ms"] - RESULT["ttft_gpu_cache_hit_ms"], 2)
+    RESULT["load_ms"] = [round(x, 2) for x in load_ms]
     RESULT["ttft_ratio"] = round(RESULT["ttft_tier_hit_ms"] / RESULT["ttft_recompute_ms"], 4)
     RESULT["directory_stats"] = ray.get(directory.stats.remote(), timeout=30)
     _write(a.out)
