@@ -252,3 +252,16 @@ def test_mooncake_lighter_loads_replay_the_trace_scaled_to_the_target_rate(tmp_p
     assert load == ["--trace", "--time-scale", "0.5", "--num-requests", "10", "--prompt-salt", "r25"]
     assert cell["trace_replay"]["time_scale"] == 0.5 and doc["rates"] == {"mooncake": {"r25": 1.0}}
     assert "no arrival rate" in run.run_cell("x", "docqa", "r25", [], scale, doc, ("u", "m", tmp_path), args)["error"]
+
+
+def test_a_mooncake_cell_replays_through_the_bench_at_the_target_rate(tmp_path: Path) -> None:
+    fake = pytest.importorskip("tests.unit.test_bench_e2e")  # its fake OpenAI streaming server (aiohttp)
+    path = _trace(tmp_path, [i * 500 for i in range(40)])  # 2 req/s in the trace
+    scale = {"concurrency": 4, "duration_s": 3, "workloads": {}}
+    wl_args = ["--workload", "mooncake", "--block-tokens", "16", "--max-output-tokens", "2", "--warmup", "0"]
+    with fake.FakeOpenAI(ttft_s=0.0, itl_s=0.0) as server:
+        cell = run.run_cell("round-robin", "mooncake", "r50", wl_args, scale, {"calibration": {"mooncake": 8.0}},
+                            (server.base_url, "fake", tmp_path), SimpleNamespace(trace_file=path))
+    assert "error" not in cell, cell
+    assert cell["completed"] == 12 and cell["load"]["mode"] == "trace"  # 4 req/s x 3 s
+    assert cell["trace_replay"]["time_scale"] == 2.0 and "--prompt-salt r50" in cell["command"]
