@@ -60,6 +60,7 @@ from serve_app import settings
 from serve_app.config import IngressConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+HAPROXY_PORTS = (8404, 9101)  # HAProxy stats and metrics (--fast-path)
 RAY_ROUTER_CLASS = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
 
 #: system -> its ``routing`` section, optionally its ingress replica count and the workloads it runs.
@@ -202,21 +203,34 @@ def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, do
     return res | {"trace_replay": replay.as_dict()}
 
 
+def clear_leftovers(ports: tuple[int, ...]) -> dict:
+    """What an earlier server left on this machine (listeners on ``ports``, engine cores, HAProxy), ended:
+    an HAProxy left on its ports made the next ``serve run`` hang on the H200 (../shared/device/README.md).
+    Only on a machine of our own (``--ray-stop``)."""
+    found = serverproc.leftovers(ports)
+    if found["listening"] or found["processes"]:
+        subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
+        found["killed"] = [serverproc.kill_found(found["processes"], word) for word in ("EngineCor", "haproxy")]
+        found["after"] = serverproc.leftovers(ports)
+    return found
+
+
 def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: dict, args) -> dict:
     """Start one system, run its cells, stop it -> {routing, runs: [this run], workload: {level: cell}}."""
     work = Path(args.work_dir)
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(settings.SERVE_FAST_PATH_ENV) if args.fast_path else {}
+    port = cfg.get("http_options", {}).get("port", 8000)
+    left = clear_leftovers((port, *HAPROXY_PORTS)) if args.ray_stop else None
     cmd = ["serve", "run", str(cfg_path)]
     print("+", shlex.join(cmd), flush=True)
     proc = serverproc.start(cmd, env, work / f"{name}_server.log", ROOT)
-    port = cfg.get("http_options", {}).get("port", 8000)
     base_url = f"http://127.0.0.1:{port}/v1"
     app_args = cfg["applications"][0]["args"]
     model = app_args["models"][0]["id"]
     run: dict[str, Any] = {"serve_env": env, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "cells": [f"{wl}:{lv}" for wl, lv in cells]}
+                           "cells": [f"{wl}:{lv}" for wl, lv in cells], "leftovers_before_start": left}
     out: dict[str, Any] = {"routing": app_args["routing"],
                            "ingress_replicas": app_args.get("ingress", {}).get("deployment", {}).get("num_replicas"),
                            "runs": [run]}
@@ -240,6 +254,8 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         if args.ray_stop:  # a machine of our own (the GPU box): leave no Ray behind for the next system
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
         time.sleep(5)
+        if args.ray_stop:
+            run["left_after_stop"] = serverproc.leftovers((port, *HAPROXY_PORTS))
     return out
 
 

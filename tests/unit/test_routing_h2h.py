@@ -265,3 +265,14 @@ def test_a_mooncake_cell_replays_through_the_bench_at_the_target_rate(tmp_path: 
     assert "error" not in cell, cell
     assert cell["completed"] == 12 and cell["load"]["mode"] == "trace"  # 4 req/s x 3 s
     assert cell["trace_replay"]["time_scale"] == 2.0 and "--prompt-salt r50" in cell["command"]
+
+
+def test_leftovers_of_an_earlier_server_are_ended_before_a_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    procs = [{"pid": 11, "cmd": "VLLM::EngineCore"}, {"pid": 12, "cmd": "/usr/sbin/haproxy -f x.cfg"}]
+    seen = iter([{"listening": [8000], "processes": procs}, {"listening": [], "processes": []}])
+    killed = []
+    monkeypatch.setattr(run.serverproc, "leftovers", lambda ports: next(seen))
+    monkeypatch.setattr(run.serverproc, "kill_found", lambda p, word: killed.append(word) or {"killed": p})
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: None)
+    found = run.clear_leftovers((8000, 8404))
+    assert killed == ["EngineCor", "haproxy"] and found["after"] == {"listening": [], "processes": []}
