@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +216,10 @@ def clear_leftovers(ports: tuple[int, ...]) -> dict:
     return found
 
 
-def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: dict, args) -> dict:
-    """Start one system, run its cells, stop it -> {routing, runs: [this run], workload: {level: cell}}."""
+def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: dict, args,
+               save: Callable[[dict], None] = lambda new: None) -> dict:
+    """Start one system, run its cells, stop it -> {routing, runs: [this run], workload: {level: cell}}; ``save``
+    gets that after every cell (a call cut short by its time limit keeps the cells it finished)."""
     work = Path(args.work_dir)
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -243,6 +246,7 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         for wl, level in cells:
             cell = run_cell(name, wl, level, scale["workloads"][wl], scale, doc, (base_url, model, work), args)
             out.setdefault(wl, {})[level] = cell
+            save(out)
             if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")
                     and (wl not in calibration or args.recalibrate)):
                 calibration[wl] = cell["requests_per_s"]
@@ -379,10 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     for system in systems:
         doc["systems"][system] = SYSTEMS[system]
         cfg = serve_config(base, SYSTEMS[system], scale["engine_kwargs"])
-        new = run_system(system, cfg, scale, cells_by_system[system], doc, args)
-        doc["results"][system] = merge_system(doc["results"].get(system, {}), new)
-        doc["summary"] = summarize(doc["results"])
-        out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later system fails
+        before = doc["results"].get(system, {})
+
+        def save(new: dict, system: str = system, old: dict = before) -> None:
+            doc["results"][system] = merge_system(old, new)
+            doc["summary"] = summarize(doc["results"])
+            out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later cell fails
+
+        save(run_system(system, cfg, scale, cells_by_system[system], doc, args, save))
     md = table(doc["results"])
     out.with_suffix(".md").write_text(md)
     print(md)

@@ -171,7 +171,7 @@ def test_merge_replaces_only_the_rerun_cells() -> None:
 def test_pieces_merge_into_one_result_at_round_robins_rates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_run_system(name, cfg, scale, cells, doc, args):  # what run_system records, without a server
+    def fake_run_system(name, cfg, scale, cells, doc, args, save):  # what run_system records, without a server
         calls.append((name, cells))
         out = {"routing": cfg["applications"][0]["args"]["routing"], "runs": [{"cells": cells}]}
         for wl, lv in cells:
@@ -180,6 +180,8 @@ def test_pieces_merge_into_one_result_at_round_robins_rates(tmp_path: Path, monk
             out.setdefault(wl, {})[lv] = cell
             if name == "round-robin" and lv == "sat":
                 doc["calibration"].setdefault(wl, cell["requests_per_s"])
+            save(out)
+            assert wl in __import__("json").loads(Path(args.out).read_text())["results"][name]  # written per cell
         return out
 
     monkeypatch.setattr(run, "run_system", fake_run_system)
