@@ -33,7 +33,8 @@ KEPT = "benchmarks/results/routing_h200.json"
 TRACE = ".carry/mooncake/conversation_trace.jsonl"
 CARRY = [".carry", ".models/shape-llama-3.2-1b"]
 BASE_ARGS = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--fast-path", "--ray-stop",
-             "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--merge", "--out", OUT]
+             "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360",
+             "--merge", "--out", OUT]
 
 Cell = tuple[str, str]  # (workload, level)
 
@@ -99,7 +100,9 @@ def render(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S) -> str:
     """The plan as text: per call its system, cells and estimate, then the command; the total last."""
     head = (f"# device plan: {len(calls)} calls, cells of {duration_s:g} s, run(carry={CARRY}); after each call "
             f"copy the returned routing_h200.json to {KEPT} (a fresh machine starts from it)")
-    lines = [head]
+    install = ("# first, in the call right after the last wheel part, install alone (about 40 s, outside any limit): "
+               "bash benchmarks/gpu/run_on_device.sh 30 -c pass")
+    lines = [head, install]
     for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s), strict=True), 1):
         cells = " ".join(f"{wl}:{lv}" for wl, lv in call.cells)
         lines += [f"# {i}. {call.system}: {cells} (~{call.estimate_s:.0f} s)", cmd]
