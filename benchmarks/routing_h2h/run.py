@@ -110,21 +110,28 @@ SCALES: dict[str, dict[str, Any]] = {
 
 
 
-def serve_config(base: dict, system: dict[str, Any], engine_kwargs: dict[str, Any]) -> dict:
-    """The base Serve config with one system's routing (and ingress replicas) and the scale's engine overrides."""
+def serve_config(base: dict, routing: dict[str, Any], engine_kwargs: dict[str, Any],
+                 ingress_replicas: int | None = None) -> dict:
+    """The base Serve config with ``routing``, the scale's engine overrides and optionally ``ingress_replicas``."""
     cfg = json.loads(json.dumps(base))
     for app in cfg["applications"]:
         args = app.setdefault("args", {})
         args["routing"] = {k: v for k, v in args.get("routing", {}).items()
-                           if k not in ("strategy", "request_router_class", "request_router_kwargs")} | system["routing"]
+                           if k not in ("strategy", "request_router_class", "request_router_kwargs")} | routing
         for m in args.get("models", []):
             m["engine_kwargs"] = {**m.get("engine_kwargs", {}), **engine_kwargs}
-        if system.get("ingress_replicas"):
+        if ingress_replicas:
             default = IngressConfig().deployment.model_dump(mode="json", exclude_none=True)
             dep = args.setdefault("ingress", {}).setdefault("deployment", default)
             dep.pop("autoscaling_config", None)
-            dep["num_replicas"] = system["ingress_replicas"]
+            dep["num_replicas"] = ingress_replicas
     return cfg
+
+
+def system_config(base: dict, system: str, engine_kwargs: dict[str, Any]) -> dict:
+    """The Serve config of one of ``SYSTEMS``."""
+    spec = SYSTEMS[system]
+    return serve_config(base, spec["routing"], engine_kwargs, spec.get("ingress_replicas"))
 
 
 def levels_of(fractions: list[float]) -> list[str]:
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                "versions": _versions(), "machine": machine_info(), "commands": [command]}
     for system in systems:
         doc["systems"][system] = SYSTEMS[system]
-        cfg = serve_config(base, SYSTEMS[system], scale["engine_kwargs"])
+        cfg = system_config(base, system, scale["engine_kwargs"])
         before = doc["results"].get(system, {})
 
         def save(new: dict, system: str = system, old: dict = before) -> None:

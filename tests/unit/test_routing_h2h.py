@@ -12,7 +12,7 @@ import yaml
 from benchmarks.bench.workloads.mooncake import MooncakeWorkload
 from benchmarks.routing_h2h import plan, run
 from benchmarks.routing_h2h.replay import time_scale_for, trace_replay
-from benchmarks.routing_h2h.run import RAY_ROUTER_CLASS, SCALES, SYSTEMS, serve_config
+from benchmarks.routing_h2h.run import RAY_ROUTER_CLASS, SCALES, SYSTEMS, system_config
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, TARGETS, TWO_INGRESS, summarize, table
 from serve_app import settings
 from serve_app.config import RoutingConfig, load_app_config
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_each_system_config_differs_only_in_routing_and_engine_overrides(system: str, config: str, scale: str) -> None:
     base = yaml.safe_load((ROOT / config).read_text())
     overrides = SCALES[scale]["engine_kwargs"]
-    cfg = serve_config(base, SYSTEMS[system], overrides)
+    cfg = system_config(base, system, overrides)
     args = cfg["applications"][0]["args"]
     app = load_app_config(args)  # still a valid kvserve config
     assert app.models[0].engine_kwargs == {**base["applications"][0]["args"]["models"][0]["engine_kwargs"],
