@@ -18,8 +18,6 @@ import sys
 from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
 from serve_app import settings
 
-DEFAULT_TRACE = "/work/shared/traces/mooncake/conversation_trace.jsonl"
-
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target")
@@ -51,7 +49,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-system", action="store_true", help="multiturn: all sessions share one system prompt")
     g.add_argument("--session-width", type=int,
                    help="sessions open at once, interleaved round-robin (default: max(16, concurrency))")
-    g.add_argument("--trace-file", default=DEFAULT_TRACE, help="mooncake: trace JSONL (default %(default)s)")
+    g.add_argument("--trace-file", default=str(settings.mooncake_trace()),
+                   help="mooncake: trace JSONL (default from KVSERVE_MOONCAKE_TRACE: %(default)s)")
     g.add_argument("--trace-start", type=int, default=0, help="mooncake: skip this many trace lines")
     g.add_argument("--block-tokens", type=int, default=512, help="mooncake: tokens per trace hash block")
     g.add_argument("--input-scale", type=float, help="mooncake: input length factor (default block-tokens/512)")

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 PREFIX = "KVSERVE_"
+ROOT = Path(__file__).resolve().parents[1]
 
 #: name -> (default, description). Defaults are strings, as in the environment.
 VARIABLES: dict[str, tuple[str, str]] = {
@@ -26,6 +27,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "PYTHONHASHSEED": (
         "", "Python's own hash seed; the block-hash seed when routing.hash_seed_from_env is true (set from a Secret).",
+    ),
+    "KVSERVE_MOONCAKE_TRACE": (
+        "../shared/traces/mooncake/conversation_trace.jsonl",
+        ("Mooncake conversation trace (JSONL) that the bench, the routing head-to-head and the simulator replay by "
+         "default; a relative path resolves against the repository root (on the GPU machine: the carried copy, "
+         ".carry/mooncake/conversation_trace.jsonl)."),
     ),
     "KVSERVE_FUZZ_REPORT": ("", "Tests: path where tests/fuzz/test_fuzz_api.py writes its case and 5xx counts."),
     "KVSERVE_REQUIRE_SCHEMAS": (
@@ -56,6 +63,17 @@ def get(name: str) -> str:
 def model_dir() -> Path:
     """Directory holding prepared models."""
     return Path(get("KVSERVE_MODEL_DIR")).expanduser()
+
+
+def mooncake_trace() -> Path:
+    """The Mooncake trace file (``KVSERVE_MOONCAKE_TRACE``; relative to the repository root)."""
+    return resolve_repo_path(get("KVSERVE_MOONCAKE_TRACE"))
+
+
+def resolve_repo_path(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; a relative one taken from the repository root, not the working directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (ROOT / p).resolve()
 
 
 def base_url() -> str:

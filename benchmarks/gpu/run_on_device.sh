@@ -8,6 +8,7 @@
 # and prepare the model shape it carries: kvserve prepare-model --shape llama-3.1-8b --model-dir .models
 # Usage:
 #   bash benchmarks/gpu/run_on_device.sh LIMIT_S SCRIPT-AND-ARGS...
+#   bash benchmarks/gpu/run_on_device.sh LIMIT_S -m MODULE ARGS...     (a module: python3 -m MODULE ARGS...)
 # A --git-commit among the args must be a literal SHA (run `git rev-parse HEAD` on the developer's machine and
 # paste it): the device's copy of the repository has stale git metadata, so `$(git rev-parse HEAD)` in the
 # command, evaluated there, names an old commit.
@@ -22,7 +23,8 @@ if [ ! -f /tmp/site/.kvserve-installed ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH KVSERVE_MODEL_DIR=$PWD/.models PYTHONUNBUFFERED=1
 mkdir -p /tmp/res/work
-timeout "$limit" python3 "$@" 2>&1 | tee "/tmp/res/work/$(basename "$1" .py)-$(date +%s).log"
+name=$1; [ "$1" = -m ] && name=$2   # the log is named after the script or the module
+timeout "$limit" python3 "$@" 2>&1 | tee "/tmp/res/work/$(basename "$name" .py)-$(date +%s).log"
 rc=${PIPESTATUS[0]}
 cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs-$(date +%s).tgz" -C /tmp/res work 2>/dev/null

