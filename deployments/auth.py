@@ -6,7 +6,9 @@ the tokens it used, and chooses its ``cache_salt``) and ``AuthMiddleware`` (the 
 authenticates every route but ``/health`` before the body is read). Plain classes with ``now``
 (monotonic seconds) as an argument. The ingress holds one ``Gate`` as its ``gate`` attribute, which
 the middleware finds through Serve's replica context (as Serve finds the instance of a route); the
-tenant of a request travels in ``request.state.kvserve_tenant``.
+tenant of a request travels in ``request.state.kvserve_tenant``. Every refusal is reported to
+``on_reject(status, reason, tenant)`` (by default ``rejections.record_auth_rejection``: the
+``kvserve_auth_rejected_requests`` / ``kvserve_rate_limited_requests`` counters).
 
 Keys are kept only as SHA-256 digests. With several ingress replicas, each enforces its share of a
 limit (the limit divided by ``share``, the ingress replica count), so the cluster-wide rate holds when
@@ -28,6 +30,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from deployments.openai_api import APIError
+from deployments.rejections import UNKNOWN_TENANT, record_auth_rejection
 from serve_app.config import AppConfig, AuthConfig, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -122,8 +125,10 @@ def _limited(kind: str, tenant: str, limit: int, wait_s: float) -> APIError:
 class Gate:
     """Authentication, per-tenant limits and cache salts of one ingress replica."""
 
-    def __init__(self, cfg: AuthConfig, keys: dict[str, str], share: int = 1) -> None:
+    def __init__(self, cfg: AuthConfig, keys: dict[str, str], share: int = 1,
+                 on_reject: Callable[[int, str, str], None] = record_auth_rejection) -> None:
         self.cfg, self._keys, self._share = cfg, dict(keys), max(share, 1)
+        self._on_reject = on_reject
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
         self._next_reload: float | None = None
@@ -153,11 +158,13 @@ class Gate:
         """The tenant of an ``Authorization`` header value; APIError 401, or 429 past requests_per_min."""
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            self._on_reject(401, "missing_key", UNKNOWN_TENANT)
             raise APIError(401, "You didn't provide an API key. You need to provide your API key in an "
                            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         name = self._keys.get(_digest(key.strip()))
         if name is None:
+            self._on_reject(401, "invalid_key", UNKNOWN_TENANT)
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         t = self.cfg.tenant(name)
@@ -165,6 +172,7 @@ class Gate:
             bucket = self._bucket(self._requests, name, t.requests_per_min, now)
             wait = bucket.wait_s(1, now)
             if wait > 0:
+                self._on_reject(429, "requests_per_min", name)
                 raise _limited("requests", name, t.requests_per_min, wait)
             bucket.charge(1, now)
         return Tenant(name, t.cache_group or name)
@@ -186,6 +194,7 @@ class Gate:
         bucket = self._bucket(self._tokens, tenant.name, limit, now)
         wait = bucket.wait_s(1, now)  # any credit admits; the request may overdraw it
         if wait > 0:
+            self._on_reject(429, "tokens_per_min", tenant.name)
             raise _limited("tokens", tenant.name, limit, wait)
         bucket.charge(prompt_tokens, now)
 
