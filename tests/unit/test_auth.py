@@ -8,11 +8,11 @@ import httpx
 import pytest
 
 from deployments import rejections
-from deployments.auth import Gate, Tenant, TokenBucket, load_keys, parse_keys
+from deployments.auth import Gate, Tenant, load_keys, parse_keys
 from deployments.metrics import metrics
 from deployments.rejections import record_auth_rejection
 from serve_app.config import AppConfig, AuthConfig, ConfigError, load_app_config
-from tests.unit.ingress_stub import StubHandle, stub_ingress
+from tests.unit.ingress_stub import INGRESS_DEPLOYMENT, StubHandle, stub_ingress
 
 pytestmark = pytest.mark.unit
 
@@ -105,11 +105,25 @@ def test_limits_are_shared_among_ingress_replicas():
         gate.authenticate("Bearer sk-acme-1", now=0)
 
 
-def test_token_bucket_never_holds_more_than_a_minute():
-    b = TokenBucket(60, now=0)
-    b.charge(60, now=0)
-    assert b.wait_s(1, now=0) == pytest.approx(1.0)
-    assert b.wait_s(60, now=3600) == 0 and b.level == 60
+def test_limits_follow_the_ingress_replicas_serve_reports_running():
+    running = [None]
+    cfg = AuthConfig.model_validate({"enabled": True, "default_tenant": {"requests_per_min": 12}})
+    gate = Gate(cfg, load_keys(cfg, KEYS), share=2, on_reject=lambda *_: None, share_of=lambda: running[0])
+    codes = []
+    for now, n in ((0, None), (0, 3), (60, 3), (60, 1)):  # unknown: the config's 2 replicas, then Serve's count
+        running[0] = n
+        admitted = 0
+        while True:
+            try:
+                gate.authenticate("Bearer sk-acme-1", now=now)
+            except Exception:  # noqa: BLE001 - the 429
+                break
+            admitted += 1
+        codes.append((gate.limits.share, admitted))
+    # 12/min over 2 replicas: 6 each; over 3: 4 each (this bucket is empty), 4 a minute later; alone: 12, from
+    # an empty bucket refilled at 12/min.
+    assert codes == [(2, 6), (3, 0), (3, 4), (1, 0)]
+    assert gate.limits.take_request("acme", 12, now=65) == 0  # 12/min alone: one per 5 s
 
 
 def test_the_tenant_sets_the_cache_salt_and_a_client_can_only_narrow_it():
@@ -213,6 +227,18 @@ async def test_the_ingress_counts_its_401s_and_429s(monkeypatch):
     assert seen == [("auth_rejected_requests", "missing_key", "unknown", 1),
                     ("auth_rejected_requests", "invalid_key", "unknown", 1),
                     ("rate_limited_requests", "requests_per_min", "acme", 1)]
+
+
+async def test_the_ingress_divides_limits_by_its_running_replicas(monkeypatch):
+    monkeypatch.setenv("KVSERVE_API_KEYS", KEYS["KVSERVE_API_KEYS"])
+    app, obj, _ = stub_ingress(monkeypatch, {"auth": {"enabled": True, "tenants": {"acme": {"requests_per_min": 6}}}})
+    status = {StubHandle.deployment_name: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1}),
+              INGRESS_DEPLOYMENT: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 3})}
+    obj._readiness.update(status, now=0)
+    acme = {"Authorization": "Bearer sk-acme-1"}
+    async with _client(app) as c:
+        codes = [(await c.get("/v1/models", headers=acme)).status_code for _ in range(3)]
+    assert codes == [200, 200, 429] and obj.gate.limits.share == 3  # 6/min over 3 replicas: 2 each
 
 
 async def test_a_tenant_over_its_limit_gets_429_with_retry_after(monkeypatch):
