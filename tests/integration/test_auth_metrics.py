@@ -1,6 +1,6 @@
-"""The gate's refusal counters reach Prometheus text on a real Ray: a Ray worker process refuses requests
-through ``deployments.auth.Gate`` (its default reporter, as in the ingress) and the node's metrics port
-shows them by reason and tenant, with unknown keys under ``tenant="unknown"``. No app or engine needed."""
+"""The gate's refusal counters reach Prometheus text on a real Ray: a ``deployments.auth.Gate`` in a Ray actor
+(its default reporter, as in the ingress) refuses requests and the node's metrics port shows them by reason and
+tenant, with unknown keys under ``tenant="unknown"``. No app or engine needed."""
 
 from __future__ import annotations
 
@@ -13,22 +13,6 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def _refuse() -> int:
-    from deployments.auth import Gate, load_keys
-    from serve_app.config import AuthConfig
-
-    cfg = AuthConfig.model_validate({"enabled": True, "tenants": {"acme": {"requests_per_min": 1}}})
-    gate = Gate(cfg, load_keys(cfg, {"KVSERVE_API_KEYS": "acme:sk-acme"}))
-    refused = 0
-    for header in (None, "Bearer sk-guess-1", "Bearer sk-guess-2", "Bearer sk-acme", "Bearer sk-acme"):
-        try:
-            gate.authenticate(header, now=0)
-        except Exception:  # noqa: BLE001 - the APIError of a refusal
-            refused += 1
-    time.sleep(3)  # let the worker's metrics reach the agent before it idles
-    return refused
-
-
 def _value(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -39,7 +23,18 @@ def _value(text: str, name: str, **labels: str) -> float | None:
 def test_auth_refusals_appear_in_prometheus_text(ray_cluster):
     import ray
 
-    assert ray.get(ray.remote(_refuse).remote()) == 4
+    from deployments.auth import Gate, load_keys
+    from serve_app.config import AuthConfig
+
+    cfg = AuthConfig.model_validate({"enabled": True, "tenants": {"acme": {"requests_per_min": 1}}})
+    gate = ray.remote(Gate).options(num_cpus=0).remote(cfg, load_keys(cfg, {"KVSERVE_API_KEYS": "acme:sk-acme"}))
+    refused = 0
+    for header in (None, "Bearer sk-guess-1", "Bearer sk-guess-2", "Bearer sk-acme", "Bearer sk-acme"):
+        try:
+            ray.get(gate.authenticate.remote(header, 0.0))
+        except ray.exceptions.RayError:  # the APIError of a refusal (Ray may not rebuild it here)
+            refused += 1
+    assert refused == 4
     want = {("ray_kvserve_auth_rejected_requests_total", "missing_key", "unknown"): 1,
             ("ray_kvserve_auth_rejected_requests_total", "invalid_key", "unknown"): 2,
             ("ray_kvserve_rate_limited_requests_total", "requests_per_min", "acme"): 1}
@@ -50,5 +45,6 @@ def test_auth_refusals_appear_in_prometheus_text(ray_cluster):
         if all(v is not None and v >= want[k] for k, v in got.items()):
             break
         time.sleep(1)
+    ray.kill(gate)
     assert got == want
     assert not re.search(r'tenant="sk-', text), "a key never becomes a label"
