@@ -17,14 +17,16 @@ drops a replica's GPU and host entries but keeps OBJ entries (the object store o
 reset). ``remove_replica`` drops everything the replica reported, OBJ included (its objects die
 with their owner).
 
-OBJ epochs. The tier's directory restarts empty (its objects die with it) and every event its
-engines send names the directory incarnation it came from (``BlockStored.epoch``, increasing).
+OBJ epochs. The tier's directory restarts empty (the references it held die with it) and every
+event its engines send names the directory incarnation it came from (``BlockStored.epoch``, increasing).
 The index keeps the newest epoch seen: an OBJ event of a newer one drops every replica's OBJ
 entries first (what an older directory held is gone; GPU and host entries stay), one of an older
 epoch is ignored (a late or replayed event about a directory that no longer exists), and one
 without an epoch is taken as current. So after a restart the index stops costing the old blocks as
 loads at the first event from the new directory (the first store after the restart), not when
-the old entries age out. Memory: at most ``max_blocks_per_replica`` entries per replica (oldest stored
+the old entries age out.
+
+Memory: at most ``max_blocks_per_replica`` entries per replica (oldest stored
 first out; events normally keep it at the engine's real size).
 """
 
