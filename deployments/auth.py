@@ -1,16 +1,18 @@
 """API keys, tenants and per-tenant rate limits of the ingress.
 
 Owns: ``load_keys`` (the key -> tenant map from the environment and/or a mounted Secret),
-``TokenBucket``, ``Gate`` (authenticates a request, admits it against its tenant's limits, settles
-the tokens it used, and chooses its ``cache_salt``) and ``AuthMiddleware`` (the ASGI layer that
+``Gate`` (authenticates a request, admits it against its tenant's limits, settles the tokens it used,
+and chooses its ``cache_salt``) and ``AuthMiddleware`` (the ASGI layer that
 authenticates every route but ``/health`` before the body is read). Plain classes with ``now``
 (monotonic seconds) as an argument. The ingress holds one ``Gate`` as its ``gate`` attribute, which
 the middleware finds through Serve's replica context (as Serve finds the instance of a route); the
-tenant of a request travels in ``request.state.kvserve_tenant``.
+tenant of a request travels in ``request.state.kvserve_tenant``. Every refusal is reported to
+``on_reject(status, reason, tenant)`` (by default ``rejections.record_auth_rejection``: the
+``kvserve_auth_rejected_requests`` / ``kvserve_rate_limited_requests`` counters).
 
-Keys are kept only as SHA-256 digests. With several ingress replicas, each enforces its share of a
-limit (the limit divided by ``share``, the ingress replica count), so the cluster-wide rate holds when
-the proxies spread requests evenly.
+Keys are kept only as SHA-256 digests. The limits are ``deployments.rate_limits.TenantLimits``: each
+ingress replica enforces its share of a tenant's limit (the limit / the running ingress replicas,
+which ``share_of`` reports from Serve's status; see that module for why and what it trades).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from deployments.openai_api import APIError
+from deployments.rate_limits import TenantLimits
+from deployments.rejections import UNKNOWN_TENANT, record_auth_rejection
 from serve_app.config import AppConfig, AuthConfig, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -88,49 +92,29 @@ def load_keys(cfg: AuthConfig, environ: Mapping[str, str] | None = None) -> dict
     return keys
 
 
-class TokenBucket:
-    """A bucket of ``per_min`` units refilled continuously; it may go into debt (post-paid charges)."""
-
-    def __init__(self, per_min: float, now: float) -> None:
-        self.capacity = per_min
-        self.rate = per_min / 60.0
-        self.level = per_min
-        self._t = now
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + max(now - self._t, 0.0) * self.rate)
-        self._t = max(now, self._t)
-
-    def wait_s(self, need: float, now: float) -> float:
-        """Seconds until ``need`` units are available (0 = now)."""
-        self._refill(now)
-        need = min(need, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
-
-    def charge(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level -= amount
-
-
 def _limited(kind: str, tenant: str, limit: int, wait_s: float) -> APIError:
     retry = max(1, math.ceil(wait_s))
-    return APIError(429, f"Rate limit reached for {kind} per min of tenant {tenant} (limit {limit} per ingress "
-                    f"replica share). Please try again in {retry}s.", type_=kind, code="rate_limit_exceeded",
+    return APIError(429, f"Rate limit reached for {kind} per min of tenant {tenant} (limit {limit}). Please try "
+                    f"again in {retry}s.", type_=kind, code="rate_limit_exceeded",
                     headers={"Retry-After": str(retry)})
 
 
 class Gate:
     """Authentication, per-tenant limits and cache salts of one ingress replica."""
 
-    def __init__(self, cfg: AuthConfig, keys: dict[str, str], share: int = 1) -> None:
-        self.cfg, self._keys, self._share = cfg, dict(keys), max(share, 1)
-        self._requests: dict[str, TokenBucket] = {}
-        self._tokens: dict[str, TokenBucket] = {}
+    def __init__(self, cfg: AuthConfig, keys: dict[str, str], share: int = 1,
+                 on_reject: Callable[[int, str, str], None] = record_auth_rejection,
+                 share_of: Callable[[], int | None] | None = None) -> None:
+        """``share``: ingress replicas until ``share_of`` (Serve's running count, None while unknown) says."""
+        self.cfg, self._keys = cfg, dict(keys)
+        self.limits = TenantLimits(share)
+        self._on_reject, self._share_of = on_reject, share_of
         self._next_reload: float | None = None
         self._reloading = False
 
     @classmethod
-    def from_app(cls, app: AppConfig, environ: Mapping[str, str] | None = None) -> Gate:
+    def from_app(cls, app: AppConfig, environ: Mapping[str, str] | None = None,
+                 share_of: Callable[[], int | None] | None = None) -> Gate:
         """The gate of an ingress replica; ConfigError when auth is on and no key is found."""
         cfg = app.auth
         keys = load_keys(cfg, environ) if cfg.enabled else {}
@@ -140,9 +124,9 @@ class Gate:
         dep = app.ingress.deployment
         share = dep.num_replicas or int((dep.autoscaling_config or {}).get("min_replicas", 1) or 1)
         if cfg.enabled:
-            logger.info("API keys: %d key(s) for %d tenant(s); limits per ingress replica = limit / %d",
-                        len(keys), len(set(keys.values())), share)
-        return cls(cfg, keys, share)
+            logger.info("API keys: %d key(s) for %d tenant(s); limits per ingress replica = limit / running "
+                        "ingress replicas (%d until Serve reports)", len(keys), len(set(keys.values())), share)
+        return cls(cfg, keys, share, share_of=share_of)
 
     @property
     def enabled(self) -> bool:
@@ -153,27 +137,29 @@ class Gate:
         """The tenant of an ``Authorization`` header value; APIError 401, or 429 past requests_per_min."""
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            self._on_reject(401, "missing_key", UNKNOWN_TENANT)
             raise APIError(401, "You didn't provide an API key. You need to provide your API key in an "
                            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         name = self._keys.get(_digest(key.strip()))
         if name is None:
+            self._on_reject(401, "invalid_key", UNKNOWN_TENANT)
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         t = self.cfg.tenant(name)
         if t.requests_per_min is not None:
-            bucket = self._bucket(self._requests, name, t.requests_per_min, now)
-            wait = bucket.wait_s(1, now)
+            self._sync_share(now)
+            wait = self.limits.take_request(name, t.requests_per_min, now)
             if wait > 0:
+                self._on_reject(429, "requests_per_min", name)
                 raise _limited("requests", name, t.requests_per_min, wait)
-            bucket.charge(1, now)
         return Tenant(name, t.cache_group or name)
 
-    def _bucket(self, buckets: dict[str, TokenBucket], name: str, per_min: int, now: float) -> TokenBucket:
-        b = buckets.get(name)
-        if b is None:
-            b = buckets[name] = TokenBucket(per_min / self._share, now)
-        return b
+    def _sync_share(self, now: float) -> None:
+        """Divide the limits among the ingress replicas Serve last reported running (a dict read, no call)."""
+        running = self._share_of() if self._share_of is not None else None
+        if running and self.limits.set_share(running, now):
+            logger.info("rate limits: %d ingress replicas running; each enforces limit / %d", running, running)
 
     # --- tokens -------------------------------------------------------------------------------
     def admit_tokens(self, tenant: Tenant | None, prompt_tokens: int, now: float) -> None:
@@ -183,11 +169,11 @@ class Gate:
         limit = self.cfg.tenant(tenant.name).tokens_per_min
         if limit is None:
             return
-        bucket = self._bucket(self._tokens, tenant.name, limit, now)
-        wait = bucket.wait_s(1, now)  # any credit admits; the request may overdraw it
+        self._sync_share(now)
+        wait = self.limits.take_tokens(tenant.name, limit, prompt_tokens, now)
         if wait > 0:
+            self._on_reject(429, "tokens_per_min", tenant.name)
             raise _limited("tokens", tenant.name, limit, wait)
-        bucket.charge(prompt_tokens, now)
 
     def settle(self, tenant: Tenant | None, completion_tokens: int, now: float) -> None:
         """Charge the completion tokens a request produced (when it ends, whatever its outcome)."""
@@ -195,7 +181,7 @@ class Gate:
             return
         limit = self.cfg.tenant(tenant.name).tokens_per_min
         if limit is not None:
-            self._bucket(self._tokens, tenant.name, limit, now).charge(completion_tokens, now)
+            self.limits.settle_tokens(tenant.name, limit, completion_tokens, now)
 
     # --- cache isolation ----------------------------------------------------------------------
     @staticmethod

@@ -104,10 +104,12 @@ class Ingress:
         self._tracer = Tracer(tracing.otlp_traces_endpoint, tracing.service_name) if tracing.otlp_traces_endpoint else None
         self._created = int(time.time())
         app.state.model_ids = frozenset(self._models)
+        replica = serve.get_replica_context()
         self._readiness = Readiness({i: handles[i].deployment_name for i in self._models},
-                                    serve_status_source(serve.get_replica_context().app_name))
+                                    serve_status_source(replica.app_name))
         self._readiness.start()
-        self.gate = Gate.from_app(self._cfg)  # read by AuthMiddleware
+        # Read by AuthMiddleware; limits are divided among the running ingress replicas (deployments.rate_limits).
+        self.gate = Gate.from_app(self._cfg, share_of=lambda: self._readiness.running(replica.deployment))
         self.limits = RequestLimits.build(  # read by BodyLimitMiddleware
             self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
         logger.info("ingress up for models %s", list(self._models))

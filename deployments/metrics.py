@@ -9,7 +9,7 @@ the others; Ray's agent aggregates all processes of a node in one scrape.
 Naming: the HyperPod names users know (``model_invocations_total``, ``model_latency_milliseconds``,
 ``model_ttfb_milliseconds``, ``model_concurrent_requests``) and ``kvserve_*`` for the project's own;
 Ray's exporter prepends its ``ray_`` namespace to all of them (``ray_model_invocations_total``).
-Labels are per model / replica / status / strategy, never per request. Metrics are created lazily
+Labels are per model / replica / status / strategy / configured tenant, never per request or per key. Metrics are created lazily
 (one set per process) so importing this module costs nothing and needs no running Ray.
 """
 
@@ -62,6 +62,18 @@ class _Metrics:
         self.cached_tokens = Counter(
             "kvserve_cached_prompt_tokens",
             description="Prompt tokens served from the prefix cache or the KV tier.", tag_keys=("model",),
+        )
+        # --- auth (deployments.auth): refusals before any model is involved ---
+        # ``tenant`` is a configured tenant, or "unknown" for a 401 (a key that names no tenant never becomes a label).
+        self.auth_rejected_requests = Counter(
+            "kvserve_auth_rejected_requests",
+            description="Requests refused with 401, by reason (missing_key, invalid_key); tenant is 'unknown'.",
+            tag_keys=("reason", "tenant"),
+        )
+        self.rate_limited_requests = Counter(
+            "kvserve_rate_limited_requests",
+            description="Requests refused with 429 by their tenant's limit, by reason (requests_per_min, "
+            "tokens_per_min) and tenant.", tag_keys=("reason", "tenant"),
         )
         # --- request-path stages (deployments.stages.STAGES), one histogram each ---
         from deployments.stages import STAGES

@@ -4,7 +4,8 @@ Owns: ``ModelReadiness`` (one model's replica counts and its state: ``ready``, `
 (autoscaled to no replica; a request makes Serve start one, so requests pass), ``starting`` or
 ``unavailable``), ``Readiness`` (the snapshot the ingress reads on every request without any call:
 ``check`` raises a 503 with ``Retry-After`` for a model that has no running replica, ``models_body``
-and ``health`` shape ``/v1/models`` and ``/health``) and ``serve_status_source`` (the default source,
+and ``health`` shape ``/v1/models`` and ``/health``; ``running`` gives any deployment of the app's
+running replica count, which the ingress's rate limits divide by) and ``serve_status_source`` (the default source,
 Ray Serve's public ``serve.status()``, polled on a daemon thread because it blocks).
 
 The snapshot starts empty: until the first status arrives every model is ``starting``. A failed
@@ -89,6 +90,7 @@ class Readiness:
         self._refresh_s = refresh_s
         self._retry_after_s = retry_after_s
         self._models = {m: ModelReadiness(m) for m in self._deployments}
+        self._running: dict[str, int] = {}  # deployment name -> RUNNING replicas (the app's deployments only)
         self._updated_at: float | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -97,6 +99,8 @@ class Readiness:
     # --- snapshot --------------------------------------------------------------------------
     def update(self, deployments: Mapping[str, Any], now: float) -> None:
         """Replace the snapshot from one status report."""
+        self._running = {str(name): _count(getattr(d, "replica_states", {}) or {}, ("RUNNING",))
+                         for name, d in deployments.items()}
         for model_id, name in self._deployments.items():
             d = deployments.get(name)
             if d is None:
@@ -120,6 +124,10 @@ class Readiness:
             logger.warning("readiness refresh failed (%s: %s); keeping the last snapshot", type(err).__name__, err)
             return False
         return True
+
+    def running(self, deployment: str) -> int | None:
+        """Running replicas of ``deployment`` in the last report (None before one, or if it was not in it)."""
+        return self._running.get(deployment)
 
     def get(self, model_id: str) -> ModelReadiness:
         return self._models[model_id]

@@ -11,7 +11,9 @@ where each event is a map tagged ``{"type": "BlockStored" | "BlockRemoved" | "Al
 ...}``. Block hashes are the low 64 bits of vLLM's digests (ints), or raw bytes when the engine runs
 with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``; bytes are folded to the same 64-bit ints here.
 ``medium`` is "GPU", "CPU" (host offload), "STORAGE"/"FS" (local disk) or "OBJ" (our shared
-object-store tier); None means GPU.
+object-store tier); None means GPU. The object-store tier's engines write "OBJ@<epoch>": the epoch
+names the incarnation of the tier's directory that holds the blocks (a new one on every directory
+start, increasing; ``obj_medium``), decoded into the event's ``epoch`` (None when not given).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _LOW64 = (1 << 64) - 1
+OBJ_MEDIUM = "OBJ"
+_EPOCH_SEP = "@"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +31,14 @@ class BlockStored:
     block_hashes: tuple[int, ...]
     medium: str = "GPU"
     parent_block_hash: int | None = None
+    epoch: int | None = None  # OBJ only: the tier directory's incarnation
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: tuple[int, ...]
     medium: str = "GPU"
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,21 @@ class AllBlocksCleared:
 
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+def obj_medium(epoch: int | None) -> str:
+    """The ``medium`` of an object-store tier event: "OBJ@<epoch>", or "OBJ" when the epoch is unknown."""
+    return OBJ_MEDIUM if epoch is None else f"{OBJ_MEDIUM}{_EPOCH_SEP}{int(epoch)}"
+
+
+def split_medium(medium: str | None) -> tuple[str, int | None]:
+    """A wire ``medium`` -> (medium, epoch): "OBJ@42" -> ("OBJ", 42); None -> ("GPU", None)."""
+    if not medium:
+        return "GPU", None
+    base, sep, epoch = medium.partition(_EPOCH_SEP)
+    if sep and base == OBJ_MEDIUM:
+        return base, int(epoch) if epoch.isdigit() else None
+    return medium, None
 
 
 def _as_int(h: Any) -> int:
@@ -63,11 +84,12 @@ def decode_event(raw: Any) -> KVEvent | None:
     if kind == "BlockStored":
         hashes = tuple(_as_int(h) for h in _field(raw, "block_hashes", 1, ()))
         parent = _field(raw, "parent_block_hash", 2)
-        medium = _field(raw, "medium", 6) or "GPU"
-        return BlockStored(hashes, medium, None if parent is None else _as_int(parent))
+        medium, epoch = split_medium(_field(raw, "medium", 6))
+        return BlockStored(hashes, medium, None if parent is None else _as_int(parent), epoch)
     if kind == "BlockRemoved":
         hashes = tuple(_as_int(h) for h in _field(raw, "block_hashes", 1, ()))
-        return BlockRemoved(hashes, _field(raw, "medium", 2) or "GPU")
+        medium, epoch = split_medium(_field(raw, "medium", 2))
+        return BlockRemoved(hashes, medium, epoch)
     if kind == "AllBlocksCleared":
         return AllBlocksCleared()
     return None

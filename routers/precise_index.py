@@ -15,7 +15,18 @@ in any tier; the blocks between the two are loads (charged by the policy at a fr
 recompute). BlockStored/BlockRemoved set/clear one medium bit; AllBlocksCleared (``reset_prefix_cache``)
 drops a replica's GPU and host entries but keeps OBJ entries (the object store outlives a cache
 reset). ``remove_replica`` drops everything the replica reported, OBJ included (its objects die
-with their owner). Memory: at most ``max_blocks_per_replica`` entries per replica (oldest stored
+with their owner).
+
+OBJ epochs. The tier's directory restarts empty (the references it held die with it) and every
+event its engines send names the directory incarnation it came from (``BlockStored.epoch``, increasing).
+The index keeps the newest epoch seen: an OBJ event of a newer one drops every replica's OBJ
+entries first (what an older directory held is gone; GPU and host entries stay), one of an older
+epoch is ignored (a late or replayed event about a directory that no longer exists), and one
+without an epoch is taken as current. So after a restart the index stops costing the old blocks as
+loads at the first event from the new directory (the first store after the restart), not when
+the old entries age out.
+
+Memory: at most ``max_blocks_per_replica`` entries per replica (oldest stored
 first out; events normally keep it at the engine's real size).
 """
 
@@ -25,11 +36,11 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from routers.approx_index import Slots, longest_prefix
-from routers.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from routers.events import OBJ_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 GPU, HOST, OBJ = 1, 2, 4
 _GPU_MEDIA = {"GPU", None}
-_OBJ_MEDIA = {"OBJ"}
+_OBJ_MEDIA = {OBJ_MEDIUM}
 
 
 def medium_bit(medium: str | None) -> int:
@@ -62,15 +73,20 @@ class PreciseIndex:
         self._tier: dict[int, dict[int, int]] = {GPU: {}, HOST: {}, OBJ: {}}
         self._owned: dict[str, dict[int, int]] = {}
         self._live: set[str] = set()
+        self._obj_epoch: int | None = None
 
     # --- updates ---------------------------------------------------------------------------
     def on_event(self, replica_id: str, event: KVEvent) -> None:
         """Apply one event reported by ``replica_id``'s engine (in stream order)."""
         self._live.add(replica_id)
-        if isinstance(event, BlockStored):
-            self._store(replica_id, event.block_hashes, medium_bit(event.medium))
-        elif isinstance(event, BlockRemoved):
-            self._remove(replica_id, event.block_hashes, medium_bit(event.medium))
+        if isinstance(event, (BlockStored, BlockRemoved)):
+            bit = medium_bit(event.medium)
+            if bit == OBJ and not self._current_obj_epoch(event.epoch):
+                return
+            if isinstance(event, BlockStored):
+                self._store(replica_id, event.block_hashes, bit)
+            else:
+                self._remove(replica_id, event.block_hashes, bit)
         elif isinstance(event, AllBlocksCleared):
             self._clear(replica_id, GPU | HOST)
 
@@ -90,6 +106,11 @@ class PreciseIndex:
         self._slots.release(replica_id)
 
     # --- queries ---------------------------------------------------------------------------
+    @property
+    def obj_epoch(self) -> int | None:
+        """The newest directory epoch an OBJ event named (None: none named one yet)."""
+        return self._obj_epoch
+
     def is_live(self, replica_id: str) -> bool:
         return replica_id in self._live
 
@@ -129,6 +150,18 @@ class PreciseIndex:
         return bool(self._owned.get(replica_id, {}).get(block_hash, 0) & bit)
 
     # --- internals -------------------------------------------------------------------------
+    def _current_obj_epoch(self, epoch: int | None) -> bool:
+        """Whether an OBJ event of ``epoch`` applies; a newer epoch first drops every OBJ entry."""
+        if epoch is None or epoch == self._obj_epoch:
+            return True
+        if self._obj_epoch is not None and epoch < self._obj_epoch:
+            return False
+        if self._obj_epoch is not None:
+            for replica_id in list(self._owned):
+                self._clear(replica_id, OBJ)
+        self._obj_epoch = epoch
+        return True
+
     def _store(self, replica_id: str, hashes: Iterable[int], bit: int) -> None:
         owned = self._owned.setdefault(replica_id, {})
         tier, me = self._tier[bit], self._slots.bit(replica_id)

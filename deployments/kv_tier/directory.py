@@ -24,6 +24,11 @@ Invariants:
 
 Owners. An object dies with the process that ``ray.put`` it. ``drop_owner`` forgets every chunk
 of a dead owner so later lookups miss instead of failing loads one by one.
+
+Epoch. A directory that restarts starts empty, so what engines announced to the routers about the
+old one is void. ``epoch`` names this incarnation (the actor passes its start time in ms, so a
+restarted directory has a larger one); engines learn it from ``poll_evicted`` and put it in their
+OBJ events, and routers drop OBJ entries of older epochs (``routers.precise_index``).
 """
 
 from __future__ import annotations
@@ -54,10 +59,11 @@ class Location:
 class BlockDirectory:
     """Cluster-wide map of KV block keys to stored chunks, bounded by a byte budget (LRU)."""
 
-    def __init__(self, budget_bytes: int, max_evicted_feed: int = 65536) -> None:
+    def __init__(self, budget_bytes: int, max_evicted_feed: int = 65536, epoch: int = 0) -> None:
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
         self.budget_bytes = int(budget_bytes)
+        self.epoch = int(epoch)
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()  # LRU first
         self._blocks: dict[bytes, tuple[int, int]] = {}  # key -> (chunk_id, index)
         self._next_id = 0
@@ -159,9 +165,13 @@ class BlockDirectory:
         """Keys evicted from chunks ``owner`` stored since the last call (for BlockRemoved events)."""
         return self._evicted_feed.pop(owner, [])
 
+    def poll_evicted(self, owner: str) -> tuple[int, list[bytes]]:
+        """``(epoch, take_evicted(owner))``: an engine's periodic poll, which also tells it this directory's epoch."""
+        return self.epoch, self.take_evicted(owner)
+
     def stats(self) -> dict[str, int]:
         """Sizes and cumulative counters."""
-        return {"bytes_used": self.bytes_used, "budget_bytes": self.budget_bytes,
+        return {"epoch": self.epoch, "bytes_used": self.bytes_used, "budget_bytes": self.budget_bytes,
                 "chunks": len(self._chunks), "blocks": len(self._blocks), **self.counters}
 
     def lru_chunk_ids(self) -> list[int]:

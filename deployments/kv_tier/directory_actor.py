@@ -8,6 +8,7 @@ the head node and Ray restarts it when its process dies; see ``get_directory``.
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -18,10 +19,14 @@ logger = logging.getLogger(__name__)
 
 
 class DirectoryActor(BlockDirectory):
-    """The directory as a detached named actor; records the tier's directory-side metrics."""
+    """The directory as a detached named actor; records the tier's directory-side metrics.
+
+    Ray runs ``__init__`` again on every restart, so each incarnation gets a new ``epoch`` (its start
+    time in ms: larger after a restart, unless the clock steps back by more than the restart took)."""
 
     def __init__(self, budget_bytes: int, model: str) -> None:
-        super().__init__(budget_bytes)
+        super().__init__(budget_bytes, epoch=time.time_ns() // 1_000_000)
+        logger.info("kv tier: directory started empty, epoch %d", self.epoch)
         self._tags = {"model": model}
         self._reported = dict(self.counters)
         self._loads: list[tuple[int, float, int]] = []
@@ -109,7 +114,8 @@ def get_directory(name: str, namespace: str, budget_bytes: int, store_fraction: 
     autoscaler, the head stays) and Ray restarts it whenever its process dies (``max_restarts=-1``). A
     restarted directory starts empty: its refs died with it, every lookup misses until engines store
     again, and the handles engines already hold reach the new instance (a call that meets the restart
-    fails, which the connector counts as a miss).
+    fails, which the connector counts as a miss). The new instance has a new ``epoch``, which engines
+    learn at their next eviction poll and put in their OBJ events, so routers drop the old blocks.
     """
     nodes = ray.nodes()
     caps = [n["Resources"].get("object_store_memory", 0) for n in nodes if n.get("Alive")]

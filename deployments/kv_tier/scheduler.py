@@ -18,6 +18,12 @@ Idle or lightly loaded steps still store everything, and one store per prefix cl
 enough, so hot prefixes still reach the tier. Expected: the no-reuse batch stores ~4 x 32 MiB
 instead of ~3.6 GiB, i.e. ratio ~0.98-1.0; single-request TTFT rounds are unaffected.
 
+Directory epoch. The eviction poll (``_poll_evictions``, every ``_EVICTION_POLL_S``, the first on the
+first step) also returns the directory's epoch; OBJ events carry the latest one known (medium
+"OBJ@<epoch>", ``routers.events.obj_medium``), so routers drop what a restarted directory lost.
+Stores between a restart and the next poll go out under the old epoch: routers then forget blocks
+the tier does hold (a missed load, never a promised one that fails).
+
 Lookup latency. The lookup used to be sent when the scheduler first considered the request; on a
 busy engine (no waiting) that always deferred a new request by one step, and on an idle one it
 added a directory round trip to a hit's TTFT. ``on_new_request`` sends it on arrival instead.
@@ -39,6 +45,7 @@ from deployments.kv_tier.keys import FINGERPRINT_BYTES, block_keys
 from deployments.kv_tier.messages import TierMeta, TierOp
 from deployments.kv_tier.plan import ReqPlan, admit_stores, hit_run, loadable_blocks, skip_present, store_ranges
 from deployments.kv_tier.shared import inc
+from routers.events import obj_medium
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -73,7 +80,8 @@ class TierScheduler:
         self._pending_loads: list[TierOp] = []
         self._events: list[Any] = []
         self._evict_fut = None
-        self._evict_t = time.monotonic()
+        self._evict_t = time.monotonic() - _EVICTION_POLL_S  # the first poll (and epoch) on the first step
+        self._epoch: int | None = None  # the directory's, as of the last poll
         self._wait_budget_s = _LOOKUP_WAIT_PER_STEP_S
 
     def _hashes(self, request: Request) -> list[bytes]:
@@ -252,7 +260,7 @@ class TierScheduler:
             block_hashes=[maybe_convert_block_hash(h) for h in hashes[lo:hi]],
             parent_block_hash=maybe_convert_block_hash(hashes[lo - 1]) if lo else None,
             token_ids=list(request.all_token_ids[lo * self._bs:hi * self._bs]),
-            block_size=self._bs, lora_id=None, medium="OBJ",
+            block_size=self._bs, lora_id=None, medium=obj_medium(self._epoch),
             lora_name=lora.lora_name if lora is not None else None,
         )
 
@@ -273,7 +281,7 @@ class TierScheduler:
         return events
 
     def _poll_evictions(self) -> None:
-        """Turn the directory's evictions of our chunks into BlockRemoved(medium=OBJ) events."""
+        """Turn the directory's evictions of our chunks into BlockRemoved(medium=OBJ) events; learn its epoch."""
         if not self._cfg.emit_kv_events:
             return
         if self._evict_fut is not None:
@@ -281,15 +289,19 @@ class TierScheduler:
             if not ready:
                 return
             try:
-                keys = ray.get(self._evict_fut)
+                epoch, keys = ray.get(self._evict_fut)
             except Exception:  # noqa: BLE001 - events are best effort
-                keys = []
+                epoch, keys = self._epoch, []
             self._evict_fut = None
+            if epoch != self._epoch:
+                if self._epoch is not None:
+                    logger.info("kv tier: the directory restarted (epoch %d -> %d)", self._epoch, epoch)
+                self._epoch = epoch
             head = self._fp_digest + (0).to_bytes(2, "big")
             hashes = [k[FINGERPRINT_BYTES + 2:] for k in keys if k.startswith(head)]
             if hashes:
                 self._events.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(h) for h in hashes],
-                                                 medium="OBJ"))
-        if time.monotonic() - self._evict_t > _EVICTION_POLL_S:
+                                                 medium=obj_medium(self._epoch)))
+        if time.monotonic() - self._evict_t >= _EVICTION_POLL_S:
             self._evict_t = time.monotonic()
-            self._evict_fut = self._dir.take_evicted.remote(self._owner)
+            self._evict_fut = self._dir.poll_evicted.remote(self._owner)

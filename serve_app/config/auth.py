@@ -24,7 +24,8 @@ class TenantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     requests_per_min: int | None = Field(
-        default=None, ge=1, description="Requests per minute; beyond it 429 with Retry-After. None = no limit.")
+        default=None, ge=1, description="Requests per minute across the cluster (each running ingress replica "
+        "enforces its share, see deployments/rate_limits.py); beyond it 429 with Retry-After. None = no limit.")
     tokens_per_min: int | None = Field(
         default=None, ge=1,
         description="Prompt + completion tokens per minute. Prompt tokens are charged when a request is admitted, "

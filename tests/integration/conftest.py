@@ -71,7 +71,7 @@ TWO_MODELS: dict[str, Any] = {"models": [
 #: test_autoscaling, which leaves its model on one replica anyway); last the modules that start a Ray of their own.
 #: A module not listed runs after these, in file order.
 MODULE_ORDER = [
-    "test_kv_tier", "test_kv_tier_directory_restart", "test_request_path",
+    "test_kv_tier", "test_kv_tier_directory_restart", "test_auth_metrics", "test_request_path",
     "test_lifecycle", "test_openai_api", "test_openai_surface", "test_parity", "test_routing",
     "test_routing_by_model", "test_autoscaling",
     "test_drain", "test_restart", "test_serve_command",

@@ -1,5 +1,6 @@
 """The KV tier's directory actor on a real Ray: it runs on the head node, Ray restarts it when its process
-dies, and the handle an engine already holds reaches the new instance (empty: lookups miss, stores work)."""
+dies, and the handle an engine already holds reaches the new instance (empty: lookups miss, stores work, and
+its epoch, which engines put in their OBJ events so routers drop the old blocks, is newer)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ def test_directory_lives_on_the_head_and_comes_back_after_its_process_dies(ray_c
         ref = ray.put(np.zeros(4096, dtype=np.uint8))
         assert ray.get(directory.add_chunk_ref.remote("engine-a", [b"k1", b"k2"], [ref], 4096))
         assert ray.get(directory.lookup.remote([b"k1", b"k2", b"k3"])) == [True, True, False]
+        epoch, _ = ray.get(directory.poll_evicted.remote("engine-a"))
 
         ray.kill(directory, no_restart=False)  # the process dies; Ray restarts the actor
 
         # The same handle (what every engine holds) answers again; the new instance starts empty.
         assert _wait_until(lambda: directory.lookup.remote([b"k1", b"k2"]), [False, False]) == [False, False]
         assert ray.get(directory.node_id.remote()) == head
+        assert ray.get(directory.poll_evicted.remote("engine-a"))[0] > epoch
         ref2 = ray.put(np.ones(4096, dtype=np.uint8))
         assert ray.get(directory.add_chunk_ref.remote("engine-a", [b"k1"], [ref2], 4096))
         assert ray.get(directory.lookup.remote([b"k1"])) == [True]

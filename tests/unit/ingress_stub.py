@@ -23,6 +23,9 @@ from deployments.protocol import GenerateChunk, GenerateRequest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+INGRESS_DEPLOYMENT = "Ingress"
+
+
 class StubHandle:
     """A deployment handle whose ``generate.remote`` streams ``words``, or raises ``fail(attempt)`` after
     ``fail_after`` chunks; ``gap_s`` between chunks. Each call records whether it was cancelled.
@@ -120,7 +123,7 @@ def stub_ingress(monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any] | No
     handle = handle or StubHandle()
     cls = next(c for c in ingress_mod.Ingress.__mro__ if "_requests" in c.__dict__)  # the class Serve wraps
     obj = cls.__new__(cls)
-    context = SimpleNamespace(servable_object=obj, app_name="kvserve")
+    context = SimpleNamespace(servable_object=obj, app_name="kvserve", deployment=INGRESS_DEPLOYMENT)
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     running = {StubHandle.deployment_name: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})}
     # Serve's ingress decorator copies the class's module globals: patch the copy its methods read.

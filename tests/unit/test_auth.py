@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import httpx
 import pytest
 
-from deployments.auth import Gate, Tenant, TokenBucket, load_keys, parse_keys
+from deployments import rejections
+from deployments.auth import Gate, Tenant, load_keys, parse_keys
+from deployments.metrics import metrics
+from deployments.rejections import record_auth_rejection
 from serve_app.config import AppConfig, AuthConfig, ConfigError, load_app_config
-from tests.unit.ingress_stub import StubHandle, stub_ingress
+from tests.unit.ingress_stub import INGRESS_DEPLOYMENT, StubHandle, stub_ingress
 
 pytestmark = pytest.mark.unit
 
 KEYS = {"KVSERVE_API_KEYS": "acme:sk-acme-1, beta:sk-beta-1\n# comment\nacme:sk-acme-2"}
 
 
-def _gate(**auth) -> Gate:
+def _gate(on_reject=None, **auth) -> Gate:
     cfg = AuthConfig.model_validate({"enabled": True, **auth})
-    return Gate(cfg, load_keys(cfg, KEYS))
+    return Gate(cfg, load_keys(cfg, KEYS), on_reject=on_reject or (lambda *_: None))
 
 
 def test_keys_come_from_the_environment_a_file_or_a_mounted_secret_directory(tmp_path):
@@ -100,11 +105,25 @@ def test_limits_are_shared_among_ingress_replicas():
         gate.authenticate("Bearer sk-acme-1", now=0)
 
 
-def test_token_bucket_never_holds_more_than_a_minute():
-    b = TokenBucket(60, now=0)
-    b.charge(60, now=0)
-    assert b.wait_s(1, now=0) == pytest.approx(1.0)
-    assert b.wait_s(60, now=3600) == 0 and b.level == 60
+def test_limits_follow_the_ingress_replicas_serve_reports_running():
+    running = [None]
+    cfg = AuthConfig.model_validate({"enabled": True, "default_tenant": {"requests_per_min": 12}})
+    gate = Gate(cfg, load_keys(cfg, KEYS), share=2, on_reject=lambda *_: None, share_of=lambda: running[0])
+    codes = []
+    for now, n in ((0, None), (0, 3), (60, 3), (60, 1)):  # unknown: the config's 2 replicas, then Serve's count
+        running[0] = n
+        admitted = 0
+        while True:
+            try:
+                gate.authenticate("Bearer sk-acme-1", now=now)
+            except Exception:  # noqa: BLE001 - the 429
+                break
+            admitted += 1
+        codes.append((gate.limits.share, admitted))
+    # 12/min over 2 replicas: 6 each; over 3: 4 each (this bucket is empty), 4 a minute later; alone: 12, from
+    # an empty bucket refilled at 12/min.
+    assert codes == [(2, 6), (3, 0), (3, 4), (1, 0)]
+    assert gate.limits.take_request("acme", 12, now=65) == 0  # 12/min alone: one per 5 s
 
 
 def test_the_tenant_sets_the_cache_salt_and_a_client_can_only_narrow_it():
@@ -127,6 +146,47 @@ async def test_rotated_keys_are_picked_up_and_a_failed_reload_keeps_the_old_ones
     f.unlink()
     await gate.reload(10)
     assert gate.authenticate("Bearer sk-new", now=10).name == "acme"
+
+
+def test_refusals_are_reported_by_reason_and_configured_tenant_never_by_key():
+    seen = []
+    gate = _gate(lambda *a: seen.append(a), tenants={"acme": {"requests_per_min": 1, "tokens_per_min": 60}})
+    for header in (None, "Basic abc", "Bearer sk-nope", "Bearer sk-other"):
+        with pytest.raises(Exception, match="API key"):
+            gate.authenticate(header, now=0)
+    acme = gate.authenticate("Bearer sk-acme-1", now=0)
+    with pytest.raises(Exception, match="Rate limit"):
+        gate.authenticate("Bearer sk-acme-1", now=1)
+    gate.admit_tokens(acme, 100, now=1)
+    with pytest.raises(Exception, match="Rate limit"):
+        gate.admit_tokens(acme, 1, now=2)
+    assert seen == [(401, "missing_key", "unknown"), (401, "missing_key", "unknown"), (401, "invalid_key", "unknown"),
+                    (401, "invalid_key", "unknown"), (429, "requests_per_min", "acme"), (429, "tokens_per_min", "acme")]
+
+
+def test_auth_metrics_are_declared_once_with_bounded_labels():
+    m = metrics()
+    assert (m.auth_rejected_requests._name, tuple(m.auth_rejected_requests._tag_keys)) == (
+        "kvserve_auth_rejected_requests", ("reason", "tenant"))
+    assert (m.rate_limited_requests._name, tuple(m.rate_limited_requests._tag_keys)) == (
+        "kvserve_rate_limited_requests", ("reason", "tenant"))
+    record_auth_rejection(401, "invalid_key", "sk-should-not-matter")  # records without a cluster
+
+
+class _Counter:
+    def __init__(self, name: str, seen: list) -> None:
+        self.name, self.seen = name, seen
+
+    def inc(self, value, tags):
+        self.seen.append((self.name, tags["reason"], tags["tenant"], value))
+
+
+def _record_metrics(monkeypatch) -> list:
+    seen: list = []
+    fake = SimpleNamespace(auth_rejected_requests=_Counter("auth_rejected_requests", seen),
+                           rate_limited_requests=_Counter("rate_limited_requests", seen))
+    monkeypatch.setattr(rejections, "metrics", lambda: fake)
+    return seen
 
 
 # --- in the ingress app (stub replica) --------------------------------------------------------------
@@ -152,6 +212,33 @@ async def test_every_route_but_health_needs_a_key_before_its_body_is_read(monkey
         ok = await c.get("/v1/models", headers={"Authorization": "Bearer sk-beta-1"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "smollm2"
     assert handle.requests == []
+
+
+async def test_the_ingress_counts_its_401s_and_429s(monkeypatch):
+    monkeypatch.setenv("KVSERVE_API_KEYS", KEYS["KVSERVE_API_KEYS"])
+    seen = _record_metrics(monkeypatch)
+    app, _, _ = stub_ingress(monkeypatch, AUTH_ON)
+    async with _client(app) as c:
+        assert (await c.get("/v1/models")).status_code == 401
+        assert (await c.get("/v1/models", headers={"Authorization": "Bearer sk-random-1"})).status_code == 401
+        for _ in range(4):
+            r = await c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-acme-1"})
+    assert r.status_code == 429
+    assert seen == [("auth_rejected_requests", "missing_key", "unknown", 1),
+                    ("auth_rejected_requests", "invalid_key", "unknown", 1),
+                    ("rate_limited_requests", "requests_per_min", "acme", 1)]
+
+
+async def test_the_ingress_divides_limits_by_its_running_replicas(monkeypatch):
+    monkeypatch.setenv("KVSERVE_API_KEYS", KEYS["KVSERVE_API_KEYS"])
+    app, obj, _ = stub_ingress(monkeypatch, {"auth": {"enabled": True, "tenants": {"acme": {"requests_per_min": 6}}}})
+    status = {StubHandle.deployment_name: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1}),
+              INGRESS_DEPLOYMENT: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 3})}
+    obj._readiness.update(status, now=0)
+    acme = {"Authorization": "Bearer sk-acme-1"}
+    async with _client(app) as c:
+        codes = [(await c.get("/v1/models", headers=acme)).status_code for _ in range(3)]
+    assert codes == [200, 200, 429] and obj.gate.limits.share == 3  # 6/min over 3 replicas: 2 each
 
 
 async def test_a_tenant_over_its_limit_gets_429_with_retry_after(monkeypatch):

@@ -50,6 +50,14 @@ def test_evicted_feed_per_owner_is_drained_once():
     assert d.take_evicted("B") == []
 
 
+def test_the_eviction_poll_names_the_directory_epoch():
+    d = BlockDirectory(100, epoch=1733200000123)
+    d.add_chunk("A", [b"a0"], "ra", 100)
+    d.add_chunk("A", [b"a1"], "ra1", 100)
+    assert d.poll_evicted("A") == (1733200000123, [b"a0"])
+    assert d.poll_evicted("A") == (1733200000123, []) and d.stats()["epoch"] == 1733200000123
+
+
 def test_bytes_never_exceed_budget_under_churn():
     d = BlockDirectory(1000)
     for i in range(200):

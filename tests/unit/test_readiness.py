@@ -38,6 +38,17 @@ def _readiness(source=None) -> Readiness:
     return Readiness({"a": "vllm-a", "b": "vllm-b"}, source or _Source(), retry_after_s=7)
 
 
+def test_running_replicas_of_any_deployment_of_the_app() -> None:
+    src = _Source()
+    r = _readiness(src)
+    assert r.running("Ingress") is None
+    src.deployments = {"vllm-a": _Dep("HEALTHY", {"RUNNING": 1}),
+                       "Ingress": _Dep("UPSCALING", {"RUNNING": 2, "STARTING": 1})}
+    assert r.refresh(0.0) and r.running("Ingress") == 2 and r.running("vllm-a") == 1 and r.running("x") is None
+    src.fail = True
+    assert not r.refresh(1.0) and r.running("Ingress") == 2  # a failed report keeps the last counts
+
+
 def test_models_start_as_starting_before_any_status() -> None:
     r = _readiness()
     assert r.get("a").state == "starting"

@@ -12,7 +12,15 @@ import pytest
 import zmq
 
 from deployments.kv_events import KVEventSubscriber, advertised_endpoint, kv_events_engine_kwargs, parse_endpoint
-from routers.events import AllBlocksCleared, BlockRemoved, BlockStored, SeqTracker, decode_batch
+from routers.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    SeqTracker,
+    decode_batch,
+    obj_medium,
+    split_medium,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +44,15 @@ def test_decode_batch_map_and_array_forms_and_bytes_hashes():
     assert rank == 0
     _, events, _ = decode_batch([0.0, [["BlockStored", [b"\x01" * 9], None, [], 16, None, "OBJ", None]]])
     assert events == [BlockStored((int.from_bytes(b"\x01" * 8, "big"),), "OBJ")]
+
+
+def test_the_object_store_tier_names_its_directory_epoch_in_the_medium():
+    assert obj_medium(1733200000123) == "OBJ@1733200000123" and obj_medium(None) == "OBJ"
+    assert split_medium("OBJ@42") == ("OBJ", 42) and split_medium("OBJ@bad") == ("OBJ", None)
+    assert split_medium("CPU") == ("CPU", None) and split_medium(None) == ("GPU", None)
+    raw = msgspec.msgpack.decode(_batch(_stored([1], obj_medium(7)),
+                                        {"type": "BlockRemoved", "block_hashes": [1], "medium": "OBJ@7"}))
+    assert decode_batch(raw)[1] == [BlockStored((1,), "OBJ", None, 7), BlockRemoved((1,), "OBJ", 7)]
 
 
 def test_seq_tracker():

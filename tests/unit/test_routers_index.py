@@ -6,7 +6,7 @@ import pytest
 
 from routers.approx_index import ApproxIndex, Slots, longest_prefix
 from routers.events import AllBlocksCleared, BlockRemoved, BlockStored
-from routers.precise_index import PreciseIndex, TierMatch
+from routers.precise_index import GPU, HOST, OBJ, PreciseIndex, TierMatch
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +100,34 @@ def test_precise_is_bounded_per_replica():
     idx.on_event("a", BlockStored(tuple(range(8)), "GPU"))
     assert idx.size("a") == 5
     assert not idx.holds("a", 0) and idx.holds("a", 7)
+
+
+def test_precise_forgets_obj_blocks_of_an_older_directory_epoch():
+    idx = PreciseIndex()
+    idx.on_event("a", BlockStored((1, 2), "GPU"))
+    idx.on_event("b", BlockStored((9,), "CPU"))
+    idx.on_event("a", BlockStored((1, 2, 3, 4), "OBJ", epoch=100))
+    idx.on_event("b", BlockStored((5, 6), "OBJ", epoch=100))
+    assert idx.match([1, 2, 3, 4], ["a", "b"]) == {"a": TierMatch(2, 0, 2), "b": TierMatch(0, 0, 4)}
+    # The directory restarted (epoch 200): its first event drops every replica's OBJ entries.
+    idx.on_event("b", BlockStored((7,), "OBJ", epoch=200))
+    assert idx.obj_epoch == 200
+    assert idx.match([1, 2, 3, 4], ["a", "b"]) == {"a": TierMatch(2, 0, 0)}  # GPU entries untouched
+    assert idx.match([5, 6], ["a", "b"]) == {}
+    assert idx.holds("b", 9, HOST) and idx.holds("a", 2, GPU) and idx.holds("b", 7, OBJ)
+    assert idx.size("a") == 2 and idx.size("b") == 2
+    # A late (replayed) event of the old directory changes nothing; one without an epoch is current.
+    idx.on_event("a", BlockStored((1, 2, 3, 4), "OBJ", epoch=100))
+    idx.on_event("a", BlockRemoved((7,), "OBJ", epoch=100))
+    assert idx.match([1, 2, 3, 4], ["b"]) == {} and idx.holds("b", 7, OBJ)
+    idx.on_event("a", BlockStored((1, 2, 3), "OBJ"))
+    assert idx.match([1, 2, 3, 4], ["a"]) == {"a": TierMatch(2, 0, 1)}
+    idx.on_event("a", BlockRemoved((3,), "OBJ", epoch=200))
+    assert idx.match([1, 2, 3, 4], ["a"]) == {"a": TierMatch(2, 0, 0)}
+
+
+def test_precise_keeps_unlabelled_obj_blocks_when_it_learns_the_first_epoch():
+    idx = PreciseIndex()
+    idx.on_event("a", BlockStored((1, 2), "OBJ"))  # an engine that has not polled its directory yet
+    idx.on_event("b", BlockStored((3,), "OBJ", epoch=5))
+    assert idx.obj_epoch == 5 and idx.match([1, 2, 3], ["c"]) == {"c": TierMatch(0, 0, 3)}

@@ -146,6 +146,22 @@ def test_kv_aware_follows_evictions_and_tiers():
     assert d.replica_id == "r0" and d.predicted_cached_tokens == 255
 
 
+def test_kv_aware_stops_predicting_obj_hits_after_the_tier_directory_restarts():
+    p = policy("kv-aware", speculative_ttl_s=2.0)
+    ss = snaps(2)
+    req, other = request(doc(13)), request(doc(14))
+    p.precise.mark_live("r0"), p.precise.mark_live("r1")
+    p.on_event("r0", BlockStored(req.block_hashes, "OBJ", epoch=1))
+    p.on_event("r1", BlockStored(other.block_hashes[:4], "GPU"))
+    d = p.choose(req, ss, 10.0, random.Random(0))
+    assert d.predicted_cached_tokens == 255  # every replica can load the tier's blocks
+    p.on_event("r1", BlockStored(request(doc(15)).block_hashes[:1], "OBJ", epoch=2))  # first store after a restart
+    d = p.choose(req, ss, 10.0, random.Random(0))
+    assert (d.reason, d.predicted_cached_tokens) == ("no-cache", 0)
+    d = p.choose(other, ss, 10.0, random.Random(0))
+    assert (d.replica_id, d.reason, d.predicted_cached_tokens) == ("r1", "cache-hit", 64)  # GPU entries kept
+
+
 def test_kv_aware_speculates_on_just_routed_blocks_then_trusts_events():
     p = policy("kv-aware", speculative_ttl_s=2.0)
     ss = snaps(2)
