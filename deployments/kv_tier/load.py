@@ -15,8 +15,8 @@ in the registered store and land in a few runs of blocks are copied H2D straight
 by the load's own thread (``_load_direct``); only the rest go to the threads above. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
 reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
 
-A load runs on the loader's own threads and streams in both ``KVTierConfig.load_mode`` s; the
-worker either reports it when ``take_finished`` has it (``async``) or waits for ``submit``'s future
+A load runs on the loader's own threads and streams whatever the ``KVTierConfig.load_mode``: the
+worker either reports it once ``take_finished`` has it (``async``) or waits for ``submit``'s future
 inside the step (``sync``). Either way a load is put into ``take_finished`` only after every copy
 it launched has completed (streams synchronized, chunk threads joined, on error paths too), so
 vLLM may free or recompute its blocks at once, e.g. when the request was aborted meanwhile.
