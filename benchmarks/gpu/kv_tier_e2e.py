@@ -20,7 +20,7 @@ and checked gone (``leftovers_killed``, ``left_after_kill``).
 
 Writes JSON: every run (bench headline, tier and router metric deltas, KV events by medium, restart), the
 medians per system, ``e2e_ttft_p50_ratio`` and ``e2e_throughput_ratio`` (tier_on / tier_off; goals <= 0.6
-and >= 1.3), command, machine, git commit. Configs, server logs and raw bench JSON go to ``--work-dir``
+and >= 1.3), ``load_mode`` (``--load-mode``: tier_on's ``kv_tier.load_mode``), command, machine, git commit. Configs, server logs and raw bench JSON go to ``--work-dir``
 (default: ``work/`` beside ``--out``). ``--git-commit`` must be a literal SHA computed on the developer's
 machine (``git rev-parse HEAD`` there): the device's copy of the repository has stale git metadata, so
 ``$(git rev-parse HEAD)`` evaluated on the device names an old commit. Run it under the shared lock:
@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("docs", "replicas", "kv_cache_tokens", "object_store_gib"):
         p.add_argument("--" + key.replace("_", "-"), type=float, help="override the scale's value")
     p.add_argument("--budget-gib", type=float, help="kv_tier.budget_gib (default: the scale's)")
+    p.add_argument("--load-mode", choices=["sync", "async"], default="async",
+                   help="kv_tier.load_mode of tier_on: async (the request waits for its load, other requests step "
+                        "on) or sync (the step waits for the load)")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--git-commit", default="unknown")
     p.add_argument("--append", action="store_true",
@@ -441,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         scale["load"] = "concurrency"
     if args.budget_gib:
         scale["tier"]["budget_gib"] = args.budget_gib
+    scale["tier"]["load_mode"] = args.load_mode
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -454,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
              "tier_budget_gib": scale["tier"]["budget_gib"], "object_store_gib": scale["object_store_gib"]}
     print(f"[e2e] sizes: {sizes}", flush=True)
     doc = {"schema": "kvserve.kv_tier_e2e/1", "scale": args.scale, "scale_settings": scale, "sizes": sizes,
-           "routing": "kv-aware", "runs": [], "leftovers": [], "git_commit": args.git_commit,
+           "routing": "kv-aware", "load_mode": args.load_mode, "runs": [], "leftovers": [],
+           "git_commit": args.git_commit,
            "command": shlex.join(["python", "benchmarks/gpu/kv_tier_e2e.py", *(argv or sys.argv[1:])]),
            "machine": machine_info(),
            "notes": {"kv_events_by_medium": "blocks per event kind:medium, counted on each replica's KV-event "

@@ -17,7 +17,8 @@ microbenchmark without engines). Two vLLM engines share one GPU (Ray actors with
              ``--alternations`` times -> ratio of the medians (and every pair's ratio)
 
 Writes JSON: ttft_recompute_ms, ttft_tier_hit_ms, ttft_ratio, effective_load_gbps,
-no_reuse_throughput_ratio, command, machine (+ details). A watchdog writes what it has and exits
+no_reuse_throughput_ratio, load_mode (``--load-mode``: the tier's ``load_mode``), command, machine
+(+ details). A watchdog writes what it has and exits
 if ``--deadline-s`` passes, and every Ray call has a timeout.
 
     python3 benchmarks/gpu/kv_tier_h200.py --model /path/shape-llama-3.1-8b --out results.json
@@ -58,6 +59,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--object-store-gib", type=float, default=None)
     p.add_argument("--load-threads", type=int, default=8)
     p.add_argument("--host-dma", default="mapping", choices=["staged", "per_chunk", "mapping"])
+    p.add_argument("--load-mode", default="async", choices=["sync", "async"],
+                   help="kv_tier.load_mode: async (the hit waits for its load, other requests step on) or sync")
     p.add_argument("--alternations", type=int, default=3, help="no-reuse on/off pairs")
     p.add_argument("--git-commit", default="unknown")
     p.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (slower start)")
@@ -111,7 +114,7 @@ def main() -> int:
     _watchdog(a.deadline_s, a.out)
     t_start = time.monotonic()
     RESULT.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=_machine(a.cpu_smoke),
-                  git_commit=a.git_commit, host_dma=a.host_dma)
+                  git_commit=a.git_commit, host_dma=a.host_dma, load_mode=a.load_mode)
     try:
         import shutil
 
@@ -151,7 +154,8 @@ def main() -> int:
 
     tier = KVTierConfig(enabled=True, budget_gib=a.tier_budget_gib, namespace=NAMESPACE,
                         directory_name=DIRECTORY, load_threads=a.load_threads, host_dma=a.host_dma,
-                        max_object_store_fraction=0.6, lookup_timeout_s=10.0 if a.cpu_smoke else 0.5)
+                        load_mode=a.load_mode, max_object_store_fraction=0.6,
+                        lookup_timeout_s=10.0 if a.cpu_smoke else 0.5)
     base = {"max_model_len": a.prefix_tokens + 512, "enable_prefix_caching": True, "seed": 0,
             "enforce_eager": not a.cuda_graphs, "skip_tokenizer_init": True, "max_num_seqs": 64,
             "block_size": 128 if a.cpu_smoke else 16}

@@ -21,11 +21,13 @@ Flow (one engine; ``S`` = scheduler side in EngineCore, ``W`` = each worker)::
 
     S on_new_request: block keys -> directory.lookup (async, sent as the request arrives)
     S get_num_new_matched_tokens: that lookup's answer (None = not in yet, ask next step)
-      -> longest present run beyond the local hit -> (run*B, async=True)
+      -> longest present run beyond the local hit -> (run*B, load_mode == "async")
     S update_state_after_alloc: remember (block ids, hashes) of the run -> load op
     S build_connector_meta: load ops + store ops for prompt blocks that became full this step
       (minus blocks the tier already held; a busy step admits only a small budget)
-    W start_load_kv: Loader threads fetch chunks, copy into the blocks -> get_finished(recving)
+    W start_load_kv: Loader threads fetch chunks, copy into the blocks; async: the request waits
+      in WAITING_FOR_REMOTE_KVS (other requests keep stepping) until get_finished(recving) names
+      it; sync: start_load_kv waits for the copies before the forward (the whole step waits)
     W wait_for_save: Storer copies the new blocks out (side stream), thread ray.put + register
     S request_finished: hold the blocks (True) until W reports the copies done (finished_sending)
     W get_block_ids_with_load_errors: blocks of lost/evicted chunks -> vLLM recomputes them

@@ -14,6 +14,12 @@ With ``mapping``, a load first fetches all its chunks with one ``ray.get``, and 
 in the registered store and land in a few runs of blocks are copied H2D straight into the pages
 by the load's own thread (``_load_direct``); only the rest go to the threads above. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
 reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
+
+A load runs on the loader's own threads and streams whatever the ``KVTierConfig.load_mode``: the
+worker either reports it once ``take_finished`` has it (``async``) or waits for ``submit``'s future
+inside the step (``sync``). Either way a load is put into ``take_finished`` only after every copy
+it launched has completed (streams synchronized, chunk threads joined, on error paths too), so
+vLLM may free or recompute its blocks at once, e.g. when the request was aborted meanwhile.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import socket
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import ray
@@ -91,9 +97,9 @@ class Loader:
 
         threading.Thread(target=run, name="kv-tier-host-dma", daemon=True).start()
 
-    def submit(self, req_id: str, block_ids: list[int], keys: list[bytes]) -> None:
-        """Start loading; the result shows up in ``take_finished``."""
-        self._coord.submit(self._load, req_id, block_ids, keys, time.perf_counter())
+    def submit(self, req_id: str, block_ids: list[int], keys: list[bytes]) -> Future:
+        """Start loading; the result shows up in ``take_finished`` (the future is done by then)."""
+        return self._coord.submit(self._load, req_id, block_ids, keys, time.perf_counter())
 
     def take_finished(self) -> tuple[set[str], set[int]]:
         """Requests whose load ended (successfully or not) and the block ids that failed."""
@@ -109,6 +115,7 @@ class Loader:
     def _load(self, req_id: str, block_ids: list[int], keys: list[bytes], t0: float) -> None:
         failed: set[int] = set()
         nbytes = direct = into_pages = 0
+        futs: list[Future | None] = []
         try:
             locs: list[Location | None] = ray.get(self.directory.locate.remote(keys), timeout=self.timeout_s)
             chunks: dict[int, tuple[Location, list[int], list[int]]] = {}
@@ -139,6 +146,8 @@ class Loader:
         except Exception as err:  # noqa: BLE001 - any load failure is a miss: recompute
             logger.warning("kv tier: load of %s failed, recomputing: %s", req_id, err)
             failed = set(block_ids)
+            # Reporting frees or rewrites the blocks: no chunk copy of this load may still run.
+            wait([f for f in futs if f is not None])
         ms = (time.perf_counter() - t0) * 1e3
         observe("kv_tier_load_latency_ms", ms, self.tags)
         if failed:
@@ -164,12 +173,13 @@ class Loader:
         if stream is None:
             stream = self._local.stream = torch.cuda.Stream(device=p.device)
         with torch.inference_mode(), torch.cuda.device(p.device), torch.cuda.stream(stream):
-            for i, ((_, src, dst), arr) in enumerate(zip(entries, arrs)):
-                if arr is None or not self._registrar.covers(arr.ctypes.data, arr.nbytes):
-                    continue
-                done[i] = scatter_runs(p.layers, torch.from_numpy(arr), src, dst, non_blocking=True)
-            if any(done):
-                stream.synchronize()  # the plasma views (arrs) stay referenced until the copies end
+            try:
+                for i, ((_, src, dst), arr) in enumerate(zip(entries, arrs)):
+                    if arr is None or not self._registrar.covers(arr.ctypes.data, arr.nbytes):
+                        continue
+                    done[i] = scatter_runs(p.layers, torch.from_numpy(arr), src, dst, non_blocking=True)
+            finally:  # also on an error: the plasma views (arrs) and the pages outlive every copy
+                stream.synchronize()
         return done
 
     def _load_chunk(self, loc: Location, src: list[int], dst: list[int], arr=None) -> int:

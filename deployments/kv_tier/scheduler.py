@@ -24,6 +24,13 @@ first step) also returns the directory's epoch; OBJ events carry the latest one 
 Stores between a restart and the next poll go out under the old epoch: routers then forget blocks
 the tier does hold (a missed load, never a promised one that fails).
 
+Load mode (``KVTierConfig.load_mode``). ``async``: a hit is returned as an async load, so the
+request waits in WAITING_FOR_REMOTE_KVS while the worker copies its blocks and the steps of other
+requests do not wait for it. ``sync``: the request is scheduled at once and the worker loads
+inside that step. A preempted request that already stored blocks is not loaded asynchronously
+again: vLLM would then wait for both a finished_sending and a finished_recving before freeing it
+when aborted, and free it on the first.
+
 Lookup latency. The lookup used to be sent when the scheduler first considered the request; on a
 busy engine (no waiting) that always deferred a new request by one step, and on an idle one it
 added a directory round trip to a hit's TTFT. ``on_new_request`` sends it on arrival instead.
@@ -83,6 +90,7 @@ class TierScheduler:
         self._evict_t = time.monotonic() - _EVICTION_POLL_S  # the first poll (and epoch) on the first step
         self._epoch: int | None = None  # the directory's, as of the last poll
         self._wait_budget_s = _LOOKUP_WAIT_PER_STEP_S
+        self._load_async = ctx.cfg.load_mode == "async"
 
     def _hashes(self, request: Request) -> list[bytes]:
         return list(request.block_hashes)
@@ -103,6 +111,12 @@ class TierScheduler:
         n_load = min(loadable_blocks(request.num_tokens, self._bs), len(request.block_hashes))
         start = num_computed_tokens // self._bs
         min_load = self._cfg.min_load_blocks
+        plan = self._plans.get(request.request_id)
+        if self._load_async and plan is not None and plan.stored_any:
+            # A preempted request resuming with stores behind it: its free already waits for
+            # finished_sending, and vLLM would also wait for finished_recving if it were aborted
+            # during the load (the second report would name a freed request). Recompute instead.
+            return 0, False
         if n_load - start < min_load:
             self._lookups.pop(request.request_id, None)  # a prefetched lookup is moot (local hit)
             return 0, False
@@ -134,7 +148,7 @@ class TierScheduler:
         run = hit_run(lk.present, start, n_load)
         if run < min_load:
             return 0, False
-        return run * self._bs, True
+        return run * self._bs, self._load_async
 
     def _send_lookup(self, request: Request, n_load: int) -> _Lookup:
         hashes = self._hashes(request)[:n_load]

@@ -4,6 +4,14 @@ Owns: ``TierWorker`` (one per worker process: the ``Storer`` and ``Loader`` over
 paged cache, and what it reports back through ``get_finished`` and
 ``get_block_ids_with_load_errors``). Reads ``messages.TierMeta``; the connector hands it each
 step's metadata.
+
+Loads (``KVTierConfig.load_mode``). ``async``: ``start_load_kv`` only submits them, so the step and
+every other request's decode go on while the copies run; a request is returned in
+``finished_recving`` once all its copies have completed (vLLM keeps it in WAITING_FOR_REMOTE_KVS
+until then, and holds the blocks of one aborted meanwhile until that report; every load is
+reported, failed or not, each TP rank for itself). ``sync``: ``start_load_kv`` waits for the
+step's loads before the forward pass and nothing is reported as received. In both, the blocks of
+a failed chunk go to ``get_block_ids_with_load_errors`` and vLLM recomputes them.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ class TierWorker:
         self._unstored: set[str] = set()  # store ops this worker could not run (release anyway)
         self._unloaded: set[str] = set()  # load ops this worker could not run (fail -> recompute)
         self._rank = 0
+        self._load_async = ctx.cfg.load_mode == "async"
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         if not self._enabled:
@@ -71,14 +80,24 @@ class TierWorker:
             self._storer.cancel(meta.preempted)
 
     def start_load_kv(self, meta: Any) -> None:
-        """Submit this step's loads (``meta``: the step's connector metadata)."""
+        """Submit this step's loads (``meta``: the step's connector metadata).
+
+        ``async``: return at once; each request is reported by ``get_finished`` when all its copies
+        have completed. ``sync``: wait here, before the forward pass that reads the blocks."""
         assert isinstance(meta, TierMeta), "unexpected connector metadata"
+        futs = []
         for op in meta.loads:
             if self._loader is not None:
-                self._loader.submit(op.req_id, op.block_ids, self._keys(op.block_hashes))
+                futs.append(self._loader.submit(op.req_id, op.block_ids, self._keys(op.block_hashes)))
             else:  # disabled here: report the load as failed so vLLM recomputes
-                self._unloaded.add(op.req_id)
+                if self._load_async:
+                    self._unloaded.add(op.req_id)
                 self._bad.update(op.block_ids)
+        if futs and not self._load_async:
+            for fut in futs:
+                fut.result()  # the loader's copies have completed (streams synchronized) when it returns
+            _, bad = self._loader.take_finished()  # sync requests are running: no finished_recving
+            self._bad |= bad
 
     def wait_for_save(self, meta: Any) -> None:
         """Submit this step's stores (after the forward that computed their blocks)."""
@@ -94,9 +113,10 @@ class TierWorker:
         recvd, self._unloaded = self._unloaded, set()
         if self._storer is not None:
             sent |= self._storer.finished(finished_req_ids)
-            loaded, bad = self._loader.take_finished()
-            recvd |= loaded
-            self._bad |= bad
+            if self._load_async:
+                loaded, bad = self._loader.take_finished()
+                recvd |= loaded
+                self._bad |= bad
         return (sent or None), (recvd or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

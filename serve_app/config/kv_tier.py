@@ -75,6 +75,14 @@ class KVTierConfig(BaseModel):
         "from it; `per_chunk`: each chunk is page-locked for its copy and unlocked after; `staged`: memcpy "
         "into a pinned slot, then H2D. See deployments/kv_tier/host_memory.py for the measured costs.",
     )
+    load_mode: Literal["sync", "async"] = Field(
+        default="async",
+        description="How a tier hit is loaded. `async` (the default, the mode measured on the GPU so far): the "
+        "request waits in vLLM's WAITING_FOR_REMOTE_KVS while the loader's threads copy its blocks, and the "
+        "engine keeps stepping the other requests; it is reported ready once every copy has completed. "
+        "`sync`: the request is scheduled at once and the worker waits for its load inside the step before "
+        "the forward pass, so every other request's step waits too (a baseline for comparison).",
+    )
     load_threads: int = Field(
         default=2, ge=1,
         description="Parallel chunk loads per worker for chunks that cannot go straight into the pages. On the H200, "

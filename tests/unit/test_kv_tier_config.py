@@ -50,6 +50,16 @@ def test_connector_defaults_are_the_models():
         tier_config_from_extra({"chunk_mb": 32})
 
 
+def test_load_mode_is_sync_or_async_and_reaches_the_engine():
+    assert KVTierConfig().load_mode == "async"  # the mode the GPU runs measured
+    x = kv_tier_engine_kwargs(KVTierConfig(enabled=True, load_mode="sync"), "m")["kv_transfer_config"]
+    assert tier_config_from_extra(x["kv_connector_extra_config"])[0].load_mode == "sync"
+    with pytest.raises(ValidationError) as err:
+        KVTierConfig(load_mode="background")
+    (e,) = err.value.errors()
+    assert e["loc"] == ("load_mode",) and "'sync' or 'async'" in e["msg"]
+
+
 def test_every_field_is_described_and_unknown_fields_are_rejected():
     for name, field in KVTierConfig.model_fields.items():
         assert field.description, name

@@ -3,6 +3,7 @@ time, the router's KV evidence, and the midway kill recording its failure instea
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -71,6 +72,11 @@ def test_cli_load_overrides(monkeypatch, tmp_path) -> None:
     assert (s["load"], s["concurrency"], s["num_requests"], s["duration_s"]) == ("concurrency", 32, 500, 100.0)
     with pytest.raises(SystemExit):
         fake_scale(["--rate", "3", "--concurrency", "4"])
+    assert fake_scale([])["tier"]["load_mode"] == "async"
+    assert fake_scale(["--load-mode", "sync"])["tier"]["load_mode"] == "sync"
+    assert json.loads((tmp_path / "o.json").read_text())["load_mode"] == "sync"
+    with pytest.raises(SystemExit):
+        fake_scale(["--load-mode", "lazy"])
 
 
 def test_append_continues_an_earlier_invocation_only_with_the_same_settings() -> None:
