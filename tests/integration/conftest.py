@@ -55,7 +55,7 @@ TWO_MODELS: dict[str, Any] = {"models": [
      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
      "deployment": {
          "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                                "upscale_delay_s": 3, "downscale_delay_s": 15, "metrics_interval_s": 1,
+                                "upscale_delay_s": 3, "downscale_delay_s": 5, "metrics_interval_s": 1,
                                 "look_back_period_s": 3},
          "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
     {"id": "smollm2-b", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,

@@ -66,7 +66,7 @@ def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
         while _running_replicas() > 1 and time.time() < deadline:
             r = c.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 200
-            time.sleep(4)
+            time.sleep(2)
     assert _running_replicas() == 1
     r = httpx.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=120)
     assert r.status_code == 200
