@@ -21,7 +21,7 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, SMALL_QUEUES, deep_merge
+from tests.integration.conftest import ROOT, SHARED, deep_merge
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -84,7 +84,7 @@ def _run_workload(client: openai.OpenAI) -> list[tuple[str, int, int]]:
 @pytest.fixture(scope="module")
 def prefix_aware_results(start_app) -> list[tuple[str, int, int]]:
     # configs/cpu.yaml's routing (prefix-aware by default), on the app test_openai_api uses too
-    return _run_workload(_client(start_app(overrides=SMALL_QUEUES)))
+    return _run_workload(_client(start_app(overrides=SHARED)))
 
 
 @pytest.fixture(scope="module")
