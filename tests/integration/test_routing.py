@@ -15,11 +15,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
+import yaml
 
-from tests.integration.conftest import SMALL_QUEUES
+from tests.integration.conftest import ROOT, SHARED, deep_merge
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -82,7 +84,7 @@ def _run_workload(client: openai.OpenAI) -> list[tuple[str, int, int]]:
 @pytest.fixture(scope="module")
 def prefix_aware_results(start_app) -> list[tuple[str, int, int]]:
     # configs/cpu.yaml's routing (prefix-aware by default), on the app test_openai_api uses too
-    return _run_workload(_client(start_app(overrides=SMALL_QUEUES)))
+    return _run_workload(_client(start_app(overrides=SHARED)))
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +113,20 @@ def test_round_robin_reuses_less(prefix_aware_results, round_robin_results) -> N
 
 
 # --- 2 and 3. kv-aware ---------------------------------------------------------------------------
+def _cpu_model(**deployment: Any) -> dict[str, Any]:
+    """configs/cpu.yaml's model entry with some of its deployment options replaced."""
+    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
+    return deep_merge(doc["applications"][0]["args"]["models"][0], {"deployment": deployment})
+
+
 @pytest.fixture(scope="module")
 def kv_client(round_robin_results, start_app) -> Iterator[openai.OpenAI]:
-    yield _client(start_app(overrides={"routing": {"strategy": "kv-aware"}}))
-    _delete_app(timeout_s=300)  # the killed replica's replacement may still be starting its engine
+    # The killed replica's replacement is still starting its engine when the app is deleted: Serve stops it
+    # gracefully, which waits out the engine start (~40 s) unless the graceful timeout is shorter. No test here
+    # has Serve stop a replica that holds requests.
+    yield _client(start_app(overrides={"routing": {"strategy": "kv-aware"},
+                                       "models": [_cpu_model(graceful_shutdown_timeout_s=10)]}))
+    _delete_app(timeout_s=300)
 
 
 def _delete_app(timeout_s: float) -> None:
