@@ -24,10 +24,11 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: Strategy = Field(
-        default="prefix-aware",
-        description="Routing policy. prefix-aware: approximate index learned from routing decisions; kv-aware: "
-        "precise index from the replicas' vLLM KV events (GPU/CPU/OBJ tiers), needs kv events on the replicas; "
-        "round-robin; least-loaded. Cache-aware policies minimise predicted time to first token.",
+        default="kv-aware",
+        description="Routing policy. kv-aware (default): precise index from the replicas' vLLM KV events (GPU/CPU/OBJ "
+        "tiers), each replica publishing through a relay; a replica whose events are not live is read from the "
+        "approximate index instead. prefix-aware: only the approximate index learned from this router's own "
+        "decisions; round-robin; least-loaded. Cache-aware policies minimise predicted time to first token.",
     )
     session_header: str | None = Field(
         default=None, description="HTTP header whose value pins a session to a replica (e.g. x-session-id)."

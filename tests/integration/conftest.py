@@ -40,7 +40,7 @@ AUTOSCALED = "smollm2-b"
 
 #: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
 #: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
-#: test_routing's prefix-aware part). Two models: ``smollm2`` on two replicas with small queues, so the overload
+#: test_routing's default-strategy part). Two models: ``smollm2`` on two replicas with small queues, so the overload
 #: test can fill them, and ``AUTOSCALED`` beside it, so that routing by model and autoscaling need no app of their
 #: own (a start of two engines is ~80 s on 2 cores; a third engine in this one adds less). The same overrides give
 #: the same app, which ``start_app`` reuses instead of starting engines again.

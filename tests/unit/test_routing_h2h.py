@@ -36,7 +36,7 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
     assert app.ingress.deployment.num_replicas == (2 if system == TWO_INGRESS else 1)
     rest = {k: v for k, v in args.items() if k not in ("routing", "models", "ingress")}
     assert rest == {k: v for k, v in base["applications"][0]["args"].items() if k not in ("routing", "models", "ingress")}
-    assert base["applications"][0]["args"]["routing"] == {"strategy": "prefix-aware"}  # base left untouched
+    assert base["applications"][0]["args"]["routing"] == {"strategy": "kv-aware"}  # base left untouched
 
 
 def test_ray_router_sees_shared_token_prefixes_as_shared_text() -> None:
@@ -64,13 +64,13 @@ def _results() -> dict:
         "round-robin": {"routing": {"strategy": "round-robin"}, "runs": [{}], "docqa": shared,
                         "multiturn": {"sat": _h(500, 200)}, "mooncake": {"sat": _h(2000, 50)},
                         "no-sharing": no_sharing},
-        "prefix-aware": {"docqa": {"sat": _h(250, 190, 0.9, n=180), "r25": _h(20, 25, 0.9)},
+        "kv-aware": {"docqa": {"sat": _h(250, 190, 0.9, n=180), "r25": _h(20, 25, 0.9)},
                          "multiturn": {"sat": _h(150, 300)}, "mooncake": {"sat": _h(900, 60, 0.3)},
                          "no-sharing": {"sat": _h(410, 90, 0.0), "r25": _h(48, 20, 0.0),
                                         "r70": _h(80, 59, 0.0)}},
         "ray-prefix-cache-affinity": {"docqa": {"sat": _h(1000, 120)}, "multiturn": {"sat": _h(450, 250)},
                                       "mooncake": {"sat": _h(2000, 55)}},
-        "prefix-aware-2ingress": {"docqa": {"sat": _h(260, 185, 0.88)}, "mooncake": {"sat": _h(1000, 58, 0.25)}},
+        "kv-aware-2ingress": {"docqa": {"sat": _h(260, 185, 0.88)}, "mooncake": {"sat": _h(1000, 58, 0.25)}},
     }
 
 
@@ -93,18 +93,18 @@ def test_summary_carries_the_issue_keys_and_targets() -> None:
                             "no_sharing_ttft_p50_ratio": "0.95..1.05", "no_sharing_throughput_ratio": "0.95..1.05",
                             "two_ingress_hit_rate_delta": "|x| <= 3"}
     assert s["met"] == {k: k != "two_ingress_hit_rate_delta" for k in TARGETS}
-    assert s["requests"]["prefix-aware"]["docqa"] == {"sat": 180, "r25": 100}
+    assert s["requests"]["kv-aware"]["docqa"] == {"sat": 180, "r25": 100}
     assert "routing" not in s["requests"]["round-robin"] and "runs" not in s["requests"]["round-robin"]
-    assert s["by_strategy"]["prefix-aware"]["ttft_p50_ratio_vs_round_robin"] == 0.25
+    assert s["by_strategy"]["kv-aware"]["ttft_p50_ratio_vs_round_robin"] == 0.25
     md = table(_results())
-    assert "| docqa | sat | prefix-aware | 180 | 250 | 500 | 750 | 190.0 | 0.90 | 0 |" in md
+    assert "| docqa | sat | kv-aware | 180 | 250 | 500 | 750 | 190.0 | 0.90 | 0 |" in md
     assert md.count("| docqa |") == 6
 
 
 def test_summary_leaves_unmeasured_or_failed_cells_unjudged() -> None:
     results = _results()
-    results["prefix-aware"]["mooncake"]["sat"] = {"error": "bench exited with 1"}
-    del results["ray-prefix-cache-affinity"], results["prefix-aware-2ingress"]
+    results["kv-aware"]["mooncake"]["sat"] = {"error": "bench exited with 1"}
+    del results["ray-prefix-cache-affinity"], results["kv-aware-2ingress"]
     s = summarize(results)
     assert s["mooncake_ttft_p50_ratio_vs_round_robin"] is None and s["met"]["mooncake_ttft_p50_ratio_vs_round_robin"] is None
     assert s["ttft_p50_ratio_vs_ray_router"] is None and s["two_ingress_hit_rate_delta"] is None
@@ -188,19 +188,19 @@ def test_pieces_merge_into_one_result_at_round_robins_rates(tmp_path: Path, monk
     out = tmp_path / "r.json"
     common = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--merge", "--out", str(out),
               "--work-dir", str(tmp_path / "w")]
-    with pytest.raises(SystemExit):  # nothing calibrated yet: prefix-aware's r25 would have no rate
-        run.main([*common, "--systems", "prefix-aware", "--workloads", "docqa", "--loads", "sat,r25"])
+    with pytest.raises(SystemExit):  # nothing calibrated yet: kv-aware's r25 would have no rate
+        run.main([*common, "--systems", "kv-aware", "--workloads", "docqa", "--loads", "sat,r25"])
     assert run.main([*common, "--systems", "round-robin", "--workloads", "docqa,no-sharing"]) == 0
-    assert run.main([*common, "--systems", "prefix-aware", "--workloads", "docqa", "--loads", "sat,r25"]) == 0
-    assert run.main([*common, "--systems", "prefix-aware", "--workloads", "docqa", "--loads", "r25"]) == 0  # a rerun
+    assert run.main([*common, "--systems", "kv-aware", "--workloads", "docqa", "--loads", "sat,r25"]) == 0
+    assert run.main([*common, "--systems", "kv-aware", "--workloads", "docqa", "--loads", "r25"]) == 0  # a rerun
     doc = __import__("json").loads(out.read_text())
     assert doc["calibration"] == {"docqa": 4.0, "no-sharing": 4.0}
     assert doc["rates"]["docqa"] == {"r25": 1.0, "r70": 2.8}
     assert set(doc["results"]["round-robin"]["docqa"]) == {"sat", "r25", "r70"}
-    assert doc["results"]["prefix-aware"]["docqa"]["r25"]["rate"] == 1.0
-    assert len(doc["results"]["prefix-aware"]["runs"]) == 2 and len(doc["commands"]) == 3
+    assert doc["results"]["kv-aware"]["docqa"]["r25"]["rate"] == 1.0
+    assert len(doc["results"]["kv-aware"]["runs"]) == 2 and len(doc["commands"]) == 3
     assert doc["summary"]["ttft_p50_ratio_vs_round_robin"] == 0.5
-    assert calls[-1] == ("prefix-aware", [("docqa", "r25")])
+    assert calls[-1] == ("kv-aware", [("docqa", "r25")])
     with pytest.raises(SystemExit):  # another base config cannot merge into this result
         run.main([*common[:1], "configs/cpu.yaml", *common[2:], "--systems", "round-robin"])
 
