@@ -239,7 +239,7 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
     base_url = f"http://127.0.0.1:{port}/v1"
     app_args = cfg["applications"][0]["args"]
     model = app_args["models"][0]["id"]
-    run: dict[str, Any] = {"serve_env": env, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    run: dict[str, Any] = {"git_commit": args.git_commit, "serve_env": env, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "cells": [f"{wl}:{lv}" for wl, lv in cells], "leftovers_before_start": left}
     out: dict[str, Any] = {"routing": app_args["routing"],
                            "ingress_replicas": app_args.get("ingress", {}).get("deployment", {}).get("num_replicas"),
@@ -280,6 +280,14 @@ def merge_system(old: dict, new: dict) -> dict:
             continue
         merged[key] = {**old.get(key, {}), **value} if key not in ("routing", "ingress_replicas") else value
     return merged
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
 
 
 def _versions() -> dict[str, str]:
@@ -328,6 +336,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", choices=["full", "summary"],
                    help="print the device calls for the selected cells (full) or for the summary's cells only")
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
+    p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
+                                        "HEAD` here; on the GPU machine pass the literal SHA)")
     return p
 
 
@@ -357,10 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         chosen = ({s: system_cells(s, cells) for s in systems} if args.plan == "full"
                   else {s: [c for c in cs if c in cells] for s, cs in plan.summary_cells(levels).items()})
         chosen = {s: cs for s, cs in chosen.items() if cs}
-        print(plan.render(plan.pack(chosen, scale["duration_s"], args.limit), scale["duration_s"], args.limit), end="")
+        calls = plan.pack(chosen, scale["duration_s"], args.limit)
+        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or _git_commit() or "SHA"), end="")
         return 0
     if not args.out:
         p.error("--out is required (unless --plan)")
+    if args.git_commit is None:
+        args.git_commit = _git_commit()
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.merge and out.exists() else None
     if previous is not None and (previous.get("scale") != args.scale or previous.get("config") != args.config):
@@ -383,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     if previous is not None:
         doc = previous
         doc["commands"] = [*doc.get("commands", [doc.pop("command", None)]), command]
+        doc["git_commits"] = sorted({*doc.get("git_commits", []), args.git_commit} - {None})
     else:
         doc = {"schema": "kvserve.routing_h2h/2", "config": args.config, "scale": args.scale,
                "scale_settings": scale, "systems": {}, "calibration": {}, "rates": {}, "results": {},
-               "versions": _versions(), "machine": machine_info(), "commands": [command]}
+               "versions": _versions(), "machine": machine_info(), "commands": [command],
+               "git_commits": [args.git_commit] if args.git_commit else []}
     for system in systems:
         doc["systems"][system] = SYSTEMS[system]
         cfg = system_config(base, system, scale["engine_kwargs"])
