@@ -278,3 +278,15 @@ def test_leftovers_of_an_earlier_server_are_ended_before_a_start(monkeypatch: py
     monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: None)
     found = run.clear_leftovers((8000, 8404))
     assert killed == ["EngineCor", "haproxy"] and found["after"] == {"listening": [], "processes": []}
+
+
+def test_plot_series_orders_loads_and_skips_failed_cells() -> None:
+    from benchmarks.routing_h2h.plot import level_x, series
+
+    results = _results()
+    results["kv-aware"]["no-sharing"]["r70"] = {"error": "bench exited with 1"}
+    s = series(results)
+    assert level_x("sat") == 1.0 and level_x("r25") == 0.25
+    assert [x for x, _ in s["no-sharing"]["round-robin"]] == [0.25, 0.7, 1.0]
+    assert s["no-sharing"]["kv-aware"] == [(0.25, 48), (1.0, 410)]
+    assert "routing" not in s and "runs" not in s
