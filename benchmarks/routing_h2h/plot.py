@@ -47,18 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.result).with_suffix(".md").write_text(table(doc["results"]))
     data = series(doc["results"])
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.8), squeeze=False)
+    names = list(dict.fromkeys(system for systems in data.values() for system in systems))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per system in every panel
     for ax, (wl, systems) in zip(axes[0], data.items(), strict=True):
         for system, pts in systems.items():
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=system)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=colors[system], label=system)
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("load (fraction of round-robin's saturated rate)")
         ax.set_xlim(0, 1.1)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("TTFT p50 (ms)")
-    axes[0][-1].legend(fontsize=8)
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=8)
     machine = doc.get("machine", {})
     fig.suptitle(f"routing head-to-head, {', '.join(machine.get('gpus') or []) or machine.get('hostname', '')}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
     return 0
