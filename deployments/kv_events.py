@@ -29,7 +29,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from routers.events import KVEvent, SeqTracker, decode_batch
+from routers.events import KVEvent, SeqTracker, coalesce, decode_batch
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class KVEventSubscriber:
         except (msgspec.DecodeError, ValueError, TypeError, IndexError) as err:
             logger.warning("kv events: undecodable batch from %s: %s", rid, err)
             return
-        for ev in events:
+        for ev in coalesce(events):
             self._on_event(rid, ev)
         if self._on_batch is not None:
             self._on_batch(rid, len(events))

@@ -2,7 +2,8 @@
 
 Owns: ``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared`` (the three events vLLM's block pool
 and KV connectors emit), ``decode_batch`` (msgpack-decoded ``[ts, events, dp_rank]`` -> events) and
-``SeqTracker`` (detects gaps so the subscriber can ask the replay socket). No sockets here: the ZMQ
+``SeqTracker`` (detects gaps so the subscriber can ask the replay socket) and ``coalesce`` (runs of
+events that apply as one, merged). No sockets here: the ZMQ
 subscriber in ``deployments/kv_events.py`` does the I/O and feeds these to the precise index.
 
 Wire format (``vllm/distributed/kv_events.py``): each ZMQ message is ``(topic, seq: 8-byte big-endian,
@@ -101,6 +102,46 @@ def decode_batch(raw: Any) -> tuple[float, list[KVEvent], int | None]:
         raise ValueError("an event batch is [ts, events, dp_rank]")
     events = [e for e in (decode_event(r) for r in raw[1]) if e is not None]
     return float(raw[0]), events, (raw[2] if len(raw) > 2 else None)
+
+
+def coalesce(events: list[KVEvent]) -> list[KVEvent]:
+    """``events`` with each run of consecutive removals of one medium and epoch merged into one
+    ``BlockRemoved``, and each run of stores of one medium and epoch that continues a chain (the next
+    one's parent is the previous one's last block) into one ``BlockStored``; order is kept otherwise.
+
+    vLLM's block pool emits one ``BlockRemoved`` per evicted block; merged, an eviction storm is applied
+    as a few index updates instead of one per block (benchmarks/kv_events_microbench.py measures both).
+    """
+    out: list[KVEvent] = []
+    run: list[int] = []  # hashes of the run that out[-1] heads, while it grows
+    for ev in events:
+        if out and _continues(ev, out[-1], run):
+            run.extend(ev.block_hashes)
+            continue
+        _close(out, run)
+        out.append(ev)
+        run = list(ev.block_hashes) if isinstance(ev, (BlockStored, BlockRemoved)) else []
+    _close(out, run)
+    return out
+
+
+def _continues(ev: KVEvent, last: KVEvent, run: list[int]) -> bool:
+    if type(ev) is not type(last) or isinstance(ev, AllBlocksCleared):
+        return False
+    if (ev.medium, ev.epoch) != (last.medium, last.epoch):
+        return False
+    return isinstance(ev, BlockRemoved) or (bool(run) and ev.parent_block_hash == run[-1])
+
+
+def _close(out: list[KVEvent], run: list[int]) -> None:
+    """Give ``out[-1]`` the hashes of its whole run (a no-op when nothing was merged into it)."""
+    if not out or isinstance(out[-1], AllBlocksCleared) or len(run) == len(out[-1].block_hashes):
+        return
+    head = out[-1]
+    if isinstance(head, BlockRemoved):
+        out[-1] = BlockRemoved(tuple(run), head.medium, head.epoch)
+    else:
+        out[-1] = BlockStored(tuple(run), head.medium, head.parent_block_hash, head.epoch)
 
 
 class SeqTracker:

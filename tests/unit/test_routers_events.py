@@ -17,6 +17,7 @@ from routers.events import (
     BlockRemoved,
     BlockStored,
     SeqTracker,
+    coalesce,
     decode_batch,
     obj_medium,
     split_medium,
@@ -53,6 +54,30 @@ def test_the_object_store_tier_names_its_directory_epoch_in_the_medium():
     raw = msgspec.msgpack.decode(_batch(_stored([1], obj_medium(7)),
                                         {"type": "BlockRemoved", "block_hashes": [1], "medium": "OBJ@7"}))
     assert decode_batch(raw)[1] == [BlockStored((1,), "OBJ", None, 7), BlockRemoved((1,), "OBJ", 7)]
+
+
+def test_coalesce_merges_runs_and_keeps_order():
+    from routers.precise_index import PreciseIndex
+
+    events = [
+        BlockStored((1, 2), "GPU", None), BlockStored((3,), "GPU", 2), BlockStored((9,), "GPU", 7),  # chain breaks at 9
+        BlockRemoved((1,)), BlockRemoved((2,)), BlockRemoved((5,), "CPU"), BlockRemoved((6,), "CPU"),
+        AllBlocksCleared(), BlockRemoved((7,)), BlockStored((4,), "OBJ", None, 1), BlockStored((8,), "OBJ", 4, 2),
+    ]
+    out = coalesce(events)
+    assert out == [
+        BlockStored((1, 2, 3), "GPU", None), BlockStored((9,), "GPU", 7),
+        BlockRemoved((1, 2)), BlockRemoved((5, 6), "CPU"),
+        AllBlocksCleared(), BlockRemoved((7,)), BlockStored((4,), "OBJ", None, 1), BlockStored((8,), "OBJ", 4, 2),
+    ]
+    assert coalesce([]) == [] and coalesce(events[:1]) == events[:1]
+    one_by_one, merged = PreciseIndex(), PreciseIndex()  # same index either way
+    for ev in events:
+        one_by_one.on_event("r", ev)
+    for ev in out:
+        merged.on_event("r", ev)
+    assert all(one_by_one.holds("r", h, bit) == merged.holds("r", h, bit) for h in range(10) for bit in (1, 2, 4))
+    assert one_by_one.size("r") == merged.size("r")
 
 
 def test_seq_tracker():
