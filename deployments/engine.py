@@ -277,7 +277,7 @@ async def start_engine(model: ModelConfig, app: AppConfig) -> Engine:
 
 async def _start_engine(model: ModelConfig, app: AppConfig) -> VLLMEngine:
     relay = None
-    if app.routing.strategy == "kv-aware":  # vLLM publishes on private IPC sockets; the relay strips token ids
+    if app.routing.publishes_kv_events():  # vLLM publishes on private IPC sockets; the relay strips token ids
         from deployments.kv_event_relay import KVEventRelay
 
         relay = KVEventRelay(_node_ip(), _free_port(), _free_port())

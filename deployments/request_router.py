@@ -17,7 +17,8 @@ After Serve reports where the request went (``on_request_routed``) the index and
 learn it, and the router keeps its prediction of the cached prompt tokens until the replica's stats report
 what the engine really found (``ReplicaStats.recent_cached_tokens``), for the prediction-error metric;
 ``on_request_completed`` releases the load. Replica removal or death drops its state.
-kv-aware: a ``KVEventSubscriber`` task per replica endpoint feeds the precise index on this loop.
+With KV events (``RoutingConfig.publishes_kv_events``: kv-aware, or asked for): a ``KVEventSubscriber`` task per
+replica endpoint feeds the policy on this loop (the precise index of kv-aware; other policies ignore them).
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class KVServeRouter(RequestRouter):
             return
         self._last_sync = now
         precise = getattr(self._policy, "precise", None)
-        if precise is not None:
+        if precise is not None or self._config.publishes_kv_events():  # events without a precise index: costed only
             if self._subscriber is None:
                 self._subscriber = KVEventSubscriber(
                     self._on_kv_event, self._on_kv_reset, replay=self._config.kv_events_replay, on_batch=self._on_batch

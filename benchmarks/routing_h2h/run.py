@@ -2,7 +2,8 @@
 
 Owns the issue-12 comparison. For each system (kvserve ``prefix-aware`` and ``kv-aware``,
 ``round-robin``, Ray Serve LLM's ``PrefixCacheAffinityRouter`` through ``ray_router``, and the default
-strategy on two ingress replicas) it writes a Serve config derived from ``--config`` (only ``routing``
+strategy on two ingress replicas; and, when named, the diagnostic ``round-robin+events``: round-robin's
+choices with KV events published and applied, to cost the events apart from kv-aware's choices) it writes a Serve config derived from ``--config`` (only ``routing``
 differs, plus the ingress replica count and the scale's engine overrides), starts it with ``serve
 run``, drives its cells (workload x load) with ``kvserve bench`` (HTTP, streaming, cache hits from
 ``usage.prompt_tokens_details``), and stops it.
@@ -69,10 +70,15 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     ROUND_ROBIN: {"routing": {"strategy": "round-robin"}},
     "prefix-aware": {"routing": {"strategy": "prefix-aware"}},
     "kv-aware": {"routing": {"strategy": "kv-aware"}},
+    # round-robin's choices with kv-aware's KV events published, relayed and applied: what the events cost
+    "round-robin+events": {"routing": {"strategy": "round-robin", "kv_events": True}},
     RAY_ROUTER: {"routing": {"request_router_class": RAY_ROUTER_CLASS}},
     TWO_INGRESS: {"routing": {"strategy": DEFAULT_STRATEGY}, "ingress_replicas": 2,
                   "workloads": list(TWO_INGRESS_WORKLOADS)},
 }
+
+#: systems that explain a result rather than compete: only when named in --systems.
+DIAGNOSTIC = frozenset({"round-robin+events"})
 
 _DOCQA_CPU = ["--workload", "docqa", "--docs", "8", "--doc-tokens", "1024:1400", "--question-tokens", "16:32",
               "--output-len", "16"]
@@ -316,7 +322,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/cpu.yaml", help="base Serve config (its routing is replaced)")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, round-robin first")
+    p.add_argument("--systems", default=",".join(s for s in SYSTEMS if s not in DIAGNOSTIC),
+                   help=f"comma-separated, round-robin first (default: all but the diagnostic {sorted(DIAGNOSTIC)})")
     p.add_argument("--workloads", help="comma-separated subset of the scale's workloads")
     p.add_argument("--loads", help="comma-separated levels (sat, rNN) or WORKLOAD:LEVEL cells (default: all)")
     p.add_argument("--duration", type=float, help="seconds per cell (default: the scale's)")

@@ -118,6 +118,12 @@ class RoutingConfig(BaseModel):
         "are tied (load estimates are that noisy); ties go to the least recently routed replica, so with no "
         "real signal routing rotates like round-robin.",
     )
+    kv_events: bool | None = Field(
+        default=None,
+        description="Have every replica publish its KV events (through its relay) and the routers subscribe to "
+        "them. None: exactly when the strategy reads them (kv-aware). True with another strategy costs the events "
+        "without using them (benchmarks isolate their cost that way); False with kv-aware is refused.",
+    )
     kv_events_replay: bool = Field(
         default=True,
         description="kv-aware: ask a replica's replay socket for missed event batches (and for the recent "
@@ -139,7 +145,14 @@ class RoutingConfig(BaseModel):
     def _kwargs_need_class(self) -> RoutingConfig:
         if self.request_router_kwargs and self.request_router_class is None:
             raise ValueError("routing.request_router_kwargs is set but routing.request_router_class is not")
+        if self.kv_events is False and self.strategy == "kv-aware":
+            raise ValueError("routing.kv_events is false but strategy kv-aware reads KV events; choose prefix-aware "
+                             "for routing without them")
         return self
+
+    def publishes_kv_events(self) -> bool:
+        """Whether replicas publish KV events and routers subscribe (``kv_events``, else the strategy's need)."""
+        return self.strategy == "kv-aware" if self.kv_events is None else self.kv_events
 
     def seed(self) -> str:
         """The block-hash seed: ``hash_seed``, or PYTHONHASHSEED when ``hash_seed_from_env``."""

@@ -97,3 +97,13 @@ def test_start_watchdog_kills_a_hung_start() -> None:
     while not gone() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gone()
+
+
+def test_kv_events_follow_the_strategy_unless_asked_for() -> None:
+    from serve_app.config.routing import RoutingConfig
+
+    assert RoutingConfig().strategy == "kv-aware" and RoutingConfig().publishes_kv_events()
+    assert not RoutingConfig(strategy="prefix-aware").publishes_kv_events()
+    assert RoutingConfig(strategy="round-robin", kv_events=True).publishes_kv_events()  # costed, not read
+    with pytest.raises(ValueError, match="kv_events is false but strategy kv-aware"):
+        RoutingConfig(strategy="kv-aware", kv_events=False)

@@ -32,7 +32,9 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
     if system == "ray-prefix-cache-affinity":
         assert app.routing.request_router_class == RAY_ROUTER_CLASS
     else:
-        assert app.routing.strategy == system.removesuffix("-2ingress") and app.routing.request_router_class is None
+        strategy = system.removesuffix("-2ingress").removesuffix("+events")
+        assert app.routing.strategy == strategy and app.routing.request_router_class is None
+        assert app.routing.publishes_kv_events() == (strategy == "kv-aware" or system.endswith("+events"))
     assert app.ingress.deployment.num_replicas == (2 if system == TWO_INGRESS else 1)
     rest = {k: v for k, v in args.items() if k not in ("routing", "models", "ingress")}
     assert rest == {k: v for k, v in base["applications"][0]["args"].items() if k not in ("routing", "models", "ingress")}
@@ -226,7 +228,7 @@ def test_plan_calls_fit_the_device_limit_and_select_their_cells(preset: str, cap
     else:
         assert {s: sorted(c) for s, c in seen.items()} == {
             s: sorted(run.system_cells(s, run.parse_loads(None, list(SCALES["gpu"]["workloads"]), levels)))
-            for s in SYSTEMS}
+            for s in SYSTEMS if s not in run.DIAGNOSTIC}
 
 
 def test_pack_starts_a_new_call_when_the_next_cell_would_pass_the_limit() -> None:
