@@ -1,21 +1,26 @@
 """Calibrate the engine model on GPU results and show how well the simulator reproduces them.
 
 Owns the CLI and the routing head-to-head path: ``gpu_cells`` (the cells of a ``kvserve.routing_h2h/1``
-JSON), ``fit`` (a multiplicative coordinate search over the fields those cells can identify),
-``residuals`` and ``ordering``. The engine's costs come from a serving-overhead JSON
-(``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in closed form; kvserve's
-cells are simulated with its overhead split by its stage histograms where the JSON has them, over
-``--ingresses`` ingress replicas, and also without, for comparison); the KV
-tier's GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, and its TTFT cell
-(``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the
-prefill chunk are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
+or ``/2`` JSON: per system, its strategy and ingress count), ``fit`` (a multiplicative coordinate search
+over the fields those cells can identify), ``residuals`` and ``ordering``. The engine's costs come from a
+serving-overhead JSON (``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in
+closed form; kvserve's cells are simulated with its overhead split by its stage histograms where the
+JSON has them, over ``--ingresses`` ingress replicas, and also without, for comparison); the KV tier's
+GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the fixed cost of a hit beyond
+the copy (``tier_hit_s``) from that JSON's hit TTFT (``tier_cell.fit_tier_hit_s``), and its TTFT cell
+(``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
+are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
 
-With ``--routing``, the fields a single-prompt-length serving run cannot pin (``prefill_attn_s``,
-``gpu_contention`` between replicas sharing a GPU) are fitted on its round-robin cells, which measure
-the engine (round-robin ignores caches); the cache-aware cells are then predictions, and their
-residuals and the strategies' ordering say how far to trust the simulator for routing. Modelled
-cells are the open-loop ones (Poisson arrivals); saturated closed-loop cells are fitted on TPOT only
-and reported. Ray's own router is not simulated; its cells are skipped.
+With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
+rate by parameter count, KV bytes and the per-context decode cost by the shape), takes kvserve's stage
+split (its ingress work a FIFO per ingress, the system's ``ingress_replicas``), the run's KV blocks
+(``num_gpu_blocks_override``, with ``kv_admission``: requests wait for blocks), and the fields one
+serving run cannot pin (``ROUTING_FREE``: prefill rate and attention term, the fixed step cost, the
+per-context decode cost, ``gpu_contention`` between replicas sharing a GPU) are fitted on its
+round-robin cells, which measure the engine (round-robin ignores caches): open-loop cells on TTFT and
+TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
+cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
+how far to trust the simulator for routing. Ray's own router is not simulated; its cells are skipped.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
@@ -34,13 +39,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.bench.result import machine_info
+from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
-from benchmarks.simulator.serving_cells import SHAPES, fit_serving, serving_residuals, serving_table
+from benchmarks.simulator.serving_cells import (
+    SHAPES,
+    attn_per_pair_s,
+    fit_serving,
+    kv_bytes_per_token,
+    serving_residuals,
+    serving_table,
+)
 from benchmarks.simulator.sim import ClusterSpec, simulate
-from benchmarks.simulator.tier_cell import tier_row
+from benchmarks.simulator.tier_cell import fit_tier_hit_s, tier_row
 from serve_app.config.routing import RoutingConfig
+from serve_app.settings import mooncake_trace
 
 MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware")
 FREE = ("prefill_attn_s", "gpu_contention")
@@ -55,6 +69,13 @@ class Cell:
     level: float
     duration_s: float
     measured: dict
+    system: str = ""  # the result's system name (schema /2: e.g. kv-aware-2ingress); "" = the strategy
+    ingresses: int = 1
+    width: int | None = None  # sessions open at once (the GPU run's session_width)
+
+    @property
+    def name(self) -> str:
+        return self.system or self.strategy
 
 
 def _opt(args: list[str], name: str, default: str) -> str:
@@ -67,9 +88,11 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def sessions_for(workload: str, args: list[str], block_size: int, seed: int = 0):
-    """The simulator's twin of ``kvserve bench --workload ...`` with the GPU run's arguments."""
+    """The simulator's twin of ``kvserve bench --workload ...`` with the GPU run's arguments (``args``
+    name the bench's workload; the cell's name, e.g. ``no-sharing``, does not matter)."""
+    workload = _opt(args, "--workload", workload)
     if workload == "docqa":
-        return workloads.docqa_sessions(docs=int(_opt(args, "--docs", "4")), doc_tokens=_range(_opt(args, "--doc-tokens", "4096:8192")),
+        return workloads.docqa_sessions(no_sharing="--no-sharing" in args, docs=int(_opt(args, "--docs", "4")), doc_tokens=_range(_opt(args, "--doc-tokens", "4096:8192")),
                                         question_tokens=_range(_opt(args, "--question-tokens", "32:64")),
                                         output_len=int(_opt(args, "--output-len", "64")), block_size=block_size, seed=seed)
     if workload == "multiturn":
@@ -77,22 +100,48 @@ def sessions_for(workload: str, args: list[str], block_size: int, seed: int = 0)
                                             system_words=int(_opt(args, "--system-words", "512")),
                                             user_words=_range(_opt(args, "--user-words", "32:96")),
                                             output_len=int(_opt(args, "--output-len", "128")), block_size=block_size, seed=seed)
+    if workload == "mooncake":
+        if "--no-sharing" in args:
+            raise ValueError("no simulator twin for mooncake --no-sharing")
+        return iter(workloads.mooncake_sessions(
+            Path(_opt(args, "--trace-file", str(mooncake_trace()))), block_tokens=int(_opt(args, "--block-tokens", "64")),
+            max_input_tokens=int(_opt(args, "--max-input-tokens", "7000")),
+            max_output_tokens=int(_opt(args, "--max-output-tokens", "256")), block_size=block_size, seed=seed))
     raise ValueError(f"no simulator twin for workload {workload!r}")
 
 
+def _twin(workload: str, args: list[str]) -> bool:
+    wl = _opt(args, "--workload", workload)
+    return wl in ("docqa", "multiturn") or (wl == "mooncake" and "--no-sharing" not in args and mooncake_trace().exists())
+
+
 def gpu_cells(doc: dict) -> list[Cell]:
-    """Every cell of a routing head-to-head result that the simulator models."""
+    """Every cell of a routing head-to-head result that the simulator models.
+
+    Schema /1: ``results[strategy][workload][level]``. Schema /2: ``results[system][workload][level]``,
+    the system's strategy in its ``routing`` (or ``systems[name].routing``), its ingress count in
+    ``ingress_replicas``; ``runs``, ``routing``, ``ingress_replicas`` are not workloads (``workload_names``).
+    """
     out = []
-    for strategy, res in doc["results"].items():
+    settings = doc.get("scale_settings", {}).get("workloads", {})
+    for system, res in doc["results"].items():
+        declared = doc.get("systems", {}).get(system, {})
+        strategy = ((res.get("routing") or {}).get("strategy") or (declared.get("routing") or {}).get("strategy")
+                    or system)
         if strategy not in MODELLED:
             continue
-        for workload in ("docqa", "multiturn"):
+        ingresses = int(res.get("ingress_replicas") or declared.get("ingress_replicas") or 1)
+        for workload in workload_names(res):
+            if workload not in settings or not _twin(workload, settings[workload]):
+                continue
             for load, m in (res.get(workload) or {}).items():
-                if not m or "ttft_p50_ms" not in m:
+                if not isinstance(m, dict) or "ttft_p50_ms" not in m:
                     continue
                 spec = m["load"]
                 level = spec.get("concurrency") or spec.get("rate")
-                out.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m))
+                out.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m,
+                                system="" if system == strategy else system, ingresses=ingresses,
+                                width=spec.get("session_width")))
     return out
 
 
@@ -100,21 +149,29 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
     args = settings["workloads"][cell.workload]
     sessions = sessions_for(cell.workload, args, engine.block_size, seed)
     plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
-                    width=None if cell.mode == "concurrency" else 16)
+                    width=cell.width or (None if cell.mode == "concurrency" else 16))
     knobs = RoutingConfig(strategy=cell.strategy).knobs()
-    return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas), engine, seed=seed).summary(per_replica=False)
+    return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas, ingresses=cell.ingresses), engine,
+                    seed=seed).summary(per_replica=False)
 
 
 def modelled(cell: Cell) -> bool:
-    """TTFT is modelled for open-loop cells only (see the module docstring)."""
-    return cell.mode != "concurrency"
+    """Every cell with a workload twin is modelled (TTFT p50 compared): open-loop ones, and closed-loop
+    ones, whose TTFT is set by the throughput and the wait for KV blocks (``kv_admission``)."""
+    return True
+
+
+def fit_keys(cell: Cell) -> tuple[str, ...]:
+    """What a cell contributes to the fit: TTFT and TPOT p50 for an open-loop cell; TPOT p50 and
+    throughput for a closed-loop one (its TTFT then follows from them and stays a prediction)."""
+    return ("ttft_p50_ms", "tpot_p50_ms") if cell.mode != "concurrency" else ("tpot_p50_ms", "output_tok_per_s")
 
 
 def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int) -> float:
     total = 0.0
     for c in cells:
         s = simulate_cell(c, engine, settings, replicas)
-        for key in (("ttft_p50_ms", "tpot_p50_ms") if modelled(c) else ("tpot_p50_ms",)):
+        for key in fit_keys(c):
             total += math.log(max(s[key], 1e-6) / max(c.measured[key], 1e-6)) ** 2
     return total
 
@@ -138,31 +195,49 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
                     best, best_loss = cand, loss
         log(f"round {r}: loss {best_loss:.4f} after {evals} evaluations (step x{step:.3f})")
         step = math.sqrt(step)
-    return best, {"loss": round(best_loss, 5), "evaluations": evals, "fitted_on": [f"{c.strategy}/{c.workload}/{c.load}" for c in cells]}
+    return best, {"loss": round(best_loss, 5), "evaluations": evals, "fitted_on": [f"{c.name}/{c.workload}/{c.load}" for c in cells]}
 
 
 def residuals(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int) -> list[dict]:
     rows = []
     for c in cells:
         s = simulate_cell(c, engine, settings, replicas)
-        row = {"workload": c.workload, "load": c.load, "strategy": c.strategy, "modelled": modelled(c)}
+        row = {"workload": c.workload, "load": c.load, "system": c.name, "strategy": c.strategy,
+               "ingresses": c.ingresses, "modelled": modelled(c)}
         for key in ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_per_s", "cache_hit_rate"):
             row[f"gpu_{key}"] = round(c.measured[key], 4 if "rate" in key else 1)
             row[f"sim_{key}"] = s[key]
         row["ttft_p50_error"] = round(s["ttft_p50_ms"] / c.measured["ttft_p50_ms"] - 1, 3)
+        row["closed_loop"] = c.mode == "concurrency"
         rows.append(row)
     return rows
 
 
 def ordering(rows: list[dict]) -> dict:
-    """Per (workload, load): strategies by TTFT p50 on the GPU and in the simulator."""
+    """Per (workload, load): systems by TTFT p50 on the GPU and in the simulator."""
     out = {}
     for key in sorted({(r["workload"], r["load"]) for r in rows}):
         cell = [r for r in rows if (r["workload"], r["load"]) == key]
-        gpu = [r["strategy"] for r in sorted(cell, key=lambda r: r["gpu_ttft_p50_ms"])]
-        sim = [r["strategy"] for r in sorted(cell, key=lambda r: r["sim_ttft_p50_ms"])]
+        gpu = [r.get("system", r["strategy"]) for r in sorted(cell, key=lambda r: r["gpu_ttft_p50_ms"])]
+        sim = [r.get("system", r["strategy"]) for r in sorted(cell, key=lambda r: r["sim_ttft_p50_ms"])]
         out["/".join(key)] = {"gpu": gpu, "sim": sim, "same_best": gpu[0] == sim[0], "same_order": gpu == sim}
     return out
+
+
+ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention")
+
+
+def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineModel:
+    """The start of the routing fit when its replicas run another model shape than the serving run's:
+    prefill rate scaled by the parameter count (FLOPs per token), the attention term derived from the
+    shape at that rate, KV bytes per token from the shape and the per-1K-context decode cost with them
+    (a KV read); the fixed step cost is kept (the fit moves it)."""
+    if from_shape == to_shape:
+        return engine
+    rate = engine.prefill_tokens_per_s * SHAPES[from_shape][4] / SHAPES[to_shape][4]
+    kv = kv_bytes_per_token(to_shape)
+    return engine.with_(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s(to_shape, rate), kv_bytes_per_token=kv,
+                        decode_s_per_ktok=engine.decode_s_per_ktok * kv / engine.kv_bytes_per_token)
 
 
 def git_commit() -> str:
@@ -180,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a KV-tier GPU result given by hand (without --kv-tier): reproduced in the output")
     ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
     ap.add_argument("--replicas", type=int, default=4, help="replicas in the routing run (all on one GPU)")
+    ap.add_argument("--routing-model-shape", default="llama-3.2-1b", choices=sorted(SHAPES),
+                    help="the routing run's model shape (configs/gpu-routing.yaml: llama-3.2-1b)")
     ap.add_argument("--model-shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--ingresses", type=int, default=2,
                     help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
@@ -194,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens, **({"tier_gbps": gbps} if gbps else {}))
     engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
+    tier_fit = None
+    if tier:
+        hit_s, how = fit_tier_hit_s(engine, tier)
+        engine = engine.with_(tier_hit_s=round(hit_s, 6))
+        tier_fit = {"tier_gbps": gbps, "tier_hit_s": engine.tier_hit_s, "tier_hit_s_how": how}
     rows = serving_residuals(over, engine, inputs["request_overhead_s"], inputs["stage_split"])
     unsplit = serving_residuals(over, engine, inputs["request_overhead_s"]) if inputs["stage_split"] else []
     tested = [r for r in rows if not r["by_construction"]]
@@ -204,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "sources": {"overhead": args.overhead, "overhead_machine": over.get("machine"),
                     "overhead_git_commit": over.get("git_commit"), "kv_tier": args.kv_tier,
                     "tier_gbps": gbps, "tier_source": args.kv_tier or args.tier_source, "routing": args.routing},
-        "engine": engine.to_dict(), "serving_fit": inputs, "serving_residuals": rows,
+        "engine": engine.to_dict(), "serving_fit": inputs, "tier_fit": tier_fit, "serving_residuals": rows,
         "serving_residuals_unsplit": [r for r in unsplit if r["system"] in inputs["stage_split"]],
         "serving_tested_cells": len(tested),
         "serving_ttft_p50_within_25pct": sum(abs(r["ttft_p50_ms_error"]) <= 0.25 for r in tested),
@@ -222,18 +304,33 @@ def main(argv: list[str] | None = None) -> int:
     if check:
         doc["tier"] = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2],
                                source=args.kv_tier or args.tier_source)
+        if engine.tier_hit_s:  # the hit is then matched by construction; what the copy alone gives
+            bare = tier_row(engine.with_(tier_hit_s=0.0), prefix_tokens=check[0], recompute_ms=check[1],
+                            tier_hit_ms=check[2], source="")
+            doc["tier"].update(tier_hit_by_construction=True, sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
+                               tier_hit_error_without_hit_cost=bare["tier_hit_error"])
         print(json.dumps(doc["tier"]))
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())
         settings, cells = routing["scale_settings"], gpu_cells(routing)
         kw = settings.get("engine_kwargs", {})
-        start = engine.with_(replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)))
-        fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings, args.replicas,
-                           rounds=args.rounds, log=lambda m: print(m, file=sys.stderr))
+        # kvserve's form (its ingress work a FIFO per ingress, the rest a constant), the routing run's shape
+        split = inputs["stage_split"].get("kvserve", {})
+        start = for_shape(engine, args.model_shape, args.routing_model_shape).with_(
+            replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)),
+            kv_admission="num_gpu_blocks_override" in kw,
+            **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s") if k in split})
+        fitted, info = fit([c for c in cells if c.strategy == "round-robin" and c.ingresses == 1], start, settings,
+                           args.replicas, rounds=args.rounds, free=ROUTING_FREE, log=lambda m: print(m, file=sys.stderr))
+        info.update(start=start.to_dict(), free=list(ROUTING_FREE), model_shape=args.routing_model_shape,
+                    schema=routing.get("schema"))
         rrows = residuals(cells, fitted, settings, args.replicas)
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info, "residuals": rrows,
                           "ordering": ordering(rrows), "modelled_cells": sum(r["modelled"] for r in rrows),
-                          "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25 for r in rrows)}
+                          "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25 for r in rrows),
+                          "open_loop_cells": sum(not r["closed_loop"] for r in rrows),
+                          "open_loop_within_25pct": sum(not r["closed_loop"] and abs(r["ttft_p50_error"]) <= 0.25
+                                                        for r in rrows)}
         print(residual_table(rrows))
     doc["wall_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -242,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def residual_table(rows: list[dict]) -> str:
-    lines = [("| workload | load | strategy | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | sim tok/s | "
+    lines = [("| workload | load | system | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | sim tok/s | "
               "GPU hit | sim hit | GPU TPOT ms | sim TPOT |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        load = r["load"] if r["modelled"] else f"{r['load']} (not modelled)"
-        lines.append(f"| {r['workload']} | {load} | {r['strategy']} | {r['gpu_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | "
+        load = r["load"] if r.get("modelled", True) else f"{r['load']} (not modelled)"
+        lines.append(f"| {r['workload']} | {load} | {r.get('system', r['strategy'])} | {r['gpu_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | "
                      f"{r['ttft_p50_error']:+.0%} | {r['gpu_ttft_p99_ms']:.0f} | {r['sim_ttft_p99_ms']:.0f} | "
                      f"{r['gpu_output_tok_per_s']:.0f} | {r['sim_output_tok_per_s']:.0f} | {r['gpu_cache_hit_rate']:.2f} | "
                      f"{r['sim_cache_hit_rate']:.2f} | {r['gpu_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} |")

@@ -10,7 +10,12 @@ step decodes one token for each running request and spends the rest of a ``chunk
         = [ step_s + decode_s_per_seq * d + decode_s_per_ktok * k / 1e3
             + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6) ]
           x (1 + gpu_contention * busy_peers)
-    tier_load(t tokens) = t * kv_bytes_per_token / (tier_gbps * 1e9)   (before the request's first chunk)
+    tier_load(t tokens) = t * kv_bytes_per_token / (tier_gbps * 1e9)   (the copy)
+    tier_ready(t tokens) = tier_load(t) + tier_hit_s                     (before the request's first chunk)
+
+``tier_hit_s`` is what a tier hit costs beyond the copy (the directory lookup, the connector's
+scheduling, the wait for the store): fixed per hit, it delays that request's first chunk only (the
+replica keeps stepping its other requests meanwhile).
 
 The ingress replica (proxy + ingress process) is one FIFO server per ingress: each request costs
 ``frontend_s_per_request`` before it is routed and each streamed token ``frontend_s_per_token``;
@@ -19,6 +24,14 @@ Each engine replica has its own front end (vLLM's input processing: tokenisation
 engine core), one FIFO server costing ``input_s_per_request`` before the request reaches the
 scheduler. ``request_overhead_s`` is the rest of the serving latency at concurrency 1, added to every
 TTFT and end-to-end time without queueing.
+
+KV capacity: ``kv_blocks`` per replica bound its prefix cache (an LRU). With ``kv_admission`` they
+also bound what runs: a waiting request is scheduled only once its whole length (prompt and output;
+prompt blocks already held by another admitted request counted once) fits beside what the admitted
+requests hold, in queue order, as vLLM's scheduler stops at the first request it cannot allocate
+(vLLM allocates as tokens come and preempts when out of blocks; reserving the whole length up front
+is that without preemption). Off by default: on for runs whose KV size is known (the routing runs'
+``num_gpu_blocks_override``), not for the serving JSON, which does not record it.
 
 ``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1
 models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU).
@@ -44,15 +57,19 @@ class EngineModel:
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
     kv_blocks: int = 4096
+    kv_admission: bool = False
     block_size: int = 16
     kv_bytes_per_token: int = 32_768
     tier_gbps: float = 10.0
+    tier_hit_s: float = 0.0
     max_ongoing: int = 256
     stats_period_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.prefill_tokens_per_s <= 0 or self.tier_gbps <= 0 or self.step_s <= 0:
             raise ValueError("prefill_tokens_per_s, step_s and tier_gbps must be > 0")
+        if self.tier_hit_s < 0:
+            raise ValueError("tier_hit_s must be >= 0")
         if self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1:
             raise ValueError("kv_blocks, block_size, chunk_tokens and replicas_per_gpu must be >= 1")
 
@@ -66,7 +83,12 @@ class EngineModel:
         return (base + prefill_s) * (1 + self.gpu_contention * busy_peers)
 
     def tier_load_s(self, tokens: int) -> float:
+        """The copy of ``tokens`` tokens' KV from the tier at ``tier_gbps``."""
         return tokens * self.kv_bytes_per_token / (self.tier_gbps * 1e9)
+
+    def tier_ready_s(self, tokens: int) -> float:
+        """From the scheduler's lookup to the loaded blocks being usable: the copy plus the fixed cost of a hit."""
+        return self.tier_load_s(tokens) + self.tier_hit_s
 
     def to_dict(self) -> dict:
         return asdict(self)

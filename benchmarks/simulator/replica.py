@@ -35,6 +35,8 @@ class Job:
     remaining: int = 0  # prefill tokens still to compute
     ready_at: float = 0.0  # tier load done
     first_token_step: int = 0
+    admitted: bool = False  # holds its KV blocks (kv_admission)
+    tail_blocks: int = 0  # its blocks beyond the hashed prompt blocks (partial block, output)
 
 
 @dataclass(eq=False)
@@ -60,6 +62,39 @@ class Replica:
     served: int = 0
     input_until: float = 0.0  # its front end's queued work ends
     entering: int = 0  # routed here, still in its front end
+    held: dict = field(default_factory=dict)  # block hash -> admitted jobs using it (kv_admission)
+    held_tail: int = 0  # admitted jobs' unhashed blocks
+
+    @property
+    def held_blocks(self) -> int:
+        return len(self.held) + self.held_tail
+
+    def admit(self, job: Job, capacity: int, block_size: int) -> bool:
+        """Reserve ``job``'s whole length in KV blocks (its prompt's blocks shared with other admitted jobs
+        count once) if they fit next to what admitted jobs hold; a job alone on the replica always fits."""
+        turn = job.turn
+        hashes = turn.block_hashes
+        tail = max(0, -(-(turn.prompt_tokens + turn.output_tokens) // block_size) - len(hashes))
+        need = sum(1 for h in hashes if h not in self.held) + tail
+        if self.held_blocks and self.held_blocks + need > capacity:
+            return False
+        for h in hashes:
+            self.held[h] = self.held.get(h, 0) + 1
+        self.held_tail += tail
+        job.admitted, job.tail_blocks = True, tail
+        return True
+
+    def release(self, job: Job) -> None:
+        if not job.admitted:
+            return
+        for h in job.turn.block_hashes:
+            n = self.held.get(h, 0) - 1
+            if n > 0:
+                self.held[h] = n
+            else:
+                self.held.pop(h, None)
+        self.held_tail -= job.tail_blocks
+        job.admitted = False
 
     @property
     def busy(self) -> bool:
@@ -98,6 +133,8 @@ class Replica:
         self.loading.clear()
         self.finishing.clear()
         self.running = self.context_tokens = 0
+        self.held.clear()
+        self.held_tail = 0
         self.stepping = False
         return [j.turn for j in jobs]
 

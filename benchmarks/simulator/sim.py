@@ -10,7 +10,7 @@ Requests are spread over ingresses round-robin (a load balancer in front).
 Replica side (``replica.py``, costs in ``engine.py``): vLLM's step loop. Each step decodes one token
 for every running request and gives the rest of the ``chunk_tokens`` budget to prefill chunks, oldest
 waiting request first. A request's reused prefix is looked up when the scheduler first reaches it
-(GPU blocks, then tier blocks, loaded at ``tier_gbps`` before its first chunk); its blocks are cached
+(GPU blocks, then tier blocks, loaded at ``tier_gbps`` plus a fixed ``tier_hit_s`` before its first chunk); its blocks are cached
 (and, with the tier, written to it) when its prefill completes, which is its first token. Before its
 scheduler, each replica has its own front end (vLLM's input processing), a FIFO server of
 ``input_s_per_request``. A failed replica's requests are re-sent through the ingresses (TTFT still
@@ -206,7 +206,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         rep.touch(hashes[:gpu])
         if job.from_tier:
             tier.touch(hashes[gpu: gpu + extra])
-            job.ready_at = now + engine.tier_load_s(job.from_tier)
+            job.ready_at = now + engine.tier_ready_s(job.from_tier)
         job.remaining = prompt - job.cached - job.from_tier
         job.looked_up = True
         if job.turn.rid < measure_from:
@@ -225,6 +225,8 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
                 break
             if not job.looked_up:
                 lookup(rep, job, now)
+            if engine.kv_admission and not job.admitted and not rep.admit(job, engine.kv_blocks, bs):
+                break  # vLLM schedules its waiting queue in order: the head waits for blocks
             if job.ready_at > now:
                 wake = job.ready_at if wake is None else min(wake, job.ready_at)
                 continue
@@ -285,6 +287,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
     def complete(rep: Replica, job: Job, now: float) -> None:
         nonlocal outstanding
         turn = job.turn
+        rep.release(job)
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
         turn.ingress.load.on_completed(rep.rid, str(turn.rid))

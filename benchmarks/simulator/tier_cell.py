@@ -1,6 +1,6 @@
 """The KV-tier GPU cell in the simulator: TTFT of a prefix recomputed vs loaded from the tier.
 
-Owns ``tier_cell`` and ``tier_row``. The GPU benchmark (``benchmarks/gpu/kv_tier_h200.py``) times
+Owns ``tier_cell``, ``fit_tier_hit_s`` (the fixed cost of a hit beyond the copy) and ``tier_row``. The GPU benchmark (``benchmarks/gpu/kv_tier_h200.py``) times
 engines in-process (token ids in, no HTTP, no tokeniser): one engine computes a prefix of ``P``
 tokens plus a suffix, a second engine then serves the same prefix with another suffix (a tier hit),
 and a fresh prefix of the same length (a recompute). ``tier_cell`` replays exactly that on two
@@ -37,6 +37,26 @@ def tier_cell(engine: EngineModel, prefix_tokens: int, suffix_tokens: int = 32) 
     _, hit, recompute = res.ttft_s
     return {"tier_hit_ms": round(hit * 1e3, 1), "recompute_ms": round(recompute * 1e3, 1),
             "tier_tokens": res.tier_tokens}
+
+
+def fit_tier_hit_s(engine: EngineModel, tier: dict) -> tuple[float, str]:
+    """The fixed cost of a tier hit (``EngineModel.tier_hit_s``) from a KV-tier JSON, and how it was fitted.
+
+    With the floors ``ttft_gpu_cache_hit_ms`` (the same prompt served from the GPU's own prefix cache:
+    the suffix's prefill and the step) and ``load_ms`` (the copy as timed in the worker), the cost is
+    the hit's TTFT less both; without them it is the hit's TTFT less the modelled copy (``tier_gbps``)
+    and the modelled suffix prefill, i.e. fitted from the hit alone, so the simulated hit matches it.
+    """
+    hit_ms = float(tier["ttft_tier_hit_ms"])
+    if tier.get("ttft_gpu_cache_hit_ms") is not None and tier.get("load_ms") is not None:
+        cost_ms = hit_ms - float(tier["ttft_gpu_cache_hit_ms"]) - float(tier["load_ms"])
+        how = "ttft_tier_hit_ms - ttft_gpu_cache_hit_ms - load_ms (measured floors)"
+    else:
+        modelled = tier_cell(engine.with_(tier_hit_s=0.0), int(tier["prefix_tokens"]))["tier_hit_ms"]
+        cost_ms = hit_ms - modelled
+        how = (f"from the hit alone: ttft_tier_hit_ms {hit_ms} - modelled copy and suffix prefill {modelled} ms "
+               "(the JSON has no ttft_gpu_cache_hit_ms / load_ms floors)")
+    return max(0.0, cost_ms) / 1e3, how
 
 
 def tier_row(engine: EngineModel, *, prefix_tokens: int, recompute_ms: float, tier_hit_ms: float, source: str) -> dict:

@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import count
 from pathlib import Path
 
@@ -139,9 +140,10 @@ def trace_sessions(requests: list[SimRequest]) -> list[SimSession]:
 
 def docqa_sessions(
     *, docs: int = 24, doc_tokens: tuple[int, int] = (4096, 8192), question_tokens: tuple[int, int] = (32, 64),
-    output_len: int = 64, block_size: int = 16, seed: int = 0, salt: int = 0,
+    output_len: int = 64, block_size: int = 16, seed: int = 0, salt: int = 0, no_sharing: bool = False,
 ) -> Iterator[SimSession]:
-    """``kvserve bench --workload docqa``: endless one-turn sessions over ``docs`` shared documents."""
+    """``kvserve bench --workload docqa``: endless one-turn sessions over ``docs`` shared documents
+    (``no_sharing``: the bench's control, each question with a fresh document of the picked one's length)."""
     lens = random.Random(f"{seed}/docqa/lengths")
     doc_lens = [lens.randint(*doc_tokens) for _ in range(docs)]
     rng = random.Random(f"{seed}/docqa/picks")
@@ -150,7 +152,8 @@ def docqa_sessions(
         q = rng.randint(*question_tokens)
         prompt = doc_lens[d] + q
         shared = doc_lens[d] // block_size
-        ids = [(salt, 1, d, b) for b in range(shared)] + [(salt, 2, i, b) for b in range(prompt // block_size - shared)]
+        doc = (5, i) if no_sharing else (1, d)  # tag 5: a fresh document per question (tags keep keys apart)
+        ids = [(salt, *doc, b) for b in range(shared)] + [(salt, 2, i, b) for b in range(prompt // block_size - shared)]
         yield SimSession(f"q{i}", [Turn(prompt, output_len, chain_keys(ids))])
 
 
@@ -191,13 +194,7 @@ def mooncake_sessions(
     if block_tokens % block_size:
         raise ValueError(f"block_tokens ({block_tokens}) must be a multiple of the block size ({block_size})")
     per = block_tokens // block_size
-    records = []
-    with Path(path).open() as f:
-        for line in f:
-            if line.strip():
-                records.append(json.loads(line))
-            if limit is not None and len(records) >= limit:
-                break
+    records = _trace_records(str(path), limit)
     t0 = records[0]["timestamp"] if records else 0
     rng = random.Random(f"{seed}/mooncake/copies")
     out = []
@@ -213,6 +210,19 @@ def mooncake_sessions(
             out.append(SimSession(f"m{c}-{i}", [Turn(n, max(1, m), chain_keys(ids))], arrival_s=arrival))
     out.sort(key=lambda s: s.arrival_s)
     return out
+
+
+@lru_cache(maxsize=4)
+def _trace_records(path: str, limit: int | None) -> tuple[dict, ...]:
+    """The trace's records, read once per (path, limit) (calibration simulates its cells many times)."""
+    records = []
+    with Path(path).open() as f:
+        for line in f:
+            if line.strip():
+                records.append(json.loads(line))
+            if limit is not None and len(records) >= limit:
+                break
+    return tuple(records)
 
 
 def chain_keys(keys: list) -> tuple[int, ...]:

@@ -13,29 +13,32 @@ import pytest
 from benchmarks.simulator.calibrate import Cell, fit, gpu_cells, ordering, residuals, simulate_cell
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
-from benchmarks.simulator.tier_cell import tier_cell, tier_row
+from benchmarks.simulator.tier_cell import fit_tier_hit_s, tier_cell, tier_row
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-SETTINGS = {"workloads": {"docqa": ["--workload", "docqa", "--docs", "4", "--doc-tokens", "1024:2048",
-                                    "--question-tokens", "32:64", "--output-len", "16"]}}
+_DOCQA = ["--workload", "docqa", "--docs", "4", "--doc-tokens", "1024:2048", "--question-tokens", "32:64",
+          "--output-len", "16"]
+SETTINGS = {"workloads": {"docqa": _DOCQA, "no-sharing": [*_DOCQA, "--no-sharing"]}}
 TRUE = EngineModel(prefill_tokens_per_s=40_000, step_s=0.004, decode_s_per_seq=1e-4, kv_blocks=512,
                    replicas_per_gpu=2, gpu_contention=0.2)
 
 
 def _cells(strategy: str = "round-robin") -> list[Cell]:
     out = []
-    for load, mode, level in (("sat", "concurrency", 16.0), ("r70", "rate", 30.0)):
-        probe = Cell(strategy, "docqa", load, mode, level, 4.0, {})
+    # the no-sharing cell pins the prefill rate (docqa's prompts are mostly cached)
+    for wl, load, mode, level in (("docqa", "sat", "concurrency", 16.0), ("docqa", "r70", "rate", 30.0),
+                                  ("no-sharing", "r70", "rate", 30.0)):
+        probe = Cell(strategy, wl, load, mode, level, 4.0, {})
         measured = simulate_cell(probe, TRUE, SETTINGS, 2)
-        out.append(Cell(strategy, "docqa", load, mode, level, 4.0, measured))
+        out.append(Cell(strategy, wl, load, mode, level, 4.0, measured))
     return out
 
 
 def test_fit_recovers_the_engine_that_produced_the_cells():
     start = TRUE.with_(prefill_tokens_per_s=10_000, step_s=0.016)
-    fitted, info = fit(_cells(), start, SETTINGS, 2, rounds=2, free=("prefill_tokens_per_s", "step_s"),
+    fitted, info = fit(_cells(), start, SETTINGS, 2, rounds=3, free=("prefill_tokens_per_s", "step_s"),
                        log=lambda m: None)
     assert info["loss"] < 0.01
     assert fitted.prefill_tokens_per_s == pytest.approx(40_000, rel=0.3)
@@ -60,6 +63,42 @@ def test_routing_json_is_read_into_the_modelled_cells():
     assert {(c.workload, c.load, c.mode) for c in cells} >= {("docqa", "sat", "concurrency"), ("multiturn", "r70", "rate")}
     with pytest.raises(ValueError, match="unknown EngineModel fields"):
         EngineModel.from_dict({**TRUE.to_dict(), "prefil_tokens_per_s": 1.0})
+
+
+def test_routing_json_schema_2_is_read_per_system_with_its_strategy_and_ingresses():
+    routing = json.loads((ROOT / "benchmarks/results/routing_h200.json").read_text())
+    assert routing["schema"] == "kvserve.routing_h2h/2"
+    cells = gpu_cells(routing)
+    names = {(c.name, c.strategy, c.ingresses) for c in cells}
+    assert names == {("round-robin", "round-robin", 1), ("kv-aware", "kv-aware", 1), ("kv-aware-2ingress", "kv-aware", 2)}
+    workloads = {c.workload for c in cells}
+    assert {"docqa", "multiturn", "no-sharing"} <= workloads and not workloads & {"runs", "routing", "ingress_replicas"}
+    r70 = [c for c in cells if (c.name, c.workload, c.load) == ("kv-aware", "no-sharing", "r70")]
+    assert len(r70) == 1 and r70[0].mode == "rate" and r70[0].level == pytest.approx(routing["rates"]["no-sharing"]["r70"])
+    o = ordering([{"workload": "w", "load": "sat", "system": c.name, "strategy": c.strategy, "gpu_ttft_p50_ms": i,
+                   "sim_ttft_p50_ms": -i} for i, c in enumerate(cells) if c.workload == "docqa"])["w/sat"]
+    assert o["gpu"] == ["round-robin", "kv-aware", "kv-aware-2ingress"] and o["sim"] == o["gpu"][::-1]
+
+
+def test_no_sharing_docqa_twin_shares_no_document_between_questions():
+    args = ["--workload", "docqa", "--docs", "2", "--doc-tokens", "1024:1024", "--no-sharing"]
+    from benchmarks.simulator.calibrate import sessions_for
+    shared = sessions_for("docqa", [a for a in args if a != "--no-sharing"], 16)
+    solo = sessions_for("no-sharing", args, 16)
+    firsts = lambda src: [next(src).turns[0].block_hashes[0] for _ in range(8)]
+    assert len(set(firsts(shared))) <= 2 and len(set(firsts(solo))) == 8
+
+
+def test_tier_hit_cost_is_fitted_from_the_hit_alone_or_from_the_floors():
+    engine = TRUE.with_(chunk_tokens=16384, kv_blocks=4096, tier_gbps=20.0, replicas_per_gpu=1, gpu_contention=0.0)
+    bare = tier_cell(engine, 4096)["tier_hit_ms"]
+    cost, how = fit_tier_hit_s(engine, {"prefix_tokens": 4096, "ttft_tier_hit_ms": bare + 45.0})
+    assert cost == pytest.approx(0.045, abs=1e-4) and "hit alone" in how
+    assert tier_cell(engine.with_(tier_hit_s=cost), 4096)["tier_hit_ms"] == pytest.approx(bare + 45.0, abs=0.1)
+    cost, how = fit_tier_hit_s(engine, {"prefix_tokens": 4096, "ttft_tier_hit_ms": 100.0,
+                                        "ttft_gpu_cache_hit_ms": 10.0, "load_ms": 50.0})
+    assert cost == pytest.approx(0.040) and "floors" in how
+    assert fit_tier_hit_s(engine, {"prefix_tokens": 4096, "ttft_tier_hit_ms": bare / 2})[0] == 0.0
 
 
 def _serving_doc(e: EngineModel, L: int = 1024, O: int = 128, front_ms: float = 9.0, http_ms: float = 4.0,

@@ -1,5 +1,5 @@
 """The simulator's invariants: requests conserved (failures, autoscaling), capacity respected, tier
-hits cost exactly their modelled load, several ingresses, and the cost figures."""
+hits cost exactly their modelled load (the copy plus the fixed cost of a hit), several ingresses, and the cost figures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from benchmarks.bench.cost import token_costs
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan, SimSession, Turn
-from benchmarks.simulator.replica import ObjectTier, Replica
+from benchmarks.simulator.replica import Job, ObjectTier, Replica
 from benchmarks.simulator.sim import Autoscale, ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
 
@@ -56,6 +56,33 @@ def test_closed_loop_keeps_concurrency_and_multiturn_turns_follow_each_other():
     assert res.cached_tokens > 0  # later turns reuse earlier turns' blocks
 
 
+def test_kv_admission_holds_shared_blocks_once_and_releases_them():
+    rep = Replica("r0", 0, capacity_blocks=10)
+    a, b, c = (Job(Turn(64, 16, (1, 2, 3, 4))), Job(Turn(64, 16, (1, 2, 3, 5))),
+               Job(Turn(64, 16, (6, 7, 8, 9))))
+    assert rep.admit(a, 10, 16) and rep.held_blocks == 5  # 4 prompt blocks + 1 for the output
+    assert rep.admit(b, 10, 16) and rep.held_blocks == 7  # blocks 1-3 shared: 1 new prompt block + 1
+    assert not rep.admit(c, 10, 16) and not c.admitted  # 5 more do not fit beside 7
+    rep.release(a)
+    assert rep.held_blocks == 5 and rep.admit(c, 10, 16) and rep.held_blocks == 10
+    for job in (b, c, c):  # a second release changes nothing
+        rep.release(job)
+    assert rep.held_blocks == 0 and rep.held == {}
+    big = Job(Turn(16 * 40, 1, tuple(range(100, 140))))
+    assert rep.admit(big, 10, 16)  # alone on the replica it always runs
+
+
+def test_kv_admission_makes_requests_wait_for_blocks_and_every_one_completes():
+    plan = LoadPlan("concurrency", 16, num_requests=120)
+    e = ENGINE.with_(kv_blocks=400)  # ~3 docqa prompts of 1-2K tokens at once
+    sessions = lambda: workloads.docqa_sessions(docs=64, doc_tokens=(1024, 2048), output_len=16)
+    free = simulate(Driver(sessions(), plan), knobs("round-robin"), ClusterSpec(1), e)
+    capped = simulate(Driver(sessions(), plan), knobs("round-robin"), ClusterSpec(1), e.with_(kv_admission=True))
+    assert capped.completed == capped.sent == free.completed == 120
+    ttft = lambda r: sorted(r.ttft_s)[len(r.ttft_s) // 2]
+    assert ttft(capped) > 2 * ttft(free)  # the queue for blocks is in TTFT
+
+
 def test_replica_lru_never_exceeds_capacity_and_evicts_oldest_first():
     rep = Replica("r0", 0, capacity_blocks=4)
     assert rep.insert((1, 2, 3)) == ([1, 2, 3], [])
@@ -90,6 +117,29 @@ def test_tier_hit_costs_its_modelled_load_and_beats_recompute():
     assert cold == pytest.approx(e.step_time_s(0, 0, e.prefill_chunk_s(4104, 0), 0) + e.request_overhead_s)
     assert hit - e.request_overhead_s >= load  # never faster than the load itself
     assert hit < cold and res.tier_tokens == tier_tokens and res.cached_tokens == 0
+
+
+@pytest.mark.parametrize("hit_cost_s", [0.0, 0.045])
+@pytest.mark.parametrize("suffix_blocks", [1, 64])
+def test_tier_hit_is_never_faster_than_its_modelled_load_plus_the_fixed_cost_of_a_hit(hit_cost_s, suffix_blocks):
+    e = ENGINE.with_(tier_hit_s=hit_cost_s)
+    a, b = tuple(range(1, 257)), tuple(range(10_001, 10_257))
+    suffix = tuple(range(3000, 3000 + suffix_blocks))
+    # round-robin alternates r0, r1: r0 computes a prefix, r1 then gets it from the tier, once alone and
+    # once (prefix b) while a 9.6K-token prompt of its own is prefilling
+    sessions = [_one(a + (1000,), 0.0), _one(a + (2000,), 5.0), _one(b + (1000,), 7.0),
+                _one(tuple(range(5000, 5600)), 9.0), _one((7000,), 9.0), _one(b + suffix, 9.0)]
+    res = simulate(Driver(iter(sessions), LoadPlan("trace")), knobs("round-robin"),
+                   ClusterSpec(2, tier_budget_blocks=10_000), e)
+    ttft = res.ttft_s
+    tokens = 256 * 16
+    ready = e.tier_ready_s(tokens)
+    assert ready == pytest.approx(e.tier_load_s(tokens) + hit_cost_s)
+    assert ttft[1] == pytest.approx(ready + e.step_time_s(0, 0, e.prefill_chunk_s(24, tokens), 0) + e.request_overhead_s)
+    assert res.tier_tokens == 2 * tokens
+    for t in (ttft[1], ttft[5]):
+        assert t - e.request_overhead_s >= ready  # never faster than the copy plus the fixed cost of a hit
+    assert ttft[5] > ttft[1] or suffix_blocks == 1
 
 
 def test_without_the_tier_the_second_replica_recomputes():
