@@ -250,6 +250,26 @@ def ratios(runs: list[dict]) -> dict:
     return out
 
 
+def table(doc: dict) -> str:
+    """Markdown rows, one per run in order, then each system's medians (docs/routing.md's table)."""
+    def f(v: float | None, nd: int = 0) -> str:
+        return "" if v is None else f"{v:.{nd}f}"
+
+    lines = []
+    for i, r in enumerate(doc.get("runs", [])):
+        if r.get("error"):
+            lines.append(f"| {r['system']} (run {i + 1}) | failed: {r['error'][:80]} | | | | | |")
+            continue
+        pct = r.get("prompt_cache_read_pct")
+        lines.append(f"| {r['system']} (run {i + 1}) | {f(r.get('ttft_p50_ms'))} | {f(r.get('ttft_p90_ms'))} | "
+                     f"{f(r.get('output_token_throughput_per_s'), 1)} | {f(r.get('request_throughput_per_s'), 2)} | "
+                     f"{'' if pct is None else f'{pct:.1f}%'} | {r.get('requests', '')} / {r.get('errors', '')} |")
+    for system, m in doc.get("median_by_system", {}).items():
+        lines.append(f"| **{system}**, median of {m['runs']} | {f(m.get('ttft_p50_ms'))} | {f(m.get('ttft_p90_ms'))} | "
+                     f"{f(m.get('output_token_throughput_per_s'), 1)} | {f(m.get('request_throughput_per_s'), 2)} | | |")
+    return "\n".join(lines) + "\n"
+
+
 def run_system(system: str, base: dict, input_file: Path, index: int, scaling: dict, args) -> dict:
     """Start kvserve with ``system``'s routing, replay with AIPerf, stop -> the run's record."""
     work = Path(args.work_dir)
@@ -413,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         if doc["runs"][-1].get("error") and not args.keep_going:
             print(f"stopping after a failed run: {doc['runs'][-1]['error']}", file=sys.stderr)
             return 1
+    print(table(doc))
     print(json.dumps({k: doc[k] for k in ("median_by_system", "ttft_p50_ratio_vs_round_robin",
                                           "ttft_p50_ratio_per_pair")}, indent=2))
     return 0

@@ -165,3 +165,12 @@ def test_dry_run_writes_the_scaled_trace(tmp_path: Path, capsys) -> None:
     rows = [json.loads(x) for x in (tmp_path / "w" / "mooncake_scaled.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and "--fixed-schedule" in capsys.readouterr().out
     assert not (tmp_path / "o.json").exists()
+
+
+def test_table_lists_runs_then_medians() -> None:
+    runs = [{"system": "kv-aware", "ttft_p50_ms": 100.4, "ttft_p90_ms": 300.0, "output_token_throughput_per_s": 9.87,
+             "request_throughput_per_s": 0.9, "prompt_cache_read_pct": 7.25, "requests": 400, "errors": 0},
+            {"system": "round-robin", "error": "aiperf exited with 1"}]
+    text = ar.table({"runs": runs} | ar.ratios(runs))
+    assert "| kv-aware (run 1) | 100 | 300 | 9.9 | 0.90 | 7.2% | 400 / 0 |" in text
+    assert "round-robin (run 2) | failed: aiperf exited with 1" in text and "**kv-aware**, median of 1" in text
