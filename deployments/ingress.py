@@ -119,6 +119,10 @@ class Ingress:
             self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
         logger.info("ingress up for models %s", list(self._models))
 
+    def inflight(self) -> int:
+        """Generation requests this replica holds now (a handle call, not a route: benchmarks check it drains)."""
+        return self.admission.inflight
+
     # --- routes -------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> JSONResponse:

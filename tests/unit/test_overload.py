@@ -108,7 +108,7 @@ async def test_beyond_the_ingress_bound_a_503_comes_before_any_work_and_the_coun
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvserve") as c:
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
         assert (await c.post("/v1/chat/completions", json={**body, "stream": True})).status_code == 200
-        assert adm.inflight == 0 and len(handle.requests) == 2
+        assert adm.inflight == 0 and ingress.inflight() == 0 and len(handle.requests) == 2
         adm.inflight = adm.limit()  # the models' queues are full
         r = await c.post("/v1/chat/completions", json=body)
         s = await c.post("/v1/completions", json={"model": "smollm2", "prompt": "hi", "stream": True})
