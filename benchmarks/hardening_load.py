@@ -2,7 +2,8 @@
 
 Owns: ``Outcomes`` (what clients saw: successes, failures of requests that had not started, mid-stream
 failures with and without an error event, hangs) and ``steady_load`` (non-streaming and streaming client
-loops until stopped) and ``burst`` (N concurrent requests at once: status, latency, Retry-After). Raw
+loops until stopped), ``burst`` (N concurrent requests at once: status, latency, Retry-After) and
+``burst_sequential`` (N one after another). Raw
 HTTP (httpx) so that SSE error events, ``[DONE]`` and headers are seen exactly as sent.
 """
 
@@ -36,6 +37,15 @@ def _body(model: str, i: int, stream: bool, max_tokens: int) -> dict[str, Any]:
             "messages": [{"role": "user", "content": f"Request {i}: write a short note about the sea."}]}
 
 
+def _error_code(r: httpx.Response) -> str:
+    """The OpenAI error code of an error response; ``not_openai_shape`` for any other body (e.g. Serve's proxy's
+    plain-text 503)."""
+    try:
+        return (r.json().get("error") or {}).get("code") or "no_code"
+    except (ValueError, AttributeError):
+        return "not_openai_shape"
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], out: Outcomes, deadline_s: float) -> None:
     try:
         async with asyncio.timeout(deadline_s):
@@ -45,7 +55,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], out: O
                     out.ok += 1
                 else:
                     out.failed_not_streaming += 1
-                    out.error(f"{r.status_code}:{(r.json().get('error') or {}).get('code')}")
+                    out.error(f"{r.status_code}:{_error_code(r)}")
                 return
             await _stream(client, url, body, out)
     except TimeoutError:
@@ -111,8 +121,21 @@ async def burst(base_url: str, model: str, n: int, *, max_tokens: int = 16, time
                 r = await client.post(url, json=_body(model, i, False, max_tokens))
                 return {"status": r.status_code, "s": time.perf_counter() - t0,
                         "retry_after": r.headers.get("retry-after"),
-                        "code": (r.json().get("error") or {}).get("code") if r.status_code != 200 else None}
+                        "code": _error_code(r) if r.status_code != 200 else None}
             except httpx.HTTPError as err:
                 return {"status": None, "s": time.perf_counter() - t0, "error": type(err).__name__}
 
         return await asyncio.gather(*[one(i) for i in range(n)])
+
+
+async def burst_sequential(base_url: str, model: str, n: int, *, max_tokens: int = 16) -> list[dict]:
+    """``n`` non-streaming requests one after another (as ``burst`` records them), over one connection."""
+    url = f"{base_url}/chat/completions"
+    rows = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = await client.post(url, json=_body(model, 10**6 + i, False, max_tokens))
+            rows.append({"status": r.status_code, "s": time.perf_counter() - t0,
+                         "code": _error_code(r) if r.status_code != 200 else None})
+    return rows

@@ -5,7 +5,8 @@ Owns: the FastAPI routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/comple
 its KV block hashes computed once, here; the replica receives token ids and the router the hashes),
 request validation and the context-length check, and ``build_ingress``. A model's state and a request's
 metrics are ``deployments.served_model``. Errors in
-OpenAI's shape are ``deployments.http_errors``; the body limit and per-request caps ``deployments.limits``.
+OpenAI's shape are ``deployments.http_errors``; the body limit and per-request caps ``deployments.limits``; the
+bound on generation requests in flight (a fast 503 beyond the models' queues) ``deployments.admission``.
 Per-stage timing and tracing live in ``deployments.stages``.
 
 Prompt preparation (render + tokenize + hash) runs on the event loop for short prompts and on the
@@ -32,13 +33,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from deployments.admission import Admission, AdmissionMiddleware
 from deployments.auth import AuthMiddleware, Gate, tenant_of
-from deployments.dispatch import dispatch
 from deployments.choices import OutputSpec
+from deployments.dispatch import dispatch
 from deployments.generation import Accumulator, merge, primed, sse_events, within
 from deployments.http_errors import install_error_handlers
 from deployments.limits import BodyLimitMiddleware, RequestLimits
-from deployments.metrics import metrics
 from deployments.openai_api import (
     APIError,
     ChatCompletionRequest,
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
 app.add_middleware(BodyLimitMiddleware)  # 413 (deployments.limits): uses the replica's Ingress.limits
+app.add_middleware(AdmissionMiddleware)  # fast 503 beyond the queues (deployments.admission): Ingress.admission
 app.add_middleware(AuthMiddleware)  # API keys (deployments.auth): uses the replica's Ingress.gate
 app.add_middleware(AcceptedAtMiddleware)  # added last: outermost, so it stamps before auth runs
 install_error_handlers(app)  # every error in OpenAI's shape (deployments.http_errors)
@@ -110,9 +112,16 @@ class Ingress:
         self._readiness.start()
         # Read by AuthMiddleware; limits are divided among the running ingress replicas (deployments.rate_limits).
         self.gate = Gate.from_app(self._cfg, share_of=lambda: self._readiness.running(replica.deployment))
+        self.admission = Admission.from_app(  # read by AdmissionMiddleware
+            self._cfg, {i: handles[i].deployment_name for i in self._models}, self._readiness.running,
+            replica.deployment)
         self.limits = RequestLimits.build(  # read by BodyLimitMiddleware
             self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
         logger.info("ingress up for models %s", list(self._models))
+
+    def inflight(self) -> int:
+        """Generation requests this replica holds now (a handle call, not a route: benchmarks check it drains)."""
+        return self.admission.inflight
 
     # --- routes -------------------------------------------------------------------------------
     @app.get("/health")

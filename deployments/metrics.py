@@ -75,6 +75,12 @@ class _Metrics:
             description="Requests refused with 429 by their tenant's limit, by reason (requests_per_min, "
             "tokens_per_min) and tenant.", tag_keys=("reason", "tenant"),
         )
+        # --- overload (deployments.admission): refusals beyond the models' bounded queues, before any work ---
+        self.admission_rejected_requests = Counter(
+            "kvserve_admission_rejected_requests",
+            description="Generation requests answered 503 overloaded by the ingress's in-flight bound (the models' "
+            "queues full), before their body was read.",
+        )
         # --- request-path stages (deployments.stages.STAGES), one histogram each ---
         from deployments.stages import STAGES
 

@@ -5,8 +5,9 @@ Every query is written against the names Ray's exporter publishes (``ray_`` + th
 deployments/metrics.py, ``_total`` on counters, ``_bucket`` on histograms) and filtered by the
 ``rayservice`` label that the PodMonitors add from the pods' ``app.kubernetes.io/instance`` label.
 Panels: traffic, TTFT, latency, concurrency, cache hit rates (engine prefix cache, end to end, KV
-tier), KV-tier bytes/evictions/losses/load latency, routing decisions, replicas, and Ray nodes (from
-the autoscaler's exporter, ``autoscaler_active_nodes`` / ``autoscaler_pending_nodes``, no prefix).
+tier), KV-tier bytes/evictions/losses/load latency, routing decisions, replicas, Ray nodes (from
+the autoscaler's exporter, ``autoscaler_active_nodes`` / ``autoscaler_pending_nodes``, no prefix), and
+refused requests (401s by reason, 429s by reason and tenant, the ingress's overload 503s).
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         # The autoscaler's own exporter (head port as-metrics, 44217) has no ray_ prefix.
         (f"max by (NodeType) ({_q('autoscaler_active_nodes')})", "active nodes {{NodeType}}"),
         (f"max by (NodeType) ({_q('autoscaler_pending_nodes')})", "pending nodes {{NodeType}}"),
+    ]),
+    ("Refused requests / s: API keys (401), tenant limits (429), overload (503)", "reqps", [
+        (f"sum by (reason) (rate({_q('ray_kvserve_auth_rejected_requests_total')}{RATE}))", "401 {{reason}}"),
+        (f"sum by (reason, tenant) (rate({_q('ray_kvserve_rate_limited_requests_total')}{RATE}))",
+         "429 {{reason}} {{tenant}}"),
+        (f"sum(rate({_q('ray_kvserve_admission_rejected_requests_total')}{RATE}))", "503 overloaded (ingress bound)"),
     ]),
 ]
 

@@ -208,7 +208,8 @@ def test_dashboard_queries_only_metrics_the_project_declares():
                 "ray_model_ttfb_milliseconds_bucket", "ray_model_concurrent_requests",
                 "ray_kvserve_cached_prompt_tokens_total", "ray_kvserve_prompt_tokens_total",
                 "ray_kvserve_kv_tier_hit_tokens_total", "ray_kvserve_kv_tier_directory_bytes",
-                "ray_kvserve_router_decisions_total", "ray_serve_deployment_replica_healthy"}
+                "ray_kvserve_router_decisions_total", "ray_serve_deployment_replica_healthy",
+                "ray_kvserve_auth_rejected_requests_total", "ray_kvserve_rate_limited_requests_total"}
     assert headline <= set(METRICS_USED)
 
 

@@ -4,6 +4,7 @@ beyond them gets a fast 503 with Retry-After in OpenAI's shape."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -43,12 +44,12 @@ def test_every_shipped_manifest_bounds_every_queue():
 def test_render_refuses_an_unbounded_queue_before_writing(tmp_path: Path):
     root = copy_inputs(tmp_path)
     cfg = root / "configs" / "cpu.yaml"
-    cfg.write_text(cfg.read_text().replace("max_queued_requests: 64", "max_queued_requests: -1"))
+    cfg.write_text(cfg.read_text().replace("max_queued_requests: 32", "max_queued_requests: -1"))
     with pytest.raises(ConfigError) as err:
         render.write(root)
     assert str(err.value).startswith("target kvserve-cpu-smoke (configs/cpu.yaml): applications.0.args.models.0."
                                      "deployment.max_queued_requests: -1 (unbounded)")
-    assert "set a bound (e.g. 64" in str(err.value)
+    assert "set a bound (e.g. 32" in str(err.value)
     assert not list((root / "kuberay").glob("*.yaml"))
 
 
@@ -61,7 +62,7 @@ def test_validate_reports_an_unbounded_queue_in_a_manifest():
     errs, _ = serve_config_rules(rs)
     assert errs == [("spec.serveConfigV2.applications.0.args.ingress.deployment.max_queued_requests: -1 (unbounded): "
                      "under overload requests would wait until ingress.request_timeout_s (180 s) instead of a fast 503 "
-                     "with Retry-After; set a bound (e.g. 512, its max_ongoing_requests)")]
+                     "with Retry-After; set a bound (e.g. 192, its max_ongoing_requests)")]
 
 
 def test_queue_options_are_checked_like_serve_checks_them():
@@ -90,3 +91,41 @@ async def test_a_request_beyond_the_replica_queues_gets_a_fast_503_with_retry_af
     # refused before its first token, a stream gets the same status (not a 200 with an error event)
     assert s.status_code == 503 and s.headers["retry-after"] == "3"
     assert s.json()["error"]["code"] == "overloaded"
+
+
+async def test_beyond_the_ingress_bound_a_503_comes_before_any_work_and_the_count_returns_to_zero(monkeypatch):
+    from deployments import admission as admission_mod
+
+    rejected = []
+    monkeypatch.setattr(admission_mod, "metrics", lambda: SimpleNamespace(
+        admission_rejected_requests=SimpleNamespace(inc=lambda n: rejected.append(n))))
+    app, ingress, handle = stub_ingress(monkeypatch)
+    adm = ingress.admission
+    m = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())["applications"][0]["args"]["models"][0]["deployment"]
+    # the stub reports one running replica of the model and none of the ingress (a share of one)
+    assert adm.limit() == m["max_ongoing_requests"] + m["max_queued_requests"]
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvserve") as c:
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+        assert (await c.post("/v1/chat/completions", json={**body, "stream": True})).status_code == 200
+        assert adm.inflight == 0 and ingress.inflight() == 0 and len(handle.requests) == 2
+        adm.inflight = adm.limit()  # the models' queues are full
+        r = await c.post("/v1/chat/completions", json=body)
+        s = await c.post("/v1/completions", json={"model": "smollm2", "prompt": "hi", "stream": True})
+        assert (await c.get("/v1/models")).status_code == 200  # only generation requests are bounded
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "overloaded_error"
+    assert s.status_code == 503 and s.headers["retry-after"] == "1"
+    assert len(handle.requests) == 2 and rejected == [1, 1]  # nothing dispatched
+    assert adm.inflight == adm.limit()
+
+
+def test_the_ingress_bound_follows_running_replicas_and_ingress_share():
+    from deployments.admission import Admission, ModelQueue
+
+    running = {"vllm-a": 2, "ingress": 1}
+    adm = Admission([ModelQueue("vllm-a", 16, 16, 2), ModelQueue("vllm-b", 8, 4, 1)], running.get, "ingress")
+    assert adm.limit() == 2 * 16 + 16 + 1 * 8 + 4  # vllm-b not reported yet: its configured replicas
+    running["ingress"] = 3
+    assert adm.limit() == 11 + 16 + 3 + 4  # each ingress replica its share of the slots, its own queue
+    assert Admission([ModelQueue("vllm-a", 16, -1, 2)], running.get, "ingress").limit() is None
