@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
@@ -110,7 +110,7 @@ class KVServeRouter(RequestRouter):
         self._pending[key] = (request, decision, request_id)
         while len(self._pending) > _MAX_PENDING:
             self._pending.popitem(last=False)
-        self._maybe_sync(candidate_replicas, now)
+        self._maybe_sync(candidate_replicas, now, snaps)
         m = metrics()
         m.route_wait_ms.observe(max(time.time() - pending_request.created_at, 0.0) * 1000, tags={"model": self._model})
         m.router_decisions.inc(1, tags={"model": self._model, "strategy": self._strategy, "reason": decision.reason})
@@ -214,8 +214,9 @@ class KVServeRouter(RequestRouter):
         except Exception:
             logger.exception("KVServeRouter: dropping replica %s failed", rid)
 
-    def _maybe_sync(self, replicas: list[RunningReplica], now: float) -> None:
-        """At most once a second: KV-event subscriptions and index-size gauges."""
+    def _maybe_sync(self, replicas: list[RunningReplica], now: float, snaps: Sequence[ReplicaSnapshot] = ()) -> None:
+        """At most once a second: KV-event subscriptions, index-size gauges and the load the policy saw (``snaps``:
+        the router's own in-flight count, the queued prefill tokens and prefill rate of each snapshot)."""
         if now - self._last_sync < _SYNC_PERIOD_S:
             return
         self._last_sync = now
@@ -233,6 +234,12 @@ class KVServeRouter(RequestRouter):
                 rid = r.replica_id.unique_id
                 size = approx.size(rid) + (precise.size(rid) if precise is not None else 0)
                 g.set(size, tags={"model": self._model, "replica": rid, "strategy": self._strategy})
+        m = metrics()
+        for snap in snaps:
+            tags = {"model": self._model, "replica": snap.replica_id, "strategy": self._strategy}
+            m.router_outstanding_requests.set(self._load.outstanding(snap.replica_id), tags=tags)
+            m.router_queued_prefill_tokens.set(snap.queued_prefill_tokens, tags=tags)
+            m.router_prefill_tokens_per_s.set(snap.prefill_tokens_per_s, tags=tags)
 
     def _sync_subscriptions(self) -> None:
         """Subscribe to every current replica's advertised endpoint (not just one call's candidates).

@@ -16,7 +16,10 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
   cached tokens;
 * vLLM's per-replica metrics through Ray's agent (``ray_vllm_*{ReplicaId}``): requests finished, queue /
   prefill / TTFT means and p90s (from the histogram buckets), prefix-cache hit rate, preemptions ->
-  ``engine_by_replica``.
+  ``engine_by_replica``;
+* gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
+  the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
+  (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens.
 
 Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``).
 """
@@ -51,8 +54,15 @@ VLLM_HISTOGRAMS = {"queue": "ray_vllm_request_queue_time_seconds", "prefill": "r
 VLLM_FINISHED = "ray_vllm_request_success"
 VLLM_HITS, VLLM_QUERIES = "ray_vllm_prefix_cache_hits", "ray_vllm_prefix_cache_queries"
 VLLM_PREEMPTIONS = "ray_vllm_num_preemptions"
-_KEEP = (SERVE_REQUESTS, "ray_serve_replica_processing_queries", "ray_serve_deployment_replica_starts",
-         "ray_kvserve_router_", ROUTE_MS, "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
+SERVE_ONGOING = "ray_serve_replica_processing_queries"
+#: timeline key -> gauge by replica: what the router's policy last saw (set at most once a second, on a decision)
+#: and what the replica itself reports.
+VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
+               "router_queued_prefill_tokens": "ray_kvserve_router_queued_prefill_tokens",
+               "router_prefill_tps": "ray_kvserve_router_prefill_tokens_per_s",
+               "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens"}
+_KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
+         "ray_kvserve_replica_queued_prefill_tokens", ROUTE_MS, "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
          "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -219,16 +229,27 @@ def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
         "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()), "kv_event_resets": round(resets),
         "predicted_cached_tokens": round(predicted), "actual_cached_tokens": round(actual),
         "engine_by_replica": engine_by_replica(before, after),
+        "view_after": view(after, deployment),
     }
 
 
+def view(samples: Samples, deployment: str) -> dict[str, dict[str, float]]:
+    """Gauges by replica at one scrape: Serve's ongoing requests per replica of ``deployment`` (``ongoing``) and
+    ``VIEW_GAUGES`` (the router's in-flight count, its queued-prefill estimate and prefill rate; the replica's own
+    queued prefill). A router count far above ``ongoing``, growing, is a completion the router never saw."""
+    out = {"ongoing": sums(samples, SERVE_ONGOING, "replica", {"deployment": deployment})}
+    out |= {key: sums(samples, metric, "replica") for key, metric in VIEW_GAUGES.items()}
+    return {k: {r: round(v, 1) for r, v in sorted(g.items()) if r} for k, g in out.items() if g}
+
+
 def timeline_point(before: Samples, after: Samples, deployment: str, t_s: float) -> dict[str, Any]:
-    """One interval of the timeline: requests per replica, vLLM queue mean (ms) per replica, decisions by reason."""
+    """One interval of the timeline: requests per replica, vLLM queue mean (ms) per replica, decisions by reason
+    (deltas over the interval) and ``view`` at its end."""
     req, _ = requests_by_replica(before, after, deployment)
     queue = histogram(before, after, VLLM_HISTOGRAMS["queue"], "ReplicaId", 1000.0)
     decisions = {k: round(v) for k, v in delta(before, after, DECISIONS, "reason").items() if round(v)}
     return {"t_s": round(t_s, 1), "requests": req, "queue_ms_mean": {r: h["mean"] for r, h in sorted(queue.items())},
-            "decisions": decisions}
+            "decisions": decisions, **view(after, deployment)}
 
 
 def fetch(url: str, timeout_s: float = 10) -> Samples:

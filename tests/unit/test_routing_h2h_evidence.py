@@ -152,3 +152,20 @@ def test_evidence_table_rows() -> None:
     assert "| no-sharing | r25 | kv-aware | scrape: boom |" in md
     assert "round-robin" not in md
     assert evidence_table({"round-robin": {"no-sharing": {"sat": {}}}}) == ""
+
+
+def test_view_reads_the_gauges_by_replica_and_timeline_points_carry_it() -> None:
+    tags = f'{COMMON},model="smollm2",replica="r-a",strategy="kv-aware"'
+    text = "\n".join([
+        gauge("r-a").replace(" 0.0", " 3.0"), gauge("r-b"),
+        f"ray_kvserve_router_outstanding_requests{{{tags}}} 40.0",
+        f"ray_kvserve_router_prefill_tokens_per_s{{{tags}}} 12000.0",
+        f'ray_kvserve_replica_queued_prefill_tokens{{{COMMON},model="smollm2",replica="r-a"}} 512.0',
+    ])
+    after = keep(parse(text))
+    assert evidence.view(after, DEP) == {"ongoing": {"r-a": 3.0, "r-b": 0.0}, "router_outstanding": {"r-a": 40.0},
+                                         "router_prefill_tps": {"r-a": 12000.0},
+                                         "replica_queued_prefill_tokens": {"r-a": 512.0}}
+    point = evidence.timeline_point({}, after, DEP, 5.04)
+    assert point["t_s"] == 5.0 and point["router_outstanding"] == {"r-a": 40.0}
+    assert derive({}, after, DEP)["view_after"]["ongoing"] == {"r-a": 3.0, "r-b": 0.0}
