@@ -21,7 +21,9 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
   the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
   (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens.
 
-Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``).
+Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``). Ray 2.60's agent
+rebuilds histograms from bucket counts, so a histogram's ``_sum`` (hence every ``*_mean`` here) is a bucket-midpoint
+approximation; the p90s interpolate the buckets. Counters are exact.
 """
 
 from __future__ import annotations
@@ -224,6 +226,9 @@ def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
         "balance": balance(req, n),
         "decisions_by_reason": dict(sorted(decisions.items(), key=lambda kv: -kv[1])),
         "decision_shares": _shares(decisions),
+        # > 1: Serve asked the router again for some requests (a replica rejected: full), or requests in flight
+        # at the cell's end (Serve counts a request when it finishes, the router when it decides)
+        "decisions_per_request": round(sum(decisions.values()) / sum(req.values()), 3) if sum(req.values()) else None,
         "decision_latency_us_mean": _mean(before, after, DECISION_US),
         "route_wait_ms_mean": _mean(before, after, ROUTE_MS),
         "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()), "kv_event_resets": round(resets),

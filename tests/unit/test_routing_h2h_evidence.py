@@ -71,6 +71,7 @@ def test_decisions_by_reason_and_their_shares_are_deltas() -> None:
     assert ev["decisions_by_reason"] == {"no-cache": 40, "imbalance-guard": 20}  # cache-hit did not move: left out
     assert ev["decision_shares"] == {"no-cache": 0.667, "imbalance-guard": 0.333}
     assert list(ev["decision_shares"]) == ["no-cache", "imbalance-guard"]  # largest first
+    assert ev["decisions_per_request"] == 0.75  # 60 decisions, 80 requests
 
 
 def test_kv_events_per_replica_count_a_new_series_from_zero() -> None:
@@ -105,6 +106,7 @@ def test_a_counter_reset_counts_from_zero_and_missing_metrics_give_empty_evidenc
     assert derive(before, after, DEP)["requests_by_replica"] == {"r-a": 7}
     ev = derive({}, {}, DEP)
     assert ev["requests"] == 0 and ev["balance"] is None and ev["decision_shares"] == {}
+    assert ev["decisions_per_request"] is None
     assert ev["route_wait_ms_mean"] is None and ev["engine_by_replica"] == {}
 
 
