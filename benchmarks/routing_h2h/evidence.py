@@ -15,7 +15,7 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
 * ``ray_kvserve_router_kv_events_total{replica}`` -> ``kv_events_by_replica`` (+ resets), predicted and actual
   cached tokens;
 * vLLM's per-replica metrics through Ray's agent (``ray_vllm_*{ReplicaId}``): requests finished, queue /
-  prefill / TTFT means and p90s (from the histogram buckets), prefix-cache hit rate, preemptions ->
+  prefill / TTFT means, p50s and p90s (from the histogram buckets), prefix-cache hit rate, preemptions ->
   ``engine_by_replica``;
 * gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
   the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
@@ -23,7 +23,7 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
 
 Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``). Ray 2.60's agent
 rebuilds histograms from bucket counts, so a histogram's ``_sum`` (hence every ``*_mean`` here) is a bucket-midpoint
-approximation; the p90s interpolate the buckets. Counters are exact.
+approximation; the p50s and p90s interpolate the buckets. Counters are exact.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
 
 
 def histogram(before: Samples, after: Samples, metric: str, by: str, scale: float = 1.0) -> dict[str, dict]:
-    """Per-group count, mean and p90 of a histogram between two scrapes (values x ``scale``)."""
+    """Per-group count, mean, p50 and p90 of a histogram between two scrapes (values x ``scale``)."""
     count = delta(before, after, metric, by, suffix="_count")
     total = delta(before, after, metric, by, suffix="_sum")
     b_buckets: dict[tuple[str, float], float] = {}
@@ -146,8 +146,9 @@ def histogram(before: Samples, after: Samples, metric: str, by: str, scale: floa
         if n <= 0:
             continue
         buckets = {le: v - b_buckets.get((g, le), 0.0) for (g, le), v in a_buckets.items() if g == group}
-        p90 = bucket_quantile(buckets, 0.9)
+        p50, p90 = bucket_quantile(buckets, 0.5), bucket_quantile(buckets, 0.9)
         out[group] = {"n": round(n), "mean": _r(total.get(group, 0.0) / n * scale, 2),
+                      "p50": _r(None if p50 is None else p50 * scale, 2),
                       "p90": _r(None if p90 is None else p90 * scale, 2)}
     return out
 
@@ -196,6 +197,7 @@ def engine_by_replica(before: Samples, after: Samples) -> dict[str, dict[str, An
     for key, metric in VLLM_HISTOGRAMS.items():
         for replica, h in histogram(before, after, metric, rid, 1000.0).items():
             put(replica, f"{key}_ms_mean", h["mean"])
+            put(replica, f"{key}_ms_p50", h["p50"])
             put(replica, f"{key}_ms_p90", h["p90"])
     hits, queries = delta(before, after, VLLM_HITS, rid), delta(before, after, VLLM_QUERIES, rid)
     for replica, q in queries.items():

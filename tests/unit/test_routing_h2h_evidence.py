@@ -85,6 +85,7 @@ def test_engine_by_replica_from_vllm_histograms_and_counters() -> None:
     assert a["queue_ms_mean"] == pytest.approx(30000 / 60, abs=0.01)  # (30.5 - 0.5) s over 60 requests
     # bucket deltas: <=0.1: 20, <=1.0: 50, +Inf: 60 -> rank 54 lies in the +Inf bucket: its lower bound, 1 s.
     assert a["queue_ms_p90"] == 1000.0
+    assert a["queue_ms_p50"] == pytest.approx(100 + 900 * (30 - 20) / 30, abs=0.01)  # rank 30 in (0.1, 1.0]
     assert a["finished"] == 60 and a["prefix_hit_rate"] == 0.25
     assert eng["r-b"]["queue_ms_mean"] == 50.0 and "finished" not in eng["r-b"]
 
