@@ -28,10 +28,12 @@ approximation; the p50s and p90s interpolate the buckets. Counters are exact.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu.promtext import parse
@@ -265,16 +267,36 @@ def fetch(url: str, timeout_s: float = 10) -> Samples:
         return keep(parse(r.read().decode()))
 
 
-def metrics_url() -> str:
-    """The metrics-export URL of the running cluster's (first alive) node; the driver connection is closed again."""
-    import ray
+DISCOVERY = "/tmp/ray/prom_metrics_service_discovery.json"
 
-    ray.init(address="auto", namespace="kvserve_routing_h2h", logging_level="ERROR", log_to_driver=False)
+
+def metrics_url() -> str:
+    """The metrics-export URL of the running cluster's (first alive) node, through ``ray.init(address="auto")`` (the
+    driver connection is closed again); if that fails, the target of Ray's Prometheus service-discovery file that
+    exports Serve's metrics."""
     try:
-        node = next(n for n in ray.nodes() if n["Alive"])
-        return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    finally:
-        ray.shutdown()
+        import ray
+
+        ray.init(address="auto", namespace="kvserve_routing_h2h", logging_level="ERROR", log_to_driver=False)
+        try:
+            node = next(n for n in ray.nodes() if n["Alive"])
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        finally:
+            ray.shutdown()
+    except Exception as err:  # noqa: BLE001 - try the file Ray writes for Prometheus
+        first = _err(err)
+    try:
+        targets = [t for group in json.loads(Path(DISCOVERY).read_text()) for t in group.get("targets", [])]
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"ray.init: {first}; {DISCOVERY}: {_err(err)}") from None
+    for target in targets:
+        url = f"http://{target}/metrics"
+        try:
+            if any(name.startswith("ray_serve_") for name, _ in fetch(url, timeout_s=5)):
+                return url
+        except Exception:  # noqa: BLE001,S112 - the next target
+            continue
+    raise RuntimeError(f"ray.init: {first}; no target of {DISCOVERY} ({targets}) exports ray_serve_ metrics")
 
 
 def _err(err: BaseException) -> str:
