@@ -172,3 +172,19 @@ def test_view_reads_the_gauges_by_replica_and_timeline_points_carry_it() -> None
     point = evidence.timeline_point({}, after, DEP, 5.04)
     assert point["t_s"] == 5.0 and point["router_outstanding"] == {"r-a": 40.0}
     assert derive({}, after, DEP)["view_after"]["ongoing"] == {"r-a": 3.0, "r-b": 0.0}
+
+
+def test_metrics_url_falls_back_to_the_discovery_target_that_exports_serve(monkeypatch, tmp_path) -> None:
+    import json
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("no cluster")))
+    disc = tmp_path / "sd.json"
+    disc.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": ["h:1", "h:2"]}]))
+    monkeypatch.setattr(evidence, "DISCOVERY", str(disc))
+    monkeypatch.setattr(evidence, "fetch", lambda url, timeout_s=10: AFTER if url == "http://h:2/metrics" else {})
+    assert evidence.metrics_url() == "http://h:2/metrics"
+    monkeypatch.setattr(evidence, "fetch", lambda url, timeout_s=10: {})
+    with pytest.raises(RuntimeError, match="no target"):
+        evidence.metrics_url()
