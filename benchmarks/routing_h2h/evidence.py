@@ -59,7 +59,7 @@ VLLM_FINISHED = "ray_vllm_request_success"
 VLLM_HITS, VLLM_QUERIES = "ray_vllm_prefix_cache_hits", "ray_vllm_prefix_cache_queries"
 VLLM_PREEMPTIONS = "ray_vllm_num_preemptions"
 SERVE_ONGOING = "ray_serve_replica_processing_queries"
-#: timeline key -> gauge by replica: what the router's policy last saw (set at most once a second, on a decision)
+#: timeline key -> gauge by replica: what the router's policy sees (set every second by the router)
 #: and what the replica itself reports.
 VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
                "router_queued_prefill_tokens": "ray_kvserve_router_queued_prefill_tokens",

@@ -306,3 +306,25 @@ def test_the_load_the_policy_saw_is_exported_at_most_once_a_second(monkeypatch):
     queued = [v for n, v, t in seen if n == "router_queued_prefill_tokens"]
     assert len(queued) == 4 and queued[:2] == [0, 0] and all(q > 0 for q in queued[2:])
     assert {t["strategy"] for n, _, t in seen if n.startswith("router_outstanding")} == {"prefix-aware"}
+
+
+def test_the_view_is_exported_every_period_without_decisions(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setitem(KVServeRouter._export_view.__globals__, "metrics", lambda: rec)
+    monkeypatch.setitem(KVServeRouter._export_view.__globals__, "_SYNC_PERIOD_S", 0.01)
+
+    async def go():
+        router = _router(strategy="round-robin")
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
+        router.update_replicas(replicas)
+        await _send(router, replicas, _pending(doc(300), 0))
+        after_decision = len(view())
+        await asyncio.sleep(0.1)  # no decisions: the task keeps the gauges fresh (one request still outstanding)
+        return after_decision
+
+    def view() -> list[tuple[str, float]]:
+        return [x for x in rec.seen if x[0].startswith(("router_outstanding", "router_queued", "router_prefill"))]
+
+    after_decision = asyncio.run(go())
+    assert after_decision == 6 and len(view()) >= 12
+    assert sorted(v for n, v in view()[-6:] if n == "router_outstanding_requests") == [0, 1]
