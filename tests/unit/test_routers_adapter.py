@@ -140,7 +140,7 @@ def test_predictions_stay_in_the_router_and_are_settled_from_the_replicas_report
         await router.choose_replicas(replicas, _pending([9] * 40, 4))  # the same report: not counted twice
         return again, [x for x in rec.seen if x[0] == "router_prediction_error_tokens"], actual
 
-    first_errors, later_errors, actual = asyncio.run(go())
+    first_errors, later_errors, _actual = asyncio.run(go())
     # req-1 was predicted 0 and found 0; req-2 predicted the whole document (its full blocks), found 16 less
     assert sorted(v for _, v in first_errors) == [0, 16]
     assert later_errors == first_errors
@@ -274,3 +274,57 @@ def test_a_policy_failure_falls_back_to_serves_choice():
 
     ranked, replicas = asyncio.run(go())
     assert ranked == [replicas]
+
+
+def test_the_load_the_policy_saw_is_exported_at_most_once_a_second(monkeypatch):
+    seen: list[tuple[str, float, dict]] = []
+
+    class Rec:
+        def __getattr__(self, name: str) -> SimpleNamespace:
+            def record(value: float, tags: dict | None = None) -> None:
+                seen.append((name, value, tags or {}))
+
+            return SimpleNamespace(inc=record, observe=record, set=record)
+
+    monkeypatch.setitem(KVServeRouter._maybe_sync.__globals__, "metrics", lambda: Rec())
+    clock = Clock()
+
+    async def go():
+        router = _router(clock=clock)
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}", prefill_tokens_per_s=100.0)) for i in range(2)]
+        router.update_replicas(replicas)
+        await _send(router, replicas, _pending(doc(200), 0))  # first decision: exported (nothing outstanding yet)
+        await _send(router, replicas, _pending(doc(201), 1))  # same second: not exported
+        clock.t += 1.5
+        await _send(router, replicas, _pending(doc(202), 2))  # exported: one outstanding request on each replica
+
+    asyncio.run(go())
+    outstanding = [(v, t["replica"]) for n, v, t in seen if n == "router_outstanding_requests"]
+    assert sorted(outstanding) == [(0, "r0"), (0, "r1"), (1, "r0"), (1, "r1")]
+    rates = {(t["replica"], v) for n, v, t in seen if n == "router_prefill_tokens_per_s"}
+    assert rates == {("r0", 100.0), ("r1", 100.0)}
+    queued = [v for n, v, t in seen if n == "router_queued_prefill_tokens"]
+    assert len(queued) == 4 and queued[:2] == [0, 0] and all(q > 0 for q in queued[2:])
+    assert {t["strategy"] for n, _, t in seen if n.startswith("router_outstanding")} == {"prefix-aware"}
+
+
+def test_the_view_is_exported_every_period_without_decisions(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setitem(KVServeRouter._export_view.__globals__, "metrics", lambda: rec)
+    monkeypatch.setitem(KVServeRouter._export_view.__globals__, "_SYNC_PERIOD_S", 0.01)
+
+    async def go():
+        router = _router(strategy="round-robin")
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
+        router.update_replicas(replicas)
+        await _send(router, replicas, _pending(doc(300), 0))
+        after_decision = len(view())
+        await asyncio.sleep(0.1)  # no decisions: the task keeps the gauges fresh (one request still outstanding)
+        return after_decision
+
+    def view() -> list[tuple[str, float]]:
+        return [x for x in rec.seen if x[0].startswith(("router_outstanding", "router_queued", "router_prefill"))]
+
+    after_decision = asyncio.run(go())
+    assert after_decision == 6 and len(view()) >= 12
+    assert sorted(v for n, v in view()[-6:] if n == "router_outstanding_requests") == [0, 1]

@@ -16,6 +16,9 @@ EXPECTED = {
     "router_prediction_error_tokens": ("kvserve_router_cached_tokens_prediction_error_tokens", ("model", "strategy")),
     "router_index_blocks": ("kvserve_router_index_blocks", ("model", "replica", "strategy")),
     "router_kv_events": ("kvserve_router_kv_events", ("model", "replica")),
+    "router_outstanding_requests": ("kvserve_router_outstanding_requests", ("model", "replica", "strategy")),
+    "router_queued_prefill_tokens": ("kvserve_router_queued_prefill_tokens", ("model", "replica", "strategy")),
+    "router_prefill_tokens_per_s": ("kvserve_router_prefill_tokens_per_s", ("model", "replica", "strategy")),
     "router_kv_event_resets": ("kvserve_router_kv_event_resets", ("model", "replica")),
 }
 ALLOWED_LABELS = {"model", "replica", "strategy", "reason"}

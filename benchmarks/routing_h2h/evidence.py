@@ -1,0 +1,410 @@
+"""Where a head-to-head cell's requests went: Ray's Prometheus metrics before and after the cell, as small deltas.
+
+Owns the per-cell ``evidence`` of ``run.py``: ``metrics_url`` (the node's MetricsExportPort, found once per
+system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and after each cell and, every
+``interval_s`` during it, a timeline; never raises: a failure is an ``error`` string in the evidence),
+``derive`` (pure: two parsed scrapes -> the evidence dict) and ``evidence_table`` (markdown, beside
+``summary.table``). Only the metrics named below are kept, never the whole text:
+
+* Ray Serve's own per-replica counter ``ray_serve_deployment_request_counter_total{deployment, replica}`` of
+  the vLLM deployment -> ``requests_by_replica``, ``balance`` (max / mean over the deployment's replicas,
+  zeros included: a replica seen in any Serve metric but never sent a request counts);
+* ``ray_kvserve_router_decisions_total{reason}`` -> ``decisions_by_reason`` and ``decision_shares``;
+  ``kvserve_router_decision_latency_microseconds`` and ``kvserve_stage_route_milliseconds`` (handle call to
+  decision: Serve's queueing plus the decision; the router's event loop shows here) as means;
+* ``ray_kvserve_router_kv_events_total{replica}`` -> ``kv_events_by_replica`` (+ resets), predicted and actual
+  cached tokens;
+* vLLM's per-replica metrics through Ray's agent (``ray_vllm_*{ReplicaId}``): requests finished, queue /
+  prefill / TTFT means, p50s and p90s (from the histogram buckets), prefix-cache hit rate, preemptions ->
+  ``engine_by_replica``;
+* gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
+  the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
+  (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens.
+
+Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``). Ray 2.60's agent
+rebuilds histograms from bucket counts, so a histogram's ``_sum`` (hence every ``*_mean`` here) is a bucket-midpoint
+approximation; the p50s and p90s interpolate the buckets. Counters are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from benchmarks.gpu.promtext import parse
+
+Samples = dict[tuple[str, str], float]
+
+#: the server's environment for the scrapes: Ray's agent exports every second (default 10 s), so the scrape
+#: ``settle_s`` after a cell sees all of it.
+SERVER_ENV = {"RAY_metrics_report_interval_ms": "1000"}
+
+SERVE_REQUESTS = "ray_serve_deployment_request_counter"
+DECISIONS = "ray_kvserve_router_decisions"
+KV_EVENTS = "ray_kvserve_router_kv_events"
+KV_RESETS = "ray_kvserve_router_kv_event_resets"
+DECISION_US = "ray_kvserve_router_decision_latency_microseconds"
+ROUTE_MS = "ray_kvserve_stage_route_milliseconds"
+PREDICTED = "ray_kvserve_router_predicted_cached_tokens"
+ACTUAL = "ray_kvserve_router_actual_cached_tokens"
+#: key in ``engine_by_replica`` -> vLLM histogram (seconds) through Ray's agent.
+VLLM_HISTOGRAMS = {"queue": "ray_vllm_request_queue_time_seconds", "prefill": "ray_vllm_request_prefill_time_seconds",
+                   "ttft": "ray_vllm_time_to_first_token_seconds"}
+VLLM_FINISHED = "ray_vllm_request_success"
+VLLM_HITS, VLLM_QUERIES = "ray_vllm_prefix_cache_hits", "ray_vllm_prefix_cache_queries"
+VLLM_PREEMPTIONS = "ray_vllm_num_preemptions"
+SERVE_ONGOING = "ray_serve_replica_processing_queries"
+#: timeline key -> gauge by replica: what the router's policy sees (set every second by the router)
+#: and what the replica itself reports.
+VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
+               "router_queued_prefill_tokens": "ray_kvserve_router_queued_prefill_tokens",
+               "router_prefill_tps": "ray_kvserve_router_prefill_tokens_per_s",
+               "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens"}
+_KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
+         "ray_kvserve_replica_queued_prefill_tokens", ROUTE_MS, "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
+         "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def labels(text: str) -> dict[str, str]:
+    """``{a="x",b="y"}`` -> {a: x, b: y}."""
+    return dict(_LABEL.findall(text))
+
+
+def keep(samples: Samples) -> Samples:
+    """Only the samples ``derive`` reads (a Ray node exports thousands)."""
+    return {k: v for k, v in samples.items() if k[0].startswith(_KEEP)}
+
+
+def _base(name: str) -> str:
+    """A counter's name without the ``_total`` Ray's exporter appends (some versions do not)."""
+    return name.removesuffix("_total")
+
+
+def sums(samples: Samples, metric: str, by: str | None = None, where: dict[str, str] | None = None,
+         suffix: str = "") -> dict[str, float]:
+    """``metric`` (+ ``suffix``; counters with or without ``_total``) summed over series, grouped by label ``by``
+    ("" when None or missing), keeping only series whose labels match ``where``."""
+    out: dict[str, float] = {}
+    for (name, text), v in samples.items():
+        if (_base(name) if not suffix else name) != metric + suffix:
+            continue
+        lab = labels(text)
+        if where and any(lab.get(k) != want for k, want in where.items()):
+            continue
+        key = lab.get(by, "") if by else ""
+        out[key] = out.get(key, 0.0) + v
+    return out
+
+
+def delta(before: Samples, after: Samples, metric: str, by: str | None = None,
+          where: dict[str, str] | None = None, suffix: str = "") -> dict[str, float]:
+    """Per-group increase of a counter between two scrapes (a group gone or reset counts from zero)."""
+    b, a = sums(before, metric, by, where, suffix), sums(after, metric, by, where, suffix)
+    return {k: (v - b.get(k, 0.0) if v >= b.get(k, 0.0) else v) for k, v in a.items()}
+
+
+def _r(x: float | None, nd: int = 1) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Prometheus-style quantile of cumulative bucket counts {le: count} (linear within a bucket)."""
+    items = sorted(buckets.items())
+    if not items or items[-1][1] <= 0:
+        return None
+    rank, prev_le, prev_n = q * items[-1][1], 0.0, 0.0
+    for le, n in items:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 0.0)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+def histogram(before: Samples, after: Samples, metric: str, by: str, scale: float = 1.0) -> dict[str, dict]:
+    """Per-group count, mean, p50 and p90 of a histogram between two scrapes (values x ``scale``)."""
+    count = delta(before, after, metric, by, suffix="_count")
+    total = delta(before, after, metric, by, suffix="_sum")
+    b_buckets: dict[tuple[str, float], float] = {}
+    a_buckets: dict[tuple[str, float], float] = {}
+    for samples, dest in ((before, b_buckets), (after, a_buckets)):
+        for (name, text), v in samples.items():
+            if name == metric + "_bucket":
+                lab = labels(text)
+                try:
+                    key = (lab.get(by, ""), float(lab.get("le", "nan")))
+                except ValueError:
+                    continue
+                dest[key] = dest.get(key, 0.0) + v
+    out = {}
+    for group, n in count.items():
+        if n <= 0:
+            continue
+        buckets = {le: v - b_buckets.get((g, le), 0.0) for (g, le), v in a_buckets.items() if g == group}
+        p50, p90 = bucket_quantile(buckets, 0.5), bucket_quantile(buckets, 0.9)
+        out[group] = {"n": round(n), "mean": _r(total.get(group, 0.0) / n * scale, 2),
+                      "p50": _r(None if p50 is None else p50 * scale, 2),
+                      "p90": _r(None if p90 is None else p90 * scale, 2)}
+    return out
+
+
+def replicas_of(samples: Samples, deployment: str) -> set[str]:
+    """Replicas of ``deployment`` named by any of Serve's own per-replica metrics."""
+    out = set()
+    for (name, text) in samples:
+        if name.startswith("ray_serve_"):
+            lab = labels(text)
+            if lab.get("deployment") == deployment and lab.get("replica"):
+                out.add(lab["replica"])
+    return out
+
+
+def _shares(counts: dict[str, float]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
+
+
+def _mean(before: Samples, after: Samples, metric: str) -> float | None:
+    n = sum(delta(before, after, metric, suffix="_count").values())
+    return _r(sum(delta(before, after, metric, suffix="_sum").values()) / n, 2) if n > 0 else None
+
+
+def balance(requests: dict[str, float], replicas: int) -> float | None:
+    """max / mean requests per replica over ``replicas`` (those with none included); None without requests."""
+    total = sum(requests.values())
+    if not total or not replicas:
+        return None
+    return round(max(requests.values()) / (total / replicas), 3)
+
+
+def engine_by_replica(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
+    """vLLM's own per-replica figures (``ReplicaId``): requests finished, queue / prefill / TTFT in ms, prefix-cache
+    hit rate (tokens), preemptions."""
+    rid = "ReplicaId"
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(replica: str, key: str, value: Any) -> None:
+        if replica:
+            out.setdefault(replica, {})[key] = value
+
+    for replica, n in delta(before, after, VLLM_FINISHED, rid).items():
+        put(replica, "finished", round(n))
+    for key, metric in VLLM_HISTOGRAMS.items():
+        for replica, h in histogram(before, after, metric, rid, 1000.0).items():
+            put(replica, f"{key}_ms_mean", h["mean"])
+            put(replica, f"{key}_ms_p50", h["p50"])
+            put(replica, f"{key}_ms_p90", h["p90"])
+    hits, queries = delta(before, after, VLLM_HITS, rid), delta(before, after, VLLM_QUERIES, rid)
+    for replica, q in queries.items():
+        put(replica, "prefix_hit_rate", round(hits.get(replica, 0.0) / q, 3) if q > 0 else None)
+    for replica, n in delta(before, after, VLLM_PREEMPTIONS, rid).items():
+        put(replica, "preemptions", round(n))
+    return dict(sorted(out.items()))
+
+
+def requests_by_replica(before: Samples, after: Samples, deployment: str) -> tuple[dict[str, int], int]:
+    """Serve's per-replica request counts of ``deployment`` (every replica it names, zeros included) and how many
+    replicas that is."""
+    req = delta(before, after, SERVE_REQUESTS, "replica", {"deployment": deployment})
+    names = replicas_of(after, deployment) | set(req)
+    return {r: round(req.get(r, 0.0)) for r in sorted(names)}, len(names)
+
+
+def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
+    """The evidence of one cell from the scrapes around it (pure)."""
+    req, n = requests_by_replica(before, after, deployment)
+    decisions = {k: round(v) for k, v in delta(before, after, DECISIONS, "reason").items() if round(v)}
+    kv = {k: round(v) for k, v in delta(before, after, KV_EVENTS, "replica").items()}
+    resets = sum(delta(before, after, KV_RESETS, "replica").values())
+    predicted = sum(delta(before, after, PREDICTED).values())
+    actual = sum(delta(before, after, ACTUAL).values())
+    return {
+        "deployment": deployment, "replicas": n, "requests": sum(req.values()), "requests_by_replica": req,
+        "balance": balance(req, n),
+        "decisions_by_reason": dict(sorted(decisions.items(), key=lambda kv: -kv[1])),
+        "decision_shares": _shares(decisions),
+        # > 1: Serve asked the router again for some requests (a replica rejected: full), or requests in flight
+        # at the cell's end (Serve counts a request when it finishes, the router when it decides)
+        "decisions_per_request": round(sum(decisions.values()) / sum(req.values()), 3) if sum(req.values()) else None,
+        "decision_latency_us_mean": _mean(before, after, DECISION_US),
+        "route_wait_ms_mean": _mean(before, after, ROUTE_MS),
+        "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()), "kv_event_resets": round(resets),
+        "predicted_cached_tokens": round(predicted), "actual_cached_tokens": round(actual),
+        "engine_by_replica": engine_by_replica(before, after),
+        "view_after": view(after, deployment),
+    }
+
+
+def view(samples: Samples, deployment: str) -> dict[str, dict[str, float]]:
+    """Gauges by replica at one scrape: Serve's ongoing requests per replica of ``deployment`` (``ongoing``) and
+    ``VIEW_GAUGES`` (the router's in-flight count, its queued-prefill estimate and prefill rate; the replica's own
+    queued prefill). A router count far above ``ongoing``, growing, is a completion the router never saw."""
+    out = {"ongoing": sums(samples, SERVE_ONGOING, "replica", {"deployment": deployment})}
+    out |= {key: sums(samples, metric, "replica") for key, metric in VIEW_GAUGES.items()}
+    return {k: {r: round(v, 1) for r, v in sorted(g.items()) if r} for k, g in out.items() if g}
+
+
+def timeline_point(before: Samples, after: Samples, deployment: str, t_s: float) -> dict[str, Any]:
+    """One interval of the timeline: requests per replica, vLLM queue mean (ms) per replica, decisions by reason
+    (deltas over the interval) and ``view`` at its end."""
+    req, _ = requests_by_replica(before, after, deployment)
+    queue = histogram(before, after, VLLM_HISTOGRAMS["queue"], "ReplicaId", 1000.0)
+    decisions = {k: round(v) for k, v in delta(before, after, DECISIONS, "reason").items() if round(v)}
+    return {"t_s": round(t_s, 1), "requests": req, "queue_ms_mean": {r: h["mean"] for r, h in sorted(queue.items())},
+            "decisions": decisions, **view(after, deployment)}
+
+
+def fetch(url: str, timeout_s: float = 10) -> Samples:
+    """One scrape of ``url``, only the kept samples (raises on failure)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return keep(parse(r.read().decode()))
+
+
+DISCOVERY = "/tmp/ray/prom_metrics_service_discovery.json"
+
+
+def metrics_url() -> str:
+    """The metrics-export URL of the running cluster's (first alive) node, through ``ray.init(address="auto")`` (the
+    driver connection is closed again); if that fails, the target of Ray's Prometheus service-discovery file that
+    exports Serve's metrics."""
+    try:
+        import ray
+
+        ray.init(address="auto", namespace="kvserve_routing_h2h", logging_level="ERROR", log_to_driver=False)
+        try:
+            node = next(n for n in ray.nodes() if n["Alive"])
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        finally:
+            ray.shutdown()
+    except Exception as err:  # noqa: BLE001 - try the file Ray writes for Prometheus
+        first = _err(err)
+    try:
+        targets = [t for group in json.loads(Path(DISCOVERY).read_text()) for t in group.get("targets", [])]
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"ray.init: {first}; {DISCOVERY}: {_err(err)}") from None
+    for target in targets:
+        url = f"http://{target}/metrics"
+        try:
+            if any(name.startswith("ray_serve_") for name, _ in fetch(url, timeout_s=5)):
+                return url
+        except Exception:  # noqa: BLE001,S112 - the next target
+            continue
+    raise RuntimeError(f"ray.init: {first}; no target of {DISCOVERY} ({targets}) exports ray_serve_ metrics")
+
+
+def _err(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:300]
+
+
+class Probe:
+    """Evidence for the cells of one running system. ``start()`` before a cell, ``finish()`` after it -> the
+    cell's ``evidence`` (always a dict; an ``error`` key when the scrapes failed)."""
+
+    def __init__(self, deployment: str, interval_s: float = 5.0, settle_s: float = 3.0,
+                 url: str | None = None) -> None:
+        self.deployment, self.interval_s, self.settle_s = deployment, interval_s, settle_s
+        self.url, self.error = url, None
+        if url is None:
+            try:
+                self.url = metrics_url()
+            except Exception as err:  # noqa: BLE001 - evidence is optional; the cell runs without it
+                self.error = f"metrics url: {_err(err)}"
+        self._before: Samples | None = None
+        self._t0 = 0.0
+        self._timeline: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _scrape(self) -> Samples | None:
+        if self.url is None:
+            return None
+        try:
+            return fetch(self.url)
+        except Exception as err:  # noqa: BLE001 - recorded in the cell
+            self.error = f"scrape: {_err(err)}"
+            return None
+
+    def start(self) -> None:
+        self.error = None if self.url else self.error
+        self._before, self._t0, self._timeline = self._scrape(), time.monotonic(), []
+        self._stop.clear()
+        if self._before is not None and self.interval_s > 0:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        prev = self._before
+        while not self._stop.wait(self.interval_s) and prev is not None:
+            now = self._scrape()
+            if now is None:
+                return
+            try:
+                self._timeline.append(timeline_point(prev, now, self.deployment, time.monotonic() - self._t0))
+            except Exception as err:  # noqa: BLE001
+                self.error = f"timeline: {_err(err)}"
+                return
+            prev = now
+
+    def finish(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+            self._thread = None
+        if self._before is None:
+            return {"error": self.error or "no scrape before the cell"}
+        time.sleep(self.settle_s)  # Serve caches its counters ~0.1 s, Ray's agent exports every second (run.py)
+        after = self._scrape()
+        if after is None:
+            return {"error": self.error}
+        try:
+            out = derive(self._before, after, self.deployment)
+        except Exception as err:  # noqa: BLE001
+            return {"error": f"derive: {_err(err)}"}
+        out["window_s"] = round(time.monotonic() - self._t0, 1)
+        out["interval_s"] = self.interval_s
+        out["timeline"] = self._timeline
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _top(shares: dict[str, float], n: int = 2) -> str:
+    return ", ".join(f"{k} {v:.0%}" for k, v in list(shares.items())[:n]) or "-"
+
+
+def _spread(by_replica: dict[str, dict], key: str) -> str:
+    vals = [v[key] for v in by_replica.values() if v.get(key) is not None]
+    return f"{min(vals):.0f}..{max(vals):.0f}" if vals else "-"
+
+
+def evidence_table(results: dict[str, dict]) -> str:
+    """Markdown: per cell with evidence, requests per replica (max/mean), top decision reasons, KV events, route
+    wait and vLLM's queue-time mean range over replicas; "" when no cell has evidence."""
+    from benchmarks.routing_h2h.summary import workload_names
+
+    rows = []
+    for system, r in results.items():
+        for wl in workload_names(r):
+            for lv, h in r[wl].items():
+                ev = (h or {}).get("evidence") if isinstance(h, dict) else None
+                if not ev:
+                    continue
+                if "requests_by_replica" not in ev:
+                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | |")
+                    continue
+                bal = "-" if ev["balance"] is None else f"{ev['balance']:.2f}"
+                route = "-" if ev.get("route_wait_ms_mean") is None else f"{ev['route_wait_ms_mean']:.1f}"
+                per = "/".join(str(v) for v in ev["requests_by_replica"].values())
+                rows.append(f"| {wl} | {lv} | {system} | {per} | {bal} | {_top(ev['decision_shares'])} | "
+                            f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} |")
+    if not rows:
+        return ""
+    return ("| workload | load | system | requests per replica | max/mean | top reasons | KV events | route wait ms | "
+            "vLLM queue ms (replica min..max) |\n|---|---|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
