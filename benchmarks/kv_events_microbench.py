@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench.result import machine_info
+from benchmarks.bench.result import git_commit, machine_info
 from routers.events import coalesce, decode_batch
 from routers.policy import make_policy
 from serve_app.config.routing import RoutingConfig
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("one_by_one", "coalesced"):
         per_prompt_us = args.blocks * (best[f"stored_{mode}_us_per_hash"] + best[f"removed_{mode}_us_per_hash"])
         results[f"loop_ms_per_s_at_{args.rate:g}_req_per_s_{mode}"] = round(per_prompt_us * args.rate / 1e3, 2)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = git_commit() or ""
     doc = {"command": "python -m benchmarks.kv_events_microbench " + " ".join(argv if argv is not None
                                                                                else sys.argv[1:]),
            "git_commit": commit, "machine": machine_info(), "load_average_1_5_15": [round(x, 2) for x in

@@ -1,7 +1,7 @@
 """The result JSON of one run, and the machine it ran on.
 
 Owns ``machine_info`` (hostname, platform, Python, CPU count, GPU names from ``nvidia-smi`` when it
-exists), ``build_result`` and ``write_result``. Schema ``kvserve.bench/1``:
+exists), ``git_commit`` (the checkout's HEAD, the code a benchmark measures), ``build_result`` and ``write_result``. Schema ``kvserve.bench/1``:
 
     {"schema", "label",
      "config":   {workload: {name, seed, ...params}, load: {mode, level, ...}, base_url, model, seed,
@@ -50,6 +50,16 @@ def machine_info() -> dict:
         except (OSError, subprocess.SubprocessError) as exc:
             logger.warning("nvidia-smi failed: %s", exc)
     return info
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of this checkout (None where git or the repository is missing)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                              capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
 
 
 def command_line(argv: list[str]) -> str:

@@ -47,9 +47,9 @@ from typing import Any
 import yaml
 
 from benchmarks import serverproc
-from benchmarks.bench.result import machine_info
+from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h.replay import time_scale_for
-from benchmarks.routing_h2h.run import HAPROXY_PORTS, ROOT, _git_commit, _versions, clear_leftovers, system_config
+from benchmarks.routing_h2h.run import HAPROXY_PORTS, ROOT, _versions, clear_leftovers, system_config
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ROUND_ROBIN
 from serve_app import settings
 
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "schema": "kvserve.routing_aiperf/1", "config": args.config, "command": command,
-        "git_commit": _git_commit(), "machine": machine_info(),
+        "git_commit": git_commit(), "machine": machine_info(),
         "versions": _versions() | {"aiperf": aiperf_version(args.aiperf)},
         "tool": "aiperf profile --custom-dataset-type mooncake_trace --fixed-schedule (streaming chat)",
         "scaling": scaling, "order": order, "runs": []}

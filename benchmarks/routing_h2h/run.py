@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from benchmarks import serverproc
-from benchmarks.bench.result import machine_info
+from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h import evidence, plan
 from benchmarks.routing_h2h.evidence import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
@@ -294,14 +294,6 @@ def merge_system(old: dict, new: dict) -> dict:
     return merged
 
 
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
-    except OSError:
-        return None
-    return done.stdout.strip() or None
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for mod in ("ray", "vllm"):
@@ -383,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
                   else {s: [c for c in cs if c in cells] for s, cs in plan.summary_cells(levels).items()})
         chosen = {s: cs for s, cs in chosen.items() if cs}
         calls = plan.pack(chosen, scale["duration_s"], args.limit)
-        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or _git_commit() or "SHA"), end="")
+        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA"), end="")
         return 0
     if not args.out:
         p.error("--out is required (unless --plan)")
     if args.git_commit is None:
-        args.git_commit = _git_commit()
+        args.git_commit = git_commit()
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.merge and out.exists() else None
     if previous is not None and (previous.get("scale") != args.scale or previous.get("config") != args.config):
