@@ -36,6 +36,7 @@ from deployments.protocol import (
     ReplicaTiming,
     ReplicaUnavailableError,
 )
+from routers.prefill_meter import PrefillMeter
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
@@ -95,7 +96,7 @@ class VLLMReplica:
                                 algo=routing.hash_algo, seed=routing.seed())
         self._recent_cached: collections.deque[tuple[str, int]] = collections.deque(maxlen=RECENT_FIRST_OUTPUTS)
         self._streams = 0
-        self._prefill_tps = 0.0
+        self._meter = PrefillMeter()  # the prefill speed the routers age and price queues with
         self._leaving = False
         self._busy_since = 0.0
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine())
@@ -110,13 +111,12 @@ class VLLMReplica:
         n_prompt = len(req.prompt_token_ids)
         # Queued prefill work: the uncached part, as this replica's own history tells (the engine says at first
         # output).
-        alone = not self._inflight_prefill  # no other prompt ahead of this one: its TTFT measures prefill speed
         hashes = tuple(self._view.hashes(req.prompt_token_ids, req.block_hashes, req.cache_salt))
         self._inflight_prefill[req.request_id] = (max(n_prompt - self._view.cached_tokens(hashes), 0), hashes)
+        self._meter.started(time.monotonic())
         if self._streams == 0:
             self._busy_since = time.monotonic()
         self._streams += 1
-        start = time.perf_counter()
         chunk: GenerateChunk | None = None
         pacer = StreamPacer(self._lag, self._model.stream_merge_interval_ms / 1000)
         first = True
@@ -126,7 +126,7 @@ class VLLMReplica:
                 if chunk is None:
                     chunk = GenerateChunk()
                 if first:
-                    self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0, start, alone)
+                    self._on_first_output(req.request_id, n_prompt, out.num_cached_tokens or 0)
                     chunk.prompt_tokens = n_prompt
                     chunk.cached_tokens = out.num_cached_tokens or 0
                     chunk.replica_id = self._replica_id
@@ -150,7 +150,8 @@ class VLLMReplica:
                     chunk = None
         finally:
             self._streams -= 1
-            self._inflight_prefill.pop(req.request_id, None)
+            if self._inflight_prefill.pop(req.request_id, None) is not None:
+                self._meter.abandoned(time.monotonic())  # left before its first output
             if not finished and not self._engine.errored:
                 # Cancelled (client went away) or failed: free the engine's slot now.
                 await self._engine.abort(req.request_id)
@@ -186,18 +187,13 @@ class VLLMReplica:
                 self._leave("the engine died")
             await asyncio.sleep(1.0)
 
-    def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int, start: float, alone: bool) -> None:
+    def _on_first_output(self, request_id: str, n_prompt: int, n_cached: int) -> None:
         entry = self._inflight_prefill.pop(request_id, None)
+        now = time.monotonic()
         if entry is not None:
-            self._view.served(entry[1], time.monotonic())
+            self._view.served(entry[1], now)
+            self._meter.first_output(now, n_prompt - n_cached)
         self._recent_cached.append((request_id, n_cached))
-        elapsed = time.perf_counter() - start
-        uncached = n_prompt - n_cached
-        # Only a prompt that waited behind no other prompt measures speed (queueing would make a busy replica
-        # look slow), and only a long one (fixed per-step costs dominate short ones).
-        if alone and uncached >= 256 and elapsed > 0:
-            tps = uncached / elapsed
-            self._prefill_tps = tps if self._prefill_tps == 0 else 0.8 * self._prefill_tps + 0.2 * tps
 
     def stats(self) -> ReplicaStats:
         """This replica's current self-report."""
@@ -211,7 +207,7 @@ class VLLMReplica:
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             queued_prefill_tokens=sum(uncached for uncached, _ in self._inflight_prefill.values()),
-            prefill_tokens_per_s=self._prefill_tps,
+            prefill_tokens_per_s=self._meter.rate,
             kv_events_endpoint=self._kv_events_endpoint,
             timestamp=time.time(),
             recent_cached_tokens=tuple(self._recent_cached),

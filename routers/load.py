@@ -5,12 +5,16 @@ is stale under bursts; the router also knows exactly what it sent. Per replica i
 
     outstanding:  request id -> uncached prompt tokens, for requests it routed and not yet completed
     own queue:    a fluid queue of prefill tokens, +uncached on each routing, drained at the
-                  replica's prefill speed (tokens/s) as time passes
+                  deployment's prefill speed (tokens/s) as time passes
 
 and a snapshot takes, for queued prefill tokens, max(reported queue aged by the time since the
 report, own fluid queue), and for running requests, max(reported running + waiting, outstanding).
 ``max`` rather than a sum: the report already contains this router's older requests, while other
-ingress replicas' requests appear only in the report. Time is an argument; memory is bounded by
+ingress replicas' requests appear only in the report. Both queues drain at one speed for every replica, the
+mean of the speeds the replicas measured (``ReplicaStats.prefill_tokens_per_s``, routers.prefill_meter), else
+the configured default: the policy prices prefill at that same mean, and a replica aged at its own speed would
+look emptier than its peers whenever its last measurement happened to be fast (on the H200, one replica measured
+113K tokens/s against its peers' ~55K and got 149 requests where they got 114-130). Time is an argument; memory is bounded by
 ``max_outstanding`` (oldest forgotten first if completions never arrive).
 
 Snapshots are the adapter's per-decision cost (16 replicas x ~2 us), so one is reused while its
@@ -104,7 +108,7 @@ class LoadTracker:
             self._parsed[replica_id] = cached
         rate, reported, ts, running, capacity, usage, block_size = cached[1]
         if ts > 0:
-            reported = max(0.0, reported - (rate or self._default_rate) * max(0.0, now - ts))
+            reported = max(0.0, reported - self._drain_rate() * max(0.0, now - ts))
         return ReplicaSnapshot(
             replica_id=replica_id,
             queued_prefill_tokens=int(max(reported, self._own_queue(replica_id, now))),
@@ -130,7 +134,11 @@ class LoadTracker:
             int(stats.get("block_size") or 16),
         )
 
+    def _drain_rate(self) -> float:
+        """Tokens/s every queue drains at: the mean of the replicas' measured speeds, else the default."""
+        rates = self._rate
+        return sum(rates.values()) / len(rates) if rates else self._default_rate
+
     def _own_queue(self, replica_id: str, now: float) -> float:
         tokens, then = self._queue.get(replica_id, (0.0, now))
-        rate = self._rate.get(replica_id, self._default_rate)
-        return max(0.0, tokens - rate * max(0.0, now - then))
+        return max(0.0, tokens - self._drain_rate() * max(0.0, now - then))

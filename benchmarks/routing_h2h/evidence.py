@@ -17,9 +17,12 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
 * vLLM's per-replica metrics through Ray's agent (``ray_vllm_*{ReplicaId}``): requests finished, queue /
   prefill / TTFT means, p50s and p90s (from the histogram buckets), prefix-cache hit rate, preemptions ->
   ``engine_by_replica``;
+* the request-path stages of the client's TTFT (``kvserve_stage_{tokenize,hash,dispatch,engine,return,first_byte}_
+  milliseconds``, deployments/stages.py) -> ``stages_ms`` (all replicas) and ``engine_stage_ms_by_replica``: which
+  part of the TTFT grew, the engine's (replica received -> first output) or the serving path's around it;
 * gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
   the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
-  (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens.
+  (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens and event-loop lag.
 
 Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``). Ray 2.60's agent
 rebuilds histograms from bucket counts, so a histogram's ``_sum`` (hence every ``*_mean`` here) is a bucket-midpoint
@@ -50,6 +53,9 @@ KV_EVENTS = "ray_kvserve_router_kv_events"
 KV_RESETS = "ray_kvserve_router_kv_event_resets"
 DECISION_US = "ray_kvserve_router_decision_latency_microseconds"
 ROUTE_MS = "ray_kvserve_stage_route_milliseconds"
+#: stage -> histogram (ms) of deployments.stages.STAGES, tagged model and replica.
+STAGE_MS = {stage: f"ray_kvserve_stage_{stage}_milliseconds"
+            for stage in ("tokenize", "hash", "dispatch", "engine", "return", "first_byte")}
 PREDICTED = "ray_kvserve_router_predicted_cached_tokens"
 ACTUAL = "ray_kvserve_router_actual_cached_tokens"
 #: key in ``engine_by_replica`` -> vLLM histogram (seconds) through Ray's agent.
@@ -64,9 +70,10 @@ SERVE_ONGOING = "ray_serve_replica_processing_queries"
 VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
                "router_queued_prefill_tokens": "ray_kvserve_router_queued_prefill_tokens",
                "router_prefill_tps": "ray_kvserve_router_prefill_tokens_per_s",
-               "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens"}
+               "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens",
+               "replica_loop_lag_ms": "ray_kvserve_replica_loop_lag_milliseconds"}
 _KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
-         "ray_kvserve_replica_queued_prefill_tokens", ROUTE_MS, "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
+         "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_stage_", "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
          "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -238,8 +245,20 @@ def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
         "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()), "kv_event_resets": round(resets),
         "predicted_cached_tokens": round(predicted), "actual_cached_tokens": round(actual),
         "engine_by_replica": engine_by_replica(before, after),
+        "stages_ms": stages(before, after),
+        "engine_stage_ms_by_replica": histogram(before, after, STAGE_MS["engine"], "replica"),
         "view_after": view(after, deployment),
     }
+
+
+def stages(before: Samples, after: Samples) -> dict[str, dict]:
+    """Count, mean, p50 and p90 (ms) of each request-path stage over every replica and model."""
+    out = {}
+    for stage, metric in STAGE_MS.items():
+        h = histogram(before, after, metric, "")
+        if h:
+            out[stage] = h[""]
+    return out
 
 
 def view(samples: Samples, deployment: str) -> dict[str, dict[str, float]]:
@@ -403,8 +422,16 @@ def evidence_table(results: dict[str, dict]) -> str:
                 route = "-" if ev.get("route_wait_ms_mean") is None else f"{ev['route_wait_ms_mean']:.1f}"
                 per = "/".join(str(v) for v in ev["requests_by_replica"].values())
                 rows.append(f"| {wl} | {lv} | {system} | {per} | {bal} | {_top(ev['decision_shares'])} | "
-                            f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} |")
+                            f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} | "
+                            f"{_stage_p50s(ev.get('stages_ms') or {})} |")
     if not rows:
         return ""
     return ("| workload | load | system | requests per replica | max/mean | top reasons | KV events | route wait ms | "
-            "vLLM queue ms (replica min..max) |\n|---|---|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+            "vLLM queue ms (replica min..max) | stage p50 ms (tokenize/dispatch/engine/return/first byte) |\n"
+            "|---|---|---|---|---:|---|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
+
+
+def _stage_p50s(stages_ms: dict[str, dict]) -> str:
+    keys = ("tokenize", "dispatch", "engine", "return", "first_byte")
+    vals = [stages_ms.get(k, {}).get("p50") for k in keys]
+    return "-" if all(v is None for v in vals) else "/".join("-" if v is None else f"{v:.0f}" for v in vals)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from benchmarks.simulator.load import Turn
+from routers.prefill_meter import PrefillMeter
 
 
 def leading(held, hashes: Sequence[int]) -> int:
@@ -64,6 +65,7 @@ class Replica:
     entering: int = 0  # routed here, still in its front end
     held: dict = field(default_factory=dict)  # block hash -> admitted jobs using it (kv_admission)
     held_tail: int = 0  # admitted jobs' unhashed blocks
+    meter: PrefillMeter = field(default_factory=PrefillMeter)  # its prefill speed as the real replica measures it
 
     @property
     def held_blocks(self) -> int:
@@ -136,6 +138,7 @@ class Replica:
         self.held.clear()
         self.held_tail = 0
         self.stepping = False
+        self.meter = PrefillMeter()
         return [j.turn for j in jobs]
 
 

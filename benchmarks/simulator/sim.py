@@ -53,6 +53,9 @@ class ClusterSpec:
     failures: tuple[tuple[float, int], ...] = ()  # (time, replica index)
     autoscale: Autoscale | None = None
     measure_memory: bool = False
+    #: the prefill speed a replica reports: "measured" as deployments/vllm_replica.py measures it
+    #: (routers.prefill_meter, from the routing to the first token), "nominal" the engine model's uncontended speed.
+    rate_report: str = "measured"
 
 
 @dataclass(eq=False)
@@ -128,7 +131,8 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
                      for j in rep.waiting)
         return {"block_size": bs, "num_gpu_blocks": engine.kv_blocks, "num_running": rep.running,
                 "num_waiting": len(rep.waiting), "queued_prefill_tokens": int(queued),
-                "prefill_tokens_per_s": engine.prefill_tokens_per_s, "timestamp": now,
+                "prefill_tokens_per_s": rep.meter.rate if cluster.rate_report == "measured" else engine.prefill_tokens_per_s,
+                "timestamp": now,
                 "kv_usage": len(rep.lru) / engine.kv_blocks}
 
     def emit(rep: Replica, events: list, now: float) -> None:
@@ -179,6 +183,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         res.predicted_cached_tokens += d.predicted_cached_tokens
         rep = st.reps[d.replica_id]
         rep.served += 1
+        rep.meter.started(now)
         if engine.input_s_per_request > 0:
             rep.input_until = max(now, rep.input_until) + engine.input_s_per_request
             rep.entering += 1
@@ -267,6 +272,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             if turn.rid >= measure_from:
                 seen = turn.ingress.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
                 res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
+        rep.meter.first_output(now, turn.prompt_tokens - job.cached)
         stored, removed = rep.insert(turn.block_hashes)
         events = ([BlockStored(tuple(stored), "GPU")] if stored else []) + ([BlockRemoved(tuple(removed), "GPU")] if removed else [])
         emit(rep, events, now)

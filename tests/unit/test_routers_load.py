@@ -59,3 +59,18 @@ def test_snapshot_is_reused_only_while_its_inputs_are_unchanged():
     assert lt.snapshot("a", REPORT, 64, now=100.01) is not second  # own accounting changed
     third = lt.snapshot("a", REPORT, 64, now=100.01)
     assert lt.snapshot("a", dict(REPORT), 64, now=100.01) is not third  # a new report arrived
+
+
+def test_every_queue_drains_at_the_mean_of_the_measured_speeds():
+    # b's last measurement was twice a's: aged at its own speed, b would look emptier with the same queue.
+    lt = LoadTracker(default_prefill_s_per_token=1e-4)
+    a = lt.snapshot("a", REPORT, 64, now=100.0)
+    b = lt.snapshot("b", {**REPORT, "prefill_tokens_per_s": 3_000.0}, 64, now=100.0)
+    assert (a.prefill_tokens_per_s, b.prefill_tokens_per_s) == (1_000.0, 3_000.0)  # the policy still sees each
+    a = lt.snapshot("a", REPORT, 64, now=102.0)
+    b = lt.snapshot("b", {**REPORT, "prefill_tokens_per_s": 3_000.0}, 64, now=102.0)
+    assert a.queued_prefill_tokens == b.queued_prefill_tokens == 10_000 - 2 * 2_000  # mean speed 2000 tokens/s
+    lt.on_routed("c", "q", 5_000, now=102.0)  # c has not reported: its own queue drains at the mean too
+    assert lt.snapshot("c", {}, 64, now=103.0).queued_prefill_tokens == 3_000
+    lt.remove_replica("b")
+    assert lt.snapshot("a", REPORT, 64, now=104.0).queued_prefill_tokens == 10_000 - 4 * 1_000

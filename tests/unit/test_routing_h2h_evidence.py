@@ -188,3 +188,26 @@ def test_metrics_url_falls_back_to_the_discovery_target_that_exports_serve(monke
     monkeypatch.setattr(evidence, "fetch", lambda url, timeout_s=10: {})
     with pytest.raises(RuntimeError, match="no target"):
         evidence.metrics_url()
+
+
+def stage_hist(stage: str, replica: str, buckets: dict[float, float], total: float) -> list[str]:
+    lab = f'{COMMON},model="smollm2",replica="{replica}"'
+    name = f"ray_kvserve_stage_{stage}_milliseconds"
+    lines = [f'{name}_bucket{{{lab},le="{"+Inf" if le == INF else le}"}} {n}' for le, n in buckets.items()]
+    return [*lines, f"{name}_count{{{lab}}} {max(buckets.values())}", f"{name}_sum{{{lab}}} {total}"]
+
+
+def test_stages_split_the_ttft_into_the_engine_and_the_serving_path_around_it() -> None:
+    before = parse("\n".join(stage_hist("engine", "r-a", {100: 0, 500: 0, INF: 0}, 0)) + "\n")
+    after = parse("\n".join([*stage_hist("engine", "r-a", {100: 10, 500: 10, INF: 10}, 600),
+                             *stage_hist("engine", "r-b", {100: 0, 500: 10, INF: 10}, 3000),
+                             *stage_hist("dispatch", "r-a", {100: 0, 500: 4, INF: 4}, 1200)]) + "\n")
+    ev = derive(before, after, DEP)
+    # the engine stage over both replicas: 20 requests, 3600 ms in all; half at <= 100 ms
+    assert ev["stages_ms"]["engine"] == {"n": 20, "mean": 180.0, "p50": 100.0, "p90": 420.0}
+    assert ev["stages_ms"]["dispatch"]["n"] == 4 and ev["stages_ms"]["dispatch"]["mean"] == 300.0
+    assert set(ev["stages_ms"]) == {"engine", "dispatch"}  # stages with no request left out
+    assert ev["engine_stage_ms_by_replica"]["r-b"]["mean"] == 300.0
+    md = evidence_table({"kv-aware": {"no-sharing": {"r70": {"ttft_p50_ms": 1, "evidence": ev}}}})
+    assert md.splitlines()[-1].endswith("| -/300/100/-/- |")  # tokenize/dispatch/engine/return/first byte p50
+    assert derive(keep(before), keep(after), DEP) == ev
