@@ -24,7 +24,8 @@ class ReplicaStats:
         num_waiting: requests queued inside the engine.
         queued_prefill_tokens: prompt tokens not yet prefilled (uncached part) over requests waiting
             for their first token on this replica.
-        prefill_tokens_per_s: measured prefill speed (EWMA), or 0 if not yet measured.
+        prefill_tokens_per_s: prefill speed as the replica's queue drains (routers.prefill_meter, EWMA), or 0 if
+            not yet measured.
         kv_events_endpoint: ZMQ endpoint publishing this replica's vLLM KV events, if enabled.
         timestamp: wall-clock time of the report (seconds).
         recent_cached_tokens: (request id, prompt tokens the engine found cached) of the latest requests
