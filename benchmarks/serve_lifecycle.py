@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_lifecycle_cpu.json"))
     a = ap.parse_args()
-    from benchmarks.bench.result import machine_info
+    from benchmarks.bench.result import git_commit, machine_info
 
     port = _free_port()
     doc = yaml.safe_load((ROOT / a.config).read_text())
@@ -80,8 +80,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     base = f"http://127.0.0.1:{port}"
     result = {"command": "python -m benchmarks.serve_lifecycle " + " ".join(sys.argv[1:]), "machine": machine_info(),
-              "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                           check=False).stdout.strip(), "config": a.config}
+              "git_commit": git_commit(), "config": a.config}
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "serve_app.cli", "serve", str(cfg_path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

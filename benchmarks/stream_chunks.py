@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -184,10 +183,9 @@ def main() -> None:
         except RuntimeError:  # the fast path's handles lived on drive()'s loop, closed by now
             pass
         ray.shutdown()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    from benchmarks.bench.result import git_commit
+
+    commit = git_commit()
     out = {"command": " ".join([sys.executable, *sys.argv]), "machine": platform.node(), "cpus": os.cpu_count(),
            "git_commit": commit, "fast_path": not args.no_fast_path, "runs": runs}
     if args.out:

@@ -32,13 +32,12 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench.result import machine_info
+from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
@@ -238,11 +237,6 @@ def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineMode
     kv = kv_bytes_per_token(to_shape)
     return engine.with_(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s(to_shape, rate), kv_bytes_per_token=kv,
                         decode_s_per_ktok=engine.decode_s_per_ktok * kv / engine.kv_bytes_per_token)
-
-
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
-                          text=True, check=False).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench.result import machine_info
+from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator import workloads
-from benchmarks.simulator.calibrate import git_commit, sessions_for
+from benchmarks.simulator.calibrate import sessions_for
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import ClusterSpec, simulate
