@@ -9,6 +9,8 @@ Layout (one topic per module):
     workloads/     random, docqa, multiturn, mooncake generators and their registry.
     client.py      one streaming request -> one RequestRecord (TTFT, ITL, usage, errors).
     loadgen.py     closed-loop concurrency, open-loop Poisson and trace-replay schedulers.
+    split.py       one run's load cut into per-process parts, and their records merged back.
+    procs.py       ``--processes N``: the parts run in N spawned client processes.
     stats.py       percentiles and the run summary.
     result.py      the result JSON (config, machine, summary, samples).
     cost.py        cost per 1K input/output tokens from a GPU-hour price.
