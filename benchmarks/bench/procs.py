@@ -7,7 +7,7 @@ others' reads. The parent sends no request; it only starts the parts and merges 
 (``split.merge_parts``).
 
     parent                                       process k (spawned)
-    start N processes                       -->  connection pool, sessions of Shard(k, N), its warm-up share
+    start N processes                       -->  connection pool, GET /models, its warm-up share
                                             <--  ("ready", k)
     all ready: go_at = now + GO_DELAY_S     -->  sleep until go_at, then the measured phase
                                             <--  ("done", k, PartResult)  or  ("error", k, (error, traceback))
@@ -26,6 +26,8 @@ import queue
 import time
 import traceback
 from datetime import UTC, datetime
+
+import httpx
 
 from benchmarks.bench.client import ClientSettings
 from benchmarks.bench.loadgen import LoadSpec, RunOutcome, run_measured, run_warmup
@@ -120,6 +122,10 @@ async def _part(index: int, workload, spec: LoadSpec, warmup: list[BenchRequest]
     async with settings.open(spec.max_connections) as http:
         client = settings.client(http)
         sessions = workload.sessions(spec.shard)
+        try:  # as the one-process preflight does: the HTTP stack's first use costs ~0.1 s, not in the measure
+            await http.get(f"{settings.base_url}/models", timeout=10.0)
+        except httpx.HTTPError as exc:
+            logger.warning("client process %d: GET /models failed: %s", index, exc)
         warm = await run_warmup(client, warmup, spec.warmup_width) if warmup else []
         up.put(("ready", index, None))
         while not await asyncio.to_thread(go.wait, _POLL_S):
