@@ -12,8 +12,8 @@ remainder):
     trace        every line keeps its arrival_s           lines: shard k of N (round-robin by index)
     num_requests, session width, max in flight, warm-up: split like the concurrency; duration: the same.
 
-With ``num_requests`` the parts send exactly the requests one process would: shard k owns positions
-k, k+N, ... and part k's share is the number of those below the total.
+With ``num_requests`` the parts of a single-shot workload send exactly the requests one process
+would: shard k owns positions k, k+N, ... and part k's share is the number of those below the total.
 
 Merging: ``start_s`` of every record is moved onto the earliest part's clock (the parts' start
 instants differ by a few ms); records are kept in completion order; the duration is the union's wall
