@@ -73,6 +73,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--no-ignore-eos", action="store_true", help="do not send the vLLM extension ignore_eos")
     g.add_argument("--extra-body", metavar="JSON", help="JSON object merged into every request body")
+    g.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the load (concurrency, rate, trace lines and sessions split "
+                   "between them; one merged result). Use when summary.client.cpu_util nears 1 (default %(default)s)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="result JSON path (default bench-LABEL-WORKLOAD-LOAD-TIME.json)")

@@ -8,7 +8,10 @@ Layout (one topic per module):
     tokens.py      deterministic token ids and text from (seed, key).
     workloads/     random, docqa, multiturn, mooncake generators and their registry.
     client.py      one streaming request -> one RequestRecord (TTFT, ITL, usage, errors).
+    pool.py        SessionPool: sessions interleaved round-robin, the source of every next request.
     loadgen.py     closed-loop concurrency, open-loop Poisson and trace-replay schedulers.
+    split.py       one run's load cut into per-process parts, and their records merged back.
+    procs.py       ``--processes N``: the parts run in N spawned client processes.
     stats.py       percentiles and the run summary.
     result.py      the result JSON (config, machine, summary, samples).
     cost.py        cost per 1K input/output tokens from a GPU-hour price.

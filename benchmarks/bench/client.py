@@ -1,8 +1,9 @@
 """One streaming OpenAI request, timed: ``StreamClient.send(BenchRequest) -> RequestRecord``.
 
-Owns the HTTP side of the benchmark: the request body (``/v1/completions`` with token-id prompts or
-``/v1/chat/completions``; ``stream_options.include_usage``; ``ignore_eos``), SSE parsing and the
-per-request measurements:
+Owns the HTTP side of the benchmark: ``ClientSettings`` (picklable: what every load-generator
+process needs to open its own connection pool and ``StreamClient``), the request body
+(``/v1/completions`` with token-id prompts or ``/v1/chat/completions``;
+``stream_options.include_usage``; ``ignore_eos``), SSE parsing and the per-request measurements:
 
     ttft_s         send -> first chunk with non-empty text (``text`` / ``delta.content``)
     first_chunk_s  send -> first chunk carrying ``choices`` (what ``vllm bench serve`` calls TTFT)
@@ -68,6 +69,31 @@ def _error_detail(body: bytes) -> str:
     except (ValueError, UnicodeDecodeError):
         text = body.decode("utf-8", "replace")
     return text[:_DETAIL_CHARS]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Target and request options of a run; ``open`` and ``client`` build the HTTP side from them."""
+
+    base_url: str
+    model: str
+    headers: dict = field(default_factory=dict)
+    extra_body: dict = field(default_factory=dict)
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    request_timeout_s: float = 600.0
+
+    def open(self, max_connections: int | None) -> httpx.AsyncClient:
+        """A connection pool of ``max_connections`` (None: unbounded) with these headers."""
+        # trust_env=False: no proxy from the environment sits between the load generator and the server
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout_s, connect=10.0),
+                                 limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=None),
+                                 headers=self.headers, trust_env=False)
+
+    def client(self, http: httpx.AsyncClient) -> StreamClient:
+        return StreamClient(http, self.base_url, self.model, ignore_eos=self.ignore_eos,
+                            temperature=self.temperature, extra_body=self.extra_body,
+                            request_timeout_s=self.request_timeout_s)
 
 
 class StreamClient:

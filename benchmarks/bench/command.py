@@ -3,6 +3,7 @@
 Owns ``run_bench`` (the argparse ``func``), argument validation into ``LoadSpec``/workload objects,
 the server preflight (``GET /models``: reachability and model choice) and the one-line error
 messages. Machine info is collected before the event loop starts; everything inside it is async.
+``--processes N`` (N > 1) runs the load in N client processes (``procs``) after a preflight here.
 
 Exit codes: 0 run written (some requests may have failed: see ``errors`` in the JSON); 1 the server
 is unreachable, the model is unknown, every warm-up or every measured request failed; 2 bad flags.
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.bench.client import StreamClient
+from benchmarks.bench.client import ClientSettings
 from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
-from benchmarks.bench.loadgen import LoadSpec, run_load
+from benchmarks.bench.loadgen import LoadSpec, RunOutcome, run_load
+from benchmarks.bench.procs import ClientProcessError, run_processes
 from benchmarks.bench.result import build_result, default_output, format_summary, machine_info, utc_now, write_result
+from benchmarks.bench.split import check_split, split_load
 from benchmarks.bench.workloads import make_workload
 
 logger = logging.getLogger(__name__)
@@ -109,10 +112,12 @@ def build_load(args: argparse.Namespace, workload) -> LoadSpec:
     try:
         if args.request_timeout <= 0:
             raise ValueError(f"--request-timeout must be > 0 s, got {args.request_timeout}")
-        return LoadSpec(mode=mode, concurrency=1 if args.concurrency is None else args.concurrency,
+        spec = LoadSpec(mode=mode, concurrency=1 if args.concurrency is None else args.concurrency,
                         rate=1.0 if args.rate is None else args.rate,
                         num_requests=args.num_requests, duration_s=args.duration, warmup=args.warmup,
                         width=args.session_width, max_inflight=args.max_inflight, seed=args.seed)
+        check_split(spec, processes(args))
+        return spec
     except ValueError as exc:
         message = str(exc)
         field = message.split(" ", 1)[0]
@@ -165,21 +170,50 @@ async def preflight(http: httpx.AsyncClient, base_url: str, model: str | None) -
     return model
 
 
+def processes(args: argparse.Namespace) -> int:
+    """``--processes`` (1 where the namespace predates the flag)."""
+    n = getattr(args, "processes", None)
+    return 1 if n is None else n
+
+
+def client_settings(args: argparse.Namespace, model: str | None, extra: dict, headers: dict) -> ClientSettings:
+    return ClientSettings(base_url=args.base_url.rstrip("/"), model=model or "", headers=headers, extra_body=extra,
+                          ignore_eos=not args.no_ignore_eos, temperature=args.temperature,
+                          request_timeout_s=args.request_timeout)
+
+
 async def _run(args: argparse.Namespace, workload, spec: LoadSpec, extra: dict, headers: dict) -> tuple:
-    base_url = args.base_url.rstrip("/")
-    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
-    limits = httpx.Limits(max_connections=spec.concurrency if spec.mode == "concurrency" else spec.max_inflight,
-                          max_keepalive_connections=None)
-    # trust_env=False: no proxy from the environment sits between the load generator and the server
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, trust_env=False) as http:
-        model = await preflight(http, base_url, args.model)
-        logger.info("bench: %s %s against %s model=%s params=%s", workload.name, spec, base_url, model,
+    settings = client_settings(args, args.model, extra, headers)
+    async with settings.open(spec.max_connections) as http:
+        model = await preflight(http, settings.base_url, args.model)
+        logger.info("bench: %s %s against %s model=%s params=%s", workload.name, spec, settings.base_url, model,
                     workload.params())
-        client = StreamClient(http, base_url, model, ignore_eos=not args.no_ignore_eos,
-                              temperature=args.temperature, extra_body=extra, request_timeout_s=args.request_timeout)
+        client = client_settings(args, model, extra, headers).client(http)
         started_at = utc_now()
         outcome = await run_load(client, workload.sessions(), spec, keep_text=workload.needs_answers,
                                  warmup=workload.warmup(spec.warmup) if spec.warmup else None)
+    return model, started_at, outcome
+
+
+def _run_processes(args: argparse.Namespace, workload, spec: LoadSpec, extra: dict,
+                   headers: dict) -> tuple[str, object, RunOutcome]:
+    """The run in ``--processes`` client processes: preflight here, then ``procs.run_processes``."""
+    settings = client_settings(args, args.model, extra, headers)
+
+    async def check() -> str:
+        async with settings.open(1) as http:
+            return await preflight(http, settings.base_url, args.model)
+
+    model = asyncio.run(check())
+    specs = split_load(spec, processes(args))
+    logger.info("bench: %s %s in %d processes against %s model=%s params=%s", workload.name, spec, len(specs),
+                settings.base_url, model, workload.params())
+    try:
+        started_at, outcome = run_processes(workload, specs, workload.warmup(spec.warmup) if spec.warmup else [],
+                                            client_settings(args, model, extra, headers),
+                                            keep_text=workload.needs_answers)
+    except ClientProcessError as exc:
+        raise BenchError(str(exc)) from None
     return model, started_at, outcome
 
 
@@ -200,7 +234,10 @@ def run_bench(args: argparse.Namespace) -> int:
         spec = build_load(args, workload)
         extra, headers = parse_extra(args)
         machine = machine_info()
-        model, started_at, outcome = asyncio.run(_run(args, workload, spec, extra, headers))
+        if processes(args) > 1:
+            model, started_at, outcome = _run_processes(args, workload, spec, extra, headers)
+        else:
+            model, started_at, outcome = asyncio.run(_run(args, workload, spec, extra, headers))
         warm = outcome.warmup_records
         if warm and not any(r.ok for r in warm):
             raise BenchError(f"all {len(warm)} warm-up requests failed; first: {warm[0].error}: {warm[0].detail}")
@@ -209,7 +246,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return exc.code
     label = args.label or f"{args.base_url.split('//')[-1].split('/')[0]}"
     client_cfg = {"ignore_eos": not args.no_ignore_eos, "temperature": args.temperature,
-                  "request_timeout_s": args.request_timeout, "extra_body": extra, "headers": sorted(headers)}
+                  "request_timeout_s": args.request_timeout, "extra_body": extra, "headers": sorted(headers),
+                  "processes": processes(args)}
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     result = build_result(label=label, workload=workload, spec=spec, base_url=args.base_url, model=model,
                           seed=args.seed, client=client_cfg, argv=argv, machine=machine,

@@ -1,9 +1,8 @@
 """Load generation: closed-loop concurrency, open-loop Poisson arrivals and trace replay.
 
-Owns ``LoadSpec``, ``RunOutcome``, ``SessionPool`` and ``run_load``. All three modes hand out work
-through one ``SessionPool``, which interleaves sessions round-robin: it keeps ``width`` sessions open
-(default max(16, concurrency)); a finished turn puts that session's next turn at the back of the
-ready queue, so multi-turn sessions interleave and single-shot workloads simply stream through.
+Owns ``LoadSpec``, ``RunOutcome`` and ``run_load`` (``run_warmup``, then ``run_measured``). All
+three modes hand out work through one ``pool.SessionPool``, which interleaves sessions round-robin
+(``width`` open at once, default max(16, concurrency)).
 
     concurrency  ``concurrency`` workers, each sends its next ready turn as soon as its last finishes.
     rate         arrivals at exponential gaps (mean 1/rate, seeded); each arrival sends the next ready
@@ -12,7 +11,12 @@ ready queue, so multi-turn sessions interleave and single-shot workloads simply 
 
 Bounds: no new request after ``num_requests`` sends or ``duration_s`` seconds; requests in flight
 then finish and count. Warm-up requests run first and are reported separately. The schedulers never
-block the event loop; ``max_lag_s`` reports how late open-loop sends were against their schedule.
+block the event loop; ``max_lag_s`` reports how late sends were against their schedule: an arrival's
+time (open loop, trace), or the instant a closed-loop worker's slot freed with a turn ready (the end
+of its previous request, or of the turn that made one ready).
+
+One ``LoadSpec`` drives one process; ``benchmarks.bench.split`` cuts a spec into per-process parts
+(its ``shard`` picks the part's own arrival stream) and ``procs`` runs them.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from benchmarks.bench.client import RequestRecord, StreamClient
-from benchmarks.bench.spec import BenchRequest, Session
+from benchmarks.bench.pool import SessionPool
+from benchmarks.bench.spec import WHOLE, BenchRequest, Session, Shard
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class LoadSpec:
     width: int | None = None
     max_inflight: int | None = None
     seed: int = 0
+    shard: Shard = WHOLE
 
     def __post_init__(self) -> None:
         if self.mode == "concurrency" and self.concurrency < 1:
@@ -74,6 +79,22 @@ class LoadSpec:
         """The load level as one number: concurrency, rate, or 0 for trace replay."""
         return {"concurrency": float(self.concurrency), "rate": self.rate, "trace": 0.0}[self.mode]
 
+    @property
+    def arrivals_key(self) -> str:
+        """Seed of the Poisson arrivals: ``SEED/arrivals``, plus ``/K.N`` for part K of N processes."""
+        key = f"{self.seed}/arrivals"
+        return key if self.shard.count == 1 else f"{key}/{self.shard.index}.{self.shard.count}"
+
+    @property
+    def max_connections(self) -> int | None:
+        """HTTP connections one process needs: the concurrency (closed loop), else ``max_inflight``."""
+        return self.concurrency if self.mode == "concurrency" else self.max_inflight
+
+    @property
+    def warmup_width(self) -> int:
+        """Warm-up requests sent at once: the concurrency (closed loop), else 8."""
+        return self.concurrency if self.mode == "concurrency" else 8
+
 
 @dataclass
 class RunOutcome:
@@ -84,73 +105,8 @@ class RunOutcome:
     sessions_cut: int = 0
     max_lag_s: float = 0.0
     client_cpu_s: float = 0.0
-
-
-class SessionPool:
-    """Round-robin source of ready turns over at most ``width`` open sessions (see module doc)."""
-
-    def __init__(self, sessions: Iterator[Session], width: int) -> None:
-        self._source = sessions
-        self._width = max(1, width)
-        self._ready: deque[tuple[Session, BenchRequest]] = deque()
-        self._open = 0
-        self._exhausted = False
-        self._waiters: list[asyncio.Future] = []
-        self.started = 0
-        self.cut = 0
-
-    @property
-    def drained(self) -> bool:
-        """True when no session is open or ready and the source is exhausted."""
-        return self._exhausted and self._open == 0 and not self._ready
-
-    def _open_one(self) -> bool:
-        while not self._exhausted:
-            session = next(self._source, None)
-            if session is None:
-                self._exhausted = True
-                return False
-            request = session.next_request(None)
-            if request is not None:
-                self._open += 1
-                self.started += 1
-                self._ready.append((session, request))
-                return True
-        return False
-
-    def take(self, force_open: bool = False) -> tuple[Session, BenchRequest] | None:
-        """Return the next ready turn, or None when every open session awaits an answer."""
-        while self._open < self._width and self._open_one():
-            pass
-        if not self._ready and force_open:
-            self._open_one()
-        return self._ready.popleft() if self._ready else None
-
-    def finish(self, session: Session, record: RequestRecord) -> None:
-        """Feed the answer back; the session's next turn (if any) joins the back of the queue.
-
-        A failed turn ends its session; if turns were left, the session counts as ``cut``.
-        """
-        if record.ok:
-            request = session.next_request(record.text)
-        else:
-            request = None
-            if session.next_request(None) is not None:
-                self.cut += 1
-        if request is None:
-            self._open -= 1
-        else:
-            self._ready.append((session, request))
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def wait(self) -> None:
-        """Wait until some turn finishes."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
+    #: one entry per load-generator process when there were several (``split.merge_parts``), else empty
+    processes: list[dict] = field(default_factory=list)
 
 
 async def run_warmup(client: StreamClient, requests: list[BenchRequest], concurrency: int) -> list[RequestRecord]:
@@ -168,16 +124,22 @@ async def run_warmup(client: StreamClient, requests: list[BenchRequest], concurr
 async def run_load(client: StreamClient, sessions: Iterator[Session], spec: LoadSpec, *, keep_text: bool,
                    warmup: list[BenchRequest] | None = None) -> RunOutcome:
     """Run warm-up, then the measured phase under ``spec``; returns every record."""
+    warm = await run_warmup(client, warmup, spec.warmup_width) if warmup else []
+    outcome = await run_measured(client, sessions, spec, keep_text=keep_text)
+    outcome.warmup_records = warm
+    return outcome
+
+
+async def run_measured(client: StreamClient, sessions: Iterator[Session], spec: LoadSpec, *,
+                       keep_text: bool) -> RunOutcome:
+    """The measured phase under ``spec``; it starts on entry (``start_s`` of the records counts from here)."""
     outcome = RunOutcome()
-    if warmup:
-        width = spec.concurrency if spec.mode == "concurrency" else 8
-        outcome.warmup_records = await run_warmup(client, warmup, width)
     run = _Run(client, sessions, spec, keep_text, outcome)
     cpu0 = time.process_time()
     if spec.mode == "concurrency":
         await asyncio.gather(*(run.worker() for _ in range(spec.concurrency)))
     elif spec.mode == "rate":
-        await run.open_loop(_poisson(spec.rate, random.Random(f"{spec.seed}/arrivals")))
+        await run.open_loop(_poisson(spec.rate, random.Random(spec.arrivals_key)))
     else:
         await run.trace()
     outcome.duration_s = time.perf_counter() - run.start
@@ -210,6 +172,7 @@ class _Run:
         self.deadline = self.start + spec.duration_s if spec.duration_s else None
         self.inflight = asyncio.Semaphore(spec.max_inflight) if spec.max_inflight else None
         self.tasks: set[asyncio.Task] = set()
+        self.last_done_s = 0.0  # closed loop: end of the latest finished request, from the run's start
 
     def may_issue(self) -> bool:
         if self.spec.num_requests is not None and self.issued >= self.spec.num_requests:
@@ -246,16 +209,35 @@ class _Run:
     def note_lag(self, due: float) -> None:
         self.outcome.max_lag_s = max(self.outcome.max_lag_s, time.perf_counter() - self.start - due)
 
+    def done_s(self, record: RequestRecord) -> float:
+        """When ``record``'s request ended, from the run's start (its ``[DONE]``, else now)."""
+        if record.e2e_s is not None:
+            return record.start_s + record.e2e_s
+        return time.perf_counter() - self.start
+
     async def worker(self) -> None:
+        """One closed-loop slot: send the next ready turn as soon as the last one ends.
+
+        The send is due when the slot freed (its previous request ended; at first, the run's start) or,
+        if no turn was ready then, when the turn that woke it ended; ``max_lag_s`` is the worst delay
+        from due to the request's send, i.e. the time the client itself took to go on.
+        """
+        due = 0.0
         while self.may_issue():
             item = self.pool.take()
             if item is None:
                 if self.pool.drained:
                     return
                 await self.pool.wait()
+                due = max(due, self.last_done_s)
                 continue
             self.issued += 1
-            await self.send_pooled(*item)
+            session, request = item
+            record = await self.send(request)
+            self.outcome.max_lag_s = max(self.outcome.max_lag_s, record.start_s - due)
+            due = self.done_s(record)
+            self.last_done_s = max(self.last_done_s, due)
+            self.pool.finish(session, record)
 
     async def open_loop(self, arrivals: Iterator[float]) -> None:
         for due in arrivals:

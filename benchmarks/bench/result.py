@@ -135,13 +135,18 @@ def format_summary(result: dict) -> str:
 
     level = "trace replay" if load["mode"] == "trace" else f"{load['mode']}={load['level']:g}"
     hit = "n/a" if h["cache_hit_rate"] is None else f"{h['cache_hit_rate']:.1%}"
+    client = s["client"]
+    cpu = f"client cpu {client['cpu_util']:.0%}"
+    if client.get("processes"):
+        busiest = max(p["cpu_util"] for p in client["processes"])
+        cpu += f" in {len(client['processes'])} processes (busiest {busiest:.0%})"
+    cpu += f", lag max {client['max_schedule_lag_ms']:.1f} ms"
     lines = [
         (f"{result['label']}: {result['config']['workload']['name']} {level} "
          f"completed={h['completed']} errors={h['errors']} in {s['duration_s']:.1f}s"),
         (f"  TTFT p50 {ms(h['ttft_p50_ms'])}  p90 {ms(h['ttft_p90_ms'])}  p99 {ms(h['ttft_p99_ms'])}  "
          f"ITL p50 {ms(h['itl_p50_ms'])}  E2E p50 {ms(h['e2e_p50_ms'])}"),
-        (f"  output {h['output_tok_per_s']:.1f} tok/s  {h['requests_per_s']:.2f} req/s  cache hit {hit}  "
-         f"client cpu {s['client']['cpu_util']:.0%}"),
+        f"  output {h['output_tok_per_s']:.1f} tok/s  {h['requests_per_s']:.2f} req/s  cache hit {hit}  {cpu}",
     ]
     c = result.get("cost")
     if c and c["cost_per_1k_output_tokens_usd"] is not None:

@@ -7,6 +7,12 @@ one-turn sessions (``SingleShot``), so the load generator has one scheduling pat
 Invariants: a workload is deterministic given its seed (the answers fed back into multi-turn sessions
 are the only input from the server); prompts are built lazily, one session at a time, so a trace of
 thousands of 10K-token prompts never sits in memory at once.
+
+``Shard`` splits the session stream between load-generator processes: session ``i`` of the stream
+(a whole session, every turn of it; a trace line for single-shot traces) belongs to shard ``i % count``.
+``workload.sessions(shard)`` yields exactly the sessions of the unsharded stream that the shard owns,
+unchanged (same prompts, same ``arrival_s``), and builds no prompt it does not own; the shards of one
+count are disjoint and together give the whole stream.
 """
 
 from __future__ import annotations
@@ -43,6 +49,25 @@ class BenchRequest:
     tag: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Part ``index`` of ``count`` of a session stream (see module doc); ``WHOLE`` is the stream itself."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index must be in [0, {self.count}), got {self.index}")
+
+    def owns(self, position: int) -> bool:
+        """True when the session at ``position`` (0-based) of the whole stream belongs to this shard."""
+        return position % self.count == self.index
+
+
+WHOLE = Shard()
+
+
 class Session(Protocol):
     """A chain of turns; the next turn is produced once the previous answer is known."""
 
@@ -65,8 +90,9 @@ class Workload(Protocol):
     def params(self) -> dict:
         """Parameters that define the workload, for the result JSON."""
 
-    def sessions(self) -> Iterator[Session]:
-        """The sessions in send order (may be endless; the load generator bounds the run)."""
+    def sessions(self, shard: Shard = WHOLE) -> Iterator[Session]:
+        """The sessions in send order (may be endless; the load generator bounds the run), only the
+        ones ``shard`` owns."""
 
     def warmup(self, n: int) -> list[BenchRequest]:
         """``n`` requests shaped like the workload that share no prefix with it."""

@@ -7,7 +7,10 @@ of the records: no I/O, no clock.
 Conventions: latency distributions use successful requests only; throughput counts successful
 requests' tokens over the measured phase (first send to last completion); the cache-hit rate is
 total cached prompt tokens / total prompt tokens over the successful requests whose server reported
-``cached_tokens`` (None when none did). Errors are counted by kind, never dropped.
+``cached_tokens`` (None when none did). Errors are counted by kind, never dropped. ``client``: CPU
+seconds of the measured phase (summed over the client processes; ``cpu_util`` is that over the wall
+time, so it may exceed 1 with several), the worst schedule lag, and with several processes each one's
+own figures under ``processes``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ def summarize(outcome: RunOutcome) -> dict:
     cached_total = sum(r.cached_tokens for r in reported)
     reported_prompt = sum(r.prompt_tokens for r in reported)
     warm_failed = Counter(r.error for r in outcome.warmup_records if not r.ok)
+    client = {"cpu_s": outcome.client_cpu_s, "cpu_util": outcome.client_cpu_s / duration if duration > 0 else 0.0,
+              "max_schedule_lag_ms": outcome.max_lag_s * 1000.0}
+    if outcome.processes:
+        client["processes"] = outcome.processes
     return {
         "requests": {"issued": len(records), "completed": len(ok), "failed": len(failed),
                      "warmup": len(outcome.warmup_records), "warmup_failed": sum(warm_failed.values())},
@@ -94,8 +101,7 @@ def summarize(outcome: RunOutcome) -> dict:
         },
         "cache_hit_rate": cached_total / reported_prompt if reported_prompt else None,
         "sessions": {"started": outcome.sessions_started, "cut_by_error": outcome.sessions_cut},
-        "client": {"cpu_s": outcome.client_cpu_s, "cpu_util": outcome.client_cpu_s / duration if duration > 0 else 0.0,
-                   "max_schedule_lag_ms": outcome.max_lag_s * 1000.0},
+        "client": client,
     }
 
 

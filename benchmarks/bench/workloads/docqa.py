@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
 
-from benchmarks.bench.spec import Api, BenchRequest, SingleShot
+from benchmarks.bench.spec import WHOLE, Api, BenchRequest, Shard, SingleShot
 from benchmarks.bench.tokens import DEFAULT_VOCAB, token_ids, words
 
 
@@ -66,11 +66,13 @@ class DocQAWorkload:
         ]
         return BenchRequest(api="chat", max_tokens=self.output_len, messages=messages, tag=doc_key)
 
-    def sessions(self) -> Iterator[SingleShot]:
+    def sessions(self, shard: Shard = WHOLE) -> Iterator[SingleShot]:
         rng = random.Random(f"{self.seed}/docqa/picks")
         for i in count():
-            doc = rng.randrange(self.num_docs)
+            doc = rng.randrange(self.num_docs)  # every shard draws every pick: same picks as the whole stream
             q_len = rng.randint(*self.question_tokens)
+            if not shard.owns(i):
+                continue
             doc_key = f"docqa/solo/{i}" if self.no_sharing else f"docqa/doc/{doc}"
             yield SingleShot(self._request(doc_key, self._doc_lens[doc], f"docqa/q/{i}", q_len))
 

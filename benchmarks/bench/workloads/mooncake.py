@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.bench.spec import BenchRequest, SingleShot
+from benchmarks.bench.spec import WHOLE, BenchRequest, Shard, SingleShot
 from benchmarks.bench.tokens import DEFAULT_VOCAB, token_ids
 from serve_app import settings
 
@@ -122,11 +122,14 @@ class MooncakeWorkload:
             self._blocks.move_to_end(hash_id)
         return block
 
-    def sessions(self) -> Iterator[SingleShot]:
+    def sessions(self, shard: Shard = WHOLE) -> Iterator[SingleShot]:
+        """One single-shot session per trace line; a shard owns every ``count``-th line (its time kept)."""
         t0: float | None = None
         for index, record in enumerate(self.records()):
             t_ms = float(record["timestamp"])
             t0 = t_ms if t0 is None else t0
+            if not shard.owns(index):
+                continue
             prompt = self.prompt(record, index)
             request = BenchRequest(api="completions", max_tokens=self.output_len(record), prompt=prompt,
                                    input_tokens=len(prompt), arrival_s=(t_ms - t0) / 1000.0 / self.time_scale,

@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from benchmarks.bench.spec import BenchRequest
+from benchmarks.bench.spec import WHOLE, BenchRequest, Shard
 from benchmarks.bench.tokens import words
 
 
@@ -89,11 +89,11 @@ class MultiTurnWorkload:
         nonce = f"{self.seed}:{key}" if self.no_sharing else None
         return ChatSession(f"{self.seed}-{prefix}-{index}", system, users, self.output_len, nonce)
 
-    def sessions(self) -> Iterator[ChatSession]:
-        index = 0
+    def sessions(self, shard: Shard = WHOLE) -> Iterator[ChatSession]:
+        index = shard.index
         while self.num_sessions == 0 or index < self.num_sessions:
             yield self.session(index)
-            index += 1
+            index += shard.count
 
     def warmup(self, n: int) -> list[BenchRequest]:
         out = []

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
 
-from benchmarks.bench.spec import BenchRequest, SingleShot
+from benchmarks.bench.spec import WHOLE, BenchRequest, Shard, SingleShot
 from benchmarks.bench.tokens import DEFAULT_VOCAB, token_ids
 
 
@@ -41,8 +41,8 @@ class RandomWorkload:
         return BenchRequest(api="completions", max_tokens=self.output_len, prompt=prompt,
                             input_tokens=self.input_len, tag=key)
 
-    def sessions(self) -> Iterator[SingleShot]:
-        for i in count():
+    def sessions(self, shard: Shard = WHOLE) -> Iterator[SingleShot]:
+        for i in count(shard.index, shard.count):
             yield SingleShot(self.request(f"random/{i}"))
 
     def warmup(self, n: int) -> list[BenchRequest]:
