@@ -14,8 +14,9 @@ replicas, proxy, controller, the rest of Ray, this client) per 1,000 streamed to
 ``/proc`` through psutil, plus the replicas' step pacing. On a small machine the client and the replicas compete
 with the ingress for the cores, so the ingress's ceiling is derived, not observed: 1 core / its CPU per token.
 With several ``--output-len`` values the ingress CPU is also split into a per-request and a per-token part
-(``benchmarks.ingress_figures.split_cost``). ``--profile-s`` then samples the ingress with py-spy at the
-highest concurrency (a run of its own: profiling perturbs the figures) and lists its hottest functions.
+(``benchmarks.ingress_figures.split_cost``). ``--profile-s`` then samples the ingress's stacks at the
+highest concurrency (a run of its own: profiling perturbs the figures) with ``benchmarks.stack_sampler`` (py-spy
+cannot attach to another process here) and lists its hottest functions and the CPU of each of its threads.
 
 kv-aware routing here has no KV events (the fake engine publishes none): the router's approximate index only.
 
@@ -30,7 +31,6 @@ import asyncio
 import json
 import os
 import resource
-import shutil
 import socket
 import sys
 import tempfile
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ingress_figures import fold_stacks, role_of, split_cost, window_stats
+from benchmarks.stack_sampler import HOOK_ENV
 
 MODEL = "smollm2"
 
@@ -57,6 +58,9 @@ def app_args(args: argparse.Namespace, counters_dir: str) -> dict:
     model["deployment"].update(num_replicas=args.replicas, max_ongoing_requests=1024, max_queued_requests=1024)
     doc["ingress"]["deployment"].update(max_ongoing_requests=4096, max_queued_requests=4096)
     doc["routing"] = {"strategy": args.strategy}
+    if args.profile_s > 0:  # the ingress gets the stack sampler (idle until the profile run)
+        env = {**HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(Path(counters_dir).parent / "samples")}
+        doc["ingress"]["deployment"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return doc
 
 
@@ -201,22 +205,27 @@ async def run_level(base_url: str, conc: int, out_len: int, words: int, args, pi
     }
 
 
-async def profile(base_url: str, conc: int, out_len: int, words: int, args, pids, counters, out_dir: Path) -> dict:
-    """py-spy on the ingress during a run of its own at ``conc``; the hottest functions."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+async def profile(base_url: str, conc: int, out_len: int, words: int, args, pids, counters, sample_dir: Path) -> dict:
+    """The ingress's stacks during a run of its own at ``conc`` (``benchmarks.stack_sampler``: py-spy cannot attach
+    to another process in this container); the hottest functions and the CPU of each of its threads."""
     ingress = next(p for p, r in pids.items() if r == "ingress")
-    raw = out_dir / "ingress.pyspy.txt"
     load = asyncio.create_task(run_level(base_url, conc, out_len, words, args, pids, counters))
     await asyncio.sleep(args.warmup_s)
-    proc = await asyncio.create_subprocess_exec(spy, "record", "-p", str(ingress), "-d", str(args.profile_s), "-r", "100",
-                                                "--nonblocking", "-f", "raw", "-o", str(raw),
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
+    (sample_dir / "on").touch()
+    await asyncio.sleep(args.profile_s)
+    (sample_dir / "on").unlink()
     level = await load
-    if proc.returncode != 0 or not raw.exists():
-        return {"error": err.decode()[-500:], "level": level}
-    return {"concurrency": conc, "seconds": args.profile_s, "rate_hz": 100, "level_under_profiler": level,
-            **fold_stacks(raw.read_text().splitlines(), top=args.profile_top)}
+    out = sample_dir / f"{ingress}.json"
+    for _ in range(50):
+        if out.exists():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        return {"error": f"no samples from the ingress (pid {ingress})", "level_under_profiler": level}
+    body = json.loads(out.read_text())
+    folded = fold_stacks((f"{stack} {n}" for stack, n in body["stacks"]), top=args.profile_top)
+    return {"concurrency": conc, "seconds": body["seconds"], "sampler": "benchmarks.stack_sampler",
+            "ingress_thread_cpu_s": body["thread_cpu_s"], **folded, "level_under_profiler": level}
 
 
 async def wait_serving(base_url: str, timeout_s: float = 180) -> None:
@@ -263,7 +272,7 @@ async def drive(args, base_url: str, counters: Path, out_dir: Path) -> dict:
                                           n: round(1 / (per_tok + per_req / n)) for n in args.output_len}}
     if args.profile_s > 0:
         result["profile"] = await profile(base_url, max(args.concurrency), args.output_len[0], words, args, pids,
-                                          counters, out_dir)
+                                          counters, out_dir / "samples")
     return result
 
 
@@ -277,7 +286,7 @@ def main() -> None:
     ap.add_argument("--strategy", default="kv-aware", choices=["kv-aware", "round-robin", "prefix-aware", "least-loaded"])
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--duration-s", type=float, default=20.0)
-    ap.add_argument("--profile-s", type=float, default=0.0, help="py-spy the ingress this long at the top concurrency")
+    ap.add_argument("--profile-s", type=float, default=0.0, help="sample the ingress's stacks this long at the top concurrency")
     ap.add_argument("--profile-top", type=int, default=30)
     ap.add_argument("--no-fast-path", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -298,6 +307,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ingcap-"))
     counters = work / "counters"
     counters.mkdir()
+    (work / "samples").mkdir()
     port = _free_port()
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     try:
