@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ingress_figures import fold_stacks, role_of, split_cost, window_stats
+from benchmarks.ingress_figures import cpu_by_role, fold_stacks, pacing, role_of, split_cost, window_stats
 from benchmarks.stack_sampler import HOOK_ENV
 
 MODEL = "smollm2"
@@ -100,16 +100,6 @@ def cpu_snapshot(pids: dict[int, str]) -> dict:
             "machine_busy": sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)}
 
 
-def cpu_by_role(a: dict, b: dict, pids: dict[int, str]) -> dict[str, float]:
-    roles: dict[str, float] = {}
-    for pid, cpu in b["pids"].items():
-        if pid in a["pids"]:
-            roles[pids[pid]] = roles.get(pids[pid], 0.0) + cpu - a["pids"][pid]
-    roles["client"] = b["client"] - a["client"]
-    roles["machine_busy"] = b["machine_busy"] - a["machine_busy"]
-    return roles
-
-
 def engine_counters(directory: Path) -> dict[int, dict]:
     out = {}
     for f in directory.glob("*.json"):
@@ -119,17 +109,6 @@ def engine_counters(directory: Path) -> dict[int, dict]:
             continue
         out[c["pid"]] = c
     return out
-
-
-def pacing(a: dict[int, dict], b: dict[int, dict], window_s: float, step_ms: float) -> dict:
-    """The replicas' step clocks over the window: steps kept vs due, and the mean lateness of a step."""
-    steps = [b[p]["steps"] - a[p]["steps"] for p in b if p in a]
-    late = [b[p]["late_s"] - a[p]["late_s"] for p in b if p in a]
-    if not steps:
-        return {}
-    return {"steps_per_s_target": round(1000 / step_ms, 1),
-            "steps_per_s_kept": [round(s / window_s, 1) for s in steps],
-            "late_ms_per_step": [round(1000 * lt / max(s, 1), 2) for s, lt in zip(steps, late, strict=True)]}
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -271,8 +250,11 @@ async def drive(args, base_url: str, counters: Path, out_dir: Path) -> dict:
                                       "ceiling_tok_per_s_at_output_len": {
                                           n: round(1 / (per_tok + per_req / n)) for n in args.output_len}}
     if args.profile_s > 0:
-        result["profile"] = await profile(base_url, max(args.concurrency), args.output_len[0], words, args, pids,
-                                          counters, out_dir / "samples")
+        try:
+            result["profile"] = await profile(base_url, max(args.concurrency), args.output_len[0], words, args, pids,
+                                              counters, out_dir / "samples")
+        except Exception as err:  # noqa: BLE001 - the measured levels are written regardless
+            result["profile"] = {"error": repr(err)}
     return result
 
 

@@ -3,6 +3,7 @@
 Owns: ``chunk_times`` (when each content chunk of a streamed request arrived, from its client record),
 ``window_stats`` (tokens, finished requests and TTFTs inside a measurement window), ``split_cost`` (CPU
 seconds per request and per token from runs of different output lengths, by least squares),
+``cpu_by_role`` and ``pacing`` (CPU seconds per role and the replicas' step clocks between two snapshots),
 ``role_of`` (which part of the serving stack a Ray process is, from its process title) and
 ``fold_stacks`` (py-spy's raw collapsed stacks -> the functions with the most self and inclusive samples).
 """
@@ -58,6 +59,29 @@ def window_stats(records: Iterable[Any], t0: float, t1: float) -> dict[str, Any]
     return {"tokens": tokens, "chunks": chunks, "requests": done, "errors": errors, "ttfts": ttfts, "e2es": e2es}
 
 
+def cpu_by_role(a: dict, b: dict, pids: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of each role between two snapshots (``{"pids": {pid: cpu_s}, "client": s, "machine_busy": s}``);
+    processes in both only."""
+    roles: dict[str, float] = {}
+    for pid, cpu in b["pids"].items():
+        if pid in a["pids"]:
+            roles[pids[pid]] = roles.get(pids[pid], 0.0) + cpu - a["pids"][pid]
+    roles["client"] = b["client"] - a["client"]
+    roles["machine_busy"] = b["machine_busy"] - a["machine_busy"]
+    return roles
+
+
+def pacing(a: dict[int, dict], b: dict[int, dict], window_s: float, step_ms: float) -> dict:
+    """The replicas' step clocks over the window: steps kept vs due, and the mean lateness of a step."""
+    steps = [b[p]["steps"] - a[p]["steps"] for p in b if p in a]
+    late = [b[p]["late_s"] - a[p]["late_s"] for p in b if p in a]
+    if not steps:
+        return {}
+    return {"steps_per_s_target": round(1000 / step_ms, 1),
+            "steps_per_s_kept": [round(s / window_s, 1) for s in steps],
+            "late_ms_per_step": [round(1000 * lt / max(s, 1), 2) for s, lt in zip(steps, late, strict=True)]}
+
+
 def split_cost(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float] | None:
     """(CPU s per request, CPU s per token) fitting ``cpu = a * requests + b * tokens`` to ``rows`` of
     (requests, tokens, cpu_s) by least squares; None unless the rows have at least two tokens-per-request
@@ -99,12 +123,21 @@ def _frame(frame: str) -> str:
     return f"{name} ({'/'.join(parts[-2:])})" if where else name
 
 
+def _opaque(frame: str) -> bool:
+    """A thread's ``run`` as the innermost Python frame: the thread is in C code it called (uvloop's event loop,
+    gRPC's poller, an executor's native call), waiting or working, which a stack cannot tell apart."""
+    return frame.startswith("run (") and frame.endswith(("/threading.py)", "futures/thread.py)"))
+
+
 def fold_stacks(lines: Iterable[str], top: int = 25) -> dict[str, Any]:
     """py-spy ``--format raw`` output (``frame;frame;...;leaf count`` per line, root first) -> the ``top``
-    functions by self samples and by inclusive samples, each as (function, share of all samples)."""
+    functions by self samples and by inclusive samples, each as (function, share of the Python samples).
+
+    Samples whose innermost frame is opaque (a thread's ``run`` inside C code) are counted apart, not shared.
+    """
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    total = 0
+    total = opaque = 0
     for line in lines:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not stack or not count.isdigit():
@@ -114,9 +147,12 @@ def fold_stacks(lines: Iterable[str], top: int = 25) -> dict[str, Any]:
         frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
         if not frames:
             continue
+        if _opaque(frames[-1]):
+            opaque += n
+            continue
         total += n
         own[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
     share = (lambda c: [(f, round(k / total, 4)) for f, k in c.most_common(top)]) if total else (lambda c: [])
-    return {"samples": total, "self": share(own), "inclusive": share(incl)}
+    return {"samples": total, "opaque_samples": opaque, "self": share(own), "inclusive": share(incl)}

@@ -65,9 +65,22 @@ def test_fold_stacks_self_and_inclusive():
         "main (a/b/server.py:10);handle (deployments/ingress.py:210) 2",
         "main (a/b/server.py:11);recv (ray/serve/handle.py:3) 2",
         "garbage",
+        "_bootstrap (x/threading.py:1);run (lib/python3.11/threading.py:9) 5",  # in C code: counted apart
     ]
     f = fold_stacks(lines, top=3)
-    assert f["samples"] == 10
+    assert f["samples"] == 10 and f["opaque_samples"] == 5
     assert f["self"][0] == ("dumps (json/encoder.py)", 0.6)
     assert dict(f["inclusive"])["main (b/server.py)"] == 1.0
     assert dict(f["inclusive"])["handle (deployments/ingress.py)"] == 0.8
+
+
+def test_cpu_by_role_and_pacing():
+    from benchmarks.ingress_figures import cpu_by_role, pacing
+
+    pids = {1: "ingress", 2: "replica", 3: "replica", 4: "proxy"}
+    a = {"pids": {1: 10.0, 2: 1.0, 3: 2.0}, "client": 5.0, "machine_busy": 100.0}
+    b = {"pids": {1: 12.5, 2: 1.5, 3: 2.25, 4: 9.0}, "client": 6.0, "machine_busy": 104.0}  # pid 4 is new: left out
+    assert cpu_by_role(a, b, pids) == {"ingress": 2.5, "replica": 0.75, "client": 1.0, "machine_busy": 4.0}
+    p = pacing({7: {"steps": 0, "late_s": 0.0}}, {7: {"steps": 90, "late_s": 0.18}}, 2.0, 20.0)
+    assert p == {"steps_per_s_target": 50.0, "steps_per_s_kept": [45.0], "late_ms_per_step": [2.0]}
+    assert pacing({}, {}, 1.0, 20.0) == {}
