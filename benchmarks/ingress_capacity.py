@@ -13,9 +13,9 @@ output tokens/s, requests/s, the client's TTFT p50/p90, and the CPU seconds of e
 replicas, proxy, controller, the rest of Ray, this client) per 1,000 streamed tokens and per request, read from
 ``/proc`` through psutil, plus the replicas' step pacing. On a small machine the client and the replicas compete
 with the ingress for the cores, so the ingress's ceiling is derived, not observed: 1 core / its CPU per token.
-With several ``--output-len`` values the ingress CPU is also split into a per-request and a per-token part
-(``benchmarks.ingress_figures.split_cost``). ``--profile-s`` then samples the ingress's stacks at the
-highest concurrency (a run of its own: profiling perturbs the figures) with ``benchmarks.stack_sampler`` (py-spy
+With several ``--output-len`` values the ingress's CPU (and the proxy's and replicas') is also split into a
+per-request and a per-token part (``benchmarks.ingress_figures.cost_fit``). ``--profile-s`` then samples the
+ingress's stacks at the highest concurrency (a run of its own: profiling perturbs the figures) with ``benchmarks.stack_sampler`` (py-spy
 cannot attach to another process here) and lists its hottest functions and the CPU of each of its threads.
 
 kv-aware routing here has no KV events (the fake engine publishes none): the router's approximate index only.
@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ingress_figures import cpu_by_role, fold_stacks, pacing, role_of, split_cost, window_stats
+from benchmarks.ingress_figures import cost_fit, cpu_by_role, fold_stacks, pacing, role_of, window_stats
 from benchmarks.stack_sampler import HOOK_ENV
 
 MODEL = "smollm2"
@@ -241,14 +241,7 @@ async def drive(args, base_url: str, counters: Path, out_dir: Path) -> dict:
             levels.append(r)
     result: dict = {"prompt_words": words, "prompt_tokens_approx": prompt_tokens, "levels": levels,
                     "processes": sorted(pids.values())}
-    rows = [(r["requests"], r["tokens"], r["ingress_cpu_s"]) for r in levels if r["requests"]]
-    fit = split_cost(rows)
-    if fit is not None:
-        per_req, per_tok = fit
-        result["ingress_cost_fit"] = {"cpu_ms_per_request": round(1000 * per_req, 3),
-                                      "cpu_us_per_token": round(1e6 * per_tok, 2),
-                                      "ceiling_tok_per_s_at_output_len": {
-                                          n: round(1 / (per_tok + per_req / n)) for n in args.output_len}}
+    result["cost_fit"] = cost_fit(levels, ("ingress", "proxy", "replica"), args.output_len)
     if args.profile_s > 0:
         try:
             result["profile"] = await profile(base_url, max(args.concurrency), args.output_len[0], words, args, pids,

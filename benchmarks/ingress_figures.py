@@ -2,7 +2,8 @@
 
 Owns: ``chunk_times`` (when each content chunk of a streamed request arrived, from its client record),
 ``window_stats`` (tokens, finished requests and TTFTs inside a measurement window), ``split_cost`` (CPU
-seconds per request and per token from runs of different output lengths, by least squares),
+seconds per request and per token from runs of different output lengths, by least squares) and ``cost_fit``
+(that split per process role over a run's levels),
 ``cpu_by_role`` and ``pacing`` (CPU seconds per role and the replicas' step clocks between two snapshots),
 ``role_of`` (which part of the serving stack a Ray process is, from its process title) and
 ``fold_stacks`` (py-spy's raw collapsed stacks -> the functions with the most self and inclusive samples).
@@ -95,6 +96,25 @@ def split_cost(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float
     if det <= 1e-9 * max(srr * stt, 1e-300):
         return None
     return (src * stt - stc * srt) / det, (stc * srr - src * srt) / det
+
+
+def cost_fit(levels: Sequence[dict], roles: Sequence[str], output_lens: Sequence[int],
+             min_pace: float = 0.8) -> dict[str, Any]:
+    """``split_cost`` of each role's CPU over the benchmark's levels, and the tokens/s one core of it sustains at
+    each output length. Levels where a replica's step clock kept less than ``min_pace`` of its target (a replica
+    still warming up, or starved) are left out; so are levels without finished requests."""
+    used = [lv for lv in levels if lv["requests"] and all(
+        k >= min_pace * lv["replica_pacing"]["steps_per_s_target"] for k in lv["replica_pacing"].get("steps_per_s_kept", []))]
+    out: dict[str, Any] = {"levels_used": [(lv["concurrency"], lv["output_len"]) for lv in used]}
+    for role in roles:
+        fit = split_cost([(lv["requests"], lv["tokens"], lv["cpu_cores"].get(role, 0.0) * lv["window_s"]) for lv in used])
+        if fit is None:
+            continue
+        per_req, per_tok = fit
+        out[role] = {"cpu_ms_per_request": round(1000 * per_req, 3), "cpu_us_per_token": round(1e6 * per_tok, 2),
+                     "tok_per_s_per_core": {n: round(1 / cost) if (cost := per_tok + per_req / n) > 0 else None
+                                            for n in output_lens}}
+    return out
 
 
 #: Process-title fragments of the Serve processes, most specific first.

@@ -84,3 +84,21 @@ def test_cpu_by_role_and_pacing():
     p = pacing({7: {"steps": 0, "late_s": 0.0}}, {7: {"steps": 90, "late_s": 0.18}}, 2.0, 20.0)
     assert p == {"steps_per_s_target": 50.0, "steps_per_s_kept": [45.0], "late_ms_per_step": [2.0]}
     assert pacing({}, {}, 1.0, 20.0) == {}
+
+
+def test_cost_fit_leaves_out_levels_with_a_lagging_replica():
+    from benchmarks.ingress_figures import cost_fit
+
+    def level(c, n, reqs, kept):
+        toks = reqs * n
+        return {"concurrency": c, "output_len": n, "requests": reqs, "tokens": toks, "window_s": 10.0,
+                "cpu_cores": {"ingress": (0.01 * reqs + 0.0002 * toks) / 10.0},
+                "replica_pacing": {"steps_per_s_target": 50.0, "steps_per_s_kept": kept}}
+
+    levels = [level(64, 128, 100, [47.0, 46.0]), level(64, 32, 300, [48.0]), level(16, 128, 5, [48.0, 11.0])]
+    fit = cost_fit(levels, ("ingress", "proxy"), (128, 32))
+    assert fit["levels_used"] == [(64, 128), (64, 32)]
+    assert fit["ingress"]["cpu_ms_per_request"] == pytest.approx(10.0)
+    assert fit["ingress"]["cpu_us_per_token"] == pytest.approx(200.0)
+    assert fit["ingress"]["tok_per_s_per_core"][128] == round(1 / (0.0002 + 0.01 / 128))
+    assert fit["proxy"]["cpu_us_per_token"] == 0.0 and fit["proxy"]["tok_per_s_per_core"][128] is None
