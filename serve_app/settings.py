@@ -34,6 +34,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
          "default; a relative path resolves against the repository root (on the GPU machine: the carried copy, "
          ".carry/mooncake/conversation_trace.jsonl)."),
     ),
+    "KVSERVE_STACK_SAMPLE_DIR": (
+        "", ("Benchmarks: where benchmarks.stack_sampler (a Ray worker setup hook) waits for its `on` file and writes "
+             "the sampled stacks of its process; empty: no sampler."),
+    ),
     "KVSERVE_FUZZ_REPORT": ("", "Tests: path where tests/fuzz/test_fuzz_api.py writes its case and 5xx counts."),
     "KVSERVE_REQUIRE_SCHEMAS": (
         "0", "1: tests that need the CRD schemas (kuberay/schemas, shipped) fail instead of skipping without them (CI)."

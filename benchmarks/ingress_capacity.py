@@ -1,0 +1,307 @@
+"""How many streamed tokens per second one ingress replica sustains, and the CPU it spends per token and request.
+
+Owns the measurement of the ingress's capacity over the real request path with no engine: Serve's HTTP proxy,
+``deployments.ingress`` (built by ``serve_app.builder.build_app``: chat template, tokenization, block hashing,
+admission), routing by ``deployments.request_router.KVServeRouter``, the handle stream from the real
+``VLLMReplica`` and the SSE formatting of ``deployments.generation``. The replicas run
+``benchmarks.step_engine:StepClockEngine`` (one token per active stream every ``--step-ms``), so everything but
+the engine is the production code. Tokenization uses the SmolLM2 model under ``KVSERVE_MODEL_DIR``.
+
+A closed loop of streaming chat requests (``--prompt-tokens`` of filler words, ``--output-len`` tokens with
+``ignore_eos``) runs at each ``--concurrency`` for ``--warmup-s`` + ``--duration-s``; in the window it reports
+output tokens/s, requests/s, the client's TTFT p50/p90, and the CPU seconds of each process (ingress, fake
+replicas, proxy, controller, the rest of Ray, this client) per 1,000 streamed tokens and per request, read from
+``/proc`` through psutil, plus the replicas' step pacing. On a small machine the client and the replicas compete
+with the ingress for the cores, so the ingress's ceiling is derived, not observed: 1 core / its CPU per token.
+With several ``--output-len`` values the ingress's CPU (and the proxy's and replicas') is also split into a
+per-request and a per-token part (``benchmarks.ingress_figures.cost_fit``). ``--profile-s`` then samples the
+ingress's stacks at the highest concurrency (a run of its own: profiling perturbs the figures) with ``benchmarks.stack_sampler`` (py-spy
+cannot attach to another process here) and lists its hottest functions and the CPU of each of its threads.
+
+kv-aware routing here has no KV events (the fake engine publishes none): the router's approximate index only.
+
+    flock /tmp/kvserve-ray.lock python benchmarks/ingress_capacity.py --replicas 2 --concurrency 16,64,128 \
+        --out benchmarks/results/ingress_capacity_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.ingress_figures import cost_fit, cpu_by_role, fold_stacks, pacing, role_of, window_stats
+from benchmarks.stack_sampler import HOOK_ENV
+
+MODEL = "smollm2"
+
+
+def app_args(args: argparse.Namespace, counters_dir: str) -> dict:
+    """configs/cpu.yaml's app with the step-clock engine, ``--replicas`` replicas and queues that never refuse."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())["applications"][0]["args"]
+    model = doc["models"][0]
+    model.pop("env", None)
+    model["engine_class"] = "benchmarks.step_engine:StepClockEngine"
+    model["engine_kwargs"] = {"step_ms": args.step_ms, "counters_dir": counters_dir}
+    model["deployment"].update(num_replicas=args.replicas, max_ongoing_requests=1024, max_queued_requests=1024)
+    doc["ingress"]["deployment"].update(max_ongoing_requests=4096, max_queued_requests=4096)
+    doc["routing"] = {"strategy": args.strategy}
+    if args.profile_s > 0:  # the ingress gets the stack sampler (idle until the profile run)
+        env = {**HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(Path(counters_dir).parent / "samples")}
+        doc["ingress"]["deployment"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    return doc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- processes and their CPU ------------------------------------------------------------------------------
+def serve_processes() -> dict[int, str]:
+    """pid -> role of every process this run started (descendants of this one: its own Ray only)."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            out[p.pid] = role_of(" ".join(p.cmdline()))
+        except psutil.Error:
+            continue
+    return out
+
+
+def cpu_snapshot(pids: dict[int, str]) -> dict:
+    import psutil
+
+    per_pid = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            per_pid[pid] = t.user + t.system
+        except psutil.Error:
+            continue
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    sys_t = psutil.cpu_times()
+    return {"t": time.perf_counter(), "pids": per_pid, "client": me.ru_utime + me.ru_stime,
+            "machine_busy": sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)}
+
+
+def engine_counters(directory: Path) -> dict[int, dict]:
+    out = {}
+    for f in directory.glob("*.json"):
+        try:
+            c = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        out[c["pid"]] = c
+    return out
+
+
+# --- load ---------------------------------------------------------------------------------------------------
+def prompt(words: int, key: str) -> list[dict]:
+    from benchmarks.bench.tokens import words as filler
+
+    return [{"role": "user", "content": filler("ingcap", key, words)}]
+
+
+async def calibrate(client, target: int) -> tuple[int, int]:
+    """Filler words giving about ``target`` prompt tokens (one probe request), and the tokens that gives."""
+    from benchmarks.bench.spec import BenchRequest
+
+    probe = 400
+    rec = await client.send(BenchRequest(api="chat", max_tokens=1, messages=prompt(probe, "probe")), time.perf_counter())
+    if not rec.ok or not rec.prompt_tokens:
+        raise RuntimeError(f"probe request failed: {rec.error} {rec.detail}")
+    words = max(int(probe * target / rec.prompt_tokens), 1)
+    return words, round(rec.prompt_tokens * words / probe)
+
+
+async def run_level(base_url: str, conc: int, out_len: int, words: int, args, pids: dict[int, str],
+                    counters: Path) -> dict:
+    import httpx
+
+    from benchmarks.bench.client import StreamClient
+    from benchmarks.bench.spec import BenchRequest
+    from benchmarks.bench.stats import percentile
+
+    limits = httpx.Limits(max_connections=conc + 8, max_keepalive_connections=conc + 8)
+    records = []
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300)) as http:
+        client = StreamClient(http, base_url, MODEL, ignore_eos=True)
+        start = time.perf_counter()
+        end = start + args.warmup_s + args.duration_s
+        marks: dict[str, tuple] = {}
+
+        async def worker(w: int) -> None:
+            k = 0
+            while time.perf_counter() < end:
+                req = BenchRequest(api="chat", max_tokens=out_len, messages=prompt(words, f"{conc}/{out_len}/{w}/{k}"))
+                records.append(await client.send(req, start))
+                k += 1
+
+        async def marker() -> None:
+            await asyncio.sleep(args.warmup_s)
+            marks["a"] = (cpu_snapshot(pids), engine_counters(counters))
+            await asyncio.sleep(max(end - time.perf_counter(), 0))
+            marks["b"] = (cpu_snapshot(pids), engine_counters(counters))
+
+        await asyncio.gather(marker(), *(worker(w) for w in range(conc)))
+    (a, ea), (b, eb) = marks["a"], marks["b"]
+    t0, t1 = a["t"] - start, b["t"] - start
+    window = t1 - t0
+    w = window_stats(records, t0, t1)
+    cpu = cpu_by_role(a, b, pids)
+    tokens, reqs = max(w["tokens"], 1.0), max(w["requests"], 1)
+    ttft = sorted(w["ttfts"]) or [float("nan")]
+    ing = cpu.get("ingress", 0.0)
+    return {
+        "concurrency": conc, "output_len": out_len, "window_s": round(window, 2),
+        "requests": w["requests"], "errors": w["errors"], "tokens": round(w["tokens"]),
+        "output_tok_per_s": round(w["tokens"] / window, 1), "req_per_s": round(w["requests"] / window, 2),
+        "ttft_ms_p50": round(1000 * percentile(ttft, 50), 1), "ttft_ms_p90": round(1000 * percentile(ttft, 90), 1),
+        "e2e_ms_p50": round(1000 * percentile(w["e2es"] or [float("nan")], 50), 1),
+        "tokens_per_sse_chunk": round(w["tokens"] / max(w["chunks"], 1), 3),
+        "cpu_cores": {k: round(v / window, 3) for k, v in cpu.items()},
+        "cpu_s_per_1k_tok": {k: round(1000 * v / tokens, 4) for k, v in cpu.items()},
+        "cpu_ms_per_req": {k: round(1000 * v / reqs, 2) for k, v in cpu.items()},
+        "ingress_cpu_s": round(ing, 3),
+        "ingress_ceiling_tok_per_s": round(tokens / ing) if ing > 0 else None,
+        "replica_pacing": pacing(ea, eb, window, args.step_ms),
+    }
+
+
+async def profile(base_url: str, conc: int, out_len: int, words: int, args, pids, counters, sample_dir: Path) -> dict:
+    """The ingress's stacks during a run of its own at ``conc`` (``benchmarks.stack_sampler``: py-spy cannot attach
+    to another process in this container); the hottest functions and the CPU of each of its threads."""
+    ingress = next(p for p, r in pids.items() if r == "ingress")
+    load = asyncio.create_task(run_level(base_url, conc, out_len, words, args, pids, counters))
+    await asyncio.sleep(args.warmup_s)
+    (sample_dir / "on").touch()
+    await asyncio.sleep(args.profile_s)
+    (sample_dir / "on").unlink()
+    level = await load
+    out = sample_dir / f"{ingress}.json"
+    for _ in range(50):
+        if out.exists():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        return {"error": f"no samples from the ingress (pid {ingress})", "level_under_profiler": level}
+    body = json.loads(out.read_text())
+    folded = fold_stacks((f"{stack} {n}" for stack, n in body["stacks"]), top=args.profile_top)
+    return {"concurrency": conc, "seconds": body["seconds"], "sampler": "benchmarks.stack_sampler",
+            "ingress_thread_cpu_s": body["thread_cpu_s"], **folded, "level_under_profiler": level}
+
+
+async def wait_serving(base_url: str, timeout_s: float = 180) -> None:
+    import httpx
+
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.time() + timeout_s
+    async with httpx.AsyncClient(timeout=30) as http:
+        while time.time() < deadline:
+            try:
+                if (await http.post(f"{base_url}/chat/completions", json=body)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1)
+    raise TimeoutError(f"{base_url} not serving after {timeout_s}s")
+
+
+async def drive(args, base_url: str, counters: Path, out_dir: Path) -> dict:
+    import httpx
+
+    from benchmarks.bench.client import StreamClient
+
+    await wait_serving(base_url)
+    async with httpx.AsyncClient(timeout=60) as http:
+        words, prompt_tokens = await calibrate(StreamClient(http, base_url, MODEL), args.prompt_tokens)
+    await asyncio.sleep(2)  # every Serve process is up now
+    pids = serve_processes()
+    levels = []
+    for out_len in args.output_len:
+        for conc in args.concurrency:
+            r = await run_level(base_url, conc, out_len, words, args, pids, counters)
+            print(json.dumps(r), flush=True)
+            levels.append(r)
+    result: dict = {"prompt_words": words, "prompt_tokens_approx": prompt_tokens, "levels": levels,
+                    "processes": sorted(pids.values())}
+    result["cost_fit"] = cost_fit(levels, ("ingress", "proxy", "replica"), args.output_len)
+    if args.profile_s > 0:
+        try:
+            result["profile"] = await profile(base_url, max(args.concurrency), args.output_len[0], words, args, pids,
+                                              counters, out_dir / "samples")
+        except Exception as err:  # noqa: BLE001 - the measured levels are written regardless
+            result["profile"] = {"error": repr(err)}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 128])
+    ap.add_argument("--output-len", type=lambda s: [int(x) for x in s.split(",")], default=[128])
+    ap.add_argument("--prompt-tokens", type=int, default=500)
+    ap.add_argument("--step-ms", type=float, default=20.0, help="the fake engines' step (one token per stream)")
+    ap.add_argument("--strategy", default="kv-aware", choices=["kv-aware", "round-robin", "prefix-aware", "least-loaded"])
+    ap.add_argument("--warmup-s", type=float, default=5.0)
+    ap.add_argument("--duration-s", type=float, default=20.0)
+    ap.add_argument("--profile-s", type=float, default=0.0, help="sample the ingress's stacks this long at the top concurrency")
+    ap.add_argument("--profile-top", type=int, default=30)
+    ap.add_argument("--no-fast-path", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    from benchmarks.bench.result import git_commit, machine_info
+    from serve_app import settings
+
+    machine, commit = machine_info(), git_commit()
+    if not args.no_fast_path:  # as stream_chunks.py: HAProxy is not on this machine
+        os.environ.update({k: v for k, v in settings.SERVE_FAST_PATH_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"})
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app
+    from serve_app.config import load_app_config
+
+    work = Path(tempfile.mkdtemp(prefix="ingcap-"))
+    counters = work / "counters"
+    counters.mkdir()
+    (work / "samples").mkdir()
+    port = _free_port()
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(load_app_config(app_args(args, str(counters)))), name="kvserve", route_prefix="/",
+                  blocking=False)
+        result = asyncio.run(drive(args, f"http://127.0.0.1:{port}/v1", counters, work))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    out = {"command": " ".join([sys.executable, *sys.argv]), "machine": machine, "git_commit": commit,
+           "fast_path": not args.no_fast_path, "http": "Serve's Python proxy (no HAProxy)",
+           "config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+           "kv_events": "none: the fake engine publishes none (kv-aware keeps only its approximate index)",
+           **result}
+    print(json.dumps({k: v for k, v in out.items() if k not in ("levels",)}, indent=1, default=str))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
