@@ -40,7 +40,7 @@ AUTOSCALED = "smollm2-b"
 
 #: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
 #: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
-#: test_routing's default-strategy part). Two models: ``smollm2`` on two replicas with small queues, so the overload
+#: test_routing's kv-aware part). Two models: ``smollm2`` on two replicas with small queues, so the overload
 #: test can fill them, and ``AUTOSCALED`` beside it, so that routing by model and autoscaling need no app of their
 #: own (a start of two engines is ~80 s on 2 cores; a third engine in this one adds less). The same overrides give
 #: the same app, which ``start_app`` reuses instead of starting engines again.
@@ -48,7 +48,9 @@ SHARED: dict[str, Any] = {"models": [
     {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
      "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
-                    "ray_actor_options": {"num_cpus": 0.5}}},
+                    # test_routing kills a replica last: its replacement, still starting its engine when the
+                    # next app replaces this one, is stopped without waiting out the engine start (~40 s)
+                    "graceful_shutdown_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}}},
     {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
      "deployment": {
