@@ -38,17 +38,24 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 #: The model of the shared app that test_autoscaling scales (1..2 replicas: it starts with one, and idles back to one).
 AUTOSCALED = "smollm2-b"
 
+#: The model of the shared app served by the fake engine with vLLM's pythonic tool parser (test_openai_surface's
+#: tool_choice auto: SmolLM2 does not call tools on its own, the fake answers with a pythonic tool call).
+TOOLS = "tools"
+
 #: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
 #: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
-#: test_routing's default-strategy part). Two models: ``smollm2`` on two replicas with small queues, so the overload
-#: test can fill them, and ``AUTOSCALED`` beside it, so that routing by model and autoscaling need no app of their
-#: own (a start of two engines is ~80 s on 2 cores; a third engine in this one adds less). The same overrides give
-#: the same app, which ``start_app`` reuses instead of starting engines again.
+#: test_routing's kv-aware part). Three models: ``smollm2`` on two replicas with small queues, so the overload
+#: test can fill them, ``AUTOSCALED`` beside it, so that routing by model and autoscaling need no app of their
+#: own (a start of two engines is ~80 s on 2 cores; a third engine in this one adds less), and ``TOOLS`` (no
+#: engine), so that tool_choice auto needs no app of its own either (one was ~30 s). The same overrides give the
+#: same app, which ``start_app`` reuses instead of starting engines again.
 SHARED: dict[str, Any] = {"models": [
     {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
      "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
-                    "ray_actor_options": {"num_cpus": 0.5}}},
+                    # test_routing kills a replica last: its replacement, still starting its engine when the
+                    # next app replaces this one, is stopped without waiting out the engine start (~40 s)
+                    "graceful_shutdown_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}}},
     {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
      "deployment": {
@@ -56,8 +63,15 @@ SHARED: dict[str, Any] = {"models": [
                                 "upscale_delay_s": 3, "downscale_delay_s": 5, "metrics_interval_s": 1,
                                 "look_back_period_s": 3},
          "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
+    {"id": TOOLS, "path": "smollm2-135m-instruct", "max_model_len": 4096,
+     "engine_class": "tests.fakes.engine:FakeEngine",
+     "engine_kwargs": {"fake_text": '[get_weather(city="Paris"), get_time(city="Paris")]'},
+     "chat_template": str(ROOT / "tests/integration/data/pythonic_tools.jinja"),
+     "tool_call_parser": "pythonic", "enable_auto_tool_choice": True,
+     "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}},
 ]}
-SHARED_MODELS = tuple(m["id"] for m in SHARED["models"])  # ("smollm2", "smollm2-b")
+SHARED_MODELS = tuple(m["id"] for m in SHARED["models"])  # ("smollm2", "smollm2-b", "tools")
+VLLM_MODELS = ("smollm2", AUTOSCALED)  # the shared app's models on vllm-cpu
 
 #: Integration modules in run order, grouped by the app they run on, so that each app starts once per session
 #: (``start_app`` reuses the running app only while the next module asks for the same one; an engine start is

