@@ -179,3 +179,20 @@ def test_the_ingress_decides_admission_on_the_loop_that_received_the_request():
     env = build_ingress(load_app_config(args), {})._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
     assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
                    "X": "y"}
+
+
+def test_the_first_chat_request_does_not_load_the_processor(monkeypatch):
+    """vLLM loads the model's processor from disk to resolve the chat template: at start, not on the event loop of
+    the first request (in a burst, every request queued behind it waited)."""
+    from vllm.renderers import hf
+
+    monkeypatch.setattr(hf, "_PROCESSOR_CHAT_TEMPLATES", {})  # as in a fresh process
+    _, ingress, _ = stub_ingress(monkeypatch)
+    loads = []
+    real = hf.cached_get_processor
+    monkeypatch.setattr(hf, "cached_get_processor", lambda *a, **k: loads.append(a) or real(*a, **k))
+    from deployments.openai_api import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]})
+    assert ingress._models["smollm2"].frontend.render_chat(req).token_ids
+    assert loads == []
