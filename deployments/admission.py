@@ -9,7 +9,9 @@ Why: Serve bounds a model's replicas itself (``max_ongoing_requests`` per replic
 caller), but that bound is met only in dispatch, after the ingress has parsed and validated the body and rendered,
 tokenized and hashed the prompt on its one event loop. In a burst every request paid that work before its 503:
 on 2 cores 384 requests at 2x the queues' capacity got their 503s after 9.4 s (p50) and 12.2 s (p99)
-(benchmarks/results/hardening.json at 459e692). Here the 503 costs a counter compare.
+(benchmarks/results/hardening.json at 459e692). Here the 503 costs a counter compare, made in the task that
+received the request: the ingress runs its app on Serve's receiving loop (``settings.INGRESS_LOOP_ENV``), so the
+check does not wait for a user-code thread busy preparing the requests admitted before it.
 
 The bound of one ingress replica is, summed over its models, its share of the running replicas' slots
 (``running x max_ongoing_requests / running ingress replicas``, rounded up) plus ``max_queued_requests`` (Serve's

@@ -56,6 +56,7 @@ from deployments.served_model import RequestTracker, ServedModel
 from deployments.stages import AcceptedAtMiddleware, RequestStages, Tracer, accepted_at
 from routers.hashing import BlockHasher
 from serve_app.config import AppConfig
+from serve_app.settings import INGRESS_LOOP_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +314,15 @@ class Ingress:
 
 
 def build_ingress(cfg: AppConfig, replicas: dict[str, Any]):
-    """The Serve application node of the ingress, bound to each model's replica deployment."""
+    """The Serve application node of the ingress, bound to each model's replica deployment.
+
+    Its replicas run requests, app and routing on Serve's one event loop (``settings.INGRESS_LOOP_ENV``), so a
+    request beyond the admission bound is refused in the task that received it.
+    """
     opts = cfg.ingress.deployment.serve_options()
+    actor = dict(opts.pop("ray_actor_options", {}))
+    runtime_env = dict(actor.pop("runtime_env", {}) or {})
+    runtime_env["env_vars"] = {**INGRESS_LOOP_ENV, **runtime_env.get("env_vars", {})}
+    opts["ray_actor_options"] = {**actor, "runtime_env": runtime_env}
     logger.info("ingress deployment: %s", opts)
     return serve.deployment(Ingress, name="ingress").options(**opts).bind(cfg.model_dump(), replicas)

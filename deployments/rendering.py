@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ from deployments.choices import OutputSpec
 from deployments.engine import client_errors
 from deployments.openai_api import APIError
 from serve_app.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 #: Content part types of a text-only model (vLLM's names for text).
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
@@ -77,6 +80,19 @@ class Frontend:
             enable_auto_tools=model.enable_auto_tool_choice, model_name=model.id,
             is_harmony=getattr(self.model_config.hf_config, "model_type", None) == "gpt_oss")
         self.default_sampling = self.model_config.get_diff_sampling_param()
+        self._resolve_chat_template()
+
+    def _resolve_chat_template(self) -> None:
+        """Resolve the chat template's content format once, here: for it vLLM loads the model's processor from disk
+        (once per process), which on the first chat request would hold the event loop, and every request queued
+        behind it, for about half a second."""
+        from vllm.renderers.hf import resolve_chat_template_content_format
+
+        try:
+            resolve_chat_template_content_format(chat_template=self.chat_template, tools=None, given_format="auto",
+                                                 tokenizer=self.tokenizer, model_config=self.model_config)
+        except Exception:
+            logger.warning("model %s: its chat template could not be resolved", self.model_id, exc_info=True)
 
     @property
     def tool_parser_cls(self) -> Any:

@@ -57,6 +57,18 @@ SERVE_FAST_PATH_ENV: dict[str, str] = {
 }
 
 
+#: Serve switches set on the ingress deployment alone (its ``runtime_env``), whatever the cluster's environment:
+#: the replica's request handling, the FastAPI app and the handles' routing share Serve's one event loop, as
+#: THROUGHPUT_OPTIMIZED has them. With the defaults each request hops from the loop that received it to a
+#: user-code thread, and under a burst that thread is busy preparing the admitted requests, so the admission check
+#: (``deployments.admission``) waited behind their work for its turn: here it runs in the task that received the
+#: request. A value the ingress's own ``ray_actor_options.runtime_env`` sets wins.
+INGRESS_LOOP_ENV: dict[str, str] = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
 def get(name: str) -> str:
     """Return the value of a declared variable (environment first, then its default)."""
     if name not in VARIABLES:

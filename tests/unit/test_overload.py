@@ -120,6 +120,37 @@ async def test_beyond_the_ingress_bound_a_503_comes_before_any_work_and_the_coun
     assert adm.inflight == adm.limit()
 
 
+async def test_a_request_beyond_the_bound_is_refused_unread_unrendered_and_untokenized(monkeypatch):
+    """The refusal is decided on arrival: the body is never received, nothing is rendered or tokenized."""
+    app, ingress, handle = stub_ingress(monkeypatch)
+    adm = ingress.admission
+    fe = ingress._models["smollm2"].frontend
+    work = []
+    for name in ("render_chat", "render_prompts", "prompts"):
+        monkeypatch.setattr(fe, name, lambda *a, _n=name, **k: work.append(_n))
+    adm.inflight = adm.limit()
+    received, sent = [], []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b'{"model": "smollm2", "messages": []}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+                 "headers": [(b"content-type", b"application/json")], "server": ("kvserve", 80),
+                 "client": ("127.0.0.1", 1)}
+        await app(scope, receive, send)
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [503, 503]
+    assert all((b"retry-after", b"1") in m["headers"] for m in starts)
+    assert received == [] and work == [] and handle.requests == []  # body unread, prompt untouched, nothing sent
+    assert adm.inflight == adm.limit()  # a refusal is not counted in flight
+
+
 def test_the_ingress_bound_follows_running_replicas_and_ingress_share():
     from deployments.admission import Admission, ModelQueue
 
@@ -129,3 +160,39 @@ def test_the_ingress_bound_follows_running_replicas_and_ingress_share():
     running["ingress"] = 3
     assert adm.limit() == 11 + 16 + 3 + 4  # each ingress replica its share of the slots, its own queue
     assert Admission([ModelQueue("vllm-a", 16, -1, 2)], running.get, "ingress").limit() is None
+
+
+def test_the_ingress_decides_admission_on_the_loop_that_received_the_request():
+    """Serve runs the ingress's app on its receiving loop (no hop to a busy user-code thread); a value set in the
+    config's own runtime_env wins."""
+    from deployments.ingress import build_ingress
+    from serve_app.config import load_app_config
+    from serve_app.settings import INGRESS_LOOP_ENV
+
+    args = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())["applications"][0]["args"]
+    actor = build_ingress(load_app_config(args), {})._bound_deployment.ray_actor_options
+    assert actor["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"} == INGRESS_LOOP_ENV
+    assert actor["num_cpus"] == args["ingress"]["deployment"]["ray_actor_options"]["num_cpus"]
+    args["ingress"]["deployment"]["ray_actor_options"]["runtime_env"] = {
+        "env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "X": "y"}}
+    env = build_ingress(load_app_config(args), {})._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+                   "X": "y"}
+
+
+def test_the_first_chat_request_does_not_load_the_processor(monkeypatch):
+    """vLLM loads the model's processor from disk to resolve the chat template: at start, not on the event loop of
+    the first request (in a burst, every request queued behind it waited)."""
+    from vllm.renderers import hf
+
+    monkeypatch.setattr(hf, "_PROCESSOR_CHAT_TEMPLATES", {})  # as in a fresh process
+    _, ingress, _ = stub_ingress(monkeypatch)
+    loads = []
+    real = hf.cached_get_processor
+    monkeypatch.setattr(hf, "cached_get_processor", lambda *a, **k: loads.append(a) or real(*a, **k))
+    from deployments.openai_api import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]})
+    assert ingress._models["smollm2"].frontend.render_chat(req).token_ids
+    assert loads == []
