@@ -54,10 +54,14 @@ PHASES = (*FAULTS, "overload")
 #: replica + the replacement's engine start (eager vLLM-CPU: ~25 s of start after ~15 s of imports idle, slower
 #: while the surviving replica serves the load on the same cores). Stated in docs/security.md.
 RECOVERY_BOUND_S = 180
-#: A rejection beyond the bounded queues is answered before any work is done for the request. In the burst
-#: (2x capacity at once, one client process, Serve's proxy, 2 shared cores) most of its latency is the burst's own
-#: arrival: at 525a512 the ingress answered each 503 within 0.3 s of receiving it, the proxy within 0.9 s, the
-#: client saw 1.4 s (p99). A single request while the queues are full (the probes) is the 503 clients normally see.
+#: A rejection beyond the bounded queues is answered before any work is done for the request (the body is not
+#: read). In the burst (2x capacity at once, one client process, Serve's proxy, 2 shared cores) most of its
+#: latency is spent before the ingress's check: Serve's proxy hands requests over in arrival order and the
+#: ingress first takes the admitted half (handle calls, queue-length probes of the full replicas), at niceness 15
+#: beside a niceness-0 client whose own burst of 192 costs 0.35 s p50 / up to 1.25 s p99 against a server that
+#: answers at once (hardening_overload.json at d3d746b: inside the ingress p50 132 / p99 182 ms, the client
+#: 3.67 s p99 on a loaded machine). A single request while the queues are full (the probes) is the 503 clients
+#: normally see.
 REJECT_P99_BOUND_MS = 2000
 PROBE_REJECT_BOUND_MS = 250
 #: Each figure's goal: ("==", value) or ("<=", value); per-fault recovery and the stopped engine's replacement are
