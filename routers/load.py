@@ -13,9 +13,10 @@ report, own fluid queue), and for running requests, max(reported running + waiti
 ingress replicas' requests appear only in the report. Both queues drain at one speed for every replica, the
 mean of the speeds the replicas measured (``ReplicaStats.prefill_tokens_per_s``, routers.prefill_meter), else
 the configured default: the policy prices prefill at that same mean, and a replica aged at its own speed would
-look emptier than its peers whenever its last measurement happened to be fast (on the H200, one replica measured
-113K tokens/s against its peers' ~55K and got 149 requests where they got 114-130). Time is an argument; memory is bounded by
-``max_outstanding`` (oldest forgotten first if completions never arrive).
+look emptier than its peers whenever its last measurement happened to be fast (docs/routing.md, "Load
+signal"). The mean is kept up to date when a report brings a new speed or a replica leaves, not recomputed per
+snapshot. Time is an argument; memory is bounded by ``max_outstanding`` (oldest forgotten first if completions
+never arrive).
 
 Snapshots are the adapter's per-decision cost (16 replicas x ~2 us), so one is reused while its
 inputs are unchanged (same report object, no routing or completion on that replica) for at most
@@ -42,6 +43,7 @@ class LoadTracker:
         self._outstanding: dict[str, OrderedDict[str, int]] = {}
         self._queue: dict[str, tuple[float, float]] = {}  # replica -> (tokens, as of time)
         self._rate: dict[str, float] = {}
+        self._drain = self._default_rate  # tokens/s every queue drains at: mean of _rate, else the default
         self._parsed: dict[str, tuple[Mapping[str, Any], tuple]] = {}  # replica -> (report, parsed)
         self._version: dict[str, int] = {}  # bumped by every change of the router's own accounting
         self._cache: dict[str, tuple[Any, int, int, float, ReplicaSnapshot]] = {}
@@ -67,7 +69,8 @@ class LoadTracker:
         self._version.pop(replica_id, None)
         self._outstanding.pop(replica_id, None)
         self._queue.pop(replica_id, None)
-        self._rate.pop(replica_id, None)
+        if self._rate.pop(replica_id, None) is not None:
+            self._update_drain()
 
     def outstanding(self, replica_id: str) -> int:
         return len(self._outstanding.get(replica_id, ()))
@@ -108,7 +111,7 @@ class LoadTracker:
             self._parsed[replica_id] = cached
         rate, reported, ts, running, capacity, usage, block_size = cached[1]
         if ts > 0:
-            reported = max(0.0, reported - self._drain_rate() * max(0.0, now - ts))
+            reported = max(0.0, reported - self._drain * max(0.0, now - ts))
         return ReplicaSnapshot(
             replica_id=replica_id,
             queued_prefill_tokens=int(max(reported, self._own_queue(replica_id, now))),
@@ -122,8 +125,9 @@ class LoadTracker:
 
     def _parse(self, replica_id: str, stats: Mapping[str, Any]) -> tuple:
         rate = float(stats.get("prefill_tokens_per_s") or 0.0)
-        if rate > 0:
+        if rate > 0 and self._rate.get(replica_id) != rate:
             self._rate[replica_id] = rate
+            self._update_drain()
         return (
             rate,
             float(stats.get("queued_prefill_tokens") or 0),
@@ -134,11 +138,10 @@ class LoadTracker:
             int(stats.get("block_size") or 16),
         )
 
-    def _drain_rate(self) -> float:
-        """Tokens/s every queue drains at: the mean of the replicas' measured speeds, else the default."""
+    def _update_drain(self) -> None:
         rates = self._rate
-        return sum(rates.values()) / len(rates) if rates else self._default_rate
+        self._drain = sum(rates.values()) / len(rates) if rates else self._default_rate
 
     def _own_queue(self, replica_id: str, now: float) -> float:
         tokens, then = self._queue.get(replica_id, (0.0, now))
-        return max(0.0, tokens - self._drain_rate() * max(0.0, now - then))
+        return max(0.0, tokens - self._drain * max(0.0, now - then))

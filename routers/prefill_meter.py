@@ -8,9 +8,8 @@ requests decoding beside them and, on a shared GPU, other engines stepping.
 Measured as uncached prompt tokens that got their first output, divided by the time during which at least one
 prompt was waiting for its first output ("busy" time), over windows of at least ``window_s`` busy seconds,
 smoothed (EWMA). A prompt alone on an idle replica gives its own uncached tokens over its time to first output;
-a queue gives its throughput. The speed of prompts that found the replica idle (what this measured before)
-overstated the drain rate on a loaded shared GPU by ~1.5x (H200 head-to-head evidence, docs/routing.md), so the
-router thought queues empty that were not. Time is an argument; memory is constant.
+a queue gives its throughput (docs/routing.md, "Load signal", says why not the speed of prompts that found the
+replica idle). Time is an argument; memory is constant.
 """
 
 from __future__ import annotations
