@@ -90,3 +90,20 @@ def test_append_continues_an_earlier_invocation_only_with_the_same_settings() ->
     assert sum(r["system"] == "tier_off" for r in doc["runs"]) + 1 == 2
     other = dict(doc, git_commit="def", runs=[])
     assert "git_commit" in e2e.append_to(other, prev) and other["runs"] == []
+
+
+def test_gpu_scale_runs_two_ingress_replicas_with_tier_only_differing() -> None:
+    import yaml
+
+    from benchmarks.gpu.kv_tier_e2e import ROOT
+    base = yaml.safe_load((ROOT / e2e.SCALES["gpu"]["config"]).read_text())
+    on, off = (e2e.system_config(base, tier, e2e.SCALES["gpu"], 1 << 30, cpu=False) for tier in (True, False))
+    for cfg in (on, off):
+        args = cfg["applications"][0]["args"]
+        assert args["ingress"]["deployment"]["num_replicas"] == 2
+        assert "autoscaling_config" not in args["ingress"]["deployment"]
+        assert args["models"][0]["deployment"]["num_replicas"] == 4
+    args_on, args_off = on["applications"][0]["args"], off["applications"][0]["args"]
+    assert args_on["kv_tier"]["enabled"] and not args_off["kv_tier"]["enabled"]
+    args_on["kv_tier"]["enabled"] = False
+    assert on == off
