@@ -109,19 +109,29 @@ def leftovers(ports: tuple[int, ...]) -> dict:
 def kill_found(procs: list[dict], must_contain: str = "EngineCor", grace_s: float = 10.0) -> dict:
     """SIGTERM, then SIGKILL after ``grace_s``, the processes of ``procs`` ({pid, cmd}, as ``leftovers`` lists
     them) whose command line contains ``must_contain`` and still does (a reused pid is left alone); then
-    check which are gone. Returns {killed: [{pid, cmd}], sigkilled: [pid], still_alive: [pid], skipped: [pid]}."""
+    check which are gone. A listed process whose leader already exited (psutil: a zombie; its command line
+    reads empty) may still hold threads and GPU memory while it tears down: it is SIGKILLed and waited for
+    too (``exiting``). Returns {killed: [{pid, cmd}], sigkilled: [pid], exiting: [pid], still_alive: [pid],
+    skipped: [pid]}."""
     import psutil
 
-    out: dict = {"killed": [], "sigkilled": [], "still_alive": [], "skipped": []}
-    targets = []
+    out: dict = {"killed": [], "sigkilled": [], "exiting": [], "still_alive": [], "skipped": []}
+    targets, exiting = [], []
     for p in procs:
         if must_contain not in p["cmd"]:
             continue
         try:
             proc = psutil.Process(p["pid"])
-            text = " ".join(proc.cmdline()) or proc.name()
         except psutil.NoSuchProcess:
             continue  # already gone
+        try:
+            text = " ".join(proc.cmdline()) or proc.name()
+        except psutil.ZombieProcess:
+            exiting.append(proc)
+            out["exiting"].append(p["pid"])
+            continue
+        except psutil.NoSuchProcess:
+            continue
         except psutil.AccessDenied:
             out["skipped"].append(p["pid"])
             continue
@@ -131,7 +141,12 @@ def kill_found(procs: list[dict], must_contain: str = "EngineCor", grace_s: floa
         targets.append(proc)
         out["killed"].append({"pid": p["pid"], "cmd": p["cmd"]})
     sweep(targets, grace_s, sigkilled=out["sigkilled"])
-    _, alive = psutil.wait_procs(targets, timeout=5)
+    for proc in exiting:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(targets + exiting, timeout=max(5.0, grace_s if exiting else 0.0))
     out["still_alive"] = [p.pid for p in alive]
     return out
 

@@ -96,3 +96,22 @@ def test_kill_found_kills_only_the_listed_matching_pids() -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_kill_found_waits_for_a_listed_process_whose_leader_already_exited() -> None:
+    """An engine core that is tearing down reads as a zombie (empty command line): it is not skipped as
+    gone, it is killed and waited for, and reported under ``exiting``."""
+    import subprocess
+    import time
+
+    import psutil
+
+    child = subprocess.Popen(["true"])  # exits at once; not reaped: a zombie until someone waits for it
+    for _ in range(100):
+        if psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.02)
+    out = serverproc.kill_found([{"pid": child.pid, "cmd": "VLLM::EngineCor"}], grace_s=1)
+    assert out["exiting"] == [child.pid] and out["killed"] == [] and out["skipped"] == []
+    assert out["still_alive"] == []
+    assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE
