@@ -222,6 +222,9 @@ def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> No
 
 
 # --- 4. round-robin (last: it replaces the shared app) ---------------------------------------------
+# A new app, not an in-place update of the shared one: Ray 2.60 restarts every deployment of an app on a redeploy
+# (serve.run gives each deployment a random code version; a config deploy hashes all the app's args into one), so
+# a routing-only change restarts the engines too (checked with a two-deployment app: same engine args, new actors).
 @pytest.fixture(scope="module")
 def round_robin_results(default_results, start_app) -> Iterator[list[tuple[str, int, int]]]:
     yield _run_workload(_client(start_app(overrides={"routing": {"strategy": "round-robin"}})))
