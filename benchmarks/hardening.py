@@ -178,6 +178,12 @@ async def run(args) -> dict:
         m["deployment"] = {**m["deployment"], **OVERRIDES["models"][0]["deployment"]}
     cfg = load_app_config(raw)
     model, dep = cfg.models[0].id, "vllm-" + cfg.models[0].id
+    if args.fast_path:  # what `kvserve serve --fast-path` and the kuberay pods set: HAProxy, not Serve's proxy
+        from serve_app import settings
+        from serve_app.haproxy_guard import write_wrapper
+
+        os.environ.update(settings.SERVE_FAST_PATH_ENV)
+        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(write_wrapper()))
     ray.init(num_cpus=6, include_dashboard=True, object_store_memory=2 * 1024**3)
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -316,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/cpu.yaml")
     p.add_argument("--out", default="benchmarks/results/hardening.json")
     p.add_argument("--skip-fuzz", action="store_true")
+    p.add_argument("--fast-path", action="store_true",
+                   help="HTTP through HAProxy to the ingress replicas' own servers (as `kvserve serve --fast-path` and "
+                        "the kuberay pods), instead of Serve's Python proxy")
     p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of the phases, for trying a fix (the figures need all of them)")
     args = p.parse_args(argv)
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "fuzz": fuzz,
         "overrides": OVERRIDES,
         "config": args.config,
+        "http": "HAProxy -> the ingress replicas' servers (--fast-path)" if args.fast_path else "Serve's Python proxy",
         "phases": args.phases,
         "command": shlex.join(["python", "benchmarks/hardening.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": commit,
