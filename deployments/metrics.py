@@ -198,6 +198,12 @@ class _Metrics:
             description="Time to load one request's tier hit into its KV blocks.",
             boundaries=LATENCY_MS_BUCKETS, tag_keys=tier,
         )
+        self.kv_tier_load_phase_ms = Histogram(
+            "kvserve_kv_tier_load_phase_milliseconds",
+            description="Time of each phase of one tier load (kv_tier.directory.LOAD_PHASES: queue for a loader "
+                        "thread, directory locate, ray.get of the chunks, H2D copy up to its sync).",
+            boundaries=STAGE_MS_BUCKETS, tag_keys=(*tier, "phase"),
+        )
         self.kv_tier_load_failed_blocks = Counter(
             "kvserve_kv_tier_load_failed_blocks",
             description="Blocks whose load failed (lost or evicted object) and were recomputed.", tag_keys=tier,

@@ -10,7 +10,9 @@ docqa`` with the same seed, closed loop (``--concurrency``, bounded by ``--num-r
 default, so that tier_off saturates) or open loop (``--rate``, the cpu scale's default), kills one vLLM
 replica actor about midway (``--kill-at-s``; Serve's controller replaces it, as ``benchmarks/hardening.py``
 does) and records when (or the error that stopped it), scrapes Ray's metrics before and after
-(``kvserve_kv_tier_*``, ``kvserve_router_*``) and counts the KV events by medium that the replicas publish
+(``kvserve_kv_tier_*``, ``kvserve_router_*`` summed; and the run's ``evidence``, ``kv_tier_evidence.run_evidence``:
+the ingress request-path ``stages_ms``, vLLM's queue / prefill / TTFT per replica and over all, requests per
+replica, the tier's load latency and load phases) and counts the KV events by medium that the replicas publish
 on the sockets the router subscribes to (there is no per-medium router counter; ``router_kv_evidence`` keeps
 the router's own count of the events it consumed and its predicted vs actual cached tokens beside it). The
 replica actors are found by their deployment's name as Serve spells it (``llama-3.2-1b`` ->
@@ -18,7 +20,7 @@ replica actors are found by their deployment's name as Serve spells it (``llama-
 the vLLM engine cores a stopped server left are killed by pid (only those found, not there before its start)
 and checked gone (``leftovers_killed``, ``left_after_kill``).
 
-Writes JSON: every run (bench headline, tier and router metric deltas, KV events by medium, restart), the
+Writes JSON: every run (bench headline, tier and router metric deltas, ``evidence``, KV events by medium, restart), the
 medians per system, ``e2e_ttft_p50_ratio`` and ``e2e_throughput_ratio`` (tier_on / tier_off; goals <= 0.6
 and >= 1.3), ``load_mode`` (``--load-mode``: tier_on's ``kv_tier.load_mode``), command, machine, git commit. Configs, server logs and raw bench JSON go to ``--work-dir``
 (default: ``work/`` beside ``--out``). ``--git-commit`` must be a literal SHA computed on the developer's
@@ -57,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import serverproc
 from benchmarks.bench.result import machine_info
+from benchmarks.gpu.kv_tier_evidence import metric_sums, router_kv_evidence, run_evidence
 from benchmarks.gpu.promtext import scrape
 from benchmarks.gpu.serving_overhead import clean
 from benchmarks.routing_h2h.run import run_bench, serve_config
@@ -110,19 +113,6 @@ def system_config(base: dict, tier_on: bool, scale: dict, kv_cache_bytes: int, c
     m["deployment"]["num_replicas"] = scale["replicas"]
     m["max_model_len"] = min(m.get("max_model_len") or 1 << 30, scale["kv_cache_tokens"])  # vLLM refuses more
     return cfg
-
-
-def metric_sums(samples: dict) -> dict[str, float]:
-    """kvserve tier / router samples summed over their labels (router decisions kept per reason)."""
-    out: dict[str, float] = {}
-    for (name, labels), v in samples.items():
-        if ("kvserve_kv_tier_" not in name and "kvserve_router_" not in name) or name.endswith("_bucket"):
-            continue
-        key = name.removeprefix("ray_kvserve_")
-        if "router_decisions" in key and 'reason="' in labels:
-            key += ":" + labels.split('reason="')[1].split('"')[0]
-        out[key] = out.get(key, 0.0) + v
-    return out
 
 
 class EventTap(threading.Thread):
@@ -197,19 +187,6 @@ def event_endpoints(names: list[str], timeout_s: float = 60.0) -> tuple[list[str
         except Exception as err:  # noqa: BLE001 - recorded; the run goes on without that replica's events
             errors.append(f"{name}: {type(err).__name__}: {err}")
     return out, errors
-
-
-def router_kv_evidence(metrics: dict[str, float]) -> dict:
-    """The router's own view of the KV events and of what they predicted (deltas over the bench): events it
-    consumed (all media; there is no per-medium counter), predicted vs actual cached tokens."""
-    ev = {k: metrics.get(k) for k in ("router_kv_events_total", "router_predicted_cached_tokens_total",
-                                      "router_actual_cached_tokens_total")}
-    pred, act = ev["router_predicted_cached_tokens_total"], ev["router_actual_cached_tokens_total"]
-    ev["actual_over_predicted"] = round(act / pred, 3) if pred and act is not None else None
-    n = metrics.get("router_cached_tokens_prediction_error_tokens_count")
-    ev["prediction_error_mean_tokens"] = (
-        round(metrics.get("router_cached_tokens_prediction_error_tokens_sum", 0.0) / n, 1) if n else None)
-    return ev
 
 
 def load_args(scale: dict) -> tuple[list[str], float]:
@@ -329,6 +306,10 @@ def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, 
         res["metrics_url"] = metrics_url
         res["kv_events_by_medium"] = dict(tap.counts)
         res["router_kv_evidence"] = router_kv_evidence(res["metrics"])
+        try:  # where the requests waited: ingress stages, vLLM per replica, the tier's load phases
+            res["evidence"] = run_evidence(before, after, dep)
+        except Exception as err:  # noqa: BLE001 - evidence is optional; the run's figures stand without it
+            res["evidence"] = {"error": f"{type(err).__name__}: {err}"}
     except (RuntimeError, TimeoutError, OSError, StopIteration, IndexError) as err:
         res["error"] = f"{type(err).__name__}: {err}"
     finally:
@@ -469,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                                             "router_kv_evidence: the router's own count of events consumed (all "
                                             "media, not blocks) and its predicted vs actual cached tokens",
                      "load": "closed loop: bench --concurrency N --num-requests M, --duration a cap; open loop: "
-                             "--rate R --duration D"}}
+                             "--rate R --duration D",
+                     "evidence": "deltas between the scrapes around the bench (benchmarks/gpu/kv_tier_evidence.py); "
+                                 "histogram means are bucket-midpoint approximations; vLLM's queue time includes "
+                                 "WAITING_FOR_REMOTE_KVS (it counts as scheduled once it runs)"}}
     if args.append and out.exists() and (why := append_to(doc, json.loads(out.read_text()))):
         p.error(f"--append: {out}: {why}; write a new file")
     for system in order:

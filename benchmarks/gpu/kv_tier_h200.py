@@ -11,12 +11,16 @@ microbenchmark without engines). Two vLLM engines share one GPU (Ray actors with
              fresh prefix Q_i of the same length (recompute) -> medians; load GB/s from the
              directory's load records (bytes / load latency in the worker); and two floors of a hit:
              P_i again with a new suffix (now in B's GPU cache: no load) and a 32-token prompt alone,
-             so ``tier_hit_over_gpu_cache_hit_ms`` against ``load_ms`` says what a hit costs beyond its copy
+             so ``tier_hit_over_gpu_cache_hit_ms`` against ``load_ms`` says what a hit costs beyond its copy;
+             where a load's time went: ``load_phases_ms`` (medians over rounds; ``load_phases_ms_all`` per
+             round) of ``queue`` (submit -> a loader thread), ``locate`` (the directory RPC), ``get`` (the one
+             ``ray.get`` of all chunk refs) and ``copy`` (H2D copies + scatter up to the final sync), from the
+             directory's load records (``directory.LoadRecord``; ``directory_stats.loads`` sums every load)
     phase 3  kill A, start C (tier off, same settings)
     phase 4  no-reuse workload (distinct prompts) on B (tier on) and C (tier off), alternated
              ``--alternations`` times -> ratio of the medians (and every pair's ratio)
 
-Writes JSON: ttft_recompute_ms, ttft_tier_hit_ms, ttft_ratio, effective_load_gbps,
+Writes JSON: ttft_recompute_ms, ttft_tier_hit_ms, ttft_ratio, effective_load_gbps, load_ms, load_phases_ms,
 no_reuse_throughput_ratio, load_mode (``--load-mode``: the tier's ``load_mode``), command, machine
 (+ details). A watchdog writes what it has and exits
 if ``--deadline-s`` passes, and every Ray call has a timeout.
@@ -129,6 +133,7 @@ def main() -> int:
     import ray
 
     from deployments.kv_tier import kv_tier_engine_kwargs, kv_tier_env
+    from deployments.kv_tier.directory import LOAD_PHASES
     from serve_app.config.kv_tier import KVTierConfig
 
     ray.init(num_cpus=4 if a.cpu_smoke else 16, num_gpus=0 if a.cpu_smoke else 1,
@@ -234,6 +239,7 @@ def main() -> int:
     # --- phase 2: TTFT hit vs recompute on B --------------------------------------------------
     hit_ms, rec_ms, cached, gbps = [], [], [], []
     local_ms, local_cached, short_ms, load_ms = [], [], [], []
+    phase_ms: dict[str, list[float]] = {}  # LOAD_PHASES -> per round
     for _ in range(a.rounds):
         prefix = tokens(a.prefix_tokens)
         before = settle()
@@ -245,13 +251,15 @@ def main() -> int:
         cached.append(c[0])
         time.sleep(0.2)
         loads = ray.get(directory.recent_loads.remote(), timeout=30)[n_loads:]
-        if loads and loads[-1][1] > 0:
-            gbps.append(loads[-1][0] / (loads[-1][1] / 1e3) / 1e9)
-            load_ms.append(loads[-1][1])
-            if len(loads[-1]) > 3:  # chunks DMA'd straight from registered plasma (GPU path)
-                RESULT.setdefault("load_direct_chunks", []).append(loads[-1][3])
-            if len(loads[-1]) > 4:  # ... and straight into the pages (no staging slot)
-                RESULT.setdefault("load_into_pages_chunks", []).append(loads[-1][4])
+        if loads and loads[-1]["ms"] > 0:
+            last = loads[-1]
+            gbps.append(last["nbytes"] / (last["ms"] / 1e3) / 1e9)
+            load_ms.append(last["ms"])
+            # chunks DMA'd straight from registered plasma (GPU path), and of them straight into the pages
+            RESULT.setdefault("load_direct_chunks", []).append(last["direct_chunks"])
+            RESULT.setdefault("load_into_pages_chunks", []).append(last["into_pages"])
+            for phase in LOAD_PHASES:
+                phase_ms.setdefault(phase, []).append(last[f"{phase}_ms"])
         # Floors of the hit: the same prefix now in B's own GPU cache (no load; the suffix's prefill over the
         # prefix's context), and a 32-token prompt alone (the engine's and the call's own latency).
         dt, _, c_local = gen(eng_b, [prefix + tokens(32)])
@@ -279,6 +287,8 @@ def main() -> int:
     # the request waits in WAITING_FOR_REMOTE_KVS. Compare with the load time alone (effective_load_gbps).
     RESULT["tier_hit_over_gpu_cache_hit_ms"] = round(RESULT["ttft_tier_hit_ms"] - RESULT["ttft_gpu_cache_hit_ms"], 2)
     RESULT["load_ms"] = [round(x, 2) for x in load_ms]
+    RESULT["load_phases_ms"] = {p: round(statistics.median(v), 3) for p, v in phase_ms.items()}
+    RESULT["load_phases_ms_all"] = {p: [round(x, 3) for x in v] for p, v in phase_ms.items()}
     RESULT["ttft_ratio"] = round(RESULT["ttft_tier_hit_ms"] / RESULT["ttft_recompute_ms"], 4)
     RESULT["directory_stats"] = ray.get(directory.stats.remote(), timeout=30)
     _write(a.out)

@@ -1,7 +1,8 @@
 """The KV tier's directory: block key -> (chunk, index), with a byte budget and LRU eviction.
 
-Owns: ``BlockDirectory`` and ``Location``. Pure Python (no ray, torch or vllm imports); the Ray
-actor in ``directory_actor.py`` is a thin subclass, so eviction order is unit-testable.
+Owns: ``BlockDirectory`` and ``Location``, and the workers' load reports it keeps for benchmarks
+(``LoadRecord``, ``LoadLog``). Pure Python (no ray, torch or vllm imports); the Ray actor in
+``directory_actor.py`` is a thin subclass, so eviction order is unit-testable.
 
 Data model. Engines store KV in *chunks*: one object-store object holding up to
 ``chunk_blocks`` consecutive blocks of one request (big objects: ``ray.put`` costs ~0.4 ms per
@@ -33,8 +34,8 @@ OBJ events, and routers drop OBJ entries of older epochs (``routers.precise_inde
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -54,6 +55,67 @@ class Location:
     index: int
     chunk_id: int
     owner: str
+
+
+#: Where a load's time goes (``load.Loader._load``): waiting for a loader thread, the directory's
+#: ``locate``, the one ``ray.get`` of every chunk, the H2D copies and scatters up to their final sync
+#: (with the chunk threads' own ``ray.get`` of a chunk the batched get lost). A failed load's time ends
+#: in the phase that failed; the phases it never reached stay 0.
+LOAD_PHASES = ("queue", "locate", "get", "copy")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRecord:
+    """One finished load as its worker reports it: size, outcome, total and per-phase milliseconds."""
+
+    nbytes: int
+    ms: float
+    failed_blocks: int = 0
+    direct_chunks: int = 0  # chunks DMA'd straight from page-locked object-store memory
+    into_pages: int = 0  # ... of them copied straight into the paged cache (no device staging slot)
+    queue_ms: float = 0.0
+    locate_ms: float = 0.0
+    get_ms: float = 0.0
+    copy_ms: float = 0.0
+
+    def phases_ms(self) -> dict[str, float]:
+        """``LOAD_PHASES`` -> milliseconds."""
+        return {p: getattr(self, f"{p}_ms") for p in LOAD_PHASES}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoadLog:
+    """The last ``keep`` load records plus running totals over every load (bounded memory)."""
+
+    def __init__(self, keep: int = 256) -> None:
+        if keep <= 0:
+            raise ValueError(f"keep must be > 0, got {keep}")
+        self._recent: deque[LoadRecord] = deque(maxlen=keep)
+        self.loads = self.nbytes = self.failed_blocks = 0
+        self._ms = dict.fromkeys(("total", *LOAD_PHASES), 0.0)
+
+    def add(self, rec: LoadRecord) -> None:
+        self._recent.append(rec)
+        self.loads += 1
+        self.nbytes += rec.nbytes
+        self.failed_blocks += rec.failed_blocks
+        self._ms["total"] += rec.ms
+        for phase, ms in rec.phases_ms().items():
+            self._ms[phase] += ms
+
+    def recent(self) -> list[LoadRecord]:
+        """The kept records, oldest first."""
+        return list(self._recent)
+
+    def summary(self) -> dict:
+        """Counts over every load, and per phase (``total`` = the whole load) the milliseconds summed and
+        their mean per load."""
+        n = self.loads
+        return {"loads": n, "bytes": self.nbytes, "failed_blocks": self.failed_blocks,
+                "ms_total": {k: round(v, 3) for k, v in self._ms.items()},
+                "ms_mean": {k: round(v / n, 3) if n else None for k, v in self._ms.items()}}
 
 
 class BlockDirectory:

@@ -13,7 +13,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from deployments.kv_tier.directory import BlockDirectory
+from deployments.kv_tier.directory import BlockDirectory, LoadLog, LoadRecord
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class DirectoryActor(BlockDirectory):
         logger.info("kv tier: directory started empty, epoch %d", self.epoch)
         self._tags = {"model": model}
         self._reported = dict(self.counters)
-        self._loads: list[tuple[int, float, int]] = []
+        self._loads = LoadLog(keep=256)
         self._host_dma: list[dict] = []
 
     def add_chunk_ref(self, owner: str, keys: list[bytes], refs: list, nbytes: int) -> bool:
@@ -38,14 +38,9 @@ class DirectoryActor(BlockDirectory):
         self._report()
         return ok
 
-    def note_load(self, nbytes: int, ms: float, failed_blocks: int, direct_chunks: int = 0,
-                  into_pages: int = 0) -> None:
-        """A worker's report of one finished load (kept for benchmarks; metrics are worker-side).
-
-        ``direct_chunks``: chunks DMA'd straight from registered object-store memory; ``into_pages``:
-        those of them copied straight into the paged cache (no device staging slot)."""
-        self._loads.append((int(nbytes), float(ms), int(failed_blocks), int(direct_chunks), int(into_pages)))
-        del self._loads[:-256]
+    def note_load(self, rec: LoadRecord) -> None:
+        """A worker's report of one finished load (kept for benchmarks; metrics are worker-side)."""
+        self._loads.add(rec)
 
     def note_host_dma(self, replica: str, nbytes: int, seconds: float) -> None:
         """A worker's report of page-locking its object-store mappings (kept for benchmarks)."""
@@ -56,10 +51,14 @@ class DirectoryActor(BlockDirectory):
         """The workers' ``note_host_dma`` reports, oldest first."""
         return list(self._host_dma)
 
-    def recent_loads(self) -> list[tuple[int, float, int, int, int]]:
-        """The last loads as ``(bytes, milliseconds, failed blocks, direct chunks, into-pages chunks)``,
-        oldest first."""
-        return list(self._loads)
+    def recent_loads(self) -> list[dict]:
+        """The last 256 loads (``LoadRecord`` fields: bytes, milliseconds in all and per phase, failed blocks,
+        direct and into-pages chunks), oldest first."""
+        return [r.as_dict() for r in self._loads.recent()]
+
+    def stats(self) -> dict:
+        """``BlockDirectory.stats`` and, under ``loads``, ``LoadLog.summary`` (every load's phases)."""
+        return {**super().stats(), "loads": self._loads.summary()}
 
     def node_id(self) -> str:
         """The Ray node this directory runs on."""

@@ -20,6 +20,11 @@ worker either reports it once ``take_finished`` has it (``async``) or waits for 
 inside the step (``sync``). Either way a load is put into ``take_finished`` only after every copy
 it launched has completed (streams synchronized, chunk threads joined, on error paths too), so
 vLLM may free or recompute its blocks at once, e.g. when the request was aborted meanwhile.
+
+Each load times its phases with ``perf_counter`` (``directory.LOAD_PHASES``: waiting for a loader
+thread, the directory's ``locate``, the one ``ray.get`` of all chunks, the copies up to their final
+sync) and reports them twice: as ``kv_tier_load_phase_ms`` (one histogram, tagged by phase, beside
+``kv_tier_load_latency_ms``) and in its ``directory.LoadRecord`` (``note_load``, for benchmarks).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 import ray
 import torch
 
-from deployments.kv_tier.directory import Location
+from deployments.kv_tier.directory import LOAD_PHASES, LoadRecord, Location
 from deployments.kv_tier.host_memory import HostRegistrar, plasma_ranges
 from deployments.kv_tier.pages import KVPages, make_slots, scatter_runs
 from deployments.kv_tier.shared import LOST_ERRORS, inc, observe
@@ -116,8 +121,10 @@ class Loader:
         failed: set[int] = set()
         nbytes = direct = into_pages = 0
         futs: list[Future | None] = []
+        marks = [t0, time.perf_counter()]  # submit, start, then the end of each phase reached
         try:
             locs: list[Location | None] = ray.get(self.directory.locate.remote(keys), timeout=self.timeout_s)
+            marks.append(time.perf_counter())
             chunks: dict[int, tuple[Location, list[int], list[int]]] = {}
             for i, (loc, bid) in enumerate(zip(locs, block_ids)):
                 if loc is None:
@@ -132,6 +139,7 @@ class Loader:
                 arrs = ray.get([loc.ref for loc, _, _ in entries], timeout=self.timeout_s)
             except LOST_ERRORS:
                 pass  # the per-chunk path finds which one is gone
+            marks.append(time.perf_counter())
             done = self._load_direct(entries, arrs) if self.host_dma == "mapping" else [False] * len(entries)
             futs = [None if d else self._pool.submit(self._load_chunk, *entry, arr)
                     for d, entry, arr in zip(done, entries, arrs)]
@@ -148,12 +156,17 @@ class Loader:
             failed = set(block_ids)
             # Reporting frees or rewrites the blocks: no chunk copy of this load may still run.
             wait([f for f in futs if f is not None])
-        ms = (time.perf_counter() - t0) * 1e3
+        marks.append(time.perf_counter())  # the phase that was running ends here (copy, or where it failed)
+        ms = (marks[-1] - t0) * 1e3
+        phases = {p: (b - a) * 1e3 for p, a, b in zip(LOAD_PHASES, marks, marks[1:])}
         observe("kv_tier_load_latency_ms", ms, self.tags)
+        for phase, phase_ms in phases.items():
+            observe("kv_tier_load_phase_ms", phase_ms, {**self.tags, "phase": phase})
         if failed:
             inc("kv_tier_load_failed_blocks", len(failed), self.tags)
         try:
-            self.directory.note_load.remote(nbytes, ms, len(failed), direct, into_pages)
+            self.directory.note_load.remote(LoadRecord(
+                nbytes, ms, len(failed), direct, into_pages, **{f"{p}_ms": v for p, v in phases.items()}))
         finally:  # the request waits in WAITING_FOR_REMOTE_KVS until this is reported
             self._done.put((req_id, failed))
 

@@ -1,10 +1,11 @@
-"""The KV tier's directory: LRU order, byte budget, owners (pure, no Ray)."""
+"""The KV tier's directory: LRU order, byte budget, owners, the load records it keeps (pure; the actor's load
+report is called as a plain object, no Ray cluster)."""
 
 from __future__ import annotations
 
 import pytest
 
-from deployments.kv_tier.directory import BlockDirectory
+from deployments.kv_tier.directory import LOAD_PHASES, BlockDirectory, LoadLog, LoadRecord
 from deployments.kv_tier.plan import hit_run, loadable_blocks, store_ranges
 
 pytestmark = pytest.mark.unit
@@ -119,3 +120,38 @@ def test_store_ranges_chunking_and_progress():
     assert store_ranges(0, 300, 700, 128, 8) == ([(0, 2)], 2)
     assert store_ranges(2, 900, 700, 128, 8) == ([(2, 5)], 5)
     assert store_ranges(5, 1000, 700, 128, 8) == ([], 5)
+
+
+def _rec(ms: float, queue: float, locate: float, get: float, copy: float, nbytes: int = 100, failed: int = 0):
+    return LoadRecord(nbytes, ms, failed, queue_ms=queue, locate_ms=locate, get_ms=get, copy_ms=copy)
+
+
+def test_load_log_keeps_the_last_records_and_sums_every_loads_phases():
+    log = LoadLog(keep=2)
+    assert log.summary() == {"loads": 0, "bytes": 0, "failed_blocks": 0,
+                             "ms_total": dict.fromkeys(("total", *LOAD_PHASES), 0.0),
+                             "ms_mean": dict.fromkeys(("total", *LOAD_PHASES))}
+    for rec in (_rec(10, 1, 2, 3, 4), _rec(20, 2, 4, 6, 8, failed=3), _rec(60, 0, 10, 20, 30, nbytes=300)):
+        log.add(rec)
+    assert [r.ms for r in log.recent()] == [20, 60]  # bounded: the oldest went
+    assert log.recent()[-1].phases_ms() == {"queue": 0, "locate": 10, "get": 20, "copy": 30}
+    assert log.summary() == {
+        "loads": 3, "bytes": 500, "failed_blocks": 3,
+        "ms_total": {"total": 90.0, "queue": 3.0, "locate": 16.0, "get": 29.0, "copy": 42.0},
+        "ms_mean": {"total": 30.0, "queue": 1.0, "locate": 5.333, "get": 9.667, "copy": 14.0}}
+    with pytest.raises(ValueError):
+        LoadLog(keep=0)
+
+
+def test_the_directory_actor_reports_load_records_and_their_phase_sums():
+    pytest.importorskip("ray")
+    from deployments.kv_tier.directory_actor import DirectoryActor
+
+    d = DirectoryActor(1000, "m")  # the class Ray wraps, called as a plain object
+    d.note_load(_rec(10, 1, 2, 3, 4))
+    d.note_load(LoadRecord(7, 5.0, 2))  # an older worker: no phases -> zeros
+    assert d.recent_loads()[0] == {"nbytes": 100, "ms": 10, "failed_blocks": 0, "direct_chunks": 0, "into_pages": 0,
+                                   "queue_ms": 1, "locate_ms": 2, "get_ms": 3, "copy_ms": 4}
+    s = d.stats()
+    assert s["blocks"] == 0 and s["loads"]["loads"] == 2 and s["loads"]["bytes"] == 107
+    assert s["loads"]["ms_mean"] == {"total": 7.5, "queue": 0.5, "locate": 1.0, "get": 1.5, "copy": 2.0}

@@ -1,5 +1,6 @@
 """benchmarks/gpu/kv_tier_e2e.py's pieces that need no server: load flags (closed vs open loop), the kill
-time, the router's KV evidence, and the midway kill recording its failure instead of losing it."""
+time, the router's KV evidence, the run's evidence from two canned scrapes (kv_tier_evidence.py), and the
+midway kill recording its failure instead of losing it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from benchmarks import serverproc
 from benchmarks.gpu import kv_tier_e2e as e2e
+from benchmarks.gpu import kv_tier_evidence
+from benchmarks.gpu.promtext import parse
 
 pytestmark = pytest.mark.unit
 
@@ -107,3 +110,64 @@ def test_gpu_scale_runs_two_ingress_replicas_with_tier_only_differing() -> None:
     assert args_on["kv_tier"]["enabled"] and not args_off["kv_tier"]["enabled"]
     args_on["kv_tier"]["enabled"] = False
     assert on == off
+
+
+COMMON = 'Component="core_worker",NodeAddress="10.0.0.1",SessionName="s",Version="2.60.0"'
+DEP = "vllm-llama-3-2-1b"
+INF = float("inf")
+
+
+def hist(name: str, labels: str, buckets: dict[float, float], total: float) -> list[str]:
+    lab = f"{COMMON},{labels}"
+    lines = [f'{name}_bucket{{{lab},le="{"+Inf" if le == INF else le}"}} {n}' for le, n in buckets.items()]
+    return [*lines, f"{name}_count{{{lab}}} {max(buckets.values())}", f"{name}_sum{{{lab}}} {total}"]
+
+
+def scrape_text(n: float) -> str:
+    """A scrape after ``n`` requests per replica (n = 0: the scrape before the bench)."""
+    k = n / 10
+    lines = [f'ray_serve_deployment_request_counter_total{{{COMMON},application="kvserve",deployment="{DEP}",'
+             f'replica="{r}",route="/"}} {n * (i + 1)}' for i, r in enumerate(("r-a", "r-b"))]
+    lines += hist("ray_kvserve_stage_engine_milliseconds", 'model="m",replica="r-a"', {100: 10 * k, INF: 10 * k}, 500 * k)
+    lines += hist("ray_kvserve_stage_dispatch_milliseconds", 'model="m",replica="ing"', {1: 10 * k, INF: 10 * k}, 5 * k)
+    lines += hist("ray_vllm_request_queue_time_seconds", 'ReplicaId="r-a",engine="0"', {0.1: 5 * k, 1.0: 10 * k,
+                                                                                          INF: 10 * k}, 4 * k)
+    lines += hist("ray_vllm_request_queue_time_seconds", 'ReplicaId="r-b",engine="0"', {0.1: 10 * k, 1.0: 10 * k,
+                                                                                          INF: 10 * k}, k)
+    lines += hist("ray_vllm_request_prefill_time_seconds", 'ReplicaId="r-a",engine="0"', {0.1: 10 * k, INF: 10 * k},
+                  0.5 * k)
+    lines += hist("ray_kvserve_kv_tier_load_latency_milliseconds", 'model="m"', {50: 4 * k, 100: 8 * k, INF: 8 * k},
+                  480 * k)
+    for phase, (le, ms) in {"queue": (1, 8), "locate": (2, 16), "get": (10, 80), "copy": (50, 640)}.items():
+        lines += hist("ray_kvserve_kv_tier_load_phase_milliseconds", f'model="m",phase="{phase}"',
+                      {le: 8 * k, INF: 8 * k}, ms * k)
+    return "\n".join(lines) + "\n"
+
+
+def test_run_evidence_splits_where_requests_waited_from_two_scrapes() -> None:
+    before, after = parse(scrape_text(10)), parse(scrape_text(30))  # 20 more requests on r-a, 40 on r-b
+    ev = kv_tier_evidence.run_evidence(before, after, DEP)
+    assert ev["requests_by_replica"] == {"r-a": 20, "r-b": 40} and ev["requests"] == 60
+    assert ev["stages_ms"]["engine"]["n"] == 20 and ev["stages_ms"]["engine"]["mean"] == 50.0
+    assert ev["stages_ms"]["dispatch"]["mean"] == 0.5
+    assert ev["engine_stage_ms_by_replica"]["r-a"]["mean"] == 50.0
+    assert ev["engine_by_replica"]["r-a"]["queue_ms_mean"] == 400.0 and ev["engine_by_replica"]["r-a"]["queue_ms_p50"] == 100.0
+    assert ev["engine_by_replica"]["r-b"]["queue_ms_mean"] == 100.0
+    assert ev["engine_by_replica"]["r-a"]["prefill_ms_mean"] == 50.0
+    assert ev["engine_ms"]["queue"] == {"n": 40, "mean": 250.0, "p50": 66.67, "p90": 640.0}
+    assert set(ev["engine_ms"]) == {"queue", "prefill"}  # histograms with no request left out
+    assert ev["kv_tier_load_ms"] == {"n": 16, "mean": 60.0, "p50": 50.0, "p90": 90.0}
+    assert {p: h["mean"] for p, h in ev["kv_tier_load_phases_ms"].items()} == \
+        {"queue": 1.0, "locate": 2.0, "get": 10.0, "copy": 80.0}
+    assert ev["kv_tier_load_phases_ms"]["copy"]["n"] == 16
+    empty = kv_tier_evidence.run_evidence({}, {}, DEP)  # a failed scrape: empty evidence, no error
+    assert empty["kv_tier_load_ms"] is None and empty["kv_tier_load_phases_ms"] == {} and empty["stages_ms"] == {}
+
+
+def test_metric_sums_keep_tier_load_phases_apart() -> None:
+    sums = kv_tier_evidence.metric_sums(parse(scrape_text(10)))
+    assert sums["kv_tier_load_phase_milliseconds_sum:copy"] == 640.0
+    assert sums["kv_tier_load_phase_milliseconds_count:get"] == 8.0
+    assert sums["kv_tier_load_latency_milliseconds_sum"] == 480.0
+    assert not any(k.startswith(("stage_", "vllm")) for k in sums)
+    assert e2e.metric_sums is kv_tier_evidence.metric_sums

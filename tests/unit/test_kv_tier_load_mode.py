@@ -22,7 +22,7 @@ pytest.importorskip("vllm")
 from deployments.kv_tier import load as load_mod  # noqa: E402
 from deployments.kv_tier import scheduler as scheduler_mod  # noqa: E402
 from deployments.kv_tier.context import TierContext  # noqa: E402
-from deployments.kv_tier.directory import Location  # noqa: E402
+from deployments.kv_tier.directory import LOAD_PHASES, Location  # noqa: E402
 from deployments.kv_tier.keys import FINGERPRINT_BYTES  # noqa: E402
 from deployments.kv_tier.load import Loader  # noqa: E402
 from deployments.kv_tier.messages import TierMeta, TierOp  # noqa: E402
@@ -240,6 +240,42 @@ def test_sync_worker_loads_inside_the_step_and_reports_no_finished_recving():
     assert _loaded(pages, d, [0, 1, 2])
     assert w.get_finished(set()) == (None, None)
     assert w.get_block_ids_with_load_errors() == {7}
+
+
+def test_a_load_reports_its_phases_to_the_directory_and_as_metrics(monkeypatch):
+    d = FakeDirectory(2)
+    held = Gate(d.chunk, opened=False)
+    d.gate = Gate([Location(held, i, chunk_id=7, owner="a") for i in range(2)], opened=False)
+    records, observed = [], []
+    d.note_load = _Remote(records.append)
+    monkeypatch.setattr(load_mod, "observe", lambda name, v, tags: observed.append((name, tags.get("phase"), v)))
+    w, pages = _worker("async", d)
+    w.start_load_kv(_meta([3, 4]))
+    threading.Timer(0.05, d.gate.event.set).start()  # locate answers after ~50 ms
+    threading.Timer(0.15, held.event.set).start()  # the chunk ~100 ms later
+    _poll_finished(w, set())
+    (rec,) = records
+    assert rec.nbytes == 2 * pages.block_bytes() and rec.failed_blocks == 0 and _loaded(pages, d, [3, 4])
+    assert rec.locate_ms >= 40 and rec.get_ms >= 80 and rec.copy_ms >= 0 and rec.queue_ms >= 0
+    assert sum(rec.phases_ms().values()) == pytest.approx(rec.ms)  # the phases tile the load
+    assert [(n, p) for n, p, _ in observed] == [("kv_tier_load_latency_ms", None),
+                                                *[("kv_tier_load_phase_ms", p) for p in LOAD_PHASES]]
+    assert [v for _, _, v in observed[1:]] == list(rec.phases_ms().values())
+
+
+def test_a_failed_locate_charges_the_load_to_the_phases_it_reached(monkeypatch):
+    d = FakeDirectory(2)
+    d.gate = Gate(RuntimeError("directory restarting"))
+    records, observed = [], []
+    d.note_load = _Remote(records.append)
+    monkeypatch.setattr(load_mod, "observe", lambda name, v, tags: observed.append(tags.get("phase")))
+    w, _ = _worker("async", d)
+    w.start_load_kv(_meta([3, 4]))
+    _poll_finished(w, set())
+    (rec,) = records
+    assert rec.failed_blocks == 2 and rec.get_ms == 0 and rec.copy_ms == 0
+    assert rec.queue_ms + rec.locate_ms == pytest.approx(rec.ms)
+    assert observed == [None, "queue", "locate"]
 
 
 @pytest.mark.parametrize(("mode", "recvd"), [("async", {"r"}), ("sync", None)])
