@@ -13,8 +13,10 @@ waiting request first. A request's reused prefix is looked up when the scheduler
 (GPU blocks, then tier blocks, loaded at ``tier_gbps`` plus a fixed ``tier_hit_s`` before its first chunk); its blocks are cached
 (and, with the tier, written to it) when its prefill completes, which is its first token. Before its
 scheduler, each replica has its own front end (vLLM's input processing), a FIFO server of
-``input_s_per_request``. A failed replica's requests are re-sent through the ingresses (TTFT still
-counts from the first send); autoscaling adds cold replicas after ``start_s`` and retires idle ones.
+``input_s_per_request``. Each ingress's CPU (``frontend.py``, costs in ``engine.py``) delays the
+route, the first token and, with processor sharing, the client's completion. A failed replica's
+requests are re-sent through the ingresses (TTFT still counts from the first send); autoscaling adds
+cold replicas after ``start_s`` and retires idle ones.
 """
 
 from __future__ import annotations
