@@ -13,10 +13,12 @@ are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
 
 With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
 rate by parameter count, KV bytes and the per-context decode cost by the shape), takes kvserve's stage
-split (its ingress work a FIFO per ingress, the system's ``ingress_replicas``), the run's KV blocks
-(``num_gpu_blocks_override``, with ``kv_admission``: requests wait for blocks), and the fields one
-serving run cannot pin (``ROUTING_FREE``: prefill rate and attention term, the fixed step cost, the
-per-context decode cost, ``gpu_contention`` between replicas sharing a GPU) are fitted on its
+split (its ingress work on one processor-sharing core per ingress, the system's ``ingress_replicas``),
+the run's KV blocks (``num_gpu_blocks_override``, with ``kv_admission``: requests wait for blocks), and
+the fields one serving run cannot pin (``ROUTING_FREE``: prefill rate and attention term, the fixed
+step cost, the per-context decode cost, ``gpu_contention`` between replicas sharing a GPU, and the
+ingress's costs per request and per streamed token, kept within ``frontend_bounds``: the GPU host's
+tokenise + hash below, the CPU-measured ingress of ``--ingress-capacity`` above) are fitted on its
 round-robin cells, which measure the engine (round-robin ignores caches): open-loop cells on TTFT and
 TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
@@ -176,17 +178,24 @@ def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int)
 
 
 def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *, rounds: int = 4,
-        free: tuple[str, ...] = FREE, log=print) -> tuple[EngineModel, dict]:
-    """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed)."""
-    seeds = {"prefill_attn_s": 5e-4, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3}
-    best = engine.with_(**{k: getattr(engine, k) or seeds.get(k, 1.0) for k in free})
+        free: tuple[str, ...] = FREE, bounds: dict | None = None, log=print) -> tuple[EngineModel, dict]:
+    """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed), each
+    field kept within ``bounds[field]`` = (low, high) where given."""
+    seeds = {"prefill_attn_s": 5e-4, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3,
+             "frontend_s_per_token": 1e-4}
+    bounds = bounds or {}
+    clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
+    best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})
     best_loss = _loss(cells, best, settings, replicas)
     evals, step = 1, 2.0
     for r in range(rounds):
         for name in free:
             for factor in (step, 1 / step):
                 while True:
-                    cand = best.with_(**{name: getattr(best, name) * factor})
+                    value = clamp(name, getattr(best, name) * factor)
+                    if value == getattr(best, name):
+                        break
+                    cand = best.with_(**{name: value})
                     loss = _loss(cells, cand, settings, replicas)
                     evals += 1
                     if loss >= best_loss - 1e-9:
@@ -223,7 +232,19 @@ def ordering(rows: list[dict]) -> dict:
     return out
 
 
-ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention")
+ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
+                "frontend_s_per_request", "frontend_s_per_token")
+
+
+def frontend_bounds(split: dict, capacity: dict | None) -> dict:
+    """Where the ingress's two costs may go in the fit: per request, from the GPU host's tokenise + hash
+    at c=1 (``split``, a floor: the ingress also parses, routes and opens the stream) up to the CPU
+    figure of ``ingress_capacity`` (a slower machine's whole ingress); per token, up to the CPU figure."""
+    cpu = (capacity or {}).get("cost_fit", {}).get("ingress", {})
+    req_hi = cpu.get("cpu_ms_per_request", 11.3) / 1e3
+    tok_hi = cpu.get("cpu_us_per_token", 184.0) / 1e6
+    return {"frontend_s_per_request": (min(split.get("frontend_s_per_request", 0.0), req_hi), req_hi),
+            "frontend_s_per_token": (tok_hi / 100, tok_hi)}
 
 
 def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineModel:
@@ -248,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tier-check", default=None, metavar="PREFIX_TOKENS:RECOMPUTE_MS:TIER_HIT_MS",
                     help="a KV-tier GPU result given by hand (without --kv-tier): reproduced in the output")
     ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
+    ap.add_argument("--ingress-capacity", default="benchmarks/results/ingress_capacity_cpu.json",
+                    help="the ingress's CPU costs measured on a CPU (bounds the fitted ones; '' for none)")
     ap.add_argument("--replicas", type=int, default=4, help="replicas in the routing run (all on one GPU)")
     ap.add_argument("--routing-model-shape", default="llama-3.2-1b", choices=sorted(SHAPES),
                     help="the routing run's model shape (configs/gpu-routing.yaml: llama-3.2-1b)")
@@ -298,25 +321,31 @@ def main(argv: list[str] | None = None) -> int:
     if check:
         doc["tier"] = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2],
                                source=args.kv_tier or args.tier_source)
-        if engine.tier_hit_s:  # the hit is then matched by construction; what the copy alone gives
+        if engine.tier_hit_s:  # what the copy alone gives; the hit is matched by construction only when fitted from it
             bare = tier_row(engine.with_(tier_hit_s=0.0), prefix_tokens=check[0], recompute_ms=check[1],
                             tier_hit_ms=check[2], source="")
-            doc["tier"].update(tier_hit_by_construction=True, sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
+            doc["tier"].update(tier_hit_by_construction=tier_fit is None or tier_fit["tier_hit_s_how"].startswith("from the hit"),
+                               sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
                                tier_hit_error_without_hit_cost=bare["tier_hit_error"])
         print(json.dumps(doc["tier"]))
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())
         settings, cells = routing["scale_settings"], gpu_cells(routing)
         kw = settings.get("engine_kwargs", {})
-        # kvserve's form (its ingress work a FIFO per ingress, the rest a constant), the routing run's shape
+        # kvserve's form (its ingress work on one shared core per ingress, the rest a constant), the routing run's shape
         split = inputs["stage_split"].get("kvserve", {})
         start = for_shape(engine, args.model_shape, args.routing_model_shape).with_(
             replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)),
             kv_admission="num_gpu_blocks_override" in kw,
             **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s") if k in split})
+        capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
+        bounds = frontend_bounds(split, capacity)
         fitted, info = fit([c for c in cells if c.strategy == "round-robin" and c.ingresses == 1], start, settings,
-                           args.replicas, rounds=args.rounds, free=ROUTING_FREE, log=lambda m: print(m, file=sys.stderr))
-        info.update(start=start.to_dict(), free=list(ROUTING_FREE), model_shape=args.routing_model_shape,
+                           args.replicas, rounds=args.rounds, free=ROUTING_FREE, bounds=bounds,
+                           log=lambda m: print(m, file=sys.stderr))
+        info.update(start=start.to_dict(), free=list(ROUTING_FREE), model_shape=args.routing_model_shape, bounds=bounds,
+                    ingress_capacity=args.ingress_capacity,
+                    ingress_cpu_costs=(capacity or {}).get("cost_fit", {}).get("ingress"),
                     schema=routing.get("schema"))
         rrows = residuals(cells, fitted, settings, args.replicas)
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info, "residuals": rrows,

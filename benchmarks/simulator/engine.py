@@ -17,9 +17,14 @@ step decodes one token for each running request and spends the rest of a ``chunk
 scheduling, the wait for the store): fixed per hit, it delays that request's first chunk only (the
 replica keeps stepping its other requests meanwhile).
 
-The ingress replica (proxy + ingress process) is one FIFO server per ingress: each request costs
-``frontend_s_per_request`` before it is routed and each streamed token ``frontend_s_per_token``;
-a first token reaches the client once the server has worked through what was queued before it.
+The ingress replica (proxy + ingress process) is one CPU core per ingress (``frontend.py``): each
+request costs ``frontend_s_per_request`` before it is routed and each streamed token
+``frontend_s_per_token`` on the way back. ``frontend_sharing`` "ps" (the default) shares the core
+equally among the requests with work pending, as the ingress's asyncio loop interleaves them: a
+token reaches the client once its request's share has done that work, and a request is done for the
+client (closed loop: its next one is sent) when its last token has. "fifo" is one queue: a request
+is routed, and a first token seen, once everything queued before it is done (the per-token work
+then only delays later arrivals; the engine's completion is the client's).
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
 engine core), one FIFO server costing ``input_s_per_request`` before the request reaches the
 scheduler. ``request_overhead_s`` is the rest of the serving latency at concurrency 1, added to every
@@ -56,6 +61,7 @@ class EngineModel:
     input_s_per_request: float = 0.0
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
+    frontend_sharing: str = "ps"
     kv_blocks: int = 4096
     kv_admission: bool = False
     block_size: int = 16
@@ -68,6 +74,8 @@ class EngineModel:
     def __post_init__(self) -> None:
         if self.prefill_tokens_per_s <= 0 or self.tier_gbps <= 0 or self.step_s <= 0:
             raise ValueError("prefill_tokens_per_s, step_s and tier_gbps must be > 0")
+        if self.frontend_sharing not in ("ps", "fifo"):
+            raise ValueError(f"frontend_sharing must be 'ps' or 'fifo', not {self.frontend_sharing!r}")
         if self.tier_hit_s < 0:
             raise ValueError("tier_hit_s must be >= 0")
         if self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1:

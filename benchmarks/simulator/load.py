@@ -33,7 +33,9 @@ class Turn:
     sent_at: float = 0.0
     attempts: int = 0
     first_token: bool = False  # a first token was already streamed (a retry keeps that TTFT)
-    first_at: float = 0.0
+    first_at: float = 0.0  # its first token left the engine
+    seen_first_at: float = 0.0  # ... and reached the client (PS front end: streamed by its ingress)
+    replica: str = ""  # the replica that completed it
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
 
 

@@ -28,8 +28,9 @@ test.
 
 A kvserve run that carries its stage histograms (``stages_ms`` at c=1, means) is simulated with its
 overhead split by them (``kvserve_split``): the ingress's CPU work per request (``INGRESS_STAGES``:
-accept, tokenise, hash, on the ingress's event loop or its one prepare thread) is one FIFO server per
-ingress replica (``frontend_s_per_request``, ``ingresses`` of them, requests spread round-robin); the
+accept, tokenise, hash, on the ingress's event loop or its one prepare thread) is one CPU core per
+ingress replica (``frontend_s_per_request``, shared as ``EngineModel.frontend_sharing`` says,
+``ingresses`` of them, requests spread round-robin); the
 engine has no front end of its own (``input_s_per_request`` = 0: the ingress hands it token ids);
 the rest (dispatch, the replica's return path, the first byte, HTTP and the client) is
 ``request_overhead_s``, a fixed latency. The engine written for other uses (``fit_serving``'s

@@ -13,8 +13,10 @@ waiting request first. A request's reused prefix is looked up when the scheduler
 (GPU blocks, then tier blocks, loaded at ``tier_gbps`` plus a fixed ``tier_hit_s`` before its first chunk); its blocks are cached
 (and, with the tier, written to it) when its prefill completes, which is its first token. Before its
 scheduler, each replica has its own front end (vLLM's input processing), a FIFO server of
-``input_s_per_request``. A failed replica's requests are re-sent through the ingresses (TTFT still
-counts from the first send); autoscaling adds cold replicas after ``start_s`` and retires idle ones.
+``input_s_per_request``. Each ingress's CPU (``frontend.py``, costs in ``engine.py``) delays the
+route, the first token and, with processor sharing, the client's completion. A failed replica's
+requests are re-sent through the ingresses (TTFT still counts from the first send); autoscaling adds
+cold replicas after ``start_s`` and retires idle ones.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.frontend import FifoServer, PSServer
 from benchmarks.simulator.load import Driver, Turn
 from benchmarks.simulator.replica import Job, ObjectTier, Replica
 from benchmarks.simulator.result import Result, deep_size
@@ -64,12 +67,8 @@ class _Ingress:
     load: LoadTracker
     rng: random.Random
     precise: object | None = None
-    busy_until: float = 0.0  # the frontend FIFO server: time its queued work ends
-
-    def work(self, now: float, seconds: float) -> float:
-        """Queue ``seconds`` of frontend work; returns when it is done."""
-        self.busy_until = max(now, self.busy_until) + seconds
-        return self.busy_until
+    fifo: FifoServer = field(default_factory=FifoServer)  # its CPU, frontend_sharing "fifo"
+    cpu: PSServer = field(default_factory=PSServer)  # its CPU, frontend_sharing "ps"
 
 
 @dataclass
@@ -96,6 +95,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         ings.append(_Ingress(policy, LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token),
                              random.Random(f"{seed}/ingress/{i}"), getattr(policy, "precise", None)))
     precise = ings[0].precise is not None
+    ps = engine.frontend_sharing == "ps"
     st = _State()
     heap: list = []
     seq = 0
@@ -156,17 +156,52 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
     def arrive(turn: Turn, now: float) -> None:
         ing = ings[(turn.rid + turn.attempts) % len(ings)]
         turn.ingress = ing
-        if engine.frontend_s_per_request > 0:
-            push(ing.work(now, engine.frontend_s_per_request), "route", turn)
-        else:
+        if engine.frontend_s_per_request <= 0:
             route(turn, now)
+        elif ps:
+            ing.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_request, ("route", turn, turn.attempts))
+            wake(ing)
+        else:
+            push(ing.fifo.work(now, engine.frontend_s_per_request), "route", turn)
+
+    def wake(ing: _Ingress) -> None:
+        """Schedule ``ing``'s processor-sharing CPU to hand back its next mark (earlier wake-ups go stale)."""
+        t = ing.cpu.next_time()
+        ing.cpu.version += 1
+        if t is not None:
+            push(t, "frontend", (ing, ing.cpu.version))
+
+    def frontend(ing: _Ingress, now: float) -> None:
+        for what, turn, attempt in ing.cpu.due(now):
+            if attempt != turn.attempts:
+                continue  # sent again meanwhile (its replica failed): that stream is gone
+            if what == "route":
+                route(turn, now)
+            elif what == "first":
+                seen_first(turn, now)
+            else:
+                seen_last(turn, now)
+        wake(ing)
 
     def stream(rep: Replica, tokens: int, now: float) -> None:
-        """``tokens`` output tokens leave ``rep``: frontend work, spread over the ingresses."""
-        if engine.frontend_s_per_token > 0 and tokens:
+        """``tokens`` output tokens leave ``rep`` (one per running request): frontend work. FIFO: spread over
+        the ingresses; PS: each on its request's stream, the last one marked."""
+        if engine.frontend_s_per_token <= 0 or not tokens:
+            return
+        if not ps:
             per = engine.frontend_s_per_token * tokens / len(ings)
             for ing in ings:
-                ing.work(now, per)
+                ing.fifo.work(now, per)
+            return
+        k, touched = rep.steps, set()
+        for step, jobs in rep.finishing.items():
+            for job in jobs:
+                turn = job.turn
+                mark = ("last", turn, turn.attempts) if step == k else None
+                turn.ingress.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_token, mark)
+                touched.add(turn.ingress)
+        for ing in touched:
+            wake(ing)
 
     def route(turn: Turn, now: float) -> None:
         ing = turn.ingress
@@ -266,11 +301,17 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
 
     def first_token(rep: Replica, job: Job, k: int, now: float) -> None:
         turn = job.turn
-        if not turn.first_token:
+        if ps and engine.frontend_s_per_token > 0:
+            turn.first_at = now
+            last = turn.output_tokens <= 1
+            turn.ingress.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_token,
+                                 ("last" if last else "first", turn, turn.attempts))
+            wake(turn.ingress)
+        elif not turn.first_token:
             turn.first_token = True
             turn.first_at = now
             if turn.rid >= measure_from:
-                seen = turn.ingress.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
+                seen = turn.ingress.fifo.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
                 res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
         rep.meter.first_output(now, turn.prompt_tokens - job.cached)
         stored, removed = rep.insert(turn.block_hashes)
@@ -291,12 +332,29 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             rep.finishing.setdefault(k + turn.output_tokens - 1, []).append(job)
 
     def complete(rep: Replica, job: Job, now: float) -> None:
-        nonlocal outstanding
+        """``job``'s last token leaves ``rep``; the client sees it now, or (PS front end) once its ingress has streamed it."""
         turn = job.turn
         rep.release(job)
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
-        turn.ingress.load.on_completed(rep.rid, str(turn.rid))
+        turn.replica = rep.rid
+        if not (ps and engine.frontend_s_per_token > 0):
+            seen_last(turn, now)
+
+    def seen_first(turn: Turn, now: float) -> None:
+        """The client gets ``turn``'s first token (PS front end: after its ingress streamed it)."""
+        turn.seen_first_at = now
+        if not turn.first_token:
+            turn.first_token = True
+            if turn.rid >= measure_from:
+                res.ttft_s.append(now - turn.sent_at + engine.request_overhead_s)
+
+    def seen_last(turn: Turn, now: float) -> None:
+        """The client gets ``turn``'s last token: the request is done for the ingress and the driver."""
+        nonlocal outstanding
+        if turn.output_tokens <= 1 and ps and engine.frontend_s_per_token > 0:
+            seen_first(turn, now)
+        turn.ingress.load.on_completed(turn.replica, str(turn.rid))
         outstanding -= 1
         driver.finish(turn, now, send)
         if turn.rid < measure_from:
@@ -305,7 +363,8 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             res.first_measured = turn.sent_at
         res.e2e_s.append(now - turn.sent_at + engine.request_overhead_s)
         if turn.output_tokens > 1:
-            res.tpot_s.append((now - turn.first_at) / (turn.output_tokens - 1))
+            start = turn.seen_first_at if ps and engine.frontend_s_per_token > 0 else turn.first_at
+            res.tpot_s.append((now - start) / (turn.output_tokens - 1))
         res.output_tokens += turn.output_tokens
         res.completed += 1
         res.last_done = now
@@ -372,6 +431,9 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             arrive(payload, now)
         elif kind == "route":
             route(payload, now)
+        elif kind == "frontend":
+            if payload[1] == payload[0].cpu.version:
+                frontend(payload[0], now)
         elif kind == "enqueue":
             payload[0].entering -= 1
             enqueue(*payload, now)
@@ -398,7 +460,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             autoscale(now)
             push(now + cluster.autoscale.period_s, "scale", None)
         gpus = gpu_count() if kind in ("fail", "ready", "scale") else gpus
-        if outstanding == 0 and tick is None and kind in ("step", "tick"):
+        if outstanding == 0 and tick is None and kind in ("step", "tick", "frontend"):
             break
     res.replicas_end = sum(1 for r in st.reps.values() if r.alive)
     res.gpus_end = gpus

@@ -1,0 +1,97 @@
+"""The ingress replica's CPU as a queueing server: ``FifoServer`` and ``PSServer``.
+
+Owns the two disciplines ``sim.py`` can give an ingress (``EngineModel.frontend_sharing``):
+
+- ``FifoServer``: one queue, work done in arrival order; a job finishes once everything queued before it
+  has. Kept for the earlier calibrations and for callers that ask for it.
+- ``PSServer``: egalitarian processor sharing, as an asyncio loop interleaving its coroutines: the
+  ``n`` jobs with work pending each get ``1/n`` of one core. A job is one request's stream through the
+  ingress (its work before routing, then one cost per token on the way back, done in order); ``mark``
+  names a point of that work (the route, the first token, the last token) and is handed back once
+  the job's service reaches it.
+
+Virtual time ``v`` is the service every active job has received: ``dv/dt = 1/n``. A job active from
+``v0`` with ``w`` seconds of work is done at ``v = v0 + w``; work added to an active job moves its end.
+Invariants (``tests/unit/test_simulator_frontend.py``): the work done equals the busy time (work
+conserved); a lone job's delay is its cost; ``n`` equal jobs started together finish together after
+``n`` times the cost. The caller schedules a wake-up at ``next_time()`` after every change and calls
+``due(now)`` then; ``version`` tells a stale wake-up from the current one.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+_EPS = 1e-12
+
+
+class FifoServer:
+    """One core, first come first served."""
+
+    def __init__(self) -> None:
+        self.busy_until = 0.0
+
+    def work(self, now: float, seconds: float) -> float:
+        """Queue ``seconds`` of work; returns when it is done."""
+        self.busy_until = max(now, self.busy_until) + seconds
+        return self.busy_until
+
+
+class PSServer:
+    """One core shared equally by its active jobs (egalitarian processor sharing)."""
+
+    def __init__(self) -> None:
+        self.v = 0.0  # virtual time: service per active job so far
+        self.t = 0.0  # real time ``v`` was last brought up to
+        self.ends: dict[object, float] = {}  # active job -> virtual time its pending work ends
+        self._ends: list = []  # heap (v_end, seq, job), stale entries skipped
+        self._marks: list = []  # heap (v_at, seq, mark)
+        self._seq = 0
+        self.version = 0
+        self.busy_s = 0.0  # real time with at least one active job
+        self.work_added_s = 0.0
+
+    @property
+    def active(self) -> int:
+        return len(self.ends)
+
+    def _advance(self, now: float) -> None:
+        assert now >= self.t - 1e-9, f"time went back: {now} < {self.t}"
+        if self.ends and now > self.t:
+            self.v += (now - self.t) / len(self.ends)
+            self.busy_s += now - self.t
+        self.t = max(self.t, now)
+
+    def add(self, now: float, job: object, seconds: float, mark: object = None) -> None:
+        """Add ``seconds`` of work to ``job`` (after what it has pending); ``mark`` is handed back by ``due``
+        once this work is done."""
+        self._advance(now)
+        end = self.ends.get(job, self.v) + seconds
+        self.ends[job] = end
+        self.work_added_s += seconds
+        self._seq += 1
+        heapq.heappush(self._ends, (end, self._seq, job))
+        if mark is not None:
+            heapq.heappush(self._marks, (end, self._seq, mark))
+
+    def next_time(self) -> float | None:
+        """When the next job ends or mark is reached at the current sharing (None: idle)."""
+        while self._ends and self.ends.get(self._ends[0][2]) != self._ends[0][0]:
+            heapq.heappop(self._ends)
+        nxt = min(x[0][0] for x in (self._ends, self._marks) if x) if (self._ends or self._marks) else None
+        if nxt is None:
+            return None
+        return self.t + max(0.0, nxt - self.v) * max(1, len(self.ends))
+
+    def due(self, now: float) -> list:
+        """Bring the server to ``now`` (no job may end strictly before it: wake at ``next_time``); returns
+        the marks reached, in order, and retires the jobs whose work is done."""
+        self._advance(now)
+        out = []
+        while self._marks and self._marks[0][0] <= self.v + _EPS:
+            out.append(heapq.heappop(self._marks)[2])
+        while self._ends and self._ends[0][0] <= self.v + _EPS:
+            end, _, job = heapq.heappop(self._ends)
+            if self.ends.get(job) == end:
+                del self.ends[job]
+        return out

@@ -1,0 +1,96 @@
+"""The ingress CPU's disciplines (``benchmarks/simulator/frontend.py``): processor sharing conserves work,
+a lone job is delayed by its cost alone, equal jobs finish together, and in the simulator a PS ingress
+delays first tokens and caps a closed loop's throughput; FIFO stays available."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.simulator import workloads
+from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.frontend import FifoServer, PSServer
+from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.sim import ClusterSpec, simulate
+from serve_app.config.routing import RoutingConfig
+
+pytestmark = pytest.mark.unit
+
+ENGINE = EngineModel(prefill_tokens_per_s=20_000, step_s=0.005, kv_blocks=1024, block_size=16)
+
+
+def drain(server: PSServer) -> list[tuple[float, object]]:
+    """Run ``server`` until idle; returns (time, mark) in the order reached."""
+    out = []
+    while (t := server.next_time()) is not None:
+        out += [(t, m) for m in server.due(t)]
+    return out
+
+
+def test_a_lone_job_is_delayed_by_its_cost():
+    s = PSServer()
+    s.add(2.0, "a", 0.011, "routed")
+    s.add(2.0, "a", 0.0002, "first")
+    assert drain(s) == [(pytest.approx(2.011), "routed"), (pytest.approx(2.0112), "first")]
+    assert s.active == 0
+
+
+def test_equal_jobs_started_together_finish_together():
+    s = PSServer()
+    for j in range(5):
+        s.add(1.0, j, 0.01, j)
+    done = drain(s)
+    assert sorted(m for _, m in done) == list(range(5))
+    assert {round(t, 9) for t, _ in done} == {1.05}
+
+
+def test_a_short_job_overtakes_a_long_one():
+    s = PSServer()
+    s.add(0.0, "long", 0.02, "long")
+    s.add(0.01, "short", 0.005, "short")  # long has 0.01 left; both at half speed
+    assert drain(s) == [(pytest.approx(0.02), "short"), (pytest.approx(0.025), "long")]
+
+
+def test_work_is_conserved():
+    rng, s, t = random.Random(7), PSServer(), 0.0
+    arrivals = sorted((rng.uniform(0, 1.0), j, rng.uniform(0.001, 0.05)) for j in range(200))
+    reached = []
+    for at, j, w in arrivals:
+        while (nxt := s.next_time()) is not None and nxt <= at:
+            reached += s.due(nxt)
+        s.add(at, j % 17, w, j)
+    reached += [m for _, m in drain(s)]
+    assert sorted(reached) == list(range(200))
+    assert s.busy_s == pytest.approx(s.work_added_s) == pytest.approx(sum(w for _, _, w in arrivals))
+
+
+def test_fifo_server_queues_in_arrival_order():
+    f = FifoServer()
+    assert f.work(1.0, 0.01) == pytest.approx(1.01)
+    assert f.work(1.0, 0.01) == pytest.approx(1.02)
+    assert f.work(5.0, 0.01) == pytest.approx(5.01)
+
+
+def test_the_sharing_is_validated():
+    with pytest.raises(ValueError):
+        EngineModel(frontend_sharing="lifo")
+
+
+def _closed(engine: EngineModel) -> dict:
+    plan = LoadPlan("concurrency", 32, duration_s=6.0)
+    sessions = workloads.multiturn_sessions(sessions=64, turns=4, system_words=256, output_len=32, block_size=16)
+    return simulate(Driver(sessions, plan), RoutingConfig(strategy="round-robin").knobs(), ClusterSpec(2),
+                    engine).summary(per_replica=False)
+
+
+def test_a_ps_ingress_delays_first_tokens_and_caps_a_closed_loop():
+    free = _closed(ENGINE)
+    costly = ENGINE.with_(frontend_s_per_request=0.002, frontend_s_per_token=0.0002)
+    ps, fifo = _closed(costly), _closed(costly.with_(frontend_sharing="fifo"))
+    assert ps["ttft_p50_ms"] > free["ttft_p50_ms"] + 2.0  # at least the per-request cost
+    # one core: 2 ms per request + 0.2 ms per token bound the rate; the client sees it (the loop waits)
+    requests_per_s = ps["output_tok_per_s"] / 32
+    assert requests_per_s * 0.002 + ps["output_tok_per_s"] * 0.0002 <= 1.02
+    assert ps["output_tok_per_s"] < free["output_tok_per_s"]
+    assert fifo["requests"] > 0 and fifo["ttft_p50_ms"] != ps["ttft_p50_ms"]
