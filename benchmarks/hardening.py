@@ -179,11 +179,9 @@ async def run(args) -> dict:
     cfg = load_app_config(raw)
     model, dep = cfg.models[0].id, "vllm-" + cfg.models[0].id
     if args.fast_path:  # what `kvserve serve --fast-path` and the kuberay pods set: HAProxy, not Serve's proxy
-        from serve_app import settings
-        from serve_app.haproxy_guard import write_wrapper
+        from serve_app.haproxy_guard import fast_path_env
 
-        os.environ.update(settings.SERVE_FAST_PATH_ENV)
-        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(write_wrapper()))
+        os.environ.update(fast_path_env())
     ray.init(num_cpus=6, include_dashboard=True, object_store_memory=2 * 1024**3)
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})

