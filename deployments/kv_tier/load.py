@@ -42,7 +42,7 @@ import numpy as np
 import ray
 import torch
 
-from deployments.kv_tier.directory import LOAD_PHASES, LoadRecord, Location
+from deployments.kv_tier.directory import LOAD_PHASES, ChunkLocation, LoadRecord
 from deployments.kv_tier.host_memory import HostRegistrar, plasma_ranges
 from deployments.kv_tier.pages import KVPages, make_slots, scatter_runs
 from deployments.kv_tier.shared import LOST_ERRORS, inc, observe
@@ -123,17 +123,10 @@ class Loader:
         futs: list[Future | None] = []
         marks = [t0, time.perf_counter()]  # submit, start, then the end of each phase reached
         try:
-            locs: list[Location | None] = ray.get(self.directory.locate.remote(keys), timeout=self.timeout_s)
+            located: list[ChunkLocation] = ray.get(self.directory.locate.remote(keys), timeout=self.timeout_s)
             marks.append(time.perf_counter())
-            chunks: dict[int, tuple[Location, list[int], list[int]]] = {}
-            for i, (loc, bid) in enumerate(zip(locs, block_ids)):
-                if loc is None:
-                    failed.update(block_ids[i:])
-                    break
-                entry = chunks.setdefault(loc.chunk_id, (loc, [], []))
-                entry[1].append(loc.index)
-                entry[2].append(bid)
-            entries = list(chunks.values())
+            failed.update(block_ids[sum(len(c.pos) for c in located):])  # past the first absent key
+            entries = [(c, list(c.src), [block_ids[i] for i in c.pos]) for c in located]
             arrs: list = [None] * len(entries)
             try:  # one ray.get for every chunk: one wait (and one GIL hand-back) instead of one per chunk
                 arrs = ray.get([loc.ref for loc, _, _ in entries], timeout=self.timeout_s)
@@ -195,7 +188,7 @@ class Loader:
                 stream.synchronize()
         return done
 
-    def _load_chunk(self, loc: Location, src: list[int], dst: list[int], arr=None) -> int:
+    def _load_chunk(self, loc: ChunkLocation, src: list[int], dst: list[int], arr=None) -> int:
         """0: lost (recompute), ``_STAGED``: copied via a pinned slot (or CPU), ``_DIRECT``: DMA'd
         from registered plasma. ``arr``: the chunk, if the caller already has it."""
         try:

@@ -24,9 +24,8 @@ def _dir_with(*chunks: tuple[str, int], budget: int = 300, owner: str = "A") -> 
 
 def test_add_and_locate():
     d = _dir_with(("a", 100))
-    locs = d.locate([b"a0", b"a1", b"x"])
-    assert [(l.ref, l.index, l.owner) for l in locs[:2]] == [("ref-a", 0, "A"), ("ref-a", 1, "A")]
-    assert locs[2] is None
+    (loc,) = d.locate([b"a0", b"a1", b"x", b"a0"])  # one entry per chunk; nothing past the first absent key
+    assert (loc.ref, loc.owner, loc.src, loc.pos) == ("ref-a", "A", (0, 1), (0, 1))
     assert d.stats()["bytes_used"] == 100 and d.stats()["blocks"] == 2
 
 
@@ -73,7 +72,7 @@ def test_oversized_and_duplicate_chunks_are_rejected():
     assert d.stats()["bytes_used"] == 100 and d.stats()["chunks_rejected"] == 2
     # Partially new: only the new key maps to the new chunk; the old mapping wins.
     assert d.add_chunk("B", [b"a1", b"n"], "ref-n", 50)
-    assert [l.ref for l in d.locate([b"a1", b"n"])] == ["ref-a", "ref-n"]
+    assert [(l.ref, l.src, l.pos) for l in d.locate([b"a1", b"n"])] == [("ref-a", (1,), (0,)), ("ref-n", (1,), (1,))]
 
 
 def test_drop_owner_and_lost_keys():

@@ -112,6 +112,23 @@ def test_gpu_scale_runs_two_ingress_replicas_with_tier_only_differing() -> None:
     assert on == off
 
 
+def test_gpu_8b_scale_puts_two_8b_replicas_on_one_gpu_and_outgrows_their_caches() -> None:
+    import yaml
+
+    from benchmarks.gpu.kv_tier_e2e import ROOT
+    scale = e2e.SCALES["gpu-8b"]
+    base = yaml.safe_load((ROOT / scale["config"]).read_text())
+    per_token = 128 * 1024  # Llama-3.1-8B: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes
+    on = e2e.system_config(base, True, scale, scale["kv_cache_tokens"] * per_token, cpu=False)
+    m = on["applications"][0]["args"]["models"][0]
+    assert m["id"] == "llama-3.1-8b" and m["deployment"]["num_replicas"] == 2
+    assert m["deployment"]["ray_actor_options"]["num_gpus"] * 2 <= 1
+    assert m["engine_kwargs"]["gpu_memory_utilization"] * 2 < 1  # vLLM checks it against free memory at start
+    assert m["engine_kwargs"]["kv_cache_memory_bytes"] == 4 << 30
+    doc_set = scale["docs"] * 6144 * per_token
+    assert 3 * 2 * (4 << 30) < doc_set <= scale["tier"]["budget_gib"] * (1 << 30) <= 0.6 * scale["object_store_gib"] * (1 << 30)
+
+
 COMMON = 'Component="core_worker",NodeAddress="10.0.0.1",SessionName="s",Version="2.60.0"'
 DEP = "vllm-llama-3-2-1b"
 INF = float("inf")

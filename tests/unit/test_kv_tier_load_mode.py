@@ -22,7 +22,7 @@ pytest.importorskip("vllm")
 from deployments.kv_tier import load as load_mod  # noqa: E402
 from deployments.kv_tier import scheduler as scheduler_mod  # noqa: E402
 from deployments.kv_tier.context import TierContext  # noqa: E402
-from deployments.kv_tier.directory import LOAD_PHASES, Location  # noqa: E402
+from deployments.kv_tier.directory import LOAD_PHASES, ChunkLocation  # noqa: E402
 from deployments.kv_tier.keys import FINGERPRINT_BYTES  # noqa: E402
 from deployments.kv_tier.load import Loader  # noqa: E402
 from deployments.kv_tier.messages import TierMeta, TierOp  # noqa: E402
@@ -123,10 +123,8 @@ class FakeDirectory:
         self.chunk = (np.arange(LAYERS * n_blocks * PAGE_FLOATS * 4, dtype=np.uint32) % 251 + 1).astype(np.uint8)
         self.chunk = self.chunk.reshape(LAYERS, n_blocks, PAGE_FLOATS * 4)
         ref = Gate(lost if lost is not None else self.chunk)
-        locs = [Location(ref, i, chunk_id=7, owner="a") for i in range(n_blocks)]
-        if missing_from is not None:
-            locs[missing_from:] = [None] * (n_blocks - missing_from)
-        self.gate = Gate(locs, opened=gate_open)
+        found = n_blocks if missing_from is None else missing_from
+        self.gate = Gate([ChunkLocation(ref, 7, "a", tuple(range(found)), tuple(range(found)))], opened=gate_open)
         self.locate = _Remote(lambda keys: self.gate)
         self.dropped: list[int] = []
         self.drop_chunk = _Remote(self.dropped.append)
@@ -221,7 +219,7 @@ def test_a_failing_chunk_is_reported_only_after_the_loads_other_copies_ended():
     d = FakeDirectory(2)
     held = Gate(d.chunk, opened=False)
     flaky = FlakyRef()
-    d.gate = Gate([Location(flaky, 0, chunk_id=1, owner="a"), Location(held, 0, chunk_id=2, owner="a")])
+    d.gate = Gate([ChunkLocation(flaky, 1, "a", (0,), (0,)), ChunkLocation(held, 2, "a", (0,), (1,))])
     w, pages = _worker("async", d)
     w.start_load_kv(_meta([0, 5]))
     time.sleep(0.1)  # chunk 1 has failed by now; chunk 2's copy is still waiting for its data
@@ -245,7 +243,7 @@ def test_sync_worker_loads_inside_the_step_and_reports_no_finished_recving():
 def test_a_load_reports_its_phases_to_the_directory_and_as_metrics(monkeypatch):
     d = FakeDirectory(2)
     held = Gate(d.chunk, opened=False)
-    d.gate = Gate([Location(held, i, chunk_id=7, owner="a") for i in range(2)], opened=False)
+    d.gate = Gate([ChunkLocation(held, 7, "a", (0, 1), (0, 1))], opened=False)
     records, observed = [], []
     d.note_load = _Remote(records.append)
     monkeypatch.setattr(load_mod, "observe", lambda name, v, tags: observed.append((name, tags.get("phase"), v)))
