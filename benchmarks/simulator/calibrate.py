@@ -24,8 +24,9 @@ TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a p
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
 how far to trust the simulator for routing. Ray's own router is not simulated; its cells are skipped.
 With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
-processor-sharing core whose costs per request and per streamed token are fitted from the CPU seconds
-each cell's client measured of itself (``client_fit.py``), set before the fit and not moved by it.
+processor-sharing core whose costs per request and per streamed token (over what its loop's background
+load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
+set before the fit and not moved by it.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
