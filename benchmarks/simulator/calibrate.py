@@ -23,6 +23,10 @@ round-robin cells, which measure the engine (round-robin ignores caches): open-l
 TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
 how far to trust the simulator for routing. Ray's own router is not simulated; its cells are skipped.
+With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
+processor-sharing core whose costs per request and per streamed token (over what its loop's background
+load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
+set before the fit and not moved by it.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
@@ -42,6 +46,7 @@ from pathlib import Path
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
+from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.serving_cells import (
@@ -271,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
     ap.add_argument("--ingress-capacity", default="benchmarks/results/ingress_capacity_cpu.json",
                     help="the ingress's CPU costs measured on a CPU (bounds the fitted ones; '' for none)")
+    ap.add_argument("--client-logs", nargs="*", default=[],
+                    help="bench JSONs or log archives of the routing run (summary.client.cpu_s): the client's core")
     ap.add_argument("--replicas", type=int, default=4, help="replicas in the routing run (all on one GPU)")
     ap.add_argument("--routing-model-shape", default="llama-3.2-1b", choices=sorted(SHAPES),
                     help="the routing run's model shape (configs/gpu-routing.yaml: llama-3.2-1b)")
@@ -338,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)),
             kv_admission="num_gpu_blocks_override" in kw,
             **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s") if k in split})
+        client = fit_client(client_rows(args.client_logs)) if args.client_logs else None
+        if client:
+            start = start.with_(client_s_per_request=client["client_s_per_request"],
+                                client_s_per_token=client["client_s_per_token"])
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = frontend_bounds(split, capacity)
         fitted, info = fit([c for c in cells if c.strategy == "round-robin" and c.ingresses == 1], start, settings,
@@ -349,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     schema=routing.get("schema"))
         rrows = residuals(cells, fitted, settings, args.replicas)
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info, "residuals": rrows,
+                          "client_fit": client and dict(client, sources=args.client_logs),
                           "ordering": ordering(rrows), "modelled_cells": sum(r["modelled"] for r in rrows),
                           "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25 for r in rrows),
                           "open_loop_cells": sum(not r["closed_loop"] for r in rrows),

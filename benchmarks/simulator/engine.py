@@ -25,6 +25,11 @@ token reaches the client once its request's share has done that work, and a requ
 client (closed loop: its next one is sent) when its last token has. "fifo" is one queue: a request
 is routed, and a first token seen, once everything queued before it is done (the per-token work
 then only delays later arrivals; the engine's completion is the client's).
+The load generator (``kvserve bench``: one asyncio process) is one more processor-sharing core,
+shared by every request of the run: ``client_s_per_request`` to build and send a request (after the
+client's clock starts, before the ingress sees it) and ``client_s_per_token`` to read and parse each
+streamed token. The client sees a first token, and a closed-loop worker sends its next request, once
+the client's share has done that work; 0 (the default) is a client of infinite speed.
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
 engine core), one FIFO server costing ``input_s_per_request`` before the request reaches the
 scheduler. ``request_overhead_s`` is the rest of the serving latency at concurrency 1, added to every
@@ -62,6 +67,8 @@ class EngineModel:
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
     frontend_sharing: str = "ps"
+    client_s_per_request: float = 0.0
+    client_s_per_token: float = 0.0
     kv_blocks: int = 4096
     kv_admission: bool = False
     block_size: int = 16
@@ -78,6 +85,8 @@ class EngineModel:
             raise ValueError(f"frontend_sharing must be 'ps' or 'fifo', not {self.frontend_sharing!r}")
         if self.tier_hit_s < 0:
             raise ValueError("tier_hit_s must be >= 0")
+        if self.client_s_per_request < 0 or self.client_s_per_token < 0:
+            raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
         if self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1:
             raise ValueError("kv_blocks, block_size, chunk_tokens and replicas_per_gpu must be >= 1")
 

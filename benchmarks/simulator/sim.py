@@ -14,7 +14,10 @@ waiting request first. A request's reused prefix is looked up when the scheduler
 (and, with the tier, written to it) when its prefill completes, which is its first token. Before its
 scheduler, each replica has its own front end (vLLM's input processing), a FIFO server of
 ``input_s_per_request``. Each ingress's CPU (``frontend.py``, costs in ``engine.py``) delays the
-route, the first token and, with processor sharing, the client's completion. A failed replica's
+route, the first token and, with processor sharing, the client's completion. The load generator's
+own core (``engine.client_s_per_*``, one ``PSServer`` for the whole run) builds each request before
+the ingress sees it and reads every streamed token: the client's TTFT is its first token read, and a
+closed-loop worker sends its next request once it has read the last. A failed replica's
 requests are re-sent through the ingresses (TTFT still counts from the first send); autoscaling adds
 cold replicas after ``start_s`` and retires idle ones.
 """
@@ -96,6 +99,9 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
                              random.Random(f"{seed}/ingress/{i}"), getattr(policy, "precise", None)))
     precise = ings[0].precise is not None
     ps = engine.frontend_sharing == "ps"
+    ing_tok = ps and engine.frontend_s_per_token > 0  # tokens reach the client through the ingress's PS core
+    client = PSServer()  # the load generator's one core (engine.client_s_per_*)
+    cli_req, cli_tok = engine.client_s_per_request > 0, engine.client_s_per_token > 0
     st = _State()
     heap: list = []
     seq = 0
@@ -177,31 +183,61 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
                 continue  # sent again meanwhile (its replica failed): that stream is gone
             if what == "route":
                 route(turn, now)
+            else:
+                to_client(what, turn, now)
+        wake(ing)
+
+    def to_client(what: str, turn: Turn, now: float) -> None:
+        """The ingress streamed ``turn``'s first or last token: the client reads it (its core, if costly)."""
+        if not cli_tok:
+            (seen_first if what == "first" else seen_last)(turn, now)
+            return
+        client.add(now, (turn.rid, turn.attempts), engine.client_s_per_token, (what, turn, turn.attempts))
+        wake_client()
+
+    def wake_client() -> None:
+        t = client.next_time()
+        client.version += 1
+        if t is not None:
+            push(t, "client", client.version)
+
+    def client_due(now: float) -> None:
+        for what, turn, attempt in client.due(now):
+            if attempt != turn.attempts:
+                continue
+            if what == "arrive":
+                arrive(turn, now)
             elif what == "first":
                 seen_first(turn, now)
             else:
                 seen_last(turn, now)
-        wake(ing)
+        wake_client()
 
     def stream(rep: Replica, tokens: int, now: float) -> None:
         """``tokens`` output tokens leave ``rep`` (one per running request): frontend work. FIFO: spread over
         the ingresses; PS: each on its request's stream, the last one marked."""
-        if engine.frontend_s_per_token <= 0 or not tokens:
+        if not tokens:
             return
-        if not ps:
+        if engine.frontend_s_per_token > 0 and not ps:
             per = engine.frontend_s_per_token * tokens / len(ings)
             for ing in ings:
                 ing.fifo.work(now, per)
+        if not (ing_tok or cli_tok):
             return
         k, touched = rep.steps, set()
         for step, jobs in rep.finishing.items():
             for job in jobs:
-                turn = job.turn
-                mark = ("last", turn, turn.attempts) if step == k else None
-                turn.ingress.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_token, mark)
-                touched.add(turn.ingress)
+                turn, key = job.turn, (job.turn.rid, job.turn.attempts)
+                if ing_tok:
+                    turn.ingress.cpu.add(now, key, engine.frontend_s_per_token,
+                                         ("last", turn, turn.attempts) if step == k else None)
+                    touched.add(turn.ingress)
+                if cli_tok and step != k:  # the last token reaches the client through to_client
+                    client.add(now, key, engine.client_s_per_token)
         for ing in touched:
             wake(ing)
+        if cli_tok:
+            wake_client()
 
     def route(turn: Turn, now: float) -> None:
         ing = turn.ingress
@@ -301,12 +337,16 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
 
     def first_token(rep: Replica, job: Job, k: int, now: float) -> None:
         turn = job.turn
-        if ps and engine.frontend_s_per_token > 0:
+        if ing_tok:
             turn.first_at = now
             last = turn.output_tokens <= 1
             turn.ingress.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_token,
                                  ("last" if last else "first", turn, turn.attempts))
             wake(turn.ingress)
+        elif cli_tok:  # the client reads it once the ingress's FIFO (if costly) has passed it on
+            turn.first_at = now
+            seen = turn.ingress.fifo.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
+            push(seen, "to_client", ("first", turn, turn.attempts))
         elif not turn.first_token:
             turn.first_token = True
             turn.first_at = now
@@ -338,8 +378,8 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
         turn.replica = rep.rid
-        if not (ps and engine.frontend_s_per_token > 0):
-            seen_last(turn, now)
+        if not ing_tok:
+            to_client("last", turn, now)
 
     def seen_first(turn: Turn, now: float) -> None:
         """The client gets ``turn``'s first token (PS front end: after its ingress streamed it)."""
@@ -352,7 +392,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
     def seen_last(turn: Turn, now: float) -> None:
         """The client gets ``turn``'s last token: the request is done for the ingress and the driver."""
         nonlocal outstanding
-        if turn.output_tokens <= 1 and ps and engine.frontend_s_per_token > 0:
+        if turn.output_tokens <= 1 and (ing_tok or cli_tok):
             seen_first(turn, now)
         turn.ingress.load.on_completed(turn.replica, str(turn.rid))
         outstanding -= 1
@@ -363,7 +403,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             res.first_measured = turn.sent_at
         res.e2e_s.append(now - turn.sent_at + engine.request_overhead_s)
         if turn.output_tokens > 1:
-            start = turn.seen_first_at if ps and engine.frontend_s_per_token > 0 else turn.first_at
+            start = turn.seen_first_at if ing_tok or cli_tok else turn.first_at
             res.tpot_s.append((now - start) / (turn.output_tokens - 1))
         res.output_tokens += turn.output_tokens
         res.completed += 1
@@ -373,7 +413,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
         nonlocal outstanding
         outstanding += 1
         res.sent += 1
-        push(t, "arrive", turn)
+        push(t, "send" if cli_req else "arrive", turn)
 
     def fail(rep: Replica, now: float) -> None:
         rep.alive = False
@@ -429,6 +469,16 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
                 push(now + engine.stats_period_s, "stats", payload)
         elif kind == "arrive":
             arrive(payload, now)
+        elif kind == "send":  # the client builds and sends it on its core, then the ingress has it
+            client.add(now, (payload.rid, payload.attempts), engine.client_s_per_request, ("arrive", payload, payload.attempts))
+            wake_client()
+        elif kind == "client":
+            if payload == client.version:
+                client_due(now)
+        elif kind == "to_client":
+            what, turn, attempt = payload
+            if attempt == turn.attempts:
+                to_client(what, turn, now)
         elif kind == "route":
             route(payload, now)
         elif kind == "frontend":
@@ -460,7 +510,7 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
             autoscale(now)
             push(now + cluster.autoscale.period_s, "scale", None)
         gpus = gpu_count() if kind in ("fail", "ready", "scale") else gpus
-        if outstanding == 0 and tick is None and kind in ("step", "tick", "frontend"):
+        if outstanding == 0 and tick is None and kind in ("step", "tick", "frontend", "client"):
             break
     res.replicas_end = sum(1 for r in st.reps.values() if r.alive)
     res.gpus_end = gpus
