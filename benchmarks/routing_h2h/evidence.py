@@ -135,8 +135,23 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
     return prev_le
 
 
+def bucket_bounds(buckets: dict[float, float], q: float) -> tuple[float, float] | None:
+    """The bucket (lower, upper edge) that holds quantile ``q``: how far an interpolated quantile can be off."""
+    items = sorted(buckets.items())
+    if not items or items[-1][1] <= 0:
+        return None
+    rank, prev_le = q * items[-1][1], 0.0
+    for le, n in items:
+        if n >= rank:
+            return prev_le, le
+        prev_le = le
+    return prev_le, float("inf")
+
+
 def histogram(before: Samples, after: Samples, metric: str, by: str, scale: float = 1.0) -> dict[str, dict]:
-    """Per-group count, mean, p50 and p90 of a histogram between two scrapes (values x ``scale``)."""
+    """Per-group count, mean, p50 and p90 of a histogram between two scrapes (values x ``scale``), and the
+    bucket each quantile lies in (``p50_bucket``, ``p90_bucket``: vLLM's request-latency buckets start at
+    0.3 s, so a p50 of 150 ms there only says "under 300 ms")."""
     count = delta(before, after, metric, by, suffix="_count")
     total = delta(before, after, metric, by, suffix="_sum")
     b_buckets: dict[tuple[str, float], float] = {}
@@ -159,6 +174,9 @@ def histogram(before: Samples, after: Samples, metric: str, by: str, scale: floa
         out[group] = {"n": round(n), "mean": _r(total.get(group, 0.0) / n * scale, 2),
                       "p50": _r(None if p50 is None else p50 * scale, 2),
                       "p90": _r(None if p90 is None else p90 * scale, 2)}
+        for q, key in ((0.5, "p50_bucket"), (0.9, "p90_bucket")):
+            if (edges := bucket_bounds(buckets, q)) is not None:
+                out[group][key] = [_r(e * scale, 2) if e != float("inf") else None for e in edges]
     return out
 
 

@@ -171,9 +171,11 @@ def test_run_evidence_splits_where_requests_waited_from_two_scrapes() -> None:
     assert ev["engine_by_replica"]["r-a"]["queue_ms_mean"] == 400.0 and ev["engine_by_replica"]["r-a"]["queue_ms_p50"] == 100.0
     assert ev["engine_by_replica"]["r-b"]["queue_ms_mean"] == 100.0
     assert ev["engine_by_replica"]["r-a"]["prefill_ms_mean"] == 50.0
-    assert ev["engine_ms"]["queue"] == {"n": 40, "mean": 250.0, "p50": 66.67, "p90": 640.0}
+    assert ev["engine_ms"]["queue"] == {"n": 40, "mean": 250.0, "p50": 66.67, "p90": 640.0,
+                                        "p50_bucket": [0.0, 100.0], "p90_bucket": [100.0, 1000.0]}
     assert set(ev["engine_ms"]) == {"queue", "prefill"}  # histograms with no request left out
-    assert ev["kv_tier_load_ms"] == {"n": 16, "mean": 60.0, "p50": 50.0, "p90": 90.0}
+    assert ev["kv_tier_load_ms"] == {"n": 16, "mean": 60.0, "p50": 50.0, "p90": 90.0,
+                                     "p50_bucket": [0.0, 50.0], "p90_bucket": [50.0, 100.0]}
     assert {p: h["mean"] for p, h in ev["kv_tier_load_phases_ms"].items()} == \
         {"queue": 1.0, "locate": 2.0, "get": 10.0, "copy": 80.0}
     assert ev["kv_tier_load_phases_ms"]["copy"]["n"] == 16

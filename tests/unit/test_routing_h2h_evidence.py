@@ -204,7 +204,8 @@ def test_stages_split_the_ttft_into_the_engine_and_the_serving_path_around_it() 
                              *stage_hist("dispatch", "r-a", {100: 0, 500: 4, INF: 4}, 1200)]) + "\n")
     ev = derive(before, after, DEP)
     # the engine stage over both replicas: 20 requests, 3600 ms in all; half at <= 100 ms
-    assert ev["stages_ms"]["engine"] == {"n": 20, "mean": 180.0, "p50": 100.0, "p90": 420.0}
+    assert ev["stages_ms"]["engine"] == {"n": 20, "mean": 180.0, "p50": 100.0, "p90": 420.0,
+                                         "p50_bucket": [0.0, 100.0], "p90_bucket": [100.0, 500.0]}
     assert ev["stages_ms"]["dispatch"]["n"] == 4 and ev["stages_ms"]["dispatch"]["mean"] == 300.0
     assert set(ev["stages_ms"]) == {"engine", "dispatch"}  # stages with no request left out
     assert ev["engine_stage_ms_by_replica"]["r-b"]["mean"] == 300.0
