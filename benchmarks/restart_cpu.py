@@ -110,7 +110,7 @@ def _states(app: str, dep: str) -> tuple[str, dict[str, int]]:
     from ray import serve
 
     d = serve.status().applications[app].deployments[dep]
-    return str(d.status), dict(d.replica_states)
+    return getattr(d.status, "value", d.status), {getattr(k, "value", k): v for k, v in d.replica_states.items()}
 
 
 def _kill_once(dep: str, want: int, probes: Probes, session: Path, timeout_s: float) -> dict:

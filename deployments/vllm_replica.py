@@ -86,6 +86,7 @@ class VLLMReplica:
 
     async def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
         init_at = time.time()
+        log_to_replica_file()
         self._model = ModelConfig.model_validate(model)
         self._app = AppConfig.model_validate(app)
         from ray import serve
@@ -258,6 +259,19 @@ class VLLMReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def log_to_replica_file() -> None:
+    """Send this project's INFO lines (effective engine args, readiness, startup times) to the replica's Serve log
+    file: Serve configures only its own ``ray.serve`` logger, so they were otherwise dropped."""
+    serve_handlers = logging.getLogger("ray.serve").handlers
+    for name in ("deployments", "routers", "serve_app"):
+        ours = logging.getLogger(name)
+        if not ours.handlers and serve_handlers:
+            ours.setLevel(logging.INFO)
+            ours.propagate = False
+            for handler in serve_handlers:
+                ours.addHandler(handler)
 
 
 def startup_times(init_at: float, engine_steps: dict[str, float]) -> dict[str, float]:
