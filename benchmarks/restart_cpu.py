@@ -16,7 +16,8 @@ shared prefix, so no replica is preferred for its cache), then ``--kills`` times
     running        Serve's status counts it RUNNING again (the deployment HEALTHY)
     routed         the first probe answered by the new replica (the ``x-kvserve-replica`` header)
 
-The replica-side steps come from the ``replica startup`` line each replica logs (wall clock, same machine).
+The replica-side steps come from the ``replica startup`` line each replica logs (wall clock, same machine);
+vLLM's own figures of the EngineCore's start (``vllm``) from its lines in the replica worker's log.
 ``phases_s`` holds the per-step gaps, median over the kills; ``kills`` each kill's absolute offsets. Run under
 the shared lock:
 
@@ -51,7 +52,7 @@ STEPS = ("noticed", "process_start", "module_loaded", "init", "vllm_imported", "
 #: vLLM's own log lines of the EngineCore's start (its process writes to the replica worker's log files).
 VLLM_LINES = {"weights_load_s": r"Loading weights took ([\d.]+) seconds",
               "model_load_s": r"Model loading took [\d.]+ \w+ and ([\d.]+) seconds",
-              "profile_kv_warmup_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) seconds"}
+              "profile_kv_warmup_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"}
 
 
 class Probes:
@@ -87,10 +88,12 @@ class Probes:
             t.join(timeout=70)
 
 
-def _replica_log(session: Path, uid: str) -> dict[str, float]:
-    for path in (session / "logs" / "serve").glob(f"replica_*_{uid}.log"):
+def _replica_log(session: Path, uid: str, pid: int) -> dict[str, float]:
+    """The ``replica startup`` line of replica ``uid`` (Serve's log file, or its worker's stderr)."""
+    logs = session / "logs"
+    for path in [*(logs / "serve").glob(f"replica_*_{uid}.log"), *logs.glob(f"worker-*-{pid}.err")]:
         for line in path.read_text(errors="replace").splitlines():
-            if "replica startup {" in line:
+            if f"{uid} -- replica startup {{" in line:
                 return json.loads(line[line.index("replica startup ") + len("replica startup "):].strip())
     return {}
 
@@ -141,7 +144,7 @@ def _kill_once(dep: str, want: int, probes: Probes, session: Path, timeout_s: fl
     if "routed" not in at:
         raise TimeoutError(f"the replacement of {victim['name']} did not serve within {timeout_s} s: {at}")
     uid = new["name"].rsplit("#", 1)[-1]
-    at.update(_replica_log(session, uid))
+    at.update(_replica_log(session, uid, new["pid"]))
     offsets = {k: round(at[k] - t0, 2) for k in STEPS if k in at}
     return {"victim": victim["name"], "replacement": new["name"], "at_s": offsets, "vllm": _vllm_log(session, new["pid"])}
 
@@ -174,6 +177,8 @@ def run(args) -> dict:
     t_start = time.time()
     serve.run(build_app(cfg), name="kvserve", route_prefix="/", blocking=False)
     while _states("kvserve", dep) != ("HEALTHY", {"RUNNING": want}):
+        if time.time() - t_start > args.timeout_s * 2:
+            raise TimeoutError(f"{dep} not up with {want} replicas within {args.timeout_s * 2} s")
         time.sleep(0.5)
     first_start_s = round(time.time() - t_start, 1)
     probes = Probes(f"http://127.0.0.1:{port}/v1", model)

@@ -40,6 +40,7 @@ from deployments.protocol import (
 from routers.prefill_meter import PrefillMeter
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.settings import CPU_REPLICA_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class VLLMReplica:
 
     async def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
         init_at = time.time()
-        log_to_replica_file()
+        log_like_serve()
         self._model = ModelConfig.model_validate(model)
         self._app = AppConfig.model_validate(app)
         from ray import serve
@@ -261,9 +262,10 @@ class VLLMReplica:
             engine.shutdown()
 
 
-def log_to_replica_file() -> None:
-    """Send this project's INFO lines (effective engine args, readiness, startup times) to the replica's Serve log
-    file: Serve configures only its own ``ray.serve`` logger, so they were otherwise dropped."""
+def log_like_serve() -> None:
+    """Send this project's INFO lines (effective engine args, readiness, startup times) through Serve's handlers
+    (the replica's stderr, in Ray's worker log): Serve configures only its own ``ray.serve`` logger, so they
+    were otherwise dropped."""
     serve_handlers = logging.getLogger("ray.serve").handlers
     for name in ("deployments", "routers", "serve_app"):
         ours = logging.getLogger(name)
@@ -305,8 +307,9 @@ def build_replica(model: ModelConfig, app: AppConfig):
     seed = app.routing.seed()  # from the config, or checked present in this process's env (hash_seed_from_env)
     # A seed from the environment (a Secret on every pod) stays out of the deployment's visible options.
     env = {**({} if app.routing.hash_seed_from_env else {"PYTHONHASHSEED": seed}), **model.env}
+    defaults = {} if float(actor.get("num_gpus", 0) or 0) else CPU_REPLICA_ENV  # under anything the config sets
     runtime_env = dict(actor.pop("runtime_env", {}) or {})
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    runtime_env["env_vars"] = {**defaults, **runtime_env.get("env_vars", {}), **env}
     actor["runtime_env"] = runtime_env
     router_cfg = request_router_config(
         app.routing, model_id=model.id, stats_period_s=model.deployment.request_routing_stats_period_s,
