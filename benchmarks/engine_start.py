@@ -10,8 +10,9 @@ times in a row (the later starts show whether vLLM's compile cache is used), and
   * whether the log holds vLLM's "Compiling model again due to a load failure" line.
 
 Variants: ``default`` (vLLM's CPU default: dynamo + inductor with AOT compile), ``no_aot``
-(``VLLM_USE_AOT_COMPILE=0``: inductor through torch's own caches) and ``eager`` (``compilation_config
-{"mode": 0}``: no torch.compile; what ``engine_args`` sets on CPU replicas).
+(``VLLM_USE_AOT_COMPILE=0``: inductor through torch's own caches), ``eager`` (``compilation_config
+{"mode": 0}``: no torch.compile; what ``engine_args`` sets on CPU replicas) and ``eager_uniproc`` (eager with
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as CPU replicas run since settings.CPU_REPLICA_ENV: no worker process).
 
 Usage: ``python -m benchmarks.engine_start [--variants default,no_aot,eager] [--starts 2] [--out PATH]``;
 writes benchmarks/results/engine_start_cpu.json (command, machine, git commit, vllm version). Run it
@@ -33,6 +34,8 @@ VARIANTS = {  # name -> (environment, engine kwargs over engine_args'; None drop
     "default": ({}, {"compilation_config": None}),
     "no_aot": ({"VLLM_USE_AOT_COMPILE": "0"}, {"compilation_config": None}),
     "eager": ({}, {"compilation_config": {"mode": 0}}),
+    # What CPU replicas run (settings.CPU_REPLICA_ENV): the model in the engine's own process, not a worker process.
+    "eager_uniproc": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, {"compilation_config": {"mode": 0}}),
 }
 RELOAD_FAILURE = "Compiling model again due to a load failure"
 

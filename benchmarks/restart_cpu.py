@@ -6,7 +6,8 @@ shared prefix, so no replica is preferred for its cache), then ``--kills`` times
 (``ray.kill``, as benchmarks/hardening.py does) and time-stamps, from the kill:
 
     noticed        Serve's status no longer counts the killed replica RUNNING (its health check failed)
-    process_start  the replacement actor's process started (Serve scheduled it and Ray started a worker)
+    process_start  the replacement actor's process started (Ray may hand Serve a worker it started earlier: then
+                   this precedes the kill and its phase counts 0)
     module_loaded  Serve loaded deployments.vllm_replica in it (Ray's worker boot, the replica wrapper)
     init           VLLMReplica.__init__ entered
     vllm_imported  vLLM imported (deployments.engine)
@@ -38,6 +39,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,19 +51,29 @@ from benchmarks.serverproc import replica_actors
 #: The steps, in order; each phase is named by the step it ends at.
 STEPS = ("noticed", "process_start", "module_loaded", "init", "vllm_imported", "engine_config", "engine_started",
          "ready", "running", "routed")
-#: vLLM's own log lines of the EngineCore's start (its process writes to the replica worker's log files).
-VLLM_LINES = {"weights_load_s": r"Loading weights took ([\d.]+) seconds",
-              "model_load_s": r"Model loading took [\d.]+ \w+ and ([\d.]+) seconds",
-              "profile_kv_warmup_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"}
+#: vLLM's own log lines of the EngineCore's start (its processes write to the replica worker's log files): the
+#: figures it reports, and the steps whose wall-clock time its log line gives (to the second).
+VLLM_FIGURES = {"weights_load_s": r"Loading weights took ([\d.]+) seconds",
+                "kv_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"}
+VLLM_STEPS = {"core_imported": r"\(EngineCore pid=\d+\) \w+ (\d\d-\d\d \d\d:\d\d:\d\d)",
+              "load_start": r"(\d\d-\d\d \d\d:\d\d:\d\d) \[\S+\] Starting to load model",
+              "weights_loaded": r"(\d\d-\d\d \d\d:\d\d:\d\d) \[\S+\] Loading weights took",
+              "kv_sized": r"(\d\d-\d\d \d\d:\d\d:\d\d) \[\S+\] GPU KV cache size",
+              "kv_ready": r"(\d\d-\d\d \d\d:\d\d:\d\d) \[\S+\] init engine"}
+
+
+#: Inside engine construction (``engine_config`` -> ``engine_started``), from vLLM's log lines: the EngineCore
+#: process imported vLLM, the model load began, the weights were in, the KV cache was sized, then allocated.
+ENGINE_STEPS = ("engine_config", *VLLM_STEPS, "engine_started")
 
 
 class Probes:
-    """Two client threads sending one-token completions; remembers who answered when."""
+    """Client threads each sending one-token completions, ``pause_s`` apart; remembers who answered when."""
 
-    def __init__(self, base: str, model: str, clients: int = 2) -> None:
+    def __init__(self, base: str, model: str, clients: int = 2, pause_s: float = 0.5) -> None:
         self.answers: list[tuple[float, str]] = []  # (wall time answered, replica id)
         self.errors = 0
-        self._base, self._model, self._stop = base, model, threading.Event()
+        self._base, self._model, self._pause_s, self._stop = base, model, pause_s, threading.Event()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
         for t in self._threads:
             t.start()
@@ -76,8 +88,7 @@ class Probes:
                     self.answers.append((time.time(), r.headers.get("x-kvserve-replica", "")))
             except Exception:  # noqa: BLE001 - counted; a replica leaving fails some requests
                 self.errors += 1
-                time.sleep(0.2)
-            time.sleep(0.1)
+            time.sleep(self._pause_s)
 
     def first_from(self, replica_id: str, after: float) -> float | None:
         return next((t for t, r in list(self.answers) if r == replica_id and t >= after), None)
@@ -98,15 +109,21 @@ def _replica_log(session: Path, uid: str, pid: int) -> dict[str, float]:
     return {}
 
 
-def _vllm_log(session: Path, pid: int) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _vllm_log(session: Path, pid: int, year: int) -> tuple[dict[str, float], dict[str, float]]:
+    """vLLM's figures and the wall-clock times of its steps, from the log files of replica worker ``pid``."""
+    figures: dict[str, float] = {}
+    steps: dict[str, float] = {}
     for path in (session / "logs").glob(f"worker-*-{pid}.*"):
         text = path.read_text(errors="replace")
-        for key, pattern in VLLM_LINES.items():
+        for key, pattern in VLLM_FIGURES.items():
             m = re.search(pattern, text)
             if m:
-                out[key] = float(m.group(1))
-    return out
+                figures[key] = float(m.group(1))
+        for key, pattern in VLLM_STEPS.items():
+            m = re.search(pattern, text)
+            if m:
+                steps[key] = datetime.strptime(f"{year}-{m.group(1)}", "%Y-%m-%d %H:%M:%S").timestamp()
+    return figures, steps
 
 
 def _states(app: str, dep: str) -> tuple[str, dict[str, int]]:
@@ -145,16 +162,20 @@ def _kill_once(dep: str, want: int, probes: Probes, session: Path, timeout_s: fl
         raise TimeoutError(f"the replacement of {victim['name']} did not serve within {timeout_s} s: {at}")
     uid = new["name"].rsplit("#", 1)[-1]
     at.update(_replica_log(session, uid, new["pid"]))
+    figures, vllm_steps = _vllm_log(session, new["pid"], time.gmtime(t0).tm_year)
     offsets = {k: round(at[k] - t0, 2) for k in STEPS if k in at}
-    return {"victim": victim["name"], "replacement": new["name"], "at_s": offsets, "vllm": _vllm_log(session, new["pid"])}
+    return {"victim": victim["name"], "replacement": new["name"], "at_s": offsets, "vllm": figures,
+            "engine_steps_at_s": {k: round(v - t0, 1) for k, v in vllm_steps.items()}}
 
 
-def _phases(at: dict[str, float]) -> dict[str, float]:
-    out, prev = {}, 0.0
-    for k in STEPS:
+def _phases(at: dict[str, float], steps: tuple[str, ...] = STEPS, origin: float = 0.0) -> dict[str, float]:
+    """Seconds from the previous step (``origin`` before the first) to each step; one logged before its
+    predecessor counts 0."""
+    out, prev = {}, origin
+    for k in steps:
         if k in at:
-            out[k] = round(at[k] - prev, 2)
-            prev = at[k]
+            out[k] = round(max(at[k] - prev, 0.0), 2)
+            prev = max(prev, at[k])
     return out
 
 
@@ -183,6 +204,7 @@ def run(args) -> dict:
     first_start_s = round(time.time() - t_start, 1)
     probes = Probes(f"http://127.0.0.1:{port}/v1", model)
     kills = []
+    load_before = os.getloadavg()
     try:
         for i in range(args.kills):
             time.sleep(args.settle_s)
@@ -192,12 +214,18 @@ def run(args) -> dict:
         probes.stop()
         serve.shutdown()
         ray.shutdown()
-    per_kill = [_phases(k["at_s"]) for k in kills]
-    med = {s: round(statistics.median(p[s] for p in per_kill if s in p), 2) for s in STEPS
-           if any(s in p for p in per_kill)}
+    def medians(per_kill: list[dict[str, float]], steps: tuple[str, ...]) -> dict[str, float]:
+        return {s: round(statistics.median(p[s] for p in per_kill if s in p), 2) for s in steps
+                if any(s in p for p in per_kill)}
+
+    med = medians([_phases(k["at_s"]) for k in kills], STEPS)
+    engine = medians([_phases({**k["at_s"], **k["engine_steps_at_s"]}, ENGINE_STEPS[1:], k["at_s"]["engine_config"])
+                      for k in kills], ENGINE_STEPS[1:])
     totals = sorted(k["at_s"]["routed"] for k in kills)
     return {"restart_to_serving_s": round(statistics.median(totals), 1), "restart_to_serving_all_s": totals,
-            "phases_s": med, "kills": kills, "probe_errors": probes.errors, "app_first_start_s": first_start_s,
+            "phases_s": med, "engine_phases_s": engine, "kills": kills, "probe_errors": probes.errors, "app_first_start_s": first_start_s,
+            # The machine is shared: other work at niceness 0 outruns Ray's workers (niceness 15) on its 2 cores.
+            "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "deployment": cfg.models[0].deployment.model_dump(include={"health_check_period_s",
                                                                      "health_check_timeout_s"})}
 
