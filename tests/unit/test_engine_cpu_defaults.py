@@ -1,5 +1,4 @@
-"""Engine arguments and environment of CPU replicas: no torch.compile and no worker process, unless the config
-asks for them."""
+"""Engine arguments of CPU replicas: no torch.compile unless the config asks for it."""
 
 from __future__ import annotations
 
@@ -28,23 +27,3 @@ def test_cpu_replicas_run_eager_and_gpu_replicas_keep_vllms_default() -> None:
 def test_engine_kwargs_override_the_cpu_default() -> None:
     app = _app(0, {"compilation_config": {"mode": 3}})
     assert engine_args(app.models[0], app, None)["compilation_config"] == {"mode": 3}
-
-
-def _replica_env(app) -> dict:
-    from deployments.vllm_replica import build_replica
-
-    return build_replica(app.models[0], app)._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
-
-
-def test_cpu_replicas_run_the_model_in_the_engine_process_unless_the_config_says_otherwise() -> None:
-    from serve_app.settings import CPU_REPLICA_ENV
-
-    assert CPU_REPLICA_ENV.items() <= _replica_env(_app(0)).items()
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in _replica_env(_app(1))
-    app = load_app_config({"models": [{
-        "id": "m", "path": "m", "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
-        "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"runtime_env": {
-            "env_vars": {"X": "y"}}}},
-    }]})
-    assert _replica_env(app)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
-    assert _replica_env(app)["X"] == "y"
