@@ -10,8 +10,9 @@ times in a row (the later starts show whether vLLM's compile cache is used), and
   * whether the log holds vLLM's "Compiling model again due to a load failure" line.
 
 Variants: ``default`` (vLLM's CPU default: dynamo + inductor with AOT compile), ``no_aot``
-(``VLLM_USE_AOT_COMPILE=0``: inductor through torch's own caches) and ``eager`` (``compilation_config
-{"mode": 0}``: no torch.compile; what ``engine_args`` sets on CPU replicas).
+(``VLLM_USE_AOT_COMPILE=0``: inductor through torch's own caches), ``eager`` (``compilation_config
+{"mode": 0}``: no torch.compile; what ``engine_args`` sets on CPU replicas) and ``eager_uniproc`` (eager with
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no worker process; starts faster, decodes far slower).
 
 Usage: ``python -m benchmarks.engine_start [--variants default,no_aot,eager] [--starts 2] [--out PATH]``;
 writes benchmarks/results/engine_start_cpu.json (command, machine, git commit, vllm version). Run it
@@ -33,6 +34,9 @@ VARIANTS = {  # name -> (environment, engine kwargs over engine_args'; None drop
     "default": ({}, {"compilation_config": None}),
     "no_aot": ({"VLLM_USE_AOT_COMPILE": "0"}, {"compilation_config": None}),
     "eager": ({}, {"compilation_config": {"mode": 0}}),
+    # The model in the EngineCore's own process, no worker process (one vLLM import fewer per start); vLLM says its
+    # CPU backend cannot set OpenMP up that way, and decode measured 17x slower (engine_start_cpu_uniproc.json).
+    "eager_uniproc": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, {"compilation_config": {"mode": 0}}),
 }
 RELOAD_FAILURE = "Compiling model again due to a load failure"
 

@@ -105,12 +105,14 @@ def sampling_params(req: GenerateRequest):
 class VLLMEngine:
     """``Engine`` over one vLLM ``AsyncLLM``."""
 
-    def __init__(self, llm: Any, stats: EngineStats, relay: Any = None) -> None:
+    def __init__(self, llm: Any, stats: EngineStats, relay: Any = None,
+                 startup: dict[str, float] | None = None) -> None:
         from vllm import SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._llm, self.stats, self._relay = llm, stats, relay  # relay: deployments.kv_event_relay.KVEventRelay
         self.kv_events_endpoint = None if relay is None else relay.endpoint
+        self.startup = startup or {}  # wall-clock times of the start's steps (the replica logs them)
         self._params = SamplingParams
         self.client_errors, self.dead_errors = client_errors(), (EngineDeadError,)
 
@@ -295,6 +297,7 @@ async def _start_vllm(model: ModelConfig, app: AppConfig, relay: Any) -> VLLMEng
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+    startup = {"vllm_imported": time.time()}
     kwargs = engine_args(model, app, None if relay is None else (relay.engine_endpoint, relay.engine_replay_endpoint))
     logger.info("engine args for %s: %s", model.id, kwargs)
     eargs = AsyncEngineArgs(**kwargs)
@@ -304,6 +307,7 @@ async def _start_vllm(model: ModelConfig, app: AppConfig, relay: Any) -> VLLMEng
 
         # The TP workers go into this replica's own placement group (the bundles Serve reserved).
         vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+    startup["engine_config"] = time.time()
     stats = EngineStats()
     engine = AsyncLLM.from_vllm_config(
         vllm_config,
@@ -313,5 +317,6 @@ async def _start_vllm(model: ModelConfig, app: AppConfig, relay: Any) -> VLLMEng
     )
     stats.block_size = int(engine.vllm_config.cache_config.block_size)
     stats.num_gpu_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or stats.num_gpu_blocks)
+    startup["engine_started"] = time.time()
     logger.info("engine of %s started in pid %d", model.id, os.getpid())
-    return VLLMEngine(engine, stats, relay)
+    return VLLMEngine(engine, stats, relay, startup)

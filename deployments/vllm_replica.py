@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +42,9 @@ from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+#: When Serve loaded this module into the replica's process (the first step of a replica's start after Ray's own).
+_MODULE_LOADED = time.time()
 
 #: (request id, cached prompt tokens) of this many latest first outputs travel in every stats report, so that
 #: each router can compare them with what it predicted (a sample when more start per stats period).
@@ -81,6 +85,8 @@ class VLLMReplica:
     """One vLLM engine behind a Serve replica."""
 
     async def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        init_at = time.time()
+        log_like_serve()
         self._model = ModelConfig.model_validate(model)
         self._app = AppConfig.model_validate(app)
         from ray import serve
@@ -104,6 +110,7 @@ class VLLMReplica:
         self._lag_probe = asyncio.get_running_loop().create_task(self._lag.run())
         logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
                     self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
+        logger.info("replica startup %s", json.dumps(startup_times(init_at, getattr(self._engine, "startup", {}))))
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the output of one request; abort it in the engine if the caller cancels."""
@@ -252,6 +259,28 @@ class VLLMReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def log_like_serve() -> None:
+    """Send this project's INFO lines (effective engine args, readiness, startup times) through Serve's handlers
+    (the replica's stderr, in Ray's worker log): Serve configures only its own ``ray.serve`` logger, so they
+    were otherwise dropped."""
+    serve_handlers = logging.getLogger("ray.serve").handlers
+    for name in ("deployments", "routers", "serve_app"):
+        ours = logging.getLogger(name)
+        if not ours.handlers and serve_handlers:
+            ours.setLevel(logging.INFO)
+            ours.propagate = False
+            for handler in serve_handlers:
+                ours.addHandler(handler)
+
+
+def startup_times(init_at: float, engine_steps: dict[str, float]) -> dict[str, float]:
+    """Wall-clock times of this replica's start (benchmarks/restart_cpu.py reads them from the replica's log)."""
+    import psutil
+
+    return {"process_start": psutil.Process().create_time(), "module_loaded": _MODULE_LOADED, "init": init_at,
+            **engine_steps, "ready": time.time()}
 
 
 def stalled_for(last_step: float, busy_since: float, running: int, now: float, timeout_s: float) -> float | None:
