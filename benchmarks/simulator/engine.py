@@ -1,7 +1,7 @@
 """The cost model of one vLLM replica, step by step: what one engine step costs, KV capacity and
 KV-tier loads, in seconds.
 
-Owns ``EngineModel``. The simulator (``sim.py``) runs each replica as vLLM's scheduler does: every
+Owns ``EngineModel``. The simulator (``scheduler.py``) runs each replica as vLLM's scheduler does: every
 step decodes one token for each running request and spends the rest of a ``chunk_tokens`` budget
 (``max_num_batched_tokens``) on prefill chunks, oldest request first. Every number is a field so
 ``calibrate.py`` can fit them to GPU runs and write them back as JSON::
