@@ -7,7 +7,11 @@ prefill chunks, oldest waiting request first. A request's reused prefix is looke
 scheduler first reaches it (GPU blocks, then tier blocks, loaded at ``tier_gbps`` plus a fixed
 ``tier_hit_s`` before its first chunk); its blocks are cached (and, with the tier, written to it)
 when its prefill completes, which is its first token. With ``kv_admission`` a waiting request is
-scheduled only once its KV blocks fit (``Replica.admit``), in queue order: the head waits.
+scheduled only once free + evictable blocks cover its new KV blocks (``Replica.admit``; the replica's
+cache and the blocks running requests hold are one pool), in queue order: the head waits, as vLLM's
+scheduler stops at the first request it cannot allocate. Its prefix is matched once it is admitted
+(its reused blocks are then held and cannot be evicted under it), and the unreferenced cached blocks
+its admission displaces are evicted oldest first (BlockRemoved events).
 """
 
 from __future__ import annotations
@@ -59,10 +63,14 @@ class Scheduler:
         for job in rep.waiting:
             if budget <= 0:
                 break
-            if not job.looked_up:
+            if engine.kv_admission and not job.admitted:
+                if not rep.admit(job, engine.kv_blocks, self.bs):
+                    break  # vLLM schedules its waiting queue in order: the head waits for blocks
+                evicted = rep.evict_unreferenced()
+                if evicted:
+                    self.emit(rep, [BlockRemoved(tuple(evicted), "GPU")], now)
+            if not job.looked_up:  # with admission: once its blocks are held, as vLLM matches at scheduling
                 self.lookup(rep, job, now)
-            if engine.kv_admission and not job.admitted and not rep.admit(job, engine.kv_blocks, self.bs):
-                break  # vLLM schedules its waiting queue in order: the head waits for blocks
             if job.ready_at > now:
                 wake = job.ready_at if wake is None else min(wake, job.ready_at)
                 continue
