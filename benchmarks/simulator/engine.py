@@ -1,7 +1,7 @@
 """The cost model of one vLLM replica, step by step: what one engine step costs, KV capacity and
 KV-tier loads, in seconds.
 
-Owns ``EngineModel``. The simulator (``sim.py``) runs each replica as vLLM's scheduler does: every
+Owns ``EngineModel``. The simulator (``scheduler.py``) runs each replica as vLLM's scheduler does: every
 step decodes one token for each running request and spends the rest of a ``chunk_tokens`` budget
 (``max_num_batched_tokens``) on prefill chunks, oldest request first. Every number is a field so
 ``calibrate.py`` can fit them to GPU runs and write them back as JSON::
@@ -36,11 +36,12 @@ scheduler. ``request_overhead_s`` is the rest of the serving latency at concurre
 TTFT and end-to-end time without queueing.
 
 KV capacity: ``kv_blocks`` per replica bound its prefix cache (an LRU). With ``kv_admission`` they
-also bound what runs: a waiting request is scheduled only once its whole length (prompt and output;
-prompt blocks already held by another admitted request counted once) fits beside what the admitted
-requests hold, in queue order, as vLLM's scheduler stops at the first request it cannot allocate
-(vLLM allocates as tokens come and preempts when out of blocks; reserving the whole length up front
-is that without preemption). Off by default: on for runs whose KV size is known (the routing runs'
+are one pool for the cache and what runs, as vLLM's block pool is (``replica.py``): a waiting request
+is scheduled only once free + evictable blocks cover its whole length (prompt and output; prompt
+blocks already held by another admitted request counted once), in queue order, as vLLM's scheduler
+stops at the first request it cannot allocate; held blocks are never evicted, and the cached blocks
+no request holds are evicted oldest first to make room (vLLM allocates as tokens come and preempts
+when out of blocks; reserving the whole length up front is that without preemption). Off by default: on for runs whose KV size is known (the routing runs'
 ``num_gpu_blocks_override``), not for the serving JSON, which does not record it.
 
 ``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1

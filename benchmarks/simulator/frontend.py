@@ -1,6 +1,6 @@
 """The ingress replica's CPU as a queueing server: ``FifoServer`` and ``PSServer``.
 
-Owns the two disciplines ``sim.py`` can give an ingress (``EngineModel.frontend_sharing``):
+Owns the two disciplines ``path.py`` can give an ingress (``EngineModel.frontend_sharing``):
 
 - ``FifoServer``: one queue, work done in arrival order; a job finishes once everything queued before it
   has. Kept for the earlier calibrations and for callers that ask for it.

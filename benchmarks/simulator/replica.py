@@ -2,8 +2,22 @@
 
 Owns ``Replica`` and ``ObjectTier``. Both are LRUs of chained block hashes; a prompt reuses the
 longest run of leading blocks present (GPU first, then the tier continues where the GPU stops), as
-vLLM's prefix cache and the connector's lookup do. ``insert``/``put`` return what changed so the
-simulator can emit the matching KV events (BlockStored/BlockRemoved, medium "GPU" or "OBJ").
+vLLM's prefix cache and the connector's lookup do. ``insert``/``put``/``evict_unreferenced`` return
+what changed so the simulator can emit the matching KV events (BlockStored/BlockRemoved, medium
+"GPU" or "OBJ").
+
+A replica's KV blocks are one pool of ``capacity_blocks``, as vLLM's block pool is::
+
+    | held by admitted requests (ref > 0)        | cached, unreferenced (evictable) | free |
+    | prompt blocks, shared ones once; + tails   | LRU order, oldest evicted first  |      |
+    '------------- held_blocks -----------------'
+    '--------------------------- <= capacity_blocks ---------------------------------------'
+
+``admit`` takes a request only if free + evictable blocks cover its new ones (blocks not already held;
+a cached block it reuses leaves the evictable set); ``evict_unreferenced`` then drops the oldest
+unreferenced cached blocks until the pool fits; ``release`` returns a finished request's blocks to the
+evictable set, most recently used (its prompt's head last to go). Without admission nothing is held
+and the cache is a plain LRU of ``capacity_blocks``.
 """
 
 from __future__ import annotations
@@ -65,6 +79,7 @@ class Replica:
     entering: int = 0  # routed here, still in its front end
     held: dict = field(default_factory=dict)  # block hash -> admitted jobs using it (kv_admission)
     held_tail: int = 0  # admitted jobs' unhashed blocks
+    held_uncached: int = 0  # held hashes not (yet) in ``lru``: their prefill has not finished
     meter: PrefillMeter = field(default_factory=PrefillMeter)  # its prefill speed as the real replica measures it
 
     @property
@@ -72,8 +87,9 @@ class Replica:
         return len(self.held) + self.held_tail
 
     def admit(self, job: Job, capacity: int, block_size: int) -> bool:
-        """Reserve ``job``'s whole length in KV blocks (its prompt's blocks shared with other admitted jobs
-        count once) if they fit next to what admitted jobs hold; a job alone on the replica always fits."""
+        """Reserve ``job``'s whole length in KV blocks if free + evictable blocks cover its new ones (its
+        prompt's blocks already held by admitted jobs count once; a cached block it reuses stops being
+        evictable); a job alone on the replica always fits. The caller then evicts (``evict_unreferenced``)."""
         turn = job.turn
         hashes = turn.block_hashes
         tail = max(0, -(-(turn.prompt_tokens + turn.output_tokens) // block_size) - len(hashes))
@@ -81,20 +97,48 @@ class Replica:
         if self.held_blocks and self.held_blocks + need > capacity:
             return False
         for h in hashes:
-            self.held[h] = self.held.get(h, 0) + 1
+            n = self.held.get(h, 0)
+            if n == 0 and h not in self.lru:
+                self.held_uncached += 1
+            self.held[h] = n + 1
         self.held_tail += tail
         job.admitted, job.tail_blocks = True, tail
         return True
 
+    @property
+    def pool_blocks(self) -> int:
+        """Blocks in use: cached (referenced or not), held but not yet cached, and the held tails."""
+        return len(self.lru) + self.held_uncached + self.held_tail
+
+    def evict_unreferenced(self) -> list[int]:
+        """Drop the oldest cached blocks no admitted job holds until the pool fits; returns them, oldest first."""
+        over = self.pool_blocks - self.capacity_blocks
+        removed = []
+        if over <= 0:
+            return removed
+        for h in self.lru:
+            if h not in self.held:
+                removed.append(h)
+                if len(removed) == over:
+                    break
+        for h in removed:
+            del self.lru[h]
+        return removed
+
     def release(self, job: Job) -> None:
+        """``job`` finished: its blocks no other job holds become evictable, most recent (its head last to go)."""
         if not job.admitted:
             return
-        for h in job.turn.block_hashes:
+        for h in reversed(job.turn.block_hashes):
             n = self.held.get(h, 0) - 1
             if n > 0:
                 self.held[h] = n
+                continue
+            self.held.pop(h, None)
+            if h in self.lru:
+                self.lru.move_to_end(h)
             else:
-                self.held.pop(h, None)
+                self.held_uncached -= 1
         self.held_tail -= job.tail_blocks
         job.admitted = False
 
@@ -116,15 +160,16 @@ class Replica:
 
     def insert(self, hashes: Sequence[int]) -> tuple[list[int], list[int]]:
         """Cache ``hashes`` (most recent last, the prompt's head kept longest); returns (stored, evicted)."""
-        lru, stored, removed = self.lru, [], []
+        lru, stored = self.lru, []
         for h in reversed(hashes):
             if h in lru:
                 lru.move_to_end(h)
             else:
                 lru[h] = None
                 stored.append(h)
-        while len(lru) > self.capacity_blocks:
-            removed.append(lru.popitem(last=False)[0])
+                if h in self.held:
+                    self.held_uncached -= 1
+        removed = self.evict_unreferenced()
         stored.reverse()
         return stored, removed
 
@@ -136,7 +181,7 @@ class Replica:
         self.finishing.clear()
         self.running = self.context_tokens = 0
         self.held.clear()
-        self.held_tail = 0
+        self.held_tail = self.held_uncached = 0
         self.stepping = False
         self.meter = PrefillMeter()
         return [j.turn for j in jobs]

@@ -1,0 +1,177 @@
+"""The request path outside the engines: the load generator's core, the ingress replicas, routing and
+the tokens streamed back.
+
+Owns ``Ingress`` (one ingress replica: its own policy, ``routers.load.LoadTracker`` and RNG, exactly as
+``deployments/request_router.py`` wires them, and its CPU) and ``RequestPath``, the part of a run
+(``sim.Cluster``) between the client and a replica's front end. Requests are spread over ingresses
+round-robin (a load balancer in front). Each ingress's CPU (``frontend.py``, costs in ``engine.py``)
+delays the route, the first token and, with processor sharing, the client's completion. The load
+generator's own core (``engine.client_s_per_*``, one ``PSServer`` for the whole run) builds each
+request before the ingress sees it and reads every streamed token: the client's TTFT is its first
+token read, and a closed-loop worker sends its next request once it has read the last. A request
+sent again (its replica failed) keeps its first send time; work queued for the dead stream is dropped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.simulator.frontend import FifoServer, PSServer
+from benchmarks.simulator.load import Turn
+from benchmarks.simulator.replica import Replica
+from routers.load import LoadTracker
+from routers.types import RoutingRequest
+
+
+@dataclass(eq=False)
+class Ingress:
+    policy: object
+    load: LoadTracker
+    rng: random.Random
+    precise: object | None = None
+    fifo: FifoServer = field(default_factory=FifoServer)  # its CPU, frontend_sharing "fifo"
+    cpu: PSServer = field(default_factory=PSServer)  # its CPU, frontend_sharing "ps"
+
+
+class RequestPath:
+    """Mixin of ``sim.Cluster``: client -> ingress -> replica's front end, and tokens back to the client."""
+
+    def send(self, t: float, turn: Turn) -> None:
+        self.outstanding += 1
+        self.res.sent += 1
+        self.push(t, "send" if self.cli_req else "arrive", turn)
+
+    def arrive(self, turn: Turn, now: float) -> None:
+        engine = self.engine
+        ing = self.ings[(turn.rid + turn.attempts) % len(self.ings)]
+        turn.ingress = ing
+        if engine.frontend_s_per_request <= 0:
+            self.route(turn, now)
+        elif self.ps:
+            ing.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_request, ("route", turn, turn.attempts))
+            self.wake(ing)
+        else:
+            self.push(ing.fifo.work(now, engine.frontend_s_per_request), "route", turn)
+
+    def wake(self, ing: Ingress) -> None:
+        """Schedule ``ing``'s processor-sharing CPU to hand back its next mark (earlier wake-ups go stale)."""
+        t = ing.cpu.next_time()
+        ing.cpu.version += 1
+        if t is not None:
+            self.push(t, "frontend", (ing, ing.cpu.version))
+
+    def frontend(self, ing: Ingress, now: float) -> None:
+        for what, turn, attempt in ing.cpu.due(now):
+            if attempt != turn.attempts:
+                continue  # sent again meanwhile (its replica failed): that stream is gone
+            if what == "route":
+                self.route(turn, now)
+            else:
+                self.to_client(what, turn, now)
+        self.wake(ing)
+
+    def to_client(self, what: str, turn: Turn, now: float) -> None:
+        """The ingress streamed ``turn``'s first or last token: the client reads it (its core, if costly)."""
+        if not self.cli_tok:
+            (self.seen_first if what == "first" else self.seen_last)(turn, now)
+            return
+        self.client.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token, (what, turn, turn.attempts))
+        self.wake_client()
+
+    def wake_client(self) -> None:
+        t = self.client.next_time()
+        self.client.version += 1
+        if t is not None:
+            self.push(t, "client", self.client.version)
+
+    def client_due(self, now: float) -> None:
+        for what, turn, attempt in self.client.due(now):
+            if attempt != turn.attempts:
+                continue
+            if what == "arrive":
+                self.arrive(turn, now)
+            elif what == "first":
+                self.seen_first(turn, now)
+            else:
+                self.seen_last(turn, now)
+        self.wake_client()
+
+    def stream(self, rep: Replica, tokens: int, now: float) -> None:
+        """``tokens`` output tokens leave ``rep`` (one per running request): frontend work. FIFO: spread over
+        the ingresses; PS: each on its request's stream, the last one marked."""
+        if not tokens:
+            return
+        engine, ing_tok, cli_tok = self.engine, self.ing_tok, self.cli_tok
+        if engine.frontend_s_per_token > 0 and not self.ps:
+            per = engine.frontend_s_per_token * tokens / len(self.ings)
+            for ing in self.ings:
+                ing.fifo.work(now, per)
+        if not (ing_tok or cli_tok):
+            return
+        k, touched = rep.steps, set()
+        for step, jobs in rep.finishing.items():
+            for job in jobs:
+                turn, key = job.turn, (job.turn.rid, job.turn.attempts)
+                if ing_tok:
+                    turn.ingress.cpu.add(now, key, engine.frontend_s_per_token,
+                                         ("last", turn, turn.attempts) if step == k else None)
+                    touched.add(turn.ingress)
+                if cli_tok and step != k:  # the last token reaches the client through to_client
+                    self.client.add(now, key, engine.client_s_per_token)
+        for ing in touched:
+            self.wake(ing)
+        if cli_tok:
+            self.wake_client()
+
+    def route(self, turn: Turn, now: float) -> None:
+        ing, engine, res, st = turn.ingress, self.engine, self.res, self.st
+        t0 = time.perf_counter()
+        snaps = [ing.load.snapshot(rid, st.stats[rid], engine.max_ongoing, now) for rid in st.live]
+        sticky = turn.session.key if turn.session is not None and turn.session.sticky else None
+        rr = RoutingRequest("sim", turn.prompt_tokens, turn.block_hashes, sticky)
+        d = ing.policy.choose(rr, snaps, now, ing.rng)
+        snap = next(s for s in snaps if s.replica_id == d.replica_id)
+        ing.policy.on_routed(rr, snap, now)
+        ing.load.on_routed(d.replica_id, str(turn.rid), turn.prompt_tokens - d.predicted_cached_tokens, now)
+        res.decision_s.append(time.perf_counter() - t0)
+        res.reasons[d.reason] += 1
+        res.predicted_cached_tokens += d.predicted_cached_tokens
+        rep = st.reps[d.replica_id]
+        rep.served += 1
+        rep.meter.started(now)
+        if engine.input_s_per_request > 0:
+            rep.input_until = max(now, rep.input_until) + engine.input_s_per_request
+            rep.entering += 1
+            self.push(rep.input_until, "enqueue", (rep, turn))
+        else:
+            self.enqueue(rep, turn, now)
+
+    def seen_first(self, turn: Turn, now: float) -> None:
+        """The client gets ``turn``'s first token (PS front end: after its ingress streamed it)."""
+        turn.seen_first_at = now
+        if not turn.first_token:
+            turn.first_token = True
+            if turn.rid >= self.measure_from:
+                self.res.ttft_s.append(now - turn.sent_at + self.engine.request_overhead_s)
+
+    def seen_last(self, turn: Turn, now: float) -> None:
+        """The client gets ``turn``'s last token: the request is done for the ingress and the driver."""
+        res, via_cores = self.res, self.ing_tok or self.cli_tok
+        if turn.output_tokens <= 1 and via_cores:
+            self.seen_first(turn, now)
+        turn.ingress.load.on_completed(turn.replica, str(turn.rid))
+        self.outstanding -= 1
+        self.driver.finish(turn, now, self.send)
+        if turn.rid < self.measure_from:
+            return
+        if res.first_measured is None:
+            res.first_measured = turn.sent_at
+        res.e2e_s.append(now - turn.sent_at + self.engine.request_overhead_s)
+        if turn.output_tokens > 1:
+            start = turn.seen_first_at if via_cores else turn.first_at
+            res.tpot_s.append((now - start) / (turn.output_tokens - 1))
+        res.output_tokens += turn.output_tokens
+        res.completed += 1
+        res.last_done = now
