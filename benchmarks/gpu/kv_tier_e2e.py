@@ -37,7 +37,8 @@ machine (``git rev-parse HEAD`` there): the device's copy of the repository has 
     bash benchmarks/gpu/run_on_device.sh 560 benchmarks/gpu/kv_tier_e2e.py --scale gpu --model-dir /tmp/models \\
         --kill-leftovers --order tier_off --concurrency 64 --num-requests 2000 --append \\
         --out /tmp/res/kv_tier_e2e.json --git-commit 0123456789abcdef0123456789abcdef01234567
-    # then the same with --order tier_on, tier_off, tier_on (one call each)
+    # then the same with --order tier_on, tier_off, tier_on (one call each). The 8B scale likewise, with
+    # --scale gpu-8b (its own --out), carrying and copying .models/shape-llama-3.1-8b instead
 """
 
 from __future__ import annotations
