@@ -54,8 +54,8 @@ class ChunkLocation:
 
     ``locate`` answers with one of these per chunk rather than one record per block: every object
     ref in an actor's reply is registered with Ray's reference counting on the way, so a reply of
-    one ref per block (512 for 8K tokens, all naming the same 32 chunks) cost ~8 ms where one per
-    chunk costs ~2 ms (docs/kv_tier.md, the locate phase)."""
+    one ref per block (512 for 8K tokens, all naming the same 32 chunks) costs several times one per
+    chunk (``benchmarks/kv_tier_locate_micro.py``; docs/kv_tier.md, the locate phase)."""
 
     ref: Any
     chunk_id: int
