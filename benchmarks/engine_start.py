@@ -107,10 +107,9 @@ def main() -> None:
     a = ap.parse_args()
     from vllm import __version__ as vllm_version
 
-    from benchmarks.bench.result import machine_info
+    from benchmarks.bench.result import git_commit, machine_info
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = git_commit() or ""
     result = {"command": "python -m benchmarks.engine_start " + " ".join(sys.argv[1:]), "machine": machine_info(),
               "git_commit": commit, "vllm_version": vllm_version, "config": a.config, "variants": {}}
     for name in a.variants.split(","):

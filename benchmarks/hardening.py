@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench.result import machine_info
+from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.hardening_load import Outcomes, burst, burst_sequential, steady_load
 from benchmarks.serverproc import replica_actors
 
@@ -332,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phases {sorted(unknown)}; known: {PHASES}")
     partial = args.phases != list(PHASES)
     machine = machine_info()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit() or ""
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
     started = time.time()

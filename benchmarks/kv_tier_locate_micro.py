@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench.result import machine_info  # noqa: E402
-from deployments.kv_tier.directory import BlockDirectory  # noqa: E402
+from benchmarks.bench.result import git_commit, machine_info
+from deployments.kv_tier.directory import BlockDirectory
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +63,6 @@ class Directory(BlockDirectory):
 
     def empty(self) -> None:
         return None
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
            "variants": result,
            "per_block_over_per_chunk": round(result["per_block"]["p50_ms"] / result["per_chunk"]["p50_ms"], 2),
            "command": shlex.join(["python", "-m", "benchmarks.kv_tier_locate_micro", *(argv or sys.argv[1:])]),
-           "machine": machine_info(), "loadavg_1m": round(os.getloadavg()[0], 2), "git_commit": _git_commit()}
+           "machine": machine_info(), "loadavg_1m": round(os.getloadavg()[0], 2), "git_commit": git_commit()}
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

@@ -90,10 +90,11 @@ SCALES: dict[str, dict] = {
         "kill_at_s": 35.0, "ingress_replicas": 2,
     },
     # 2 x Llama-3.1-8B shape at 0.5 GPU (128 KiB/token): 32K tokens (4 GiB) per replica, 8 GiB in all; 40 docs
-    # ~246K tokens (30 GiB) fit the 32 GiB tier (at most 0.6 of the 56 GiB object store: max_object_store_fraction). The 1B scale shows the tier's ceiling on a small model: a
-    # 1B recompute of a 6K-token document costs about what loading its 190 MiB does under load (unsaturated,
-    # 20 req/s: TTFT p50 120 vs 153 ms), so only the KV held per request differs. On the 8B shape a recompute
-    # of 8K tokens costs 214 ms against a 36 ms load (kv_tier_h200.json), which is the case the tier is for.
+    # ~246K tokens (30 GiB) fit the 32 GiB tier (at most 0.6 of the 56 GiB object store:
+    # max_object_store_fraction). The 1B scale shows the tier's ceiling on a small model: a 1B recompute of a
+    # 6K-token document costs about what loading its 190 MiB does under load (unsaturated, 20 req/s: TTFT p50
+    # 120 vs 153 ms), so only the KV held per request differs. On the 8B shape a recompute of 8K tokens costs
+    # 214 ms against a 36 ms load (kv_tier_h200.json), which is the case the tier is for.
     # Closed loop at 32 in flight: tier_off is bound by prefill compute (~160 ms of GPU per 6K-token miss).
     "gpu-8b": {
         "config": "configs/gpu.yaml", "replicas": 2, "num_gpus": 0.5, "engine": {"gpu_memory_utilization": 0.45},

@@ -120,32 +120,34 @@ def _r(x: float | None, nd: int = 1) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
-    """Prometheus-style quantile of cumulative bucket counts {le: count} (linear within a bucket)."""
+def _quantile_bucket(buckets: dict[float, float], q: float) -> tuple[float, float, float, float, float] | None:
+    """(rank, lower edge, count below it, upper edge, count up to it) of the bucket that holds quantile ``q`` of
+    cumulative bucket counts {le: count}; the upper edge is inf past the last bucket."""
     items = sorted(buckets.items())
     if not items or items[-1][1] <= 0:
         return None
     rank, prev_le, prev_n = q * items[-1][1], 0.0, 0.0
     for le, n in items:
         if n >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 0.0)
+            return rank, prev_le, prev_n, le, n
         prev_le, prev_n = le, n
-    return prev_le
+    return rank, prev_le, prev_n, float("inf"), prev_n
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Prometheus-style quantile of cumulative bucket counts {le: count} (linear within a bucket)."""
+    if (found := _quantile_bucket(buckets, q)) is None:
+        return None
+    rank, lo, lo_n, hi, hi_n = found
+    if hi == float("inf"):
+        return lo
+    return lo + (hi - lo) * ((rank - lo_n) / (hi_n - lo_n) if hi_n > lo_n else 0.0)
 
 
 def bucket_bounds(buckets: dict[float, float], q: float) -> tuple[float, float] | None:
     """The bucket (lower, upper edge) that holds quantile ``q``: how far an interpolated quantile can be off."""
-    items = sorted(buckets.items())
-    if not items or items[-1][1] <= 0:
-        return None
-    rank, prev_le = q * items[-1][1], 0.0
-    for le, n in items:
-        if n >= rank:
-            return prev_le, le
-        prev_le = le
-    return prev_le, float("inf")
+    found = _quantile_bucket(buckets, q)
+    return None if found is None else (found[1], found[3])
 
 
 def histogram(before: Samples, after: Samples, metric: str, by: str, scale: float = 1.0) -> dict[str, dict]:
