@@ -38,7 +38,8 @@ machine (``git rev-parse HEAD`` there): the device's copy of the repository has 
         --kill-leftovers --order tier_off --concurrency 64 --num-requests 2000 --append \\
         --out /tmp/res/kv_tier_e2e.json --git-commit 0123456789abcdef0123456789abcdef01234567
     # then the same with --order tier_on, tier_off, tier_on (one call each). The 8B scale likewise, with
-    # --scale gpu-8b (its own --out), carrying and copying .models/shape-llama-3.1-8b instead
+    # --scale gpu-8b and its own --out, without --concurrency/--num-requests (its scale sets a 150 s window),
+    # carrying and copying .models/shape-llama-3.1-8b instead (~6 min a call warm, ~8 on a fresh machine)
 """
 
 from __future__ import annotations
@@ -89,20 +90,24 @@ SCALES: dict[str, dict] = {
         "load": "concurrency", "rate": 20.0, "concurrency": 64, "num_requests": 2000, "duration_s": 120.0,
         "kill_at_s": 35.0, "ingress_replicas": 2,
     },
-    # 2 x Llama-3.1-8B shape at 0.5 GPU (128 KiB/token): 32K tokens (4 GiB) per replica, 8 GiB in all; 40 docs
-    # ~246K tokens (30 GiB) fit the 32 GiB tier (at most 0.6 of the 56 GiB object store:
-    # max_object_store_fraction). The 1B scale shows the tier's ceiling on a small model: a 1B recompute of a
-    # 6K-token document costs about what loading its 190 MiB does under load (unsaturated, 20 req/s: TTFT p50
-    # 120 vs 153 ms), so only the KV held per request differs. On the 8B shape a recompute of 8K tokens costs
-    # 214 ms against a 36 ms load (kv_tier_h200.json), which is the case the tier is for.
-    # Closed loop at 32 in flight: tier_off is bound by prefill compute (~160 ms of GPU per 6K-token miss).
+    # 2 x Llama-3.1-8B shape at 0.5 GPU (128 KiB/token): 96K tokens (12 GiB) of KV per replica, 24 GiB in all;
+    # 40 docs ~246K tokens (30 GiB) outgrow both caches together and fit the 32 GiB tier (at most 0.6 of the
+    # 56 GiB object store: max_object_store_fraction). The 1B scale shows the tier's ceiling on a small model: a
+    # 1B recompute of a 6K-token document costs about what loading its 190 MiB does under load, so only the KV
+    # held per request differs. On the 8B shape a recompute of 8K tokens costs 210 ms of GPU against a 29 ms load
+    # (kv_tier_h200.json), which is the case the tier is for. 16 in flight (~8 per replica, ~56K tokens held
+    # while running) leave room for ~6 cached documents per replica, so KV blocks are not what requests queue
+    # for and tier_off is bound by prefill compute (~150 ms of GPU per 6K-token miss). A run at 4 GiB per
+    # replica and 32 in flight (kv_tier_e2e_8b_h200.json, tier_on only) queued ~4 s per request for blocks.
+    # A 150 s window bounded by time, the kill at 20 s: an 8B replacement starts in ~60-90 s with a warm
+    # compile cache, so it serves the window's last part (evidence: requests_by_replica, resubscribed_at_s).
     "gpu-8b": {
         "config": "configs/gpu.yaml", "replicas": 2, "num_gpus": 0.5, "engine": {"gpu_memory_utilization": 0.45},
-        "kv_cache_tokens": 32 * 1024, "fast_path": True,
+        "kv_cache_tokens": 96 * 1024, "fast_path": True,
         "tier": {"budget_gib": 32.0}, "object_store_gib": 56.0,
         "docs": 40, "doc_tokens": "4096:8192", "question_tokens": "32:64", "output_len": 64,
-        "load": "concurrency", "rate": 6.0, "concurrency": 32, "num_requests": 600, "duration_s": 150.0,
-        "kill_at_s": 30.0, "ingress_replicas": 2,
+        "load": "concurrency", "rate": 6.0, "concurrency": 16, "num_requests": None, "duration_s": 150.0,
+        "kill_at_s": 20.0, "ingress_replicas": 2,
     },
 }
 PORTS = (8000, 8404)  # kvserve HTTP, HAProxy stats (the Ray metrics port is read from the cluster)

@@ -61,10 +61,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per engine (default 12, CPU 1)")
     p.add_argument("--tier-budget-gib", type=float, default=None)
     p.add_argument("--object-store-gib", type=float, default=None)
-    p.add_argument("--load-threads", type=int, default=8)
-    p.add_argument("--host-dma", default="mapping", choices=["staged", "per_chunk", "mapping"])
-    p.add_argument("--load-mode", default="async", choices=["sync", "async"],
-                   help="kv_tier.load_mode: async (the hit waits for its load, other requests step on) or sync")
+    p.add_argument("--load-threads", type=int, default=None, help="kv_tier.load_threads (default: KVTierConfig's)")
+    p.add_argument("--host-dma", default=None, choices=["staged", "per_chunk", "mapping"],
+                   help="kv_tier.host_dma (default: KVTierConfig's)")
+    p.add_argument("--load-mode", default=None, choices=["sync", "async"],
+                   help="kv_tier.load_mode: async (the hit waits for its load, other requests step on) or sync "
+                   "(default: KVTierConfig's)")
     p.add_argument("--alternations", type=int, default=3, help="no-reuse on/off pairs")
     p.add_argument("--git-commit", default="unknown")
     p.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (slower start)")
@@ -118,7 +120,7 @@ def main() -> int:
     _watchdog(a.deadline_s, a.out)
     t_start = time.monotonic()
     RESULT.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=_machine(a.cpu_smoke),
-                  git_commit=a.git_commit, host_dma=a.host_dma, load_mode=a.load_mode)
+                  git_commit=a.git_commit)
     try:
         import shutil
 
@@ -157,10 +159,12 @@ def main() -> int:
             dt = time.perf_counter() - t0
             return dt, sum(len(o.outputs[0].token_ids) for o in outs), [int(o.num_cached_tokens or 0) for o in outs]
 
+    chosen = {k: v for k, v in (("load_threads", a.load_threads), ("host_dma", a.host_dma),
+                                ("load_mode", a.load_mode)) if v is not None}  # the rest: the config's defaults
     tier = KVTierConfig(enabled=True, budget_gib=a.tier_budget_gib, namespace=NAMESPACE,
-                        directory_name=DIRECTORY, load_threads=a.load_threads, host_dma=a.host_dma,
-                        load_mode=a.load_mode, max_object_store_fraction=0.6,
-                        lookup_timeout_s=10.0 if a.cpu_smoke else 0.5)
+                        directory_name=DIRECTORY, max_object_store_fraction=0.6,
+                        lookup_timeout_s=10.0 if a.cpu_smoke else 0.5, **chosen)
+    RESULT.update(host_dma=tier.host_dma, load_mode=tier.load_mode, load_threads=tier.load_threads)
     base = {"max_model_len": a.prefix_tokens + 512, "enable_prefix_caching": True, "seed": 0,
             "enforce_eager": not a.cuda_graphs, "skip_tokenizer_init": True, "max_num_seqs": 64,
             "block_size": 128 if a.cpu_smoke else 16}
@@ -197,7 +201,7 @@ def main() -> int:
     eng_a, eng_b = start(on_kwargs), start(on_kwargs)
     ready([eng_a, eng_b], "a_b")
     directory = ray.get_actor(DIRECTORY, namespace=NAMESPACE)
-    if a.host_dma == "mapping" and not a.cpu_smoke:  # both engines page-lock the store in the background
+    if tier.host_dma == "mapping" and not a.cpu_smoke:  # both engines page-lock the store in the background
         t0 = time.monotonic()
         while len(ray.get(directory.host_dma.remote(), timeout=30)) < 2 and time.monotonic() - t0 < 120:
             time.sleep(0.5)
