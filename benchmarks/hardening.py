@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.hardening_load import Outcomes, burst, burst_sequential, steady_load
-from benchmarks.serverproc import replica_actors
+from benchmarks.serverproc import deployment_states, replica_actors
 
 #: Faster fault detection for the run (recorded in the JSON): the shipped defaults are 60 s / 10 s. The stall
 #: timeout stays above the longest legitimate engine step: the overload burst's first step (32 prompts, ~1.3K
@@ -118,14 +118,11 @@ def _engine_pid(replica_pid: int) -> int:
 
 async def _recovered(app: str, dep: str, gone: str, want: int, timeout_s: float = 600) -> float:
     """Seconds until ``want`` replicas other than ``gone`` are alive and the deployment is HEALTHY."""
-    from ray import serve
-
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         alive = [r for r in await asyncio.to_thread(replica_actors, dep) if r["id"] != gone]
-        status = await asyncio.to_thread(serve.status)
-        d = status.applications[app].deployments[dep]
-        if len(alive) >= want and d.status == "HEALTHY" and d.replica_states.get("RUNNING", 0) >= want:
+        status, states = await asyncio.to_thread(deployment_states, app, dep)
+        if len(alive) >= want and status == "HEALTHY" and states.get("RUNNING", 0) >= want:
             return time.monotonic() - t0
         await asyncio.sleep(0.5)
     raise TimeoutError(f"{dep} not back to {want} healthy replicas within {timeout_s} s")

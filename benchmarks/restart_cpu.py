@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench.result import git_commit, machine_info
-from benchmarks.serverproc import replica_actors
+from benchmarks.serverproc import deployment_states, replica_actors
 
 #: The steps, in order; each phase is named by the step it ends at.
 STEPS = ("noticed", "process_start", "module_loaded", "init", "vllm_imported", "engine_config", "engine_started",
@@ -126,13 +126,6 @@ def _vllm_log(session: Path, pid: int, year: int) -> tuple[dict[str, float], dic
     return figures, steps
 
 
-def _states(app: str, dep: str) -> tuple[str, dict[str, int]]:
-    from ray import serve
-
-    d = serve.status().applications[app].deployments[dep]
-    return getattr(d.status, "value", d.status), {getattr(k, "value", k): v for k, v in d.replica_states.items()}
-
-
 def _kill_once(dep: str, want: int, probes: Probes, session: Path, timeout_s: float) -> dict:
     import ray
 
@@ -143,7 +136,7 @@ def _kill_once(dep: str, want: int, probes: Probes, session: Path, timeout_s: fl
     at: dict[str, float] = {}
     new: dict | None = None
     while time.time() - t0 < timeout_s and "routed" not in at:
-        status, states = _states("kvserve", dep)
+        status, states = deployment_states("kvserve", dep)
         now = time.time()
         if "noticed" not in at and states.get("RUNNING", 0) < want:
             at["noticed"] = now
@@ -197,7 +190,7 @@ def run(args) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t_start = time.time()
     serve.run(build_app(cfg), name="kvserve", route_prefix="/", blocking=False)
-    while _states("kvserve", dep) != ("HEALTHY", {"RUNNING": want}):
+    while deployment_states("kvserve", dep) != ("HEALTHY", {"RUNNING": want}):
         if time.time() - t_start > args.timeout_s * 2:
             raise TimeoutError(f"{dep} not up with {want} replicas within {args.timeout_s * 2} s")
         time.sleep(0.5)

@@ -175,3 +175,12 @@ def replica_actors(part: str) -> list[dict]:
 
     return [{"id": a.actor_id, "pid": a.pid, "name": a.name} for a in list_actors(
         filters=[("state", "=", "ALIVE")], limit=1000) if part in (a.class_name or "")]
+
+
+def deployment_states(app: str, dep: str) -> tuple[str, dict[str, int]]:
+    """``dep``'s status in ``app`` and its replicas counted by state (``("HEALTHY", {"RUNNING": 2})``), from
+    ``serve.status()``; needs a connected Ray driver."""
+    from ray import serve
+
+    d = serve.status().applications[app].deployments[dep]
+    return getattr(d.status, "value", d.status), {getattr(k, "value", k): v for k, v in d.replica_states.items()}
