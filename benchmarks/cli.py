@@ -22,7 +22,8 @@ from serve_app import settings
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target")
     g.add_argument("--base-url", default=settings.base_url(),
-                   help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (default from KVSERVE_HTTP_HOST/PORT: %(default)s)")
+                   help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
+                        "(default from KVSERVE_HTTP_HOST/PORT: %(default)s)")
     g.add_argument("--model", help="model name to request (default: the first one GET /models lists)")
     g.add_argument("--label", help="system name for plots and tables (default: host:port of --base-url)")
     g.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")

@@ -15,8 +15,9 @@ replicas, proxy, controller, the rest of Ray, this client) per 1,000 streamed to
 with the ingress for the cores, so the ingress's ceiling is derived, not observed: 1 core / its CPU per token.
 With several ``--output-len`` values the ingress's CPU (and the proxy's and replicas') is also split into a
 per-request and a per-token part (``benchmarks.ingress_figures.cost_fit``). ``--profile-s`` then samples the
-ingress's stacks at the highest concurrency (a run of its own: profiling perturbs the figures) with ``benchmarks.stack_sampler`` (py-spy
-cannot attach to another process here) and lists its hottest functions and the CPU of each of its threads.
+ingress's stacks at the highest concurrency (a run of its own: profiling perturbs the figures) with
+``benchmarks.stack_sampler`` (py-spy cannot attach to another process here) and lists its hottest
+functions and the CPU of each of its threads.
 
 kv-aware routing here has no KV events (the fake engine publishes none): the router's approximate index only.
 
@@ -123,7 +124,8 @@ async def calibrate(client, target: int) -> tuple[int, int]:
     from benchmarks.bench.spec import BenchRequest
 
     probe = 400
-    rec = await client.send(BenchRequest(api="chat", max_tokens=1, messages=prompt(probe, "probe")), time.perf_counter())
+    rec = await client.send(BenchRequest(api="chat", max_tokens=1, messages=prompt(probe, "probe")),
+                            time.perf_counter())
     if not rec.ok or not rec.prompt_tokens:
         raise RuntimeError(f"probe request failed: {rec.error} {rec.detail}")
     words = max(int(probe * target / rec.prompt_tokens), 1)
@@ -258,10 +260,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=lambda s: [int(x) for x in s.split(",")], default=[128])
     ap.add_argument("--prompt-tokens", type=int, default=500)
     ap.add_argument("--step-ms", type=float, default=20.0, help="the fake engines' step (one token per stream)")
-    ap.add_argument("--strategy", default="kv-aware", choices=["kv-aware", "round-robin", "prefix-aware", "least-loaded"])
+    ap.add_argument("--strategy", default="kv-aware",
+                    choices=["kv-aware", "round-robin", "prefix-aware", "least-loaded"])
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--duration-s", type=float, default=20.0)
-    ap.add_argument("--profile-s", type=float, default=0.0, help="sample the ingress's stacks this long at the top concurrency")
+    ap.add_argument("--profile-s", type=float, default=0.0,
+                    help="sample the ingress's stacks this long at the top concurrency")
     ap.add_argument("--profile-top", type=int, default=30)
     ap.add_argument("--no-fast-path", action="store_true")
     ap.add_argument("--out", type=Path)

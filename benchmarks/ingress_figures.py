@@ -104,10 +104,12 @@ def cost_fit(levels: Sequence[dict], roles: Sequence[str], output_lens: Sequence
     each output length. Levels where a replica's step clock kept less than ``min_pace`` of its target (a replica
     still warming up, or starved) are left out; so are levels without finished requests."""
     used = [lv for lv in levels if lv["requests"] and all(
-        k >= min_pace * lv["replica_pacing"]["steps_per_s_target"] for k in lv["replica_pacing"].get("steps_per_s_kept", []))]
+        k >= min_pace * lv["replica_pacing"]["steps_per_s_target"]
+        for k in lv["replica_pacing"].get("steps_per_s_kept", []))]
     out: dict[str, Any] = {"levels_used": [(lv["concurrency"], lv["output_len"]) for lv in used]}
     for role in roles:
-        fit = split_cost([(lv["requests"], lv["tokens"], lv["cpu_cores"].get(role, 0.0) * lv["window_s"]) for lv in used])
+        fit = split_cost([(lv["requests"], lv["tokens"], lv["cpu_cores"].get(role, 0.0) * lv["window_s"])
+                          for lv in used])
         if fit is None:
             continue
         per_req, per_tok = fit

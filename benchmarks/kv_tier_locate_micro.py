@@ -1,4 +1,4 @@
-"""The KV tier directory's ``locate`` round trip through Ray: reply shape per block vs per chunk.
+r"""The KV tier directory's ``locate`` round trip through Ray: reply shape per block vs per chunk.
 
 Owns the measurement behind ``directory.ChunkLocation``. A tier load asks the directory actor where its
 blocks are; every object ref inside an actor's reply goes through Ray's reference counting (the caller
@@ -15,7 +15,8 @@ driver, ``--calls`` calls of:
 Defaults: 8K tokens of 16-token blocks (512 blocks) in 32 chunks, as ``kv_tier_h200.py``'s prefix.
 No GPU, no vLLM. Writes JSON (p50/p90/min ms per variant, command, machine, git commit):
 
-    flock /tmp/kvserve-ray.lock python -m benchmarks.kv_tier_locate_micro --out benchmarks/results/kv_tier_locate_micro.json
+    flock /tmp/kvserve-ray.lock python -m benchmarks.kv_tier_locate_micro \
+        --out benchmarks/results/kv_tier_locate_micro.json
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ def run(args) -> dict:
                       for k in kills], ENGINE_STEPS[1:])
     totals = sorted(k["at_s"]["routed"] for k in kills)
     return {"restart_to_serving_s": round(statistics.median(totals), 1), "restart_to_serving_all_s": totals,
-            "phases_s": med, "engine_phases_s": engine, "kills": kills, "probe_errors": probes.errors, "app_first_start_s": first_start_s,
+            "phases_s": med, "engine_phases_s": engine, "kills": kills, "probe_errors": probes.errors,
+            "app_first_start_s": first_start_s,
             # The machine is shared: other work at niceness 0 outruns Ray's workers (niceness 15) on its 2 cores.
             "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "deployment": cfg.models[0].deployment.model_dump(include={"health_check_period_s",

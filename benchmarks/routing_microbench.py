@@ -57,7 +57,8 @@ def _summary(samples_s: list[float]) -> dict[str, float]:
 def bench(strategy: str, decisions: int, seed: int = 0) -> dict[str, dict[str, float]]:
     rng = random.Random(seed)
     policy = make_policy(RoutingConfig(strategy=strategy).knobs())  # the documented defaults
-    snaps = [ReplicaSnapshot(f"replica-{i:02d}", queued_prefill_tokens=rng.randrange(0, 4000), running=rng.randrange(0, 8),
+    snaps = [ReplicaSnapshot(f"replica-{i:02d}", queued_prefill_tokens=rng.randrange(0, 4000),
+                             running=rng.randrange(0, 8),
                              kv_capacity_blocks=INDEXED // REPLICAS, block_size=BLOCK) for i in range(REPLICAS)]
     docs = [_tokens(rng, DOC_TOKENS) for _ in range(DOCS)]
 

@@ -2,9 +2,9 @@
 
 Starts ``kvserve serve CONFIG`` on a free port and measures: seconds to its ``ready at`` line and to
 the first answer; then, ``--restarts`` times, SIGKILLs one vLLM replica's process and measures the
-seconds until ``serve status`` shows one replica fewer RUNNING, then all RUNNING again and until a request is answered while
-it restarts (the other replica serves; with one replica, until it is back); finally SIGTERM and the
-seconds until the command exits and every process it started is gone.
+seconds until ``serve status`` shows one replica fewer RUNNING, then all RUNNING again and until a
+request is answered while it restarts (the other replica serves; with one replica, until it is back);
+finally SIGTERM and the seconds until the command exits and every process it started is gone.
 
 Usage: ``python -m benchmarks.serve_lifecycle [--config configs/cpu.yaml] [--restarts 2] [--out PATH]``;
 writes benchmarks/results/serve_lifecycle_cpu.json (command, machine, git commit). Run it alone (it

@@ -104,7 +104,8 @@ class Ingress:
             prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{m.id}")
             self._models[m.id] = ServedModel(m, frontend, handle, hasher, prep)
         tracing = self._cfg.tracing
-        self._tracer = Tracer(tracing.otlp_traces_endpoint, tracing.service_name) if tracing.otlp_traces_endpoint else None
+        self._tracer = (Tracer(tracing.otlp_traces_endpoint, tracing.service_name)
+                        if tracing.otlp_traces_endpoint else None)
         self._created = int(time.time())
         app.state.model_ids = frozenset(self._models)
         replica = serve.get_replica_context()

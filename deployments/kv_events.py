@@ -179,7 +179,8 @@ class KVEventSubscriber:
         finally:
             sub.close(linger=0)
 
-    async def _catch_up(self, rid: str, replay: str | None, start: int, seen: int, *, reset_if_incomplete: bool) -> bool:
+    async def _catch_up(self, rid: str, replay: str | None, start: int, seen: int, *,
+                        reset_if_incomplete: bool) -> bool:
         """Apply batches ``start .. seen-1`` from the replay socket; True if none was missing.
 
         When some are missing and ``reset_if_incomplete``, the replica's entries are dropped first

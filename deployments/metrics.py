@@ -9,8 +9,9 @@ the others; Ray's agent aggregates all processes of a node in one scrape.
 Naming: the HyperPod names users know (``model_invocations_total``, ``model_latency_milliseconds``,
 ``model_ttfb_milliseconds``, ``model_concurrent_requests``) and ``kvserve_*`` for the project's own;
 Ray's exporter prepends its ``ray_`` namespace to all of them (``ray_model_invocations_total``).
-Labels are per model / replica / status / strategy / configured tenant, never per request or per key. Metrics are created lazily
-(one set per process) so importing this module costs nothing and needs no running Ray.
+Labels are per model / replica / status / strategy / configured tenant, never per request or per key.
+Metrics are created lazily (one set per process) so importing this module costs nothing and needs no
+running Ray.
 """
 
 from __future__ import annotations

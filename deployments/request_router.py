@@ -213,7 +213,8 @@ class KVServeRouter(RequestRouter):
         try:
             self._policy.remove_replica(rid)
             self._load.remove_replica(rid)
-            metrics().router_index_blocks.set(0, tags={"model": self._model, "replica": rid, "strategy": self._strategy})
+            metrics().router_index_blocks.set(0, tags={"model": self._model, "replica": rid,
+                                                       "strategy": self._strategy})
         except Exception:
             logger.exception("KVServeRouter: dropping replica %s failed", rid)
 

@@ -69,7 +69,8 @@ class Slots:
             mask ^= low
 
 
-def longest_prefix(block_hashes: Sequence[int], holders_of: Callable[[int, int], int], candidates: int, slots: Slots) -> dict[str, int]:
+def longest_prefix(block_hashes: Sequence[int], holders_of: Callable[[int, int], int], candidates: int,
+                   slots: Slots) -> dict[str, int]:
     """Leading blocks of ``block_hashes`` held by each candidate (only candidates with >= 1 block).
 
     ``holders_of(h, 0)`` returns the bit mask of replicas holding block ``h``; ``candidates`` is a mask.

@@ -1,10 +1,11 @@
 """Prompt block hashes, computed exactly as vLLM's prefix cache computes them.
 
 Owns: ``block_hashes`` (the router's view of a prompt), ``BlockHasher`` (the same with a bounded
-memo of recent blocks, for the request path) and ``hash_object`` (the four vLLM hash functions). The router, the KV tier and the engine must name the same prefix with the same keys, so
-this module mirrors ``vllm/v1/core/kv_cache_utils.py`` (``init_none_hash``, ``hash_block_tokens``,
-``generate_block_hash_extra_keys``) and ``vllm/utils/hashing.py``; a unit test checks equality
-against vLLM's own functions.
+memo of recent blocks, for the request path) and ``hash_object`` (the four vLLM hash functions). The
+router, the KV tier and the engine must name the same prefix with the same keys, so this module mirrors
+``vllm/v1/core/kv_cache_utils.py`` (``init_none_hash``, ``hash_block_tokens``,
+``generate_block_hash_extra_keys``) and ``vllm/utils/hashing.py``; a unit test checks equality against
+vLLM's own functions.
 
 Algorithm (vLLM v1, single KV-cache group)::
 

@@ -65,7 +65,8 @@ class _RayNode:
         self.address = ray.get_runtime_context().gcs_address
 
     def drain(self, deadline_s: int) -> None:
-        subprocess.run([_ray_cli(), "drain-node", "--address", self.address, "--node-id", self.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+        subprocess.run([_ray_cli(), "drain-node", "--address", self.address, "--node-id", self.node_id,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                         "--reason-message", "Kubernetes is stopping this pod (preStop)",
                         "--deadline-remaining-seconds", str(deadline_s)], check=True)
 

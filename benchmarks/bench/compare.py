@@ -63,7 +63,8 @@ def markdown_table(results: list[dict]) -> str:
                                              r["config"]["load"]["mode"], load_x(r)))
     for r in ordered:
         h, load = r["headline"], r["config"]["load"]
-        level = "trace" if load["mode"] == "trace" else f"{'c' if load['mode'] == 'concurrency' else 'rate '}{load['level']:g}"
+        level = ("trace" if load["mode"] == "trace"
+                 else f"{'c' if load['mode'] == 'concurrency' else 'rate '}{load['level']:g}")
         hit = "-" if h["cache_hit_rate"] is None else f"{h['cache_hit_rate']:.1%}"
         lines.append(f"| {r['label']} | {r['config']['workload']['name']} | {level} | {h['completed']} | {h['errors']} "
                      f"| {_fmt(h['ttft_p50_ms'])} | {_fmt(h['ttft_p90_ms'])} | {_fmt(h['ttft_p99_ms'])} "

@@ -1,7 +1,8 @@
 """The result JSON of one run, and the machine it ran on.
 
 Owns ``machine_info`` (hostname, platform, Python, CPU count, GPU names from ``nvidia-smi`` when it
-exists), ``git_commit`` (the checkout's HEAD, the code a benchmark measures), ``build_result`` and ``write_result``. Schema ``kvserve.bench/1``:
+exists), ``git_commit`` (the checkout's HEAD, the code a benchmark measures), ``build_result`` and
+``write_result``. Schema ``kvserve.bench/1``:
 
     {"schema", "label",
      "config":   {workload: {name, seed, ...params}, load: {mode, level, ...}, base_url, model, seed,

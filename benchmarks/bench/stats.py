@@ -95,7 +95,8 @@ def summarize(outcome: RunOutcome) -> dict:
             "prompt_total": prompt_total, "output_total": output_total, "cached_total": cached_total,
             "cached_reported_requests": len(reported),
             "usage_missing_requests": sum(1 for r in ok if not r.usage_reported),
-            "output_short_requests": sum(1 for r in ok if r.output_tokens is not None and r.output_tokens < r.max_tokens),
+            "output_short_requests": sum(1 for r in ok
+                                         if r.output_tokens is not None and r.output_tokens < r.max_tokens),
             "input_mismatch_requests": sum(1 for r in ok if r.input_tokens is not None and r.prompt_tokens is not None
                                            and r.prompt_tokens != r.input_tokens),
         },
@@ -113,7 +114,8 @@ def headline(summary: dict) -> dict:
 
     return {
         "ttft_p50_ms": pick("ttft_ms", "p50"), "ttft_p90_ms": pick("ttft_ms", "p90"),
-        "ttft_p95_ms": pick("ttft_ms", "p95"), "ttft_p99_ms": pick("ttft_ms", "p99"), "ttft_mean_ms": pick("ttft_ms", "mean"),
+        "ttft_p95_ms": pick("ttft_ms", "p95"), "ttft_p99_ms": pick("ttft_ms", "p99"),
+        "ttft_mean_ms": pick("ttft_ms", "mean"),
         "itl_p50_ms": pick("itl_ms", "p50"), "tpot_p50_ms": pick("tpot_ms", "p50"),
         "e2e_p50_ms": pick("e2e_ms", "p50"),
         "output_tok_per_s": summary["throughput"]["output_tok_per_s"],

@@ -22,9 +22,10 @@ and checked gone (``leftovers_killed``, ``left_after_kill``).
 
 Writes JSON: every run (bench headline, tier and router metric deltas, ``evidence``, KV events by medium, restart), the
 medians per system, ``e2e_ttft_p50_ratio`` and ``e2e_throughput_ratio`` (tier_on / tier_off; goals <= 0.6
-and >= 1.3), ``load_mode`` (``--load-mode``: tier_on's ``kv_tier.load_mode``), command, machine, git commit. Configs, server logs and raw bench JSON go to ``--work-dir``
-(default: ``work/`` beside ``--out``). ``--git-commit`` must be a literal SHA computed on the developer's
-machine (``git rev-parse HEAD`` there): the device's copy of the repository has stale git metadata, so
+and >= 1.3), ``load_mode`` (``--load-mode``: tier_on's ``kv_tier.load_mode``), command, machine, git
+commit. Configs, server logs and raw bench JSON go to ``--work-dir`` (default: ``work/`` beside
+``--out``). ``--git-commit`` must be a literal SHA computed on the developer's machine
+(``git rev-parse HEAD`` there): the device's copy of the repository has stale git metadata, so
 ``$(git rev-parse HEAD)`` evaluated on the device names an old commit. Run it under the shared lock:
 
     flock /tmp/kvserve-ray.lock python benchmarks/gpu/kv_tier_e2e.py --scale cpu --out /tmp/e2e/cpu.json

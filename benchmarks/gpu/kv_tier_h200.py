@@ -1,4 +1,4 @@
-"""KV tier on one GPU (H200): TTFT of a tier hit vs recompute, load GB/s, no-reuse throughput on vs off.
+r"""KV tier on one GPU (H200): TTFT of a tier hit vs recompute, load GB/s, no-reuse throughput on vs off.
 
 Owns: the tier's engine-level GPU benchmark (``benchmarks/gpu/kv_transfer_micro.py`` is its transfer
 microbenchmark without engines). Two vLLM engines share one GPU (Ray actors with
@@ -26,7 +26,8 @@ no_reuse_throughput_ratio, load_mode (``--load-mode``: the tier's ``load_mode``)
 if ``--deadline-s`` passes, and every Ray call has a timeout.
 
     python3 benchmarks/gpu/kv_tier_h200.py --model /path/shape-llama-3.1-8b --out results.json
-    python3 benchmarks/gpu/kv_tier_h200.py --cpu-smoke --model ~/.cache/kvserve/models/smollm2-135m-instruct --out /tmp/x.json
+    python3 benchmarks/gpu/kv_tier_h200.py --cpu-smoke --model ~/.cache/kvserve/models/smollm2-135m-instruct \
+        --out /tmp/x.json
 """
 
 from __future__ import annotations

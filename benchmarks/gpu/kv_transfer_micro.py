@@ -197,7 +197,8 @@ def main() -> int:
                     "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                                 "torch": torch.__version__, "ray": ray.__version__,
                                 "gpu": torch.cuda.get_device_name() if cuda else "none"},
-                    "dst": args.dst, "layout": {"layers": args.layers, "page_bytes": args.page_bytes, "block_bytes": block_bytes,
+                    "dst": args.dst,
+                    "layout": {"layers": args.layers, "page_bytes": args.page_bytes, "block_bytes": block_bytes,
                                "total_bytes_per_cell": args.total_mib * 1024**2},
                     "cells": []}
     rng = np.random.default_rng(0)
@@ -216,7 +217,8 @@ def main() -> int:
         nbytes = n_chunks * per_chunk * block_bytes
         for variant in variants:
             once = False
-            if variant.startswith("register_once") and registrar is not None:  # the whole mapping, for this variant only
+            if variant.startswith("register_once") and registrar is not None:
+                # the whole mapping, for this variant only
                 ranges = plasma_ranges()
                 t0 = time.perf_counter()
                 added = registrar.register_ranges(ranges)
@@ -225,7 +227,8 @@ def main() -> int:
                     "mapped_bytes": sum(hi - lo for lo, hi in ranges), "registered_bytes": added,
                     "ranges": len(ranges)})
                 print(json.dumps(result["register_once"][-1]), flush=True)
-                result["plasma_maps"] = [ln for ln in Path("/proc/self/maps").read_text().splitlines() if "plasma" in ln]
+                result["plasma_maps"] = [ln for ln in Path("/proc/self/maps").read_text().splitlines()
+                                         if "plasma" in ln]
                 once = True
             for threads in (int(x) for x in args.threads.split(",")):
                 run_cell(torch, ray, variant, refs, dst, pages, threads, per_chunk * block_bytes, args.device,

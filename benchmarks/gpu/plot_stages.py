@@ -33,7 +33,8 @@ def bars(run: dict, conc: str) -> list[tuple[str, float]]:
         queue, prefill = engine.get("queue") or 0.0, engine.get("prefill") or 0.0
         segs = [("engine queue", queue), ("engine prefill", prefill)]
         if engine.get("ttft"):  # vLLM's own TTFT starts when its server received the request
-            segs.append(("vLLM server before the engine (render, tokenize)", max(engine["ttft"] - queue - prefill, 0.0)))
+            segs.append(("vLLM server before the engine (render, tokenize)",
+                         max(engine["ttft"] - queue - prefill, 0.0)))
     rest = max(ttft - sum(ms for _, ms in segs), 0.0)
     return [*segs, ("client + HTTP + unaccounted", rest)]
 

@@ -236,7 +236,8 @@ def ratios(runs: list[dict]) -> dict:
            for s, rs in by.items()}
     out: dict[str, Any] = {"median_by_system": med}
     a, b = med.get(DEFAULT_STRATEGY), med.get(ROUND_ROBIN)
-    for key, name in (("ttft_p50_ms", "ttft_p50_ratio_vs_round_robin"), ("ttft_p90_ms", "ttft_p90_ratio_vs_round_robin"),
+    for key, name in (("ttft_p50_ms", "ttft_p50_ratio_vs_round_robin"),
+                      ("ttft_p90_ms", "ttft_p90_ratio_vs_round_robin"),
                       ("output_token_throughput_per_s", "throughput_ratio_vs_round_robin")):
         out[name] = round(a[key] / b[key], 3) if a and b and a.get(key) and b.get(key) else None
     pairs, pending = [], {}
@@ -266,7 +267,8 @@ def table(doc: dict) -> str:
                      f"{'' if pct is None else f'{pct:.1f}%'} | {r.get('requests', '')} / {r.get('errors', '')} |")
     for system, m in doc.get("median_by_system", {}).items():
         lines.append(f"| **{system}**, median of {m['runs']} | {f(m.get('ttft_p50_ms'))} | {f(m.get('ttft_p90_ms'))} | "
-                     f"{f(m.get('output_token_throughput_per_s'), 1)} | {f(m.get('request_throughput_per_s'), 2)} | | |")
+                     f"{f(m.get('output_token_throughput_per_s'), 1)} | "
+                     f"{f(m.get('request_throughput_per_s'), 2)} | | |")
     return "\n".join(lines) + "\n"
 
 

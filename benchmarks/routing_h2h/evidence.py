@@ -73,7 +73,8 @@ VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
                "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens",
                "replica_loop_lag_ms": "ray_kvserve_replica_loop_lag_milliseconds"}
 _KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
-         "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_stage_", "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
+         "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_stage_",
+         "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
          "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -262,7 +263,8 @@ def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
         "decisions_per_request": round(sum(decisions.values()) / sum(req.values()), 3) if sum(req.values()) else None,
         "decision_latency_us_mean": _mean(before, after, DECISION_US),
         "route_wait_ms_mean": _mean(before, after, ROUTE_MS),
-        "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()), "kv_event_resets": round(resets),
+        "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()),
+        "kv_event_resets": round(resets),
         "predicted_cached_tokens": round(predicted), "actual_cached_tokens": round(actual),
         "engine_by_replica": engine_by_replica(before, after),
         "stages_ms": stages(before, after),

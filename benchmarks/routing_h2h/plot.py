@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     handles = [plt.Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
     fig.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=8)
     machine = doc.get("machine", {})
-    fig.suptitle(f"routing head-to-head, {', '.join(machine.get('gpus') or []) or machine.get('hostname', '')}", fontsize=10)
+    fig.suptitle(f"routing head-to-head, {', '.join(machine.get('gpus') or []) or machine.get('hostname', '')}",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")

@@ -3,10 +3,10 @@
 Owns the issue-12 comparison. For each system (kvserve ``prefix-aware`` and ``kv-aware``,
 ``round-robin``, Ray Serve LLM's ``PrefixCacheAffinityRouter`` through ``ray_router``, and the default
 strategy on two ingress replicas; and, when named, the diagnostic ``round-robin+events``: round-robin's
-choices with KV events published and applied, to cost the events apart from kv-aware's choices) it writes a Serve config derived from ``--config`` (only ``routing``
-differs, plus the ingress replica count and the scale's engine overrides), starts it with ``serve
-run``, drives its cells (workload x load) with ``kvserve bench`` (HTTP, streaming, cache hits from
-``usage.prompt_tokens_details``), and stops it.
+choices with KV events published and applied, to cost the events apart from kv-aware's choices) it writes
+a Serve config derived from ``--config`` (only ``routing`` differs, plus the ingress replica count and
+the scale's engine overrides), starts it with ``serve run``, drives its cells (workload x load) with
+``kvserve bench`` (HTTP, streaming, cache hits from ``usage.prompt_tokens_details``), and stops it.
 
 Loads: ``sat`` is a closed loop at the scale's concurrency (the highest load); ``rNN`` is NN% of the
 request rate round-robin sustained at ``sat`` on that workload (recorded in ``calibration`` the first
@@ -262,7 +262,8 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
     base_url = f"http://127.0.0.1:{port}/v1"
     app_args = cfg["applications"][0]["args"]
     model = app_args["models"][0]["id"]
-    run: dict[str, Any] = {"git_commit": args.git_commit, "serve_env": env, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    run: dict[str, Any] = {"git_commit": args.git_commit, "serve_env": env,
+                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "cells": [f"{wl}:{lv}" for wl, lv in cells], "leftovers_before_start": left}
     out: dict[str, Any] = {"routing": app_args["routing"],
                            "ingress_replicas": app_args.get("ingress", {}).get("deployment", {}).get("num_replicas"),

@@ -7,6 +7,7 @@ shared KV tier), ``load`` and ``workloads`` (the twin of ``kvserve bench``'s loa
 (each replica's step loop and KV admission), ``fleet`` (replicas added, reporting, failed, scaled),
 ``result`` (what a run measured, cost included), ``serving_cells`` (the engine fit on a serving-overhead JSON and its
 cells), ``tier_cell`` (the KV-tier cell), ``calibrate`` (the CLI, routing cells, residuals) and
-``scale`` (the 8-1024 replica table). CLIs: ``python -m benchmarks.simulator``, ``python -m benchmarks.simulator.calibrate``,
-``python -m benchmarks.simulator.scale``; docs/benchmarks.md has the results.
+``scale`` (the 8-1024 replica table). CLIs: ``python -m benchmarks.simulator``,
+``python -m benchmarks.simulator.calibrate``, ``python -m benchmarks.simulator.scale``;
+docs/benchmarks.md has the results.
 """

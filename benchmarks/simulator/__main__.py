@@ -34,17 +34,19 @@ def _driver(args: argparse.Namespace, block_size: int) -> Driver:
     common = {"block_size": block_size, "seed": args.seed}
     if args.workload in FIXED:
         if args.workload == "shared-prefix":
-            reqs = workloads.shared_prefix(args.requests, args.rate, docs=args.docs, doc_tokens=args.doc_tokens, **common)
+            reqs = workloads.shared_prefix(args.requests, args.rate, docs=args.docs, doc_tokens=args.doc_tokens,
+                                           **common)
         elif args.workload == "no-sharing":
             reqs = workloads.no_sharing(args.requests, args.rate, **common)
         elif args.workload == "multi-turn":
             reqs = workloads.multi_turn(args.requests, args.rate, sessions=args.sessions, **common)
         else:
-            reqs = workloads.mooncake(args.trace, limit=args.requests, time_scale=args.time_scale, block_size=block_size,
-                                      max_prompt_tokens=args.max_prompt_tokens)
+            reqs = workloads.mooncake(args.trace, limit=args.requests, time_scale=args.time_scale,
+                                      block_size=block_size, max_prompt_tokens=args.max_prompt_tokens)
         return Driver(iter(workloads.trace_sessions(reqs)), LoadPlan("trace", seed=args.seed))
     if args.workload == "docqa":
-        sessions = workloads.docqa_sessions(docs=args.docs, doc_tokens=(args.doc_tokens // 2, args.doc_tokens), **common)
+        sessions = workloads.docqa_sessions(docs=args.docs, doc_tokens=(args.doc_tokens // 2, args.doc_tokens),
+                                            **common)
     else:
         sessions = workloads.multiturn_sessions(sessions=0, sticky=args.sticky_sessions, **common)
     if args.concurrency:
@@ -59,7 +61,8 @@ def _engine(args: argparse.Namespace) -> EngineModel:
     if args.engine:
         doc = json.loads(Path(args.engine).read_text())
         base = EngineModel.from_dict(doc.get("engine", doc))
-    changes = {k: v for k, v in (("prefill_tokens_per_s", args.prefill_tps), ("decode_s_per_token", args.decode_s_per_token),
+    changes = {k: v for k, v in (("prefill_tokens_per_s", args.prefill_tps),
+                                 ("decode_s_per_token", args.decode_s_per_token),
                                  ("kv_blocks", args.kv_blocks), ("stats_period_s", args.stats_period)) if v is not None}
     block_size = args.block_size or (512 if args.workload == "mooncake" else base.block_size)
     if block_size != base.block_size:
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         routing = RoutingConfig(strategy=strategy, prefill_s_per_token=1.0 / engine.prefill_tokens_per_s, **overrides)
         t0 = time.perf_counter()
         res = simulate(_driver(args, engine.block_size), routing.knobs(), cluster, engine, seed=args.seed)
-        results[strategy] = {**res.summary(gpu_hour_usd=args.gpu_hour_usd), "sim_wall_s": round(time.perf_counter() - t0, 2)}
+        results[strategy] = {**res.summary(gpu_hour_usd=args.gpu_hour_usd),
+                             "sim_wall_s": round(time.perf_counter() - t0, 2)}
     doc = {
         "command": "python -m benchmarks.simulator " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": args.workload, "replicas": args.replicas, "requests": args.requests,

@@ -98,19 +98,24 @@ def sessions_for(workload: str, args: list[str], block_size: int, seed: int = 0)
     name the bench's workload; the cell's name, e.g. ``no-sharing``, does not matter)."""
     workload = _opt(args, "--workload", workload)
     if workload == "docqa":
-        return workloads.docqa_sessions(no_sharing="--no-sharing" in args, docs=int(_opt(args, "--docs", "4")), doc_tokens=_range(_opt(args, "--doc-tokens", "4096:8192")),
+        return workloads.docqa_sessions(no_sharing="--no-sharing" in args, docs=int(_opt(args, "--docs", "4")),
+                                        doc_tokens=_range(_opt(args, "--doc-tokens", "4096:8192")),
                                         question_tokens=_range(_opt(args, "--question-tokens", "32:64")),
-                                        output_len=int(_opt(args, "--output-len", "64")), block_size=block_size, seed=seed)
+                                        output_len=int(_opt(args, "--output-len", "64")),
+                                        block_size=block_size, seed=seed)
     if workload == "multiturn":
-        return workloads.multiturn_sessions(sessions=int(_opt(args, "--sessions", "64")), turns=int(_opt(args, "--turns", "8")),
+        return workloads.multiturn_sessions(sessions=int(_opt(args, "--sessions", "64")),
+                                            turns=int(_opt(args, "--turns", "8")),
                                             system_words=int(_opt(args, "--system-words", "512")),
                                             user_words=_range(_opt(args, "--user-words", "32:96")),
-                                            output_len=int(_opt(args, "--output-len", "128")), block_size=block_size, seed=seed)
+                                            output_len=int(_opt(args, "--output-len", "128")),
+                                            block_size=block_size, seed=seed)
     if workload == "mooncake":
         if "--no-sharing" in args:
             raise ValueError("no simulator twin for mooncake --no-sharing")
         return iter(workloads.mooncake_sessions(
-            Path(_opt(args, "--trace-file", str(mooncake_trace()))), block_tokens=int(_opt(args, "--block-tokens", "64")),
+            Path(_opt(args, "--trace-file", str(mooncake_trace()))),
+            block_tokens=int(_opt(args, "--block-tokens", "64")),
             max_input_tokens=int(_opt(args, "--max-input-tokens", "7000")),
             max_output_tokens=int(_opt(args, "--max-output-tokens", "256")), block_size=block_size, seed=seed))
     raise ValueError(f"no simulator twin for workload {workload!r}")
@@ -118,7 +123,8 @@ def sessions_for(workload: str, args: list[str], block_size: int, seed: int = 0)
 
 def _twin(workload: str, args: list[str]) -> bool:
     wl = _opt(args, "--workload", workload)
-    return wl in ("docqa", "multiturn") or (wl == "mooncake" and "--no-sharing" not in args and mooncake_trace().exists())
+    return wl in ("docqa", "multiturn") or (
+        wl == "mooncake" and "--no-sharing" not in args and mooncake_trace().exists())
 
 
 def gpu_cells(doc: dict) -> list[Cell]:
@@ -208,7 +214,8 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
                     best, best_loss = cand, loss
         log(f"round {r}: loss {best_loss:.4f} after {evals} evaluations (step x{step:.3f})")
         step = math.sqrt(step)
-    return best, {"loss": round(best_loss, 5), "evaluations": evals, "fitted_on": [f"{c.name}/{c.workload}/{c.load}" for c in cells]}
+    return best, {"loss": round(best_loss, 5), "evaluations": evals,
+                  "fitted_on": [f"{c.name}/{c.workload}/{c.load}" for c in cells]}
 
 
 def residuals(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int) -> list[dict]:
@@ -261,7 +268,8 @@ def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineMode
         return engine
     rate = engine.prefill_tokens_per_s * SHAPES[from_shape][4] / SHAPES[to_shape][4]
     kv = kv_bytes_per_token(to_shape)
-    return engine.with_(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s(to_shape, rate), kv_bytes_per_token=kv,
+    return engine.with_(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s(to_shape, rate),
+                        kv_bytes_per_token=kv,
                         decode_s_per_ktok=engine.decode_s_per_ktok * kv / engine.kv_bytes_per_token)
 
 
@@ -293,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     over = json.loads(Path(args.overhead).read_text())
     tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None
     gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
-    base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens, **({"tier_gbps": gbps} if gbps else {}))
+    base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens,
+                       **({"tier_gbps": gbps} if gbps else {}))
     engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
     tier_fit = None
     if tier:
@@ -305,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     tested = [r for r in rows if not r["by_construction"]]
     doc = {
         "schema": "kvserve.sim_calibration/2",
-        "command": shlex.join(["python", "-m", "benchmarks.simulator.calibrate", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "benchmarks.simulator.calibrate",
+                               *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(), "git_commit": git_commit(),
         "sources": {"overhead": args.overhead, "overhead_machine": over.get("machine"),
                     "overhead_git_commit": over.get("git_commit"), "kv_tier": args.kv_tier,
@@ -331,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if engine.tier_hit_s:  # what the copy alone gives; the hit is matched by construction only when fitted from it
             bare = tier_row(engine.with_(tier_hit_s=0.0), prefix_tokens=check[0], recompute_ms=check[1],
                             tier_hit_ms=check[2], source="")
-            doc["tier"].update(tier_hit_by_construction=tier_fit is None or tier_fit["tier_hit_s_how"].startswith("from the hit"),
+            doc["tier"].update(tier_hit_by_construction=tier_fit is None
+                               or tier_fit["tier_hit_s_how"].startswith("from the hit"),
                                sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
                                tier_hit_error_without_hit_cost=bare["tier_hit_error"])
         print(json.dumps(doc["tier"]))
@@ -344,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         start = for_shape(engine, args.model_shape, args.routing_model_shape).with_(
             replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)),
             kv_admission="num_gpu_blocks_override" in kw,
-            **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s") if k in split})
+            **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s")
+               if k in split})
         client = fit_client(client_rows(args.client_logs)) if args.client_logs else None
         if client:
             start = start.with_(client_s_per_request=client["client_s_per_request"],
@@ -359,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
                     ingress_cpu_costs=(capacity or {}).get("cost_fit", {}).get("ingress"),
                     schema=routing.get("schema"))
         rrows = residuals(cells, fitted, settings, args.replicas)
-        doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info, "residuals": rrows,
+        doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info,
+                          "residuals": rrows,
                           "client_fit": client and dict(client, sources=args.client_logs),
                           "ordering": ordering(rrows), "modelled_cells": sum(r["modelled"] for r in rrows),
-                          "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25 for r in rrows),
+                          "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25
+                                                       for r in rrows),
                           "open_loop_cells": sum(not r["closed_loop"] for r in rrows),
                           "open_loop_within_25pct": sum(not r["closed_loop"] and abs(r["ttft_p50_error"]) <= 0.25
                                                         for r in rrows)}
@@ -374,14 +388,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def residual_table(rows: list[dict]) -> str:
-    lines = [("| workload | load | system | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | sim tok/s | "
-              "GPU hit | sim hit | GPU TPOT ms | sim TPOT |"),
+    lines = [("| workload | load | system | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | "
+              "sim tok/s | GPU hit | sim hit | GPU TPOT ms | sim TPOT |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         load = r["load"] if r.get("modelled", True) else f"{r['load']} (not modelled)"
-        lines.append(f"| {r['workload']} | {load} | {r.get('system', r['strategy'])} | {r['gpu_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | "
+        lines.append(f"| {r['workload']} | {load} | {r.get('system', r['strategy'])} | {r['gpu_ttft_p50_ms']:.0f} | "
+                     f"{r['sim_ttft_p50_ms']:.0f} | "
                      f"{r['ttft_p50_error']:+.0%} | {r['gpu_ttft_p99_ms']:.0f} | {r['sim_ttft_p99_ms']:.0f} | "
-                     f"{r['gpu_output_tok_per_s']:.0f} | {r['sim_output_tok_per_s']:.0f} | {r['gpu_cache_hit_rate']:.2f} | "
+                     f"{r['gpu_output_tok_per_s']:.0f} | {r['sim_output_tok_per_s']:.0f} | "
+                     f"{r['gpu_cache_hit_rate']:.2f} | "
                      f"{r['sim_cache_hit_rate']:.2f} | {r['gpu_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} |")
     return "\n".join(lines)
 

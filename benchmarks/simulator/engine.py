@@ -41,8 +41,9 @@ is scheduled only once free + evictable blocks cover its whole length (prompt an
 blocks already held by another admitted request counted once), in queue order, as vLLM's scheduler
 stops at the first request it cannot allocate; held blocks are never evicted, and the cached blocks
 no request holds are evicted oldest first to make room (vLLM allocates as tokens come and preempts
-when out of blocks; reserving the whole length up front is that without preemption). Off by default: on for runs whose KV size is known (the routing runs'
-``num_gpu_blocks_override``), not for the serving JSON, which does not record it.
+when out of blocks; reserving the whole length up front is that without preemption). Off by default: on
+for runs whose KV size is known (the routing runs' ``num_gpu_blocks_override``), not for the serving
+JSON, which does not record it.
 
 ``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1
 models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU).

@@ -47,7 +47,8 @@ class Fleet:
                      for j in rep.waiting)
         return {"block_size": bs, "num_gpu_blocks": engine.kv_blocks, "num_running": rep.running,
                 "num_waiting": len(rep.waiting), "queued_prefill_tokens": int(queued),
-                "prefill_tokens_per_s": rep.meter.rate if self.cluster.rate_report == "measured" else engine.prefill_tokens_per_s,
+                "prefill_tokens_per_s": (rep.meter.rate if self.cluster.rate_report == "measured"
+                                         else engine.prefill_tokens_per_s),
                 "timestamp": now,
                 "kv_usage": len(rep.lru) / engine.kv_blocks}
 

@@ -98,7 +98,8 @@ class Driver:
 
     def _stopped(self, now: float) -> bool:
         p = self.plan
-        return (p.duration_s is not None and now >= p.duration_s) or (p.num_requests is not None and self.sent >= p.num_requests)
+        return ((p.duration_s is not None and now >= p.duration_s)
+                or (p.num_requests is not None and self.sent >= p.num_requests))
 
     def _open_one(self) -> bool:
         while not self._exhausted:

@@ -68,7 +68,8 @@ class Result:
             "router_decision_p50_us": round(pct(self.decision_s, 0.5) * 1e6, 1),
             "router_decision_p99_us": round(pct(self.decision_s, 0.99) * 1e6, 1),
             "events_applied": self.events_applied,
-            "event_apply_us_per_event": round(self.event_apply_s / self.events_applied * 1e6, 3) if self.events_applied else 0.0,
+            "event_apply_us_per_event": (round(self.event_apply_s / self.events_applied * 1e6, 3)
+                                         if self.events_applied else 0.0),
             "index_bytes_per_ingress": self.index_bytes_per_ingress,
             "replicas_end": self.replicas_end, "failed_replicas": self.failed_replicas,
             "scale_ups": self.scale_ups, "scale_downs": self.scale_downs,

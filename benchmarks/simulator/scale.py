@@ -52,8 +52,9 @@ def scenario(workload: str, replicas: int, settings: dict, rates: dict, engine: 
     bs = engine.block_size
     if workload == "mooncake":
         copies = max(1, replicas // 64)
-        sessions = workloads.mooncake_sessions(mooncake_trace(), block_tokens=64, max_input_tokens=7000, max_output_tokens=256,
-                                               time_scale=1.2 * replicas / copies, copies=copies, block_size=bs, seed=seed,
+        sessions = workloads.mooncake_sessions(mooncake_trace(), block_tokens=64, max_input_tokens=7000,
+                                               max_output_tokens=256, time_scale=1.2 * replicas / copies,
+                                               copies=copies, block_size=bs, seed=seed,
                                                limit=2 * requests // copies + 200)
         n = requests
         rate = n / max(sessions[min(n, len(sessions)) - 1].arrival_s, 1e-9)
@@ -107,7 +108,8 @@ def table_md(rows: list[dict]) -> str:
     lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mib = (r["index_bytes_per_ingress"] or 0) / 2**20
-        lines.append(f"| {r['workload']} | {r['replicas']} | {r['system']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+        lines.append(f"| {r['workload']} | {r['replicas']} | {r['system']} | {r['ttft_p50_ms']:.0f} | "
+                     f"{r['ttft_p99_ms']:.0f} | "
                      f"{r['cache_hit_rate']:.2f} | {r['tier_hit_rate']:.2f} | {r['output_tok_per_s']:.0f} | "
                      f"{r['router_decision_p50_us']:.0f} | {r['ingress_cpu_fraction']:.2f} | {mib:.1f} | "
                      f"{r['events_per_s_per_ingress']:.0f} | {r['event_cpu_fraction']:.2f} | "
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator.scale", description=__doc__.splitlines()[0])
     ap.add_argument("--calibration", default="benchmarks/results/sim_calibration.json")
     ap.add_argument("--routing", default="benchmarks/results/routing_h100.json",
-                    help="routing head-to-head JSON whose workload arguments and r70 rates per replica the table offers")
+                    help="routing head-to-head JSON whose workload arguments and r70 rates per replica "
+                         "the table offers")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))

@@ -119,11 +119,13 @@ class Scheduler:
             turn.first_token = True
             turn.first_at = now
             if turn.rid >= self.measure_from:
-                seen = turn.ingress.fifo.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
+                seen = (turn.ingress.fifo.work(now, engine.frontend_s_per_token)
+                        if engine.frontend_s_per_token > 0 else now)
                 self.res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
         rep.meter.first_output(now, turn.prompt_tokens - job.cached)
         stored, removed = rep.insert(turn.block_hashes)
-        events = ([BlockStored(tuple(stored), "GPU")] if stored else []) + ([BlockRemoved(tuple(removed), "GPU")] if removed else [])
+        events = (([BlockStored(tuple(stored), "GPU")] if stored else [])
+                  + ([BlockRemoved(tuple(removed), "GPU")] if removed else []))
         self.emit(rep, events, now)
         if tier is not None:
             put, evicted = tier.put(turn.block_hashes, rep.rid)
@@ -140,7 +142,8 @@ class Scheduler:
             rep.finishing.setdefault(k + turn.output_tokens - 1, []).append(job)
 
     def complete(self, rep: Replica, job: Job, now: float) -> None:
-        """``job``'s last token leaves ``rep``; the client sees it now, or (PS front end) once its ingress has streamed it."""
+        """``job``'s last token leaves ``rep``; the client sees it now, or (PS front end) once its ingress has
+        streamed it."""
         turn = job.turn
         rep.release(job)
         rep.running -= 1

@@ -118,7 +118,8 @@ def _engine_means(doc: dict, level: str, key: str) -> float:
 
 def kvserve_split(doc: dict, system: str, ttft_c1_s: float, prefill_c1_s: float, ingresses: int) -> dict | None:
     """``system``'s c=1 overhead split by its stage histograms (means over its runs), or None without them."""
-    stages = [r["c1"]["stages_ms"] for r in doc["runs"] if r["system"] == system and (r.get("c1") or {}).get("stages_ms")]
+    stages = [r["c1"]["stages_ms"] for r in doc["runs"]
+              if r["system"] == system and (r.get("c1") or {}).get("stages_ms")]
     if not stages:
         return None
     means = {k: statistics.fmean(s[k] for s in stages) for k in stages[0]}
@@ -194,14 +195,14 @@ def serving_residuals(doc: dict, engine: EngineModel, overheads: dict, splits: d
 
 
 def serving_table(rows: list[dict]) -> str:
-    lines = [("| system | c | runs | GPU TTFT p50 ms | sim | error | GPU TTFT p90 | sim p90 | GPU TPOT p50 ms | sim | "
-              "error | GPU out tok/s | sim | error |"),
+    lines = [("| system | c | runs | GPU TTFT p50 ms | sim | error | GPU TTFT p90 | sim p90 | GPU TPOT p50 ms | "
+              "sim | error | GPU out tok/s | sim | error |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = " (fit)" if r["by_construction"] else ""
         lines.append(f"| {r['system']} | {r['concurrency']}{mark} | {r['runs']} | {r['gpu_ttft_p50_ms']:.1f} | "
                      f"{r['sim_ttft_p50_ms']:.1f} | {r['ttft_p50_ms_error']:+.0%} | {r['gpu_ttft_p90_ms']:.0f} | "
                      f"{r['sim_ttft_p90_ms']:.0f} | {r['gpu_tpot_p50_ms']:.2f} | {r['sim_tpot_p50_ms']:.2f} | "
-                     f"{r['tpot_p50_ms_error']:+.0%} | {r['gpu_output_tok_per_s']:.0f} | {r['sim_output_tok_per_s']:.0f} | "
-                     f"{r['output_tok_per_s_error']:+.0%} |")
+                     f"{r['tpot_p50_ms_error']:+.0%} | {r['gpu_output_tok_per_s']:.0f} | "
+                     f"{r['sim_output_tok_per_s']:.0f} | {r['output_tok_per_s_error']:+.0%} |")
     return "\n".join(lines)

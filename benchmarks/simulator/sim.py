@@ -89,7 +89,8 @@ class Cluster(RequestPath, Scheduler, Fleet):
                                      random.Random(f"{seed}/ingress/{i}"), getattr(policy, "precise", None)))
         self.precise = self.ings[0].precise is not None
         self.ps = engine.frontend_sharing == "ps"
-        self.ing_tok = self.ps and engine.frontend_s_per_token > 0  # tokens reach the client through the ingress's PS core
+        # tokens reach the client through the ingress's PS core
+        self.ing_tok = self.ps and engine.frontend_s_per_token > 0
         self.client = PSServer()  # the load generator's one core (engine.client_s_per_*)
         self.cli_req, self.cli_tok = engine.client_s_per_request > 0, engine.client_s_per_token > 0
         self.st = _State()

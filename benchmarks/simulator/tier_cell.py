@@ -1,11 +1,11 @@
 """The KV-tier GPU cell in the simulator: TTFT of a prefix recomputed vs loaded from the tier.
 
-Owns ``tier_cell``, ``fit_tier_hit_s`` (the fixed cost of a hit beyond the copy) and ``tier_row``. The GPU benchmark (``benchmarks/gpu/kv_tier_h200.py``) times
-engines in-process (token ids in, no HTTP, no tokeniser): one engine computes a prefix of ``P``
-tokens plus a suffix, a second engine then serves the same prefix with another suffix (a tier hit),
-and a fresh prefix of the same length (a recompute). ``tier_cell`` replays exactly that on two
-simulated replicas sharing a tier, round-robin, one request at a time, with the engine's front end
-and per-request overhead set to zero.
+Owns ``tier_cell``, ``fit_tier_hit_s`` (the fixed cost of a hit beyond the copy) and ``tier_row``. The
+GPU benchmark (``benchmarks/gpu/kv_tier_h200.py``) times engines in-process (token ids in, no HTTP, no
+tokeniser): one engine computes a prefix of ``P`` tokens plus a suffix, a second engine then serves the
+same prefix with another suffix (a tier hit), and a fresh prefix of the same length (a recompute).
+``tier_cell`` replays exactly that on two simulated replicas sharing a tier, round-robin, one request at
+a time, with the engine's front end and per-request overhead set to zero.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Owns: ``SimRequest`` and the open-loop generators ``shared_prefix``, ``no_sharing``, ``multi_turn``
 and ``mooncake`` (fixed arrival times), plus the session sources that mirror ``kvserve bench``'s
 workloads for closed-loop and trace runs (``docqa_sessions``, ``multiturn_sessions``,
-``mooncake_sessions``, ``trace_sessions``; see ``load.py``). Requests carry block hashes directly (chained, so two prompts share a hash exactly
-when they share the whole prefix up to that block); the routers see nothing else, so no tokens are
-generated or hashed. The Mooncake trace (../shared/traces/mooncake, 512-token hash-id blocks) is
-replayed with block_size = 512: each trace hash id is one block, chained in order.
+``mooncake_sessions``, ``trace_sessions``; see ``load.py``). Requests carry block hashes directly
+(chained, so two prompts share a hash exactly when they share the whole prefix up to that block); the
+routers see nothing else, so no tokens are generated or hashed. The Mooncake trace
+(../shared/traces/mooncake, 512-token hash-id blocks) is replayed with block_size = 512: each trace hash
+id is one block, chained in order.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def no_sharing(
     """Random prompts: nothing is shared, so cache-aware routing can only balance load."""
     rng = random.Random(seed)
     return [
-        SimRequest(i, t, prompt_tokens, output_tokens, chain([rng.getrandbits(62) for _ in range(prompt_tokens // block_size)]))
+        SimRequest(i, t, prompt_tokens, output_tokens,
+                   chain([rng.getrandbits(62) for _ in range(prompt_tokens // block_size)]))
         for i, t in enumerate(_arrivals(n, rate, rng, poisson))
     ]
 
@@ -181,7 +183,8 @@ def multiturn_sessions(
 
 
 def mooncake_sessions(
-    path: str | Path, *, block_tokens: int = 64, max_input_tokens: int | None = 7000, max_output_tokens: int | None = 256,
+    path: str | Path, *, block_tokens: int = 64, max_input_tokens: int | None = 7000,
+    max_output_tokens: int | None = 256,
     time_scale: float = 1.0, copies: int = 1, limit: int | None = None, block_size: int = 16, seed: int = 0,
 ) -> list[SimSession]:
     """``kvserve bench --workload mooncake`` (hash id -> ``block_tokens`` tokens, lengths x block_tokens/512;
@@ -226,7 +229,8 @@ def _trace_records(path: str, limit: int | None) -> tuple[dict, ...]:
 
 
 def chain_keys(keys: list) -> tuple[int, ...]:
-    """Chained 64-bit block keys over tuples of ints (deterministic: no str hashing) (same keys in the same order, same chain)."""
+    """Chained 64-bit block keys over tuples of ints (deterministic: no str hashing) (same keys in the same
+    order, same chain)."""
     out, parent = [], 0
     for k in keys:
         parent = hash((parent, k)) & _MASK

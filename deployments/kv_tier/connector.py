@@ -14,8 +14,8 @@ second copy of the cache's worth of host memory per replica, and its lookup/stor
 (OffloadKey, JobResult, HIT_PENDING) changed between 0.26 and 0.27. Ray's object store already
 *is* a shared-memory host tier, so a direct connector (modelled on SimpleCPUOffloadConnector:
 async loads, stores off the critical path, delayed frees) does one host copy each way, keeps all
-version-sensitive code in the connector, scheduler, worker and messages modules, and can still be chained after vLLM's CPU offload with
-``MultiConnector`` if an L1 is wanted later.
+version-sensitive code in the connector, scheduler, worker and messages modules, and can still be chained
+after vLLM's CPU offload with ``MultiConnector`` if an L1 is wanted later.
 
 Flow (one engine; ``S`` = scheduler side in EngineCore, ``W`` = each worker)::
 

@@ -12,8 +12,9 @@ costs): straight from plasma where it is page-locked (the whole object store, re
 a background thread at start, or the chunk alone), else through the slot's pinned host buffer.
 With ``mapping``, a load first fetches all its chunks with one ``ray.get``, and the chunks that lie
 in the registered store and land in a few runs of blocks are copied H2D straight into the pages
-by the load's own thread (``_load_direct``); only the rest go to the threads above. A lost chunk (``shared.LOST_ERRORS``) is a miss: its blocks are
-reported as failed (vLLM recomputes them) and the directory drops that owner or chunk.
+by the load's own thread (``_load_direct``); only the rest go to the threads above. A lost chunk
+(``shared.LOST_ERRORS``) is a miss: its blocks are reported as failed (vLLM recomputes them) and the
+directory drops that owner or chunk.
 
 A load runs on the loader's own threads and streams whatever the ``KVTierConfig.load_mode``: the
 worker either reports it once ``take_finished`` has it (``async``) or waits for ``submit``'s future

@@ -150,12 +150,14 @@ def _app_rules(aw: str, app: dict[str, Any]) -> tuple[list[str], AppConfig | Non
         return [], None  # a third-party application: the Serve schema checks above are all that apply
     errs: list[str] = []
     args = app.get("args") or {}
-    deployments = [(f"models.{k}", m) for k, m in enumerate(args.get("models") or [])] + [("ingress", args.get("ingress"))]
+    deployments = ([(f"models.{k}", m) for k, m in enumerate(args.get("models") or [])]
+                   + [("ingress", args.get("ingress"))])
     for sub, owner in deployments:
         dep = (owner or {}).get("deployment") if isinstance(owner, dict) else None
         for key in ("autoscaling_config", "ray_actor_options"):
             value = dep.get(key) if isinstance(dep, dict) else None
-            errs += unknown_keys(f"{aw}.args.{sub}.deployment.{key}", value, DeploymentSchema.model_fields[key].annotation)
+            errs += unknown_keys(f"{aw}.args.{sub}.deployment.{key}", value,
+                                 DeploymentSchema.model_fields[key].annotation)
     try:
         cfg = load_app_config(args, where=f"{aw}.args.")
         return errs + unbounded_queues(cfg, f"{aw}.args."), cfg

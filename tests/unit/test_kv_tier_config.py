@@ -35,7 +35,8 @@ def test_enabled_tier_names_the_connector_and_recompute_policy():
 
 def test_extra_config_is_the_model_dump_and_parses_back():
     tier = KVTierConfig(enabled=True, budget_gib=2, chunk_mib=16, host_dma="per_chunk", lookup_timeout_s=3)
-    x = kv_tier_engine_kwargs(tier, "llama", ray_address="10.0.0.1:6379")["kv_transfer_config"]["kv_connector_extra_config"]
+    x = kv_tier_engine_kwargs(tier, "llama",
+                              ray_address="10.0.0.1:6379")["kv_transfer_config"]["kv_connector_extra_config"]
     assert set(x) == set(KVTierConfig.model_fields) | {"model_id"}
     cfg, model_id = tier_config_from_extra(x)
     assert model_id == "llama" and cfg == tier.model_copy(update={"ray_address": "10.0.0.1:6379"})

@@ -126,7 +126,8 @@ def test_gpu_8b_scale_puts_two_8b_replicas_on_one_gpu_and_outgrows_their_caches_
     assert m["engine_kwargs"]["gpu_memory_utilization"] * 2 < 1  # vLLM checks it against free memory at start
     assert m["engine_kwargs"]["kv_cache_memory_bytes"] == 12 << 30
     doc_set = scale["docs"] * 6144 * per_token
-    assert 2 * (12 << 30) < doc_set <= scale["tier"]["budget_gib"] * (1 << 30) <= 0.6 * scale["object_store_gib"] * (1 << 30)
+    assert (2 * (12 << 30) < doc_set <= scale["tier"]["budget_gib"] * (1 << 30)
+            <= 0.6 * scale["object_store_gib"] * (1 << 30))
     # the requests in flight fit one replica's KV with room for cached documents: they do not queue for blocks
     longest = 8192 + 64 + 64
     assert scale["concurrency"] / 2 * longest <= 0.7 * scale["kv_cache_tokens"]
@@ -149,7 +150,8 @@ def scrape_text(n: float) -> str:
     k = n / 10
     lines = [f'ray_serve_deployment_request_counter_total{{{COMMON},application="kvserve",deployment="{DEP}",'
              f'replica="{r}",route="/"}} {n * (i + 1)}' for i, r in enumerate(("r-a", "r-b"))]
-    lines += hist("ray_kvserve_stage_engine_milliseconds", 'model="m",replica="r-a"', {100: 10 * k, INF: 10 * k}, 500 * k)
+    lines += hist("ray_kvserve_stage_engine_milliseconds", 'model="m",replica="r-a"', {100: 10 * k, INF: 10 * k},
+                  500 * k)
     lines += hist("ray_kvserve_stage_dispatch_milliseconds", 'model="m",replica="ing"', {1: 10 * k, INF: 10 * k}, 5 * k)
     lines += hist("ray_vllm_request_queue_time_seconds", 'ReplicaId="r-a",engine="0"', {0.1: 5 * k, 1.0: 10 * k,
                                                                                           INF: 10 * k}, 4 * k)
@@ -172,7 +174,8 @@ def test_run_evidence_splits_where_requests_waited_from_two_scrapes() -> None:
     assert ev["stages_ms"]["engine"]["n"] == 20 and ev["stages_ms"]["engine"]["mean"] == 50.0
     assert ev["stages_ms"]["dispatch"]["mean"] == 0.5
     assert ev["engine_stage_ms_by_replica"]["r-a"]["mean"] == 50.0
-    assert ev["engine_by_replica"]["r-a"]["queue_ms_mean"] == 400.0 and ev["engine_by_replica"]["r-a"]["queue_ms_p50"] == 100.0
+    assert (ev["engine_by_replica"]["r-a"]["queue_ms_mean"] == 400.0
+            and ev["engine_by_replica"]["r-a"]["queue_ms_p50"] == 100.0)
     assert ev["engine_by_replica"]["r-b"]["queue_ms_mean"] == 100.0
     assert ev["engine_by_replica"]["r-a"]["prefill_ms_mean"] == 50.0
     assert ev["engine_ms"]["queue"] == {"n": 40, "mean": 250.0, "p50": 66.67, "p90": 640.0,

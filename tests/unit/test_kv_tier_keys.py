@@ -22,7 +22,8 @@ def _chain(tokens: list[int], block_size: int, salt: str | None) -> list[bytes]:
     out, parent = [], b"none"
     for i in range(len(tokens) // block_size):
         extra = (salt,) if (salt and i == 0) else None
-        parent = hashlib.sha256(repr((parent, tuple(tokens[i * block_size:(i + 1) * block_size]), extra)).encode()).digest()
+        parent = hashlib.sha256(
+            repr((parent, tuple(tokens[i * block_size:(i + 1) * block_size]), extra)).encode()).digest()
         out.append(parent)
     return out
 

@@ -105,7 +105,8 @@ def _free_port() -> int:
 class FakePublisher:
     """vLLM's ZmqEventPublisher wire behaviour: PUB (topic, seq, payload) + ROUTER replay buffer."""
 
-    def __init__(self, buffer_steps: int = 100, endpoint: str | None = None, replay_endpoint: str | None = None) -> None:
+    def __init__(self, buffer_steps: int = 100, endpoint: str | None = None,
+                 replay_endpoint: str | None = None) -> None:
         self.ctx = zmq.Context()
         self.port, self.replay_port = _free_port(), _free_port()
         self.endpoint = endpoint or f"tcp://127.0.0.1:{self.port}"

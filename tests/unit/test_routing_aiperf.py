@@ -68,7 +68,8 @@ def test_scaling_record_and_prefix_sharing() -> None:
     assert sc["inputs_capped"] == 1 and sc["input_tokens_max"] == 2048 and sc["input_scale"] == 1 / 32
     # blocks extending an earlier prefix: [0] in rows 2, 3, 4 -> 3 of 14 + 15 + 5 + 1 + 128 blocks
     assert sc["prefix_shared_block_fraction"] == round(3 / (14 + 15 + 5 + 1 + 128), 4)
-    assert ar.prefix_shared_fraction([{"hash_ids": [1, 2]}, {"hash_ids": [1, 2, 3]}, {"hash_ids": [2]}]) == 0.3333  # [2] is no prefix seen
+    # [2] is no prefix seen
+    assert ar.prefix_shared_fraction([{"hash_ids": [1, 2]}, {"hash_ids": [1, 2, 3]}, {"hash_ids": [2]}]) == 0.3333
     assert ar.prefix_shared_fraction([]) == 0.0
 
 
@@ -151,7 +152,8 @@ def test_ratios_use_medians_and_pairs() -> None:
     runs = [run("kv-aware", 100), run("round-robin", 200), run("kv-aware", 300), run("round-robin", 400),
             run("round-robin", 1, error="aiperf exited with 1")]
     got = ar.ratios(runs)
-    assert got["median_by_system"]["kv-aware"]["ttft_p50_ms"] == 200 and got["median_by_system"]["kv-aware"]["runs"] == 2
+    assert (got["median_by_system"]["kv-aware"]["ttft_p50_ms"] == 200
+            and got["median_by_system"]["kv-aware"]["runs"] == 2)
     assert got["ttft_p50_ratio_vs_round_robin"] == round(200 / 300, 3)
     assert got["ttft_p50_ratio_per_pair"] == [0.5, 0.75] and got["throughput_ratio_vs_round_robin"] == 1.0
     assert ar.ratios([run("kv-aware", 100)])["ttft_p50_ratio_vs_round_robin"] is None

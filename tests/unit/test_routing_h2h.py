@@ -37,7 +37,8 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
         assert app.routing.publishes_kv_events() == (strategy == "kv-aware" or system.endswith("+events"))
     assert app.ingress.deployment.num_replicas == (2 if system == TWO_INGRESS else 1)
     rest = {k: v for k, v in args.items() if k not in ("routing", "models", "ingress")}
-    assert rest == {k: v for k, v in base["applications"][0]["args"].items() if k not in ("routing", "models", "ingress")}
+    assert rest == {k: v for k, v in base["applications"][0]["args"].items()
+                    if k not in ("routing", "models", "ingress")}
     assert base["applications"][0]["args"]["routing"] == {"strategy": "kv-aware"}  # base left untouched
 
 
@@ -91,7 +92,8 @@ def test_summary_carries_the_issue_keys_and_targets() -> None:
     assert s["two_ingress_hit_rate_delta"] == -5.0
     assert s["targets"] == {"ttft_p50_ratio_vs_round_robin": "<= 0.3", "throughput_ratio_vs_round_robin": ">= 1.8",
                             "multiturn_ttft_p50_ratio_vs_round_robin": "<= 0.4",
-                            "mooncake_ttft_p50_ratio_vs_round_robin": "<= 0.5", "ttft_p50_ratio_vs_ray_router": "<= 0.5",
+                            "mooncake_ttft_p50_ratio_vs_round_robin": "<= 0.5",
+                            "ttft_p50_ratio_vs_ray_router": "<= 0.5",
                             "no_sharing_ttft_p50_ratio": "0.95..1.05", "no_sharing_throughput_ratio": "0.95..1.05",
                             "two_ingress_hit_rate_delta": "|x| <= 3"}
     assert s["met"] == {k: k != "two_ingress_hit_rate_delta" for k in TARGETS}
@@ -108,7 +110,8 @@ def test_summary_leaves_unmeasured_or_failed_cells_unjudged() -> None:
     results["kv-aware"]["mooncake"]["sat"] = {"error": "bench exited with 1"}
     del results["ray-prefix-cache-affinity"], results["kv-aware-2ingress"]
     s = summarize(results)
-    assert s["mooncake_ttft_p50_ratio_vs_round_robin"] is None and s["met"]["mooncake_ttft_p50_ratio_vs_round_robin"] is None
+    assert (s["mooncake_ttft_p50_ratio_vs_round_robin"] is None
+            and s["met"]["mooncake_ttft_p50_ratio_vs_round_robin"] is None)
     assert s["ttft_p50_ratio_vs_ray_router"] is None and s["two_ingress_hit_rate_delta"] is None
     assert s["met"]["ttft_p50_ratio_vs_round_robin"] is True
 

@@ -60,7 +60,8 @@ def test_routing_json_is_read_into_the_modelled_cells():
     routing = json.loads((ROOT / "benchmarks/results/routing_h100.json").read_text())
     cells = gpu_cells(routing)
     assert {c.strategy for c in cells} == {"round-robin", "prefix-aware", "kv-aware"}  # Ray's router is not modelled
-    assert {(c.workload, c.load, c.mode) for c in cells} >= {("docqa", "sat", "concurrency"), ("multiturn", "r70", "rate")}
+    assert {(c.workload, c.load, c.mode) for c in cells} >= {("docqa", "sat", "concurrency"),
+                                                              ("multiturn", "r70", "rate")}
     with pytest.raises(ValueError, match="unknown EngineModel fields"):
         EngineModel.from_dict({**TRUE.to_dict(), "prefil_tokens_per_s": 1.0})
 
@@ -76,7 +77,8 @@ def test_routing_json_schema_2_is_read_per_system_with_its_strategy_and_ingresse
     workloads = {c.workload for c in cells}
     assert {"docqa", "multiturn", "no-sharing"} <= workloads and not workloads & {"runs", "routing", "ingress_replicas"}
     r70 = [c for c in cells if (c.name, c.workload, c.load) == ("kv-aware", "no-sharing", "r70")]
-    assert len(r70) == 1 and r70[0].mode == "rate" and r70[0].level == pytest.approx(routing["rates"]["no-sharing"]["r70"])
+    assert (len(r70) == 1 and r70[0].mode == "rate"
+            and r70[0].level == pytest.approx(routing["rates"]["no-sharing"]["r70"]))
     o = ordering([{"workload": "w", "load": "sat", "system": c.name, "strategy": c.strategy, "gpu_ttft_p50_ms": i,
                    "sim_ttft_p50_ms": -i} for i, c in enumerate(cells) if c.workload == "docqa"])["w/sat"]
     assert o["gpu"][:3] == ["round-robin", "kv-aware", "kv-aware-2ingress"] and o["sim"] == o["gpu"][::-1]

@@ -26,7 +26,8 @@ KNOBS = RoutingConfig(strategy="round-robin").knobs()
 def _lone(engine: EngineModel, output_tokens: int = 8) -> dict:
     reqs = workloads.no_sharing(1, 1.0, prompt_tokens=512, output_tokens=output_tokens, poisson=False)
     plan = LoadPlan("trace", 0.0)
-    return simulate(Driver(workloads.trace_sessions(reqs), plan), KNOBS, ClusterSpec(1), engine).summary(per_replica=False)
+    return simulate(Driver(workloads.trace_sessions(reqs), plan), KNOBS, ClusterSpec(1),
+                    engine).summary(per_replica=False)
 
 
 def _closed(engine: EngineModel, replicas: int = 2) -> dict:
@@ -89,7 +90,8 @@ def test_the_fit_recovers_known_costs():
     assert fit["background"] == pytest.approx(0.1)
     assert fit["per_request_s"] == pytest.approx(0.002) and fit["per_token_s"] == pytest.approx(1e-4)
     # the simulated core is what the background leaves: its costs are over 1 - background
-    assert fit["client_s_per_request"] == pytest.approx(0.002 / 0.9) and fit["client_s_per_token"] == pytest.approx(1e-4 / 0.9)
+    assert (fit["client_s_per_request"] == pytest.approx(0.002 / 0.9)
+            and fit["client_s_per_token"] == pytest.approx(1e-4 / 0.9))
     assert fit["max_abs_error_s"] == pytest.approx(0.0, abs=1e-3)
 
 
@@ -110,7 +112,8 @@ def test_rows_are_read_once_each(tmp_path):
         (tmp_path / d).mkdir()
         (tmp_path / d / "kv-aware-docqa-sat.json").write_text(json.dumps(doc))
     (tmp_path / "one" / "other.json").write_text(json.dumps({"summary": {"requests": {}}}))  # no client: skipped
-    rows = client_rows([str(tmp_path / "one" / "kv-aware-docqa-sat.json"), str(tmp_path / "two" / "kv-aware-docqa-sat.json"),
+    rows = client_rows([str(tmp_path / "one" / "kv-aware-docqa-sat.json"),
+                        str(tmp_path / "two" / "kv-aware-docqa-sat.json"),
                         str(tmp_path / "one" / "other.json")])
     # the warm-up is not in the measured phase the CPU seconds cover
     assert rows == [{"cell": "kv-aware-docqa-sat", "duration_s": 30.0, "requests": 100, "output_tokens": 6400,

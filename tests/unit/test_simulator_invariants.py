@@ -1,5 +1,6 @@
 """The simulator's invariants: requests conserved (failures, autoscaling), capacity respected, tier
-hits cost exactly their modelled load (the copy plus the fixed cost of a hit), several ingresses, and the cost figures."""
+hits cost exactly their modelled load (the copy plus the fixed cost of a hit), several ingresses, and the
+cost figures."""
 
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ def test_tier_hit_is_never_faster_than_its_modelled_load_plus_the_fixed_cost_of_
     tokens = 256 * 16
     ready = e.tier_ready_s(tokens)
     assert ready == pytest.approx(e.tier_load_s(tokens) + hit_cost_s)
-    assert ttft[1] == pytest.approx(ready + e.step_time_s(0, 0, e.prefill_chunk_s(24, tokens), 0) + e.request_overhead_s)
+    assert ttft[1] == pytest.approx(ready + e.step_time_s(0, 0, e.prefill_chunk_s(24, tokens), 0)
+                                    + e.request_overhead_s)
     assert res.tier_tokens == 2 * tokens
     for t in (ttft[1], ttft[5]):
         assert t - e.request_overhead_s >= ready  # never faster than the copy plus the fixed cost of a hit

@@ -61,7 +61,8 @@ class DocQAWorkload:
             return BenchRequest(api="completions", max_tokens=self.output_len, prompt=prompt,
                                 input_tokens=doc_len + q_len, tag=doc_key)
         messages = [
-            {"role": "system", "content": "Answer questions about this document.\n\n" + words(self.seed, doc_key, doc_len)},
+            {"role": "system",
+             "content": "Answer questions about this document.\n\n" + words(self.seed, doc_key, doc_len)},
             {"role": "user", "content": words(self.seed, q_key, q_len) + "?"},
         ]
         return BenchRequest(api="chat", max_tokens=self.output_len, messages=messages, tag=doc_key)
