@@ -53,7 +53,8 @@ def _object_body(cls: type) -> type:
 
     def _guarded(_, data: Any, handler: Any) -> Any:
         if not isinstance(data, dict):
-            raise ValueError("the request body must be a JSON object")
+            # pydantic turns a ValueError raised in a validator into a validation error (a 400), not a TypeError
+            raise ValueError("the request body must be a JSON object")  # noqa: TRY004
         try:
             return handler(data)
         except (AttributeError, TypeError, KeyError) as err:
@@ -76,7 +77,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["SSE_DONE", "APIError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest",
+# the request models are resolved on first use by the module __getattr__ above (F822 cannot see them)
+__all__ = ["SSE_DONE", "APIError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest",  # noqa: F822
            "TokenizeChatRequest", "TokenizeCompletionRequest", "TokenizeRequest", "chunk", "sse", "usage"]
 
 

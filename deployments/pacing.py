@@ -49,7 +49,7 @@ class LoopLag:
 class StreamPacer:
     """One stream's pacing: ``due(now, finished)`` says whether what it has gathered goes out now."""
 
-    __slots__ = ("_lag", "_interval_s", "_last_sent")
+    __slots__ = ("_interval_s", "_lag", "_last_sent")
 
     def __init__(self, lag: LoopLag, merge_interval_s: float) -> None:
         self._lag = lag

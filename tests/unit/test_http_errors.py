@@ -19,7 +19,7 @@ CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "ma
 
 async def _send(monkeypatch, method: str, path: str, *, body: bytes | None = None, json_body=None,
                 headers: dict | None = None, overrides: dict | None = None, patch=None) -> httpx.Response:
-    app, obj, handle = stub_ingress(monkeypatch, overrides)
+    app, obj, _ = stub_ingress(monkeypatch, overrides)
     if patch is not None:
         patch(obj)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -141,7 +141,7 @@ async def test_prompt_and_choice_caps(monkeypatch):
 ])
 async def test_a_prompt_surely_too_long_is_refused_before_it_is_tokenized(monkeypatch, path, body):
     # 2.4 M characters: at most 81 characters per SmolLM2 token, so more than 4096 x 81; tokenizing it takes seconds.
-    app, _, handle = stub_ingress(monkeypatch)
+    app, _, _ = stub_ingress(monkeypatch)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvserve") as c:
         start = time.perf_counter()
         r = await c.post(path, json=body)

@@ -19,18 +19,18 @@ torch = pytest.importorskip("torch")
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-from deployments.kv_tier import load as load_mod  # noqa: E402
-from deployments.kv_tier import scheduler as scheduler_mod  # noqa: E402
-from deployments.kv_tier.context import TierContext  # noqa: E402
-from deployments.kv_tier.directory import LOAD_PHASES, ChunkLocation  # noqa: E402
-from deployments.kv_tier.keys import FINGERPRINT_BYTES  # noqa: E402
-from deployments.kv_tier.load import Loader  # noqa: E402
-from deployments.kv_tier.messages import TierMeta, TierOp  # noqa: E402
-from deployments.kv_tier.pages import KVPages  # noqa: E402
-from deployments.kv_tier.plan import ReqPlan  # noqa: E402
-from deployments.kv_tier.scheduler import TierScheduler  # noqa: E402
-from deployments.kv_tier.worker import TierWorker  # noqa: E402
-from serve_app.config.kv_tier import KVTierConfig  # noqa: E402
+from deployments.kv_tier import load as load_mod
+from deployments.kv_tier import scheduler as scheduler_mod
+from deployments.kv_tier.context import TierContext
+from deployments.kv_tier.directory import LOAD_PHASES, ChunkLocation
+from deployments.kv_tier.keys import FINGERPRINT_BYTES
+from deployments.kv_tier.load import Loader
+from deployments.kv_tier.messages import TierMeta, TierOp
+from deployments.kv_tier.pages import KVPages
+from deployments.kv_tier.plan import ReqPlan
+from deployments.kv_tier.scheduler import TierScheduler
+from deployments.kv_tier.worker import TierWorker
+from serve_app.config.kv_tier import KVTierConfig
 
 BS = 4
 LAYERS, NUM_BLOCKS, PAGE_FLOATS = 2, 8, 8

@@ -53,7 +53,7 @@ def test_a_short_job_overtakes_a_long_one():
 
 
 def test_work_is_conserved():
-    rng, s, t = random.Random(7), PSServer(), 0.0
+    rng, s = random.Random(7), PSServer()
     arrivals = sorted((rng.uniform(0, 1.0), j, rng.uniform(0.001, 0.05)) for j in range(200))
     reached = []
     for at, j, w in arrivals:
