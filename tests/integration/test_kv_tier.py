@@ -3,9 +3,11 @@
 The engines run in two Ray actors; ``engines`` is the one fixture that builds them, so it can be
 swapped for the Serve app (two replicas + a forced route) without touching the tests. Budget and
 chunk size are chosen so that one 5-block prompt is one chunk (SmolLM2, fp32, block 128:
-30 layers x 192 KiB = 5.6 MiB per block) and the directory holds two of them. The module runs once
-per ``load_mode``: ``async`` (B's request waits in WAITING_FOR_REMOTE_KVS until its copies are
-reported) and ``sync`` (B loads inside the step); each has its own directory.
+30 layers x 192 KiB = 5.6 MiB per block) and the directory holds two of them. Each engine's own KV
+cache is conftest's ``TEST_KV`` (45 blocks; a 2,048-token sequence needs 16): what is evicted here is
+the tier's. The module runs once per ``load_mode``: ``async`` (B's request waits in
+WAITING_FOR_REMOTE_KVS until its copies are reported) and ``sync`` (B loads inside the step); each
+has its own directory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import TEST_KV
 
 pytestmark = pytest.mark.integration
 
@@ -82,8 +86,8 @@ def engines(cluster, load_mode):
     tier = KVTierConfig(enabled=True, budget_gib=BUDGET / 1024**3, namespace=NAMESPACE, load_mode=load_mode,
                         directory_name=f"{DIRECTORY}_{load_mode}", chunk_mib=32, store_slots=4, load_threads=2,
                         lookup_timeout_s=10.0)  # a shared CI box can be slow; correctness is tested here
-    kwargs = kv_tier_engine_kwargs(tier, "smollm2")
-    env = {**kv_tier_env(tier), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    kwargs = {**kv_tier_engine_kwargs(tier, "smollm2"), **TEST_KV}
+    env = {**kv_tier_env(tier), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     actors = [EngineActor.options(runtime_env={"env_vars": env}).remote(str(MODEL), kwargs) for _ in "AB"]
     ray.get([a.__ray_ready__.remote() for a in actors], timeout=300)

@@ -139,9 +139,11 @@ def test_malformed_bodies_are_400_in_openai_shape(base_url: str, body: str, para
 def test_overload_is_503_and_loses_nothing_else(base_url: str) -> None:
     import asyncio
 
-    async def one(c: httpx.AsyncClient) -> int:
+    async def one(c: httpx.AsyncClient, i: int) -> int:
+        # prompts share no block, so the router spreads them by load (one prompt 48 times is routed by affinity:
+        # a burst could leave one replica short of its capacity and the count below would measure the router)
         r = await c.post(f"{base_url}/completions", json={
-            "model": MODEL, "prompt": list(range(100, 400)), "max_tokens": 64, "ignore_eos": True})
+            "model": MODEL, "prompt": list(range(100 + 7 * i, 400 + 7 * i)), "max_tokens": 64, "ignore_eos": True})
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded"
         elif r.status_code == 200:
@@ -150,7 +152,7 @@ def test_overload_is_503_and_loses_nothing_else(base_url: str) -> None:
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(timeout=300) as c:
-            return await asyncio.gather(*(one(c) for _ in range(48)))
+            return await asyncio.gather(*(one(c, i) for i in range(48)))
 
     codes = asyncio.run(burst())
     assert set(codes) <= {200, 503}, codes

