@@ -162,9 +162,10 @@ def main() -> int:
 
     chosen = {k: v for k, v in (("load_threads", a.load_threads), ("host_dma", a.host_dma),
                                 ("load_mode", a.load_mode)) if v is not None}  # the rest: the config's defaults
+    if a.cpu_smoke:  # a lookup on the 2-core CPU machine can take seconds
+        chosen["lookup_timeout_s"] = 10.0
     tier = KVTierConfig(enabled=True, budget_gib=a.tier_budget_gib, namespace=NAMESPACE,
-                        directory_name=DIRECTORY, max_object_store_fraction=0.6,
-                        lookup_timeout_s=10.0 if a.cpu_smoke else 0.5, **chosen)
+                        directory_name=DIRECTORY, max_object_store_fraction=0.6, **chosen)
     RESULT.update(host_dma=tier.host_dma, load_mode=tier.load_mode, load_threads=tier.load_threads)
     base = {"max_model_len": a.prefix_tokens + 512, "enable_prefix_caching": True, "seed": 0,
             "enforce_eager": not a.cuda_graphs, "skip_tokenizer_init": True, "max_num_seqs": 64,
