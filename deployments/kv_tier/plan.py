@@ -17,9 +17,11 @@ Block arithmetic for one prompt of ``T`` tokens, block size ``B``::
   * On a busy step (more scheduled requests than ``store_busy_requests``) the store path is the
     main cost the tier adds to a workload without reuse (H100: 0.86x throughput with every prompt
     block stored), so a busy step admits at most a small block budget, lowest block index first
-    (the shared part of prompts is their beginning); a request whose range was cut stores nothing
-    more (a hit needs an unbroken run from block 0). Idle and lightly loaded steps store everything,
-    and since a prefix needs storing only once cluster-wide, hot prefixes still reach the tier.
+    (the shared part of prompts is their beginning). What a busy step cuts is offered again by the
+    request's later steps (``next_store`` goes back to the first block not admitted; its blocks stay
+    allocated while it runs), so under sustained load a prompt still reaches the tier in full, at
+    most the budget per step; a request that finishes first leaves the rest to the next request
+    with that prefix. Idle and lightly loaded steps store everything.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ class ReqPlan:
     load_pending: bool = False  # a load op still has to be emitted
     stored_any: bool = False  # a store op was emitted (the worker reports it in finished_sending)
     present: list[bool] = field(default_factory=list)  # tier presence per block at lookup time
-    store_stopped: bool = False  # a range was skipped (busy engine): later blocks would be unreachable
 
 
 def loadable_blocks(num_tokens: int, block_size: int) -> int:
@@ -86,28 +87,29 @@ def skip_present(lo: int, hi: int, present: list[bool]) -> int:
 
 
 def admit_stores(cands: list[tuple[str, int, int]], busy: bool,
-                 budget_blocks: int) -> tuple[list[tuple[str, int, int]], set[str]]:
+                 budget_blocks: int) -> tuple[list[tuple[str, int, int]], dict[str, int]]:
     """Which candidate store ranges ``(req_id, lo, hi)`` run this step.
 
     Not busy: all of them. Busy: at most ``budget_blocks`` blocks, lowest ``lo`` first (a range may
-    be cut short). Returns the admitted ranges and the requests that lost (part of) a range; a
-    request loses every range after its first cut one.
+    be cut short). Returns the admitted ranges and, per request that lost (part of) a range, the
+    first block it did not get: its later ranges are not admitted either (a hit needs an unbroken
+    run from block 0), and its next step offers them again from there.
     """
     if not busy:
-        return list(cands), set()
+        return list(cands), {}
     out: list[tuple[str, int, int]] = []
-    cut: set[str] = set()
+    resume: dict[str, int] = {}
     left = max(0, budget_blocks)
     for rid, lo, hi in sorted(cands, key=lambda c: c[1]):
-        if rid in cut:
+        if rid in resume:
             continue
         take = min(hi - lo, left)
         if take > 0:
             out.append((rid, lo, lo + take))
             left -= take
         if take < hi - lo:
-            cut.add(rid)
-    return out, cut
+            resume[rid] = lo + take
+    return out, resume
 
 
 def copy_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:

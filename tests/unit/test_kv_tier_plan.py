@@ -11,19 +11,19 @@ pytestmark = pytest.mark.unit
 
 def test_idle_step_admits_everything():
     cands = [("a", 0, 16), ("a", 16, 32), ("b", 0, 5)]
-    assert admit_stores(cands, busy=False, budget_blocks=0) == (cands, set())
+    assert admit_stores(cands, busy=False, budget_blocks=0) == (cands, {})
 
 
-def test_busy_step_admits_lowest_blocks_first_and_stops_cut_requests():
+def test_busy_step_admits_lowest_blocks_first_and_says_where_cut_requests_resume():
     cands = [("a", 16, 32), ("a", 0, 16), ("b", 0, 16), ("c", 32, 40)]
-    out, cut = admit_stores(cands, busy=True, budget_blocks=20)
+    out, resume = admit_stores(cands, busy=True, budget_blocks=20)
     assert out == [("a", 0, 16), ("b", 0, 4)]
-    assert cut == {"a", "b", "c"}  # a lost 16..32, b was cut short, c got nothing
+    assert resume == {"a": 16, "b": 4, "c": 32}  # a lost 16..32, b was cut at 4, c got nothing
 
 
 def test_busy_step_with_zero_budget_stores_nothing():
-    out, cut = admit_stores([("a", 0, 4)], busy=True, budget_blocks=0)
-    assert out == [] and cut == {"a"}
+    out, resume = admit_stores([("a", 0, 4)], busy=True, budget_blocks=0)
+    assert out == [] and resume == {"a": 0}
 
 
 def test_skip_present_skips_only_leading_blocks_the_tier_holds():
