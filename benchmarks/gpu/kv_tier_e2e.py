@@ -99,7 +99,7 @@ SCALES: dict[str, dict] = {
     # (kv_tier_h200.json), which is the case the tier is for. 16 in flight (~8 per replica, ~56K tokens held
     # while running) leave room for ~6 cached documents per replica, so KV blocks are not what requests queue
     # for and tier_off is bound by prefill compute (~150 ms of GPU per 6K-token miss). A run at 4 GiB per
-    # replica and 32 in flight (kv_tier_e2e_8b_h200.json, tier_on only) queued ~4 s per request for blocks.
+    # replica and 32 in flight (kv_tier_e2e_8b_h200.json `earlier`, tier_on only) queued ~4 s per request for blocks.
     # A 150 s window bounded by time, the kill at 20 s: an 8B replacement starts in ~60-90 s with a warm
     # compile cache, so it serves the window's last part (evidence: requests_by_replica, resubscribed_at_s).
     "gpu-8b": {
