@@ -224,15 +224,6 @@ def make_loader(pages, directory: FakeDirectory, per_chunk: int, threads: int, h
     return loader, {"seconds": round(seconds, 3), "registered_bytes": added}
 
 
-def close_loader(loader) -> None:
-    """The Loader lives as long as its engine process and has no close: end its threads and unlock what its
-    registrar page-locked, so that the next loader (or register_once) can register the store again."""
-    loader._coord.shutdown(wait=True)
-    loader._pool.shutdown(wait=True)
-    if loader._registrar is not None:
-        loader._registrar.release_ranges()
-
-
 def split_loads(n_chunks: int, loads: int, per_chunk: int, dst_lists: list) -> list[tuple[list[int], list[bytes]]]:
     """The cell's chunks as ``loads`` requests of consecutive chunks: ``(block_ids, keys)`` each."""
     loads = max(1, min(loads, n_chunks))
@@ -565,7 +556,7 @@ def main() -> int:
                         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
                 sys.setswitchinterval(default_switch)
                 if loader is not None:
-                    close_loader(loader)
+                    loader.close()
             if once:
                 registrar.release_ranges()
         del refs

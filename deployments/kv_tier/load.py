@@ -73,6 +73,14 @@ class Loader:
         self._done: queue.Queue = queue.Queue()
         self._local = threading.local()  # each coordinator thread's stream for direct loads
 
+    def close(self) -> None:
+        """End the loader's threads (after the loads they run) and unlock what its registrar page-locked.
+        An engine's loader lives as long as its process; benchmarks that build several call this."""
+        self._coord.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        if self._registrar is not None:
+            self._registrar.release_ranges()
+
     def _register_mapping(self) -> None:
         """Page-lock the object store's mappings in this process, in the background (loads that come
         first, or chunks outside them, go through the pinned slots). Rate-limited: called again when

@@ -79,7 +79,7 @@ def test_loader_variant_loads_every_chunk_into_its_blocks_on_cpu():
     try:
         wall = micro.run_loader_cell(loader, micro.split_loads(n_chunks, 2, per_chunk, dst_lists))
     finally:
-        micro.close_loader(loader)
+        loader.close()
     assert wall > 0
     ids = torch.as_tensor([d for ds in dst_lists for d in ds])
     expected = torch.tensor(values, dtype=torch.uint8).repeat_interleave(per_chunk)
