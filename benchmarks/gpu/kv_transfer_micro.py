@@ -16,7 +16,8 @@ background contention and the interpreter's switch interval. Variants:
                   through the same ``HostRegistrar.register_ranges`` and ``plasma_ranges``)
   register_once_direct  as register_once, but H2D straight into the pages (``pages.scatter_runs`` from the
                   plasma view: one ``_foreach_copy_`` per chunk) when the destination forms a few runs of
-                  consecutive blocks (``--dst runs``), else the register_once path (the tier's direct load)
+                  consecutive blocks (``--dst runs``), else the register_once path (the tier's direct load before
+                  ``pages.scatter_many``: the tier now issues one call per load, which ``loader`` runs)
   loader          the tier's own ``deployments.kv_tier.load.Loader`` (``--loader-host-dma``, ``mapping`` by
                   default: it page-locks the store itself, in its background thread, timed in
                   ``loader_registration``), ``threads`` = its ``load_threads``; the cell's chunks are split

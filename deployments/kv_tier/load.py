@@ -45,7 +45,7 @@ import torch
 
 from deployments.kv_tier.directory import LOAD_PHASES, ChunkLocation, LoadRecord
 from deployments.kv_tier.host_memory import HostRegistrar, plasma_ranges
-from deployments.kv_tier.pages import KVPages, make_slots, scatter_runs
+from deployments.kv_tier.pages import KVPages, make_slots, scatter_many, scatter_runs
 from deployments.kv_tier.shared import LOST_ERRORS, inc, observe
 
 logger = logging.getLogger(__name__)
@@ -174,12 +174,13 @@ class Loader:
 
     def _load_direct(self, entries: list, arrs: list) -> list[bool]:
         """H2D every chunk that lies in the page-locked object store and lands in a few runs of
-        blocks straight into the pages, from this thread on its own stream, then wait once. Returns
-        which entries were loaded (the others go through ``_load_chunk``).
+        blocks straight into the pages, from this thread on its own stream, with one
+        ``pages.scatter_many`` call for all of them, then wait once. Returns which entries were
+        loaded (the others go through ``_load_chunk``).
 
-        Why in this thread: the engine's thread spins through empty steps while the request waits,
-        so every return from a blocking call waits up to the interpreter's switch interval for the
-        GIL; one launch loop and one wait keep those hand-backs to a few per load."""
+        Why in this thread and in one call: the engine's thread runs Python through most of every
+        step, so every return from a torch or blocking call waits up to the interpreter's switch
+        interval for the GIL; one launch and one wait keep those hand-backs to two per load."""
         p = self.pages
         done = [False] * len(entries)
         if not p.cuda or not self._registrar.enabled:
@@ -189,10 +190,12 @@ class Loader:
             stream = self._local.stream = torch.cuda.Stream(device=p.device)
         with torch.inference_mode(), torch.cuda.device(p.device), torch.cuda.stream(stream):
             try:
-                for i, ((_, src, dst), arr) in enumerate(zip(entries, arrs)):
-                    if arr is None or not self._registrar.covers(arr.ctypes.data, arr.nbytes):
-                        continue
-                    done[i] = scatter_runs(p.layers, torch.from_numpy(arr), src, dst, non_blocking=True)
+                held = [i for i, arr in enumerate(arrs)
+                        if arr is not None and self._registrar.covers(arr.ctypes.data, arr.nbytes)]
+                copied = scatter_many(p.layers, [(torch.from_numpy(arrs[i]), *entries[i][1:]) for i in held],
+                                      non_blocking=True)
+                for i, ok in zip(held, copied):
+                    done[i] = ok
             finally:  # also on an error: the plasma views (arrs) and the pages outlive every copy
                 stream.synchronize()
         return done

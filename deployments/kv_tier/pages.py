@@ -1,7 +1,7 @@
 """The paged KV cache as bytes: per-layer page views, staging slots, and the multi-run scatter.
 
 Owns: ``KVPages``, ``Slot``/``make_slots`` (the staging pool of stores and GPU loads) and
-``scatter_runs``.
+``scatter_runs``/``scatter_many``.
 
 Object layout. A chunk is one ``ray.put`` numpy ``uint8`` array ``(layers, n_blocks, page_bytes)``
 where ``page_bytes`` is one block of one layer exactly as vLLM's paged cache holds it (dim 0 of
@@ -79,20 +79,36 @@ def scatter_runs(layers: list[torch.Tensor], dev: torch.Tensor, src: list[int], 
     when the blocks form at most ``MAX_FOREACH_RUNS`` runs of consecutive ids (the usual case for
     a fresh allocation); returns False (nothing copied) otherwise. ``dev`` may be a host tensor
     (page-locked plasma): the copies are then H2D straight into the pages (``non_blocking``).
+    ``scatter_many`` does the same for several chunks in one call.
+    """
+    return scatter_many(layers, [(dev, src, dst)], non_blocking=non_blocking)[0]
 
-    Why: a per-layer ``index_copy_`` is 32 Python-level launches per chunk for 8B, each releasing
-    and re-taking the GIL in a loader thread while the engine thread spins through empty steps
-    (the request waits in WAITING_FOR_REMOTE_KVS); one foreach call is one hand-off and, on CUDA,
-    a few multi-tensor kernels.
+
+def scatter_many(layers: list[torch.Tensor], chunks: list[tuple[torch.Tensor, list[int], list[int]]], *,
+                 non_blocking: bool = False) -> list[bool]:
+    """``scatter_runs`` for every ``(dev, src, dst)`` chunk, with ONE ``_foreach_copy_`` call for all
+    the chunks whose blocks form at most ``MAX_FOREACH_RUNS`` runs; returns which chunks were copied
+    (the others are left to the caller).
+
+    Why one call: each torch call releases the GIL and takes it back. A loader thread competes for
+    it with the engine's thread, which runs Python for most of every step, so each return can wait
+    up to the interpreter's switch interval; per-layer or per-chunk calls multiply those waits by
+    the layers or the chunks of a load.
     """
     foreach = getattr(torch, "_foreach_copy_", None)
-    runs = copy_runs(src, dst)
-    if foreach is None or len(runs) > MAX_FOREACH_RUNS:
-        return False
+    done = [False] * len(chunks)
+    if foreach is None:
+        return done
     dsts, srcs = [], []
-    for l, layer in enumerate(layers):
-        for s0, d0, k in runs:
-            dsts.append(layer[d0:d0 + k])
-            srcs.append(dev[l, s0:s0 + k])
-    foreach(dsts, srcs, non_blocking=non_blocking)
-    return True
+    for i, (dev, src, dst) in enumerate(chunks):
+        runs = copy_runs(src, dst)
+        if len(runs) > MAX_FOREACH_RUNS:
+            continue
+        done[i] = True
+        for l, layer in enumerate(layers):
+            for s0, d0, k in runs:
+                dsts.append(layer[d0:d0 + k])
+                srcs.append(dev[l, s0:s0 + k])
+    if dsts:
+        foreach(dsts, srcs, non_blocking=non_blocking)
+    return done

@@ -67,3 +67,22 @@ def test_scatter_runs_matches_index_copy(dst):
     for l, layer in enumerate(layers_b):
         layer.index_copy_(0, torch.tensor(dst), dev[l])
     assert all(torch.equal(a, b) for a, b in zip(layers_a, layers_b))
+
+
+def test_scatter_many_copies_every_qualifying_chunk_in_one_call_and_leaves_the_rest(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pages = pytest.importorskip("deployments.kv_tier.pages")
+    layers = [torch.zeros(32, 8, dtype=torch.uint8) for _ in range(3)]
+    expect = [t.clone() for t in layers]
+    chunks = []
+    for dst in ([0, 1, 2, 3], [20, 18, 16, 14, 12, 10], [8, 9, 24, 25]):  # the middle one has 6 runs
+        chunks.append((torch.randint(0, 255, (3, len(dst), 8), dtype=torch.uint8), list(range(len(dst))), dst))
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s, **kw: (calls.append(len(d)), real(d, s, **kw)))
+    assert pages.scatter_many(layers, chunks) == [True, False, True]
+    assert calls == [3 * 1 + 3 * 2]  # one call: 3 layers x (1 run + 2 runs)
+    for dev, src, dst in (chunks[0], chunks[2]):
+        for l, layer in enumerate(expect):
+            layer.index_copy_(0, torch.tensor(dst), dev[l])
+    assert all(torch.equal(a, b) for a, b in zip(layers, expect))
