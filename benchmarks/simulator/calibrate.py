@@ -6,9 +6,10 @@ over the fields those cells can identify), ``residuals`` and ``ordering``. The e
 serving-overhead JSON (``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in
 closed form; kvserve's cells are simulated with its overhead split by its stage histograms where the
 JSON has them, over ``--ingresses`` ingress replicas, and also without, for comparison); the KV tier's
-GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the fixed cost of a hit beyond
-the copy (``tier_hit_s``) from that JSON's hit TTFT (``tier_cell.fit_tier_hit_s``), and its TTFT cell
-(``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
+GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the in-process engine's front end
+from that JSON's two floors (``tier_cell.fit_engine_floor``: a 32-token prompt and a GPU-cache hit), the
+fixed cost of a hit beyond the copy (``tier_hit_s``) from its hit TTFT (``tier_cell.fit_tier_hit_s``), and
+its TTFT cell (``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
 are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
 
 With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
@@ -58,7 +59,7 @@ from benchmarks.simulator.serving_cells import (
     serving_table,
 )
 from benchmarks.simulator.sim import ClusterSpec, simulate
-from benchmarks.simulator.tier_cell import fit_tier_hit_s, tier_row
+from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
 from serve_app.config.routing import RoutingConfig
 from serve_app.settings import mooncake_trace
 
@@ -304,11 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens,
                        **({"tier_gbps": gbps} if gbps else {}))
     engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
-    tier_fit = None
+    tier_fit, floor = None, (0.0, 0.0)
     if tier:
-        hit_s, how = fit_tier_hit_s(engine, tier)
+        fl = fit_engine_floor(engine, tier)
+        if fl:
+            floor = (round(fl[0], 6), round(fl[1], 7))
+        hit_s, how = fit_tier_hit_s(engine, tier, floor)
         engine = engine.with_(tier_hit_s=round(hit_s, 6))
-        tier_fit = {"tier_gbps": gbps, "tier_hit_s": engine.tier_hit_s, "tier_hit_s_how": how}
+        tier_fit = {"tier_gbps": gbps, "tier_hit_s": engine.tier_hit_s, "tier_hit_s_how": how,
+                    "engine_floor": fl and {"input_s_per_request": floor[0], "input_s_per_ktok": floor[1],
+                                            "how": fl[2]},
+                    "chunk_tokens": LLM_CLASS_CHUNK_TOKENS}
     rows = serving_residuals(over, engine, inputs["request_overhead_s"], inputs["stage_split"])
     unsplit = serving_residuals(over, engine, inputs["request_overhead_s"]) if inputs["stage_split"] else []
     tested = [r for r in rows if not r["by_construction"]]
@@ -336,15 +343,25 @@ def main(argv: list[str] | None = None) -> int:
         p, r, h = args.tier_check.split(":")
         check = (int(p), float(r), float(h))
     if check:
+        floors = {"gpu_cache_hit_ms": tier.get("ttft_gpu_cache_hit_ms"),
+                  "short_prompt_ms": tier.get("ttft_short_prompt_ms")} if tier else {}
         doc["tier"] = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2],
-                               source=args.kv_tier or args.tier_source)
-        if engine.tier_hit_s:  # what the copy alone gives; the hit is matched by construction only when fitted from it
+                               source=args.kv_tier or args.tier_source, floor=floor, **floors)
+        # the hit is matched by construction when its fixed cost is fitted from it, or when every part of
+        # it is a measured floor (the front end through both floors, the cost from the GPU-cache hit and
+        # the timed load; the copy is then modelled at the load's own GB/s)
+        doc["tier"]["tier_hit_by_construction"] = (tier_fit is None
+                                                   or tier_fit["tier_hit_s_how"].startswith("from the hit")
+                                                   or bool(tier_fit["engine_floor"]))
+        if engine.tier_hit_s:  # what the copy alone gives
             bare = tier_row(engine.with_(tier_hit_s=0.0), prefix_tokens=check[0], recompute_ms=check[1],
-                            tier_hit_ms=check[2], source="")
-            doc["tier"].update(tier_hit_by_construction=tier_fit is None
-                               or tier_fit["tier_hit_s_how"].startswith("from the hit"),
-                               sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
+                            tier_hit_ms=check[2], source="", floor=floor)
+            doc["tier"].update(sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
                                tier_hit_error_without_hit_cost=bare["tier_hit_error"])
+        if floor != (0.0, 0.0):  # the cell as before the floor: no front end
+            bare = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2], source="")
+            doc["tier"].update(sim_tier_hit_ms_without_floor=bare["sim_tier_hit_ms"],
+                               sim_recompute_ms_without_floor=bare["sim_recompute_ms"])
         print(json.dumps(doc["tier"]))
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())

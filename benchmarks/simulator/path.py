@@ -141,8 +141,9 @@ class RequestPath:
         rep = st.reps[d.replica_id]
         rep.served += 1
         rep.meter.started(now)
-        if engine.input_s_per_request > 0:
-            rep.input_until = max(now, rep.input_until) + engine.input_s_per_request
+        front = engine.input_s(turn.prompt_tokens)
+        if front > 0:
+            rep.input_until = max(now, rep.input_until) + front
             rep.entering += 1
             self.push(rep.input_until, "enqueue", (rep, turn))
         else:
