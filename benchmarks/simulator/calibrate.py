@@ -24,7 +24,11 @@ round-robin cells, which measure the engine (round-robin ignores caches): open-l
 TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
 how far to trust the simulator for routing. Ray's own router is not simulated; its cells are skipped.
-With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
+With ``--ingress-work split`` the ingress's work per request is kvserve's by kind (``ingress_work``: the
+tokeniser for text prompts only, the block hashes per 1K prompt tokens for the hashing strategies only,
+the rest fitted) instead of the serving run's tokenise + hash on every request ("lumped", the default);
+``--decode-per-seq`` also fits ``decode_s_per_seq``; both within physical bounds (``ENGINE_BOUNDS``,
+``frontend_bounds``). With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
 processor-sharing core whose costs per request and per streamed token (over what its loop's background
 load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
 set before the fit and not moved by it.
@@ -247,17 +251,40 @@ def ordering(rows: list[dict]) -> dict:
 
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
                 "frontend_s_per_request", "frontend_s_per_token")
+#: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
+#: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
+#: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing).
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "decode_s_per_seq": (1e-6, 1e-3)}
 
 
-def frontend_bounds(split: dict, capacity: dict | None) -> dict:
-    """Where the ingress's two costs may go in the fit: per request, from the GPU host's tokenise + hash
-    at c=1 (``split``, a floor: the ingress also parses, routes and opens the stream) up to the CPU
-    figure of ``ingress_capacity`` (a slower machine's whole ingress); per token, up to the CPU figure."""
+def ingress_work(split: dict, input_len: int) -> dict:
+    """kvserve's ingress work per request by kind, from its stage histograms at c=1 (``split``, the serving
+    run's random text prompts of ``input_len`` tokens): the tokeniser per text prompt
+    (``frontend_tokenize_s``: token-id prompts skip it), the block hashes per 1K prompt tokens
+    (``frontend_hash_s_per_ktok``: one hash per block; only prefix-aware and kv-aware hash) and the
+    routing decision, the start of the fixed part that every request pays (``frontend_s_per_request``)."""
+    stages = split.get("stages_ms_c1") or {}
+    if not stages:
+        return {"frontend_s_per_request": split.get("frontend_s_per_request", 0.0)}
+    return {"frontend_s_per_request": round(stages.get("route", 0.0) / 1e3, 6),
+            "frontend_tokenize_s": round(stages.get("tokenize", 0.0) / 1e3, 6),
+            "frontend_hash_s_per_ktok": round(stages.get("hash", 0.0) / input_len, 7)}
+
+
+def frontend_bounds(split: dict, capacity: dict | None, ingress_work: str = "lumped") -> dict:
+    """Where the ingress's two fitted costs may go: per request, from a floor measured on the GPU host at
+    c=1 (``split``: "lumped", its tokenise + hash, which the ingress also parses, routes and dispatches
+    beyond; "split", its routing decision, the tokeniser and the hashes being set apart by ``ingress_work``)
+    up to the CPU figure of ``ingress_capacity`` (a slower machine's whole ingress); per token, up to the
+    CPU figure."""
     cpu = (capacity or {}).get("cost_fit", {}).get("ingress", {})
     req_hi = cpu.get("cpu_ms_per_request", 11.3) / 1e3
     tok_hi = cpu.get("cpu_us_per_token", 184.0) / 1e6
-    return {"frontend_s_per_request": (min(split.get("frontend_s_per_request", 0.0), req_hi), req_hi),
-            "frontend_s_per_token": (tok_hi / 100, tok_hi)}
+    if ingress_work == "split":
+        floor = (split.get("stages_ms_c1") or {}).get("route", 0.0) / 1e3
+    else:
+        floor = split.get("frontend_s_per_request", 0.0)
+    return {"frontend_s_per_request": (min(floor, req_hi), req_hi), "frontend_s_per_token": (tok_hi / 100, tok_hi)}
 
 
 def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineModel:
@@ -295,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
+    ap.add_argument("--ingress-work", choices=("lumped", "split"), default="lumped",
+                    help="kvserve's ingress work per request in the routing fit: 'lumped' (tokenise + hash of the "
+                         "serving run on every request) or 'split' (tokeniser for text prompts only, hashes per 1K "
+                         "tokens for the hashing strategies only, the rest fitted: ingress_work)")
+    ap.add_argument("--decode-per-seq", action="store_true",
+                    help="also fit decode_s_per_seq (the serving fit sets it to 0) in the routing fit")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/sim_calibration.json")
     args = ap.parse_args(argv)
@@ -372,18 +405,21 @@ def main(argv: list[str] | None = None) -> int:
         start = for_shape(engine, args.model_shape, args.routing_model_shape).with_(
             replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)),
             kv_admission="num_gpu_blocks_override" in kw,
-            **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s")
-               if k in split})
+            **{k: split[k] for k in ("input_s_per_request", "request_overhead_s") if k in split},
+            **(ingress_work(split, inputs["input_len"]) if args.ingress_work == "split"
+               else {k: split[k] for k in ("frontend_s_per_request",) if k in split}))
         client = fit_client(client_rows(args.client_logs)) if args.client_logs else None
         if client:
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"])
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
-        bounds = frontend_bounds(split, capacity)
+        bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS}
+        free = ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
         fitted, info = fit([c for c in cells if c.strategy == "round-robin" and c.ingresses == 1], start, settings,
-                           args.replicas, rounds=args.rounds, free=ROUTING_FREE, bounds=bounds,
+                           args.replicas, rounds=args.rounds, free=free, bounds=bounds,
                            log=lambda m: print(m, file=sys.stderr))
-        info.update(start=start.to_dict(), free=list(ROUTING_FREE), model_shape=args.routing_model_shape, bounds=bounds,
+        info.update(start=start.to_dict(), free=list(free), model_shape=args.routing_model_shape, bounds=bounds,
+                    ingress_work=args.ingress_work,
                     ingress_capacity=args.ingress_capacity,
                     ingress_cpu_costs=(capacity or {}).get("cost_fit", {}).get("ingress"),
                     schema=routing.get("schema"))

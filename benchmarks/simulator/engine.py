@@ -70,6 +70,8 @@ class EngineModel:
     input_s_per_ktok: float = 0.0
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
+    frontend_tokenize_s: float = 0.0
+    frontend_hash_s_per_ktok: float = 0.0
     frontend_sharing: str = "ps"
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
@@ -91,6 +93,8 @@ class EngineModel:
             raise ValueError("tier_hit_s must be >= 0")
         if self.input_s_per_request < 0 or self.input_s_per_ktok < 0:
             raise ValueError("input_s_per_request and input_s_per_ktok must be >= 0")
+        if self.frontend_tokenize_s < 0 or self.frontend_hash_s_per_ktok < 0:
+            raise ValueError("frontend_tokenize_s and frontend_hash_s_per_ktok must be >= 0")
         if self.client_s_per_request < 0 or self.client_s_per_token < 0:
             raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
         if self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1:
@@ -104,6 +108,12 @@ class EngineModel:
         """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s``), contention."""
         base = self.step_s + self.decode_s_per_seq * decoding + self.decode_s_per_ktok * context_tokens / 1e3
         return (base + prefill_s) * (1 + self.gpu_contention * busy_peers)
+
+    def prepare_s(self, prompt_tokens: int, *, text: bool, hashed: bool) -> float:
+        """The ingress's work on one request before it is routed: the fixed part, the tokeniser for a text
+        prompt (token ids are not tokenised) and the block hashes where the strategy hashes."""
+        return (self.frontend_s_per_request + (self.frontend_tokenize_s if text else 0.0)
+                + (self.frontend_hash_s_per_ktok * prompt_tokens / 1e3 if hashed else 0.0))
 
     def input_s(self, prompt_tokens: int) -> float:
         """The replica's front end for one request: fixed, plus a part per prompt token."""
