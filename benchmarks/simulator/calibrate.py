@@ -6,9 +6,10 @@ over the fields those cells can identify), ``residuals`` and ``ordering``. The e
 serving-overhead JSON (``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in
 closed form; kvserve's cells are simulated with its overhead split by its stage histograms where the
 JSON has them, over ``--ingresses`` ingress replicas, and also without, for comparison); the KV tier's
-GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the fixed cost of a hit beyond
-the copy (``tier_hit_s``) from that JSON's hit TTFT (``tier_cell.fit_tier_hit_s``), and its TTFT cell
-(``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
+GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the in-process engine's front end
+from that JSON's two floors (``tier_cell.fit_engine_floor``: a 32-token prompt and a GPU-cache hit), the
+fixed cost of a hit beyond the copy (``tier_hit_s``) from its hit TTFT (``tier_cell.fit_tier_hit_s``), and
+its TTFT cell (``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
 are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
 
 With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
@@ -23,7 +24,11 @@ round-robin cells, which measure the engine (round-robin ignores caches): open-l
 TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
 how far to trust the simulator for routing. Ray's own router is not simulated; its cells are skipped.
-With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
+With ``--ingress-work split`` the ingress's work per request is kvserve's by kind (``ingress_work``: the
+tokeniser for text prompts only, the block hashes per 1K prompt tokens for the hashing strategies only,
+the rest fitted) instead of the serving run's tokenise + hash on every request ("lumped", the default);
+``--decode-per-seq`` also fits ``decode_s_per_seq``; both within physical bounds (``ENGINE_BOUNDS``,
+``frontend_bounds``). With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
 processor-sharing core whose costs per request and per streamed token (over what its loop's background
 load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
 set before the fit and not moved by it.
@@ -58,7 +63,7 @@ from benchmarks.simulator.serving_cells import (
     serving_table,
 )
 from benchmarks.simulator.sim import ClusterSpec, simulate
-from benchmarks.simulator.tier_cell import fit_tier_hit_s, tier_row
+from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
 from serve_app.config.routing import RoutingConfig
 from serve_app.settings import mooncake_trace
 
@@ -246,17 +251,40 @@ def ordering(rows: list[dict]) -> dict:
 
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
                 "frontend_s_per_request", "frontend_s_per_token")
+#: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
+#: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
+#: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing).
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "decode_s_per_seq": (1e-6, 1e-3)}
 
 
-def frontend_bounds(split: dict, capacity: dict | None) -> dict:
-    """Where the ingress's two costs may go in the fit: per request, from the GPU host's tokenise + hash
-    at c=1 (``split``, a floor: the ingress also parses, routes and opens the stream) up to the CPU
-    figure of ``ingress_capacity`` (a slower machine's whole ingress); per token, up to the CPU figure."""
+def ingress_work(split: dict, input_len: int) -> dict:
+    """kvserve's ingress work per request by kind, from its stage histograms at c=1 (``split``, the serving
+    run's random text prompts of ``input_len`` tokens): the tokeniser per text prompt
+    (``frontend_tokenize_s``: token-id prompts skip it), the block hashes per 1K prompt tokens
+    (``frontend_hash_s_per_ktok``: one hash per block; only prefix-aware and kv-aware hash) and the
+    routing decision, the start of the fixed part that every request pays (``frontend_s_per_request``)."""
+    stages = split.get("stages_ms_c1") or {}
+    if not stages:
+        return {"frontend_s_per_request": split.get("frontend_s_per_request", 0.0)}
+    return {"frontend_s_per_request": round(stages.get("route", 0.0) / 1e3, 6),
+            "frontend_tokenize_s": round(stages.get("tokenize", 0.0) / 1e3, 6),
+            "frontend_hash_s_per_ktok": round(stages.get("hash", 0.0) / input_len, 7)}
+
+
+def frontend_bounds(split: dict, capacity: dict | None, ingress_work: str = "lumped") -> dict:
+    """Where the ingress's two fitted costs may go: per request, from a floor measured on the GPU host at
+    c=1 (``split``: "lumped", its tokenise + hash, which the ingress also parses, routes and dispatches
+    beyond; "split", its routing decision, the tokeniser and the hashes being set apart by ``ingress_work``)
+    up to the CPU figure of ``ingress_capacity`` (a slower machine's whole ingress); per token, up to the
+    CPU figure."""
     cpu = (capacity or {}).get("cost_fit", {}).get("ingress", {})
     req_hi = cpu.get("cpu_ms_per_request", 11.3) / 1e3
     tok_hi = cpu.get("cpu_us_per_token", 184.0) / 1e6
-    return {"frontend_s_per_request": (min(split.get("frontend_s_per_request", 0.0), req_hi), req_hi),
-            "frontend_s_per_token": (tok_hi / 100, tok_hi)}
+    if ingress_work == "split":
+        floor = (split.get("stages_ms_c1") or {}).get("route", 0.0) / 1e3
+    else:
+        floor = split.get("frontend_s_per_request", 0.0)
+    return {"frontend_s_per_request": (min(floor, req_hi), req_hi), "frontend_s_per_token": (tok_hi / 100, tok_hi)}
 
 
 def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineModel:
@@ -294,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
+    ap.add_argument("--ingress-work", choices=("lumped", "split"), default="lumped",
+                    help="kvserve's ingress work per request in the routing fit: 'lumped' (tokenise + hash of the "
+                         "serving run on every request) or 'split' (tokeniser for text prompts only, hashes per 1K "
+                         "tokens for the hashing strategies only, the rest fitted: ingress_work)")
+    ap.add_argument("--decode-per-seq", action="store_true",
+                    help="also fit decode_s_per_seq (the serving fit sets it to 0) in the routing fit")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/sim_calibration.json")
     args = ap.parse_args(argv)
@@ -304,11 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens,
                        **({"tier_gbps": gbps} if gbps else {}))
     engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
-    tier_fit = None
+    tier_fit, floor = None, (0.0, 0.0)
     if tier:
-        hit_s, how = fit_tier_hit_s(engine, tier)
+        fl = fit_engine_floor(engine, tier)
+        if fl:
+            floor = (round(fl[0], 6), round(fl[1], 7))
+        hit_s, how = fit_tier_hit_s(engine, tier, floor)
         engine = engine.with_(tier_hit_s=round(hit_s, 6))
-        tier_fit = {"tier_gbps": gbps, "tier_hit_s": engine.tier_hit_s, "tier_hit_s_how": how}
+        tier_fit = {"tier_gbps": gbps, "tier_hit_s": engine.tier_hit_s, "tier_hit_s_how": how,
+                    "engine_floor": fl and {"input_s_per_request": floor[0], "input_s_per_ktok": floor[1],
+                                            "how": fl[2]},
+                    "chunk_tokens": LLM_CLASS_CHUNK_TOKENS}
     rows = serving_residuals(over, engine, inputs["request_overhead_s"], inputs["stage_split"])
     unsplit = serving_residuals(over, engine, inputs["request_overhead_s"]) if inputs["stage_split"] else []
     tested = [r for r in rows if not r["by_construction"]]
@@ -336,15 +376,25 @@ def main(argv: list[str] | None = None) -> int:
         p, r, h = args.tier_check.split(":")
         check = (int(p), float(r), float(h))
     if check:
+        floors = {"gpu_cache_hit_ms": tier.get("ttft_gpu_cache_hit_ms"),
+                  "short_prompt_ms": tier.get("ttft_short_prompt_ms")} if tier else {}
         doc["tier"] = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2],
-                               source=args.kv_tier or args.tier_source)
-        if engine.tier_hit_s:  # what the copy alone gives; the hit is matched by construction only when fitted from it
+                               source=args.kv_tier or args.tier_source, floor=floor, **floors)
+        # the hit is matched by construction when its fixed cost is fitted from it, or when every part of
+        # it is a measured floor (the front end through both floors, the cost from the GPU-cache hit and
+        # the timed load; the copy is then modelled at the load's own GB/s)
+        doc["tier"]["tier_hit_by_construction"] = (tier_fit is None
+                                                   or tier_fit["tier_hit_s_how"].startswith("from the hit")
+                                                   or bool(tier_fit["engine_floor"]))
+        if engine.tier_hit_s:  # what the copy alone gives
             bare = tier_row(engine.with_(tier_hit_s=0.0), prefix_tokens=check[0], recompute_ms=check[1],
-                            tier_hit_ms=check[2], source="")
-            doc["tier"].update(tier_hit_by_construction=tier_fit is None
-                               or tier_fit["tier_hit_s_how"].startswith("from the hit"),
-                               sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
+                            tier_hit_ms=check[2], source="", floor=floor)
+            doc["tier"].update(sim_tier_hit_ms_without_hit_cost=bare["sim_tier_hit_ms"],
                                tier_hit_error_without_hit_cost=bare["tier_hit_error"])
+        if floor != (0.0, 0.0):  # the cell as before the floor: no front end
+            bare = tier_row(engine, prefix_tokens=check[0], recompute_ms=check[1], tier_hit_ms=check[2], source="")
+            doc["tier"].update(sim_tier_hit_ms_without_floor=bare["sim_tier_hit_ms"],
+                               sim_recompute_ms_without_floor=bare["sim_recompute_ms"])
         print(json.dumps(doc["tier"]))
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())
@@ -355,18 +405,21 @@ def main(argv: list[str] | None = None) -> int:
         start = for_shape(engine, args.model_shape, args.routing_model_shape).with_(
             replicas_per_gpu=args.replicas, kv_blocks=int(kw.get("num_gpu_blocks_override", args.kv_blocks)),
             kv_admission="num_gpu_blocks_override" in kw,
-            **{k: split[k] for k in ("frontend_s_per_request", "input_s_per_request", "request_overhead_s")
-               if k in split})
+            **{k: split[k] for k in ("input_s_per_request", "request_overhead_s") if k in split},
+            **(ingress_work(split, inputs["input_len"]) if args.ingress_work == "split"
+               else {k: split[k] for k in ("frontend_s_per_request",) if k in split}))
         client = fit_client(client_rows(args.client_logs)) if args.client_logs else None
         if client:
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"])
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
-        bounds = frontend_bounds(split, capacity)
+        bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS}
+        free = ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
         fitted, info = fit([c for c in cells if c.strategy == "round-robin" and c.ingresses == 1], start, settings,
-                           args.replicas, rounds=args.rounds, free=ROUTING_FREE, bounds=bounds,
+                           args.replicas, rounds=args.rounds, free=free, bounds=bounds,
                            log=lambda m: print(m, file=sys.stderr))
-        info.update(start=start.to_dict(), free=list(ROUTING_FREE), model_shape=args.routing_model_shape, bounds=bounds,
+        info.update(start=start.to_dict(), free=list(free), model_shape=args.routing_model_shape, bounds=bounds,
+                    ingress_work=args.ingress_work,
                     ingress_capacity=args.ingress_capacity,
                     ingress_cpu_costs=(capacity or {}).get("cost_fit", {}).get("ingress"),
                     schema=routing.get("schema"))

@@ -31,9 +31,10 @@ client's clock starts, before the ingress sees it) and ``client_s_per_token`` to
 streamed token. The client sees a first token, and a closed-loop worker sends its next request, once
 the client's share has done that work; 0 (the default) is a client of infinite speed.
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
-engine core), one FIFO server costing ``input_s_per_request`` before the request reaches the
-scheduler. ``request_overhead_s`` is the rest of the serving latency at concurrency 1, added to every
-TTFT and end-to-end time without queueing.
+engine core), one FIFO server costing ``input_s_per_request`` plus ``input_s_per_ktok`` per 1K prompt
+tokens (``input_s``: what grows with the prompt, such as its block hashes and the token ids' trip to
+the engine core) before the request reaches the scheduler. ``request_overhead_s`` is the rest of the
+serving latency at concurrency 1, added to every TTFT and end-to-end time without queueing.
 
 KV capacity: ``kv_blocks`` per replica bound its prefix cache (an LRU). With ``kv_admission`` they
 are one pool for the cache and what runs, as vLLM's block pool is (``replica.py``): a waiting request
@@ -66,8 +67,11 @@ class EngineModel:
     replicas_per_gpu: int = 1
     request_overhead_s: float = 0.0
     input_s_per_request: float = 0.0
+    input_s_per_ktok: float = 0.0
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
+    frontend_tokenize_s: float = 0.0
+    frontend_hash_s_per_ktok: float = 0.0
     frontend_sharing: str = "ps"
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
@@ -87,6 +91,10 @@ class EngineModel:
             raise ValueError(f"frontend_sharing must be 'ps' or 'fifo', not {self.frontend_sharing!r}")
         if self.tier_hit_s < 0:
             raise ValueError("tier_hit_s must be >= 0")
+        if self.input_s_per_request < 0 or self.input_s_per_ktok < 0:
+            raise ValueError("input_s_per_request and input_s_per_ktok must be >= 0")
+        if self.frontend_tokenize_s < 0 or self.frontend_hash_s_per_ktok < 0:
+            raise ValueError("frontend_tokenize_s and frontend_hash_s_per_ktok must be >= 0")
         if self.client_s_per_request < 0 or self.client_s_per_token < 0:
             raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
         if self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1:
@@ -100,6 +108,16 @@ class EngineModel:
         """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s``), contention."""
         base = self.step_s + self.decode_s_per_seq * decoding + self.decode_s_per_ktok * context_tokens / 1e3
         return (base + prefill_s) * (1 + self.gpu_contention * busy_peers)
+
+    def prepare_s(self, prompt_tokens: int, *, text: bool, hashed: bool) -> float:
+        """The ingress's work on one request before it is routed: the fixed part, the tokeniser for a text
+        prompt (token ids are not tokenised) and the block hashes where the strategy hashes."""
+        return (self.frontend_s_per_request + (self.frontend_tokenize_s if text else 0.0)
+                + (self.frontend_hash_s_per_ktok * prompt_tokens / 1e3 if hashed else 0.0))
+
+    def input_s(self, prompt_tokens: int) -> float:
+        """The replica's front end for one request: fixed, plus a part per prompt token."""
+        return self.input_s_per_request + self.input_s_per_ktok * prompt_tokens / 1e3
 
     def tier_load_s(self, tokens: int) -> float:
         """The copy of ``tokens`` tokens' KV from the tier at ``tier_gbps``."""

@@ -37,6 +37,7 @@ class Turn:
     seen_first_at: float = 0.0  # ... and reached the client (PS front end: streamed by its ingress)
     replica: str = ""  # the replica that completed it
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
+    text: bool = False  # sent as text (chat messages: the ingress tokenises it), not as token ids
 
 
 @dataclass(slots=True)

@@ -47,13 +47,14 @@ class RequestPath:
         engine = self.engine
         ing = self.ings[(turn.rid + turn.attempts) % len(self.ings)]
         turn.ingress = ing
-        if engine.frontend_s_per_request <= 0:
+        work = engine.prepare_s(turn.prompt_tokens, text=turn.text, hashed=self.hashing)
+        if work <= 0:
             self.route(turn, now)
         elif self.ps:
-            ing.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_request, ("route", turn, turn.attempts))
+            ing.cpu.add(now, (turn.rid, turn.attempts), work, ("route", turn, turn.attempts))
             self.wake(ing)
         else:
-            self.push(ing.fifo.work(now, engine.frontend_s_per_request), "route", turn)
+            self.push(ing.fifo.work(now, work), "route", turn)
 
     def wake(self, ing: Ingress) -> None:
         """Schedule ``ing``'s processor-sharing CPU to hand back its next mark (earlier wake-ups go stale)."""
@@ -141,8 +142,9 @@ class RequestPath:
         rep = st.reps[d.replica_id]
         rep.served += 1
         rep.meter.started(now)
-        if engine.input_s_per_request > 0:
-            rep.input_until = max(now, rep.input_until) + engine.input_s_per_request
+        front = engine.input_s(turn.prompt_tokens)
+        if front > 0:
+            rep.input_until = max(now, rep.input_until) + front
             rep.entering += 1
             self.push(rep.input_until, "enqueue", (rep, turn))
         else:

@@ -31,6 +31,9 @@ from benchmarks.simulator.scheduler import Scheduler
 from routers.load import LoadTracker
 from routers.policy import Knobs, make_policy
 
+#: Strategies whose ingress hashes each prompt's blocks (``deployments/ingress.py``); the others route without.
+HASHING = ("prefix-aware", "kv-aware")
+
 
 @dataclass(frozen=True, slots=True)
 class Autoscale:
@@ -88,6 +91,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
             self.ings.append(Ingress(policy, LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token),
                                      random.Random(f"{seed}/ingress/{i}"), getattr(policy, "precise", None)))
         self.precise = self.ings[0].precise is not None
+        self.hashing = knobs.strategy in HASHING  # the ingress hashes prompts for these (deployments/ingress.py)
         self.ps = engine.frontend_sharing == "ps"
         # tokens reach the client through the ingress's PS core
         self.ing_tok = self.ps and engine.frontend_s_per_token > 0

@@ -164,6 +164,7 @@ def multiturn_sessions(
     output_len: int = 128, block_size: int = 16, seed: int = 0, salt: int = 0, sticky: bool = False,
 ) -> Iterator[SimSession]:
     """``kvserve bench --workload multiturn``: turn k's prompt is the whole history, so it extends turn k-1's.
+    Its turns are chat messages (``Turn.text``: the ingress tokenises them).
 
     The conversation is one token stream per session (system, user 1, answer 1, ...); block i of the
     stream is the same in every turn that holds it whole, so its key is (session, i).
@@ -176,7 +177,7 @@ def multiturn_sessions(
         for _ in range(turns):
             length += int(rng.randint(*user_words) * TOKENS_PER_WORD) + CHAT_MESSAGE_TOKENS
             ids = [(salt, 3, index, b) for b in range(length // block_size)]
-            out.append(Turn(length, output_len, chain_keys(ids)))
+            out.append(Turn(length, output_len, chain_keys(ids), text=True))
             length += output_len + CHAT_MESSAGE_TOKENS
         yield SimSession(f"s{salt}-{index}", out, sticky=sticky)
         index += 1

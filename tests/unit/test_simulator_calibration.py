@@ -1,7 +1,7 @@
 """Calibration: the coordinate fit recovers a known engine from cells the simulator itself produced,
 the closed-form serving fit recovers a known engine from the numbers it would have measured, kvserve's
 stage split queues its ingress work per ingress, the committed H200 serving JSON is read and reproduced,
-and a routing JSON is read into cells."""
+a routing JSON is read into cells, and the KV-tier cell's engine front end is fitted from its two floors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from benchmarks.simulator.calibrate import Cell, fit, gpu_cells, ordering, residuals, simulate_cell
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
-from benchmarks.simulator.tier_cell import fit_tier_hit_s, tier_cell, tier_row
+from benchmarks.simulator.tier_cell import fit_engine_floor, fit_tier_hit_s, tier_cell, tier_row
 
 pytestmark = pytest.mark.unit
 
@@ -191,3 +191,44 @@ def test_tier_cell_charges_the_load_then_the_suffix_and_a_recompute_the_whole_pr
     row = tier_row(engine, prefix_tokens=4096, recompute_ms=cell["recompute_ms"] * 2, tier_hit_ms=cell["tier_hit_ms"],
                    source="test")
     assert (row["recompute_error"], row["tier_hit_error"]) == (pytest.approx(-0.5, abs=1e-3), 0.0)
+
+
+def test_tier_cell_charges_the_engine_front_end_to_every_request_by_prompt_length():
+    engine = TRUE.with_(chunk_tokens=8192, kv_blocks=4096, tier_gbps=10.0, tier_hit_s=0.01, replicas_per_gpu=1,
+                        gpu_contention=0.0)
+    fixed, per_ktok = 0.008, 0.0011
+    front = lambda tokens: fixed + per_ktok * tokens / 1e3
+    cell = tier_cell(engine, 4096, floor=(fixed, per_ktok))
+    gpu_hit = front(4128) + engine.step_s + engine.prefill_chunk_s(32, 4096)
+    assert cell["gpu_cache_hit_ms"] == pytest.approx(gpu_hit * 1e3, abs=0.1)
+    assert cell["short_prompt_ms"] == pytest.approx((front(32) + engine.step_s + engine.prefill_chunk_s(32, 0)) * 1e3,
+                                                    abs=0.1)
+    # a tier hit is the GPU-cache hit plus the copy and the fixed cost of a hit
+    hit = gpu_hit + engine.tier_load_s(4096) + engine.tier_hit_s
+    assert cell["tier_hit_ms"] == pytest.approx(hit * 1e3, abs=0.1)
+    # the LLM class's 16K budget prefills the recomputed prompt in one step
+    assert cell["recompute_ms"] == pytest.approx((front(4128) + engine.step_s + engine.prefill_chunk_s(4128, 0)) * 1e3,
+                                                 abs=0.1)
+    two_steps = tier_cell(engine, 4096, floor=(fixed, per_ktok), chunk_tokens=4096)["recompute_ms"]
+    assert two_steps > cell["recompute_ms"] + engine.step_s * 1e3 - 0.2
+
+
+def test_engine_floor_is_recovered_from_the_two_floors_and_absent_without_them():
+    engine = TRUE.with_(kv_blocks=4096, replicas_per_gpu=1, gpu_contention=0.0)
+    cell = tier_cell(engine, 8192, floor=(0.008, 0.0011))
+    tier = {"prefix_tokens": 8192, "ttft_short_prompt_ms": cell["short_prompt_ms"],
+            "ttft_gpu_cache_hit_ms": cell["gpu_cache_hit_ms"]}
+    fixed, per_ktok, how = fit_engine_floor(engine, tier)
+    assert fixed == pytest.approx(0.008, abs=2e-4) and per_ktok == pytest.approx(0.0011, abs=3e-5)
+    assert "line through the two" in how
+    assert fit_engine_floor(engine, {"prefix_tokens": 8192, "ttft_short_prompt_ms": 10.0}) is None
+    # never negative: a GPU-cache hit measured faster than the short prompt gives no per-token part
+    fixed, per_ktok, _ = fit_engine_floor(engine, {**tier, "ttft_gpu_cache_hit_ms": 1.0})
+    assert per_ktok == 0.0 and fixed >= 0.0
+
+
+def test_input_cost_grows_with_the_prompt_and_is_never_negative():
+    engine = EngineModel(input_s_per_request=0.008, input_s_per_ktok=0.001)
+    assert engine.input_s(2000) == pytest.approx(0.010)
+    with pytest.raises(ValueError):
+        EngineModel(input_s_per_ktok=-1e-3)

@@ -1,6 +1,8 @@
 """The ingress CPU's disciplines (``benchmarks/simulator/frontend.py``): processor sharing conserves work,
 a lone job is delayed by its cost alone, equal jobs finish together, and in the simulator a PS ingress
-delays first tokens and caps a closed loop's throughput; FIFO stays available."""
+delays first tokens and caps a closed loop's throughput; FIFO stays available; the ingress's work per
+request depends on the prompt's kind (text is tokenised, token ids are not) and on whether the strategy
+hashes."""
 
 from __future__ import annotations
 
@@ -94,3 +96,33 @@ def test_a_ps_ingress_delays_first_tokens_and_caps_a_closed_loop():
     assert requests_per_s * 0.002 + ps["output_tok_per_s"] * 0.0002 <= 1.02
     assert ps["output_tok_per_s"] < free["output_tok_per_s"]
     assert fifo["requests"] > 0 and fifo["ttft_p50_ms"] != ps["ttft_p50_ms"]
+
+
+def _lone_ttft(engine: EngineModel, strategy: str, *, text: bool, prompt: int = 2048) -> float:
+    """TTFT of one request alone, sent as text or as token ids, routed by ``strategy``."""
+    hashes = workloads.chain_keys([(1, b) for b in range(prompt // engine.block_size)])
+    session = workloads.SimSession("s", [workloads.Turn(prompt, 2, hashes, text=text)])
+    res = simulate(Driver(iter([session]), LoadPlan("concurrency", 1, num_requests=1)),
+                   RoutingConfig(strategy=strategy).knobs(), ClusterSpec(2), engine)
+    return res.ttft_s[0]
+
+
+def test_ingress_work_depends_on_the_prompt_kind_and_the_strategy():
+    engine = ENGINE.with_(frontend_s_per_request=0.001, frontend_tokenize_s=0.006, frontend_hash_s_per_ktok=0.0005)
+    bare = _lone_ttft(ENGINE, "round-robin", text=False)
+    # token ids are not tokenised, and round-robin does not hash: only the fixed part
+    assert _lone_ttft(engine, "round-robin", text=False) == pytest.approx(bare + 0.001)
+    # a text prompt is tokenised
+    assert _lone_ttft(engine, "round-robin", text=True) == pytest.approx(bare + 0.007)
+    # kv-aware also hashes the prompt's blocks: 2,048 tokens at 0.5 ms per 1K
+    assert _lone_ttft(engine, "kv-aware", text=False) == pytest.approx(_lone_ttft(ENGINE, "kv-aware", text=False)
+                                                                        + 0.001 + 0.001024)
+    assert engine.prepare_s(2048, text=True, hashed=True) == pytest.approx(0.001 + 0.006 + 0.001024)
+    with pytest.raises(ValueError):
+        EngineModel(frontend_hash_s_per_ktok=-1.0)
+
+
+def test_multiturn_turns_are_text_and_docqa_turns_token_ids():
+    turn = next(workloads.multiturn_sessions(sessions=1, turns=1)).turns[0]
+    assert turn.text
+    assert not next(workloads.docqa_sessions()).turns[0].text
