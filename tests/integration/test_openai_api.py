@@ -136,8 +136,8 @@ def test_malformed_bodies_are_400_in_openai_shape(base_url: str, body: str, para
         assert param in (err["param"] or "") or param in err["message"]
 
 
-#: Tokens per overload request: a replica's 8 still take seconds, far longer than the burst takes to arrive
-#: (on 2 cores the test took 67 s with 64 tokens, 31 s with 16).
+#: Tokens per overload request: a replica's 8 in flight still take seconds, far longer than the burst takes
+#: to arrive, and fewer tokens keep the test short.
 OVERLOAD_TOKENS = 16
 
 

