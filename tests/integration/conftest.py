@@ -242,6 +242,6 @@ def _wait_ready(base_url: str, model_ids: list[str], timeout_s: float = 600) -> 
             except httpx.HTTPError:
                 pass
         if pending:
-            time.sleep(2)
+            time.sleep(0.5)
     if pending:
         raise TimeoutError(f"models {sorted(pending)} not serving after {timeout_s}s")

@@ -70,7 +70,7 @@ def test_stage_histograms_cover_every_stage(base_url, ray_cluster):
         missing = [s for s in STAGES if sum(_counts(text, s).values()) < 6]
         if missing:
             client.completions.create(model="smollm2", prompt="keep the exporter busy", max_tokens=1)
-            time.sleep(2)
+            time.sleep(1)
     assert not missing, f"stages without samples: {missing}"
     replicas = {r for s in STAGES for r in _counts(text, s)}
     assert replicas and "" not in replicas, f"every stage is labelled with the replica that served: {replicas}"
