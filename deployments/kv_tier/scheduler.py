@@ -15,10 +15,9 @@ that schedules more than ``store_busy_requests`` requests stores at most
 ``store_busy_mib_per_step`` (lowest blocks first: shared prefixes are at the start of prompts).
 What a busy step cuts goes back to the request's ``next_store`` and is offered again by its later
 steps (a running request keeps its prompt blocks), so a prompt reaches the tier in full under
-sustained load, at most the budget per step. When the cut request stopped storing for good (the
-first version), a busy engine stored 16 blocks per request and never the rest of a document: in
-the 8B e2e run of 2accf75 a tier hit averaged 2.2K of a 6K-token document. Idle or lightly loaded
-steps still store everything; single-request TTFT rounds are unaffected.
+sustained load, at most the budget per step (docs/kv_tier.md, section 3, has the run that showed a
+busy engine storing only each request's first budget). Idle or lightly loaded steps still store
+everything; single-request TTFT rounds are unaffected.
 
 Directory epoch. The eviction poll (``_poll_evictions``, every ``_EVICTION_POLL_S``, the first on the
 first step) also returns the directory's epoch; OBJ events carry the latest one known (medium

@@ -7,8 +7,8 @@ chunk size are chosen so that one 5-block prompt is one chunk (SmolLM2, fp32, bl
 cache is conftest's ``TEST_KV`` (45 blocks; a 2,048-token sequence needs 16): what is evicted here is
 the tier's. A stores; B loads in ``async`` mode (its request waits in WAITING_FOR_REMOTE_KVS until its
 copies are reported), C in ``sync`` mode (it loads inside the step): every load-side check runs once per
-mode, on one directory (the load mode is the loading engine's alone; a pair of engines per mode took
-~40 s more to start on 2 cores, and repeated the mode-independent steps).
+mode, on one directory (the load mode is the loading engine's alone, so one storing engine serves both
+modes, and the mode-independent steps run once).
 """
 
 from __future__ import annotations
