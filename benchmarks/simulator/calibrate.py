@@ -271,16 +271,16 @@ def ingress_work(split: dict, input_len: int) -> dict:
             "frontend_hash_s_per_ktok": round(stages.get("hash", 0.0) / input_len, 7)}
 
 
-def frontend_bounds(split: dict, capacity: dict | None, ingress_work: str = "lumped") -> dict:
+def frontend_bounds(split: dict, capacity: dict | None, mode: str = "lumped") -> dict:
     """Where the ingress's two fitted costs may go: per request, from a floor measured on the GPU host at
-    c=1 (``split``: "lumped", its tokenise + hash, which the ingress also parses, routes and dispatches
+    c=1 (``split``; ``mode`` "lumped", its tokenise + hash, which the ingress also parses, routes and dispatches
     beyond; "split", its routing decision, the tokeniser and the hashes being set apart by ``ingress_work``)
     up to the CPU figure of ``ingress_capacity`` (a slower machine's whole ingress); per token, up to the
     CPU figure."""
     cpu = (capacity or {}).get("cost_fit", {}).get("ingress", {})
     req_hi = cpu.get("cpu_ms_per_request", 11.3) / 1e3
     tok_hi = cpu.get("cpu_us_per_token", 184.0) / 1e6
-    if ingress_work == "split":
+    if mode == "split":
         floor = (split.get("stages_ms_c1") or {}).get("route", 0.0) / 1e3
     else:
         floor = split.get("frontend_s_per_request", 0.0)
