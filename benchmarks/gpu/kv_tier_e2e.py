@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +67,7 @@ from benchmarks.gpu.kv_tier_evidence import metric_sums, router_kv_evidence, run
 from benchmarks.gpu.promtext import scrape
 from benchmarks.gpu.serving_overhead import clean
 from benchmarks.routing_h2h.run import run_bench, serve_config
+from serve_app.config.kv_tier import KVTierConfig
 
 SYSTEMS = {"tier_off": False, "tier_on": True}
 GiB = 1024**3
@@ -123,13 +125,15 @@ def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     return c["num_hidden_layers"] * kv_heads * head_dim * 2 * _DTYPE_BYTES.get(dtype, 2)
 
 
-def system_config(base: dict, tier_on: bool, scale: dict, kv_cache_bytes: int, cpu: bool) -> dict:
-    """The base config with kv-aware routing, the KV cache cap, the tier on or off, cached tokens exposed."""
+def system_config(base: dict, tier_on: bool, scale: dict, kv_cache_bytes: int, cpu: bool,
+                  tier_set: dict | None = None) -> dict:
+    """The base config with kv-aware routing, the KV cache cap, the tier on (with ``tier_set``'s fields) or off,
+    cached tokens exposed."""
     engine = {"num_gpu_blocks_override": scale["kv_cache_tokens"] // 128} if cpu else \
         {**scale.get("engine", {}), "kv_cache_memory_bytes": kv_cache_bytes}
     cfg = serve_config(base, {"strategy": "kv-aware"}, engine, scale.get("ingress_replicas"))
     args = cfg["applications"][0]["args"]
-    args["kv_tier"] = {"enabled": tier_on, **scale["tier"]}
+    args["kv_tier"] = {"enabled": tier_on, **scale["tier"], **(tier_set if tier_on and tier_set else {})}
     args["ingress"]["expose_cached_tokens"] = True
     m = args["models"][0]
     m["deployment"]["num_replicas"] = scale["replicas"]
@@ -286,7 +290,8 @@ def run_system(system: str, run: int, cfg: dict, scale: dict, args, work: Path, 
     proc = serverproc.start(start, env, work / f"{tag}_server.log", ROOT)
     model = cfg["applications"][0]["args"]["models"][0]["id"]
     base = "http://127.0.0.1:8000/v1"
-    res: dict = {"system": system, "run": run, "start_cmd": shlex.join(start), "env": env}
+    res: dict = {"system": system, "run": run, "start_cmd": shlex.join(start), "env": env,
+                 "kv_tier": cfg["applications"][0]["args"]["kv_tier"]}
     done, tap = threading.Event(), None
     try:
         res["ready_s"] = round(serverproc.wait_serving(base, model, args.start_timeout, proc), 1)
@@ -423,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-mode", choices=["sync", "async"], default="async",
                    help="kv_tier.load_mode of tier_on: async (the request waits for its load, other requests step "
                         "on) or sync (the step waits for the load)")
+    p.add_argument("--tier-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a KVTierConfig field for tier_on (repeatable; YAML value), e.g. parallel_loads=4; each run "
+                        "records its kv_tier section")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--git-commit", default="unknown")
     p.add_argument("--append", action="store_true",
@@ -452,6 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_gib:
         scale["tier"]["budget_gib"] = args.budget_gib
     scale["tier"]["load_mode"] = args.load_mode
+    tier_set = {}
+    for item in args.tier_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--tier-set {item!r}: expected KEY=VALUE")
+        tier_set[key.strip()] = yaml.safe_load(value)
+    try:
+        KVTierConfig(**{**scale["tier"], **tier_set, "enabled": True})
+    except ValidationError as err:
+        p.error(f"--tier-set: {err}")
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -482,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--append: {out}: {why}; write a new file")
     for system in order:
         cfg = system_config(base, SYSTEMS[system], scale, int(scale["kv_cache_tokens"] * per_token),
-                            args.scale == "cpu")
+                            args.scale == "cpu", tier_set)
         run = sum(r["system"] == system for r in doc["runs"]) + 1
         doc["runs"].append(run_system(system, run, cfg, scale, args, work, doc["leftovers"]))
         doc.update(summarize(doc["runs"]))

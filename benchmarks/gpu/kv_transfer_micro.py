@@ -21,9 +21,10 @@ background contention and the interpreter's switch interval. Variants:
   loader          the tier's own ``deployments.kv_tier.load.Loader`` (``--loader-host-dma``, ``mapping`` by
                   default: it page-locks the store itself, in its background thread, timed in
                   ``loader_registration``), ``threads`` = its ``load_threads``; the cell's chunks are split
-                  into ``--loads`` requests submitted at once (2 = both coordinator threads busy, as under
-                  load). A fake directory answers ``locate`` with ``ChunkLocation`` s of the put chunks through
-                  the object store; each cell carries the loads' ``LoadRecord`` s (queue/locate/get/copy ms,
+                  into ``--loads`` requests submitted at once, run ``--parallel-loads`` at a time (its
+                  ``KVTierConfig.parallel_loads``; a comma list: one cell each). A fake directory answers
+                  ``locate`` with ``ChunkLocation`` s of the put chunks through the object store; each cell carries the
+                  loads' ``LoadRecord`` s (queue/locate/get/copy ms,
                   direct and into-pages chunk counts) and the copy phase's GB/s.
 
 The other variants end the same way: the chunk's bytes land in a device slot of the thread's stream, then one
@@ -208,17 +209,16 @@ class FakeDirectory:
         return self.ray.put(self.locations(keys))
 
 
-def make_loader(pages, directory: FakeDirectory, per_chunk: int, threads: int, host_dma: str):
+def make_loader(pages, directory: FakeDirectory, per_chunk: int, threads: int, host_dma: str,
+                parallel_loads: int = 2):
     """A ``Loader`` over the pages; waits for its background registration of the object store (if any).
     Returns the loader and that registration as ``{"seconds", "registered_bytes"}`` (None if there was none)."""
     from deployments.kv_tier.load import Loader
 
-    loader = Loader(pages, directory, per_chunk, threads, 60.0, {"bench": "kv_transfer_micro"}, host_dma=host_dma)
-    deadline = time.monotonic() + 600
-    while any(t.name == "kv-tier-host-dma" for t in threading.enumerate()):  # started in the constructor
-        if time.monotonic() > deadline:
-            raise TimeoutError("the Loader's registration of the object store did not finish in 600 s")
-        time.sleep(0.05)
+    loader = Loader(pages, directory, per_chunk, threads, 60.0, {"bench": "kv_transfer_micro"}, host_dma=host_dma,
+                    parallel_loads=parallel_loads)
+    if not loader.wait_registered(600):  # started in the constructor
+        raise TimeoutError("the Loader's registration of the object store did not finish in 600 s")
     if not directory.host_dma:
         return loader, None
     _, added, seconds = directory.host_dma[-1]
@@ -238,8 +238,8 @@ def split_loads(n_chunks: int, loads: int, per_chunk: int, dst_lists: list) -> l
 
 
 def run_loader_cell(loader, loads: list[tuple[list[int], list[bytes]]]) -> float:
-    """Submit every load at once (the Loader's two coordinator threads take two at a time), wait until each is
-    reported; return the wall seconds."""
+    """Submit every load at once (the Loader's coordinator threads take ``parallel_loads`` at a time), wait
+    until each is reported; return the wall seconds."""
     t0 = time.perf_counter()
     futs = [loader.submit(f"bench-{j}", ids, keys) for j, (ids, keys) in enumerate(loads)]
     for f in futs:
@@ -420,6 +420,8 @@ def main() -> int:
                         "default: the interpreter's")
     p.add_argument("--loads", type=int, default=2,
                    help="`loader`: requests the cell's chunks are split into, submitted at once")
+    p.add_argument("--parallel-loads", default="2",
+                   help="`loader`: comma list of KVTierConfig.parallel_loads (loads in flight), one cell each")
     p.add_argument("--loader-host-dma", choices=["staged", "per_chunk", "mapping"], default="mapping",
                    help="`loader`: KVTierConfig.host_dma")
     p.add_argument("--matmul-n", type=int, default=8192, help="`compute` contention: square bf16 matmul size")
@@ -506,13 +508,16 @@ def main() -> int:
                 result["plasma_maps"] = [ln for ln in Path("/proc/self/maps").read_text().splitlines()
                                          if "plasma" in ln]
                 once = True
-            for threads in (int(x) for x in args.threads.split(",")):
+            parallel = [int(x) for x in args.parallel_loads.split(",")] if variant == "loader" else [None]
+            for threads, parallel_loads in itertools.product((int(x) for x in args.threads.split(",")), parallel):
                 loader = directory = None
                 if variant == "loader":
                     directory = FakeDirectory(ray, refs)
-                    loader, reg = make_loader(pages, directory, per_chunk, threads, args.loader_host_dma)
+                    loader, reg = make_loader(pages, directory, per_chunk, threads, args.loader_host_dma,
+                                              parallel_loads)
                     result.setdefault("loader_registration", []).append(
-                        {"chunk_mib": chunk_mib, "threads": threads, "host_dma": loader.host_dma, **(reg or {})})
+                        {"chunk_mib": chunk_mib, "threads": threads, "parallel_loads": parallel_loads,
+                         "host_dma": loader.host_dma, **(reg or {})})
                     print(json.dumps(result["loader_registration"][-1]), flush=True)
                     loads = split_loads(n_chunks, args.loads, per_chunk, dst_lists)
                     once_through = functools.partial(run_loader_cell, loader, loads)
@@ -549,6 +554,7 @@ def main() -> int:
                                                         for k in rates[0]}
                         if variant == "loader":
                             cell["loader"] = {"host_dma": loader.host_dma, "loads_per_cell": len(loads),
+                                              "parallel_loads": parallel_loads,
                                               **summarize_records(records)}
                         result["cells"].append(cell)
                         print(json.dumps({k: v for k, v in cell.items() if k != "loader"}

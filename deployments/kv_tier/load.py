@@ -16,6 +16,8 @@ by the load's own thread (``_load_direct``); only the rest go to the threads abo
 (``shared.LOST_ERRORS``) is a miss: its blocks are reported as failed (vLLM recomputes them) and the
 directory drops that owner or chunk.
 
+Up to ``KVTierConfig.parallel_loads`` loads run at once, each on its own coordinator thread (the
+locate, the one ``ray.get``, the direct copies); later ones wait for a free one (the ``queue`` phase).
 A load runs on the loader's own threads and streams whatever the ``KVTierConfig.load_mode``: the
 worker either reports it once ``take_finished`` has it (``async``) or waits for ``submit``'s future
 inside the step (``sync``). Either way a load is put into ``take_finished`` only after every copy
@@ -59,17 +61,18 @@ class Loader:
     """Loads chunks from the object store into allocated blocks, several chunks in parallel."""
 
     def __init__(self, pages: KVPages, directory, chunk_blocks: int, threads: int,
-                 timeout_s: float, tags: dict[str, str], *, host_dma: str) -> None:
+                 timeout_s: float, tags: dict[str, str], *, host_dma: str, parallel_loads: int = 2) -> None:
         self.pages, self.directory, self.timeout_s, self.tags = pages, directory, timeout_s, tags
         self.host_dma = host_dma if pages.cuda else "staged"
         self._registrar = HostRegistrar(self.host_dma != "staged") if pages.cuda else None
         self._mapping_lock = threading.Lock()
         self._mapping_at = float("-inf")
+        self._mapping_thread: threading.Thread | None = None
         if self.host_dma == "mapping" and self._registrar.enabled:
             self._register_mapping()
         self._slots = make_slots(pages, threads, chunk_blocks * pages.block_bytes()) if pages.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kv-tier-load")
-        self._coord = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-tier-locate")
+        self._coord = ThreadPoolExecutor(max_workers=parallel_loads, thread_name_prefix="kv-tier-locate")
         self._done: queue.Queue = queue.Queue()
         self._local = threading.local()  # each coordinator thread's stream for direct loads
 
@@ -109,7 +112,16 @@ class Loader:
             finally:
                 self._mapping_lock.release()
 
-        threading.Thread(target=run, name="kv-tier-host-dma", daemon=True).start()
+        self._mapping_thread = threading.Thread(target=run, name="kv-tier-host-dma", daemon=True)
+        self._mapping_thread.start()
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        """Wait for the background page-locking of the object store (if one runs); False on timeout."""
+        thread = self._mapping_thread
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
+        return True
 
     def submit(self, req_id: str, block_ids: list[int], keys: list[bytes]) -> Future:
         """Start loading; the result shows up in ``take_finished`` (the future is done by then)."""

@@ -67,7 +67,7 @@ class TierWorker:
         self._storer = Storer(pages, self._dir, self._owner, self._chunk_blocks, cfg.store_slots,
                               cfg.store_threads, max(self._chunk_blocks, backlog), self._tags)
         self._loader = Loader(pages, self._dir, self._chunk_blocks, cfg.load_threads, cfg.load_timeout_s,
-                              self._tags, host_dma=cfg.host_dma)
+                              self._tags, host_dma=cfg.host_dma, parallel_loads=cfg.parallel_loads)
 
     def _keys(self, hashes: list[bytes]) -> list[bytes]:
         return block_keys(self._fp_digest, hashes, self._rank)

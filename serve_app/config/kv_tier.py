@@ -89,6 +89,11 @@ class KVTierConfig(BaseModel):
         "2 threads moved 32 MiB chunks fastest (benchmarks/results/kv_transfer_micro_h200.json: 50 GB/s from the "
         "page-locked store, 25 GB/s through pinned slots; 8 threads: 24 and 14 GB/s).",
     )
+    parallel_loads: int = Field(
+        default=2, ge=1,
+        description="Loads (one request's tier hit each) in flight per worker; each runs on its own thread "
+        "(locate, fetch, the direct copies into the pages), later ones queue for a free one.",
+    )
     lookup_timeout_s: float = Field(
         default=0.5, gt=0,
         description="A directory lookup slower than this is treated as a miss (the request is not held).",
