@@ -389,7 +389,7 @@ class Contention:
 
 def check(torch, pages, ids, expected) -> None:
     """Every loaded block (``ids``) holds its chunk's byte value (``expected``) in the first and last layer (first
-    and last byte of the page); then the blocks are zeroed for the next repetition."""
+    and last byte of the page); then the blocks are zeroed (and the device synchronised) for the next repetition."""
     for layer in (pages.layers[0], pages.layers[-1]):
         got = layer.index_select(0, ids)
         if not (bool((got[:, 0] == expected).all()) and bool((got[:, -1] == expected).all())):
@@ -397,6 +397,8 @@ def check(torch, pages, ids, expected) -> None:
             raise AssertionError(f"{bad} wrong bytes in the loaded pages")
     for layer in pages.layers:
         layer.index_fill_(0, ids, 0)
+    if ids.is_cuda:  # the zeroing runs on the default stream, the next loads on their own: order them
+        torch.cuda.synchronize(ids.device)
 
 
 def main() -> int:
