@@ -21,7 +21,7 @@ class KVTierConfig(BaseModel):
     enabled: bool = Field(
         default=False,
         description="Store full prompt blocks' KV in the object store and load them on any replica. Off unless "
-        "a config turns it on; the GPU configs do (configs/gpu.yaml: on the H200 it cost 2% throughput with no "
+        "a config turns it on; the GPU configs do (configs/gpu.yaml: on the H200 it cost ~1% throughput with no "
         "reuse, benchmarks/results/kv_tier_h200.json).",
     )
     budget_gib: float = Field(

@@ -112,6 +112,28 @@ def test_gpu_scale_runs_two_ingress_replicas_with_tier_only_differing() -> None:
     assert on == off
 
 
+def test_tier_set_changes_only_tier_on_and_is_validated(monkeypatch, tmp_path) -> None:
+    import yaml
+
+    from benchmarks.gpu.kv_tier_e2e import ROOT
+    base = yaml.safe_load((ROOT / e2e.SCALES["gpu"]["config"]).read_text())
+    on, off = (e2e.system_config(base, tier, e2e.SCALES["gpu"], 1 << 30, cpu=False, tier_set={"parallel_loads": 4})
+               for tier in (True, False))
+    assert on["applications"][0]["args"]["kv_tier"]["parallel_loads"] == 4
+    assert "parallel_loads" not in off["applications"][0]["args"]["kv_tier"]
+    monkeypatch.setattr(e2e, "kv_bytes_per_token", lambda model_dir, dtype: 32768)
+    runs = []
+    monkeypatch.setattr(e2e, "run_system", lambda system, run, cfg, *a: runs.append(cfg) or {"system": system,
+                                                                                          "run": run})
+    e2e.main(["--scale", "gpu", "--order", "tier_on", "--out", str(tmp_path / "o.json"),
+              "--tier-set", "parallel_loads=4", "--tier-set", "host_dma=staged"])
+    tier = runs[0]["applications"][0]["args"]["kv_tier"]
+    assert (tier["enabled"], tier["parallel_loads"], tier["host_dma"]) == (True, 4, "staged")
+    for bad in ("parallel_loads=0", "no_such_field=1", "parallel_loads"):
+        with pytest.raises(SystemExit):
+            e2e.main(["--scale", "gpu", "--order", "tier_on", "--out", str(tmp_path / "o.json"), "--tier-set", bad])
+
+
 def test_gpu_8b_scale_puts_two_8b_replicas_on_one_gpu_and_outgrows_their_caches_not_their_slots() -> None:
     import yaml
 

@@ -282,3 +282,29 @@ def test_a_worker_without_a_loader_fails_the_load(mode, recvd):
     w.start_load_kv(_meta([1, 2]))
     assert w.get_finished(set()) == (None, recvd)
     assert w.get_block_ids_with_load_errors() == {1, 2}
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_loader_runs_at_most_parallel_loads_at_once_and_the_rest_after(parallel):
+    d = FakeDirectory(2, gate_open=False)
+    calls = []
+    d.locate = _Remote(lambda keys: calls.append(keys) or d.gate)
+    caches = {f"layer{i}": torch.zeros(NUM_BLOCKS, 2, PAGE_FLOATS // 2) for i in range(LAYERS)}
+    loader = Loader(KVPages(caches), d, chunk_blocks=4, threads=2, timeout_s=5.0, tags={}, host_dma="mapping",
+                    parallel_loads=parallel)
+    try:
+        futs = [loader.submit(f"r{i}", [2 * i, 2 * i + 1], [bytes([i]) * 32] * 2) for i in range(3)]
+        deadline = time.monotonic() + 5
+        while len(calls) < parallel and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # a load beyond the limit would have reached locate by now
+        assert len(calls) == parallel  # the others wait for a free coordinator thread
+        d.gate.event.set()
+        for f in futs:
+            f.result(timeout=5)
+        assert len(calls) == 3
+        reqs, bad = loader.take_finished()
+        assert reqs == {"r0", "r1", "r2"} and bad == set()
+    finally:
+        d.gate.event.set()
+        loader.close()
