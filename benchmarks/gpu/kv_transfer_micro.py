@@ -22,10 +22,10 @@ background contention and the interpreter's switch interval. Variants:
                   default: it page-locks the store itself, in its background thread, timed in
                   ``loader_registration``), ``threads`` = its ``load_threads``; the cell's chunks are split
                   into ``--loads`` requests submitted at once, run ``--parallel-loads`` at a time (its
-                  ``KVTierConfig.parallel_loads``; a comma list: one cell each). A fake directory answers
-                  ``locate`` with ``ChunkLocation`` s of the put chunks through the object store; each cell carries the
-                  loads' ``LoadRecord`` s (queue/locate/get/copy ms,
-                  direct and into-pages chunk counts) and the copy phase's GB/s.
+                  ``KVTierConfig.parallel_loads``; a comma list: one cell each; default: the config's). A fake
+                  directory answers ``locate`` with ``ChunkLocation`` s of the put chunks through the object
+                  store; each cell carries the loads' ``LoadRecord`` s (queue/locate/get/copy ms, direct and
+                  into-pages chunk counts) and the copy phase's GB/s.
 
 The other variants end the same way: the chunk's bytes land in a device slot of the thread's stream, then one
 ``index_copy_`` per layer scatters the blocks into the pages. The loaded pages are checked against what was
@@ -76,6 +76,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from serve_app.config.kv_tier import KVTierConfig
 
 VARIANTS = ("pageable", "pinned_ring", "register_chunk", "register_once", "register_once_direct", "loader")
 
@@ -210,7 +212,7 @@ class FakeDirectory:
 
 
 def make_loader(pages, directory: FakeDirectory, per_chunk: int, threads: int, host_dma: str,
-                parallel_loads: int = 2):
+                parallel_loads: int):
     """A ``Loader`` over the pages; waits for its background registration of the object store (if any).
     Returns the loader and that registration as ``{"seconds", "registered_bytes"}`` (None if there was none)."""
     from deployments.kv_tier.load import Loader
@@ -422,7 +424,7 @@ def main() -> int:
                         "default: the interpreter's")
     p.add_argument("--loads", type=int, default=2,
                    help="`loader`: requests the cell's chunks are split into, submitted at once")
-    p.add_argument("--parallel-loads", default="2",
+    p.add_argument("--parallel-loads", default=str(KVTierConfig.model_fields["parallel_loads"].default),
                    help="`loader`: comma list of KVTierConfig.parallel_loads (loads in flight), one cell each")
     p.add_argument("--loader-host-dma", choices=["staged", "per_chunk", "mapping"], default="mapping",
                    help="`loader`: KVTierConfig.host_dma")

@@ -61,7 +61,7 @@ class Loader:
     """Loads chunks from the object store into allocated blocks, several chunks in parallel."""
 
     def __init__(self, pages: KVPages, directory, chunk_blocks: int, threads: int,
-                 timeout_s: float, tags: dict[str, str], *, host_dma: str, parallel_loads: int = 2) -> None:
+                 timeout_s: float, tags: dict[str, str], *, host_dma: str, parallel_loads: int) -> None:
         self.pages, self.directory, self.timeout_s, self.tags = pages, directory, timeout_s, tags
         self.host_dma = host_dma if pages.cuda else "staged"
         self._registrar = HostRegistrar(self.host_dma != "staged") if pages.cuda else None

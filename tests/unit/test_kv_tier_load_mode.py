@@ -137,7 +137,8 @@ def _worker(mode: str, directory: FakeDirectory) -> tuple[TierWorker, KVPages]:
     pages = KVPages(caches)
     w = TierWorker(_ctx(mode))
     w._storer = FakeStorer()
-    w._loader = Loader(pages, directory, chunk_blocks=4, threads=2, timeout_s=1.0, tags={}, host_dma="mapping")
+    w._loader = Loader(pages, directory, chunk_blocks=4, threads=2, timeout_s=1.0, tags={}, host_dma="mapping",
+                       parallel_loads=2)
     return w, pages
 
 

@@ -74,7 +74,8 @@ def test_loader_variant_loads_every_chunk_into_its_blocks_on_cpu():
     dst_lists = [perm[k * per_chunk:(k + 1) * per_chunk].tolist() for k in range(n_chunks)]
     pages = KVPages({f"l{i}": torch.zeros(num_blocks, page, dtype=torch.uint8) for i in range(layers)})
     directory = micro.FakeDirectory(FakeRay, refs)
-    loader, reg = micro.make_loader(pages, directory, per_chunk, threads=2, host_dma="mapping")
+    loader, reg = micro.make_loader(pages, directory, per_chunk, threads=2, host_dma="mapping",
+                                     parallel_loads=2)
     assert reg is None and loader.host_dma == "staged"  # CPU pages: no registration
     try:
         wall = micro.run_loader_cell(loader, micro.split_loads(n_chunks, 2, per_chunk, dst_lists))
