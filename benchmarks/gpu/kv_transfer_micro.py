@@ -1,7 +1,8 @@
 """Object store -> paged device KV without a vLLM engine: GB/s of each way the KV tier could load a hit.
 
-Owns the KV tier's transfer microbenchmark (ray + torch only; seconds per variant). It puts chunks of the tier's
-object layout (a ``uint8`` array ``(layers, blocks, page_bytes)`` per chunk, as ``Storer`` writes them) into
+Owns the KV tier's transfer microbenchmark (ray, torch and the tier's own modules, no engine; seconds per
+variant). It puts chunks of the tier's object layout (a ``uint8`` array ``(layers, blocks, page_bytes)`` per
+chunk, as ``Storer`` writes them) into
 Ray's object store, then loads all of them into a paged device tensor per layer at scattered block ids (as a
 prefix hit lands in a running engine's cache) and reports GB/s per cell: variant, chunk size, thread count,
 background contention and the interpreter's switch interval. Variants:
