@@ -32,7 +32,8 @@ OUT = "/tmp/res/routing_h200.json"
 KEPT = "benchmarks/results/routing_h200.json"
 TRACE = ".carry/mooncake/conversation_trace.jsonl"
 CARRY = [".carry", ".models/shape-llama-3.2-1b"]
-BASE_ARGS = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--fast-path", "--ray-stop",
+CONFIG = "configs/gpu-routing.yaml"
+BASE_ARGS = ["--config", CONFIG, "--scale", "gpu", "--fast-path", "--ray-stop",
              "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360",
              "--merge", "--out", OUT]
 
@@ -66,13 +67,14 @@ def pack(cells_by_system: dict[str, list[Cell]], duration_s: float, limit_s: flo
     return calls
 
 
-def summary_cells(levels: list[str]) -> dict[str, list[Cell]]:
+def summary_cells(levels: list[str], ingress_variant: str = TWO_INGRESS) -> dict[str, list[Cell]]:
     """Only the cells the summary's keys read: shared-prefix workloads at ``sat`` (round-robin, the default
-    strategy, Ray's router), no-sharing at every level (round-robin, default), two ingress replicas at ``sat``."""
+    strategy, Ray's router), no-sharing at every level (round-robin, default), and the default strategy at the
+    other ingress count (``ingress_variant``) at ``sat``."""
     sat = [(wl, "sat") for wl in SHARED_PREFIX]
     no_sharing = [("no-sharing", lv) for lv in levels]
     return {ROUND_ROBIN: sat + no_sharing, DEFAULT_STRATEGY: sat + no_sharing, RAY_ROUTER: sat,
-            TWO_INGRESS: [(wl, "sat") for wl in TWO_INGRESS_WORKLOADS]}
+            ingress_variant: [(wl, "sat") for wl in TWO_INGRESS_WORKLOADS]}
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

@@ -57,6 +57,7 @@ from benchmarks.routing_h2h.evidence import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import (
     DEFAULT_STRATEGY,
+    ONE_INGRESS,
     RAY_ROUTER,
     ROUND_ROBIN,
     TWO_INGRESS,
@@ -79,7 +80,10 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     # round-robin's choices with kv-aware's KV events published, relayed and applied: what the events cost
     "round-robin+events": {"routing": {"strategy": "round-robin", "kv_events": True}},
     RAY_ROUTER: {"routing": {"request_router_class": RAY_ROUTER_CLASS}},
+    # the default strategy at the other ingress count than the base config's: the two-ingress comparison
     TWO_INGRESS: {"routing": {"strategy": DEFAULT_STRATEGY}, "ingress_replicas": 2,
+                  "workloads": list(TWO_INGRESS_WORKLOADS)},
+    ONE_INGRESS: {"routing": {"strategy": DEFAULT_STRATEGY}, "ingress_replicas": 1,
                   "workloads": list(TWO_INGRESS_WORKLOADS)},
 }
 
@@ -138,6 +142,23 @@ def serve_config(base: dict, routing: dict[str, Any], engine_kwargs: dict[str, A
             dep.pop("autoscaling_config", None)
             dep["num_replicas"] = ingress_replicas
     return cfg
+
+
+def config_ingress_replicas(base: dict) -> int:
+    """Ingress replicas of the base Serve config (IngressConfig's default where it names none)."""
+    dep = base["applications"][0].get("args", {}).get("ingress", {}).get("deployment") or {}
+    return int(dep.get("num_replicas") or IngressConfig().deployment.num_replicas or 1)
+
+
+def ingress_variant(base: dict) -> str:
+    """The default strategy's system at the other ingress count than the base config's."""
+    return TWO_INGRESS if config_ingress_replicas(base) == 1 else ONE_INGRESS
+
+
+def default_systems(base: dict) -> list[str]:
+    """Every system but the diagnostic ones and the ingress variant that would repeat the base config's count."""
+    other = {TWO_INGRESS, ONE_INGRESS} - {ingress_variant(base)}
+    return [s for s in SYSTEMS if s not in DIAGNOSTIC and s not in other]
 
 
 def system_config(base: dict, system: str, engine_kwargs: dict[str, Any]) -> dict:
@@ -336,8 +357,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/cpu.yaml", help="base Serve config (its routing is replaced)")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--systems", default=",".join(s for s in SYSTEMS if s not in DIAGNOSTIC),
-                   help=f"comma-separated, round-robin first (default: all but the diagnostic {sorted(DIAGNOSTIC)})")
+    p.add_argument("--systems", help="comma-separated, round-robin first (default: all but the diagnostic "
+                   f"{sorted(DIAGNOSTIC)} and the ingress variant ({TWO_INGRESS}, {ONE_INGRESS}) whose count is the "
+                   "config's)")
     p.add_argument("--workloads", help="comma-separated subset of the scale's workloads")
     p.add_argument("--loads", help="comma-separated levels (sat, rNN) or WORKLOAD:LEVEL cells (default: all)")
     p.add_argument("--duration", type=float, help="seconds per cell (default: the scale's)")
@@ -369,10 +391,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    systems = args.systems.split(",")
+    # --plan prints calls on the device's config (plan.CONFIG), whatever --config says
+    base = yaml.safe_load((ROOT / (plan.CONFIG if args.plan else args.config)).read_text())
+    systems = args.systems.split(",") if args.systems else default_systems(base)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    same = [s for s in systems if SYSTEMS[s].get("ingress_replicas") == config_ingress_replicas(base)
+            and s in (TWO_INGRESS, ONE_INGRESS)]
+    if same:
+        p.error(f"{same} would repeat {DEFAULT_STRATEGY}: the base config already runs "
+                f"{config_ingress_replicas(base)} ingress replica(s); use {ingress_variant(base)}")
     scale = json.loads(json.dumps(SCALES[args.scale]))
     if args.workloads:
         missing = [w for w in args.workloads.split(",") if w not in scale["workloads"]]
@@ -392,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     if args.plan:
         chosen = ({s: system_cells(s, cells) for s in systems} if args.plan == "full"
-                  else {s: [c for c in cs if c in cells] for s, cs in plan.summary_cells(levels).items()})
+                  else {s: [c for c in cs if c in cells]
+                        for s, cs in plan.summary_cells(levels, ingress_variant(base)).items()})
         chosen = {s: cs for s, cs in chosen.items() if cs}
         calls = plan.pack(chosen, scale["duration_s"], args.limit)
         extra = ("--client-processes", str(args.client_processes)) if args.client_processes > 1 else ()
@@ -420,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"mooncake trace not found: {args.trace_file} (copy it into .carry/ and pass --trace-file)")
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((ROOT / args.config).read_text())
     command = shlex.join(["python", "-m", "benchmarks.routing_h2h.run", *(argv if argv is not None else sys.argv[1:])])
     if previous is not None:
         doc = previous

@@ -18,6 +18,7 @@ DEFAULT_STRATEGY: str = RoutingConfig.model_fields["strategy"].default
 ROUND_ROBIN = "round-robin"
 RAY_ROUTER = "ray-prefix-cache-affinity"
 TWO_INGRESS = f"{DEFAULT_STRATEGY}-2ingress"
+ONE_INGRESS = f"{DEFAULT_STRATEGY}-1ingress"
 SHARED_PREFIX = ("docqa", "multiturn", "mooncake")
 TWO_INGRESS_WORKLOADS = ("docqa", "mooncake")
 STRATEGIES = ("prefix-aware", "kv-aware")
@@ -85,14 +86,27 @@ def strategy_summary(results: dict, ours: str) -> dict[str, Any]:
     }
 
 
+def ingress_count(results: dict, system: str) -> int:
+    """Ingress replicas ``system`` ran with: as recorded, else what its name says (the base config's count is
+    recorded for the plain strategy; results of old code may lack it: one ingress then)."""
+    recorded = results.get(system, {}).get("ingress_replicas")
+    return int(recorded) if recorded else {TWO_INGRESS: 2}.get(system, 1)
+
+
 def two_ingress(results: dict) -> dict[str, Any]:
-    """Cache-hit rate of the default strategy on two ingress replicas minus on one, in points, per cell."""
+    """Cache-hit rate of the default strategy on two ingress replicas minus on one, in points, per cell.
+
+    The pair is the default strategy's system and its ingress variant: ``-2ingress`` when the base config
+    runs one ingress, ``-1ingress`` when it runs two (each system's count is read from the results)."""
+    by_count = {ingress_count(results, s): s for s in (DEFAULT_STRATEGY, ONE_INGRESS, TWO_INGRESS) if s in results}
+    one, two = by_count.get(1), by_count.get(2)
     by: dict[str, float | None] = {}
-    for wl in TWO_INGRESS_WORKLOADS:
-        for lv in _levels(results, TWO_INGRESS, DEFAULT_STRATEGY, wl):
-            two = _cell(results, TWO_INGRESS, wl, lv).get("cache_hit_rate")
-            one = _cell(results, DEFAULT_STRATEGY, wl, lv).get("cache_hit_rate")
-            by[f"{wl}/{lv}"] = None if two is None or one is None else round(100 * (two - one), 1)
+    if one is not None and two is not None:
+        for wl in TWO_INGRESS_WORKLOADS:
+            for lv in _levels(results, two, one, wl):
+                a = _cell(results, two, wl, lv).get("cache_hit_rate")
+                b = _cell(results, one, wl, lv).get("cache_hit_rate")
+                by[f"{wl}/{lv}"] = None if a is None or b is None else round(100 * (a - b), 1)
     return {"two_ingress_hit_rate_delta": _worst(by, abs), "two_ingress_hit_rate_delta_by_cell": by}
 
 

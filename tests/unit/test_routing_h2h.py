@@ -13,7 +13,7 @@ from benchmarks.bench.workloads.mooncake import MooncakeWorkload
 from benchmarks.routing_h2h import plan, run
 from benchmarks.routing_h2h.replay import time_scale_for, trace_replay
 from benchmarks.routing_h2h.run import RAY_ROUTER_CLASS, SCALES, SYSTEMS, system_config
-from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, TARGETS, TWO_INGRESS, summarize, table
+from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, TARGETS, TWO_INGRESS, summarize, table
 from serve_app import settings
 from serve_app.config import RoutingConfig, load_app_config
 
@@ -32,10 +32,11 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
     if system == "ray-prefix-cache-affinity":
         assert app.routing.request_router_class == RAY_ROUTER_CLASS
     else:
-        strategy = system.removesuffix("-2ingress").removesuffix("+events")
+        strategy = system.removesuffix("-2ingress").removesuffix("-1ingress").removesuffix("+events")
         assert app.routing.strategy == strategy and app.routing.request_router_class is None
         assert app.routing.publishes_kv_events() == (strategy == "kv-aware" or system.endswith("+events"))
-    assert app.ingress.deployment.num_replicas == (2 if system == TWO_INGRESS else 1)
+    own = base["applications"][0]["args"]["ingress"]["deployment"]["num_replicas"]
+    assert app.ingress.deployment.num_replicas == {TWO_INGRESS: 2, ONE_INGRESS: 1}.get(system, own)
     rest = {k: v for k, v in args.items() if k not in ("routing", "models", "ingress")}
     assert rest == {k: v for k, v in base["applications"][0]["args"].items()
                     if k not in ("routing", "models", "ingress")}
@@ -114,6 +115,32 @@ def test_summary_leaves_unmeasured_or_failed_cells_unjudged() -> None:
             and s["met"]["mooncake_ttft_p50_ratio_vs_round_robin"] is None)
     assert s["ttft_p50_ratio_vs_ray_router"] is None and s["two_ingress_hit_rate_delta"] is None
     assert s["met"]["ttft_p50_ratio_vs_round_robin"] is True
+
+
+def test_two_ingress_delta_pairs_the_default_with_its_variant_at_either_base_count() -> None:
+    results = _results()  # base config at one ingress: kv-aware (1) against kv-aware-2ingress
+    assert summarize(results)["two_ingress_hit_rate_delta_by_cell"] == {"docqa/sat": -2.0, "mooncake/sat": -5.0}
+    two = results.pop("kv-aware-2ingress")  # base config at two: kv-aware (2) against kv-aware-1ingress
+    results[ONE_INGRESS] = {"ingress_replicas": 1, "docqa": results["kv-aware"]["docqa"],
+                            "mooncake": results["kv-aware"]["mooncake"]}
+    results["kv-aware"] = {**results["kv-aware"], "ingress_replicas": 2, "docqa": two["docqa"],
+                           "mooncake": two["mooncake"]}
+    s = summarize(results)
+    assert s["two_ingress_hit_rate_delta_by_cell"] == {"docqa/sat": -2.0, "mooncake/sat": -5.0}
+    results["kv-aware"]["ingress_replicas"] = 1  # two systems at one ingress: no pair, no verdict
+    assert summarize(results)["two_ingress_hit_rate_delta"] is None
+
+
+def test_the_ingress_variant_is_the_count_the_base_config_lacks(capsys: pytest.CaptureFixture) -> None:
+    gpu = yaml.safe_load((ROOT / "configs/gpu-routing.yaml").read_text())
+    cpu = yaml.safe_load((ROOT / "configs/cpu.yaml").read_text())
+    assert run.config_ingress_replicas(gpu) == 2 and run.ingress_variant(gpu) == ONE_INGRESS
+    assert run.config_ingress_replicas(cpu) == 1 and run.ingress_variant(cpu) == TWO_INGRESS
+    assert ONE_INGRESS in run.default_systems(gpu) and TWO_INGRESS not in run.default_systems(gpu)
+    with pytest.raises(SystemExit):
+        run.main(["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--systems", TWO_INGRESS,
+                  "--plan", "full"])
+    assert "already runs 2 ingress replica(s); use kv-aware-1ingress" in capsys.readouterr().err
 
 
 def _trace(tmp_path: Path, stamps_ms: list[int]) -> Path:
@@ -227,11 +254,11 @@ def test_plan_calls_fit_the_device_limit_and_select_their_cells(preset: str, cap
     assert next(iter(seen)) == "round-robin"
     levels = run.levels_of(SCALES["gpu"]["fractions"])
     if preset == "summary":
-        assert seen == plan.summary_cells(levels)
+        assert seen == plan.summary_cells(levels, ONE_INGRESS)  # gpu-routing.yaml runs two ingress replicas
     else:
         assert {s: sorted(c) for s, c in seen.items()} == {
             s: sorted(run.system_cells(s, run.parse_loads(None, list(SCALES["gpu"]["workloads"]), levels)))
-            for s in SYSTEMS if s not in run.DIAGNOSTIC}
+            for s in SYSTEMS if s not in run.DIAGNOSTIC and s != TWO_INGRESS}
 
 
 def test_pack_starts_a_new_call_when_the_next_cell_would_pass_the_limit() -> None:

@@ -67,7 +67,7 @@ def test_routing_json_is_read_into_the_modelled_cells():
 
 
 def test_routing_json_schema_2_is_read_per_system_with_its_strategy_and_ingresses():
-    routing = json.loads((ROOT / "benchmarks/results/routing_h200.json").read_text())
+    routing = json.loads((ROOT / "benchmarks/results/routing_h200_4b72041.json").read_text())
     assert routing["schema"] == "kvserve.routing_h2h/2"
     cells = gpu_cells(routing)
     names = {(c.name, c.strategy, c.ingresses) for c in cells}
