@@ -15,8 +15,9 @@ mean of the speeds the replicas measured (``ReplicaStats.prefill_tokens_per_s``,
 the configured default: the policy prices prefill at that same mean, and a replica aged at its own speed would
 look emptier than its peers whenever its last measurement happened to be fast (docs/routing.md, "Load
 signal"). The mean is kept up to date when a report brings a new speed or a replica leaves, not recomputed per
-snapshot. Time is an argument; memory is bounded by ``max_outstanding`` (oldest forgotten first if completions
-never arrive).
+snapshot. With ``measured_speed=False`` the replicas' speeds are ignored: queues age at the configured default
+and snapshots carry speed 0, so the policy prices prefill at the default too (a fixed-speed A/B). Time is an
+argument; memory is bounded by ``max_outstanding`` (oldest forgotten first if completions never arrive).
 
 Snapshots are the adapter's per-decision cost (16 replicas x ~2 us), so one is reused while its
 inputs are unchanged (same report object, no routing or completion on that replica) for at most
@@ -37,8 +38,10 @@ SNAPSHOT_REUSE_S = 0.002
 class LoadTracker:
     """Per-replica outstanding requests and fluid prefill queue, plus their merge with reports."""
 
-    def __init__(self, *, default_prefill_s_per_token: float, max_outstanding: int = 100_000) -> None:
+    def __init__(self, *, default_prefill_s_per_token: float, max_outstanding: int = 100_000,
+                 measured_speed: bool = True) -> None:
         self._default_rate = 1.0 / default_prefill_s_per_token
+        self._measured = measured_speed  # False: ignore the replicas' speeds; age at the default, report 0
         self._max = max_outstanding
         self._outstanding: dict[str, OrderedDict[str, int]] = {}
         self._queue: dict[str, tuple[float, float]] = {}  # replica -> (tokens, as of time)
@@ -124,7 +127,7 @@ class LoadTracker:
         )
 
     def _parse(self, replica_id: str, stats: Mapping[str, Any]) -> tuple:
-        rate = float(stats.get("prefill_tokens_per_s") or 0.0)
+        rate = float(stats.get("prefill_tokens_per_s") or 0.0) if self._measured else 0.0
         if rate > 0 and self._rate.get(replica_id) != rate:
             self._rate[replica_id] = rate
             self._update_drain()

@@ -80,6 +80,10 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     # round-robin's choices with kv-aware's KV events published, relayed and applied: what the events cost
     "round-robin+events": {"routing": {"strategy": "round-robin", "kv_events": True}},
     RAY_ROUTER: {"routing": {"request_router_class": RAY_ROUTER_CLASS}},
+    # kv-aware with one fixed prefill speed instead of the replicas' meters (40K tokens/s: a 6K-token prompt took
+    # ~170 ms on each of four engines sharing the H200): the A/B of the measured speed
+    "kv-aware-fixed-speed": {"routing": {"strategy": "kv-aware", "prefill_speed": "fixed",
+                                         "prefill_s_per_token": 2.5e-5}},
     # the default strategy at the other ingress count than the base config's: the two-ingress comparison
     TWO_INGRESS: {"routing": {"strategy": DEFAULT_STRATEGY}, "ingress_replicas": 2,
                   "workloads": list(TWO_INGRESS_WORKLOADS)},
@@ -88,7 +92,7 @@ SYSTEMS: dict[str, dict[str, Any]] = {
 }
 
 #: systems that explain a result rather than compete: only when named in --systems.
-DIAGNOSTIC = frozenset({"round-robin+events"})
+DIAGNOSTIC = frozenset({"round-robin+events", "kv-aware-fixed-speed"})
 
 _DOCQA_CPU = ["--workload", "docqa", "--docs", "8", "--doc-tokens", "1024:1400", "--question-tokens", "16:32",
               "--output-len", "16"]

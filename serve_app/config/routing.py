@@ -56,6 +56,12 @@ class RoutingConfig(BaseModel):
         "(ReplicaStats.prefill_tokens_per_s); once some have, every replica is costed at their mean measured "
         "speed. 1e-4 = 10k tokens/s.",
     )
+    prefill_speed: Literal["measured", "fixed"] = Field(
+        default="measured",
+        description="Prefill speed the router prices prompts and ages queues with: 'measured' = the mean of the "
+        "replicas' reported speeds (ReplicaStats.prefill_tokens_per_s, prefill_s_per_token until one reports); "
+        "'fixed' = 1 / prefill_s_per_token always (set it to the hardware's speed; an A/B against the meter).",
+    )
     running_request_tokens: float = Field(
         default=16.0,
         ge=0,

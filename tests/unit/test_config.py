@@ -108,3 +108,12 @@ def test_kv_events_follow_the_strategy_unless_asked_for() -> None:
     assert RoutingConfig(strategy="round-robin", kv_events=True).publishes_kv_events()  # costed, not read
     with pytest.raises(ValueError, match="kv_events is false but strategy kv-aware"):
         RoutingConfig(strategy="kv-aware", kv_events=False)
+
+
+def test_routing_prefill_speed_is_measured_by_default_and_fixed_on_request() -> None:
+    from serve_app.config.routing import RoutingConfig
+
+    assert RoutingConfig().prefill_speed == "measured"
+    assert RoutingConfig(prefill_speed="fixed", prefill_s_per_token=2.5e-5).prefill_speed == "fixed"
+    with pytest.raises(ValueError, match="prefill_speed"):
+        RoutingConfig(prefill_speed="guessed")

@@ -74,3 +74,12 @@ def test_every_queue_drains_at_the_mean_of_the_measured_speeds():
     assert lt.snapshot("c", {}, 64, now=103.0).queued_prefill_tokens == 3_000
     lt.remove_replica("b")
     assert lt.snapshot("a", REPORT, 64, now=104.0).queued_prefill_tokens == 10_000 - 4 * 1_000
+
+
+def test_a_fixed_speed_ignores_the_replicas_measurements():
+    lt = LoadTracker(default_prefill_s_per_token=1e-4, measured_speed=False)  # 10K tokens/s, whatever they report
+    a = lt.snapshot("a", REPORT, 64, now=100.5)
+    assert a.prefill_tokens_per_s == 0.0  # the policy then prices prefill at the same default
+    assert a.queued_prefill_tokens == 10_000 - 5_000  # aged 0.5 s at 10K tokens/s, not at the reported 1K
+    lt.on_routed("c", "q", 25_000, now=102.0)
+    assert lt.snapshot("c", {}, 64, now=103.0).queued_prefill_tokens == 15_000

@@ -32,7 +32,8 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
     if system == "ray-prefix-cache-affinity":
         assert app.routing.request_router_class == RAY_ROUTER_CLASS
     else:
-        strategy = system.removesuffix("-2ingress").removesuffix("-1ingress").removesuffix("+events")
+        strategy = (system.removesuffix("-2ingress").removesuffix("-1ingress").removesuffix("+events")
+                    .removesuffix("-fixed-speed"))
         assert app.routing.strategy == strategy and app.routing.request_router_class is None
         assert app.routing.publishes_kv_events() == (strategy == "kv-aware" or system.endswith("+events"))
     own = base["applications"][0]["args"]["ingress"]["deployment"]["num_replicas"]
