@@ -96,7 +96,8 @@ class VLLMReplica:
         self._engine: Engine = await start_engine(self._model, self._app)
         self._stats = self._engine.stats
         self._kv_events_endpoint = self._engine.kv_events_endpoint
-        self._inflight_prefill: dict[str, tuple[int, tuple[int, ...]]] = {}  # request -> (uncached, hashes)
+        # request -> (uncached, hashes, monotonic arrival) until its first output
+        self._inflight_prefill: dict[str, tuple[int, tuple[int, ...], float]] = {}
         routing = self._app.routing
         self._view = PrefixView(block_size=self._stats.block_size, num_gpu_blocks=self._stats.num_gpu_blocks,
                                 algo=routing.hash_algo, seed=routing.seed())
@@ -119,8 +120,8 @@ class VLLMReplica:
         # Queued prefill work: the uncached part, as this replica's own history tells (the engine says at first
         # output).
         hashes = tuple(self._view.hashes(req.prompt_token_ids, req.block_hashes, req.cache_salt))
-        self._inflight_prefill[req.request_id] = (max(n_prompt - self._view.cached_tokens(hashes), 0), hashes)
-        self._meter.started(time.monotonic())
+        self._inflight_prefill[req.request_id] = (max(n_prompt - self._view.cached_tokens(hashes), 0), hashes,
+                                                  time.monotonic())
         if self._streams == 0:
             self._busy_since = time.monotonic()
         self._streams += 1
@@ -157,8 +158,7 @@ class VLLMReplica:
                     chunk = None
         finally:
             self._streams -= 1
-            if self._inflight_prefill.pop(req.request_id, None) is not None:
-                self._meter.abandoned(time.monotonic())  # left before its first output
+            self._inflight_prefill.pop(req.request_id, None)  # left before its first output
             if not finished and not self._engine.errored:
                 # Cancelled (client went away) or failed: free the engine's slot now.
                 await self._engine.abort(req.request_id)
@@ -199,7 +199,7 @@ class VLLMReplica:
         now = time.monotonic()
         if entry is not None:
             self._view.served(entry[1], now)
-            self._meter.first_output(now, n_prompt - n_cached)
+            self._meter.first_output(now, n_prompt - n_cached, entry[2])
         self._recent_cached.append((request_id, n_cached))
 
     def stats(self) -> ReplicaStats:
@@ -213,7 +213,7 @@ class VLLMReplica:
             kv_usage=s.kv_usage,
             num_running=s.num_running,
             num_waiting=s.num_waiting,
-            queued_prefill_tokens=sum(uncached for uncached, _ in self._inflight_prefill.values()),
+            queued_prefill_tokens=sum(entry[0] for entry in self._inflight_prefill.values()),
             prefill_tokens_per_s=self._meter.rate,
             kv_events_endpoint=self._kv_events_endpoint,
             timestamp=time.time(),

@@ -33,6 +33,7 @@ class Turn:
     sent_at: float = 0.0
     attempts: int = 0
     first_token: bool = False  # a first token was already streamed (a retry keeps that TTFT)
+    routed_at: float = 0.0  # the ingress handed it to a replica (the replica's prefill meter times from here)
     first_at: float = 0.0  # its first token left the engine
     seen_first_at: float = 0.0  # ... and reached the client (PS front end: streamed by its ingress)
     replica: str = ""  # the replica that completed it

@@ -141,7 +141,7 @@ class RequestPath:
         res.predicted_cached_tokens += d.predicted_cached_tokens
         rep = st.reps[d.replica_id]
         rep.served += 1
-        rep.meter.started(now)
+        turn.routed_at = now
         front = engine.input_s(turn.prompt_tokens)
         if front > 0:
             rep.input_until = max(now, rep.input_until) + front

@@ -122,7 +122,7 @@ class Scheduler:
                 seen = (turn.ingress.fifo.work(now, engine.frontend_s_per_token)
                         if engine.frontend_s_per_token > 0 else now)
                 self.res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
-        rep.meter.first_output(now, turn.prompt_tokens - job.cached)
+        rep.meter.first_output(now, turn.prompt_tokens - job.cached, turn.routed_at)
         stored, removed = rep.insert(turn.block_hashes)
         events = (([BlockStored(tuple(stored), "GPU")] if stored else [])
                   + ([BlockRemoved(tuple(removed), "GPU")] if removed else []))
