@@ -117,6 +117,9 @@ SCALES: dict[str, dict[str, Any]] = {
         # so the 24 documents (~144K tokens) fit in the four replicas together, not in one.
         "engine_kwargs": {"num_gpu_blocks_override": 4096},
         "concurrency": 64, "duration_s": 30, "fractions": [0.25, 0.7],
+        # one client process used 60-80% of a core in the saturated cells (4b72041): four keep the load generator
+        # from timing itself
+        "client_processes": 4,
         "workloads": {
             "docqa": _DOCQA_GPU,
             "multiturn": ["--workload", "multiturn", "--sessions", "128", "--turns", "8", "--system-words", "512",
@@ -385,8 +388,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
     p.add_argument("--evidence-interval", type=float, default=5.0,
                    help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
-    p.add_argument("--client-processes", type=int, default=1,
-                   help="client processes per bench run (bench --processes; default %(default)s)")
+    p.add_argument("--client-processes", type=int,
+                   help="client processes per bench run (bench --processes; default: the scale's, 4 on gpu, 1 on cpu)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
                                         "HEAD` here; on the GPU machine pass the literal SHA)")
     return p
@@ -416,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         scale["duration_s"] = args.duration
     if args.fractions:
         scale["fractions"] = [float(f) for f in args.fractions.split(",")]
+    if args.client_processes is None:
+        args.client_processes = scale.get("client_processes", 1)
     if args.client_processes < 1:
         p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     levels = levels_of(scale["fractions"])

@@ -290,7 +290,8 @@ def test_mooncake_lighter_loads_replay_the_trace_scaled_to_the_target_rate(tmp_p
 
 
 def test_client_processes_pass_through_to_every_cell_and_the_device_plan(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
     sent = []
     monkeypatch.setattr(run, "run_bench", lambda url, model, wl, load, d, out, label: sent.append(load) or {})
     scale = {"concurrency": 64, "duration_s": 10, "workloads": {}}
@@ -302,12 +303,15 @@ def test_client_processes_pass_through_to_every_cell_and_the_device_plan(tmp_pat
     assert sent == [["--concurrency", "64"], ["--rate", "2.5"],
                     ["--concurrency", "64", "--processes", "3"], ["--rate", "2.5", "--processes", "3"]]
     args = run.parser().parse_args(["--scale", "gpu", "--plan", "summary", "--client-processes", "2"])
-    assert args.client_processes == 2 and run.parser().parse_args([]).client_processes == 1
+    assert args.client_processes == 2 and run.parser().parse_args([]).client_processes is None  # the scale's
     with pytest.raises(SystemExit):
         run.main(["--scale", "gpu", "--plan", "summary", "--client-processes", "0"])
     calls = plan.pack({"kv-aware": [("docqa", "sat")]}, duration_s=30, limit_s=560)
     assert all(c.endswith("--client-processes 2") for c in plan.commands(calls, 30, extra=("--client-processes", "2")))
     assert "--client-processes" not in plan.commands(calls, 30)[0]
+    run.main(["--scale", "gpu", "--plan", "summary"])  # the gpu scale's default: four
+    assert all(line.endswith("--client-processes 4") for line in capsys.readouterr().out.splitlines()
+               if not line.startswith("#"))
 
 
 def test_a_mooncake_cell_replays_through_the_bench_at_the_target_rate(tmp_path: Path) -> None:
