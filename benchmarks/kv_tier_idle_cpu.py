@@ -41,7 +41,8 @@ def tree_cpu(pid: int, window_s: float) -> dict[str, float]:
 
 def gcs_cpu(window_s: float) -> float | None:
     """CPU share of this Ray session's GCS server (the newest gcs_server process)."""
-    gcs = [p for p in psutil.process_iter(["cmdline", "create_time"]) if "gcs_server" in " ".join(p.info["cmdline"] or [])]
+    gcs = [p for p in psutil.process_iter(["cmdline", "create_time"])
+           if "gcs_server" in " ".join(p.info["cmdline"] or [])]
     if not gcs:
         return None
     p = max(gcs, key=lambda q: q.info["create_time"])
