@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
-    same = [s for s in systems if SYSTEMS[s].get("ingress_replicas") == config_ingress_replicas(base)
-            and s in (TWO_INGRESS, ONE_INGRESS)]
+    same = [s for s in systems if s in (TWO_INGRESS, ONE_INGRESS) and s != ingress_variant(base)]
     if same:
         p.error(f"{same} would repeat {DEFAULT_STRATEGY}: the base config already runs "
                 f"{config_ingress_replicas(base)} ingress replica(s); use {ingress_variant(base)}")

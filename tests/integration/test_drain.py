@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.drain_scenario import SLEEP_S
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 SCENARIO = Path(__file__).with_name("drain_scenario.py")
-SLEEP_S = 5  # drain_scenario.SLEEP_S (it runs in its own process)
 
 
 def test_drain_moves_the_replica_and_keeps_the_inflight_request():
