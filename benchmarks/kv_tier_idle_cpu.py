@@ -2,7 +2,7 @@
 
 Owns the idle-CPU probe. For tier off and tier on (the integration test's tier settings), one engine in a Ray
 actor (``tests.integration.test_kv_tier.EngineActor``): CPU share of the actor's process tree and of Ray's GCS
-over ``--window`` seconds, once before any request and once a few seconds after one 700-token request (whose
+over one ``--window`` of seconds, once before any request and once a few seconds after one 700-token request (whose
 blocks the tier stores). A connector that held a finished request's blocks without ever reporting them sent
 would keep vLLM's engine loop stepping (``Scheduler.has_requests``) and show up as EngineCore CPU here.
 
@@ -24,31 +24,23 @@ import psutil
 from benchmarks.bench.result import git_commit, machine_info
 
 
-def tree_cpu(pid: int, window_s: float) -> dict[str, float]:
-    """CPU share (cores) of ``pid`` and its descendants over ``window_s``, by process name."""
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
-    time.sleep(window_s)
-    out: dict[str, float] = {}
-    for p in procs:
-        try:
-            name = p.name()[:24]
-            out[name] = round(out.get(name, 0.0) + (sum(p.cpu_times()[:2]) - before[p.pid]) / window_s, 3)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
-def gcs_cpu(window_s: float) -> float | None:
-    """CPU share of this Ray session's GCS server (the newest gcs_server process)."""
+def idle_cpu(pid: int, window_s: float) -> dict:
+    """CPU share (cores) over one ``window_s`` of ``pid``'s process tree, by process name, and of this Ray
+    session's GCS server (the newest gcs_server process)."""
+    procs = {p: p.name()[:24] for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
     gcs = [p for p in psutil.process_iter(["cmdline", "create_time"])
            if "gcs_server" in " ".join(p.info["cmdline"] or [])]
-    if not gcs:
-        return None
-    p = max(gcs, key=lambda q: q.info["create_time"])
-    a = sum(p.cpu_times()[:2])
+    if gcs:
+        procs[max(gcs, key=lambda q: q.info["create_time"])] = "gcs"
+    before = {p: sum(p.cpu_times()[:2]) for p in procs}
     time.sleep(window_s)
-    return round((sum(p.cpu_times()[:2]) - a) / window_s, 3)
+    shares: dict[str, float] = {}
+    for p, name in procs.items():
+        try:
+            shares[name] = round(shares.get(name, 0.0) + (sum(p.cpu_times()[:2]) - before[p]) / window_s, 3)
+        except psutil.NoSuchProcess:
+            continue
+    return {"gcs": shares.pop("gcs", None), "processes": shares}
 
 
 def probe(tier_on: bool, window_s: float) -> dict:
@@ -71,10 +63,10 @@ def probe(tier_on: bool, window_s: float) -> dict:
     actor = EngineActor.options(runtime_env={"env_vars": env}).remote(str(MODEL), kwargs)
     ray.get(actor.__ray_ready__.remote(), timeout=300)
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-    idle_before = {"processes": tree_cpu(pid, window_s), "gcs": gcs_cpu(window_s)}
+    idle_before = idle_cpu(pid, window_s)
     ray.get(actor.generate.remote(_prompt(1), 4))
     time.sleep(3.0)
-    idle_after = {"processes": tree_cpu(pid, window_s), "gcs": gcs_cpu(window_s)}
+    idle_after = idle_cpu(pid, window_s)
     ray.kill(actor)
     return {"tier": "on" if tier_on else "off", "idle_before_any_request": idle_before,
             "idle_after_one_request": idle_after}
