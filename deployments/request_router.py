@@ -79,7 +79,7 @@ class KVServeRouter(RequestRouter):
         self._strategy = knobs.strategy
         self._model = model_id
         self._load = LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token,
-                                 measured_speed=self._config.prefill_speed == "measured")
+                                 measured_speed=knobs.measured_prefill_speed)
         self._rng = random.Random(seed)
         self._hasher = BlockHasher(algo=self._config.hash_algo, seed=self._config.seed())
         self._pending: OrderedDict[str, tuple[RoutingRequest, Decision, str]] = OrderedDict()

@@ -76,6 +76,7 @@ class Knobs:
 
     strategy: str
     prefill_s_per_token: float
+    measured_prefill_speed: bool  # False: price and age at prefill_s_per_token, not the replicas' speeds
     running_request_tokens: float
     host_load_ratio: float
     obj_load_ratio: float

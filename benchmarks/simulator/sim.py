@@ -88,8 +88,10 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.ings = []
         for i in range(max(1, cluster.ingresses)):
             policy = make_policy(knobs)
-            self.ings.append(Ingress(policy, LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token),
-                                     random.Random(f"{seed}/ingress/{i}"), getattr(policy, "precise", None)))
+            load = LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token,
+                               measured_speed=knobs.measured_prefill_speed)
+            self.ings.append(Ingress(policy, load, random.Random(f"{seed}/ingress/{i}"),
+                                     getattr(policy, "precise", None)))
         self.precise = self.ings[0].precise is not None
         self.hashing = knobs.strategy in HASHING  # the ingress hashes prompts for these (deployments/ingress.py)
         self.ps = engine.frontend_sharing == "ps"

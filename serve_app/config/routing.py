@@ -177,6 +177,7 @@ class RoutingConfig(BaseModel):
         return Knobs(
             strategy=self.strategy,
             prefill_s_per_token=self.prefill_s_per_token,
+            measured_prefill_speed=self.prefill_speed == "measured",
             running_request_tokens=self.running_request_tokens,
             host_load_ratio=self.host_load_ratio,
             obj_load_ratio=self.obj_load_ratio,

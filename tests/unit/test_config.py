@@ -117,3 +117,10 @@ def test_routing_prefill_speed_is_measured_by_default_and_fixed_on_request() -> 
     assert RoutingConfig(prefill_speed="fixed", prefill_s_per_token=2.5e-5).prefill_speed == "fixed"
     with pytest.raises(ValueError, match="prefill_speed"):
         RoutingConfig(prefill_speed="guessed")
+
+
+def test_the_knobs_carry_the_prefill_speed_choice_to_every_load_tracker() -> None:
+    from serve_app.config.routing import RoutingConfig
+
+    assert RoutingConfig().knobs().measured_prefill_speed is True
+    assert RoutingConfig(prefill_speed="fixed").knobs().measured_prefill_speed is False
