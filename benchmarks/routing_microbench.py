@@ -11,7 +11,9 @@ Measures, in-process and without Ray:
   * ``on_routed``: the index update after a decision;
   * ``hash_2k_tokens_*``: computing a 2K-token prompt's block hashes (sha256, block size 16), which
     the ingress or the adapter does once per request; plain, and with ``BlockHasher``'s memo when
-    the 1K-token document part was seen before.
+    the 1K-token document part was seen before;
+  * ``hash_6k_tokens_unique_memo_full``: ``BlockHasher`` on prompts nobody sent before (the no-sharing
+    workload: ~6K tokens, every block new) once its memo is full, so every block evicts one entry.
 
 Usage: ``python -m benchmarks.routing_microbench [--decisions N] [--out PATH]``; writes
 benchmarks/results/routing_microbench.json with the command line and the machine.
@@ -25,6 +27,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,6 +138,21 @@ def bench_hash(n: int = 300, memo: bool = False) -> dict[str, float]:
     return _summary(samples)
 
 
+def bench_hash_full_memo(n: int = 100, tokens: int = 6144) -> dict[str, float]:
+    """Unique ``tokens``-token prompts through a ``BlockHasher`` whose memo is already at its bound."""
+    rng = random.Random(2)
+    hasher = BlockHasher()
+    while len(hasher) < hasher.max_entries:
+        hasher(_tokens(rng, tokens), BLOCK)
+    samples = []
+    for _ in range(n):
+        toks = _tokens(rng, tokens)
+        t0 = time.perf_counter()
+        hasher(toks, BLOCK)
+        samples.append(time.perf_counter() - t0)
+    return _summary(samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decisions", type=int, default=20_000)
@@ -143,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {s: bench(s, args.decisions) for s in ("prefix-aware", "kv-aware")}
     results["hash_2k_tokens_sha256"] = bench_hash()
     results["hash_2k_tokens_sha256_memo_shared_1k_prefix"] = bench_hash(memo=True)
+    results["hash_6k_tokens_unique_memo_full"] = bench_hash_full_memo()
     doc = {
         "command": "python -m benchmarks.routing_microbench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -151,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                   "prompt_tokens": DOC_TOKENS + QUESTION_TOKENS, "shared_docs": DOCS},
         "target": "choose p50 <= 50 us",
         "results": results,
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
+                                     text=True).stdout.strip(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "note": "shared 2-core machine with other jobs running; p99 is sensitive to that",

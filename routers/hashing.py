@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pickle
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -155,7 +156,7 @@ class BlockHasher:
         self._hasher = _HASHERS[algo]
         self._root = root_hash(seed, algo)
         self._max = max_entries
-        self._memo: dict[tuple, bytes] = {}
+        self._memo: OrderedDict[tuple, bytes] = OrderedDict()  # insertion order: popitem(last=False) is O(1)
 
     def __call__(self, token_ids: Sequence[int], block_size: int, *, salt: str | None = None) -> list[int]:
         """Same result as ``block_hashes(token_ids, block_size, salt=salt, algo=..., seed=...)``."""
@@ -172,10 +173,14 @@ class BlockHasher:
                 digest = hasher((parent, tuple(map(int, block)), extra))
                 memo[key] = digest
                 if len(memo) > self._max:
-                    del memo[next(iter(memo))]
+                    memo.popitem(last=False)
             out.append(int.from_bytes(digest, "big") & _LOW64)
             parent, extra = digest, None
         return out
 
     def __len__(self) -> int:
         return len(self._memo)
+
+    @property
+    def max_entries(self) -> int:
+        return self._max

@@ -26,13 +26,15 @@ without an epoch is taken as current. So after a restart the index stops costing
 loads at the first event from the new directory (the first store after the restart), not when
 the old entries age out.
 
-Memory: at most ``max_blocks_per_replica`` entries per replica (oldest stored
-first out; events normally keep it at the engine's real size).
+Memory: at most ``max_blocks_per_replica`` entries per replica (oldest stored first out, in
+batches of 1/64 of the cap so that skipping a dict's deleted slots is paid once per batch, not per
+block; events normally keep it at the engine's real size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import NamedTuple
 
 from routers.approx_index import Slots, longest_prefix
@@ -170,9 +172,11 @@ class PreciseIndex:
             if not bits & bit:
                 owned[h] = bits | bit
                 tier[h] = tier.get(h, 0) | me
-        while len(owned) > self._max:
-            old = next(iter(owned))
-            self._drop(replica_id, owned, old, owned[old])
+        if len(owned) > self._max:
+            # a plain dict: next(iter()) after front deletions rescans them, so one scan per batch
+            batch = len(owned) - self._max + self._max // 64
+            for old in list(islice(owned, batch)):
+                self._drop(replica_id, owned, old, owned[old])
 
     def _remove(self, replica_id: str, hashes: Iterable[int], bit: int) -> None:
         owned = self._owned.get(replica_id)

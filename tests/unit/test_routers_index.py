@@ -131,3 +131,13 @@ def test_precise_keeps_unlabelled_obj_blocks_when_it_learns_the_first_epoch():
     idx.on_event("a", BlockStored((1, 2), "OBJ"))  # an engine that has not polled its directory yet
     idx.on_event("b", BlockStored((3,), "OBJ", epoch=5))
     assert idx.obj_epoch == 5 and idx.match([1, 2, 3], ["c"]) == {"c": TierMatch(0, 0, 3)}
+
+
+def test_precise_evicts_oldest_stored_in_batches_and_stays_under_its_cap():
+    idx = PreciseIndex(max_blocks_per_replica=128)
+    idx.on_event("a", BlockStored(tuple(range(128)), "GPU"))
+    assert idx.size("a") == 128
+    idx.on_event("a", BlockStored((1000,), "GPU"))  # one over: the oldest 1/64 of the cap goes with it
+    assert idx.size("a") == 126
+    assert not idx.holds("a", 0) and not idx.holds("a", 2) and idx.holds("a", 3) and idx.holds("a", 1000)
+    assert idx.match([3, 4], ["a"]) == {"a": TierMatch(2, 0, 0)}
