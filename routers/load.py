@@ -4,6 +4,7 @@ Owns: ``LoadTracker``. Replicas report ``ReplicaStats`` every stats period (1 s 
 is stale under bursts; the router also knows exactly what it sent. Per replica it keeps:
 
     outstanding:  request id -> uncached prompt tokens, for requests it routed and not yet completed
+                  (``cancel`` takes back one that never reached the replica)
     own queue:    a fluid queue of prefill tokens, +uncached on each routing, drained at the
                   deployment's prefill speed (tokens/s) as time passes
 
@@ -58,6 +59,15 @@ class LoadTracker:
         while len(out) > self._max:
             out.popitem(last=False)
         self._queue[replica_id] = (self._own_queue(replica_id, now) + uncached_tokens, now)
+        self._version[replica_id] = self._version.get(replica_id, 0) + 1
+
+    def cancel(self, replica_id: str, request_id: str, now: float) -> None:
+        """A request counted by ``on_routed`` never reached ``replica_id``: its request and prefill tokens go."""
+        out = self._outstanding.get(replica_id)
+        tokens = out.pop(request_id, None) if out is not None else None
+        if tokens is None:
+            return
+        self._queue[replica_id] = (max(0.0, self._own_queue(replica_id, now) - tokens), now)
         self._version[replica_id] = self._version.get(replica_id, 0) + 1
 
     def on_completed(self, replica_id: str, request_id: str) -> None:

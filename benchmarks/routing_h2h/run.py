@@ -84,6 +84,9 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     # ~170 ms on each of four engines sharing the H200): the A/B of the measured speed
     "kv-aware-fixed-speed": {"routing": {"strategy": "kv-aware", "prefill_speed": "fixed",
                                          "prefill_s_per_token": 2.5e-5}},
+    # kv-aware charging 128 prefill tokens per running request instead of 16: on multiturn (fec5f7c) a replica's
+    # engine TTFT p50 rose ~1.7 ms per extra running request, ~150 tokens at the ~85K tokens/s the meters read
+    "kv-aware-running128": {"routing": {"strategy": "kv-aware", "running_request_tokens": 128}},
     # the default strategy at the other ingress count than the base config's: the two-ingress comparison
     TWO_INGRESS: {"routing": {"strategy": DEFAULT_STRATEGY}, "ingress_replicas": 2,
                   "workloads": list(TWO_INGRESS_WORKLOADS)},
@@ -92,7 +95,7 @@ SYSTEMS: dict[str, dict[str, Any]] = {
 }
 
 #: systems that explain a result rather than compete: only when named in --systems.
-DIAGNOSTIC = frozenset({"round-robin+events", "kv-aware-fixed-speed"})
+DIAGNOSTIC = frozenset({"round-robin+events", "kv-aware-fixed-speed", "kv-aware-running128"})
 
 _DOCQA_CPU = ["--workload", "docqa", "--docs", "8", "--doc-tokens", "1024:1400", "--question-tokens", "16:32",
               "--output-len", "16"]

@@ -173,18 +173,72 @@ def test_in_flight_accounting_spreads_a_burst_of_cold_requests():
     assert all(router._load.outstanding(f"r{i}") == 0 for i in range(4))
 
 
+def test_a_burst_decided_before_serve_reports_any_routing_still_spreads():
+    """Serve's routing task decides every pending request of a burst before any ``on_request_routed``."""
+    async def go():
+        clock = Clock()
+        router = _router("kv-aware", clock=clock)
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(4)]
+        router.update_replicas(replicas)
+        pendings = [_pending(doc(200 + i), i) for i in range(8)]
+        ranked = [await router.choose_replicas(replicas, p) for p in pendings]
+        picks = [r[0][0].replica_id.unique_id for r in ranked]
+        counted = {f"r{i}": router._load.outstanding(f"r{i}") for i in range(4)}
+        for p, r in zip(pendings, ranked, strict=True):
+            router.on_request_routed(p, r[0][0].replica_id, None)
+        return picks, counted, router
+
+    picks, counted, router = asyncio.run(go())
+    assert sorted(picks) == ["r0", "r0", "r1", "r1", "r2", "r2", "r3", "r3"]
+    assert counted == {"r0": 2, "r1": 2, "r2": 2, "r3": 2}  # counted at the decision
+    assert all(router._load.outstanding(f"r{i}") == 2 for i in range(4))  # and not again when routed
+
+
+def test_a_decision_serve_did_not_follow_moves_retries_once_and_expires_unrouted():
+    async def go():
+        clock = Clock()
+        router = _router("kv-aware", clock=clock)
+        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
+        router.update_replicas(replicas)
+        load = router._load
+        p0 = _pending(doc(300), 0)
+        first = (await router.choose_replicas(replicas, p0))[0][0].replica_id
+        other = next(r.replica_id for r in replicas if r.replica_id != first)
+        router.on_request_routed(p0, other, None)  # the chosen queue was full: Serve used the other one
+        moved = (load.outstanding(first.unique_id), load.outstanding(other.unique_id))
+        p1 = _pending(doc(301), 1)
+        await router.choose_replicas(replicas, p1)
+        await router.choose_replicas(replicas, p1)  # Serve retries the same request
+        retried = load.outstanding("r0") + load.outstanding("r1")
+        p2 = _pending(doc(302), 2)
+        await router.choose_replicas(replicas, p2)
+        router.on_request_completed(other, "int-2")  # cancelled before routing
+        cancelled = load.outstanding("r0") + load.outstanding("r1")
+        clock.t += 31.0  # p1 was never routed: the next decision's sync takes it back
+        await router.choose_replicas(replicas, _pending(doc(303), 3))
+        expired = load.outstanding("r0") + load.outstanding("r1")
+        return moved, retried, cancelled, expired
+
+    moved, retried, cancelled, expired = asyncio.run(go())
+    assert moved == (0, 1)
+    assert retried == 2  # p0 and one count for p1
+    assert cancelled == 2
+    assert expired == 2  # p0 (routed) and p3 (just decided); p1 expired
+
+
 def test_empty_routing_stats_degrade_to_least_loaded_with_a_reason():
     async def go():
         router = _router()
         replicas = [FakeReplica("a"), FakeReplica("b")]
         router.update_replicas(replicas)
-        await _send(router, replicas, _pending(doc(3), 1))
+        first = await _send(router, replicas, _pending(doc(3), 1))
         ranked = await router.choose_replicas(replicas, _pending(doc(3), 2))
-        return router, ranked
+        return router, first, ranked
 
-    router, ranked = asyncio.run(go())
+    router, first, ranked = asyncio.run(go())
     assert router._pending["int-2"][1].reason == "no-stats"
-    assert router._load.outstanding(ranked[0][0].replica_id.unique_id) == 0  # went to the idle one
+    assert ranked[0][0].replica_id.unique_id != first  # went to the idle one
+    assert router._load.outstanding("a") == router._load.outstanding("b") == 1
 
 
 def test_removed_and_dead_replicas_are_dropped_without_errors():
@@ -293,18 +347,18 @@ def test_the_load_the_policy_saw_is_exported_at_most_once_a_second(monkeypatch):
         router = _router(clock=clock)
         replicas = [FakeReplica(f"r{i}", _stats(f"r{i}", prefill_tokens_per_s=100.0)) for i in range(2)]
         router.update_replicas(replicas)
-        await _send(router, replicas, _pending(doc(200), 0))  # first decision: exported (nothing outstanding yet)
+        await _send(router, replicas, _pending(doc(200), 0))  # first decision: exported (itself counted)
         await _send(router, replicas, _pending(doc(201), 1))  # same second: not exported
         clock.t += 1.5
-        await _send(router, replicas, _pending(doc(202), 2))  # exported: one outstanding request on each replica
+        await _send(router, replicas, _pending(doc(202), 2))  # exported: three requests over the two replicas
 
     asyncio.run(go())
-    outstanding = [(v, t["replica"]) for n, v, t in seen if n == "router_outstanding_requests"]
-    assert sorted(outstanding) == [(0, "r0"), (0, "r1"), (1, "r0"), (1, "r1")]
+    outstanding = [v for n, v, t in seen if n == "router_outstanding_requests"]
+    assert len(outstanding) == 4 and sorted(outstanding[:2]) == [0, 1] and sorted(outstanding[2:]) == [1, 2]
     rates = {(t["replica"], v) for n, v, t in seen if n == "router_prefill_tokens_per_s"}
     assert rates == {("r0", 100.0), ("r1", 100.0)}
     queued = [v for n, v, t in seen if n == "router_queued_prefill_tokens"]
-    assert len(queued) == 4 and queued[:2] == [0, 0] and all(q > 0 for q in queued[2:])
+    assert len(queued) == 4 and min(queued[:2]) == 0 < max(queued[:2]) and all(q > 0 for q in queued[2:])
     assert {t["strategy"] for n, _, t in seen if n.startswith("router_outstanding")} == {"prefix-aware"}
 
 

@@ -83,3 +83,16 @@ def test_a_fixed_speed_ignores_the_replicas_measurements():
     assert a.queued_prefill_tokens == 10_000 - 5_000  # aged 0.5 s at 10K tokens/s, not at the reported 1K
     lt.on_routed("c", "q", 25_000, now=102.0)
     assert lt.snapshot("c", {}, 64, now=103.0).queued_prefill_tokens == 15_000
+
+
+def test_cancel_takes_back_a_request_that_never_reached_the_replica():
+    lt = LoadTracker(default_prefill_s_per_token=1e-3)  # drains 1000 tokens/s
+    lt.on_routed("a", "q0", 500, now=0.0)
+    lt.on_routed("a", "q1", 300, now=0.0)
+    lt.cancel("a", "q0", now=0.1)  # 800 - 100 drained - 500 taken back
+    s = lt.snapshot("a", {}, 8, now=0.1)
+    assert (s.running, s.queued_prefill_tokens) == (1, 200)
+    lt.cancel("a", "q0", now=0.1)  # twice, or unknown: nothing
+    lt.cancel("b", "q1", now=0.1)
+    lt.cancel("a", "q1", now=0.5)  # more than is left: the queue stops at zero
+    assert lt.outstanding("a") == 0 and lt.snapshot("a", {}, 8, now=0.5).queued_prefill_tokens == 0

@@ -32,9 +32,10 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
     if system == "ray-prefix-cache-affinity":
         assert app.routing.request_router_class == RAY_ROUTER_CLASS
     else:
-        strategy = (system.removesuffix("-2ingress").removesuffix("-1ingress").removesuffix("+events")
-                    .removesuffix("-fixed-speed"))
+        strategy = SYSTEMS[system]["routing"]["strategy"]
         assert app.routing.strategy == strategy and app.routing.request_router_class is None
+        for key, value in SYSTEMS[system]["routing"].items():
+            assert getattr(app.routing, key) == value
         assert app.routing.publishes_kv_events() == (strategy == "kv-aware" or system.endswith("+events"))
     own = base["applications"][0]["args"]["ingress"]["deployment"]["num_replicas"]
     assert app.ingress.deployment.num_replicas == {TWO_INGRESS: 2, ONE_INGRESS: 1}.get(system, own)
