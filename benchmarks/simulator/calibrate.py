@@ -17,7 +17,8 @@ rate by parameter count, KV bytes and the per-context decode cost by the shape),
 split (its ingress work on one processor-sharing core per ingress, the system's ``ingress_replicas``),
 the run's KV blocks (``num_gpu_blocks_override``, with ``kv_admission``: requests wait for blocks), and
 the fields one serving run cannot pin (``ROUTING_FREE``: prefill rate and attention term, the fixed
-step cost, the per-context decode cost, ``gpu_contention`` between replicas sharing a GPU, and the
+step cost, the per-context decode cost, ``gpu_contention`` between replicas sharing a GPU, the replica's
+cost per streamed token on its front end (``replica_s_per_token``: the dispatch stage), and the
 ingress's costs per request and per streamed token, kept within ``frontend_bounds``: the GPU host's
 tokenise + hash below, the CPU-measured ingress of ``--ingress-capacity`` above) are fitted on its
 round-robin cells, which measure the engine (round-robin ignores caches): open-loop cells on TTFT and
@@ -138,6 +139,7 @@ def gpu_cells(doc: dict) -> list[Cell]:
     Schema /1: ``results[strategy][workload][level]``. Schema /2: ``results[system][workload][level]``,
     the system's strategy in its ``routing`` (or ``systems[name].routing``), its ingress count in
     ``ingress_replicas``; ``runs``, ``routing``, ``ingress_replicas`` are not workloads (``workload_names``).
+    Closed-loop (``concurrency``) and Poisson (``rate``) cells only: a timed trace replay is skipped.
     """
     out = []
     settings = doc.get("scale_settings", {}).get("workloads", {})
@@ -155,6 +157,8 @@ def gpu_cells(doc: dict) -> list[Cell]:
                 if not isinstance(m, dict) or "ttft_p50_ms" not in m:
                     continue
                 spec = m["load"]
+                if spec["mode"] not in ("concurrency", "rate"):
+                    continue  # a timed trace replay (mooncake rNN): no LoadPlan twin here
                 level = spec.get("concurrency") or spec.get("rate")
                 out.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m,
                                 system="" if system == strategy else system, ingresses=ingresses,
@@ -198,7 +202,7 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
     """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed), each
     field kept within ``bounds[field]`` = (low, high) where given."""
     seeds = {"prefill_attn_s": 5e-4, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3,
-             "frontend_s_per_token": 1e-4}
+             "frontend_s_per_token": 1e-4, "replica_s_per_token": 2e-5}
     bounds = bounds or {}
     clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
     best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})
@@ -250,11 +254,11 @@ def ordering(rows: list[dict]) -> dict:
 
 
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
-                "frontend_s_per_request", "frontend_s_per_token")
+                "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing).
-ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "decode_s_per_seq": (1e-6, 1e-3)}
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3)}
 
 
 def ingress_work(split: dict, input_len: int) -> dict:
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS}
         free = ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
-        fitted, info = fit([c for c in cells if c.strategy == "round-robin" and c.ingresses == 1], start, settings,
+        fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,
                            log=lambda m: print(m, file=sys.stderr))
         info.update(start=start.to_dict(), free=list(free), model_shape=args.routing_model_shape, bounds=bounds,

@@ -33,7 +33,10 @@ the client's share has done that work; 0 (the default) is a client of infinite s
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
 engine core), one FIFO server costing ``input_s_per_request`` plus ``input_s_per_ktok`` per 1K prompt
 tokens (``input_s``: what grows with the prompt, such as its block hashes and the token ids' trip to
-the engine core) before the request reaches the scheduler. ``request_overhead_s`` is the rest of the
+the engine core) before the request reaches the scheduler. The same server carries the replica's streaming:
+each output token it streams costs ``replica_s_per_token`` there (the replica's event loop sending the
+chunk back through Serve), so a request arriving at a replica that streams many tokens waits longer before
+its input is processed (the dispatch stage of kvserve's stage histograms). ``request_overhead_s`` is the rest of the
 serving latency at concurrency 1, added to every TTFT and end-to-end time without queueing.
 
 KV capacity: ``kv_blocks`` per replica bound its prefix cache (an LRU). With ``kv_admission`` they
@@ -68,6 +71,7 @@ class EngineModel:
     request_overhead_s: float = 0.0
     input_s_per_request: float = 0.0
     input_s_per_ktok: float = 0.0
+    replica_s_per_token: float = 0.0
     frontend_s_per_request: float = 0.0
     frontend_s_per_token: float = 0.0
     frontend_tokenize_s: float = 0.0
@@ -91,8 +95,8 @@ class EngineModel:
             raise ValueError(f"frontend_sharing must be 'ps' or 'fifo', not {self.frontend_sharing!r}")
         if self.tier_hit_s < 0:
             raise ValueError("tier_hit_s must be >= 0")
-        if self.input_s_per_request < 0 or self.input_s_per_ktok < 0:
-            raise ValueError("input_s_per_request and input_s_per_ktok must be >= 0")
+        if self.input_s_per_request < 0 or self.input_s_per_ktok < 0 or self.replica_s_per_token < 0:
+            raise ValueError("input_s_per_request, input_s_per_ktok and replica_s_per_token must be >= 0")
         if self.frontend_tokenize_s < 0 or self.frontend_hash_s_per_ktok < 0:
             raise ValueError("frontend_tokenize_s and frontend_hash_s_per_ktok must be >= 0")
         if self.client_s_per_request < 0 or self.client_s_per_token < 0:

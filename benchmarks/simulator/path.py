@@ -100,11 +100,14 @@ class RequestPath:
         self.wake_client()
 
     def stream(self, rep: Replica, tokens: int, now: float) -> None:
-        """``tokens`` output tokens leave ``rep`` (one per running request): frontend work. FIFO: spread over
-        the ingresses; PS: each on its request's stream, the last one marked."""
+        """``tokens`` output tokens leave ``rep`` (one per running request): the replica's front end streams them
+        (``replica_s_per_token``), then frontend work. FIFO: spread over the ingresses; PS: each on its request's
+        stream, the last one marked."""
         if not tokens:
             return
         engine, ing_tok, cli_tok = self.engine, self.ing_tok, self.cli_tok
+        if engine.replica_s_per_token > 0:  # the replica's loop streams them: later inputs wait behind it
+            rep.input_until = max(now, rep.input_until) + engine.replica_s_per_token * tokens
         if engine.frontend_s_per_token > 0 and not self.ps:
             per = engine.frontend_s_per_token * tokens / len(self.ings)
             for ing in self.ings:
@@ -143,7 +146,7 @@ class RequestPath:
         rep.served += 1
         turn.routed_at = now
         front = engine.input_s(turn.prompt_tokens)
-        if front > 0:
+        if front > 0 or rep.input_until > now:  # its own input work, or streaming queued before it
             rep.input_until = max(now, rep.input_until) + front
             rep.entering += 1
             self.push(rep.input_until, "enqueue", (rep, turn))

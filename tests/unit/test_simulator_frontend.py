@@ -126,3 +126,15 @@ def test_multiturn_turns_are_text_and_docqa_turns_token_ids():
     turn = next(workloads.multiturn_sessions(sessions=1, turns=1)).turns[0]
     assert turn.text
     assert not next(workloads.docqa_sessions()).turns[0].text
+
+
+def test_a_replica_busy_streaming_delays_the_next_requests_input():
+    free = _closed(ENGINE)
+    streaming = _closed(ENGINE.with_(replica_s_per_token=0.0005))
+    # 32 requests decoding on two replicas: up to 16 tokens a step each, up to 8 ms of streaming per ~5-ms step
+    assert streaming["ttft_p50_ms"] > free["ttft_p50_ms"] + 2.0
+    assert streaming["requests"] > 0
+    assert _lone_ttft(ENGINE.with_(replica_s_per_token=0.0005), "round-robin", text=False) == pytest.approx(
+        _lone_ttft(ENGINE, "round-robin", text=False))  # alone, nothing streams before it
+    with pytest.raises(ValueError, match="replica_s_per_token"):
+        EngineModel(replica_s_per_token=-1.0)
