@@ -114,14 +114,14 @@ class RequestPath:
                 ing.fifo.work(now, per)
         if not (ing_tok or cli_tok):
             return
-        k, touched = rep.steps, set()
+        k, touched = rep.steps, {}  # insertion-ordered: a set of ingresses would wake them in memory-address order
         for step, jobs in rep.finishing.items():
             for job in jobs:
                 turn, key = job.turn, (job.turn.rid, job.turn.attempts)
                 if ing_tok:
                     turn.ingress.cpu.add(now, key, engine.frontend_s_per_token,
                                          ("last", turn, turn.attempts) if step == k else None)
-                    touched.add(turn.ingress)
+                    touched[turn.ingress] = None
                 if cli_tok and step != k:  # the last token reaches the client through to_client
                     self.client.add(now, key, engine.client_s_per_token)
         for ing in touched:
