@@ -68,7 +68,28 @@ def load_documents(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+#: ``_core``'s answers, by document and Kubernetes version, oldest first (at most _CORE_MEMO_SIZE).
+_core_memo: dict[tuple[str, str], list[str]] = {}
+_CORE_MEMO_SIZE = 256
+
+
 def _core(doc: dict[str, Any], k8s_version: str) -> list[str]:
+    """Problems of one core-kind document, remembered by content.
+
+    kubernetes_validate re-reads and parses its 1.4 MB definitions file for every document, and a set
+    is often validated again with most documents unchanged (``render --check``, the kuberay tests'
+    broken variants of one set). The key is ``repr(doc)``: it tells apart what ``==``
+    does not (1 and True, a date and its string), so only an identical document is answered from memory.
+    """
+    key = (repr(doc), k8s_version)
+    if key not in _core_memo:
+        if len(_core_memo) >= _CORE_MEMO_SIZE:
+            del _core_memo[next(iter(_core_memo))]
+        _core_memo[key] = _core_check(doc, k8s_version)
+    return list(_core_memo[key])
+
+
+def _core_check(doc: dict[str, Any], k8s_version: str) -> list[str]:
     import kubernetes_validate as kv
 
     try:

@@ -14,7 +14,7 @@ import zmq
 from deployments.kv_event_relay import KVEventRelay, strip_batch
 from deployments.kv_events import KVEventSubscriber
 from routers.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
-from tests.unit.test_routers_events import FakePublisher, _free_port
+from tests.unit.test_routers_events import FakePublisher, _free_port, until
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +98,7 @@ def test_relay_forwards_in_order_without_token_ids_fills_gaps_and_serves_replay(
         sub.set_endpoints({"r0": relay.endpoint})
         await asyncio.sleep(0.3)
         engine.publish(_batch(_stored_array(5)))
-        await asyncio.sleep(0.5)
+        await until(lambda: len(seen) >= 5)
         await sub.close()
 
     try:

@@ -283,7 +283,7 @@ def test_round_robin_strategy():
 
 
 def test_kv_aware_subscribes_to_reported_endpoints_and_follows_events():
-    from test_routers_events import FakePublisher, _batch, _stored
+    from test_routers_events import FakePublisher, _batch, _stored, until
 
     from deployments.kv_events import advertised_endpoint
 
@@ -297,7 +297,7 @@ def test_kv_aware_subscribes_to_reported_endpoints_and_follows_events():
         await router.choose_replicas(replicas, _pending(doc(7), 0))  # starts the subscription
         await asyncio.sleep(0.3)
         pub.publish(_batch(_stored(block_hashes(doc(7), 16))))
-        await asyncio.sleep(0.3)
+        await until(lambda: router._policy.precise.size("r1") > 0)
         ranked = await router.choose_replicas(replicas, _pending(doc(7), 1))
         reason = router._pending["int-1"][1].reason
         router.update_replicas(replicas[:1])  # r1 leaves: its subscription and entries go

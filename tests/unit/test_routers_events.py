@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -145,14 +146,23 @@ class FakePublisher:
         self.ctx.term()
 
 
-async def _run_stream(pub: FakePublisher, script, *, replay: bool = True):
+async def until(done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Return once ``done()`` holds (what crosses a real socket arrives when it arrives); fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"not done after {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
+async def _run_stream(pub: FakePublisher, script, done: Callable[[list, list], bool], *, replay: bool = True):
+    """Subscribe, run ``script``, and wait until ``done(events, resets)``."""
     seen: list[tuple[str, object]] = []
     resets: list[str] = []
     sub = KVEventSubscriber(lambda r, e: seen.append((r, e)), resets.append, replay=replay)
     sub.set_endpoints({"r0": advertised_endpoint("127.0.0.1", pub.port, pub.replay_port)})
     await asyncio.sleep(0.3)  # slow joiner
     await script(pub)
-    await asyncio.sleep(0.5)
+    await until(lambda: done(seen, resets))
     await sub.close()
     return [e for _, e in seen], resets
 
@@ -168,7 +178,7 @@ def test_subscriber_learns_history_and_fills_a_gap_by_replay():
         p.publish(_batch(_stored([4])))
 
     try:
-        events, resets = asyncio.run(_run_stream(pub, script))
+        events, resets = asyncio.run(_run_stream(pub, script, lambda seen, _: len(seen) >= 4))
     finally:
         pub.close()
     assert [e.block_hashes for e in events] == [(1,), (2,), (3,), (4,)]
@@ -186,7 +196,7 @@ def test_subscriber_resets_a_replica_when_the_gap_cannot_be_replayed():
         p.publish(_batch(_stored([4])))
 
     try:
-        events, resets = asyncio.run(_run_stream(pub, script))
+        events, resets = asyncio.run(_run_stream(pub, script, lambda seen, resets: len(seen) >= 3 and bool(resets)))
     finally:
         pub.close()
     assert resets == ["r0"]
