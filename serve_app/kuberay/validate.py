@@ -14,6 +14,7 @@ validating it together: names referenced in one file must be defined in one of t
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def load_documents(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
 
 
 #: ``_core``'s answers, by document and Kubernetes version, oldest first (at most _CORE_MEMO_SIZE).
-_core_memo: dict[tuple[str, str], list[str]] = {}
+_core_memo: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
 _CORE_MEMO_SIZE = 256
 
 
@@ -84,7 +85,7 @@ def _core(doc: dict[str, Any], k8s_version: str) -> list[str]:
     key = (repr(doc), k8s_version)
     if key not in _core_memo:
         if len(_core_memo) >= _CORE_MEMO_SIZE:
-            del _core_memo[next(iter(_core_memo))]
+            _core_memo.popitem(last=False)
         _core_memo[key] = _core_check(doc, k8s_version)
     return list(_core_memo[key])
 
