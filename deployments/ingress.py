@@ -38,6 +38,7 @@ from deployments.auth import AuthMiddleware, Gate, tenant_of
 from deployments.choices import OutputSpec
 from deployments.dispatch import dispatch
 from deployments.generation import Accumulator, merge, primed, sse_events, within
+from deployments.heap import freeze_startup_heap
 from deployments.http_errors import install_error_handlers
 from deployments.limits import BodyLimitMiddleware, RequestLimits
 from deployments.openai_api import (
@@ -120,6 +121,7 @@ class Ingress:
         self.limits = RequestLimits.build(  # read by BodyLimitMiddleware
             self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
         logger.info("ingress up for models %s", list(self._models))
+        freeze_startup_heap("ingress")
 
     def inflight(self) -> int:
         """Generation requests this replica holds now (a handle call, not a route: benchmarks check it drains)."""

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.engine import Engine, EngineStats, kill_children_and_exit, start_engine
+from deployments.heap import freeze_startup_heap
 from deployments.metrics import metrics
 from deployments.pacing import LoopLag, StreamPacer
 from deployments.prefix_view import PrefixView
@@ -112,6 +113,7 @@ class VLLMReplica:
         logger.info("replica %s of %s ready (block_size=%d, num_gpu_blocks=%d)", self._replica_id,
                     self._model.id, self._stats.block_size, self._stats.num_gpu_blocks)
         logger.info("replica startup %s", json.dumps(startup_times(init_at, getattr(self._engine, "startup", {}))))
+        freeze_startup_heap(f"replica {self._replica_id}")
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the output of one request; abort it in the engine if the caller cancels."""
