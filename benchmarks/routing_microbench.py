@@ -28,11 +28,11 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench.result import git_commit
 from routers.events import BlockStored
 from routers.hashing import BlockHasher, block_hashes
 from routers.load import LoadTracker
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                   "prompt_tokens": DOC_TOKENS + QUESTION_TOKENS, "shared_docs": DOCS},
         "target": "choose p50 <= 50 us",
         "results": results,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
-                                     text=True).stdout.strip(),
+        "git_commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "note": "shared 2-core machine with other jobs running; p99 is sensitive to that",

@@ -187,17 +187,17 @@ class KVServeRouter(RequestRouter):
         self._load.on_routed(rid, key, max(request.num_prompt_tokens - decision.predicted_cached_tokens, 0), now)
         self._pending[key] = (request, decision, request_id, now)
         while len(self._pending) > _MAX_PENDING:
-            old, entry = self._pending.popitem(last=False)
-            self._load.cancel(entry[1].replica_id, old, now)
+            self._take_back_oldest(now)
 
     def _expire_unrouted(self, now: float) -> None:
         """Take back decisions Serve never acted on within ``_UNROUTED_TTL_S`` (oldest first, up to a younger one)."""
-        while self._pending:
-            key, entry = next(iter(self._pending.items()))
-            if now - entry[3] < _UNROUTED_TTL_S:
-                return
-            self._pending.popitem(last=False)
-            self._load.cancel(entry[1].replica_id, key, now)
+        while self._pending and now - next(iter(self._pending.values()))[3] >= _UNROUTED_TTL_S:
+            self._take_back_oldest(now)
+
+    def _take_back_oldest(self, now: float) -> None:
+        """The oldest decision still waiting for ``on_request_routed`` stops counting on its replica."""
+        key, entry = self._pending.popitem(last=False)
+        self._load.cancel(entry[1].replica_id, key, now)
 
     def _snapshot(self, replica: RunningReplica, now: float) -> ReplicaSnapshot:
         stats = replica.routing_stats or None

@@ -58,6 +58,13 @@ def _router(strategy: str = "prefix-aware", clock: Clock | None = None, **routin
     return r
 
 
+def _register(router: KVServeRouter, n: int, **stats) -> list[FakeReplica]:
+    """``n`` replicas r0.. with reported stats, given to ``router`` as Serve's replica list."""
+    replicas = [FakeReplica(f"r{i}", _stats(f"r{i}", **stats)) for i in range(n)]
+    router.update_replicas(replicas)
+    return replicas
+
+
 def _pending(tokens: list[int], n: int, **kw) -> PendingRequest:
     gen = GenerateRequest(request_id=f"req-{n}", model_id="m", prompt_token_ids=tokens, sampling={}, **kw)
     return PendingRequest(args=[gen], kwargs={}, metadata=RequestMetadata(request_id=f"req-{n}",
@@ -91,8 +98,7 @@ def test_request_router_class_replaces_kvserves_router_with_its_kwargs():
 def test_shared_prefix_follows_the_first_replica_and_ranks_the_rest_as_fallback():
     async def go():
         router = _router()
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(3)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 3)
         first = await _send(router, replicas, _pending(doc(1) + [1, 2], 1))
         ranked = await router.choose_replicas(replicas, _pending(doc(1) + [3, 4], 2))
         return first, ranked
@@ -123,8 +129,7 @@ def test_predictions_stay_in_the_router_and_are_settled_from_the_replicas_report
 
     async def go():
         router = _router()
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 2)
         first = _pending(doc(1) + [1, 2], 1)
         before = dataclasses.replace(first.args[0])
         await _send(router, replicas, first)
@@ -149,8 +154,7 @@ def test_predictions_stay_in_the_router_and_are_settled_from_the_replicas_report
 def test_precomputed_block_hashes_are_used_as_given():
     async def go():
         router = _router()
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 2)
         hashes = tuple(block_hashes(doc(2), 16))
         first = await _send(router, replicas, _pending(doc(2), 1, block_hashes=hashes))
         assert router._policy.approx.match(hashes, ["r0", "r1"]) == {first: 16}
@@ -161,8 +165,7 @@ def test_precomputed_block_hashes_are_used_as_given():
 def test_in_flight_accounting_spreads_a_burst_of_cold_requests():
     async def go():
         router = _router(clock=Clock())
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(4)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 4)
         picks = [await _send(router, replicas, _pending(doc(100 + i), i)) for i in range(4)]
         return picks, router
 
@@ -178,8 +181,7 @@ def test_a_burst_decided_before_serve_reports_any_routing_still_spreads():
     async def go():
         clock = Clock()
         router = _router("kv-aware", clock=clock)
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(4)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 4)
         pendings = [_pending(doc(200 + i), i) for i in range(8)]
         ranked = [await router.choose_replicas(replicas, p) for p in pendings]
         picks = [r[0][0].replica_id.unique_id for r in ranked]
@@ -198,8 +200,7 @@ def test_a_decision_serve_did_not_follow_moves_retries_once_and_expires_unrouted
     async def go():
         clock = Clock()
         router = _router("kv-aware", clock=clock)
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 2)
         load = router._load
         p0 = _pending(doc(300), 0)
         first = (await router.choose_replicas(replicas, p0))[0][0].replica_id
@@ -244,8 +245,7 @@ def test_empty_routing_stats_degrade_to_least_loaded_with_a_reason():
 def test_removed_and_dead_replicas_are_dropped_without_errors():
     async def go():
         router = _router()
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(3)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 3)
         first = await _send(router, replicas, _pending(doc(4), 1))
         survivors = [r for r in replicas if r.replica_id.unique_id != first]
         router.update_replicas(survivors)
@@ -275,8 +275,7 @@ def test_non_generate_requests_and_missing_request_fall_back_to_serve():
 def test_round_robin_strategy():
     async def go():
         router = _router("round-robin")
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 2)
         return [await _send(router, replicas, _pending(doc(5), i)) for i in range(4)]
 
     assert asyncio.run(go()) == ["r0", "r1", "r0", "r1"]
@@ -345,8 +344,7 @@ def test_the_load_the_policy_saw_is_exported_at_most_once_a_second(monkeypatch):
 
     async def go():
         router = _router(clock=clock)
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}", prefill_tokens_per_s=100.0)) for i in range(2)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 2, prefill_tokens_per_s=100.0)
         await _send(router, replicas, _pending(doc(200), 0))  # first decision: exported (itself counted)
         await _send(router, replicas, _pending(doc(201), 1))  # same second: not exported
         clock.t += 1.5
@@ -369,8 +367,7 @@ def test_the_view_is_exported_every_period_without_decisions(monkeypatch):
 
     async def go():
         router = _router(strategy="round-robin")
-        replicas = [FakeReplica(f"r{i}", _stats(f"r{i}")) for i in range(2)]
-        router.update_replicas(replicas)
+        replicas = _register(router, 2)
         await _send(router, replicas, _pending(doc(300), 0))
         after_decision = len(view())
         await asyncio.sleep(0.1)  # no decisions: the task keeps the gauges fresh (one request still outstanding)
