@@ -20,6 +20,8 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
 * the request-path stages of the client's TTFT (``kvserve_stage_{tokenize,hash,dispatch,engine,return,first_byte}_
   milliseconds``, deployments/stages.py) -> ``stages_ms`` (all replicas) and ``engine_stage_ms_by_replica``: which
   part of the TTFT grew, the engine's (replica received -> first output) or the serving path's around it;
+* the host's CPU (``host_cpu``, for the cell and in every timeline point; ``host_cpu.py``): busy cores, cores
+  per process role, each replica's and ingress's process and busiest thread (an asyncio loop at one core);
 * gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
   the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
   (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens and event-loop lag.
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu.promtext import parse
+from benchmarks.routing_h2h.host_cpu import HostCpu, ProcReading
 
 Samples = dict[tuple[str, str], float]
 
@@ -360,6 +363,8 @@ class Probe:
         self._before: Samples | None = None
         self._t0 = 0.0
         self._timeline: list[dict] = []
+        self._cpu = HostCpu()
+        self._cpu_start: tuple[float, ProcReading | None] = (0.0, None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -375,23 +380,28 @@ class Probe:
     def start(self) -> None:
         self.error = None if self.url else self.error
         self._before, self._t0, self._timeline = self._scrape(), time.monotonic(), []
+        self._cpu_start = (time.monotonic(), self._cpu.read())
         self._stop.clear()
         if self._before is not None and self.interval_s > 0:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
 
     def _sample(self) -> None:
-        prev = self._before
+        prev, cpu_prev = self._before, self._cpu_start
         while not self._stop.wait(self.interval_s) and prev is not None:
             now = self._scrape()
             if now is None:
                 return
+            cpu_now = (time.monotonic(), self._cpu.read())
             try:
-                self._timeline.append(timeline_point(prev, now, self.deployment, time.monotonic() - self._t0))
+                point = timeline_point(prev, now, self.deployment, time.monotonic() - self._t0)
+                if cpu_prev[1] is not None and cpu_now[1] is not None:
+                    point["host_cpu"] = self._cpu.usage(cpu_prev[1], cpu_now[1], cpu_now[0] - cpu_prev[0])
+                self._timeline.append(point)
             except Exception as err:  # noqa: BLE001
                 self.error = f"timeline: {_err(err)}"
                 return
-            prev = now
+            prev, cpu_prev = now, cpu_now
 
     def finish(self) -> dict[str, Any]:
         self._stop.set()
@@ -400,6 +410,7 @@ class Probe:
             self._thread = None
         if self._before is None:
             return {"error": self.error or "no scrape before the cell"}
+        cpu_end = (time.monotonic(), self._cpu.read())
         time.sleep(self.settle_s)  # Serve caches its counters ~0.1 s, Ray's agent exports every second (run.py)
         after = self._scrape()
         if after is None:
@@ -411,6 +422,8 @@ class Probe:
         out["window_s"] = round(time.monotonic() - self._t0, 1)
         out["interval_s"] = self.interval_s
         out["timeline"] = self._timeline
+        if self._cpu_start[1] is not None and cpu_end[1] is not None:
+            out["host_cpu"] = self._cpu.usage(self._cpu_start[1], cpu_end[1], cpu_end[0] - self._cpu_start[0])
         if self.error:
             out["error"] = self.error
         return out
@@ -438,19 +451,33 @@ def evidence_table(results: dict[str, dict]) -> str:
                 if not ev:
                     continue
                 if "requests_by_replica" not in ev:
-                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | |")
+                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | | |")
                     continue
                 bal = "-" if ev["balance"] is None else f"{ev['balance']:.2f}"
                 route = "-" if ev.get("route_wait_ms_mean") is None else f"{ev['route_wait_ms_mean']:.1f}"
                 per = "/".join(str(v) for v in ev["requests_by_replica"].values())
                 rows.append(f"| {wl} | {lv} | {system} | {per} | {bal} | {_top(ev['decision_shares'])} | "
                             f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} | "
-                            f"{_stage_p50s(ev.get('stages_ms') or {})} |")
+                            f"{_stage_p50s(ev.get('stages_ms') or {})} | {_host_cpu(ev)} |")
     if not rows:
         return ""
     return ("| workload | load | system | requests per replica | max/mean | top reasons | KV events | route wait ms | "
-            "vLLM queue ms (replica min..max) | stage p50 ms (tokenize/dispatch/engine/return/first byte) |\n"
-            "|---|---|---|---|---:|---|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
+            "vLLM queue ms (replica min..max) | stage p50 ms (tokenize/dispatch/engine/return/first byte) | "
+            "host cores busy (cell / busiest interval), busiest serving thread |\n"
+            "|---|---|---|---|---:|---|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _host_cpu(ev: dict) -> str:
+    """``busy/cores (peak)``, and the busiest replica or ingress thread of any interval (role, cores)."""
+    cell = ev.get("host_cpu")
+    if not cell:
+        return "-"
+    points = [p["host_cpu"] for p in ev.get("timeline", []) if p.get("host_cpu")]
+    peak = max((p["busy_cores"] for p in points), default=cell["busy_cores"])
+    threads = [(q["busiest_thread_cores"], q["role"]) for p in (points or [cell]) for q in p.get("processes", [])]
+    top = max(threads, default=None)
+    thread = f", {top[1]} thread {top[0]:.2f}" if top else ""
+    return f"{cell['busy_cores']:.1f}/{cell['cores']} ({peak:.1f}){thread}"
 
 
 def _stage_p50s(stages_ms: dict[str, dict]) -> str:

@@ -143,6 +143,8 @@ def test_probe_derives_from_its_scrapes_and_keeps_a_timeline(monkeypatch: pytest
     assert "error" not in ev and ev["requests_by_replica"] == {"r-a": 60, "r-b": 20, "r-idle": 0}
     assert ev["timeline"][0]["requests"] == {"r-a": 60, "r-b": 20, "r-idle": 0}
     assert ev["timeline"][0]["decisions"] == {"no-cache": 40, "imbalance-guard": 20}
+    # the host's CPU beside them (this machine's /proc), for the cell and for the interval
+    assert ev["host_cpu"]["cores"] >= 1 and ev["timeline"][0]["host_cpu"]["busy_cores"] >= 0
 
 
 def test_evidence_table_rows() -> None:
@@ -210,5 +212,5 @@ def test_stages_split_the_ttft_into_the_engine_and_the_serving_path_around_it() 
     assert set(ev["stages_ms"]) == {"engine", "dispatch"}  # stages with no request left out
     assert ev["engine_stage_ms_by_replica"]["r-b"]["mean"] == 300.0
     md = evidence_table({"kv-aware": {"no-sharing": {"r70": {"ttft_p50_ms": 1, "evidence": ev}}}})
-    assert md.splitlines()[-1].endswith("| -/300/100/-/- |")  # tokenize/dispatch/engine/return/first byte p50
+    assert md.splitlines()[-1].endswith("| -/300/100/-/- | - |")  # tokenize/dispatch/engine/return/first byte p50
     assert derive(keep(before), keep(after), DEP) == ev
