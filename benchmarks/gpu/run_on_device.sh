@@ -5,6 +5,9 @@
 #       --extra six==1.17.0 && cp .whl/install-on-device .whl/p0/
 # and install googleapis-common-protos==1.76.0 and google-api-core==2.44.0 (--no-deps) beside them: opencensus
 # imports google.rpc, and without it the dashboard agent fails its imports and `ray start` times out.
+# The head-to-head's --profile (benchmarks/routing_h2h/profile.py) needs py-spy there too: put its manylinux wheel
+# beside them (pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.12
+# -d .whl/extra py-spy==0.4.3).
 # and prepare the model shape it carries: kvserve prepare-model --shape llama-3.1-8b --model-dir .models
 # Usage:
 #   bash benchmarks/gpu/run_on_device.sh LIMIT_S SCRIPT-AND-ARGS...

