@@ -30,11 +30,12 @@ _PER_PROCESS = ("replica", "ingress")
 
 def role(cmdline: str) -> str:
     """The role of a process from its command line (Ray and vLLM set process titles: ``ray::ServeReplica:app:
-    deployment``, ``VLLM::EngineCore``)."""
+    deployment`` or ``...:deployment.method`` while it runs one, ``VLLM::EngineCore``)."""
     if "EngineCore" in cmdline or "VLLM::Worker" in cmdline:
         return "engine"
-    if "ServeReplica:" in cmdline:
-        return "ingress" if cmdline.rstrip().endswith(":ingress") or ":ingress " in cmdline else "replica"
+    if "ServeReplica:" in cmdline:  # ray::ServeReplica:APP:DEPLOYMENT, ".method" appended while it runs one
+        deployment = cmdline.split("ServeReplica:", 1)[1].split(" ", 1)[0].split(":")[-1].split(".", 1)[0]
+        return "ingress" if deployment == "ingress" else "replica"
     if "haproxy" in cmdline:
         return "haproxy"
     if "benchmarks.cli" in cmdline or "kvserve bench" in cmdline:

