@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import yaml
 
 from benchmarks.routing_h2h import profile
 from benchmarks.routing_h2h.host_cpu import HostCpu, ProcReading
@@ -68,3 +70,47 @@ def test_records_the_serving_processes_it_finds(tmp_path: Path) -> None:
         assert proc["samples"] > 0 and (tmp_path / proc["file"]).is_file()
     else:  # no ptrace permission in this sandbox: the error is kept, nothing raised
         assert "error" in proc or proc["samples"] == 0
+
+
+def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run.py --profile docqa:sat``: that cell's evidence carries the profile, the other cell's does not."""
+    from benchmarks.routing_h2h import run
+
+    class FakeProbe:
+        url, error = "http://x/metrics", None
+
+        def __init__(self, *a, **k) -> None: ...
+
+        def start(self) -> None: ...
+
+        def finish(self) -> dict:
+            return {"requests_by_replica": {}}
+
+    class FakeProfiler:
+        made: ClassVar[list[str]] = []
+
+        def __init__(self, out_dir: Path, label: str, seconds: float) -> None:
+            self.made.append(label)
+            self.seconds = seconds
+
+        def start(self) -> None: ...
+
+        def finish(self) -> dict:
+            return {"seconds": self.seconds, "processes": []}
+
+    for name, fn in {"start": lambda *a: None, "wait_ready": lambda *a: None, "wait_serving": lambda *a: None,
+                     "stop": lambda *a: None, "deployment_name": lambda m: f"vllm-{m}"}.items():
+        monkeypatch.setattr(run.serverproc, name, fn)
+    monkeypatch.setattr(run.evidence, "Probe", FakeProbe)
+    monkeypatch.setattr(run.profile, "CellProfiler", FakeProfiler)
+    monkeypatch.setattr(run, "run_cell", lambda *a: {"ttft_p50_ms": 1.0})
+    monkeypatch.setattr(run.time, "sleep", lambda s: None)
+    args = run.parser().parse_args(["--out", str(tmp_path / "r.json"), "--work-dir", str(tmp_path),
+                                    "--profile", "docqa:sat", "--profile-seconds", "7"])
+    base = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/cpu.yaml").read_text())
+    cfg = run.system_config(base, "kv-aware", run.SCALES["cpu"]["engine_kwargs"])
+    out = run.run_system("kv-aware", cfg, run.SCALES["cpu"], [("docqa", "sat"), ("multiturn", "sat")],
+                         {"calibration": {}}, args)
+    assert out["docqa"]["sat"]["evidence"]["profile"] == {"seconds": 7.0, "processes": []}
+    assert "profile" not in out["multiturn"]["sat"]["evidence"]
+    assert FakeProfiler.made == ["kv-aware-docqa-sat"]
