@@ -1,9 +1,10 @@
-"""The ingress's bound on generation requests in flight: beyond the models' bounded queues, a fast 503.
+"""The ingress's bounds on generation requests in flight: beyond the models' queues, a fast 503.
 
 Owns: ``AdmissionMiddleware`` (ASGI: counts the generation requests, POST ``/v1/chat/completions`` and
 ``/v1/completions``, of this ingress replica from their arrival to the end of their response, and answers one
-over the bound with a 503 ``overloaded`` in OpenAI's shape with Retry-After, before its body is read) and
-``Admission`` (the bound, from the models' deployment options and the replicas Serve reports running).
+over the bound with a 503 ``overloaded`` in OpenAI's shape with Retry-After, before its body is read),
+``Admission`` (that bound, and each model's: ``hold``, the requests this ingress replica has at one model's
+replicas) and ``serve_max_queued_requests`` (the queue bound handed to Serve for a model's replicas).
 
 Why: Serve bounds a model's replicas itself (``max_ongoing_requests`` per replica, ``max_queued_requests`` per
 caller), but that bound is met only in dispatch, after the ingress has parsed and validated the body and rendered,
@@ -13,17 +14,23 @@ on 2 cores 384 requests at 2x the queues' capacity got their 503s after 9.4 s (p
 received the request: the ingress runs its app on Serve's receiving loop (``settings.INGRESS_LOOP_ENV``), so the
 check does not wait for a user-code thread busy preparing the requests admitted before it.
 
-The bound of one ingress replica is, summed over its models, its share of the running replicas' slots
+The bound of one ingress replica for one model is its share of the running replicas' slots
 (``running x max_ongoing_requests / running ingress replicas``, rounded up) plus ``max_queued_requests`` (Serve's
-queue is per caller, so each ingress replica has one). A model whose queue is unbounded (-1) makes the bound
-unbounded. A batched completion request counts once here; its prompts are each a request to Serve, whose own bound
-(dispatch's 503) still holds for them.
+queue is per caller, so each ingress replica has one); the request-level bound sums it over the models. A model
+whose queue is unbounded (-1) makes both unbounded. A batched completion request counts once in the request-level
+bound and once per prompt in its model's (each prompt is a request to Serve).
+
+The model's bound is kept here, not by Serve: Serve counts against ``max_queued_requests`` every request it has not
+yet sent to a replica, including those it is still assigning to a replica with free slots (a queue-length probe, a
+busy router loop), so in a burst it refused requests while the replicas had room (docs/security.md). Serve keeps a
+bound of its own that the ingress's cannot exceed (``serve_max_queued_requests``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +63,7 @@ class Admission:
         self._ingress = ingress
         self.retry_after_s = retry_after_s
         self.inflight = 0
+        self.held: dict[str, int] = {}  # deployment -> requests this replica has at its replicas now
 
     @classmethod
     def from_app(cls, cfg: Any, deployments: Mapping[str, str], running: Callable[[str], int | None],
@@ -73,19 +81,48 @@ class Admission:
 
     def limit(self) -> int | None:
         """Generation requests this ingress replica admits at once (None: unbounded)."""
-        if any(m.max_queued_requests < 0 for m in self._models):
+        limits = [self._model_limit(m) for m in self._models]
+        return None if any(n is None for n in limits) else sum(limits)
+
+    def model_limit(self, deployment: str) -> int | None:
+        """Requests this ingress replica has at one model's replicas at once (None: unbounded)."""
+        return self._model_limit(next(m for m in self._models if m.deployment == deployment))
+
+    def _model_limit(self, m: ModelQueue) -> int | None:
+        if m.max_queued_requests < 0:
             return None
         share = max(1, self._running(self._ingress) or 1)
-        total = 0
-        for m in self._models:
-            running = self._running(m.deployment)
-            replicas = m.replicas if running is None else running
-            total += math.ceil(replicas * m.max_ongoing_requests / share) + m.max_queued_requests
-        return total
+        running = self._running(m.deployment)
+        replicas = m.replicas if running is None else running
+        return math.ceil(replicas * m.max_ongoing_requests / share) + m.max_queued_requests
+
+    @contextmanager
+    def hold(self, deployment: str, model_id: str) -> Iterator[None]:
+        """Count one request at ``deployment``'s replicas while the block runs; over the model's bound, raise
+        the 503 ``overloaded`` instead."""
+        limit, held = self.model_limit(deployment), self.held.get(deployment, 0)
+        if limit is not None and held >= limit:
+            metrics().admission_rejected_requests.inc(1)
+            raise APIError(503, f"model {model_id} is overloaded; retry later", type_="overloaded_error",
+                           code="overloaded", headers={"Retry-After": str(self.retry_after_s)})
+        self.held[deployment] = held + 1
+        try:
+            yield
+        finally:
+            self.held[deployment] -= 1
 
     def overloaded(self, limit: int) -> APIError:
         return APIError(503, f"the server is overloaded ({limit} requests in flight); retry later",
                         type_="overloaded_error", code="overloaded", headers={"Retry-After": str(self.retry_after_s)})
+
+
+def serve_max_queued_requests(max_ongoing_requests: int, max_queued_requests: int, most_replicas: int) -> int:
+    """Serve's ``max_queued_requests`` for a model's replicas: the largest bound ``Admission.hold`` can have (all
+    replicas up, one ingress replica), so Serve's own check never refuses a request the ingress admitted
+    (-1 stays unbounded)."""
+    if max_queued_requests < 0:
+        return max_queued_requests
+    return most_replicas * max_ongoing_requests + max_queued_requests
 
 
 class AdmissionMiddleware:

@@ -240,8 +240,9 @@ class Ingress:
                 m.block_size = first.timing.block_size  # later prompts are hashed here, not in the router
 
         req.dispatched_at = time.time()
-        async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=on_first):
-            yield chunk
+        with self.admission.hold(m.handle.deployment_name, m.config.id):  # the model's queue bound: a fast 503
+            async for chunk in dispatch(m.handle, req, m.config.id, buffer=not stream, on_first=on_first):
+                yield chunk
 
     async def _serve(self, m: ServedModel, body, prepare: Callable[[], list[list[int]]],
                      spec: Callable[[list[list[int]]], OutputSpec], size: int, requested: int | None, chat: bool,

@@ -37,7 +37,8 @@ class DeploymentOptions(BaseModel):
         ge=-1,
         description="Requests each caller (proxy or ingress replica) may queue for this deployment beyond its "
         "replicas' max_ongoing_requests before getting a fast 503; -1 = unbounded (refused by `kvserve kuberay "
-        "render`). Each prompt of a batched completion request is one request here.",
+        "render`). Each prompt of a batched completion request is one request here. For a model's replicas the "
+        "ingress keeps this bound itself (deployments.admission) and gives Serve one it cannot reach first.",
     )
     backpressure_config: dict[str, Any] | None = Field(
         default=None,

@@ -165,5 +165,6 @@ def test_overload_is_503_and_loses_nothing_else(base_url: str) -> None:
 
     codes = asyncio.run(burst())
     assert set(codes) <= {200, 503}, codes
-    # Capacity: 2 replicas x max_ongoing_requests 8, plus max_queued_requests 4 (per caller) waiting.
-    assert codes.count(503) > 0 and codes.count(200) >= 2 * 8
+    # Capacity: 2 replicas x max_ongoing_requests 8, plus max_queued_requests 4 (per caller) waiting, a bound the
+    # ingress keeps (Serve's own also counted requests it was still assigning to free slots: 14 answered).
+    assert codes.count(503) > 0 and 2 * 8 <= codes.count(200) <= 2 * 8 + 4

@@ -196,3 +196,38 @@ def test_the_first_chat_request_does_not_load_the_processor(monkeypatch):
     req = ChatCompletionRequest.model_validate({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]})
     assert ingress._models["smollm2"].frontend.render_chat(req).token_ids
     assert loads == []
+
+
+async def test_a_model_admits_its_replicas_slots_and_queue_then_answers_503_without_calling_serve(monkeypatch):
+    """The model's bound is the ingress's (Serve also counts requests it is still assigning, so its own bound
+    refused requests while the replicas had free slots): 1 running replica x 32 slots + 32 queued here."""
+    from deployments import admission as admission_mod
+
+    rejected = []
+    monkeypatch.setattr(admission_mod, "metrics", lambda: SimpleNamespace(
+        admission_rejected_requests=SimpleNamespace(inc=lambda n: rejected.append(n))))
+    app, ingress, handle = stub_ingress(monkeypatch)
+    adm, dep = ingress.admission, StubHandle.deployment_name
+    assert adm.model_limit(dep) == 32 + 32
+    body = {"model": "smollm2", "prompt": ["a", "b"], "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvserve") as c:
+        assert (await c.post("/v1/completions", json=body)).status_code == 200
+        assert adm.held[dep] == 0 and len(handle.requests) == 2  # each prompt held one place while it ran
+        adm.held[dep] = adm.model_limit(dep)  # the replicas' slots and the queue are taken
+        r = await c.post("/v1/completions", json={**body, "prompt": "a"})
+        s = await c.post("/v1/completions", json={**body, "prompt": "a", "stream": True})
+        adm.held[dep] -= 1  # one place frees
+        t = await c.post("/v1/completions", json={**body, "prompt": "a"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"] == {"message": "model smollm2 is overloaded; retry later", "type": "overloaded_error",
+                                 "param": None, "code": "overloaded"}
+    assert s.status_code == 503 and s.json()["error"]["code"] == "overloaded"
+    assert t.status_code == 200 and len(handle.requests) == 3  # the refused never reached Serve
+    assert adm.held[dep] == adm.model_limit(dep) - 1 and rejected == [1, 1]
+
+
+def test_serves_own_queue_bound_is_one_the_ingress_cannot_reach_first():
+    from deployments.admission import serve_max_queued_requests
+
+    assert serve_max_queued_requests(8, 4, most_replicas=2) == 2 * 8 + 4
+    assert serve_max_queued_requests(8, -1, most_replicas=2) == -1
