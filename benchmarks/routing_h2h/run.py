@@ -447,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {s: cs for s, cs in chosen.items() if cs}
         calls = plan.pack(chosen, scale["duration_s"], args.limit)
         extra = ("--client-processes", str(args.client_processes)) if args.client_processes > 1 else ()
+        if args.profile:  # py-spy in the named cells of every call that runs them
+            extra = (*extra, "--profile", ",".join(sorted(args.profile)))
         print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra),
               end="")
         return 0
