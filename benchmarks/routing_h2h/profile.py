@@ -89,6 +89,7 @@ class CellProfiler:
             self.error = "py-spy not installed"
             return
         if self._stop.wait(self.delay_s):
+            self.error = f"the cell ended within the profile's delay ({self.delay_s:g} s)"
             return
         reading = self._cpu.read()
         if reading is None:

@@ -46,6 +46,10 @@ def test_no_py_spy_is_recorded_as_the_cells_profile_error(monkeypatch: pytest.Mo
     p = CellProfiler(tmp_path, "kv-aware-docqa-sat", delay_s=0, seconds=1)
     p.start()
     assert p.finish() == {"error": "py-spy not installed"}
+    monkeypatch.setattr(profile.shutil, "which", lambda name: "/usr/bin/py-spy")
+    p = CellProfiler(tmp_path, "short-cell", delay_s=60, seconds=1)  # the cell ends before the delay: nothing runs
+    p.start()
+    assert p.finish() == {"error": "the cell ended within the profile's delay (60 s)"}
 
 
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed here")
