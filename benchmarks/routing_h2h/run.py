@@ -66,6 +66,7 @@ from benchmarks.routing_h2h.summary import (
     summarize,
     table,
 )
+from benchmarks.stack_sampler import HOOK_ENV
 from serve_app import settings
 from serve_app.config import IngressConfig
 
@@ -178,6 +179,21 @@ def system_config(base: dict, system: str, engine_kwargs: dict[str, Any]) -> dic
     return serve_config(base, spec["routing"], engine_kwargs, spec.get("ingress_replicas"))
 
 
+def with_stack_sampler(cfg: dict, sample_dir: Path) -> dict:
+    """``cfg`` with ``benchmarks.stack_sampler`` installed in every model replica and ingress replica (idle until
+    ``profile.CellProfiler`` turns it on): ``--profile``'s fallback where py-spy cannot attach."""
+    env = {**HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(sample_dir)}
+    for app in cfg["applications"]:
+        args = app.setdefault("args", {})
+        for m in args.get("models", []):
+            m["env"] = {**m.get("env", {}), **env}
+        dep = args.setdefault("ingress", {}).setdefault("deployment", {})
+        actor = dep.setdefault("ray_actor_options", {})
+        runtime_env = actor.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    return cfg
+
+
 def levels_of(fractions: list[float]) -> list[str]:
     """``sat`` and one ``rNN`` level per fraction (whole percents)."""
     return ["sat", *(f"r{round(f * 100)}" for f in fractions)]
@@ -283,6 +299,10 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
     """Start one system, run its cells, stop it -> {routing, runs: [this run], workload: {level: cell}}; ``save``
     gets that after every cell (a call cut short by its time limit keeps the cells it finished)."""
     work = Path(args.work_dir)
+    sample_dir = work / "stacks"
+    if args.profile:
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        cfg = with_stack_sampler(cfg, sample_dir)
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**(settings.SERVE_FAST_PATH_ENV if args.fast_path else {}), **evidence.SERVER_ENV}
@@ -309,7 +329,8 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         probe = evidence.Probe(serverproc.deployment_name(model), args.evidence_interval)
         run["metrics_url"] = probe.url or probe.error
         for wl, level in cells:
-            prof = (profile.CellProfiler(work, f"{name}-{wl}-{level}", seconds=args.profile_seconds)
+            prof = (profile.CellProfiler(work, f"{name}-{wl}-{level}", seconds=args.profile_seconds,
+                                         sample_dir=sample_dir)
                     if f"{wl}:{level}" in args.profile else None)
             probe.start()
             if prof is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -12,6 +14,7 @@ from typing import ClassVar
 import pytest
 import yaml
 
+from benchmarks import stack_sampler
 from benchmarks.routing_h2h import profile
 from benchmarks.routing_h2h.host_cpu import HostCpu, ProcReading
 from benchmarks.routing_h2h.profile import CellProfiler, summarize
@@ -41,15 +44,55 @@ def test_summarize_without_threads_and_garbage_lines() -> None:
     assert summarize("") == {"samples": 0, "threads": []}
 
 
-def test_no_py_spy_is_recorded_as_the_cells_profile_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+class OneProcess(HostCpu):
+    """/proc with one serving process of the given role."""
+
+    def __init__(self, pid: int, role: str = "replica") -> None:
+        super().__init__()
+        self.pid, self.role = pid, role
+
+    def read(self) -> ProcReading:
+        return ProcReading(0, 0, {self.pid: (self.role, "python", 0)}, {})
+
+
+def test_without_py_spy_or_a_sampler_the_error_is_the_cells_profile(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
     monkeypatch.setattr(profile.shutil, "which", lambda name: None)
-    p = CellProfiler(tmp_path, "kv-aware-docqa-sat", delay_s=0, seconds=1)
+    p = CellProfiler(tmp_path, "kv-aware-docqa-sat", delay_s=0, seconds=1, cpu=OneProcess(os.getpid()))
     p.start()
     assert p.finish() == {"error": "py-spy not installed"}
-    monkeypatch.setattr(profile.shutil, "which", lambda name: "/usr/bin/py-spy")
     p = CellProfiler(tmp_path, "short-cell", delay_s=60, seconds=1)  # the cell ends before the delay: nothing runs
     p.start()
     assert p.finish() == {"error": "the cell ended within the profile's delay (60 s)"}
+
+
+def test_without_py_spy_the_in_process_sampler_takes_the_samples(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """The stack sampler run.py --profile installs (here: in this process) is turned on for the window."""
+    monkeypatch.setattr(profile.shutil, "which", lambda name: None)
+    samples = tmp_path / "stacks"
+    samples.mkdir()
+    threading.Thread(target=stack_sampler._run, args=(samples,), daemon=True).start()
+    stop = threading.Event()
+
+    def busy_loop() -> None:  # something for the sampler to see
+        while not stop.is_set():
+            sum(range(1000))
+
+    threading.Thread(target=busy_loop, daemon=True).start()
+    try:
+        p = CellProfiler(tmp_path, "cell", delay_s=0, seconds=0.5, cpu=OneProcess(os.getpid(), "ingress"),
+                         sample_dir=samples)
+        p.start()
+        time.sleep(0.8)
+        out = p.finish()
+    finally:
+        stop.set()
+    assert out["method"] == "stack_sampler" and out["py_spy"] == "py-spy not installed"
+    (proc,) = out["processes"]
+    assert proc["pid"] == os.getpid() and proc["role"] == "ingress" and proc["samples"] > 0
+    assert any("busy_loop" in f for t in proc["threads"] for f, _ in t["top_inclusive"])
+    assert (tmp_path / proc["file"]).is_file() and not (samples / "on").exists()
 
 
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed here")
@@ -57,11 +100,7 @@ def test_records_the_serving_processes_it_finds(tmp_path: Path) -> None:
     """A process titled like a Serve replica gets recorded and summarized (where ptrace is allowed)."""
     child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: sum(range(1000))"])
     try:
-        class OneReplica(HostCpu):
-            def read(self) -> ProcReading:
-                return ProcReading(0, 0, {child.pid: ("replica", "python", 0)}, {})
-
-        p = CellProfiler(tmp_path, "cell", delay_s=0.2, seconds=1, cpu=OneReplica())
+        p = CellProfiler(tmp_path, "cell", delay_s=0.2, seconds=1, cpu=OneProcess(child.pid))
         p.start()
         time.sleep(1.5)
         out = p.finish()
@@ -70,10 +109,10 @@ def test_records_the_serving_processes_it_finds(tmp_path: Path) -> None:
         child.wait()
     (proc,) = out["processes"]
     assert proc["pid"] == child.pid and proc["role"] == "replica"
-    if proc["rc"] == 0:
-        assert proc["samples"] > 0 and (tmp_path / proc["file"]).is_file()
-    else:  # no ptrace permission in this sandbox: the error is kept, nothing raised
-        assert "error" in proc or proc["samples"] == 0
+    if out["method"] == "py-spy":
+        assert proc["rc"] == 0 and proc["samples"] > 0 and (tmp_path / proc["file"]).is_file()
+    else:  # no ptrace permission in this sandbox and no sampler given: why is kept, nothing raised
+        assert "error" in proc or "error" in out
 
 
 def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,9 +132,10 @@ def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: p
     class FakeProfiler:
         made: ClassVar[list[str]] = []
 
-        def __init__(self, out_dir: Path, label: str, seconds: float) -> None:
+        def __init__(self, out_dir: Path, label: str, seconds: float, sample_dir: Path) -> None:
             self.made.append(label)
             self.seconds = seconds
+            assert sample_dir == tmp_path / "stacks" and sample_dir.is_dir()
 
         def start(self) -> None: ...
 
@@ -118,3 +158,8 @@ def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: p
     assert out["docqa"]["sat"]["evidence"]["profile"] == {"seconds": 7.0, "processes": []}
     assert "profile" not in out["multiturn"]["sat"]["evidence"]
     assert FakeProfiler.made == ["kv-aware-docqa-sat"]
+    served = yaml.safe_load((tmp_path / "kv-aware.yaml").read_text())["applications"][0]["args"]
+    sampler_env = {**stack_sampler.HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(tmp_path / "stacks")}
+    assert served["models"][0]["env"].items() >= sampler_env.items()  # the sampler, idle until turned on
+    assert served["ingress"]["deployment"]["ray_actor_options"]["runtime_env"]["env_vars"].items() >= \
+        sampler_env.items()
