@@ -88,7 +88,7 @@ def _run(directory: Path) -> None:
             time.sleep(0.1)
         counts: Counter = Counter()
         cpu0, t0, n = thread_cpu(), time.perf_counter(), 0
-        while n % 50 or flag.exists():
+        while n == 0 or n % 50 or flag.exists():  # at least 50 samples: thread_cpu() may outlast a short window
             _sample(counts, me)
             n += 1
             time.sleep(PERIOD_S)
