@@ -307,8 +307,8 @@ def build_replica(model: ModelConfig, app: AppConfig):
     d = model.deployment
     opts = d.serve_options()
     # The ingress keeps the model's queue bound (deployments.admission); Serve's own is one it cannot reach first.
-    most = d.num_replicas if d.num_replicas is not None else int((d.autoscaling_config or {}).get("max_replicas", 1))
-    opts["max_queued_requests"] = serve_max_queued_requests(d.max_ongoing_requests, d.max_queued_requests, most)
+    opts["max_queued_requests"] = serve_max_queued_requests(d.max_ongoing_requests, d.max_queued_requests,
+                                                            d.replica_bounds()[1])
     actor = dict(opts.pop("ray_actor_options", {}))
     seed = app.routing.seed()  # from the config, or checked present in this process's env (hash_seed_from_env)
     # A seed from the environment (a Secret on every pod) stays out of the deployment's visible options.

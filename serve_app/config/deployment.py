@@ -102,6 +102,17 @@ class DeploymentOptions(BaseModel):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
+    def replica_bounds(self) -> tuple[int, int]:
+        """(min, max) replicas Serve may run: ``num_replicas`` both ways, else the autoscaling bounds with Serve's
+        own defaults (its ``AutoscalingConfig``)."""
+        if self.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            auto = AutoscalingConfig(**self.autoscaling_config)
+            return auto.min_replicas, auto.max_replicas
+        n = 1 if self.num_replicas is None else self.num_replicas
+        return n, n
+
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``serve.deployment(...).options(...)``.
 

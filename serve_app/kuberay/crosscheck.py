@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serve_app.config import AppConfig
-from serve_app.kuberay.rayservice import longest_graceful_s, replica_bounds
+from serve_app.kuberay.rayservice import longest_graceful_s
 from serve_app.kuberay.references import check_references, check_toleration
 from serve_app.kuberay.units import duration_s, quantity, quantity_bytes
 
@@ -114,10 +114,11 @@ def _check_models(name: str, rs: dict[str, Any], apps: list[AppConfig]) -> list[
                 errs.append(f"model {m.id}: a replica's placement bundles need {cpus:g} Ray CPUs on one pod "
                             f"({strategy}) but worker group(s) offer {offers} (resources.CPU, else rayStartParams "
                             "num-cpus, else the CPU limit); the replica would never be placed")
-            need = math.ceil(replica_bounds(m)[1] * gpus)
+            most = m.deployment.replica_bounds()[1]
+            need = math.ceil(most * gpus)
             pods = sum(_max_pods(g) for g, _ in fits)
             if pods < need:
-                errs.append(f"model {m.id}: Serve may run {replica_bounds(m)[1]} replicas but worker group(s) "
+                errs.append(f"model {m.id}: Serve may run {most} replicas but worker group(s) "
                             f"{[g.get('groupName') for g, _ in fits]} allow only {pods} pods")
     return errs
 

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from serve_app import settings
-from serve_app.config import AppConfig, ConfigError, ModelConfig
+from serve_app.config import AppConfig, ConfigError
 from serve_app.kuberay.network import auth_options, build_network_policy, secret_env, secret_mounts, seed_from_secret
 from serve_app.kuberay.rules_serve import unbounded_queues
 from serve_app.kuberay.targets import ClusterSpec, Target, effective_serve_config
@@ -63,18 +63,6 @@ class GpuGroup:
         return f"gpu-{self.accelerator_type.lower()}-tp{self.tp}"
 
 
-def replica_bounds(model: ModelConfig) -> tuple[int, int]:
-    """(min, max) Serve replicas of a model's deployment."""
-    dep = model.deployment
-    if dep.autoscaling_config is not None:
-        from ray.serve.config import AutoscalingConfig
-
-        auto = AutoscalingConfig(**dep.autoscaling_config)
-        return auto.min_replicas, auto.max_replicas
-    n = 1 if dep.num_replicas is None else dep.num_replicas
-    return n, n
-
-
 def gpu_groups(apps: list[AppConfig], target: Target) -> list[GpuGroup]:
     """Worker groups needed by the models: pods hold exactly TP GPUs, one replica per pod."""
     groups: dict[tuple[str, int], GpuGroup] = {}
@@ -89,7 +77,7 @@ def gpu_groups(apps: list[AppConfig], target: Target) -> list[GpuGroup]:
                                   "(it picks the node pool and lets the autoscaler scale from zero)")
             g = groups.setdefault((m.accelerator_type, m.tensor_parallel_size),
                                   GpuGroup(m.accelerator_type, m.tensor_parallel_size))
-            lo, hi = replica_bounds(m)
+            lo, hi = m.deployment.replica_bounds()
             g.min_pods += math.ceil(lo * gpus)
             g.max_pods += math.ceil(hi * gpus)
             per_pod = max(1, math.floor(1 / gpus)) if gpus < 1 else 1  # fractional GPUs share a pod

@@ -13,7 +13,6 @@ from kuberay_support import schema_dir_or_skip
 
 from serve_app.kuberay import render
 from serve_app.kuberay.dashboard import METRICS_USED, build_dashboard
-from serve_app.kuberay.rayservice import replica_bounds
 from serve_app.kuberay.rules import RESOURCE_START_PARAMS
 from serve_app.kuberay.targets import effective_serve_config, load_targets
 from serve_app.kuberay.units import duration_s, quantity_bytes
@@ -169,7 +168,7 @@ def test_worker_group_bounds_follow_serve_autoscaling():
     spec = load_targets(ROOT / render.TARGETS_FILE)
     (target,) = [t for t in spec.targets if t.name == "kvserve-llama8b"]
     _, apps = effective_serve_config(target, ROOT)
-    lo, hi = replica_bounds(apps[0].models[0])
+    lo, hi = apps[0].models[0].deployment.replica_bounds()
     group = dict(_groups(_rayservice(ROOT / "kuberay" / target.file)))["gpu-l40s-tp1"]
     assert (group["minReplicas"], group["maxReplicas"]) == (lo, hi) == (1, 8)
 
