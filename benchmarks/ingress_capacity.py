@@ -1,6 +1,8 @@
 """How many streamed tokens per second one ingress replica sustains, and the CPU it spends per token and request.
 
-Owns the measurement of the ingress's capacity over the real request path with no engine: Serve's HTTP proxy,
+Owns the measurement of the ingress's capacity over the real request path with no engine: HTTP through HAProxy to
+the ingress replicas' own servers (as ``kvserve serve --fast-path``, the GPU runs and the kuberay pods have it; Serve's
+Python proxy with ``--python-proxy``),
 ``deployments.ingress`` (built by ``serve_app.builder.build_app``: chat template, tokenization, block hashing,
 admission), routing by ``deployments.request_router.KVServeRouter``, the handle stream from the real
 ``VLLMReplica`` and the SSE formatting of ``deployments.generation``. The replicas run
@@ -13,16 +15,24 @@ output tokens/s, requests/s, the client's TTFT p50/p90, and the CPU seconds of e
 replicas, proxy, controller, the rest of Ray, this client) per 1,000 streamed tokens and per request, read from
 ``/proc`` through psutil, plus the replicas' step pacing. On a small machine the client and the replicas compete
 with the ingress for the cores, so the ingress's ceiling is derived, not observed: 1 core / its CPU per token.
-With several ``--output-len`` values the ingress's CPU (and the proxy's and replicas') is also split into a
-per-request and a per-token part (``benchmarks.ingress_figures.cost_fit``). ``--profile-s`` then samples the
+With several ``--output-len`` values the ingress's CPU (and the proxy's, HAProxy's and replicas') is also split
+into a per-request and a per-token part (``benchmarks.ingress_figures.cost_fit``). ``--profile-s`` then samples the
 ingress's stacks at the highest concurrency (a run of its own: profiling perturbs the figures) with
-``benchmarks.stack_sampler`` (py-spy cannot attach to another process here) and lists its hottest
-functions and the CPU of each of its threads.
+``benchmarks.stack_sampler`` and lists its hottest functions and the CPU of each of its threads. That sampler
+runs when it gets the GIL, so it over-counts frames that hand the GIL back (Ray's metric recording: 21% of its
+self samples on the HAProxy path against ~2.5% in a py-spy record of the same load); the thread CPU is exact.
+
+With ``--python-proxy`` requests go through Serve's Python proxy (its ``ProxyActor``) as they did before
+``kvserve serve --fast-path`` existed: the ingress then also streams every chunk back to the proxy as a Ray
+generator item.
 
 kv-aware routing here has no KV events (the fake engine publishes none): the router's approximate index only.
 
     flock /tmp/kvserve-ray.lock python benchmarks/ingress_capacity.py --replicas 2 --concurrency 16,64,128 \
-        --out benchmarks/results/ingress_capacity_cpu.json
+        --output-len 128,32 --warmup-s 4 --duration-s 15 --profile-s 10 \
+        --out benchmarks/results/ingress_capacity_cpu_haproxy.json
+
+(``ingress_capacity_cpu.json`` is the same through Serve's Python proxy, the path of its time.)
 """
 
 from __future__ import annotations
@@ -243,7 +253,7 @@ async def drive(args, base_url: str, counters: Path, out_dir: Path) -> dict:
             levels.append(r)
     result: dict = {"prompt_words": words, "prompt_tokens_approx": prompt_tokens, "levels": levels,
                     "processes": sorted(pids.values())}
-    result["cost_fit"] = cost_fit(levels, ("ingress", "proxy", "replica"), args.output_len)
+    result["cost_fit"] = cost_fit(levels, ("ingress", "proxy", "haproxy", "replica"), args.output_len)
     if args.profile_s > 0:
         try:
             result["profile"] = await profile(base_url, max(args.concurrency), args.output_len[0], words, args, pids,
@@ -267,7 +277,9 @@ def main() -> None:
     ap.add_argument("--profile-s", type=float, default=0.0,
                     help="sample the ingress's stacks this long at the top concurrency")
     ap.add_argument("--profile-top", type=int, default=30)
-    ap.add_argument("--no-fast-path", action="store_true")
+    ap.add_argument("--python-proxy", action="store_true",
+                    help="HTTP through Serve's Python proxy instead of HAProxy (Serve's throughput switches still on)")
+    ap.add_argument("--no-fast-path", action="store_true", help="Serve's defaults: its Python proxy, no switches")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -275,8 +287,16 @@ def main() -> None:
     from serve_app import settings
 
     machine, commit = machine_info(), git_commit()
-    if not args.no_fast_path:  # as stream_chunks.py: HAProxy is not on this machine
+    if args.no_fast_path:
+        http = "Serve's Python proxy, Serve's defaults"
+    elif args.python_proxy:
+        http = "Serve's Python proxy"
         os.environ.update({k: v for k, v in settings.SERVE_FAST_PATH_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"})
+    else:  # what `kvserve serve --fast-path` sets for the Ray it starts
+        from serve_app.haproxy_guard import fast_path_env
+
+        http = "HAProxy -> the ingress replicas' servers"
+        os.environ.update(fast_path_env())
     import ray
     from ray import serve
 
@@ -298,7 +318,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     out = {"command": " ".join([sys.executable, *sys.argv]), "machine": machine, "git_commit": commit,
-           "fast_path": not args.no_fast_path, "http": "Serve's Python proxy (no HAProxy)",
+           "fast_path": not args.no_fast_path, "http": http,
            "config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
            "kv_events": "none: the fake engine publishes none (kv-aware keeps only its approximate index)",
            **result}

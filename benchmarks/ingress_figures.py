@@ -121,12 +121,12 @@ def cost_fit(levels: Sequence[dict], roles: Sequence[str], output_lens: Sequence
 
 #: Process-title fragments of the Serve processes, most specific first.
 _ROLES = (("ServeReplica:", "ingress", "ingress"), ("ServeReplica:", "vllm-", "replica"),
-          ("ProxyActor", "", "proxy"), ("ServeController", "", "controller"))
+          ("ProxyActor", "", "proxy"), ("ServeController", "", "controller"), ("haproxy", "", "haproxy"))
 
 
 def role_of(title: str) -> str:
-    """``ingress``, ``replica``, ``proxy``, ``controller`` or ``ray_other`` (raylet, GCS, idle workers) of a Ray
-    process's title (``ray::ServeReplica:kvserve:ingress`` ...)."""
+    """``ingress``, ``replica``, ``proxy``, ``controller``, ``haproxy`` or ``ray_other`` (raylet, GCS, idle workers)
+    of a Ray process's title (``ray::ServeReplica:kvserve:ingress`` ...)."""
     for marker, part, role in _ROLES:
         if marker in title and part in title.split(marker, 1)[1]:
             return role

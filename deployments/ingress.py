@@ -22,6 +22,7 @@ and the mapping of replica failures to errors are ``deployments.dispatch``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ from deployments.generation import Accumulator, merge, primed, sse_events, withi
 from deployments.heap import freeze_startup_heap
 from deployments.http_errors import install_error_handlers
 from deployments.limits import BodyLimitMiddleware, RequestLimits
+from deployments.metrics import metrics
 from deployments.openai_api import (
     APIError,
     ChatCompletionRequest,
@@ -49,6 +51,7 @@ from deployments.openai_api import (
     TokenizeChatRequest,
     TokenizeRequest,
 )
+from deployments.pacing import LoopLag
 from deployments.protocol import GenerateChunk, GenerateRequest
 from deployments.readiness import Readiness, serve_status_source
 from deployments.rejections import record_rejection
@@ -120,6 +123,15 @@ class Ingress:
             replica.deployment)
         self.limits = RequestLimits.build(  # read by BodyLimitMiddleware
             self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
+        # How late this replica's one event loop runs (requests, streams, routing and KV events share it). Serve
+        # runs the constructor on that loop; a constructor called outside one (unit tests) has no probe.
+        self._lag = LoopLag(0.0)
+        self._lag_probe = None
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            lag_tags = {"replica": replica.replica_id.unique_id}
+            self._lag_probe = loop.create_task(
+                self._lag.run(lambda lag_s: metrics().ingress_loop_lag_ms.set(lag_s * 1000, tags=lag_tags)))
         logger.info("ingress up for models %s", list(self._models))
         freeze_startup_heap("ingress")
 

@@ -98,6 +98,11 @@ class _Metrics:
             description="From the handle call to the routing decision (Serve's queueing + the decision), per request.",
             boundaries=STAGE_MS_BUCKETS, tag_keys=("model",),
         )
+        self.ingress_loop_lag_ms = Gauge(
+            "kvserve_ingress_loop_lag_milliseconds",
+            description="How late an ingress replica's event loop (requests, streaming, routing and KV events share "
+            "it) runs its timers (smoothed).", tag_keys=("replica",),
+        )
         # --- vLLM replica ---
         self.replica_queued_prefill_tokens = Gauge(
             "kvserve_replica_queued_prefill_tokens",

@@ -1,7 +1,8 @@
 """When a vLLM replica sends a stream's next chunk: every engine step, unless its event loop lags.
 
-Owns ``LoopLag`` (a probe of how late the replica's event loop wakes, smoothed, with hysteresis on whether
-the loop is behind) and ``StreamPacer`` (per stream: is the output gathered so far due now?).
+Owns ``LoopLag`` (a probe of how late an event loop wakes, smoothed, with hysteresis on whether the loop is
+behind; the ingress runs one too, for its gauge only) and ``StreamPacer`` (per stream: is the output gathered so
+far due now?).
 
 Every streamed chunk costs the replica a Serve message (serialization and a gRPC send, ~0.1 ms of CPU per
 chunk in ``benchmarks/stream_chunks.py``) on the same event loop and GIL as vLLM's output handler. While
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 
 class LoopLag:
@@ -38,12 +40,17 @@ class LoopLag:
         else:
             self.behind = self.lag_s > self.threshold_s
 
-    async def run(self) -> None:
-        """Probe forever (a task of the replica's loop)."""
+    async def run(self, report: Callable[[float], None] | None = None, report_every_s: float = 1.0) -> None:
+        """Probe forever (a task of the loop it measures); ``report(lag_s)`` about every ``report_every_s``."""
+        reported = time.perf_counter()
         while True:
             due = time.perf_counter() + self.period_s
             await asyncio.sleep(self.period_s)
-            self.observe(time.perf_counter() - due)
+            now = time.perf_counter()
+            self.observe(now - due)
+            if report is not None and now - reported >= report_every_s:
+                reported = now
+                report(self.lag_s)
 
 
 class StreamPacer:

@@ -123,7 +123,8 @@ def stub_ingress(monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any] | No
     handle = handle or StubHandle()
     cls = next(c for c in ingress_mod.Ingress.__mro__ if "_requests" in c.__dict__)  # the class Serve wraps
     obj = cls.__new__(cls)
-    context = SimpleNamespace(servable_object=obj, app_name="kvserve", deployment=INGRESS_DEPLOYMENT)
+    context = SimpleNamespace(servable_object=obj, app_name="kvserve", deployment=INGRESS_DEPLOYMENT,
+                              replica_id=SimpleNamespace(unique_id="ingress-stub"))
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     running = {StubHandle.deployment_name: SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})}
     # Serve's ingress decorator copies the class's module globals: patch the copy its methods read.

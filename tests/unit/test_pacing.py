@@ -66,3 +66,19 @@ def test_the_probe_sees_a_blocked_loop():
 
     idle, held = asyncio.run(scenario())
     assert not idle and held
+
+
+def test_the_probe_reports_its_lag_about_every_period():
+    async def scenario() -> list[float]:
+        seen: list[float] = []
+        lag = LoopLag(threshold_s=0.0, period_s=0.002, alpha=1.0)
+        task = asyncio.get_running_loop().create_task(lag.run(seen.append, report_every_s=0.02))
+        await asyncio.sleep(0.03)
+        time.sleep(0.03)  # noqa: ASYNC251 - the loop is held on purpose: the next report carries the lateness
+        await asyncio.sleep(0.03)
+        task.cancel()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert 2 <= len(seen) <= 6  # ~0.065 s of probing at one report per 0.02 s (timers may fire late)
+    assert max(seen) >= 0.02  # the held loop's lateness was reported

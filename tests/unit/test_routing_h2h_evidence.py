@@ -166,11 +166,13 @@ def test_view_reads_the_gauges_by_replica_and_timeline_points_carry_it() -> None
         f"ray_kvserve_router_outstanding_requests{{{tags}}} 40.0",
         f"ray_kvserve_router_prefill_tokens_per_s{{{tags}}} 12000.0",
         f'ray_kvserve_replica_queued_prefill_tokens{{{COMMON},model="smollm2",replica="r-a"}} 512.0',
+        f'ray_kvserve_ingress_loop_lag_milliseconds{{{COMMON},replica="ing-1"}} 7.5',
     ])
     after = keep(parse(text))
     assert evidence.view(after, DEP) == {"ongoing": {"r-a": 3.0, "r-b": 0.0}, "router_outstanding": {"r-a": 40.0},
                                          "router_prefill_tps": {"r-a": 12000.0},
-                                         "replica_queued_prefill_tokens": {"r-a": 512.0}}
+                                         "replica_queued_prefill_tokens": {"r-a": 512.0},
+                                         "ingress_loop_lag_ms": {"ing-1": 7.5}}
     point = evidence.timeline_point({}, after, DEP, 5.04)
     assert point["t_s"] == 5.0 and point["router_outstanding"] == {"r-a": 40.0}
     assert derive({}, after, DEP)["view_after"]["ongoing"] == {"r-a": 3.0, "r-b": 0.0}
