@@ -8,6 +8,13 @@ and ``health`` shape ``/v1/models`` and ``/health``; ``running`` gives any deplo
 running replica count, which the ingress's rate limits divide by) and ``serve_status_source`` (the default source,
 Ray Serve's public ``serve.status()``, polled on a daemon thread because it blocks).
 
+Polling: every ``refresh_s`` (1 s) while anything changes, every ``settled_refresh_s`` (5 s) once every deployment of
+the report is HEALTHY (at its target, no replica starting or stopping) and every model serves. A status call is
+not cheap: ``serve.status()`` builds Serve's whole instance details, and each deployment's request-router config
+cloudpickles its router class by value on the way (tens of ms of CPU in the ingress process, with the GIL held,
+``benchmarks/results/readiness_poll_cpu.json``); a settled app changes only through a replica's failure or an
+autoscaling decision, which turns the deployment's status and the polling fast again at the next poll.
+
 The snapshot starts empty: until the first status arrives every model is ``starting``. A failed
 refresh keeps the last snapshot (a controller restart does not make models disappear).
 """
@@ -84,10 +91,12 @@ class Readiness:
     """Per-model readiness from the replica states of each model's deployment."""
 
     def __init__(self, deployments: Mapping[str, str], source: StatusSource, refresh_s: float = 1.0,
-                 retry_after_s: int = 10) -> None:
+                 retry_after_s: int = 10, settled_refresh_s: float = 5.0) -> None:
         self._deployments = dict(deployments)  # model id -> deployment name
         self._source = source
         self._refresh_s = refresh_s
+        self._settled_refresh_s = max(settled_refresh_s, refresh_s)
+        self._settled = False
         self._retry_after_s = retry_after_s
         self._models = {m: ModelReadiness(m) for m in self._deployments}
         self._running: dict[str, int] = {}  # deployment name -> RUNNING replicas (the app's deployments only)
@@ -112,6 +121,9 @@ class Readiness:
                 model_id, running=_count(states, ("RUNNING",)), starting=_count(states, _STARTING_STATES),
                 deployment_status=str(getattr(status, "value", status)), message=str(getattr(d, "message", "")))
         self._updated_at = now
+        self._settled = bool(deployments) and self.all_ready() and all(
+            str(getattr(getattr(d, "status", ""), "value", getattr(d, "status", ""))) == "HEALTHY"
+            for d in deployments.values())
         if not self._announced and self.all_ready():
             self._announced = True
             logger.info("all models ready: %s", sorted(self._models))
@@ -121,6 +133,7 @@ class Readiness:
         try:
             self.update(self._source(), now)
         except Exception as err:  # noqa: BLE001 - keep serving on the last snapshot
+            self._settled = False
             logger.warning("readiness refresh failed (%s: %s); keeping the last snapshot", type(err).__name__, err)
             return False
         return True
@@ -135,9 +148,13 @@ class Readiness:
     def all_ready(self) -> bool:
         return all(m.serves for m in self._models.values())
 
+    def interval(self) -> float:
+        """Seconds to the next refresh: ``settled_refresh_s`` once the last report was settled, else ``refresh_s``."""
+        return self._settled_refresh_s if self._settled else self._refresh_s
+
     # --- background refresh ----------------------------------------------------------------
     def start(self) -> None:
-        """Refresh every ``refresh_s`` on a daemon thread (the source blocks; the event loop never waits)."""
+        """Refresh every ``interval()`` on a daemon thread (the source blocks; the event loop never waits)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kvserve-readiness", daemon=True)
             self._thread.start()
@@ -145,7 +162,7 @@ class Readiness:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.refresh(time.time())
-            self._stop.wait(self._refresh_s)
+            self._stop.wait(self.interval())
 
     def stop(self) -> None:
         self._stop.set()

@@ -233,7 +233,7 @@ class Frontend:
             if isinstance(p, str):
                 out.append(self.tokenizer.encode(p, add_special_tokens=bool(req.add_special_tokens)))
             else:
-                if any(t >= self.vocab_size for t in p):
+                if max(p) >= self.vocab_size or min(p) < 0:
                     raise self._error(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
                 out.append(list(p))
         return out
@@ -255,7 +255,7 @@ class Frontend:
             return []
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
+        if p and isinstance(p[0], int):  # validated as list[int] | list[list[int]] | list[str]: one kind throughout
             return [p]
         return list(p)
 

@@ -94,6 +94,13 @@ def test_inputs_vllm_refuses_are_400(client, extra) -> None:
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("prompt", [[1, 2, 10**6], [5, -1], [[1, 2], [3, 10**6]]])
+def test_prompt_token_ids_outside_the_vocabulary_are_400(client, prompt) -> None:
+    r = client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), r.text
+    assert "must be in [0, " in r.json()["error"]["message"] or "greater than or equal to 0" in r.text
+
+
 def test_required_tools_constrain_and_parse(stub, client) -> None:
     stub[2].pieces, stub[2].finish_reason = ['[{"name": "get_time",', ' "parameters": {"city": "Oslo"}}]'], "stop"
     body = {"model": "smollm2", "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required"}

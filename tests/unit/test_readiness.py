@@ -182,3 +182,25 @@ def test_ingress_handlers_count_404_400_and_503_once(counted: _FakeCounter) -> N
     assert counted.calls == [{"value": 1, "model": "unknown", "status": "client_error"},
                              {"value": 1, "model": "smollm2", "status": "server_error"},
                              {"value": 1, "model": "smollm2", "status": "client_error"}]
+
+
+def test_polls_slowly_only_while_every_deployment_is_settled_and_every_model_serves() -> None:
+    src = _Source()
+    r = _readiness(src)
+    assert r.interval() == 1.0  # nothing reported yet
+    healthy = {"vllm-a": _Dep("HEALTHY", {"RUNNING": 2}), "vllm-b": _Dep("HEALTHY", {"RUNNING": 1}),
+               "Ingress": _Dep("HEALTHY", {"RUNNING": 2})}
+    src.deployments = dict(healthy)
+    assert r.refresh(0.0) and r.interval() == 5.0
+    # An autoscaling decision, a replica's failure or a model that cannot serve: fast again.
+    for change in ({"vllm-b": _Dep("UPSCALING", {"RUNNING": 1, "STARTING": 1})},
+                   {"Ingress": _Dep("UNHEALTHY", {"RUNNING": 1})},
+                   {"vllm-a": _Dep("DEPLOY_FAILED", {})}):
+        src.deployments = {**healthy, **change}
+        assert r.refresh(1.0) and r.interval() == 1.0, change
+        src.deployments = dict(healthy)
+        assert r.refresh(2.0) and r.interval() == 5.0
+    src.deployments = {**healthy, "vllm-a": _Dep("HEALTHY", {})}  # autoscaled to zero: settled at its target
+    assert r.refresh(2.5) and r.get("a").state == "scaled_to_zero" and r.interval() == 5.0
+    src.fail = True
+    assert not r.refresh(3.0) and r.interval() == 1.0  # a failed report: poll again soon
