@@ -11,8 +11,8 @@ Ray Serve's public ``serve.status()``, polled on a daemon thread because it bloc
 Polling: every ``refresh_s`` (1 s) while anything changes, every ``settled_refresh_s`` (5 s) once every deployment of
 the report is HEALTHY (at its target, no replica starting or stopping) and every model serves. A status call is
 not cheap: ``serve.status()`` builds Serve's whole instance details, and each deployment's request-router config
-cloudpickles its router class by value on the way (tens of ms of CPU in the ingress process, with the GIL held,
-``benchmarks/results/readiness_poll_cpu.json``); a settled app changes only through a replica's failure or an
+cloudpickles its router class by value on the way, in the ingress process with the GIL held
+(``benchmarks/results/readiness_poll_cpu.json``); a settled app changes only through a replica's failure or an
 autoscaling decision, which turns the deployment's status and the polling fast again at the next poll.
 
 The snapshot starts empty: until the first status arrives every model is ``starting``. A failed
@@ -83,6 +83,12 @@ def serve_status_source(app_name: str) -> StatusSource:
     return fetch
 
 
+def _status(deployment: Any) -> str:
+    """A deployment's status as its name (Serve reports an enum)."""
+    status = getattr(deployment, "status", "UNKNOWN")
+    return str(getattr(status, "value", status))
+
+
 def _count(states: Mapping[Any, int], names: tuple[str, ...]) -> int:
     return sum(int(n) for s, n in states.items() if str(getattr(s, "value", s)) in names)
 
@@ -116,14 +122,12 @@ class Readiness:
                 self._models[model_id] = ModelReadiness(model_id)
                 continue
             states = getattr(d, "replica_states", {}) or {}
-            status = getattr(d, "status", "UNKNOWN")
             self._models[model_id] = ModelReadiness(
                 model_id, running=_count(states, ("RUNNING",)), starting=_count(states, _STARTING_STATES),
-                deployment_status=str(getattr(status, "value", status)), message=str(getattr(d, "message", "")))
+                deployment_status=_status(d), message=str(getattr(d, "message", "")))
         self._updated_at = now
         self._settled = bool(deployments) and self.all_ready() and all(
-            str(getattr(getattr(d, "status", ""), "value", getattr(d, "status", ""))) == "HEALTHY"
-            for d in deployments.values())
+            _status(d) == "HEALTHY" for d in deployments.values())
         if not self._announced and self.all_ready():
             self._announced = True
             logger.info("all models ready: %s", sorted(self._models))
