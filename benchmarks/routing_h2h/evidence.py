@@ -444,7 +444,8 @@ def _spread(by_replica: dict[str, dict], key: str) -> str:
 
 def evidence_table(results: dict[str, dict]) -> str:
     """Markdown: per cell with evidence, requests per replica (max/mean), top decision reasons, KV events, route
-    wait and vLLM's queue-time mean range over replicas; "" when no cell has evidence."""
+    wait, vLLM's queue-time mean range over replicas, the stages, the event loops' worst lag and the host's CPU;
+    "" when no cell has evidence."""
     from benchmarks.routing_h2h.summary import workload_names
 
     rows = []
@@ -455,20 +456,30 @@ def evidence_table(results: dict[str, dict]) -> str:
                 if not ev:
                     continue
                 if "requests_by_replica" not in ev:
-                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | | |")
+                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | | | | |")
                     continue
                 bal = "-" if ev["balance"] is None else f"{ev['balance']:.2f}"
                 route = "-" if ev.get("route_wait_ms_mean") is None else f"{ev['route_wait_ms_mean']:.1f}"
                 per = "/".join(str(v) for v in ev["requests_by_replica"].values())
                 rows.append(f"| {wl} | {lv} | {system} | {per} | {bal} | {_top(ev['decision_shares'])} | "
                             f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} | "
-                            f"{_stage_p50s(ev.get('stages_ms') or {})} | {_host_cpu(ev)} |")
+                            f"{_stage_p50s(ev.get('stages_ms') or {})} | {_loop_lag(ev)} | {_host_cpu(ev)} |")
     if not rows:
         return ""
     return ("| workload | load | system | requests per replica | max/mean | top reasons | KV events | route wait ms | "
             "vLLM queue ms (replica min..max) | stage p50 ms (tokenize/dispatch/engine/return/first byte) | "
+            "worst loop lag ms (ingress / replica) | "
             "host cores busy (cell / busiest interval), busiest serving thread |\n"
-            "|---|---|---|---|---:|---|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n")
+            "|---|---|---|---|---:|---|---:|---:|---:|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _loop_lag(ev: dict) -> str:
+    """The highest smoothed event-loop lag any ingress replica and any vLLM replica showed at a timeline point."""
+    def worst(key: str) -> str:
+        vals = [v for p in ev.get("timeline", []) for v in (p.get(key) or {}).values()]
+        return f"{max(vals):.0f}" if vals else "-"
+
+    return f"{worst('ingress_loop_lag_ms')} / {worst('replica_loop_lag_ms')}"
 
 
 def _host_cpu(ev: dict) -> str:

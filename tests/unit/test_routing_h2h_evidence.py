@@ -214,5 +214,13 @@ def test_stages_split_the_ttft_into_the_engine_and_the_serving_path_around_it() 
     assert set(ev["stages_ms"]) == {"engine", "dispatch"}  # stages with no request left out
     assert ev["engine_stage_ms_by_replica"]["r-b"]["mean"] == 300.0
     md = evidence_table({"kv-aware": {"no-sharing": {"r70": {"ttft_p50_ms": 1, "evidence": ev}}}})
-    assert md.splitlines()[-1].endswith("| -/300/100/-/- | - |")  # tokenize/dispatch/engine/return/first byte p50
+    assert md.splitlines()[-1].endswith("| -/300/100/-/- | - / - | - |")  # stage p50s, no lag, no host CPU
     assert derive(keep(before), keep(after), DEP) == ev
+
+
+def test_the_evidence_table_shows_the_worst_loop_lag_of_the_ingresses_and_the_replicas() -> None:
+    ev = {"timeline": [{"ingress_loop_lag_ms": {"i-1": 3.0, "i-2": 12.4}, "replica_loop_lag_ms": {"r-a": 334.0}},
+                       {"ingress_loop_lag_ms": {"i-1": 7.0}, "replica_loop_lag_ms": {"r-a": 1.0, "r-b": 17.5}},
+                       {}]}
+    assert evidence._loop_lag(ev) == "12 / 334"
+    assert evidence._loop_lag({"timeline": [{"replica_loop_lag_ms": {"r-a": 4.0}}]}) == "- / 4"  # older cells
