@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -46,6 +47,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +75,27 @@ def app_args(args: argparse.Namespace, counters_dir: str) -> dict:
         env = {**HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(Path(counters_dir).parent / "samples")}
         doc["ingress"]["deployment"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return doc
+
+
+@contextlib.contextmanager
+def served_app(app: dict) -> Iterator[int]:
+    """``app`` (an application's ``args``) deployed on a Ray and Serve of this process's own, HTTP on a free local
+    port (yielded); both are shut down when the block ends. The Serve switches come from the environment."""
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app
+    from serve_app.config import load_app_config
+
+    port = _free_port()
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(load_app_config(app)), name="kvserve", route_prefix="/", blocking=False)
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _free_port() -> int:
@@ -297,26 +320,12 @@ def main() -> None:
 
         http = "HAProxy -> the ingress replicas' servers"
         os.environ.update(fast_path_env())
-    import ray
-    from ray import serve
-
-    from serve_app.builder import build_app
-    from serve_app.config import load_app_config
-
     work = Path(tempfile.mkdtemp(prefix="ingcap-"))
     counters = work / "counters"
     counters.mkdir()
     (work / "samples").mkdir()
-    port = _free_port()
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(load_app_config(app_args(args, str(counters)))), name="kvserve", route_prefix="/",
-                  blocking=False)
+    with served_app(app_args(args, str(counters))) as port:
         result = asyncio.run(drive(args, f"http://127.0.0.1:{port}/v1", counters, work))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     out = {"command": " ".join([sys.executable, *sys.argv]), "machine": machine, "git_commit": commit,
            "fast_path": not args.no_fast_path, "http": http,
            "config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},

@@ -30,43 +30,16 @@ from pathlib import Path
 from benchmarks.bench.result import git_commit, machine_info
 
 
-def _ingress_pid() -> int:
-    import psutil
-
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "ServeReplica:kvserve:ingress" in " ".join(p.cmdline()):
-                return p.pid
-        except psutil.Error:
-            continue
-    raise RuntimeError("no ingress replica process found")
-
-
-def _cpu_s(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
 def measure(args: argparse.Namespace) -> dict:
-    import ray
     from ray import serve
 
-    from benchmarks.ingress_capacity import _free_port, app_args
-    from serve_app.builder import build_app
-    from serve_app.config import load_app_config
+    from benchmarks.ingress_capacity import app_args, cpu_snapshot, serve_processes, served_app
     from serve_app.haproxy_guard import fast_path_env
 
     os.environ.update(fast_path_env())
     work = Path(tempfile.mkdtemp(prefix="readiness-"))
     ns = argparse.Namespace(step_ms=20.0, replicas=args.replicas, strategy="kv-aware", profile_s=0)
-    port = _free_port()
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(load_app_config(app_args(ns, str(work)))), name="kvserve", route_prefix="/",
-                  blocking=False)
+    with served_app(app_args(ns, str(work))) as port:
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -84,14 +57,14 @@ def measure(args: argparse.Namespace) -> dict:
             serve.status()
             cpu.append((time.process_time() - c0) * 1000)
             wall.append((time.perf_counter() - w0) * 1000)
-        pid = _ingress_pid()
+        ingress = {pid: role for pid, role in serve_processes().items() if role == "ingress"}
+        if not ingress:
+            raise RuntimeError("no ingress replica process found")
         time.sleep(args.settle_s)
-        c0, w0 = _cpu_s(pid), time.perf_counter()
+        a = cpu_snapshot(ingress)
         time.sleep(args.idle_s)
-        idle = (_cpu_s(pid) - c0) / (time.perf_counter() - w0)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        b = cpu_snapshot(ingress)
+    idle = sum(b["pids"][p] - a["pids"][p] for p in ingress if p in a["pids"] and p in b["pids"]) / (b["t"] - a["t"])
     return {"status_call": {"calls": args.calls, "cpu_ms_p50": round(statistics.median(cpu), 2),
                             "wall_ms_p50": round(statistics.median(wall), 2)},
             "idle_ingress": {"settle_s": args.settle_s, "idle_s": args.idle_s,

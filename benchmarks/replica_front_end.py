@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench.result import git_commit, machine_info
+from serve_app import settings
 
 
 def detokenizer_first_step(tokenizer_json: Path, lengths: list[int], rounds: int) -> dict:
@@ -155,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/replica_front_end_cpu.json"))
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
-    model_dir = Path(os.environ.get("KVSERVE_MODEL_DIR", Path.home() / ".cache/kvserve/models"))
-    tokenizer = args.tokenizer or model_dir / "shape-llama-3.2-1b" / "tokenizer.json"
+    tokenizer = args.tokenizer or settings.model_dir() / "shape-llama-3.2-1b" / "tokenizer.json"
     result = {"command": shlex.join(["python", "-m", "benchmarks.replica_front_end", *(argv or sys.argv[1:])]),
               "machine": machine_info(), "git_commit": git_commit(),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
