@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ingress_figures import cost_fit, cpu_by_role, fold_stacks, pacing, role_of, window_stats
+from benchmarks.routing_h2h.evidence import ROUTE_MS, SERVER_ENV, VIEW_GAUGES, fetch, histogram, stages, sums
 from benchmarks.stack_sampler import HOOK_ENV
 
 MODEL = "smollm2"
@@ -70,6 +71,8 @@ def app_args(args: argparse.Namespace, counters_dir: str) -> dict:
     model["engine_kwargs"] = {"step_ms": args.step_ms, "counters_dir": counters_dir}
     model["deployment"].update(num_replicas=args.replicas, max_ongoing_requests=1024, max_queued_requests=1024)
     doc["ingress"]["deployment"].update(max_ongoing_requests=4096, max_queued_requests=4096)
+    if args.ingress_merge_lag_ms is not None:
+        doc["ingress"]["stream_merge_lag_ms"] = args.ingress_merge_lag_ms
     doc["routing"] = {"strategy": args.strategy}
     if args.profile_s > 0:  # the ingress gets the stack sampler (idle until the profile run)
         env = {**HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(Path(counters_dir).parent / "samples")}
@@ -88,6 +91,7 @@ def served_app(app: dict) -> Iterator[int]:
     from serve_app.config import load_app_config
 
     port = _free_port()
+    os.environ.update(SERVER_ENV)  # Ray's agent exports metrics every second, so a level's scrapes see all of it
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -96,6 +100,37 @@ def served_app(app: dict) -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def node_metrics_url() -> str:
+    """The metrics-export URL of this process's own Ray node (``served_app``'s)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def scrape(url: str | None) -> dict:
+    """One scrape of the node's metrics (empty when there is no URL or it fails: the level's figures stand alone)."""
+    if not url:
+        return {}
+    try:
+        return fetch(url)
+    except Exception:  # noqa: BLE001 - the stages are extra evidence, not the measurement
+        return {}
+
+
+def stage_figures(before: dict, after: dict) -> dict:
+    """The ingress's request-path stages (p50 and mean, ms) over a level, and the worst event-loop lag (ms) of the
+    ingress and the replicas at its end."""
+    out: dict = {"stages_ms": {k: {"p50": v["p50"], "mean": v["mean"]} for k, v in stages(before, after).items()}}
+    route = histogram(before, after, ROUTE_MS, "").get("")
+    if route:  # within dispatch: the handle's request created -> the router's decision
+        out["stages_ms"]["route"] = {"p50": route["p50"], "mean": route["mean"]}
+    for key in ("ingress_loop_lag_ms", "replica_loop_lag_ms"):
+        lags = sums(after, VIEW_GAUGES[key], "replica")
+        out[key] = round(max(lags.values()), 1) if lags else None
+    return out
 
 
 def _free_port() -> int:
@@ -166,7 +201,7 @@ async def calibrate(client, target: int) -> tuple[int, int]:
 
 
 async def run_level(base_url: str, conc: int, out_len: int, words: int, args, pids: dict[int, str],
-                    counters: Path) -> dict:
+                    counters: Path, metrics: str | None = None) -> dict:
     import httpx
 
     from benchmarks.bench.client import StreamClient
@@ -180,6 +215,7 @@ async def run_level(base_url: str, conc: int, out_len: int, words: int, args, pi
         start = time.perf_counter()
         end = start + args.warmup_s + args.duration_s
         marks: dict[str, tuple] = {}
+        scrapes: dict[str, dict] = {}
 
         async def worker(w: int) -> None:
             k = 0
@@ -191,8 +227,10 @@ async def run_level(base_url: str, conc: int, out_len: int, words: int, args, pi
         async def marker() -> None:
             await asyncio.sleep(args.warmup_s)
             marks["a"] = (cpu_snapshot(pids), engine_counters(counters))
+            scrapes["a"] = await asyncio.to_thread(scrape, metrics)
             await asyncio.sleep(max(end - time.perf_counter(), 0))
             marks["b"] = (cpu_snapshot(pids), engine_counters(counters))
+            scrapes["b"] = await asyncio.to_thread(scrape, metrics)
 
         await asyncio.gather(marker(), *(worker(w) for w in range(conc)))
     (a, ea), (b, eb) = marks["a"], marks["b"]
@@ -216,6 +254,7 @@ async def run_level(base_url: str, conc: int, out_len: int, words: int, args, pi
         "ingress_cpu_s": round(ing, 3),
         "ingress_ceiling_tok_per_s": round(tokens / ing) if ing > 0 else None,
         "replica_pacing": pacing(ea, eb, window, args.step_ms),
+        **(stage_figures(scrapes["a"], scrapes["b"]) if scrapes.get("a") and scrapes.get("b") else {}),
     }
 
 
@@ -268,10 +307,14 @@ async def drive(args, base_url: str, counters: Path, out_dir: Path) -> dict:
         words, prompt_tokens = await calibrate(StreamClient(http, base_url, MODEL), args.prompt_tokens)
     await asyncio.sleep(2)  # every Serve process is up now
     pids = serve_processes()
+    try:
+        metrics: str | None = node_metrics_url()
+    except Exception:  # noqa: BLE001 - levels without their stages
+        metrics = None
     levels = []
     for out_len in args.output_len:
         for conc in args.concurrency:
-            r = await run_level(base_url, conc, out_len, words, args, pids, counters)
+            r = await run_level(base_url, conc, out_len, words, args, pids, counters, metrics)
             print(json.dumps(r), flush=True)
             levels.append(r)
     result: dict = {"prompt_words": words, "prompt_tokens_approx": prompt_tokens, "levels": levels,
@@ -293,6 +336,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=lambda s: [int(x) for x in s.split(",")], default=[128])
     ap.add_argument("--prompt-tokens", type=int, default=500)
     ap.add_argument("--step-ms", type=float, default=20.0, help="the fake engines' step (one token per stream)")
+    ap.add_argument("--ingress-merge-lag-ms", type=float, default=None,
+                    help="the ingress's stream_merge_lag_ms (default: the config's; 0: never asks replicas to merge)")
     ap.add_argument("--strategy", default="kv-aware",
                     choices=["kv-aware", "round-robin", "prefix-aware", "least-loaded"])
     ap.add_argument("--warmup-s", type=float, default=5.0)

@@ -123,9 +123,10 @@ class Ingress:
             replica.deployment)
         self.limits = RequestLimits.build(  # read by BodyLimitMiddleware
             self._cfg.ingress, {i: (m.frontend.tokenizer, m.max_model_len) for i, m in self._models.items()})
-        # How late this replica's one event loop runs (requests, streams, routing and KV events share it). Serve
-        # runs the constructor on that loop; a constructor called outside one (unit tests) has no probe.
-        self._lag = LoopLag(0.0, period_s=0.05)  # a gauge only: 20 wake-ups a second are enough
+        # How late this replica's one event loop runs (requests, streams, routing and KV events share it): a gauge,
+        # and while it is behind, the requests dispatched ask their replicas to merge chunks. Serve runs the
+        # constructor on that loop; a constructor called outside one (unit tests) has no probe and never asks.
+        self._lag = LoopLag(self._cfg.ingress.stream_merge_lag_ms / 1000, period_s=0.05)  # 20 wake-ups a second
         self._lag_probe = None
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
@@ -240,7 +241,7 @@ class Ingress:
                 request_id=uuid.uuid4().hex, model_id=m.config.id, prompt_token_ids=ids,
                 sampling=fe.sampling(body, max_tokens), block_hashes=hashes, session_key=session,
                 cache_salt=salt, arrival_time=time.time(), trace_headers=trace_headers,
-                reasoning_ended=reasoning_ended))
+                reasoning_ended=reasoning_ended, merge_chunks=self._lag.behind or not body.stream))
         self.gate.admit_tokens(tenant, sum(len(ids) for ids, _ in prompts), time.monotonic())
         return reqs
 

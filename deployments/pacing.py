@@ -1,15 +1,18 @@
-"""When a vLLM replica sends a stream's next chunk: every engine step, unless its event loop lags.
+"""When a vLLM replica sends a stream's next chunk: every engine step, unless an event loop on its path lags.
 
 Owns ``LoopLag`` (a probe of how late an event loop wakes, smoothed, with hysteresis on whether the loop is
-behind; the ingress runs one too, for its gauge only) and ``StreamPacer`` (per stream: is the output gathered so
-far due now?).
+behind; the ingress runs one too, for its gauge and to ask replicas to merge) and ``StreamPacer`` (per stream: is
+the output gathered so far due now?).
 
 Every streamed chunk costs the replica a Serve message (serialization and a gRPC send, ~0.1 ms of CPU per
 chunk in ``benchmarks/stream_chunks.py``) on the same event loop and GIL as vLLM's output handler. While
 the loop keeps up, each engine step goes out as its own chunk, so the inter-token latency a client sees is
 the engine's. When the loop falls behind (many streams, a slow host) the streams merge consecutive steps
 into one chunk per ``merge_interval_s``, which cuts the messages without changing tokens/s, until the lag
-has fallen below half the threshold. The first chunk and the last always go out at once.
+has fallen below half the threshold. The ingress reads, formats and writes every chunk too (~0.14 ms of CPU
+each on its HAProxy path, ``benchmarks/ingress_capacity.py``): while its own loop is behind, the requests it
+dispatches carry ``GenerateRequest.merge_chunks`` and merge for their whole life, as do requests that do not
+stream. The first chunk and the last always go out at once.
 """
 
 from __future__ import annotations
@@ -54,17 +57,21 @@ class LoopLag:
 
 
 class StreamPacer:
-    """One stream's pacing: ``due(now, finished)`` says whether what it has gathered goes out now."""
+    """One stream's pacing: ``due(now, finished)`` says whether what it has gathered goes out now. It merges while
+    the replica's loop is behind, or for its whole life when ``merge`` (the ingress asked: its own loop was behind,
+    or the request does not stream)."""
 
-    __slots__ = ("_interval_s", "_lag", "_last_sent")
+    __slots__ = ("_interval_s", "_lag", "_last_sent", "_merge")
 
-    def __init__(self, lag: LoopLag, merge_interval_s: float) -> None:
+    def __init__(self, lag: LoopLag, merge_interval_s: float, merge: bool = False) -> None:
         self._lag = lag
         self._interval_s = merge_interval_s
+        self._merge = merge
         self._last_sent: float | None = None
 
     def due(self, now: float, finished: bool) -> bool:
-        if finished or self._last_sent is None or not self._lag.behind or now - self._last_sent >= self._interval_s:
+        merging = self._merge or self._lag.behind
+        if finished or self._last_sent is None or not merging or now - self._last_sent >= self._interval_s:
             self._last_sent = now
             return True
         return False

@@ -35,6 +35,10 @@ class GenerateRequest:
             engine so vLLM's own request span joins the same trace; None when tracing is off.
         reasoning_ended: vLLM's hint for structured outputs under a reasoning parser (the prompt already
             ended the reasoning, or reasoning is not returned); None: no reasoning parser.
+        merge_chunks: the replica merges consecutive engine steps into one chunk per its model's
+            ``stream_merge_interval_ms`` from the start (the first chunk and the last still go out at once): the
+            ingress's event loop was behind when it dispatched the request, or nobody reads the stream as it
+            goes (a non-streaming request).
     """
 
     request_id: str
@@ -48,6 +52,7 @@ class GenerateRequest:
     dispatched_at: float = 0.0
     trace_headers: dict[str, str] | None = None
     reasoning_ended: bool | None = None
+    merge_chunks: bool = False
 
 
 @dataclass(slots=True)

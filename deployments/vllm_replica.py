@@ -128,7 +128,8 @@ class VLLMReplica:
             self._busy_since = time.monotonic()
         self._streams += 1
         chunk: GenerateChunk | None = None
-        pacer = StreamPacer(self._lag, self._model.stream_merge_interval_ms / 1000)
+        pacer = StreamPacer(self._lag, self._model.stream_merge_interval_ms / 1000,
+                            merge=req.merge_chunks and self._model.stream_merge_lag_ms > 0)
         first = True
         finished = False
         try:

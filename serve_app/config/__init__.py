@@ -68,6 +68,12 @@ class IngressConfig(BaseModel):
         "decoding and validation hold the ingress's event loop for about 0.15 s per MB of many small messages, so "
         "this bounds the stall one request can cause. A full 128K-token prompt is ~0.5 MB as text, ~0.8 MB as "
         "token ids. null: no limit.")
+    stream_merge_lag_ms: float = Field(
+        default=5.0, ge=0,
+        description="While this ingress replica's event loop runs its timers more than this late (smoothed), the "
+        "requests it dispatches ask their replica to merge consecutive engine steps into one chunk per the model's "
+        "stream_merge_interval_ms (fewer chunks for the ingress to read, format and write; unchanged tokens/s), "
+        "until the lag falls below half of it. A model whose stream_merge_lag_ms is 0 never merges. 0: never ask.")
     max_prompts_per_request: int = Field(
         default=256, ge=1,
         description="Most prompts one /v1/completions request may batch (each becomes its own replica call); "

@@ -181,6 +181,22 @@ def test_completion_logprobs_and_echo(client) -> None:
     assert streamed == "Hello w0 w1"
 
 
+def test_replicas_are_asked_to_merge_chunks_when_nobody_streams_or_the_ingress_lags(stub, client) -> None:
+    _, ingress, handle = stub
+    body = {"model": "smollm2", "messages": ASK, "max_tokens": 3}
+    asked = []
+    for stream, behind in ((True, False), (False, False), (True, True)):
+        ingress._lag.behind = behind
+        try:
+            r = client.post("/v1/chat/completions", json={**body, "stream": stream})
+        finally:
+            ingress._lag.behind = False
+        assert r.status_code == 200
+        asked.append(handle.requests[-1].merge_chunks)
+    assert asked == [False, True, True]
+    assert ingress._lag.threshold_s == 0.005  # configs/cpu.yaml keeps the default stream_merge_lag_ms
+
+
 def test_tokenize_and_detokenize(stub, client) -> None:
     tok = stub[1]._models["smollm2"].frontend.tokenizer
     r = client.post("/tokenize", json={"model": "smollm2", "prompt": "hello world", "return_token_strs": True}).json()

@@ -32,6 +32,15 @@ def test_a_lagging_loop_merges_steps_into_one_chunk_per_interval_first_and_last_
     assert [i for i, s in enumerate(sent) if s] == [0, 3, 6, 9]
 
 
+def test_a_stream_asked_to_merge_merges_while_the_replica_keeps_up():
+    lag = LoopLag(threshold_s=0.005)
+    for _ in range(50):
+        lag.observe(0.0004)
+    assert not lag.behind
+    sent = _steps(StreamPacer(lag, 0.02, merge=True), [i * 0.008 for i in range(10)])
+    assert [i for i, s in enumerate(sent) if s] == [0, 3, 6, 9]
+
+
 def test_hysteresis_merging_stops_only_below_half_the_threshold():
     lag = LoopLag(threshold_s=0.010, alpha=1.0)
     lag.observe(0.011)
