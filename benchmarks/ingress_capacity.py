@@ -70,9 +70,12 @@ def app_args(args: argparse.Namespace, counters_dir: str) -> dict:
     model["engine_class"] = "benchmarks.step_engine:StepClockEngine"
     model["engine_kwargs"] = {"step_ms": args.step_ms, "counters_dir": counters_dir}
     model["deployment"].update(num_replicas=args.replicas, max_ongoing_requests=1024, max_queued_requests=1024)
-    doc["ingress"]["deployment"].update(max_ongoing_requests=4096, max_queued_requests=4096)
+    doc["ingress"]["deployment"].update(num_replicas=args.ingress_replicas, max_ongoing_requests=4096,
+                                        max_queued_requests=4096)
     if args.ingress_merge_lag_ms is not None:
         doc["ingress"]["stream_merge_lag_ms"] = args.ingress_merge_lag_ms
+    if args.ingress_merge_busy is not None:
+        doc["ingress"]["stream_merge_busy"] = args.ingress_merge_busy
     doc["routing"] = {"strategy": args.strategy}
     if args.profile_s > 0:  # the ingress gets the stack sampler (idle until the profile run)
         env = {**HOOK_ENV, "KVSERVE_STACK_SAMPLE_DIR": str(Path(counters_dir).parent / "samples")}
@@ -127,9 +130,9 @@ def stage_figures(before: dict, after: dict) -> dict:
     route = histogram(before, after, ROUTE_MS, "").get("")
     if route:  # within dispatch: the handle's request created -> the router's decision
         out["stages_ms"]["route"] = {"p50": route["p50"], "mean": route["mean"]}
-    for key in ("ingress_loop_lag_ms", "replica_loop_lag_ms"):
+    for key in ("ingress_loop_lag_ms", "replica_loop_lag_ms", "ingress_loop_busy"):
         lags = sums(after, VIEW_GAUGES[key], "replica")
-        out[key] = round(max(lags.values()), 1) if lags else None
+        out[key] = round(max(lags.values()), 2) if lags else None
     return out
 
 
@@ -336,6 +339,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=lambda s: [int(x) for x in s.split(",")], default=[128])
     ap.add_argument("--prompt-tokens", type=int, default=500)
     ap.add_argument("--step-ms", type=float, default=20.0, help="the fake engines' step (one token per stream)")
+    ap.add_argument("--ingress-replicas", type=int, default=1)
+    ap.add_argument("--ingress-merge-busy", type=float, default=None,
+                    help="the ingress's stream_merge_busy (default: the config's; 0: never asks on that account)")
     ap.add_argument("--ingress-merge-lag-ms", type=float, default=None,
                     help="the ingress's stream_merge_lag_ms (default: the config's; 0: never asks replicas to merge)")
     ap.add_argument("--strategy", default="kv-aware",

@@ -126,15 +126,22 @@ class Ingress:
         # How late this replica's one event loop runs (requests, streams, routing and KV events share it): a gauge,
         # and while it is behind, the requests dispatched ask their replicas to merge chunks. Serve runs the
         # constructor on that loop; a constructor called outside one (unit tests) has no probe and never asks.
-        self._lag = LoopLag(self._cfg.ingress.stream_merge_lag_ms / 1000, period_s=0.05)  # 20 wake-ups a second
+        ing = self._cfg.ingress
+        self._lag = LoopLag(ing.stream_merge_lag_ms / 1000, period_s=0.05, busy_threshold=ing.stream_merge_busy)
         self._lag_probe = None
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
             lag_tags = {"replica": replica.replica_id.unique_id}
             self._lag_probe = loop.create_task(
-                self._lag.run(lambda lag_s: metrics().ingress_loop_lag_ms.set(lag_s * 1000, tags=lag_tags)))
+                self._lag.run(lambda probe: self._report_loop(probe, lag_tags)))
         logger.info("ingress up for models %s", list(self._models))
         freeze_startup_heap("ingress")
+
+    @staticmethod
+    def _report_loop(probe: LoopLag, tags: dict[str, str]) -> None:
+        m = metrics()
+        m.ingress_loop_lag_ms.set(probe.lag_s * 1000, tags=tags)
+        m.ingress_loop_busy_ratio.set(probe.busy, tags=tags)
 
     def inflight(self) -> int:
         """Generation requests this replica holds now (a handle call, not a route: benchmarks check it drains)."""

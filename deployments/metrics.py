@@ -103,6 +103,11 @@ class _Metrics:
             description="How late an ingress replica's event loop (requests, streaming, routing and KV events share "
             "it) runs its timers (smoothed).", tag_keys=("replica",),
         )
+        self.ingress_loop_busy_ratio = Gauge(
+            "kvserve_ingress_loop_busy_ratio",
+            description="Share of wall time an ingress replica's event-loop thread spent on a CPU (about the last "
+            "second).", tag_keys=("replica",),
+        )
         # --- vLLM replica ---
         self.replica_queued_prefill_tokens = Gauge(
             "kvserve_replica_queued_prefill_tokens",

@@ -23,37 +23,48 @@ from collections.abc import Callable
 
 
 class LoopLag:
-    """How late the event loop runs a timer, in seconds (an exponentially weighted mean), and whether that
-    counts as behind: above ``threshold_s`` turns merging on, below half of it turns it off again."""
+    """How late the event loop runs a timer, in seconds (an exponentially weighted mean), how busy its thread is
+    (the share of wall time it spent on a CPU, averaged over about ``busy_window_s``), and whether that counts as
+    behind: a lag above ``threshold_s``, or a busy share above ``busy_threshold``, turns merging on; it turns off
+    again once the lag is below half its threshold and the busy share below ``BUSY_OFF`` of its own (merging
+    itself makes the loop less busy). A threshold of 0 is no trigger."""
 
-    def __init__(self, threshold_s: float, period_s: float = 0.01, alpha: float = 0.3) -> None:
+    BUSY_OFF = 0.6
+
+    def __init__(self, threshold_s: float, period_s: float = 0.01, alpha: float = 0.3, busy_threshold: float = 0.0,
+                 busy_window_s: float = 1.0) -> None:
         self.threshold_s = threshold_s
+        self.busy_threshold = busy_threshold
         self.period_s = period_s
         self.alpha = alpha
+        self.busy_alpha = min(1.0, period_s / busy_window_s)
         self.lag_s = 0.0
+        self.busy = 0.0
         self.behind = False
 
-    def observe(self, late_s: float) -> None:
-        """Record one timer that fired ``late_s`` after its due time."""
+    def observe(self, late_s: float, busy: float | None = None) -> None:
+        """Record one timer that fired ``late_s`` after its due time, and the loop thread's CPU share since the
+        previous one."""
         self.lag_s += self.alpha * (max(late_s, 0.0) - self.lag_s)
-        if self.threshold_s <= 0:
-            self.behind = False
-        elif self.behind:
-            self.behind = self.lag_s > self.threshold_s / 2
-        else:
-            self.behind = self.lag_s > self.threshold_s
+        if busy is not None:
+            self.busy += self.busy_alpha * (min(max(busy, 0.0), 1.0) - self.busy)
+        lag_on = self.threshold_s > 0 and self.lag_s > self.threshold_s / (2 if self.behind else 1)
+        busy_on = self.busy_threshold > 0 and self.busy > self.busy_threshold * (self.BUSY_OFF if self.behind else 1)
+        self.behind = lag_on or busy_on
 
-    async def run(self, report: Callable[[float], None] | None = None, report_every_s: float = 1.0) -> None:
-        """Probe forever (a task of the loop it measures); ``report(lag_s)`` about every ``report_every_s``."""
-        reported = time.perf_counter()
+    async def run(self, report: Callable[[LoopLag], None] | None = None, report_every_s: float = 1.0) -> None:
+        """Probe forever (a task of the loop it measures); ``report(self)`` about every ``report_every_s``."""
+        reported = last = time.perf_counter()
+        cpu = time.thread_time()  # this task runs on the loop's thread: that thread's CPU time
         while True:
             due = time.perf_counter() + self.period_s
             await asyncio.sleep(self.period_s)
-            now = time.perf_counter()
-            self.observe(now - due)
+            now, cpu_now = time.perf_counter(), time.thread_time()
+            self.observe(now - due, (cpu_now - cpu) / (now - last) if now > last else None)
+            last, cpu = now, cpu_now
             if report is not None and now - reported >= report_every_s:
                 reported = now
-                report(self.lag_s)
+                report(self)
 
 
 class StreamPacer:

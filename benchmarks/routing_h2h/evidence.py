@@ -25,8 +25,9 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
 * gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
   the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
   (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens and event-loop lag, and
-  each ingress replica's event-loop lag (``ingress_loop_lag_ms``, by ingress replica): a dispatch stage that grows
-  with the ingress's lag waited in the ingress, one that grows with the replicas' waited at the replica.
+  each ingress replica's event-loop lag and busy share (``ingress_loop_lag_ms``, ``ingress_loop_busy``, by ingress
+  replica): a dispatch stage that grows with the ingress's lag waited in the ingress, one that grows with the
+  replicas' waited at the replica.
 
 Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``). Ray 2.60's agent
 rebuilds histograms from bucket counts, so a histogram's ``_sum`` (hence every ``*_mean`` here) is a bucket-midpoint
@@ -77,9 +78,11 @@ VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
                "router_prefill_tps": "ray_kvserve_router_prefill_tokens_per_s",
                "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens",
                "replica_loop_lag_ms": "ray_kvserve_replica_loop_lag_milliseconds",
-               "ingress_loop_lag_ms": "ray_kvserve_ingress_loop_lag_milliseconds"}
+               "ingress_loop_lag_ms": "ray_kvserve_ingress_loop_lag_milliseconds",
+               "ingress_loop_busy": "ray_kvserve_ingress_loop_busy_ratio"}
 _KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
          "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_ingress_loop_lag",
+         "ray_kvserve_ingress_loop_busy",
          "ray_kvserve_stage_",
          "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
          "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)

@@ -74,6 +74,11 @@ class IngressConfig(BaseModel):
         "requests it dispatches ask their replica to merge consecutive engine steps into one chunk per the model's "
         "stream_merge_interval_ms (fewer chunks for the ingress to read, format and write; unchanged tokens/s), "
         "until the lag falls below half of it. A model whose stream_merge_lag_ms is 0 never merges. 0: never ask.")
+    stream_merge_busy: float = Field(
+        default=0.5, ge=0, le=1,
+        description="The same request, while this ingress replica's event-loop thread is on a CPU more than this share "
+        "of the time (about the last second; until it falls below 0.6 of it): a loop that busy makes every new "
+        "request's hops wait behind the chunks of the others. 0: never ask on this account.")
     max_prompts_per_request: int = Field(
         default=256, ge=1,
         description="Most prompts one /v1/completions request may batch (each becomes its own replica call); "

@@ -53,6 +53,49 @@ def test_hysteresis_merging_stops_only_below_half_the_threshold():
     assert not lag.behind
 
 
+def test_a_busy_loop_is_behind_until_well_under_its_busy_threshold():
+    lag = LoopLag(threshold_s=0.005, period_s=0.05, busy_threshold=0.5, busy_window_s=0.05)  # no smoothing
+    lag.observe(0.0, busy=0.45)
+    assert not lag.behind
+    lag.observe(0.0, busy=0.55)
+    assert lag.behind  # on time, but busy: new streams merge
+    lag.observe(0.0, busy=0.35)
+    assert lag.behind  # merging made it less busy; still above 0.6 of the threshold
+    lag.observe(0.0, busy=0.25)
+    assert not lag.behind
+
+
+def test_the_busy_share_is_smoothed_over_its_window():
+    lag = LoopLag(threshold_s=0.0, period_s=0.1, busy_threshold=0.5, busy_window_s=1.0)
+    lag.observe(0.0, busy=1.0)  # one busy tenth of a second is not a busy loop
+    assert lag.busy == 0.1 and not lag.behind
+    for _ in range(30):
+        lag.observe(0.0, busy=0.8)
+    assert 0.75 < lag.busy < 0.8 and lag.behind
+
+
+def test_the_probe_measures_its_threads_cpu_share():
+    async def scenario() -> tuple[float, float]:
+        lag = LoopLag(threshold_s=0.0, period_s=0.01, busy_window_s=0.01)  # each probe's own window
+        task = asyncio.get_running_loop().create_task(lag.run())
+        end = time.perf_counter() + 0.2
+        while time.perf_counter() < end:
+            time.sleep(0.008)  # noqa: ASYNC251 - off the CPU while holding the loop: late, but not busy
+            await asyncio.sleep(0)
+        idle = lag.busy
+        end = time.perf_counter() + 0.2
+        while time.perf_counter() < end:  # on the CPU, yielding to the probe between spins
+            spin = time.perf_counter() + 0.008
+            while time.perf_counter() < spin:
+                pass
+            await asyncio.sleep(0)
+        task.cancel()
+        return idle, lag.busy
+
+    idle, busy = asyncio.run(scenario())
+    assert idle < 0.3 and busy > 0.5  # spinning is ~0.9 on an idle machine; a loaded one preempts the thread
+
+
 def test_threshold_zero_never_merges():
     lag = LoopLag(threshold_s=0.0)
     for _ in range(10):
@@ -83,7 +126,7 @@ def test_the_probe_reports_its_lag_about_every_period():
         seen: list[tuple[float, float]] = []
         lag = LoopLag(threshold_s=0.0, period_s=0.002, alpha=1.0)
         task = asyncio.get_running_loop().create_task(
-            lag.run(lambda lag_s: seen.append((time.perf_counter(), lag_s)), report_every_s=0.02))
+            lag.run(lambda probe: seen.append((time.perf_counter(), probe.lag_s)), report_every_s=0.02))
         await asyncio.sleep(0.03)
         time.sleep(0.03)  # noqa: ASYNC251 - the loop is held on purpose: the next report carries the lateness
         await asyncio.sleep(0.03)
