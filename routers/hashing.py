@@ -159,20 +159,24 @@ class BlockHasher:
         self._memo: OrderedDict[tuple, bytes] = OrderedDict()  # insertion order: popitem(last=False) is O(1)
 
     def __call__(self, token_ids: Sequence[int], block_size: int, *, salt: str | None = None) -> list[int]:
-        """Same result as ``block_hashes(token_ids, block_size, salt=salt, algo=..., seed=...)``."""
+        """Same result as ``block_hashes(token_ids, block_size, salt=salt, algo=..., seed=...)``.
+
+        Keys chain on the parent's digest, so once one block of a prompt misses the memo every later block misses
+        too: those are hashed and remembered without being looked up.
+        """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        tokens = token_ids if isinstance(token_ids, (list, tuple)) else list(token_ids)
-        memo, hasher = self._memo, self._hasher
+        tokens = list(map(int, token_ids))  # plain ints (numpy's pickle differently), sliced as tuples below
+        memo, hasher, most = self._memo, self._hasher, self._max
         parent, extra, out = self._root, ((salt,) if salt else None), []
+        missed = False
         for start in range(0, len(tokens) - block_size + 1, block_size):
-            block = tuple(tokens[start : start + block_size])
-            key = (parent, block, extra)  # numpy ints hash and compare equal to ints: same entry
-            digest = memo.get(key)
+            key = (parent, tuple(tokens[start : start + block_size]), extra)
+            digest = None if missed else memo.get(key)
             if digest is None:
-                digest = hasher((parent, tuple(map(int, block)), extra))
-                memo[key] = digest
-                if len(memo) > self._max:
+                missed = True
+                digest = memo[key] = hasher(key)
+                if len(memo) > most:
                     memo.popitem(last=False)
             out.append(int.from_bytes(digest, "big") & _LOW64)
             parent, extra = digest, None
