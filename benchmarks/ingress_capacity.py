@@ -13,8 +13,12 @@ A closed loop of streaming chat requests (``--prompt-tokens`` of filler words, `
 ``ignore_eos``) runs at each ``--concurrency`` for ``--warmup-s`` + ``--duration-s``; in the window it reports
 output tokens/s, requests/s, the client's TTFT p50/p90, and the CPU seconds of each process (ingress, fake
 replicas, proxy, controller, the rest of Ray, this client) per 1,000 streamed tokens and per request, read from
-``/proc`` through psutil, plus the replicas' step pacing. On a small machine the client and the replicas compete
-with the ingress for the cores, so the ingress's ceiling is derived, not observed: 1 core / its CPU per token.
+``/proc`` through psutil, the replicas' step pacing, the ingress's request-path stages (p50 and mean from the node's
+metrics, with the route wait inside dispatch) and the worst event-loop lag and busy share at the level's end. The
+ingress's merge triggers and replica count can be set for A/B runs (``--ingress-merge-lag-ms``,
+``--ingress-merge-busy``, ``--ingress-replicas``; ``benchmarks/results/ingress_merge_cpu.json``). On a small machine
+the client and the replicas compete with the ingress for the cores, so the ingress's ceiling is derived, not
+observed: 1 core / its CPU per token.
 With several ``--output-len`` values the ingress's CPU (and the proxy's, HAProxy's and replicas') is also split
 into a per-request and a per-token part (``benchmarks.ingress_figures.cost_fit``). ``--profile-s`` then samples the
 ingress's stacks at the highest concurrency (a run of its own: profiling perturbs the figures) with

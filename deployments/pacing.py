@@ -10,9 +10,9 @@ the loop keeps up, each engine step goes out as its own chunk, so the inter-toke
 the engine's. When the loop falls behind (many streams, a slow host) the streams merge consecutive steps
 into one chunk per ``merge_interval_s``, which cuts the messages without changing tokens/s, until the lag
 has fallen below half the threshold. The ingress reads, formats and writes every chunk too (~0.14 ms of CPU
-each on its HAProxy path, ``benchmarks/ingress_capacity.py``): while its own loop is behind, the requests it
-dispatches carry ``GenerateRequest.merge_chunks`` and merge for their whole life, as do requests that do not
-stream. The first chunk and the last always go out at once.
+each on its HAProxy path, ``benchmarks/ingress_capacity.py``): while its own loop is behind (late timers, or a
+thread busy more than its share), the requests it dispatches carry ``GenerateRequest.merge_chunks`` and merge for
+their whole life, as do requests that do not stream. The first chunk and the last always go out at once.
 """
 
 from __future__ import annotations
