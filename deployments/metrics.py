@@ -118,6 +118,12 @@ class _Metrics:
             description="How late a replica's event loop runs its timers (smoothed); above the model's "
             "stream_merge_lag_ms its streams merge engine steps into fewer chunks.", tag_keys=("model", "replica"),
         )
+        self.replica_loop_busy_ratio = Gauge(
+            "kvserve_replica_loop_busy_ratio",
+            description="Share of wall time a replica's event-loop thread spent on a CPU (about the last second): "
+            "a loop that lags while this is low waits for the GIL or the host's cores, not for its own work.",
+            tag_keys=("model", "replica"),
+        )
         self.replica_running = Gauge(
             "kvserve_replica_running_requests", description="Requests running in a replica's engine.",
             tag_keys=("model", "replica"),

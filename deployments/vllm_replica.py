@@ -231,6 +231,7 @@ class VLLMReplica:
         m.replica_queued_prefill_tokens.set(st.queued_prefill_tokens, tags=tags)
         m.replica_running.set(st.num_running, tags=tags)
         m.replica_loop_lag_ms.set(self._lag.lag_s * 1000, tags=tags)
+        m.replica_loop_busy_ratio.set(self._lag.busy, tags=tags)
         return dataclasses.asdict(st)
 
     async def get_stats(self) -> dict[str, Any]:

@@ -24,10 +24,11 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
   per process role, each replica's and ingress's process and busiest thread (an asyncio loop at one core);
 * gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
   the router's in-flight count / queued-prefill estimate / prefill rate as its policy last saw them
-  (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens and event-loop lag, and
-  each ingress replica's event-loop lag and busy share (``ingress_loop_lag_ms``, ``ingress_loop_busy``, by ingress
-  replica): a dispatch stage that grows with the ingress's lag waited in the ingress, one that grows with the
-  replicas' waited at the replica.
+  (``kvserve_router_outstanding_requests`` ...), the replica's own queued prefill tokens, event-loop lag and busy
+  share, and each ingress replica's event-loop lag and busy share (``ingress_loop_lag_ms``, ``ingress_loop_busy``,
+  by ingress replica): a dispatch stage that grows with the ingress's lag waited in the ingress, one that grows with
+  the replicas' waited at the replica; a loop that lags while its thread is rarely on a CPU waited for the GIL (another
+  thread of its process) or for the host's cores, one that lags while busy did its own work.
 
 Replica ids are Serve's ``unique_id`` in all three sources (``replica``, ``ReplicaId``). Ray 2.60's agent
 rebuilds histograms from bucket counts, so a histogram's ``_sum`` (hence every ``*_mean`` here) is a bucket-midpoint
@@ -78,12 +79,12 @@ VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
                "router_prefill_tps": "ray_kvserve_router_prefill_tokens_per_s",
                "replica_queued_prefill_tokens": "ray_kvserve_replica_queued_prefill_tokens",
                "replica_loop_lag_ms": "ray_kvserve_replica_loop_lag_milliseconds",
+               "replica_loop_busy": "ray_kvserve_replica_loop_busy_ratio",
                "ingress_loop_lag_ms": "ray_kvserve_ingress_loop_lag_milliseconds",
                "ingress_loop_busy": "ray_kvserve_ingress_loop_busy_ratio"}
 _KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
-         "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_ingress_loop_lag",
-         "ray_kvserve_ingress_loop_busy",
-         "ray_kvserve_stage_",
+         "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_replica_loop_busy",
+         "ray_kvserve_ingress_loop_lag", "ray_kvserve_ingress_loop_busy", "ray_kvserve_stage_",
          "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
          "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -471,18 +472,23 @@ def evidence_table(results: dict[str, dict]) -> str:
         return ""
     return ("| workload | load | system | requests per replica | max/mean | top reasons | KV events | route wait ms | "
             "vLLM queue ms (replica min..max) | stage p50 ms (tokenize/dispatch/engine/return/first byte) | "
-            "worst loop lag ms (ingress / replica) | "
+            "worst loop lag ms, busy share (ingress / replica) | "
             "host cores busy (cell / busiest interval), busiest serving thread |\n"
             "|---|---|---|---|---:|---|---:|---:|---:|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _loop_lag(ev: dict) -> str:
-    """The highest smoothed event-loop lag any ingress replica and any vLLM replica showed at a timeline point."""
-    def worst(key: str) -> str:
-        vals = [v for p in ev.get("timeline", []) for v in (p.get(key) or {}).values()]
-        return f"{max(vals):.0f}" if vals else "-"
+    """The highest smoothed event-loop lag any ingress replica and any vLLM replica showed at a timeline point, with
+    that loop's busy share at the same point where the timeline has it."""
+    def worst(role: str) -> str:
+        vals = [(v, (p.get(f"{role}_loop_busy") or {}).get(r)) for p in ev.get("timeline", [])
+                for r, v in (p.get(f"{role}_loop_lag_ms") or {}).items()]
+        if not vals:
+            return "-"
+        lag, busy = max(vals, key=lambda x: x[0])
+        return f"{lag:.0f}" if busy is None else f"{lag:.0f} ({busy:.2f})"
 
-    return f"{worst('ingress_loop_lag_ms')} / {worst('replica_loop_lag_ms')}"
+    return f"{worst('ingress')} / {worst('replica')}"
 
 
 def _host_cpu(ev: dict) -> str:

@@ -224,3 +224,6 @@ def test_the_evidence_table_shows_the_worst_loop_lag_of_the_ingresses_and_the_re
                        {}]}
     assert evidence._loop_lag(ev) == "12 / 334"
     assert evidence._loop_lag({"timeline": [{"replica_loop_lag_ms": {"r-a": 4.0}}]}) == "- / 4"  # older cells
+    busy = {"timeline": [{"replica_loop_lag_ms": {"r-a": 300.0, "r-b": 2.0}, "replica_loop_busy": {"r-a": 0.21},
+                          "ingress_loop_lag_ms": {"i-1": 6.0}, "ingress_loop_busy": {"i-1": 0.55}}]}
+    assert evidence._loop_lag(busy) == "6 (0.55) / 300 (0.21)"  # lagging while rarely on a CPU: starved
