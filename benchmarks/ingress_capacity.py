@@ -58,7 +58,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ingress_figures import cost_fit, cpu_by_role, fold_stacks, pacing, role_of, window_stats
-from benchmarks.routing_h2h.evidence import ROUTE_MS, SERVER_ENV, VIEW_GAUGES, fetch, histogram, stages, sums
+from benchmarks.routing_h2h.evidence import (
+    ROUTE_MS,
+    SERVER_ENV,
+    VIEW_GAUGES,
+    fetch,
+    histogram,
+    node_metrics_url,
+    stages,
+    sums,
+)
 from benchmarks.stack_sampler import HOOK_ENV
 
 MODEL = "smollm2"
@@ -109,14 +118,6 @@ def served_app(app: dict) -> Iterator[int]:
         ray.shutdown()
 
 
-def node_metrics_url() -> str:
-    """The metrics-export URL of this process's own Ray node (``served_app``'s)."""
-    import ray
-
-    node = next(n for n in ray.nodes() if n["Alive"])
-    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-
-
 def scrape(url: str | None) -> dict:
     """One scrape of the node's metrics (empty when there is no URL or it fails: the level's figures stand alone)."""
     if not url:
@@ -128,8 +129,8 @@ def scrape(url: str | None) -> dict:
 
 
 def stage_figures(before: dict, after: dict) -> dict:
-    """The ingress's request-path stages (p50 and mean, ms) over a level, and the worst event-loop lag (ms) of the
-    ingress and the replicas at its end."""
+    """The ingress's request-path stages (p50 and mean, ms) over a level, and at its end the worst event-loop lag (ms)
+    of the ingress and the replicas and the ingress's busiest loop share."""
     out: dict = {"stages_ms": {k: {"p50": v["p50"], "mean": v["mean"]} for k, v in stages(before, after).items()}}
     route = histogram(before, after, ROUTE_MS, "").get("")
     if route:  # within dispatch: the handle's request created -> the router's decision

@@ -322,6 +322,14 @@ def fetch(url: str, timeout_s: float = 10) -> Samples:
 DISCOVERY = "/tmp/ray/prom_metrics_service_discovery.json"
 
 
+def node_metrics_url() -> str:
+    """The metrics-export URL of the first alive node of the Ray this process is connected to."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
 def metrics_url() -> str:
     """The metrics-export URL of the running cluster's (first alive) node, through ``ray.init(address="auto")`` (the
     driver connection is closed again); if that fails, the target of Ray's Prometheus service-discovery file that
@@ -331,8 +339,7 @@ def metrics_url() -> str:
 
         ray.init(address="auto", namespace="kvserve_routing_h2h", logging_level="ERROR", log_to_driver=False)
         try:
-            node = next(n for n in ray.nodes() if n["Alive"])
-            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            return node_metrics_url()
         finally:
             ray.shutdown()
     except Exception as err:  # noqa: BLE001 - try the file Ray writes for Prometheus
