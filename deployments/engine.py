@@ -297,7 +297,10 @@ async def _start_vllm(model: ModelConfig, app: AppConfig, relay: Any) -> VLLMEng
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+    from deployments.detokenizer_priming import bound_detokenizer_priming
+
     startup = {"vllm_imported": time.time()}
+    bound_detokenizer_priming(model.detokenizer_prime_tokens)
     kwargs = engine_args(model, app, None if relay is None else (relay.engine_endpoint, relay.engine_replay_endpoint))
     logger.info("engine args for %s: %s", model.id, kwargs)
     eargs = AsyncEngineArgs(**kwargs)

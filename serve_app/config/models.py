@@ -80,6 +80,12 @@ class ModelConfig(BaseModel):
         default=20.0, gt=0,
         description="While the replica lags (stream_merge_lag_ms), the shortest time between two chunks of a stream.",
     )
+    detokenizer_prime_tokens: int | None = Field(
+        default=128, ge=1,
+        description="vLLM's incremental detokenizer is primed with the last this many prompt tokens instead of "
+        "the whole prompt, which it decodes on the request's first output token and on every output token that "
+        "leaves a character incomplete, on the replica's event loop (deployments.detokenizer_priming). The "
+        "streamed text is the same. null: the whole prompt (vLLM's own behaviour).")
     chat_template: str | None = Field(
         default=None,
         description="Chat template used instead of the tokenizer's (vLLM's --chat-template): a file path, or the "
