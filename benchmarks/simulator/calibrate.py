@@ -32,7 +32,10 @@ the rest fitted) instead of the serving run's tokenise + hash on every request (
 ``frontend_bounds``). With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
 processor-sharing core whose costs per request and per streamed token (over what its loop's background
 load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
-set before the fit and not moved by it.
+set before the fit and not moved by it. ``--frontend loop`` runs the routing cells' ingresses as kvserve's event
+loop instead of a processor-sharing core (``EngineModel.frontend_sharing``: callbacks in arrival order, a request's
+work before routing in ``--frontend-hops`` callbacks, chunks merged while the loop is busier than
+``--frontend-merge-busy``), with the same costs free.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
@@ -332,6 +335,14 @@ def main(argv: list[str] | None = None) -> int:
                          "tokens for the hashing strategies only, the rest fitted: ingress_work)")
     ap.add_argument("--decode-per-seq", action="store_true",
                     help="also fit decode_s_per_seq (the serving fit sets it to 0) in the routing fit")
+    ap.add_argument("--frontend", choices=("ps", "loop"), default="ps",
+                    help="the routing cells' ingress: a processor-sharing core, or kvserve's event loop (callbacks "
+                         "in arrival order, chunks merged while it is busy)")
+    ap.add_argument("--frontend-hops", type=int, default=3,
+                    help="--frontend loop: callbacks a request's work before routing is split into")
+    ap.add_argument("--frontend-merge-busy", type=float, default=0.5,
+                    help="--frontend loop: busy share above which the streams it routes merge chunks (kvserve's "
+                         "ingress.stream_merge_busy; 0: never)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/sim_calibration.json")
     args = ap.parse_args(argv)
@@ -412,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             **{k: split[k] for k in ("input_s_per_request", "request_overhead_s") if k in split},
             **(ingress_work(split, inputs["input_len"]) if args.ingress_work == "split"
                else {k: split[k] for k in ("frontend_s_per_request",) if k in split}))
+        if args.frontend == "loop":
+            start = start.with_(frontend_sharing="loop", frontend_hops=args.frontend_hops,
+                                frontend_merge_busy=args.frontend_merge_busy)
         client = fit_client(client_rows(args.client_logs)) if args.client_logs else None
         if client:
             start = start.with_(client_s_per_request=client["client_s_per_request"],

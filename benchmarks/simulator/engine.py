@@ -24,7 +24,15 @@ equally among the requests with work pending, as the ingress's asyncio loop inte
 token reaches the client once its request's share has done that work, and a request is done for the
 client (closed loop: its next one is sent) when its last token has. "fifo" is one queue: a request
 is routed, and a first token seen, once everything queued before it is done (the per-token work
-then only delays later arrivals; the engine's completion is the client's).
+then only delays later arrivals; the engine's completion is the client's). "loop" is the ingress's asyncio
+loop as kvserve runs it: one queue of callbacks served in arrival order, where every streamed chunk is a
+callback of ``frontend_s_per_token`` queued when its engine step ends (a step's tokens for every stream at
+once), and a new request's work before routing crosses the loop in ``frontend_hops`` equal callbacks (the
+handle call, the routing decision, the send), each queued behind whatever arrived while the previous ran. A
+token reaches the client when its chunk's callback has run. While the loop was busy more than
+``frontend_merge_busy`` of the last second (off again below 0.6 of it; 0: never), the streams it routes send
+at most one chunk per ``frontend_merge_interval_s`` for their life, the first and the last at once, as
+kvserve's ingress asks its replicas to (``GenerateRequest.merge_chunks``).
 The load generator (``kvserve bench``: one asyncio process) is one more processor-sharing core,
 shared by every request of the run: ``client_s_per_request`` to build and send a request (after the
 client's clock starts, before the ingress sees it) and ``client_s_per_token`` to read and parse each
@@ -77,6 +85,9 @@ class EngineModel:
     frontend_tokenize_s: float = 0.0
     frontend_hash_s_per_ktok: float = 0.0
     frontend_sharing: str = "ps"
+    frontend_hops: int = 1
+    frontend_merge_busy: float = 0.0
+    frontend_merge_interval_s: float = 0.02
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
     kv_blocks: int = 4096
@@ -91,8 +102,11 @@ class EngineModel:
     def __post_init__(self) -> None:
         if self.prefill_tokens_per_s <= 0 or self.tier_gbps <= 0 or self.step_s <= 0:
             raise ValueError("prefill_tokens_per_s, step_s and tier_gbps must be > 0")
-        if self.frontend_sharing not in ("ps", "fifo"):
-            raise ValueError(f"frontend_sharing must be 'ps' or 'fifo', not {self.frontend_sharing!r}")
+        if self.frontend_sharing not in ("ps", "fifo", "loop"):
+            raise ValueError(f"frontend_sharing must be 'ps', 'fifo' or 'loop', not {self.frontend_sharing!r}")
+        if self.frontend_hops < 1 or not 0 <= self.frontend_merge_busy <= 1 or self.frontend_merge_interval_s <= 0:
+            raise ValueError("frontend_hops must be >= 1, frontend_merge_busy within 0-1 and "
+                             "frontend_merge_interval_s > 0")
         if self.tier_hit_s < 0:
             raise ValueError("tier_hit_s must be >= 0")
         if self.input_s_per_request < 0 or self.input_s_per_ktok < 0 or self.replica_s_per_token < 0:

@@ -1,9 +1,12 @@
-"""The ingress replica's CPU as a queueing server: ``FifoServer`` and ``PSServer``.
+"""The ingress replica's CPU as a queueing server: ``FifoServer``, ``LoopServer`` and ``PSServer``.
 
-Owns the two disciplines ``path.py`` can give an ingress (``EngineModel.frontend_sharing``):
+Owns the three disciplines ``path.py`` can give an ingress (``EngineModel.frontend_sharing``):
 
 - ``FifoServer``: one queue, work done in arrival order; a job finishes once everything queued before it
   has. Kept for the earlier calibrations and for callers that ask for it.
+- ``LoopServer``: the same queue as an asyncio loop's ready callbacks: every streamed chunk and every hop of a
+  new request (``path.py``) is a callback served in arrival order, and it reports the share of a trailing
+  window it was busy (what kvserve's ingress measures to decide when to ask for merged chunks).
 - ``PSServer``: egalitarian processor sharing, as an asyncio loop interleaving its coroutines: the
   ``n`` jobs with work pending each get ``1/n`` of one core. A job is one request's stream through the
   ingress (its work before routing, then one cost per token on the way back, done in order); ``mark``
@@ -21,6 +24,7 @@ conserved); a lone job's delay is its cost; ``n`` equal jobs started together fi
 from __future__ import annotations
 
 import heapq
+from collections import deque
 
 _EPS = 1e-12
 
@@ -35,6 +39,35 @@ class FifoServer:
         """Queue ``seconds`` of work; returns when it is done."""
         self.busy_until = max(now, self.busy_until) + seconds
         return self.busy_until
+
+
+class LoopServer(FifoServer):
+    """One event loop: callbacks first come, first served, and its busy share over the last ``window_s``."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.spans: deque[list[float]] = deque()  # [start, end] of service, adjacent callbacks coalesced
+        self.work_added_s = 0.0
+
+    def work(self, now: float, seconds: float) -> float:
+        start = max(now, self.busy_until)
+        end = super().work(now, seconds)
+        self.work_added_s += seconds
+        if seconds > 0:
+            if self.spans and self.spans[-1][1] >= start - _EPS:
+                self.spans[-1][1] = end
+            else:
+                self.spans.append([start, end])
+        return end
+
+    def busy_share(self, now: float) -> float:
+        """Share of ``[now - window_s, now]`` spent serving callbacks (work queued past ``now`` not counted)."""
+        lo = now - self.window_s
+        while self.spans and self.spans[0][1] <= lo:
+            self.spans.popleft()
+        busy = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in self.spans)
+        return busy / self.window_s
 
 
 class PSServer:

@@ -5,7 +5,8 @@ Owns ``Ingress`` (one ingress replica: its own policy, ``routers.load.LoadTracke
 ``deployments/request_router.py`` wires them, and its CPU) and ``RequestPath``, the part of a run
 (``sim.Cluster``) between the client and a replica's front end. Requests are spread over ingresses
 round-robin (a load balancer in front). Each ingress's CPU (``frontend.py``, costs in ``engine.py``)
-delays the route, the first token and, with processor sharing, the client's completion. The load
+delays the route, the first token and, with processor sharing or the event loop ("loop": a request's hops
+and every chunk are callbacks in arrival order), the client's completion. The load
 generator's own core (``engine.client_s_per_*``, one ``PSServer`` for the whole run) builds each
 request before the ingress sees it and reads every streamed token: the client's TTFT is its first
 token read, and a closed-loop worker sends its next request once it has read the last. A request
@@ -18,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.simulator.frontend import FifoServer, PSServer
+from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer
 from benchmarks.simulator.load import Turn
 from benchmarks.simulator.replica import Replica
 from routers.load import LoadTracker
@@ -33,6 +34,8 @@ class Ingress:
     precise: object | None = None
     fifo: FifoServer = field(default_factory=FifoServer)  # its CPU, frontend_sharing "fifo"
     cpu: PSServer = field(default_factory=PSServer)  # its CPU, frontend_sharing "ps"
+    loop: LoopServer = field(default_factory=LoopServer)  # its event loop, frontend_sharing "loop"
+    merging: bool = False  # "loop": the streams it routes now ask for merged chunks
 
 
 class RequestPath:
@@ -48,13 +51,33 @@ class RequestPath:
         ing = self.ings[(turn.rid + turn.attempts) % len(self.ings)]
         turn.ingress = ing
         work = engine.prepare_s(turn.prompt_tokens, text=turn.text, hashed=self.hashing)
-        if work <= 0:
+        if self.loop:  # each hop is a callback behind what the loop has queued meanwhile
+            per = work / engine.frontend_hops
+            self.push(ing.loop.work(now, per), "hop", (turn, turn.attempts, engine.frontend_hops - 1, per))
+        elif work <= 0:
             self.route(turn, now)
         elif self.ps:
             ing.cpu.add(now, (turn.rid, turn.attempts), work, ("route", turn, turn.attempts))
             self.wake(ing)
         else:
             self.push(ing.fifo.work(now, work), "route", turn)
+
+    def hop(self, turn: Turn, attempt: int, left: int, per: float, now: float) -> None:
+        """One of ``turn``'s callbacks on its ingress's loop ran ("loop"): queue the next, or route it."""
+        if attempt != turn.attempts:
+            return
+        if left == 0:
+            self.route(turn, now)
+        else:
+            self.push(turn.ingress.loop.work(now, per), "hop", (turn, attempt, left - 1, per))
+
+    def chunk(self, turn: Turn, what: str | None, now: float) -> None:
+        """A chunk of ``turn``'s stream leaves its replica ("loop"): a callback on its ingress's loop; the first and
+        the last reach the client once it has run."""
+        turn.chunk_at = now
+        done = turn.ingress.loop.work(now, self.engine.frontend_s_per_token)
+        if what is not None:
+            self.push(done, "to_client", (what, turn, turn.attempts))
 
     def wake(self, ing: Ingress) -> None:
         """Schedule ``ing``'s processor-sharing CPU to hand back its next mark (earlier wake-ups go stale)."""
@@ -102,12 +125,15 @@ class RequestPath:
     def stream(self, rep: Replica, tokens: int, now: float) -> None:
         """``tokens`` output tokens leave ``rep`` (one per running request): the replica's front end streams them
         (``replica_s_per_token``), then frontend work. FIFO: spread over the ingresses; PS: each on its request's
-        stream, the last one marked."""
+        stream, the last one marked; loop: a chunk per stream on its ingress's loop (``stream_loop``)."""
         if not tokens:
             return
         engine, ing_tok, cli_tok = self.engine, self.ing_tok, self.cli_tok
         if engine.replica_s_per_token > 0:  # the replica's loop streams them: later inputs wait behind it
             rep.input_until = max(now, rep.input_until) + engine.replica_s_per_token * tokens
+        if self.loop:
+            self.stream_loop(rep, now)
+            return
         if engine.frontend_s_per_token > 0 and not self.ps:
             per = engine.frontend_s_per_token * tokens / len(self.ings)
             for ing in self.ings:
@@ -129,6 +155,22 @@ class RequestPath:
         if cli_tok:
             self.wake_client()
 
+    def stream_loop(self, rep: Replica, now: float) -> None:
+        """Frontend "loop": each stream's token of this step is a chunk (a merging stream's only once its interval
+        has passed, its last always); the client reads every token."""
+        k, interval, cli_tok = rep.steps, self.engine.frontend_merge_interval_s, self.cli_tok
+        for step, jobs in rep.finishing.items():
+            for job in jobs:
+                turn = job.turn
+                if step == k:
+                    self.chunk(turn, "last", now)
+                elif not turn.merge or now - turn.chunk_at >= interval - 1e-9:
+                    self.chunk(turn, None, now)
+                if cli_tok and step != k:
+                    self.client.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token)
+        if cli_tok:
+            self.wake_client()
+
     def route(self, turn: Turn, now: float) -> None:
         ing, engine, res, st = turn.ingress, self.engine, self.res, self.st
         t0 = time.perf_counter()
@@ -145,6 +187,11 @@ class RequestPath:
         rep = st.reps[d.replica_id]
         rep.served += 1
         turn.routed_at = now
+        if self.loop and engine.frontend_merge_busy > 0:  # kvserve's ingress decides at dispatch, with hysteresis
+            share = ing.loop.busy_share(now)
+            ing.merging = share >= 0.6 * engine.frontend_merge_busy if ing.merging else (
+                share > engine.frontend_merge_busy)
+            turn.merge = ing.merging
         front = engine.input_s(turn.prompt_tokens)
         if front > 0 or rep.input_until > now:  # its own input work, or streaming queued before it
             rep.input_until = max(now, rep.input_until) + front
@@ -163,7 +210,7 @@ class RequestPath:
 
     def seen_last(self, turn: Turn, now: float) -> None:
         """The client gets ``turn``'s last token: the request is done for the ingress and the driver."""
-        res, via_cores = self.res, self.ing_tok or self.cli_tok
+        res, via_cores = self.res, self.ing_tok or self.cli_tok or self.loop
         if turn.output_tokens <= 1 and via_cores:
             self.seen_first(turn, now)
         turn.ingress.load.on_completed(turn.replica, str(turn.rid))

@@ -105,7 +105,10 @@ class Scheduler:
 
     def first_token(self, rep: Replica, job: Job, k: int, now: float) -> None:
         turn, engine, tier = job.turn, self.engine, self.tier
-        if self.ing_tok:
+        if self.loop:
+            turn.first_at = now
+            self.chunk(turn, "last" if turn.output_tokens <= 1 else "first", now)
+        elif self.ing_tok:
             turn.first_at = now
             last = turn.output_tokens <= 1
             turn.ingress.cpu.add(now, (turn.rid, turn.attempts), engine.frontend_s_per_token,
@@ -149,5 +152,5 @@ class Scheduler:
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
         turn.replica = rep.rid
-        if not self.ing_tok:
+        if not (self.ing_tok or self.loop):
             self.to_client("last", turn, now)

@@ -95,6 +95,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.precise = self.ings[0].precise is not None
         self.hashing = knobs.strategy in HASHING  # the ingress hashes prompts for these (deployments/ingress.py)
         self.ps = engine.frontend_sharing == "ps"
+        self.loop = engine.frontend_sharing == "loop"  # chunks and a request's hops through each ingress's loop
         # tokens reach the client through the ingress's PS core
         self.ing_tok = self.ps and engine.frontend_s_per_token > 0
         self.client = PSServer()  # the load generator's one core (engine.client_s_per_*)
@@ -144,6 +145,8 @@ class Cluster(RequestPath, Scheduler, Fleet):
                     self.to_client(what, turn, now)
             elif kind == "route":
                 self.route(payload, now)
+            elif kind == "hop":
+                self.hop(*payload, now)
             elif kind == "frontend":
                 if payload[1] == payload[0].cpu.version:
                     self.frontend(payload[0], now)
@@ -173,7 +176,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
                 self.autoscale(now)
                 push(now + cluster.autoscale.period_s, "scale", None)
             gpus = self.gpu_count() if kind in ("fail", "ready", "scale") else gpus
-            if self.outstanding == 0 and tick is None and kind in ("step", "tick", "frontend", "client"):
+            if self.outstanding == 0 and tick is None and kind in ("step", "tick", "frontend", "client", "to_client"):
                 break
         res.replicas_end = sum(1 for r in st.reps.values() if r.alive)
         res.gpus_end = gpus

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
-from benchmarks.simulator.frontend import FifoServer, PSServer
+from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
@@ -138,3 +138,49 @@ def test_a_replica_busy_streaming_delays_the_next_requests_input():
         _lone_ttft(ENGINE, "round-robin", text=False))  # alone, nothing streams before it
     with pytest.raises(ValueError, match="replica_s_per_token"):
         EngineModel(replica_s_per_token=-1.0)
+
+
+def test_the_loop_serves_callbacks_in_order_and_reports_its_busy_share():
+    loop = LoopServer(window_s=1.0)
+    assert loop.work(10.0, 0.2) == pytest.approx(10.2)
+    assert loop.work(10.1, 0.1) == pytest.approx(10.3)  # behind the first
+    assert loop.work(10.8, 0.1) == pytest.approx(10.9)
+    assert loop.busy_share(10.3) == pytest.approx(0.3)
+    assert loop.busy_share(10.85) == pytest.approx(0.35)  # work queued past now not counted
+    assert loop.busy_share(11.25) == pytest.approx(0.15)  # [10.25, 11.25]: 0.05 of the first span + 0.1
+    assert loop.busy_share(13.0) == 0.0 and not loop.spans
+    assert loop.work_added_s == pytest.approx(0.4)
+
+
+def test_a_lone_request_through_the_loop_costs_its_work_once():
+    loop = ENGINE.with_(frontend_sharing="loop", frontend_hops=3, frontend_s_per_request=0.003,
+                        frontend_s_per_token=0.0002)
+    bare = _lone_ttft(ENGINE, "round-robin", text=False)
+    # three hops of 1 ms each with nothing between them, then the first chunk's callback
+    assert _lone_ttft(loop, "round-robin", text=False) == pytest.approx(bare + 0.003 + 0.0002)
+    with pytest.raises(ValueError, match="frontend_hops"):
+        EngineModel(frontend_hops=0)
+    with pytest.raises(ValueError, match="frontend_merge_busy"):
+        EngineModel(frontend_merge_busy=1.5)
+
+
+def test_hops_wait_behind_chunk_bursts_and_merging_relieves_the_loop():
+    base = ENGINE.with_(frontend_sharing="loop", frontend_s_per_request=0.002, frontend_s_per_token=0.0003)
+    one, three = _closed(base), _closed(base.with_(frontend_hops=3))
+    # the same work, but a request split into hops queues behind each step's burst of chunks more often
+    assert three["ttft_p50_ms"] > one["ttft_p50_ms"]
+    merged = _closed(base.with_(frontend_hops=3, frontend_merge_busy=0.3, frontend_merge_interval_s=0.02))
+    assert merged["ttft_p50_ms"] < three["ttft_p50_ms"]
+    assert merged["output_tok_per_s"] >= three["output_tok_per_s"]
+    for r in (one, three, merged):
+        assert r["requests"] > 0
+
+
+def test_every_request_completes_once_through_the_loop():
+    engine = ENGINE.with_(frontend_sharing="loop", frontend_hops=3, frontend_s_per_request=0.001,
+                          frontend_s_per_token=0.0001, frontend_merge_busy=0.2, client_s_per_token=0.00005)
+    sessions = workloads.multiturn_sessions(sessions=16, turns=3, system_words=128, output_len=16, block_size=16)
+    res = simulate(Driver(sessions, LoadPlan("concurrency", 8, num_requests=48)),
+                   RoutingConfig(strategy="kv-aware").knobs(), ClusterSpec(2, ingresses=2), engine)
+    assert res.completed == res.sent == 48
+    assert len(res.ttft_s) == 48 and all(t > 0 for t in res.ttft_s)
