@@ -39,8 +39,7 @@ class Turn:
     replica: str = ""  # the replica that completed it
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
     text: bool = False  # sent as text (chat messages: the ingress tokenises it), not as token ids
-    merge: bool = False  # its ingress's loop was busy when it routed it: chunks at most every merge interval
-    chunk_at: float = 0.0  # when its latest chunk left the replica (loop front end)
+    pacer: object = None  # loop front end: when its chunks go out (deployments.pacing.StreamPacer, set at routing)
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer
 from benchmarks.simulator.load import Turn
 from benchmarks.simulator.replica import Replica
+from deployments.pacing import LoopLag, StreamPacer
 from routers.load import LoadTracker
 from routers.types import RoutingRequest
 
@@ -74,7 +75,6 @@ class RequestPath:
     def chunk(self, turn: Turn, what: str | None, now: float) -> None:
         """A chunk of ``turn``'s stream leaves its replica ("loop"): a callback on its ingress's loop; the first and
         the last reach the client once it has run."""
-        turn.chunk_at = now
         done = turn.ingress.loop.work(now, self.engine.frontend_s_per_token)
         if what is not None:
             self.push(done, "to_client", (what, turn, turn.attempts))
@@ -158,15 +158,17 @@ class RequestPath:
     def stream_loop(self, rep: Replica, now: float) -> None:
         """Frontend "loop": each stream's token of this step is a chunk (a merging stream's only once its interval
         has passed, its last always); the client reads every token."""
-        k, interval, cli_tok = rep.steps, self.engine.frontend_merge_interval_s, self.cli_tok
+        k, cli_tok = rep.steps, self.cli_tok
         for step, jobs in rep.finishing.items():
             for job in jobs:
                 turn = job.turn
                 if step == k:
+                    turn.pacer.due(now, True)
                     self.chunk(turn, "last", now)
-                elif not turn.merge or now - turn.chunk_at >= interval - 1e-9:
+                    continue
+                if turn.pacer.due(now, False):
                     self.chunk(turn, None, now)
-                if cli_tok and step != k:
+                if cli_tok:
                     self.client.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token)
         if cli_tok:
             self.wake_client()
@@ -187,11 +189,12 @@ class RequestPath:
         rep = st.reps[d.replica_id]
         rep.served += 1
         turn.routed_at = now
-        if self.loop and engine.frontend_merge_busy > 0:  # kvserve's ingress decides at dispatch, with hysteresis
-            share = ing.loop.busy_share(now)
-            ing.merging = share >= 0.6 * engine.frontend_merge_busy if ing.merging else (
-                share > engine.frontend_merge_busy)
-            turn.merge = ing.merging
+        if self.loop:  # kvserve's ingress decides at dispatch, with LoopLag's hysteresis; the replica paces
+            if engine.frontend_merge_busy > 0:
+                share = ing.loop.busy_share(now)
+                ing.merging = share > engine.frontend_merge_busy * (LoopLag.BUSY_OFF if ing.merging else 1)
+            # the interval less a nanosecond: simulated steps of exact lengths land on it to within rounding
+            turn.pacer = StreamPacer(self.replica_loop, engine.frontend_merge_interval_s - 1e-9, merge=ing.merging)
         front = engine.input_s(turn.prompt_tokens)
         if front > 0 or rep.input_until > now:  # its own input work, or streaming queued before it
             rep.input_until = max(now, rep.input_until) + front

@@ -107,6 +107,7 @@ class Scheduler:
         turn, engine, tier = job.turn, self.engine, self.tier
         if self.loop:
             turn.first_at = now
+            turn.pacer.due(now, turn.output_tokens <= 1)  # a stream's first chunk always goes out
             self.chunk(turn, "last" if turn.output_tokens <= 1 else "first", now)
         elif self.ing_tok:
             turn.first_at = now

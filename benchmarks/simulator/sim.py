@@ -28,6 +28,7 @@ from benchmarks.simulator.path import Ingress, RequestPath
 from benchmarks.simulator.replica import ObjectTier
 from benchmarks.simulator.result import Result, deep_size
 from benchmarks.simulator.scheduler import Scheduler
+from deployments.pacing import LoopLag
 from routers.load import LoadTracker
 from routers.policy import Knobs, make_policy
 
@@ -96,6 +97,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.hashing = knobs.strategy in HASHING  # the ingress hashes prompts for these (deployments/ingress.py)
         self.ps = engine.frontend_sharing == "ps"
         self.loop = engine.frontend_sharing == "loop"  # chunks and a request's hops through each ingress's loop
+        self.replica_loop = LoopLag(0.0)  # "loop": the replicas' own loops are never behind (not modelled)
         # tokens reach the client through the ingress's PS core
         self.ing_tok = self.ps and engine.frontend_s_per_token > 0
         self.client = PSServer()  # the load generator's one core (engine.client_s_per_*)
