@@ -8,7 +8,8 @@ Workloads: ``docqa`` and ``multiturn`` are ``kvserve bench``'s (closed loop with
 or Poisson with ``--rate``); ``shared-prefix``, ``no-sharing``, ``multi-turn`` and ``mooncake`` are
 fixed-arrival streams (``--rate``, or the trace's timestamps). ``--engine`` loads a calibrated
 engine model (``sim_calibration.json`` or a bare EngineModel JSON object); explicit engine flags
-override it. ``--routing KEY=VALUE`` overrides ``RoutingConfig`` fields.
+override it. ``--routing KEY=VALUE`` overrides ``RoutingConfig`` fields. ``ray-prefix-cache-affinity`` in
+``--strategies`` runs the twin of Ray's router (``ray_twin.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
-from benchmarks.simulator.sim import Autoscale, ClusterSpec, simulate
+from benchmarks.simulator.sim import Autoscale, ClusterSpec, simulate, strategy_knobs
 from serve_app import settings
-from serve_app.config.routing import RoutingConfig
 
 FIXED = ("shared-prefix", "no-sharing", "multi-turn", "mooncake")
 
@@ -84,7 +84,8 @@ def _cluster(args: argparse.Namespace, engine: EngineModel) -> ClusterSpec:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator", description=__doc__.splitlines()[0])
     ap.add_argument("--workload", choices=["docqa", "multiturn", *FIXED], default="shared-prefix")
-    ap.add_argument("--strategies", default="prefix-aware,kv-aware,least-loaded,round-robin")
+    ap.add_argument("--strategies", default="prefix-aware,kv-aware,least-loaded,round-robin",
+                    help="comma-separated; kvserve's strategies and ray-prefix-cache-affinity (Ray's router's twin)")
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rate", type=float, default=20.0, help="requests/s (open loop)")
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(kv.split("=", 1) for kv in args.routing)
     results = {}
     for strategy in args.strategies.split(","):
-        routing = RoutingConfig(strategy=strategy, prefill_s_per_token=1.0 / engine.prefill_tokens_per_s, **overrides)
+        knobs = strategy_knobs(strategy, prefill_s_per_token=1.0 / engine.prefill_tokens_per_s, **overrides)
         t0 = time.perf_counter()
-        res = simulate(_driver(args, engine.block_size), routing.knobs(), cluster, engine, seed=args.seed)
+        res = simulate(_driver(args, engine.block_size), knobs, cluster, engine, seed=args.seed)
         results[strategy] = {**res.summary(gpu_hour_usd=args.gpu_hour_usd),
                              "sim_wall_s": round(time.perf_counter() - t0, 2)}
     doc = {

@@ -10,7 +10,7 @@ GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the in-pr
 from that JSON's two floors (``tier_cell.fit_engine_floor``: a 32-token prompt and a GPU-cache hit), the
 fixed cost of a hit beyond the copy (``tier_hit_s``) from its hit TTFT (``tier_cell.fit_tier_hit_s``), and
 its TTFT cell (``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
-are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``).
+are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``, ``--async-scheduling``).
 
 With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
 rate by parameter count, KV bytes and the per-context decode cost by the shape), takes kvserve's stage
@@ -24,7 +24,7 @@ tokenise + hash below, the CPU-measured ingress of ``--ingress-capacity`` above)
 round-robin cells, which measure the engine (round-robin ignores caches): open-loop cells on TTFT and
 TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
-how far to trust the simulator for routing. Ray's own router is not simulated; its cells are skipped.
+how far to trust the simulator for routing. Ray's router is simulated by its twin (``ray_twin.py``).
 With ``--ingress-work split`` the ingress's work per request is kvserve's by kind (``ingress_work``: the
 tokeniser for text prompts only, the block hashes per 1K prompt tokens for the hashing strategies only,
 the rest fitted) instead of the serving run's tokenise + hash on every request ("lumped", the default);
@@ -58,6 +58,7 @@ from benchmarks.simulator import workloads
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.ray_twin import RAY_TWIN
 from benchmarks.simulator.serving_cells import (
     SHAPES,
     attn_per_pair_s,
@@ -66,12 +67,11 @@ from benchmarks.simulator.serving_cells import (
     serving_residuals,
     serving_table,
 )
-from benchmarks.simulator.sim import ClusterSpec, simulate
+from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
 from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
-from serve_app.config.routing import RoutingConfig
 from serve_app.settings import mooncake_trace
 
-MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware")
+MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware", RAY_TWIN)
 FREE = ("prefill_attn_s", "gpu_contention")
 
 
@@ -142,14 +142,18 @@ def gpu_cells(doc: dict) -> list[Cell]:
     Schema /1: ``results[strategy][workload][level]``. Schema /2: ``results[system][workload][level]``,
     the system's strategy in its ``routing`` (or ``systems[name].routing``), its ingress count in
     ``ingress_replicas``; ``runs``, ``routing``, ``ingress_replicas`` are not workloads (``workload_names``).
+    A system running Ray's router (``request_router_class`` ``...:RayPrefixCacheAffinity``) is simulated by
+    its twin (``ray_twin.py``).
     Closed-loop (``concurrency``) and Poisson (``rate``) cells only: a timed trace replay is skipped.
     """
     out = []
     settings = doc.get("scale_settings", {}).get("workloads", {})
     for system, res in doc["results"].items():
         declared = doc.get("systems", {}).get(system, {})
-        strategy = ((res.get("routing") or {}).get("strategy") or (declared.get("routing") or {}).get("strategy")
-                    or system)
+        routing = {**(declared.get("routing") or {}), **(res.get("routing") or {})}
+        strategy = routing.get("strategy") or system
+        if routing.get("request_router_class", "").endswith(":RayPrefixCacheAffinity"):
+            strategy = RAY_TWIN  # Ray's router on token ids (benchmarks/routing_h2h/ray_router.py): its twin
         if strategy not in MODELLED:
             continue
         ingresses = int(res.get("ingress_replicas") or declared.get("ingress_replicas") or 1)
@@ -174,7 +178,7 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
     sessions = sessions_for(cell.workload, args, engine.block_size, seed)
     plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
                     width=cell.width or (None if cell.mode == "concurrency" else 16))
-    knobs = RoutingConfig(strategy=cell.strategy).knobs()
+    knobs = strategy_knobs(cell.strategy)
     return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas, ingresses=cell.ingresses), engine,
                     seed=seed).summary(per_replica=False)
 
@@ -240,6 +244,9 @@ def residuals(cells: list[Cell], engine: EngineModel, settings: dict, replicas: 
             row[f"gpu_{key}"] = round(c.measured[key], 4 if "rate" in key else 1)
             row[f"sim_{key}"] = s[key]
         row["ttft_p50_error"] = round(s["ttft_p50_ms"] / c.measured["ttft_p50_ms"] - 1, 3)
+        engine_stage = ((c.measured.get("evidence") or {}).get("stages_ms") or {}).get("engine") or {}
+        row["gpu_engine_ttft_p50_ms"] = engine_stage.get("p50")  # the replica's engine stage, kvserve's histogram
+        row["sim_engine_ttft_p50_ms"] = s["engine_ttft_p50_ms"]
         row["closed_loop"] = c.mode == "concurrency"
         rows.append(row)
     return rows
@@ -262,6 +269,16 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing).
 ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3)}
+#: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
+#: per-context decode cost was measured on the serving run (its ITL's growth with the batch's context) and carried
+#: to the shape by KV bytes, the attention term derived from the shape's FLOPs; the round-robin cells alone
+#: cannot tell the two apart (both grow with context) and, left free, trade one for the other.
+SHAPE_BOUNDS = {"decode_s_per_ktok": 2.0, "prefill_attn_s": 8.0}
+
+
+def shape_bounds(start: EngineModel) -> dict:
+    """``SHAPE_BOUNDS`` as (low, high) around ``start``'s values."""
+    return {k: (getattr(start, k) / f, getattr(start, k) * f) for k, f in SHAPE_BOUNDS.items() if getattr(start, k) > 0}
 
 
 def ingress_work(split: dict, input_len: int) -> dict:
@@ -343,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frontend-merge-busy", type=float, default=0.5,
                     help="--frontend loop: busy share above which the streams it routes merge chunks (kvserve's "
                          "ingress.stream_merge_busy; 0: never)")
+    ap.add_argument("--async-scheduling", choices=("on", "off"), default="on",
+                    help="the engines' scheduling (EngineModel.async_scheduling): vLLM forms the next step while one "
+                         "runs unless told otherwise (its log says 'Asynchronous scheduling is enabled')")
+    ap.add_argument("--shape-bounds", action="store_true",
+                    help="keep the routing fit's context terms near the start (SHAPE_BOUNDS)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/sim_calibration.json")
     args = ap.parse_args(argv)
@@ -351,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None
     gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens,
-                       **({"tier_gbps": gbps} if gbps else {}))
+                       async_scheduling=args.async_scheduling == "on", **({"tier_gbps": gbps} if gbps else {}))
     engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
     tier_fit, floor = None, (0.0, 0.0)
     if tier:
@@ -431,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"])
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
-        bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS}
+        bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
+                  **(shape_bounds(start) if args.shape_bounds else {})}
         free = ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,
@@ -458,10 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ms(v) -> str:
+    return "" if v is None else f"{v:.0f}"
+
+
 def residual_table(rows: list[dict]) -> str:
     lines = [("| workload | load | system | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | "
-              "sim tok/s | GPU hit | sim hit | GPU TPOT ms | sim TPOT |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "sim tok/s | GPU hit | sim hit | GPU TPOT ms | sim TPOT | GPU engine stage p50 ms | sim |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         load = r["load"] if r.get("modelled", True) else f"{r['load']} (not modelled)"
         lines.append(f"| {r['workload']} | {load} | {r.get('system', r['strategy'])} | {r['gpu_ttft_p50_ms']:.0f} | "
@@ -469,7 +496,8 @@ def residual_table(rows: list[dict]) -> str:
                      f"{r['ttft_p50_error']:+.0%} | {r['gpu_ttft_p99_ms']:.0f} | {r['sim_ttft_p99_ms']:.0f} | "
                      f"{r['gpu_output_tok_per_s']:.0f} | {r['sim_output_tok_per_s']:.0f} | "
                      f"{r['gpu_cache_hit_rate']:.2f} | "
-                     f"{r['sim_cache_hit_rate']:.2f} | {r['gpu_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} |")
+                     f"{r['sim_cache_hit_rate']:.2f} | {r['gpu_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} | "
+                     f"{_ms(r.get('gpu_engine_ttft_p50_ms'))} | {_ms(r.get('sim_engine_ttft_p50_ms'))} |")
     return "\n".join(lines)
 
 

@@ -57,6 +57,11 @@ when out of blocks; reserving the whole length up front is that without preempti
 for runs whose KV size is known (the routing runs' ``num_gpu_blocks_override``), not for the serving
 JSON, which does not record it.
 
+Asynchronous scheduling (``async_scheduling``, vLLM's default since it keeps a batch queue of two):
+the engine core forms step k+1 while step k runs, so a request that reaches it while step k runs
+joins step k+2 at the earliest, one step later than a synchronous scheduler would take it; an idle
+engine takes it at once. The steps' lengths and the tokens they stream are the same either way.
+
 ``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1
 models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU).
 """
@@ -74,6 +79,7 @@ class EngineModel:
     decode_s_per_seq: float = 0.0
     decode_s_per_ktok: float = 0.0
     chunk_tokens: int = 8192
+    async_scheduling: bool = False
     gpu_contention: float = 0.0
     replicas_per_gpu: int = 1
     request_overhead_s: float = 0.0

@@ -50,6 +50,8 @@ class Job:
     remaining: int = 0  # prefill tokens still to compute
     ready_at: float = 0.0  # tier load done
     first_token_step: int = 0
+    not_before: int = 0  # the first step it may join (async scheduling: the next one was formed before it came)
+    enqueued_at: float = 0.0  # it reached the replica's scheduler
     admitted: bool = False  # holds its KV blocks (kv_admission)
     tail_blocks: int = 0  # its blocks beyond the hashed prompt blocks (partial block, output)
 

@@ -24,6 +24,7 @@ def pct(xs: list[float], q: float) -> float:
 class Result:
     strategy: str
     ttft_s: list[float] = field(default_factory=list)
+    engine_ttft_s: list[float] = field(default_factory=list)  # reaching a replica's scheduler to its first token
     e2e_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
     decision_s: list[float] = field(default_factory=list)
@@ -58,6 +59,7 @@ class Result:
             "ttft_p50_ms": ms(self.ttft_s, 0.5), "ttft_p90_ms": ms(self.ttft_s, 0.9),
             "ttft_p95_ms": ms(self.ttft_s, 0.95), "ttft_p99_ms": ms(self.ttft_s, 0.99),
             "ttft_mean_ms": round(sum(self.ttft_s) / max(len(self.ttft_s), 1) * 1e3, 2),
+            "engine_ttft_p50_ms": ms(self.engine_ttft_s, 0.5),
             "tpot_p50_ms": ms(self.tpot_s, 0.5), "e2e_p50_ms": ms(self.e2e_s, 0.5),
             "output_tok_per_s": round(self.output_tokens / duration, 1) if duration else 0.0,
             "requests_per_s": round(self.completed / duration, 2) if duration else 0.0,

@@ -9,7 +9,9 @@ scheduler first reaches it (GPU blocks, then tier blocks, loaded at ``tier_gbps`
 when its prefill completes, which is its first token. With ``kv_admission`` a waiting request is
 scheduled only once free + evictable blocks cover its new KV blocks (``Replica.admit``; the replica's
 cache and the blocks running requests hold are one pool), in queue order: the head waits, as vLLM's
-scheduler stops at the first request it cannot allocate. Its prefix is matched once it is admitted
+scheduler stops at the first request it cannot allocate. With ``async_scheduling`` a request that
+arrives while a step runs waits out one more step (``Job.not_before``) unless the replica would
+otherwise idle. Its prefix is matched once it is admitted
 (its reused blocks are then held and cannot be evicted under it), and the unreferenced cached blocks
 its admission displaces are evicted oldest first (BlockRemoved events).
 """
@@ -31,7 +33,10 @@ class Scheduler:
             self.res.retries += 1
             self.push(now, "arrive", turn)
             return
-        rep.waiting.append(Job(turn))
+        job = Job(turn, enqueued_at=now)
+        if self.engine.async_scheduling and rep.stepping:
+            job.not_before = rep.steps + 3  # step steps+1 runs and steps+2 was formed before it came
+        rep.waiting.append(job)
         self.kick(rep, now)
 
     def lookup(self, rep: Replica, job: Job, now: float) -> None:
@@ -63,6 +68,8 @@ class Scheduler:
         for job in rep.waiting:
             if budget <= 0:
                 break
+            if job.not_before > rep.steps + 1 and (chunks or rep.running):
+                break  # not in the engine core's queue when this step was formed; nor is any job behind it
             if engine.kv_admission and not job.admitted:
                 if not rep.admit(job, engine.kv_blocks, self.bs):
                     break  # vLLM schedules its waiting queue in order: the head waits for blocks
@@ -126,6 +133,8 @@ class Scheduler:
                 seen = (turn.ingress.fifo.work(now, engine.frontend_s_per_token)
                         if engine.frontend_s_per_token > 0 else now)
                 self.res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
+        if turn.rid >= self.measure_from and turn.attempts == 0:
+            self.res.engine_ttft_s.append(now - job.enqueued_at)
         rep.meter.first_output(now, turn.prompt_tokens - job.cached, turn.routed_at)
         stored, removed = rep.insert(turn.block_hashes)
         events = (([BlockStored(tuple(stored), "GPU")] if stored else [])

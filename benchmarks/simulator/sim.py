@@ -5,12 +5,13 @@ Owns ``ClusterSpec``, ``Autoscale``, ``simulate`` and ``Cluster``, one run: its 
 ingresses, the replicas and the shared tier, with the behaviour split by noun into mixins:
 ``path.RequestPath`` (client, ingress CPUs, routing, streaming back), ``scheduler.Scheduler`` (each
 replica's vLLM step loop and KV admission) and ``fleet.Fleet`` (replicas added, reporting, failed,
-scaled). Per ingress replica: its own policy, ``routers.load.LoadTracker`` and RNG; it sees only its
-own routing decisions, the replicas' periodic reports (``stats_period_s``, shared by all ingresses)
-and, for kv-aware, the replicas' KV events ``event_lag_s`` after they happen. Before its scheduler,
-each replica has its own front end (vLLM's input processing), a FIFO server of
-``input_s_per_request``. A failed replica's requests are re-sent through the ingresses (TTFT still
-counts from the first send); autoscaling adds cold replicas after ``start_s`` and retires idle ones.
+scaled). Per ingress replica: its own policy (the Ray twin's tree, ``ray_twin.py``, is one for all),
+``routers.load.LoadTracker`` and RNG; it sees only its own routing decisions, the replicas' periodic
+reports (``stats_period_s``, shared by all ingresses) and, for kv-aware, the replicas' KV events
+``event_lag_s`` after they happen. Before its scheduler, each replica has its own front end (vLLM's
+input processing), a FIFO server of ``input_s_per_request``. A failed replica's requests are re-sent
+through the ingresses (TTFT still counts from the first send); autoscaling adds cold replicas after
+``start_s`` and retires idle ones.
 Events at the same time run in the order they were pushed.
 """
 
@@ -25,12 +26,14 @@ from benchmarks.simulator.fleet import Fleet
 from benchmarks.simulator.frontend import PSServer
 from benchmarks.simulator.load import Driver
 from benchmarks.simulator.path import Ingress, RequestPath
+from benchmarks.simulator.ray_twin import RAY_TWIN, RayPrefixAffinity, RayTree, ray_knobs
 from benchmarks.simulator.replica import ObjectTier
 from benchmarks.simulator.result import Result, deep_size
 from benchmarks.simulator.scheduler import Scheduler
 from deployments.pacing import LoopLag
 from routers.load import LoadTracker
 from routers.policy import Knobs, make_policy
+from serve_app.config.routing import RoutingConfig
 
 #: Strategies whose ingress hashes each prompt's blocks (``deployments/ingress.py``); the others route without.
 HASHING = ("prefix-aware", "kv-aware")
@@ -67,6 +70,14 @@ class _State:
     stats: dict = field(default_factory=dict)
 
 
+def strategy_knobs(strategy: str, **overrides) -> Knobs:
+    """``RoutingConfig``'s knobs for ``strategy``; the Ray twin (``ray_twin.RAY_TWIN``) reads none of them and
+    takes round-robin's, renamed."""
+    if strategy == RAY_TWIN:
+        return ray_knobs(RoutingConfig(strategy="round-robin", **overrides).knobs())
+    return RoutingConfig(strategy=strategy, **overrides).knobs()
+
+
 def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int = 0,
              measure_from: int = 0) -> Result:
     """Run ``driver``'s load through the cluster; returns the per-request record and the router costs.
@@ -87,8 +98,9 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.bs = engine.block_size
         self.tier = ObjectTier(cluster.tier_budget_blocks) if cluster.tier_budget_blocks > 0 else None
         self.ings = []
+        ray_tree = RayTree() if knobs.strategy == RAY_TWIN else None  # Ray's one tree actor, shared by every router
         for i in range(max(1, cluster.ingresses)):
-            policy = make_policy(knobs)
+            policy = RayPrefixAffinity(knobs, ray_tree) if ray_tree is not None else make_policy(knobs)
             load = LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token,
                                measured_speed=knobs.measured_prefill_speed)
             self.ings.append(Ingress(policy, load, random.Random(f"{seed}/ingress/{i}"),

@@ -1,0 +1,94 @@
+"""The simulator's twin of Ray's PrefixCacheAffinityRouter (``benchmarks/simulator/ray_twin.py``): new prompts
+go to the smallest tenant, known ones to the longest match, the shortest queue within the group, and one tree
+for every ingress."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.simulator import workloads
+from benchmarks.simulator.calibrate import gpu_cells
+from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.ray_twin import RAY_TWIN, RayPrefixAffinity, RayTree
+from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
+from routers.types import ReplicaSnapshot, RoutingRequest
+
+pytestmark = pytest.mark.unit
+
+BS = 16
+
+
+def snaps(running: dict[str, int]) -> list[ReplicaSnapshot]:
+    return [ReplicaSnapshot(rid, running=n, block_size=BS, max_ongoing=8, has_stats=True)
+            for rid, n in running.items()]
+
+
+def req(hashes: tuple[int, ...], tail: int = 8) -> RoutingRequest:
+    return RoutingRequest("m", len(hashes) * BS + tail, hashes)
+
+
+def route(policy, request, snapshots, rng) -> str:
+    d = policy.choose(request, snapshots, 0.0, rng)
+    policy.on_routed(request, next(s for s in snapshots if s.replica_id == d.replica_id), 0.0)
+    return d.replica_id
+
+
+def test_new_prompts_go_to_the_smallest_tenant_and_known_ones_to_the_longest_match():
+    rng = random.Random(0)
+    p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
+    s = snaps({"a": 0, "b": 0, "c": 0})
+    doc1, doc2, doc3 = tuple(range(1, 11)), tuple(range(11, 31)), tuple(range(31, 36))
+    first = route(p, req(doc1), s, rng)
+    second = route(p, req(doc2), s, rng)
+    assert second != first  # the first tenant is no longer the smallest
+    third = route(p, req(doc3), s, rng)
+    assert third not in (first, second)
+    assert p.tree.tokens[second] == 20 * BS + 8  # its blocks and its partial tail
+    # the same document with another question: the holder, even with the longest queue
+    busy = snaps({first: 5, second: 0, third: 0})
+    d = p.choose(req(doc1 + (99,)), busy, 0.0, rng)
+    assert d.replica_id == first and d.reason == "cache-hit" and d.predicted_cached_tokens == 10 * BS
+
+
+def test_a_match_below_a_tenth_of_the_prompt_counts_as_new():
+    rng = random.Random(0)
+    p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
+    s = snaps({"a": 0, "b": 0})
+    holder = route(p, req((1,), tail=0), s, rng)
+    route(p, req(tuple(range(100, 140))), s, rng)  # the other replica becomes the bigger tenant
+    d = p.choose(req((1,) + tuple(range(200, 219))), s, 0.0, rng)  # shares 1 block of 20: 5%
+    assert d.reason == "no-cache" and d.replica_id == holder  # the smallest tenant, which happens to hold it
+
+
+def test_within_the_group_the_shortest_queue_wins():
+    rng = random.Random(0)
+    p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
+    doc = tuple(range(1, 11))
+    for rid in ("a", "b"):  # both hold the document
+        p.on_routed(req(doc), snaps({rid: 0})[0], 0.0)
+    d = p.choose(req(doc + (7,)), snaps({"a": 3, "b": 1, "c": 0}), 0.0, rng)
+    assert d.replica_id == "b"  # c is idle but holds nothing; of the holders b has the shorter queue
+
+
+def test_every_ingress_shares_one_tree_and_docqa_spreads_evenly():
+    engine = EngineModel(prefill_tokens_per_s=50_000, step_s=0.005, decode_s_per_ktok=1e-5, kv_blocks=2048)
+    plan = LoadPlan("concurrency", 32, num_requests=800)
+    sessions = workloads.docqa_sessions(docs=16, doc_tokens=(1024, 2048), output_len=16)
+    res = simulate(Driver(sessions, plan), strategy_knobs(RAY_TWIN), ClusterSpec(4, ingresses=2), engine)
+    assert res.completed == 800
+    counts = sorted(res.per_replica.values())
+    assert counts[0] > 0.6 * counts[-1]  # documents spread over tenants, as the GPU run saw
+    assert res.cached_tokens / res.prompt_tokens > 0.8  # each document is computed about once, not once per ingress
+
+
+def test_calibration_maps_the_ray_system_to_the_twin():
+    doc = {"scale_settings": {"workloads": {"docqa": ["--workload", "docqa"]}},
+           "systems": {"ray": {"routing": {"request_router_class":
+                                           "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"}}},
+           "results": {"ray": {"ingress_replicas": 2, "docqa": {"sat": {
+               "ttft_p50_ms": 78.0, "load": {"mode": "concurrency", "concurrency": 64, "duration_s": 30}}}}}}
+    (cell,) = gpu_cells(doc)
+    assert cell.strategy == RAY_TWIN and cell.ingresses == 2 and cell.name == "ray"
