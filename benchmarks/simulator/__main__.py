@@ -7,9 +7,10 @@ tier), router decision time, cost per 1K tokens, reasons and requests per replic
 Workloads: ``docqa`` and ``multiturn`` are ``kvserve bench``'s (closed loop with ``--concurrency``
 or Poisson with ``--rate``); ``shared-prefix``, ``no-sharing``, ``multi-turn`` and ``mooncake`` are
 fixed-arrival streams (``--rate``, or the trace's timestamps). ``--engine`` loads a calibrated
-engine model (``sim_calibration.json`` or a bare EngineModel JSON object); explicit engine flags
-override it. ``--routing KEY=VALUE`` overrides ``RoutingConfig`` fields. ``ray-prefix-cache-affinity`` in
-``--strategies`` runs the twin of Ray's router (``ray_twin.py``).
+engine model (``sim_calibration.json``, its routing fit's with ``--routing-engine``, or a bare
+EngineModel JSON object); explicit engine flags override it. ``--routing KEY=VALUE`` overrides
+``RoutingConfig`` fields. ``ray-prefix-cache-affinity`` in ``--strategies`` runs the twin of Ray's
+router (``ray_twin.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def _engine(args: argparse.Namespace) -> EngineModel:
     base = EngineModel()
     if args.engine:
         doc = json.loads(Path(args.engine).read_text())
-        base = EngineModel.from_dict(doc.get("engine", doc))
+        if args.routing_engine and "routing" not in doc:
+            raise SystemExit(f"--routing-engine: {args.engine} has no routing fit (calibrate --routing)")
+        base = EngineModel.from_dict(doc["routing"]["engine"] if args.routing_engine else doc.get("engine", doc))
     changes = {k: v for k, v in (("prefill_tokens_per_s", args.prefill_tps),
                                  ("decode_s_per_token", args.decode_s_per_token),
                                  ("kv_blocks", args.kv_blocks), ("stats_period_s", args.stats_period)) if v is not None}
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=1.0, help="mooncake: multiply trace timestamps")
     ap.add_argument("--max-prompt-tokens", type=int, default=None)
     ap.add_argument("--engine", default=None, help="calibrated engine JSON (sim_calibration.json)")
+    ap.add_argument("--routing-engine", action="store_true",
+                    help="--engine is a calibration: take its routing fit's engine (routing.engine: four replicas "
+                         "sharing a GPU, their KV blocks) instead of its serving engine")
     ap.add_argument("--prefill-tps", type=float, default=None)
     ap.add_argument("--decode-s-per-token", type=float, default=None)
     ap.add_argument("--kv-blocks", type=int, default=None, help="per replica")
