@@ -15,6 +15,18 @@ The stages, each from the end of the previous one:
     return      first output -> its chunk reached the ingress                             (replica -> ingress)
     first_byte  chunk at the ingress -> first byte of the response handed to the server  (ingress)
 
+The replica also splits its ``engine`` stage by vLLM's own stamps of the request (``RequestOutput.metrics``, a
+``RequestStateStats``; ``engine_parts_ms``), one histogram per part (``ENGINE_PARTS``), in finer buckets than vLLM's
+own request histograms (whose first bucket is 0.3 s)::
+
+    vllm_queue     the engine core queued it -> scheduled it                      (engine core clock)
+    vllm_prefill   scheduled -> the core had the step that made its first token   (engine core clock; with
+                   asynchronous scheduling the step already formed when it was scheduled is in here)
+    vllm_frontend  vLLM's TTFT (its front end's arrival -> first output processed) less the two above: input
+                   processing, the hop to the core and the wait for its loop to take the request in, the hop
+                   back and output processing
+    replica        the engine stage less vLLM's TTFT: kvserve's replica before the engine and after its output
+
 Stamps inside one process use ``time.perf_counter``; the replica's stamps are wall-clock times carried
 back in ``ReplicaTiming`` and placed against the ingress's own wall-clock dispatch time, so ``dispatch``
 and ``return`` are as exact as the two nodes' clock sync (exact on one node). A negative difference
@@ -30,6 +42,7 @@ from deployments.metrics import metrics
 from deployments.protocol import ReplicaTiming
 
 STAGES = ("tokenize", "hash", "dispatch", "engine", "return", "first_byte")
+ENGINE_PARTS = ("replica", "vllm_frontend", "vllm_queue", "vllm_prefill")
 _STATE_KEY = "kvserve_accepted_at"
 
 
@@ -48,6 +61,29 @@ class AcceptedAtMiddleware:
 def accepted_at(request: Any) -> float:
     """When the middleware saw ``request`` arrive (now, if it did not run)."""
     return getattr(request.state, _STATE_KEY, None) or time.perf_counter()
+
+
+def engine_parts_ms(stats: Any, engine_s: float) -> dict[str, float]:
+    """The replica's engine stage (``engine_s`` seconds, received -> first output) split by vLLM's request stats
+    (``RequestOutput.metrics`` at the first output), in milliseconds; empty when the stats are absent or not
+    stamped (``disable_log_stats``, or an engine that does not keep them). Each part is clamped at 0."""
+    ttft = getattr(stats, "first_token_latency", 0.0) or 0.0
+    queued, scheduled, first = (getattr(stats, k, 0.0) or 0.0 for k in ("queued_ts", "scheduled_ts", "first_token_ts"))
+    if ttft <= 0 or not 0 < queued <= scheduled <= first:
+        return {}
+    queue, prefill = scheduled - queued, first - scheduled
+    parts = {"replica": engine_s - ttft, "vllm_frontend": ttft - queue - prefill, "vllm_queue": queue,
+             "vllm_prefill": prefill}
+    return {k: max(v, 0.0) * 1000 for k, v in parts.items()}
+
+
+def record_engine_parts(model: str, replica: str, stats: Any, engine_s: float) -> None:
+    """Observe ``engine_parts_ms`` in the replica's histograms (nothing when vLLM kept no stats)."""
+    parts = engine_parts_ms(stats, engine_s)
+    if parts:
+        hist, tags = metrics().engine_part_ms, {"model": model, "replica": replica}
+        for part, ms in parts.items():
+            hist[part].observe(ms, tags=tags)
 
 
 class RequestStages:

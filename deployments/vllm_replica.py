@@ -38,6 +38,7 @@ from deployments.protocol import (
     ReplicaTiming,
     ReplicaUnavailableError,
 )
+from deployments.stages import record_engine_parts
 from routers.prefill_meter import PrefillMeter
 from routers.types import ReplicaStats
 from serve_app.config import AppConfig, ModelConfig
@@ -141,7 +142,10 @@ class VLLMReplica:
                     chunk.prompt_tokens = n_prompt
                     chunk.cached_tokens = out.num_cached_tokens or 0
                     chunk.replica_id = self._replica_id
-                    chunk.timing = ReplicaTiming(received_at, time.time(), self._stats.block_size)
+                    first_at = time.time()
+                    chunk.timing = ReplicaTiming(received_at, first_at, self._stats.block_size)
+                    record_engine_parts(self._model.id, self._replica_id, getattr(out, "metrics", None),
+                                        first_at - received_at)
                     if getattr(out, "prompt_logprobs", None) is not None:
                         chunk.prompt_logprobs = position_logprobs(out.prompt_logprobs)
                 for c in out.outputs:

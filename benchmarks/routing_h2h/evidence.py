@@ -19,7 +19,9 @@ system through ``ray.init(address="auto")``), ``Probe`` (scrapes before and afte
   ``engine_by_replica``;
 * the request-path stages of the client's TTFT (``kvserve_stage_{tokenize,hash,dispatch,engine,return,first_byte}_
   milliseconds``, deployments/stages.py) -> ``stages_ms`` (all replicas) and ``engine_stage_ms_by_replica``: which
-  part of the TTFT grew, the engine's (replica received -> first output) or the serving path's around it;
+  part of the TTFT grew, the engine's (replica received -> first output) or the serving path's around it; and the
+  engine stage split by vLLM's own request stamps (``kvserve_engine_{replica,vllm_frontend,vllm_queue,vllm_prefill}_
+  milliseconds``) -> ``engine_parts_ms``;
 * the host's CPU (``host_cpu``, for the cell and in every timeline point; ``host_cpu.py``): busy cores, cores
   per process role, each replica's and ingress's process and busiest thread (an asyncio loop at one core);
 * gauges by replica (``view``, in every timeline point and as ``view_after``): Serve's ongoing requests,
@@ -63,6 +65,9 @@ ROUTE_MS = "ray_kvserve_stage_route_milliseconds"
 #: stage -> histogram (ms) of deployments.stages.STAGES, tagged model and replica.
 STAGE_MS = {stage: f"ray_kvserve_stage_{stage}_milliseconds"
             for stage in ("tokenize", "hash", "dispatch", "engine", "return", "first_byte")}
+#: part -> histogram (ms) of deployments.stages.ENGINE_PARTS: the replica's engine stage split by vLLM's request stats.
+ENGINE_PART_MS = {part: f"ray_kvserve_engine_{part}_milliseconds"
+                  for part in ("replica", "vllm_frontend", "vllm_queue", "vllm_prefill")}
 PREDICTED = "ray_kvserve_router_predicted_cached_tokens"
 ACTUAL = "ray_kvserve_router_actual_cached_tokens"
 #: key in ``engine_by_replica`` -> vLLM histogram (seconds) through Ray's agent.
@@ -84,7 +89,7 @@ VIEW_GAUGES = {"router_outstanding": "ray_kvserve_router_outstanding_requests",
                "ingress_loop_busy": "ray_kvserve_ingress_loop_busy_ratio"}
 _KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "ray_kvserve_router_",
          "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_replica_loop_busy",
-         "ray_kvserve_ingress_loop_lag", "ray_kvserve_ingress_loop_busy", "ray_kvserve_stage_",
+         "ray_kvserve_ingress_loop_lag", "ray_kvserve_ingress_loop_busy", "ray_kvserve_stage_", "ray_kvserve_engine_",
          "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
          "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -279,15 +284,17 @@ def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
         "predicted_cached_tokens": round(predicted), "actual_cached_tokens": round(actual),
         "engine_by_replica": engine_by_replica(before, after),
         "stages_ms": stages(before, after),
+        "engine_parts_ms": stages(before, after, ENGINE_PART_MS),
         "engine_stage_ms_by_replica": histogram(before, after, STAGE_MS["engine"], "replica"),
         "view_after": view(after, deployment),
     }
 
 
-def stages(before: Samples, after: Samples) -> dict[str, dict]:
-    """Count, mean, p50 and p90 (ms) of each request-path stage over every replica and model."""
+def stages(before: Samples, after: Samples, metrics: dict[str, str] = STAGE_MS) -> dict[str, dict]:
+    """Count, mean, p50 and p90 (ms) of each request-path stage (or each histogram of ``metrics``) over every
+    replica and model."""
     out = {}
-    for stage, metric in STAGE_MS.items():
+    for stage, metric in metrics.items():
         h = histogram(before, after, metric, "")
         if h:
             out[stage] = h[""]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from serve_app.settings import model_dir
 from tests.integration.conftest import TEST_KV
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-MODEL = Path.home() / ".cache" / "kvserve" / "models" / "smollm2-135m-instruct"
+MODEL = model_dir() / "smollm2-135m-instruct"
 MIB = 1024**2
 BUDGET = 64 * MIB
 NAMESPACE = "kvserve_test_kv_tier"
@@ -54,6 +55,14 @@ class EngineActor:
         out = self.llm.generate([prompt],
                                 SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)[0]
         return list(out.outputs[0].token_ids), int(out.num_cached_tokens or 0)
+
+    def pids(self) -> list[int]:
+        """This actor's process and its children (vLLM's engine core, which stores and owns the tier's objects)."""
+        import os
+
+        import psutil
+
+        return [os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))]
 
 
 def _prompt(seed: int, n: int = PROMPT_TOKENS) -> list[int]:
@@ -114,6 +123,28 @@ def _wait_stored(directory, min_blocks: int, timeout: float = 30.0) -> dict:
         time.sleep(0.2)
 
 
+def _kill_and_wait(actor, timeout: float = 60.0) -> None:
+    """Kill ``actor`` and wait until what it stored in the tier is gone. Its engine core, a child process that owns
+    those objects, outlives the actor by a moment (longer on a loaded machine), and the node frees a dead owner's
+    objects a moment after that (the object store shrinks by them)."""
+    import psutil
+
+    pids = ray.get(actor.pids.remote())
+    used = _plasma_used_bytes()
+    ray.kill(actor)
+    deadline = time.monotonic() + timeout
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(alive(p) for p in pids) or _plasma_used_bytes() >= used:
+        assert time.monotonic() < deadline, f"{pids} alive or the object store not freed {timeout} s after ray.kill"
+        time.sleep(0.5)
+
+
 def _plasma_used_bytes() -> int:
     from ray._private.internal_api import memory_summary
 
@@ -152,8 +183,7 @@ def test_tier_hit_same_output_then_owner_death_then_budget(engines, directory):
     ref6, _ = ray.get(b.generate.remote(p6))
     _wait_stored(directory, 25)  # 5 blocks per prompt computed: P1, P1 of tenant-b and of tenant-c, P2, P6
     for owner, loader, prompt, ref in ((a, b, p2, ref2), (b, c, p6, ref6)):
-        ray.kill(owner)
-        time.sleep(2.0)
+        _kill_and_wait(owner)
         out, cached = ray.get(loader.generate.remote(prompt), timeout=120)
         assert out == ref
         if loader is b:  # async: the failed load is known before the request is scheduled

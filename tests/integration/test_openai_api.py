@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import httpx
 import openai
@@ -102,6 +104,22 @@ def test_long_shared_prefix_reports_cached_tokens(client: openai.OpenAI) -> None
         max_tokens=2, temperature=0).usage for q in range(4)]
     assert usage[0].prompt_tokens > 1000
     assert max(u.prompt_tokens_details.cached_tokens for u in usage[1:]) >= 768
+
+
+def test_the_engine_stage_is_split_by_vllms_request_stamps(client: openai.OpenAI, ray_cluster) -> None:
+    """vLLM's per-request stats reach the replica: every part of its engine stage (deployments.stages.ENGINE_PARTS)
+    gets samples in Prometheus text, labelled with the model."""
+    from deployments.stages import ENGINE_PARTS
+
+    client.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=2)
+    deadline, missing = time.time() + 60, list(ENGINE_PARTS)
+    while missing and time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
+        missing = [p for p in ENGINE_PARTS if not re.search(
+            rf'^ray_kvserve_engine_{p}_milliseconds_count\{{[^}}]*model="{MODEL}"[^}}]*\}} [1-9]', text, re.MULTILINE)]
+        if missing:
+            time.sleep(1)
+    assert not missing, f"engine parts without samples: {missing}"
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:

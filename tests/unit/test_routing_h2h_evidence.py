@@ -218,6 +218,19 @@ def test_stages_split_the_ttft_into_the_engine_and_the_serving_path_around_it() 
     assert derive(keep(before), keep(after), DEP) == ev
 
 
+def test_the_engine_stage_split_by_vllms_stamps_is_read_per_part() -> None:
+    def part(name: str, buckets: dict[float, float], total: float) -> list[str]:
+        return [line.replace("ray_kvserve_stage_engine_", f"ray_kvserve_engine_{name}_")
+                for line in stage_hist("engine", "r-a", buckets, total)]
+
+    after = parse("\n".join([*part("vllm_prefill", {20: 2, 30: 6, INF: 6}, 140),
+                             *part("replica", {1: 6, INF: 6}, 3)]) + "\n")
+    ev = derive({}, after, DEP)
+    assert ev["engine_parts_ms"]["vllm_prefill"]["n"] == 6 and ev["engine_parts_ms"]["vllm_prefill"]["mean"] == 23.33
+    assert set(ev["engine_parts_ms"]) == {"vllm_prefill", "replica"} and "engine" not in ev["stages_ms"]
+    assert derive({}, keep(after), DEP) == ev
+
+
 def test_the_evidence_table_shows_the_worst_loop_lag_of_the_ingresses_and_the_replicas() -> None:
     ev = {"timeline": [{"ingress_loop_lag_ms": {"i-1": 3.0, "i-2": 12.4}, "replica_loop_lag_ms": {"r-a": 334.0}},
                        {"ingress_loop_lag_ms": {"i-1": 7.0}, "replica_loop_lag_ms": {"r-a": 1.0, "r-b": 17.5}},
