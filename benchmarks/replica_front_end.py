@@ -146,17 +146,19 @@ async def engine_cost(lengths: list[int], requests: int, prime_tokens: int) -> d
                 out.setdefault(str(n), {}).setdefault(name, []).append(row)
                 print(name, n, row, flush=True)
         bound_detokenizer_priming(prime_tokens)
-        out["per_output_token"] = await _per_output_token(eng, GenerateRequest, min(lengths), out, rng)
+        out["per_output_token"] = await _per_output_token(eng, GenerateRequest, min(lengths),
+                                                          out[str(min(lengths))][f"last_{prime_tokens}"], rng)
         print(out["per_output_token"], flush=True)
     finally:
         eng.shutdown()
     return out
 
 
-async def _per_output_token(eng, request_type, n: int, out: dict, rng: random.Random, streams: int = 8,
-                            tokens: int = 64, rounds: int = 3) -> dict:
-    """CPU per streamed token: ``streams`` concurrent requests of ``tokens`` tokens each, less what their one-token
-    requests of the same prompt length cost (``out[str(n)]``), over the extra tokens."""
+async def _per_output_token(eng, request_type, n: int, one_token_rows: list[dict], rng: random.Random,
+                            streams: int = 8, tokens: int = 64, rounds: int = 3) -> dict:
+    """CPU per streamed token: ``streams`` concurrent requests of ``tokens`` tokens each, less what one-token
+    requests of the same prompt length cost with the same priming (the mean of ``one_token_rows``), over the extra
+    tokens."""
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for _ in range(streams)]
 
     async def one(i: int, prompt: list[int]) -> None:
@@ -169,7 +171,7 @@ async def _per_output_token(eng, request_type, n: int, out: dict, rng: random.Ra
     for r in range(rounds):
         await asyncio.gather(*(one(r * streams + i, p) for i, p in enumerate(prompts)))
     cpu_s = time.process_time() - c0
-    base_s = min(r["cpu_ms_per_request"] for rows in out[str(n)].values() for r in rows) / 1000 * streams * rounds
+    base_s = statistics.fmean(r["cpu_ms_per_request"] for r in one_token_rows) / 1000 * streams * rounds
     extra = streams * rounds * (tokens - 1)
     return {"prompt_tokens": n, "streams": streams, "output_tokens": tokens, "rounds": rounds,
             "cpu_ms_per_output_token": round(max(cpu_s - base_s, 0.0) / extra * 1000, 4)}
