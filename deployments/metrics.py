@@ -28,7 +28,7 @@ STAGE_MS_BUCKETS = [0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 1
                     1000, 2000, 5000, 10000]
 #: Finer around the tens of milliseconds a cached request spends in a busy engine.
 ENGINE_PART_MS_BUCKETS = [0.25, 0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 18, 22, 26, 30, 35, 40, 45, 50, 60, 70, 85, 100,
-                          150, 200, 300, 500, 1000, 2000, 5000]
+                          150, 200, 300, 500, 1000, 2000, 5000, 10000, 20000, 60000]
 MICROSECOND_BUCKETS = [1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 5000, 20000]
 # Token-count buckets for routing predictions (cached prompt tokens, prediction error).
 TOKEN_BUCKETS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
