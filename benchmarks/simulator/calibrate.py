@@ -360,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frontend-merge-busy", type=float, default=0.5,
                     help="--frontend loop: busy share above which the streams it routes merge chunks (kvserve's "
                          "ingress.stream_merge_busy; 0: never)")
-    ap.add_argument("--async-scheduling", choices=("on", "off"), default="on",
+    ap.add_argument("--async-scheduling", choices=("on", "off"), default="off",
                     help="the engines' scheduling (EngineModel.async_scheduling): vLLM forms the next step while one "
-                         "runs unless told otherwise (its log says 'Asynchronous scheduling is enabled')")
+                         "runs unless told otherwise (its log says 'Asynchronous scheduling is enabled'); default off "
+                         "so that the calibrations committed before it reproduce from their commands")
     ap.add_argument("--shape-bounds", action="store_true",
                     help="keep the routing fit's context terms near the start (SHAPE_BOUNDS)")
     ap.add_argument("--rounds", type=int, default=3)
