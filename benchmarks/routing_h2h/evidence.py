@@ -49,6 +49,7 @@ from typing import Any
 
 from benchmarks.gpu.promtext import parse
 from benchmarks.routing_h2h.host_cpu import HostCpu, ProcReading
+from deployments.stages import ENGINE_PARTS
 
 Samples = dict[tuple[str, str], float]
 
@@ -66,8 +67,7 @@ ROUTE_MS = "ray_kvserve_stage_route_milliseconds"
 STAGE_MS = {stage: f"ray_kvserve_stage_{stage}_milliseconds"
             for stage in ("tokenize", "hash", "dispatch", "engine", "return", "first_byte")}
 #: part -> histogram (ms) of deployments.stages.ENGINE_PARTS: the replica's engine stage split by vLLM's request stats.
-ENGINE_PART_MS = {part: f"ray_kvserve_engine_{part}_milliseconds"
-                  for part in ("replica", "vllm_frontend", "vllm_queue", "vllm_prefill")}
+ENGINE_PART_MS = {part: f"ray_kvserve_engine_{part}_milliseconds" for part in ENGINE_PARTS}
 PREDICTED = "ray_kvserve_router_predicted_cached_tokens"
 ACTUAL = "ray_kvserve_router_actual_cached_tokens"
 #: key in ``engine_by_replica`` -> vLLM histogram (seconds) through Ray's agent.

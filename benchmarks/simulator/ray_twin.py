@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from benchmarks.simulator.replica import leading
 from routers.policy import Knobs, Policy
 from routers.types import Decision, ReplicaSnapshot, RoutingRequest
 
@@ -58,12 +59,7 @@ class RayTree:
 
     def match(self, hashes: Sequence[int], rid: str) -> int:
         """Leading blocks of ``hashes`` that ``rid``'s tenant holds."""
-        held, n = self.blocks.get(rid, ()), 0
-        for h in hashes:
-            if h not in held:
-                break
-            n += 1
-        return n
+        return leading(self.blocks.get(rid, ()), hashes)
 
     def insert(self, rid: str, hashes: Sequence[int], prompt_tokens: int, block_size: int) -> None:
         """``rid`` was sent the prompt: its new blocks and its partial tail count to the tenant's size."""
