@@ -49,7 +49,7 @@ from typing import Any
 
 from benchmarks.gpu.promtext import parse
 from benchmarks.routing_h2h.host_cpu import HostCpu, ProcReading
-from deployments.stages import ENGINE_PARTS
+from deployments.stages import ENGINE_PARTS, STAGES
 
 Samples = dict[tuple[str, str], float]
 
@@ -64,8 +64,7 @@ KV_RESETS = "ray_kvserve_router_kv_event_resets"
 DECISION_US = "ray_kvserve_router_decision_latency_microseconds"
 ROUTE_MS = "ray_kvserve_stage_route_milliseconds"
 #: stage -> histogram (ms) of deployments.stages.STAGES, tagged model and replica.
-STAGE_MS = {stage: f"ray_kvserve_stage_{stage}_milliseconds"
-            for stage in ("tokenize", "hash", "dispatch", "engine", "return", "first_byte")}
+STAGE_MS = {stage: f"ray_kvserve_stage_{stage}_milliseconds" for stage in STAGES}
 #: part -> histogram (ms) of deployments.stages.ENGINE_PARTS: the replica's engine stage split by vLLM's request stats.
 ENGINE_PART_MS = {part: f"ray_kvserve_engine_{part}_milliseconds" for part in ENGINE_PARTS}
 PREDICTED = "ray_kvserve_router_predicted_cached_tokens"
