@@ -473,21 +473,23 @@ def evidence_table(results: dict[str, dict]) -> str:
                 if not ev:
                     continue
                 if "requests_by_replica" not in ev:
-                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | | | | |")
+                    rows.append(f"| {wl} | {lv} | {system} | {ev.get('error', '-')} | | | | | | | | | |")
                     continue
                 bal = "-" if ev["balance"] is None else f"{ev['balance']:.2f}"
                 route = "-" if ev.get("route_wait_ms_mean") is None else f"{ev['route_wait_ms_mean']:.1f}"
                 per = "/".join(str(v) for v in ev["requests_by_replica"].values())
                 rows.append(f"| {wl} | {lv} | {system} | {per} | {bal} | {_top(ev['decision_shares'])} | "
                             f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} | "
-                            f"{_stage_p50s(ev.get('stages_ms') or {})} | {_loop_lag(ev)} | {_host_cpu(ev)} |")
+                            f"{_stage_p50s(ev.get('stages_ms') or {})} | {_engine_parts(ev)} | {_loop_lag(ev)} | "
+                            f"{_host_cpu(ev)} |")
     if not rows:
         return ""
     return ("| workload | load | system | requests per replica | max/mean | top reasons | KV events | route wait ms | "
             "vLLM queue ms (replica min..max) | stage p50 ms (tokenize/dispatch/engine/return/first byte) | "
+            "engine stage mean ms = replica + vLLM front end + queue + prefill (means) | "
             "worst loop lag ms, busy share (ingress / replica) | "
             "host cores busy (cell / busiest interval), busiest serving thread |\n"
-            "|---|---|---|---|---:|---|---:|---:|---:|---|---|---|\n" + "\n".join(rows) + "\n")
+            "|---|---|---|---|---:|---|---:|---:|---:|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _loop_lag(ev: dict) -> str:
@@ -515,6 +517,17 @@ def _host_cpu(ev: dict) -> str:
     top = max(threads, default=None)
     thread = f", {top[1]} thread {top[0]:.2f}" if top else ""
     return f"{cell['busy_cores']:.1f}/{cell['cores']} ({peak:.1f}){thread}"
+
+
+def _engine_parts(ev: dict) -> str:
+    """The engine stage's mean beside its parts' means (``ENGINE_PARTS`` order; means add up, p50s do not);
+    "-" for cells recorded before the parts were."""
+    parts = ev.get("engine_parts_ms") or {}
+    if not parts:
+        return "-"
+    engine = (ev.get("stages_ms") or {}).get("engine", {}).get("mean")
+    vals = "+".join("-" if parts.get(k, {}).get("mean") is None else f"{parts[k]['mean']:.1f}" for k in ENGINE_PARTS)
+    return f"{'-' if engine is None else f'{engine:.1f}'} = {vals}"
 
 
 def _stage_p50s(stages_ms: dict[str, dict]) -> str:

@@ -214,7 +214,7 @@ def test_stages_split_the_ttft_into_the_engine_and_the_serving_path_around_it() 
     assert set(ev["stages_ms"]) == {"engine", "dispatch"}  # stages with no request left out
     assert ev["engine_stage_ms_by_replica"]["r-b"]["mean"] == 300.0
     md = evidence_table({"kv-aware": {"no-sharing": {"r70": {"ttft_p50_ms": 1, "evidence": ev}}}})
-    assert md.splitlines()[-1].endswith("| -/300/100/-/- | - / - | - |")  # stage p50s, no lag, no host CPU
+    assert md.splitlines()[-1].endswith("| -/300/100/-/- | - | - / - | - |")  # stage p50s; no parts, lag, host CPU
     assert derive(keep(before), keep(after), DEP) == ev
 
 
@@ -229,6 +229,13 @@ def test_the_engine_stage_split_by_vllms_stamps_is_read_per_part() -> None:
     assert ev["engine_parts_ms"]["vllm_prefill"]["n"] == 6 and ev["engine_parts_ms"]["vllm_prefill"]["mean"] == 23.33
     assert set(ev["engine_parts_ms"]) == {"vllm_prefill", "replica"} and "engine" not in ev["stages_ms"]
     assert derive({}, keep(after), DEP) == ev
+    # the table sets the parts' means beside the engine stage's mean (none here), in ENGINE_PARTS order
+    assert evidence._engine_parts(ev) == "- = 0.5+-+-+23.3"
+    ev["stages_ms"]["engine"] = {"mean": 25.0}
+    md = evidence_table({"kv-aware": {"docqa": {"sat": {"evidence": ev | {"requests_by_replica": {"r-a": 6},
+                                                                          "balance": 1.0, "decision_shares": {},
+                                                                          "kv_events": 0, "engine_by_replica": {}}}}}})
+    assert "| 25.0 = 0.5+-+-+23.3 |" in md
 
 
 def test_the_evidence_table_shows_the_worst_loop_lag_of_the_ingresses_and_the_replicas() -> None:
