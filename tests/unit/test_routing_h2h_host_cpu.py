@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.routing_h2h.evidence import evidence_table
+from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.host_cpu import HostCpu, role
 
 
