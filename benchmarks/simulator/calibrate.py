@@ -247,9 +247,40 @@ def residuals(cells: list[Cell], engine: EngineModel, settings: dict, replicas: 
         engine_stage = ((c.measured.get("evidence") or {}).get("stages_ms") or {}).get("engine") or {}
         row["gpu_engine_ttft_p50_ms"] = engine_stage.get("p50")  # the replica's engine stage, kvserve's histogram
         row["sim_engine_ttft_p50_ms"] = s["engine_ttft_p50_ms"]
+        row.update(engine_parts(c.measured.get("evidence") or {}, s))
         row["closed_loop"] = c.mode == "concurrency"
         rows.append(row)
     return rows
+
+
+def engine_parts(evidence: dict, sim: dict) -> dict:
+    """The engine stage's mean and its parts' means on the GPU (kvserve's histograms: vLLM's request stamps,
+    ``deployments.stages.ENGINE_PARTS``) beside the simulator's (reaching the scheduler -> the step with its
+    first chunk -> its first token); the GPU's are None for cells recorded before the parts were."""
+    engine = ((evidence.get("stages_ms") or {}).get("engine") or {}).get("mean")
+    parts = {k: v.get("mean") for k, v in (evidence.get("engine_parts_ms") or {}).items()}
+    return {"gpu_engine_mean_ms": engine, "gpu_engine_parts_mean_ms": parts or None,
+            "sim_engine_mean_ms": sim["engine_ttft_mean_ms"], "sim_engine_wait_mean_ms": sim["engine_wait_mean_ms"],
+            "sim_engine_prefill_mean_ms": sim["engine_prefill_mean_ms"]}
+
+
+def engine_parts_table(rows: list[dict]) -> str:
+    """Markdown: per cell with the GPU's engine parts, the engine stage's mean and parts, GPU beside simulator;
+    "" when no cell has them."""
+    lines = []
+    for r in rows:
+        parts = r.get("gpu_engine_parts_mean_ms")
+        if not parts:
+            continue
+        gpu = "/".join(_ms1(parts.get(k)) for k in ("replica", "vllm_frontend", "vllm_queue", "vllm_prefill"))
+        lines.append(f"| {r['workload']} | {r['load']} | {r.get('system', r['strategy'])} | "
+                     f"{_ms1(r.get('gpu_engine_mean_ms'))} | {gpu} | {_ms1(r['sim_engine_mean_ms'])} | "
+                     f"{_ms1(r['sim_engine_wait_mean_ms'])}/{_ms1(r['sim_engine_prefill_mean_ms'])} |")
+    if not lines:
+        return ""
+    head = ("| workload | load | system | GPU engine stage mean ms | GPU replica/vLLM front end/queue/prefill "
+            "| sim engine mean ms | sim wait/prefill |")
+    return "\n".join([head, "|---|---|---|---:|---|---:|---|", *lines])
 
 
 def ordering(rows: list[dict]) -> dict:
@@ -476,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                           "open_loop_within_25pct": sum(not r["closed_loop"] and abs(r["ttft_p50_error"]) <= 0.25
                                                         for r in rrows)}
         print(residual_table(rrows))
+        print(engine_parts_table(rrows))
     doc["wall_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
@@ -484,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ms(v) -> str:
     return "" if v is None else f"{v:.0f}"
+
+
+def _ms1(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def residual_table(rows: list[dict]) -> str:

@@ -52,6 +52,7 @@ class Job:
     first_token_step: int = 0
     not_before: int = 0  # the first step it may join (async scheduling: the next one was formed before it came)
     enqueued_at: float = 0.0  # it reached the replica's scheduler
+    started_at: float | None = None  # the step with its first prefill chunk started
     admitted: bool = False  # holds its KV blocks (kv_admission)
     tail_blocks: int = 0  # its blocks beyond the hashed prompt blocks (partial block, output)
 

@@ -20,11 +20,17 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _mean_ms(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs) * 1e3, 2) if xs else 0.0
+
+
 @dataclass
 class Result:
     strategy: str
     ttft_s: list[float] = field(default_factory=list)
     engine_ttft_s: list[float] = field(default_factory=list)  # reaching a replica's scheduler to its first token
+    engine_wait_s: list[float] = field(default_factory=list)  # ... to the step with its first prefill chunk
+    engine_prefill_s: list[float] = field(default_factory=list)  # that step's start to its first token
     e2e_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
     decision_s: list[float] = field(default_factory=list)
@@ -58,8 +64,10 @@ class Result:
             "requests": self.completed, "sent": self.sent, "retries": self.retries,
             "ttft_p50_ms": ms(self.ttft_s, 0.5), "ttft_p90_ms": ms(self.ttft_s, 0.9),
             "ttft_p95_ms": ms(self.ttft_s, 0.95), "ttft_p99_ms": ms(self.ttft_s, 0.99),
-            "ttft_mean_ms": round(sum(self.ttft_s) / max(len(self.ttft_s), 1) * 1e3, 2),
+            "ttft_mean_ms": _mean_ms(self.ttft_s),
             "engine_ttft_p50_ms": ms(self.engine_ttft_s, 0.5),
+            "engine_ttft_mean_ms": _mean_ms(self.engine_ttft_s), "engine_wait_mean_ms": _mean_ms(self.engine_wait_s),
+            "engine_prefill_mean_ms": _mean_ms(self.engine_prefill_s),
             "tpot_p50_ms": ms(self.tpot_s, 0.5), "e2e_p50_ms": ms(self.e2e_s, 0.5),
             "output_tok_per_s": round(self.output_tokens / duration, 1) if duration else 0.0,
             "requests_per_s": round(self.completed / duration, 2) if duration else 0.0,

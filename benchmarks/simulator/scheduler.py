@@ -82,6 +82,8 @@ class Scheduler:
                 wake = job.ready_at if wake is None else min(wake, job.ready_at)
                 continue
             take = min(budget, job.remaining)
+            if job.started_at is None:
+                job.started_at = now
             done_before = job.turn.prompt_tokens - job.cached - job.from_tier - job.remaining
             prefill_s += engine.prefill_chunk_s(take, job.cached + job.from_tier + done_before)
             chunks.append((job, take))
@@ -135,6 +137,8 @@ class Scheduler:
                 self.res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
         if turn.rid >= self.measure_from and turn.attempts == 0:
             self.res.engine_ttft_s.append(now - job.enqueued_at)
+            self.res.engine_wait_s.append(job.started_at - job.enqueued_at)
+            self.res.engine_prefill_s.append(now - job.started_at)
         rep.meter.first_output(now, turn.prompt_tokens - job.cached, turn.routed_at)
         stored, removed = rep.insert(turn.block_hashes)
         events = (([BlockStored(tuple(stored), "GPU")] if stored else [])

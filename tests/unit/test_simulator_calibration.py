@@ -5,12 +5,21 @@ a routing JSON is read into cells, and the KV-tier cell's engine front end is fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.simulator.calibrate import Cell, fit, gpu_cells, ordering, residuals, simulate_cell
+from benchmarks.simulator.calibrate import (
+    Cell,
+    engine_parts_table,
+    fit,
+    gpu_cells,
+    ordering,
+    residuals,
+    simulate_cell,
+)
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
 from benchmarks.simulator.tier_cell import fit_engine_floor, fit_tier_hit_s, tier_cell, tier_row
@@ -45,6 +54,25 @@ def test_fit_recovers_the_engine_that_produced_the_cells():
     assert fitted.step_s == pytest.approx(0.004, rel=0.3)
     rows = residuals(_cells("prefix-aware"), fitted, SETTINGS, 2)
     assert all(abs(r["ttft_p50_error"]) < 0.25 for r in rows)
+
+
+def test_residual_rows_set_the_gpu_engine_parts_beside_the_simulated_wait_and_prefill():
+    cells = _cells()
+    ev = {"stages_ms": {"engine": {"mean": 40.0}},
+          "engine_parts_ms": {k: {"mean": v} for k, v in (("replica", 1.0), ("vllm_frontend", 15.0),
+                                                          ("vllm_queue", 4.0), ("vllm_prefill", 20.0))}}
+    cells[0] = dataclasses.replace(cells[0], measured={**cells[0].measured, "evidence": ev})
+    rows = residuals(cells, TRUE, SETTINGS, 2)
+    sat, r70 = rows[0], rows[1]
+    assert sat["gpu_engine_mean_ms"] == 40.0 and sat["gpu_engine_parts_mean_ms"]["vllm_frontend"] == 15.0
+    # the simulator's engine stage is its wait for a step plus that step to the first token
+    split = sat["sim_engine_wait_mean_ms"] + sat["sim_engine_prefill_mean_ms"]
+    assert sat["sim_engine_mean_ms"] == pytest.approx(split, abs=0.02)
+    assert sat["sim_engine_prefill_mean_ms"] > 0
+    assert r70["gpu_engine_parts_mean_ms"] is None and r70["gpu_engine_mean_ms"] is None
+    table = engine_parts_table(rows).splitlines()
+    assert len(table) == 3 and table[2].startswith("| docqa | sat | round-robin | 40.0 | 1.0/15.0/4.0/20.0 |")
+    assert engine_parts_table(rows[1:]) == ""
 
 
 def test_ordering_compares_the_gpu_and_simulated_ranking():

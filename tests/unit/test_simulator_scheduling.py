@@ -34,6 +34,9 @@ def test_a_request_reaching_a_stepping_replica_waits_one_more_step_when_asynchro
     assert ttft_a == pytest.approx(STEP)  # an idle replica takes a request at once either way
     assert ttft_b == pytest.approx((2.5 if async_scheduling else 1.5) * STEP)  # from its arrival at 15 ms
     assert res.engine_ttft_s == pytest.approx(res.ttft_s)  # no serving path here: all of it is the engine's
+    # split at the start of the step with its first chunk: B waits for step 3 (20 ms) or step 4 (30 ms)
+    assert res.engine_wait_s == pytest.approx([0.0, (1.5 if async_scheduling else 0.5) * STEP])
+    assert res.engine_prefill_s == pytest.approx([STEP, STEP])
     assert res.completed == 2
 
 
