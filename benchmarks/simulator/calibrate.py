@@ -195,25 +195,44 @@ def fit_keys(cell: Cell) -> tuple[str, ...]:
     return ("ttft_p50_ms", "tpot_p50_ms") if cell.mode != "concurrency" else ("tpot_p50_ms", "output_tok_per_s")
 
 
-def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int) -> float:
+#: The simulator's engine stage (reaching the scheduler -> first token) is fitted, with ``--engine-stage``, to vLLM's
+#: own part of the GPU cell's engine stage: its front end, queue and prefill (kvserve's replica part left out).
+VLLM_PARTS = ("vllm_frontend", "vllm_queue", "vllm_prefill")
+
+
+def vllm_engine_ms(measured: dict) -> float | None:
+    """The mean of vLLM's parts of the cell's engine stage (ms), None for cells recorded before the parts were."""
+    parts = (measured.get("evidence") or {}).get("engine_parts_ms") or {}
+    if not all(parts.get(k, {}).get("mean") is not None for k in VLLM_PARTS):
+        return None
+    return sum(parts[k]["mean"] for k in VLLM_PARTS)
+
+
+def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, engine_stage: bool = False) -> float:
     total = 0.0
     for c in cells:
         s = simulate_cell(c, engine, settings, replicas)
         for key in fit_keys(c):
             total += math.log(max(s[key], 1e-6) / max(c.measured[key], 1e-6)) ** 2
+        gpu = vllm_engine_ms(c.measured) if engine_stage else None
+        if gpu:
+            total += math.log(max(s["engine_ttft_mean_ms"], 1e-6) / gpu) ** 2
     return total
 
 
 def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *, rounds: int = 4,
-        free: tuple[str, ...] = FREE, bounds: dict | None = None, log=print) -> tuple[EngineModel, dict]:
+        free: tuple[str, ...] = FREE, bounds: dict | None = None, engine_stage: bool = False,
+        log=print) -> tuple[EngineModel, dict]:
     """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed), each
-    field kept within ``bounds[field]`` = (low, high) where given."""
-    seeds = {"prefill_attn_s": 5e-4, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3,
+    field kept within ``bounds[field]`` = (low, high) where given; ``engine_stage`` also fits each cell's engine
+    stage to vLLM's parts of it where the cell has them (``vllm_engine_ms``)."""
+    seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5,
+             "gpu_contention": 0.3,
              "frontend_s_per_token": 1e-4, "replica_s_per_token": 2e-5}
     bounds = bounds or {}
     clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
     best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})
-    best_loss = _loss(cells, best, settings, replicas)
+    best_loss = _loss(cells, best, settings, replicas, engine_stage)
     evals, step = 1, 2.0
     for r in range(rounds):
         for name in free:
@@ -223,7 +242,7 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
                     if value == getattr(best, name):
                         break
                     cand = best.with_(**{name: value})
-                    loss = _loss(cells, cand, settings, replicas)
+                    loss = _loss(cells, cand, settings, replicas, engine_stage)
                     evals += 1
                     if loss >= best_loss - 1e-9:
                         break
@@ -299,7 +318,8 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing).
-ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3)}
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), "decode_s_per_seq": (1e-6, 1e-3),
+                 "replica_s_per_token": (1e-6, 1e-3)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
 #: per-context decode cost was measured on the serving run (its ITL's growth with the batch's context) and carried
 #: to the shape by KV bytes, the attention term derived from the shape's FLOPs; the round-robin cells alone
@@ -395,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the engines' scheduling (EngineModel.async_scheduling): vLLM forms the next step while one "
                          "runs unless told otherwise (its log says 'Asynchronous scheduling is enabled'); default off "
                          "so that the calibrations committed before it reproduce from their commands")
+    ap.add_argument("--engine-stage", action="store_true",
+                    help="also fit prefill_step_s, and each round-robin cell's engine stage to vLLM's parts of it "
+                         "(its front end, queue and prefill) where the cell has them")
     ap.add_argument("--shape-bounds", action="store_true",
                     help="keep the routing fit's context terms near the start (SHAPE_BOUNDS)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -487,10 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
-        free = ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
+        free = (ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
+                + (("prefill_step_s",) if args.engine_stage else ()))
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,
-                           log=lambda m: print(m, file=sys.stderr))
+                           engine_stage=args.engine_stage, log=lambda m: print(m, file=sys.stderr))
         info.update(start=start.to_dict(), free=list(free), model_shape=args.routing_model_shape, bounds=bounds,
                     ingress_work=args.ingress_work,
                     ingress_capacity=args.ingress_capacity,

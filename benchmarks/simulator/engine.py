@@ -8,10 +8,15 @@ step decodes one token for each running request and spends the rest of a ``chunk
 
     step(d decoding requests holding k context tokens, prefill chunks of p_i tokens after c_i cached)
         = [ step_s + decode_s_per_seq * d + decode_s_per_ktok * k / 1e3
-            + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6) ]
+            + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6)
+            + prefill_step_s if any chunk ]
           x (1 + gpu_contention * busy_peers)
     tier_load(t tokens) = t * kv_bytes_per_token / (tier_gbps * 1e9)   (the copy)
     tier_ready(t tokens) = tier_load(t) + tier_hit_s                     (before the request's first chunk)
+
+``prefill_step_s`` is what a step costs for carrying prefill at all (0 by default): on the GPU a step that mixes
+prefill with decodes runs outside vLLM's full CUDA graph, and the engine stage's parts measured there put a cached
+request's first token 3-4 decode steps after its scheduling (``calibrate --engine-stage`` fits it).
 
 ``tier_hit_s`` is what a tier hit costs beyond the copy (the directory lookup, the connector's
 scheduling, the wait for the store): fixed per hit, it delays that request's first chunk only (the
@@ -75,6 +80,7 @@ from dataclasses import asdict, dataclass, fields, replace
 class EngineModel:
     prefill_tokens_per_s: float = 10_000.0
     prefill_attn_s: float = 0.0
+    prefill_step_s: float = 0.0
     step_s: float = 0.02
     decode_s_per_seq: float = 0.0
     decode_s_per_ktok: float = 0.0
@@ -113,8 +119,8 @@ class EngineModel:
         if self.frontend_hops < 1 or not 0 <= self.frontend_merge_busy <= 1 or self.frontend_merge_interval_s <= 0:
             raise ValueError("frontend_hops must be >= 1, frontend_merge_busy within 0-1 and "
                              "frontend_merge_interval_s > 0")
-        if self.tier_hit_s < 0:
-            raise ValueError("tier_hit_s must be >= 0")
+        if self.tier_hit_s < 0 or self.prefill_step_s < 0:
+            raise ValueError("tier_hit_s and prefill_step_s must be >= 0")
         if self.input_s_per_request < 0 or self.input_s_per_ktok < 0 or self.replica_s_per_token < 0:
             raise ValueError("input_s_per_request, input_s_per_ktok and replica_s_per_token must be >= 0")
         if self.frontend_tokenize_s < 0 or self.frontend_hash_s_per_ktok < 0:
@@ -129,9 +135,11 @@ class EngineModel:
         return tokens / self.prefill_tokens_per_s + self.prefill_attn_s * tokens * (cached + tokens / 2) / 1e6
 
     def step_time_s(self, decoding: int, context_tokens: int, prefill_s: float, busy_peers: int) -> float:
-        """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s``), contention."""
+        """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s``, plus ``prefill_step_s``
+        for a step that carries any), contention."""
         base = self.step_s + self.decode_s_per_seq * decoding + self.decode_s_per_ktok * context_tokens / 1e3
-        return (base + prefill_s) * (1 + self.gpu_contention * busy_peers)
+        mixed = self.prefill_step_s if prefill_s > 0 else 0.0
+        return (base + prefill_s + mixed) * (1 + self.gpu_contention * busy_peers)
 
     def prepare_s(self, prompt_tokens: int, *, text: bool, hashed: bool) -> float:
         """The ingress's work on one request before it is routed: the fixed part, the tokeniser for a text
