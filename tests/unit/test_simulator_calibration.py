@@ -19,6 +19,7 @@ from benchmarks.simulator.calibrate import (
     ordering,
     residuals,
     simulate_cell,
+    vllm_engine_ms,
 )
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
@@ -73,6 +74,14 @@ def test_residual_rows_set_the_gpu_engine_parts_beside_the_simulated_wait_and_pr
     table = engine_parts_table(rows).splitlines()
     assert len(table) == 3 and table[2].startswith("| docqa | sat | round-robin | 40.0 | 1.0/15.0/4.0/20.0 |")
     assert engine_parts_table(rows[1:]) == ""
+
+
+def test_the_engine_stage_target_is_vllms_parts_of_the_gpu_stage_and_absent_in_older_cells():
+    parts = {"replica": {"mean": 3.0}, "vllm_frontend": {"mean": 10.0}, "vllm_queue": {"mean": 0.5},
+             "vllm_prefill": {"mean": 30.0}}
+    assert vllm_engine_ms({"evidence": {"engine_parts_ms": parts}}) == 40.5  # kvserve's replica part left out
+    assert vllm_engine_ms({"evidence": {"engine_parts_ms": {"vllm_prefill": {"mean": 30.0}}}}) is None
+    assert vllm_engine_ms({"ttft_p50_ms": 1.0}) is None
 
 
 def test_ordering_compares_the_gpu_and_simulated_ranking():

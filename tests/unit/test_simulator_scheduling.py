@@ -57,3 +57,15 @@ def test_asynchronous_scheduling_conserves_requests_under_load():
     res = simulate(Driver(sessions, plan), strategy_knobs("kv-aware"), ClusterSpec(2, ingresses=2), engine)
     assert res.sent == res.completed == 300
     assert len(res.ttft_s) == 300 and min(res.ttft_s) > 0
+
+
+def test_a_step_that_carries_prefill_costs_prefill_step_s_more_and_a_decode_step_does_not():
+    engine = ENGINE.with_(prefill_step_s=0.004)
+    assert engine.step_time_s(3, 0, 0.0, 0) == pytest.approx(STEP)
+    assert engine.step_time_s(3, 0, 0.001, 0) == pytest.approx(STEP + 0.001 + 0.004)
+    assert engine.with_(gpu_contention=0.5).step_time_s(0, 0, 0.001, 2) == pytest.approx(2 * (STEP + 0.005))
+    # A alone: its prefill step is 14 ms, then its 3 more tokens come from decode steps of 10 ms each
+    res = simulate(_trace([(0.0, 4)]), strategy_knobs("round-robin"), ClusterSpec(1), engine)
+    assert res.ttft_s == pytest.approx([0.014]) and res.e2e_s == pytest.approx([0.044])
+    with pytest.raises(ValueError, match="prefill_step_s"):
+        ENGINE.with_(prefill_step_s=-1.0)
