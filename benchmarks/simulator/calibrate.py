@@ -227,8 +227,7 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
     field kept within ``bounds[field]`` = (low, high) where given; ``engine_stage`` also fits each cell's engine
     stage to vLLM's parts of it where the cell has them (``vllm_engine_ms``)."""
     seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5,
-             "gpu_contention": 0.3,
-             "frontend_s_per_token": 1e-4, "replica_s_per_token": 2e-5}
+             "gpu_contention": 0.3, "frontend_s_per_token": 1e-4, "replica_s_per_token": 2e-5}
     bounds = bounds or {}
     clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
     best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})
@@ -317,7 +316,8 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
                 "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
-#: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing).
+#: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
+#: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``).
 ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), "decode_s_per_seq": (1e-6, 1e-3),
                  "replica_s_per_token": (1e-6, 1e-3)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
