@@ -1,17 +1,19 @@
-"""What the serving processes' Python threads were doing during a cell: py-spy samples of each replica and ingress.
+"""What the serving processes' Python threads were doing during a cell: py-spy samples of each replica, ingress and
+vLLM engine core.
 
-Owns ``CellProfiler`` (starts ``py-spy record`` on every replica and ingress process a while into a cell, for a
-fixed time, without stopping them) and ``summarize`` (pure: py-spy's raw collapsed stacks -> per thread its share
-of the samples and its top frames, self and inclusive). ``run.py --profile WORKLOAD:LEVEL,...`` turns it on for
-those cells; the raw files stay in the work directory (the device's log archive) and the summary goes into the
+Owns ``CellProfiler`` (starts ``py-spy record`` on every replica, ingress and engine-core process a while into a
+cell, for a fixed time, without stopping them) and ``summarize`` (pure: py-spy's raw collapsed stacks -> per thread
+its share of the samples and its top frames, self and inclusive). ``run.py --profile WORKLOAD:LEVEL,...`` turns it on
+for those cells; the raw files stay in the work directory (the device's log archive) and the summary goes into the
 cell's ``evidence.profile``, so a stage that grew (a replica's event loop lagging) can be read against the code
 that held its thread.
 
 py-spy samples 100 times a second and skips idle threads (blocked in a system call outside Python), so a
 thread's sample share is roughly the share of the window it ran Python (or native code called from Python).
 It needs ptrace access to the processes; where it has none (or is not installed) the in-process
-``benchmarks.stack_sampler`` takes the samples instead (``run.py --profile`` installs it, idle until turned on), and
-where neither can, the evidence says so; the cell runs unchanged in every case.
+``benchmarks.stack_sampler`` takes the samples instead (``run.py --profile`` installs it in the Serve replicas, idle
+until turned on; the engine cores, vLLM's own processes, have none and go unsampled then), and where neither can,
+the evidence says so; the cell runs unchanged in every case.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 from benchmarks.ingress_figures import fold_threads
 from benchmarks.routing_h2h.host_cpu import HostCpu
 
-ROLES = ("replica", "ingress")
+ROLES = ("replica", "ingress")  # the processes the in-process sampler can be in
+PYSPY_ROLES = (*ROLES, "engine")  # py-spy also reads vLLM's engine cores (host_cpu.role: VLLM::EngineCore)
 _TOP = 15
 
 
@@ -84,7 +87,7 @@ class CellProfiler:
         if reading is None:
             self.error = "no /proc to find the serving processes in"
             return
-        targets = [(pid, role) for pid, (role, _, _) in sorted(reading.procs.items()) if role in ROLES]
+        targets = [(pid, role) for pid, (role, _, _) in sorted(reading.procs.items()) if role in PYSPY_ROLES]
         if not targets:
             return
         exe = shutil.which("py-spy")
@@ -97,8 +100,9 @@ class CellProfiler:
                        str(self.rate_hz), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)]
                 self._procs.append((pid, role, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                                      stderr=subprocess.PIPE, text=True)))
-        elif self.sample_dir is not None:
+        elif self.sample_dir is not None and any(role in ROLES for _, role in targets):
             self.method, self.error = "stack_sampler", why
+            targets = [(pid, role) for pid, role in targets if role in ROLES]
             for pid, _ in targets:
                 (self.sample_dir / f"{pid}.json").unlink(missing_ok=True)
             flag = self.sample_dir / "on"
@@ -115,7 +119,7 @@ class CellProfiler:
             self._thread.join(self.delay_s + 5)
         results = self._pyspy_results() if self.method == "py-spy" else self._sampler_results()
         if not results:
-            return {"error": self.error or "no replica or ingress process found"}
+            return {"error": self.error or "no replica, ingress or engine-core process found"}
         out = {"method": self.method, "delay_s": self.delay_s, "seconds": self.seconds, "processes": results}
         if self.method == "py-spy":
             out["rate_hz"] = self.rate_hz

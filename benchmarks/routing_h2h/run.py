@@ -420,7 +420,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evidence-interval", type=float, default=5.0,
                    help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
     p.add_argument("--profile", type=lambda v: set(v.split(",")), default=set(),
-                   help="WORKLOAD:LEVEL cells in which py-spy records every replica and ingress process (profile.py)")
+                   help="WORKLOAD:LEVEL cells in which py-spy records every replica, ingress and engine-core process "
+                        "(profile.py)")
     p.add_argument("--profile-seconds", type=float, default=10.0, help="--profile: seconds recorded per cell")
     p.add_argument("--client-processes", type=int,
                    help="client processes per bench run (bench --processes; default: the scale's, 4 on gpu, 1 on cpu)")

@@ -98,6 +98,19 @@ def test_without_py_spy_the_in_process_sampler_takes_the_samples(monkeypatch: py
     assert (tmp_path / proc["file"]).is_file() and not (samples / "on").exists()
 
 
+def test_an_engine_core_is_read_by_py_spy_only_never_handed_to_the_in_process_sampler(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(profile.shutil, "which", lambda name: None)
+    assert "engine" in profile.PYSPY_ROLES and "engine" not in profile.ROLES
+    samples = tmp_path / "stacks"
+    samples.mkdir()
+    p = CellProfiler(tmp_path, "cell", delay_s=0, seconds=0.2, cpu=OneProcess(os.getpid(), "engine"),
+                     sample_dir=samples)
+    p.start()
+    assert p.finish() == {"error": "py-spy not installed"}  # vLLM's process has no sampler: nothing waited for
+    assert not (samples / "on").exists()
+
+
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed here")
 def test_records_the_serving_processes_it_finds(tmp_path: Path) -> None:
     """A process titled like a Serve replica gets recorded and summarized (where ptrace is allowed)."""
