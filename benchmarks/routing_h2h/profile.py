@@ -100,9 +100,8 @@ class CellProfiler:
                        str(self.rate_hz), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)]
                 self._procs.append((pid, role, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                                      stderr=subprocess.PIPE, text=True)))
-        elif self.sample_dir is not None and any(role in ROLES for _, role in targets):
+        elif self.sample_dir is not None and (targets := [t for t in targets if t[1] in ROLES]):
             self.method, self.error = "stack_sampler", why
-            targets = [(pid, role) for pid, role in targets if role in ROLES]
             for pid, _ in targets:
                 (self.sample_dir / f"{pid}.json").unlink(missing_ok=True)
             flag = self.sample_dir / "on"

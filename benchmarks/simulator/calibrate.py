@@ -69,6 +69,7 @@ from benchmarks.simulator.serving_cells import (
 )
 from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
 from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
+from deployments.stages import ENGINE_PARTS
 from serve_app.settings import mooncake_trace
 
 MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware", RAY_TWIN)
@@ -197,7 +198,7 @@ def fit_keys(cell: Cell) -> tuple[str, ...]:
 
 #: The simulator's engine stage (reaching the scheduler -> first token) is fitted, with ``--engine-stage``, to vLLM's
 #: own part of the GPU cell's engine stage: its front end, queue and prefill (kvserve's replica part left out).
-VLLM_PARTS = ("vllm_frontend", "vllm_queue", "vllm_prefill")
+VLLM_PARTS = tuple(part for part in ENGINE_PARTS if part != "replica")
 
 
 def vllm_engine_ms(measured: dict) -> float | None:
@@ -290,7 +291,7 @@ def engine_parts_table(rows: list[dict]) -> str:
         parts = r.get("gpu_engine_parts_mean_ms")
         if not parts:
             continue
-        gpu = "/".join(_ms1(parts.get(k)) for k in ("replica", "vllm_frontend", "vllm_queue", "vllm_prefill"))
+        gpu = "/".join(_ms1(parts.get(k)) for k in ENGINE_PARTS)
         lines.append(f"| {r['workload']} | {r['load']} | {r.get('system', r['strategy'])} | "
                      f"{_ms1(r.get('gpu_engine_mean_ms'))} | {gpu} | {_ms1(r['sim_engine_mean_ms'])} | "
                      f"{_ms1(r['sim_engine_wait_mean_ms'])}/{_ms1(r['sim_engine_prefill_mean_ms'])} |")
