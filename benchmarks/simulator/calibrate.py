@@ -328,6 +328,20 @@ ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), 
 SHAPE_BOUNDS = {"decode_s_per_ktok": 2.0, "prefill_attn_s": 8.0}
 
 
+def fit_start(specs: list[str], free: tuple[str, ...]) -> dict[str, float]:
+    """``--start FIELD=VALUE`` options as fields of the fit's start; a field the fit does not move is an error."""
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or name not in free:
+            raise SystemExit(f"--start {spec!r}: expected FIELD=VALUE with FIELD one of the fitted fields {list(free)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--start {spec!r}: {value!r} is not a number") from None
+    return out
+
+
 def shape_bounds(start: EngineModel) -> dict:
     """``SHAPE_BOUNDS`` as (low, high) around ``start``'s values."""
     return {k: (getattr(start, k) / f, getattr(start, k) * f) for k, f in SHAPE_BOUNDS.items() if getattr(start, k) > 0}
@@ -419,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-stage", action="store_true",
                     help="also fit prefill_step_s, and each round-robin cell's engine stage to vLLM's parts of it "
                          "(its front end, queue and prefill) where the cell has them")
+    ap.add_argument("--start", action="append", default=[], metavar="FIELD=VALUE",
+                    help="start the routing fit's free FIELD at VALUE instead of where the serving fit carries it "
+                         "(repeatable; a coordinate search moves one field at a time, so two fields that trade "
+                         "against each other are found together only from a start near both)")
     ap.add_argument("--shape-bounds", action="store_true",
                     help="keep the routing fit's context terms near the start (SHAPE_BOUNDS)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -513,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                   **(shape_bounds(start) if args.shape_bounds else {})}
         free = (ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
                 + (("prefill_step_s",) if args.engine_stage else ()))
+        start = start.with_(**fit_start(args.start, free))
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,
                            engine_stage=args.engine_stage, log=lambda m: print(m, file=sys.stderr))

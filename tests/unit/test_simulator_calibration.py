@@ -15,6 +15,7 @@ from benchmarks.simulator.calibrate import (
     Cell,
     engine_parts_table,
     fit,
+    fit_start,
     gpu_cells,
     ordering,
     residuals,
@@ -82,6 +83,14 @@ def test_the_engine_stage_target_is_vllms_parts_of_the_gpu_stage_and_absent_in_o
     assert vllm_engine_ms({"evidence": {"engine_parts_ms": parts}}) == 40.5  # kvserve's replica part left out
     assert vllm_engine_ms({"evidence": {"engine_parts_ms": {"vllm_prefill": {"mean": 30.0}}}}) is None
     assert vllm_engine_ms({"ttft_p50_ms": 1.0}) is None
+
+
+def test_fit_start_sets_only_fitted_fields_and_refuses_anything_else():
+    free = ("step_s", "prefill_step_s")
+    assert fit_start(["prefill_step_s=0.008", "step_s=1.5e-3"], free) == {"prefill_step_s": 0.008, "step_s": 0.0015}
+    for bad in ("kv_blocks=10", "step_s", "step_s=fast"):
+        with pytest.raises(SystemExit, match="--start"):
+            fit_start([bad], free)
 
 
 def test_ordering_compares_the_gpu_and_simulated_ranking():
