@@ -1,0 +1,116 @@
+"""vLLM's engine steps, one by one, from its iteration log: how long the engine core waited for each step, split
+by whether the step carried a prefill.
+
+Owns ``parse`` (vLLM's ``Iteration(N): ...`` lines, which its default stat logger writes for every step when the
+engine runs with ``enable_logging_iteration_details``) and ``summarise`` (per kind of step: count, mean and
+percentiles of the core's wait, and of the prefill steps' context tokens), with a CLI over the replicas' worker
+logs (``/tmp/ray/session_*/logs/worker-*.out``; one file per Serve replica)::
+
+    python -m benchmarks.routing_h2h.steps worker-*.out [--from HH:MM:SS --to HH:MM:SS] [--out steps.json]
+
+"iteration elapsed time" is the engine core's wait for that step's output (``EngineCore.capture_iteration_details``
+around the step's future), after it scheduled and launched the next step under asynchronous scheduling: a step
+that runs longer on the GPU shows as a longer wait. The log's timestamps have whole seconds, which is all the
+``--from``/``--to`` window (a cell's measured phase) needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_LINE = re.compile(
+    r"(?P<clock>\d\d:\d\d:\d\d)\S* \[[^\]]*\] Engine (?P<engine>\d+): Iteration\((?P<index>\d+)\): "
+    r"(?P<ctx_reqs>\d+) context requests, (?P<ctx_tokens>\d+) context tokens, (?P<gen_reqs>\d+) generation requests, "
+    r"(?P<gen_tokens>\d+) generation tokens, iteration elapsed time: (?P<ms>[\d.]+) ms(?P<dummy> \(dummy\))?")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    source: str  # the log (one replica's worker) it came from
+    clock: str  # HH:MM:SS of the line
+    index: int
+    ctx_reqs: int
+    ctx_tokens: int
+    gen_reqs: int
+    elapsed_ms: float
+
+    @property
+    def prefill(self) -> bool:
+        return self.ctx_tokens > 0
+
+
+def parse(lines, source: str = "") -> list[Step]:
+    """The non-dummy iteration lines among ``lines``; anything else is skipped."""
+    out = []
+    for line in lines:
+        m = _LINE.search(line)
+        if m is None or m["dummy"]:
+            continue
+        out.append(Step(source, m["clock"], int(m["index"]), int(m["ctx_reqs"]), int(m["ctx_tokens"]),
+                        int(m["gen_reqs"]), float(m["ms"])))
+    return out
+
+
+def _dist(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {"n": 0}
+    xs = sorted(xs)
+    q = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]
+    return {"n": len(xs), "mean": round(statistics.fmean(xs), 2), "p10": round(q(0.1), 2), "p50": round(q(0.5), 2),
+            "p90": round(q(0.9), 2), "p99": round(q(0.99), 2)}
+
+
+def summarise(steps: list[Step], start: str | None = None, end: str | None = None) -> dict:
+    """Per kind of step (``prefill``: carried context tokens; ``decode``: did not) the core's wait in ms, the
+    prefill steps' context tokens and requests, and the share of steps that carried a prefill; only steps whose
+    line's clock is within [``start``, ``end``] (HH:MM:SS, inclusive) when given."""
+    steps = [s for s in steps if (start is None or s.clock >= start) and (end is None or s.clock <= end)]
+    pre = [s for s in steps if s.prefill]
+    dec = [s for s in steps if not s.prefill]
+    return {
+        "steps": len(steps),
+        "sources": len({s.source for s in steps}),
+        "prefill_share": round(len(pre) / len(steps), 4) if steps else None,
+        "wait_ms": {"prefill": _dist([s.elapsed_ms for s in pre]), "decode": _dist([s.elapsed_ms for s in dec])},
+        "prefill_ctx_tokens": _dist([float(s.ctx_tokens) for s in pre]),
+        "prefill_ctx_reqs": _dist([float(s.ctx_reqs) for s in pre]),
+        "decode_batch": _dist([float(s.gen_reqs) for s in dec]),
+        "window": [start, end],
+    }
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", errors="replace") if path.suffix == ".gz" else path.open(errors="replace")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.routing_h2h.steps", description=__doc__.splitlines()[0])
+    ap.add_argument("logs", nargs="+", type=Path, help="worker logs (.out, or .gz) with vLLM's iteration lines")
+    ap.add_argument("--from", dest="start", help="first second (HH:MM:SS) of the window")
+    ap.add_argument("--to", dest="end", help="last second (HH:MM:SS) of the window")
+    ap.add_argument("--out", type=Path, help="write the summary here as JSON")
+    args = ap.parse_args(argv)
+    steps = []
+    for path in args.logs:
+        with _open(path) as f:
+            steps += parse(f, path.name)
+    if not steps:
+        print("no vLLM iteration lines in the logs (was enable_logging_iteration_details set?)", file=sys.stderr)
+        return 1
+    doc = summarise(steps, args.start, args.end)
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
