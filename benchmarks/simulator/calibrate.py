@@ -196,17 +196,12 @@ def fit_keys(cell: Cell) -> tuple[str, ...]:
     return ("ttft_p50_ms", "tpot_p50_ms") if cell.mode != "concurrency" else ("tpot_p50_ms", "output_tok_per_s")
 
 
-#: The simulator's engine stage (reaching the scheduler -> first token) is fitted, with ``--engine-stage``, to vLLM's
-#: own part of the GPU cell's engine stage: its front end, queue and prefill (kvserve's replica part left out).
-VLLM_PARTS = tuple(part for part in ENGINE_PARTS if part != "replica")
-
-
-def vllm_engine_ms(measured: dict) -> float | None:
-    """The mean of vLLM's parts of the cell's engine stage (ms), None for cells recorded before the parts were."""
-    parts = (measured.get("evidence") or {}).get("engine_parts_ms") or {}
-    if not all(parts.get(k, {}).get("mean") is not None for k in VLLM_PARTS):
-        return None
-    return sum(parts[k]["mean"] for k in VLLM_PARTS)
+def gpu_engine_stage_ms(measured: dict) -> float | None:
+    """The mean of the cell's engine stage on the GPU (ms; kvserve's histogram: the replica received the request ->
+    the engine's first output), None for a cell without stage histograms. ``--engine-stage`` fits the simulator's
+    engine stage (routed to a replica -> its first token there: the replica's front end, the wait for a step, the
+    step) to it."""
+    return (((measured.get("evidence") or {}).get("stages_ms") or {}).get("engine") or {}).get("mean")
 
 
 def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, engine_stage: bool = False) -> float:
@@ -215,7 +210,7 @@ def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int,
         s = simulate_cell(c, engine, settings, replicas)
         for key in fit_keys(c):
             total += math.log(max(s[key], 1e-6) / max(c.measured[key], 1e-6)) ** 2
-        gpu = vllm_engine_ms(c.measured) if engine_stage else None
+        gpu = gpu_engine_stage_ms(c.measured) if engine_stage else None
         if gpu:
             total += math.log(max(s["engine_ttft_mean_ms"], 1e-6) / gpu) ** 2
     return total
@@ -226,9 +221,10 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
         log=print) -> tuple[EngineModel, dict]:
     """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed), each
     field kept within ``bounds[field]`` = (low, high) where given; ``engine_stage`` also fits each cell's engine
-    stage to vLLM's parts of it where the cell has them (``vllm_engine_ms``)."""
-    seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5,
-             "gpu_contention": 0.3, "frontend_s_per_token": 1e-4, "replica_s_per_token": 2e-5}
+    stage's mean to the GPU's where the cell has it (``gpu_engine_stage_ms``)."""
+    seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "input_s_per_request": 2e-3, "decode_s_per_seq": 1e-4,
+             "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3, "frontend_s_per_token": 1e-4,
+             "replica_s_per_token": 2e-5}
     bounds = bounds or {}
     clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
     best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})
@@ -274,12 +270,14 @@ def residuals(cells: list[Cell], engine: EngineModel, settings: dict, replicas: 
 
 def engine_parts(evidence: dict, sim: dict) -> dict:
     """The engine stage's mean and its parts' means on the GPU (kvserve's histograms: vLLM's request stamps,
-    ``deployments.stages.ENGINE_PARTS``) beside the simulator's (reaching the scheduler -> the step with its
-    first chunk -> its first token); the GPU's are None for cells recorded before the parts were."""
+    ``deployments.stages.ENGINE_PARTS``) beside the simulator's (routed to the replica -> reaching its scheduler ->
+    the step with its first chunk -> its first token); the GPU's are None for cells recorded before the parts
+    were."""
     engine = ((evidence.get("stages_ms") or {}).get("engine") or {}).get("mean")
     parts = {k: v.get("mean") for k, v in (evidence.get("engine_parts_ms") or {}).items()}
     return {"gpu_engine_mean_ms": engine, "gpu_engine_parts_mean_ms": parts or None,
-            "sim_engine_mean_ms": sim["engine_ttft_mean_ms"], "sim_engine_wait_mean_ms": sim["engine_wait_mean_ms"],
+            "sim_engine_mean_ms": sim["engine_ttft_mean_ms"], "sim_engine_input_mean_ms": sim["engine_input_mean_ms"],
+            "sim_engine_wait_mean_ms": sim["engine_wait_mean_ms"],
             "sim_engine_prefill_mean_ms": sim["engine_prefill_mean_ms"]}
 
 
@@ -294,11 +292,12 @@ def engine_parts_table(rows: list[dict]) -> str:
         gpu = "/".join(_ms1(parts.get(k)) for k in ENGINE_PARTS)
         lines.append(f"| {r['workload']} | {r['load']} | {r.get('system', r['strategy'])} | "
                      f"{_ms1(r.get('gpu_engine_mean_ms'))} | {gpu} | {_ms1(r['sim_engine_mean_ms'])} | "
-                     f"{_ms1(r['sim_engine_wait_mean_ms'])}/{_ms1(r['sim_engine_prefill_mean_ms'])} |")
+                     f"{_ms1(r.get('sim_engine_input_mean_ms'))}/{_ms1(r['sim_engine_wait_mean_ms'])}/"
+                     f"{_ms1(r['sim_engine_prefill_mean_ms'])} |")
     if not lines:
         return ""
     head = ("| workload | load | system | GPU engine stage mean ms | GPU replica/vLLM front end/queue/prefill "
-            "| sim engine mean ms | sim wait/prefill |")
+            "| sim engine mean ms | sim front end/wait/prefill |")
     return "\n".join([head, "|---|---|---|---:|---|---:|---|", *lines])
 
 
@@ -320,7 +319,7 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
 #: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``).
 ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), "decode_s_per_seq": (1e-6, 1e-3),
-                 "replica_s_per_token": (1e-6, 1e-3)}
+                 "replica_s_per_token": (1e-6, 1e-3), "input_s_per_request": (1e-4, 0.03)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
 #: per-context decode cost was measured on the serving run (its ITL's growth with the batch's context) and carried
 #: to the shape by KV bytes, the attention term derived from the shape's FLOPs; the round-robin cells alone
@@ -431,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                          "runs unless told otherwise (its log says 'Asynchronous scheduling is enabled'); default off "
                          "so that the calibrations committed before it reproduce from their commands")
     ap.add_argument("--engine-stage", action="store_true",
-                    help="also fit prefill_step_s, and each round-robin cell's engine stage to vLLM's parts of it "
-                         "(its front end, queue and prefill) where the cell has them")
+                    help="also fit prefill_step_s and the replica's front end (input_s_per_request), and each "
+                         "round-robin cell's engine stage (the replica received it -> first output) to the GPU's")
     ap.add_argument("--start", action="append", default=[], metavar="FIELD=VALUE",
                     help="start the routing fit's free FIELD at VALUE instead of where the serving fit carries it "
                          "(repeatable; a coordinate search moves one field at a time, so two fields that trade "
@@ -530,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
         free = (ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
-                + (("prefill_step_s",) if args.engine_stage else ()))
+                + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ()))
         start = start.with_(**fit_start(args.start, free))
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,

@@ -28,7 +28,8 @@ def _mean_ms(xs: list[float]) -> float:
 class Result:
     strategy: str
     ttft_s: list[float] = field(default_factory=list)
-    engine_ttft_s: list[float] = field(default_factory=list)  # reaching a replica's scheduler to its first token
+    engine_ttft_s: list[float] = field(default_factory=list)  # routed to a replica -> its first token there
+    engine_input_s: list[float] = field(default_factory=list)  # ... to reaching its scheduler (the front end)
     engine_wait_s: list[float] = field(default_factory=list)  # ... to the step with its first prefill chunk
     engine_prefill_s: list[float] = field(default_factory=list)  # that step's start to its first token
     e2e_s: list[float] = field(default_factory=list)
@@ -66,7 +67,8 @@ class Result:
             "ttft_p95_ms": ms(self.ttft_s, 0.95), "ttft_p99_ms": ms(self.ttft_s, 0.99),
             "ttft_mean_ms": _mean_ms(self.ttft_s),
             "engine_ttft_p50_ms": ms(self.engine_ttft_s, 0.5),
-            "engine_ttft_mean_ms": _mean_ms(self.engine_ttft_s), "engine_wait_mean_ms": _mean_ms(self.engine_wait_s),
+            "engine_ttft_mean_ms": _mean_ms(self.engine_ttft_s), "engine_input_mean_ms": _mean_ms(self.engine_input_s),
+            "engine_wait_mean_ms": _mean_ms(self.engine_wait_s),
             "engine_prefill_mean_ms": _mean_ms(self.engine_prefill_s),
             "tpot_p50_ms": ms(self.tpot_s, 0.5), "e2e_p50_ms": ms(self.e2e_s, 0.5),
             "output_tok_per_s": round(self.output_tokens / duration, 1) if duration else 0.0,

@@ -136,7 +136,8 @@ class Scheduler:
                         if engine.frontend_s_per_token > 0 else now)
                 self.res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
         if turn.rid >= self.measure_from and turn.attempts == 0:
-            self.res.engine_ttft_s.append(now - job.enqueued_at)
+            self.res.engine_ttft_s.append(now - turn.routed_at)  # kvserve's engine stage: the replica's whole part
+            self.res.engine_input_s.append(job.enqueued_at - turn.routed_at)
             self.res.engine_wait_s.append(job.started_at - job.enqueued_at)
             self.res.engine_prefill_s.append(now - job.started_at)
         rep.meter.first_output(now, turn.prompt_tokens - job.cached, turn.routed_at)

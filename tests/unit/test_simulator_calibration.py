@@ -17,10 +17,10 @@ from benchmarks.simulator.calibrate import (
     fit,
     fit_start,
     gpu_cells,
+    gpu_engine_stage_ms,
     ordering,
     residuals,
     simulate_cell,
-    vllm_engine_ms,
 )
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
@@ -64,12 +64,13 @@ def test_residual_rows_set_the_gpu_engine_parts_beside_the_simulated_wait_and_pr
           "engine_parts_ms": {k: {"mean": v} for k, v in (("replica", 1.0), ("vllm_frontend", 15.0),
                                                           ("vllm_queue", 4.0), ("vllm_prefill", 20.0))}}
     cells[0] = dataclasses.replace(cells[0], measured={**cells[0].measured, "evidence": ev})
-    rows = residuals(cells, TRUE, SETTINGS, 2)
+    rows = residuals(cells, TRUE.with_(input_s_per_request=0.005), SETTINGS, 2)
     sat, r70 = rows[0], rows[1]
+    assert sat["sim_engine_input_mean_ms"] >= 5.0  # every request crosses the replica's front end (a FIFO)
     assert sat["gpu_engine_mean_ms"] == 40.0 and sat["gpu_engine_parts_mean_ms"]["vllm_frontend"] == 15.0
-    # the simulator's engine stage is its wait for a step plus that step to the first token
-    split = sat["sim_engine_wait_mean_ms"] + sat["sim_engine_prefill_mean_ms"]
-    assert sat["sim_engine_mean_ms"] == pytest.approx(split, abs=0.02)
+    # the simulator's engine stage is the replica's front end, its wait for a step and that step to the first token
+    split = sat["sim_engine_input_mean_ms"] + sat["sim_engine_wait_mean_ms"] + sat["sim_engine_prefill_mean_ms"]
+    assert sat["sim_engine_mean_ms"] == pytest.approx(split, abs=0.03)
     assert sat["sim_engine_prefill_mean_ms"] > 0
     assert r70["gpu_engine_parts_mean_ms"] is None and r70["gpu_engine_mean_ms"] is None
     table = engine_parts_table(rows).splitlines()
@@ -77,12 +78,11 @@ def test_residual_rows_set_the_gpu_engine_parts_beside_the_simulated_wait_and_pr
     assert engine_parts_table(rows[1:]) == ""
 
 
-def test_the_engine_stage_target_is_vllms_parts_of_the_gpu_stage_and_absent_in_older_cells():
-    parts = {"replica": {"mean": 3.0}, "vllm_frontend": {"mean": 10.0}, "vllm_queue": {"mean": 0.5},
-             "vllm_prefill": {"mean": 30.0}}
-    assert vllm_engine_ms({"evidence": {"engine_parts_ms": parts}}) == 40.5  # kvserve's replica part left out
-    assert vllm_engine_ms({"evidence": {"engine_parts_ms": {"vllm_prefill": {"mean": 30.0}}}}) is None
-    assert vllm_engine_ms({"ttft_p50_ms": 1.0}) is None
+def test_the_engine_stage_target_is_the_gpu_replicas_whole_stage_and_absent_without_stages():
+    stages = {"engine": {"mean": 43.5, "p50": 30.0}, "dispatch": {"mean": 9.0}}
+    assert gpu_engine_stage_ms({"evidence": {"stages_ms": stages}}) == 43.5
+    assert gpu_engine_stage_ms({"evidence": {"stages_ms": {"dispatch": {"mean": 9.0}}}}) is None
+    assert gpu_engine_stage_ms({"ttft_p50_ms": 1.0}) is None
 
 
 def test_fit_start_sets_only_fitted_fields_and_refuses_anything_else():
