@@ -32,9 +32,11 @@ the rest fitted) instead of the serving run's tokenise + hash on every request (
 ``frontend_bounds``). With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
 processor-sharing core whose costs per request and per streamed token (over what its loop's background
 load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
-set before the fit and not moved by it. ``--frontend loop`` runs the routing cells' ingresses as kvserve's event
-loop instead of a processor-sharing core (``EngineModel.frontend_sharing``: callbacks in arrival order, a request's
-work before routing in ``--frontend-hops`` callbacks, chunks merged while the loop is busier than
+set before the fit and not moved by it. With ``--ingress-cpu`` the ingress's costs per request and per streamed token
+are set the same way, from the GPU host's measure of each ingress replica's loop in the routing JSON's ``host_cpu``
+evidence (``ingress_fit.py``), and left out of the fit. ``--frontend loop`` runs the routing cells' ingresses as
+kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``: callbacks in arrival
+order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while the loop is busier than
 ``--frontend-merge-busy``), with the same costs free.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
@@ -57,6 +59,7 @@ from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.ray_twin import RAY_TWIN
 from benchmarks.simulator.serving_cells import (
@@ -432,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-stage", action="store_true",
                     help="also fit prefill_step_s and the replica's front end (input_s_per_request), and each "
                          "round-robin cell's engine stage (the replica received it -> first output) to the GPU's")
+    ap.add_argument("--ingress-cpu", action="store_true",
+                    help="set the ingress's costs per request and per streamed token from the GPU host's own measure "
+                         "of each ingress replica's loop (the routing JSON's host_cpu evidence; ingress_fit.py) "
+                         "instead of fitting them")
     ap.add_argument("--start", action="append", default=[], metavar="FIELD=VALUE",
                     help="start the routing fit's free FIELD at VALUE instead of where the serving fit carries it "
                          "(repeatable; a coordinate search moves one field at a time, so two fields that trade "
@@ -525,10 +532,15 @@ def main(argv: list[str] | None = None) -> int:
         if client:
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"])
+        ingress = fit_ingress(ingress_rows(routing)) if args.ingress_cpu else None
+        if ingress:
+            start = start.with_(frontend_s_per_request=ingress["frontend_s_per_request"],
+                                frontend_s_per_token=ingress["frontend_s_per_token"])
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
-        free = (ROUTING_FREE + (("decode_s_per_seq",) if args.decode_per_seq else ())
+        free = (tuple(k for k in ROUTING_FREE if not (ingress and k.startswith("frontend_s_per_")))
+                + (("decode_s_per_seq",) if args.decode_per_seq else ())
                 + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ()))
         start = start.with_(**fit_start(args.start, free))
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
@@ -543,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info,
                           "residuals": rrows,
                           "client_fit": client and dict(client, sources=args.client_logs),
+                          "ingress_fit": ingress,
                           "ordering": ordering(rrows), "modelled_cells": sum(r["modelled"] for r in rrows),
                           "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25
                                                        for r in rrows),

@@ -70,14 +70,11 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return out
 
 
-def fit_client(rows: list[dict]) -> dict:
-    """``background``, ``per_request`` and ``per_token`` by least squares over ``rows`` (a coefficient
-    that comes out negative is dropped and the rest refitted), the simulator's costs
-    (``client_s_per_request``, ``client_s_per_token``: over ``1 - background``) and each row's fit."""
-    if len(rows) < len(COLUMNS):
-        raise ValueError(f"the client fit needs at least {len(COLUMNS)} bench results with client.cpu_s")
-    y = [float(x["cpu_s"]) for x in rows]
-    cols = list(COLUMNS)
+def nonnegative_fit(rows: list[dict], columns: tuple[str, ...], target: str) -> dict[str, float]:
+    """Least squares through the origin of ``row[target]`` on ``row[c]`` for ``c`` in ``columns``; a coefficient that
+    comes out negative is dropped (0) and the rest refitted. ValueError when every one is dropped."""
+    y = [float(x[target]) for x in rows]
+    cols = list(columns)
     while True:
         xs = [[float(x[c]) for c in cols] for x in rows]
         ata = [[sum(r[i] * r[j] for r in xs) for j in range(len(cols))] for i in range(len(cols))]
@@ -85,11 +82,20 @@ def fit_client(rows: list[dict]) -> dict:
         coef = dict(zip(cols, _solve(ata, aty)))
         negative = [c for c in cols if coef[c] < 0]
         if not negative:
-            break
+            return {c: coef.get(c, 0.0) for c in columns}
         cols.remove(min(negative, key=lambda c: coef[c]))
         if not cols:
-            raise ValueError("no non-negative client costs fit these rows")
-    coef = {c: coef.get(c, 0.0) for c in COLUMNS}
+            raise ValueError(f"no non-negative coefficients of {list(columns)} fit these rows")
+
+
+def fit_client(rows: list[dict]) -> dict:
+    """``background``, ``per_request`` and ``per_token`` by least squares over ``rows`` (``nonnegative_fit``), the
+    simulator's costs (``client_s_per_request``, ``client_s_per_token``: over ``1 - background``) and each row's
+    fit."""
+    if len(rows) < len(COLUMNS):
+        raise ValueError(f"the client fit needs at least {len(COLUMNS)} bench results with client.cpu_s")
+    y = [float(x["cpu_s"]) for x in rows]
+    coef = nonnegative_fit(rows, COLUMNS, "cpu_s")
     background = coef["duration_s"]
     if background >= 1:
         raise ValueError(f"the client's background load is {background:.2f} of its core: nothing left to model")

@@ -1,0 +1,62 @@
+"""The ingress's CPU costs, fitted from what the GPU host measured of each ingress replica's event loop.
+
+Owns ``ingress_rows`` (one row per cell of a routing head-to-head JSON whose evidence has ``host_cpu``: the mean,
+over the cell's ingress processes, of their busiest thread's cores, which is the replica's asyncio loop, against
+the requests and output tokens per second each ingress carried) and ``fit_ingress`` (``client_fit.nonnegative_fit``)::
+
+    loop_cores = background + per_request * requests_per_s + per_token * output_tok_per_s   (per ingress)
+
+``background`` is the share of the core the loop spends whatever the load (Serve's control loop, metrics, health
+checks); the simulator's ingress core (``EngineModel.frontend_s_*``, processor sharing) has the rest, so its costs are
+the per-request and per-token ones over ``1 - background``. Set before the routing fit and not moved by it, as the
+client's are: measured on the GPU host, not fitted to latency.
+"""
+
+from __future__ import annotations
+
+from benchmarks.routing_h2h.summary import workload_names
+from benchmarks.simulator.client_fit import nonnegative_fit
+
+COLUMNS = ("one", "requests_per_s", "output_tok_per_s")
+
+
+def ingress_rows(doc: dict) -> list[dict]:
+    """Every cell of a routing JSON (``results[system][workload][load]``) with ingress processes in its
+    ``evidence.host_cpu``, sorted by system, workload and load."""
+    rows = []
+    for system, res in sorted(doc.get("results", {}).items()):
+        for workload in workload_names(res):
+            for load, m in sorted((res.get(workload) or {}).items()):
+                if not isinstance(m, dict) or not m.get("requests_per_s"):
+                    continue
+                procs = [p for p in ((m.get("evidence") or {}).get("host_cpu") or {}).get("processes", [])
+                         if p.get("role") == "ingress" and p.get("busiest_thread_cores") is not None]
+                if not procs:
+                    continue
+                n = len(procs)
+                rows.append({"cell": f"{system}/{workload}/{load}", "ingresses": n, "one": 1.0,
+                             "requests_per_s": round(float(m["requests_per_s"]) / n, 3),
+                             "output_tok_per_s": round(float(m["output_tok_per_s"]) / n, 1),
+                             "loop_cores": round(sum(p["busiest_thread_cores"] for p in procs) / n, 4)})
+    return rows
+
+
+def fit_ingress(rows: list[dict]) -> dict:
+    """``background``, ``per_request_s`` and ``per_token_s`` of one ingress's loop by least squares over ``rows``, the
+    simulator's costs (``frontend_s_per_request``, ``frontend_s_per_token``: over ``1 - background``) and each row's
+    fit."""
+    if len(rows) < len(COLUMNS):
+        raise ValueError(f"the ingress fit needs at least {len(COLUMNS)} cells with host_cpu evidence")
+    coef = nonnegative_fit(rows, COLUMNS, "loop_cores")
+    background = coef["one"]
+    if background >= 1:
+        raise ValueError(f"the ingress loop's background load is {background:.2f} of its core: nothing left to model")
+    pred = [sum(coef[c] * float(x[c]) for c in COLUMNS) for x in rows]
+    errors = [p - float(x["loop_cores"]) for p, x in zip(pred, rows)]
+    return {"background": round(background, 4), "per_request_s": round(coef["requests_per_s"], 7),
+            "per_token_s": round(coef["output_tok_per_s"], 9),
+            "frontend_s_per_request": round(coef["requests_per_s"] / (1 - background), 7),
+            "frontend_s_per_token": round(coef["output_tok_per_s"] / (1 - background), 9),
+            "rows": [dict(x, fit_loop_cores=round(p, 3)) for x, p in zip(rows, pred)],
+            "max_abs_error_cores": round(max(abs(e) for e in errors), 3),
+            "rms_error_cores": round((sum(e * e for e in errors) / len(errors)) ** 0.5, 3)}

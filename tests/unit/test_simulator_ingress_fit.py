@@ -1,0 +1,46 @@
+"""The ingress's CPU costs from the GPU host's measure of each ingress loop (benchmarks/simulator/ingress_fit.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows
+
+pytestmark = pytest.mark.unit
+
+
+def _cell(req_s: float, tok_s: float, loops: list[float], roles: str = "ingress") -> dict:
+    procs = [{"pid": i, "role": roles, "cores": c + 0.1, "busiest_thread_cores": c} for i, c in enumerate(loops)]
+    return {"ttft_p50_ms": 1.0, "requests_per_s": req_s, "output_tok_per_s": tok_s,
+            "evidence": {"host_cpu": {"processes": procs + [{"pid": 99, "role": "replica", "cores": 3.0,
+                                                              "busiest_thread_cores": 1.0}]}}}
+
+
+def _loop(req_s: float, tok_s: float, ingresses: int = 2) -> float:
+    return 0.1 + 0.007 * req_s / ingresses + 40e-6 * tok_s / ingresses  # a known ingress
+
+
+def test_the_fit_recovers_a_known_ingress_from_its_loops_per_ingress():
+    shapes = [(6.5, 416), (18, 1150), (25, 1600), (38, 2400), (60, 7800), (35, 7000), (77, 4900)]
+    doc = {"results": {"kv-aware": {"ingress_replicas": 2, "docqa": {
+        f"c{i}": _cell(r, t, [_loop(r, t)] * 2) for i, (r, t) in enumerate(shapes)}}}}
+    rows = ingress_rows(doc)
+    assert len(rows) == len(shapes) and all(r["ingresses"] == 2 for r in rows)
+    assert rows[0]["requests_per_s"] == pytest.approx(6.5 / 2, abs=1e-3)  # each ingress carries half
+    fit = fit_ingress(rows)
+    assert fit["background"] == pytest.approx(0.1, abs=1e-3)
+    assert fit["per_request_s"] == pytest.approx(0.007, rel=1e-3)
+    assert fit["per_token_s"] == pytest.approx(40e-6, rel=1e-3)
+    assert fit["frontend_s_per_request"] == pytest.approx(0.007 / 0.9, rel=1e-3)  # over what the background leaves
+    assert fit["rms_error_cores"] < 1e-3
+
+
+def test_cells_without_ingress_processes_or_rates_are_not_rows_and_too_few_rows_refuse():
+    doc = {"results": {"rr": {"docqa": {"sat": _cell(10, 640, [0.2], roles="replica"),
+                                        "r25": {"ttft_p50_ms": 1.0, "requests_per_s": 5.0, "output_tok_per_s": 300},
+                                        "r70": _cell(0, 0, [0.2])},
+                              "multiturn": {"sat": _cell(30, 3800, [0.5])}}}}
+    rows = ingress_rows(doc)
+    assert [r["cell"] for r in rows] == ["rr/multiturn/sat"] and rows[0]["ingresses"] == 1
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_ingress(rows)
