@@ -304,14 +304,27 @@ def engine_parts_table(rows: list[dict]) -> str:
     return "\n".join([head, "|---|---|---|---:|---|---:|---|", *lines])
 
 
-def ordering(rows: list[dict]) -> dict:
-    """Per (workload, load): systems by TTFT p50 on the GPU and in the simulator."""
+#: Two systems whose GPU TTFT p50s differ by less than this share of the larger are a tie for ``ordering``'s pairs:
+#: a single 30-s cell's p50 moves by more than that between runs at saturation (docs/routing.md).
+TIE_SHARE = 0.1
+
+
+def ordering(rows: list[dict], tie: float = TIE_SHARE) -> dict:
+    """Per (workload, load): systems by TTFT p50 on the GPU and in the simulator, and the pairs of systems the GPU
+    tells apart (p50s more than ``tie`` of the larger apart): how many of those the simulator orders the same way."""
     out = {}
     for key in sorted({(r["workload"], r["load"]) for r in rows}):
         cell = [r for r in rows if (r["workload"], r["load"]) == key]
-        gpu = [r.get("system", r["strategy"]) for r in sorted(cell, key=lambda r: r["gpu_ttft_p50_ms"])]
-        sim = [r.get("system", r["strategy"]) for r in sorted(cell, key=lambda r: r["sim_ttft_p50_ms"])]
-        out["/".join(key)] = {"gpu": gpu, "sim": sim, "same_best": gpu[0] == sim[0], "same_order": gpu == sim}
+        name = lambda r: r.get("system", r["strategy"])
+        gpu = [name(r) for r in sorted(cell, key=lambda r: r["gpu_ttft_p50_ms"])]
+        sim = [name(r) for r in sorted(cell, key=lambda r: r["sim_ttft_p50_ms"])]
+        apart = [(a, b) for i, a in enumerate(cell) for b in cell[i + 1:]
+                 if abs(a["gpu_ttft_p50_ms"] - b["gpu_ttft_p50_ms"]) > tie * max(a["gpu_ttft_p50_ms"],
+                                                                               b["gpu_ttft_p50_ms"])]
+        agree = [(name(a), name(b)) for a, b in apart
+                 if (a["gpu_ttft_p50_ms"] < b["gpu_ttft_p50_ms"]) == (a["sim_ttft_p50_ms"] < b["sim_ttft_p50_ms"])]
+        out["/".join(key)] = {"gpu": gpu, "sim": sim, "same_best": gpu[0] == sim[0], "same_order": gpu == sim,
+                              "pairs_apart": len(apart), "pairs_same_order": len(agree)}
     return out
 
 
@@ -552,11 +565,15 @@ def main(argv: list[str] | None = None) -> int:
                     ingress_cpu_costs=(capacity or {}).get("cost_fit", {}).get("ingress"),
                     schema=routing.get("schema"))
         rrows = residuals(cells, fitted, settings, args.replicas)
+        order = ordering(rrows)
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info,
                           "residuals": rrows,
                           "client_fit": client and dict(client, sources=args.client_logs),
                           "ingress_fit": ingress,
-                          "ordering": ordering(rrows), "modelled_cells": sum(r["modelled"] for r in rrows),
+                          "ordering": order,
+                          "ordering_pairs_apart": sum(o["pairs_apart"] for o in order.values()),
+                          "ordering_pairs_same_order": sum(o["pairs_same_order"] for o in order.values()),
+                          "modelled_cells": sum(r["modelled"] for r in rrows),
                           "modelled_within_25pct": sum(r["modelled"] and abs(r["ttft_p50_error"]) <= 0.25
                                                        for r in rrows),
                           "open_loop_cells": sum(not r["closed_loop"] for r in rrows),

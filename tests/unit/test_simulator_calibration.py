@@ -100,6 +100,12 @@ def test_ordering_compares_the_gpu_and_simulated_ranking():
     assert o["gpu"] == ["kv-aware", "prefix-aware", "round-robin"]
     assert o["sim"] == ["prefix-aware", "kv-aware", "round-robin"]
     assert not o["same_best"] and not o["same_order"]
+    # kv-aware and prefix-aware are 25% apart on the GPU and swapped in the sim; round-robin is apart from both, and
+    # last in both
+    assert (o["pairs_apart"], o["pairs_same_order"]) == (3, 2)
+    tie = ordering([{**r, "gpu_ttft_p50_ms": 160 if r["strategy"] == "prefix-aware" else r["gpu_ttft_p50_ms"]}
+                    for r in rows])["w/sat"]
+    assert (tie["pairs_apart"], tie["pairs_same_order"]) == (2, 2)  # 150 vs 160 ms is a tie: not counted
 
 
 def test_routing_json_is_read_into_the_modelled_cells():
