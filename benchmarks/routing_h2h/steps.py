@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.bench.stats import percentile
+
 _LINE = re.compile(
     r"(?P<clock>\d\d:\d\d:\d\d)\S* \[[^\]]*\] Engine (?P<engine>\d+): Iteration\((?P<index>\d+)\): "
     r"(?P<ctx_reqs>\d+) context requests, (?P<ctx_tokens>\d+) context tokens, (?P<gen_reqs>\d+) generation requests, "
@@ -62,9 +64,8 @@ def _dist(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {"n": 0}
     xs = sorted(xs)
-    q = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]
-    return {"n": len(xs), "mean": round(statistics.fmean(xs), 2), "p10": round(q(0.1), 2), "p50": round(q(0.5), 2),
-            "p90": round(q(0.9), 2), "p99": round(q(0.99), 2)}
+    return {"n": len(xs), "mean": round(statistics.fmean(xs), 2),
+            **{f"p{q}": round(percentile(xs, q), 2) for q in (10, 50, 90, 99)}}
 
 
 def summarise(steps: list[Step], start: str | None = None, end: str | None = None) -> dict:

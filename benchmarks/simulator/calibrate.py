@@ -59,6 +59,7 @@ from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.ingress_fit import FIELDS as INGRESS_FIELDS
 from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.ray_twin import RAY_TWIN
@@ -333,7 +334,8 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
-#: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``).
+#: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``), and the replica's front end
+#: 0.1-30 ms per request (``input_s_per_request``, ``--engine-stage``).
 ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), "decode_s_per_seq": (1e-6, 1e-3),
                  "replica_s_per_token": (1e-6, 1e-3), "input_s_per_request": (1e-4, 0.03)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
@@ -547,12 +549,11 @@ def main(argv: list[str] | None = None) -> int:
                                 client_s_per_token=client["client_s_per_token"])
         ingress = fit_ingress(ingress_rows(routing)) if args.ingress_cpu else None
         if ingress:
-            start = start.with_(frontend_s_per_request=ingress["frontend_s_per_request"],
-                                frontend_s_per_token=ingress["frontend_s_per_token"])
+            start = start.with_(**{k: ingress[k] for k in INGRESS_FIELDS})
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
-        free = (tuple(k for k in ROUTING_FREE if not (ingress and k.startswith("frontend_s_per_")))
+        free = (tuple(k for k in ROUTING_FREE if not (ingress and k in INGRESS_FIELDS))
                 + (("decode_s_per_seq",) if args.decode_per_seq else ())
                 + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ()))
         start = start.with_(**fit_start(args.start, free))

@@ -88,22 +88,27 @@ def nonnegative_fit(rows: list[dict], columns: tuple[str, ...], target: str) -> 
             raise ValueError(f"no non-negative coefficients of {list(columns)} fit these rows")
 
 
+def fit_errors(rows: list[dict], coef: dict[str, float], target: str) -> tuple[list[float], float, float]:
+    """Each row's fitted ``target`` (``coef`` over the rows' columns), and the fit's largest and rms error."""
+    pred = [sum(c * float(x[k]) for k, c in coef.items()) for x in rows]
+    errors = [p - float(x[target]) for p, x in zip(pred, rows)]
+    return pred, max(abs(e) for e in errors), (sum(e * e for e in errors) / len(errors)) ** 0.5
+
+
 def fit_client(rows: list[dict]) -> dict:
     """``background``, ``per_request`` and ``per_token`` by least squares over ``rows`` (``nonnegative_fit``), the
     simulator's costs (``client_s_per_request``, ``client_s_per_token``: over ``1 - background``) and each row's
     fit."""
     if len(rows) < len(COLUMNS):
         raise ValueError(f"the client fit needs at least {len(COLUMNS)} bench results with client.cpu_s")
-    y = [float(x["cpu_s"]) for x in rows]
     coef = nonnegative_fit(rows, COLUMNS, "cpu_s")
     background = coef["duration_s"]
     if background >= 1:
         raise ValueError(f"the client's background load is {background:.2f} of its core: nothing left to model")
-    pred = [sum(coef[c] * float(x[c]) for c in COLUMNS) for x in rows]
+    pred, max_abs, rms = fit_errors(rows, coef, "cpu_s")
     return {"background": round(background, 6), "per_request_s": round(coef["requests"], 9),
             "per_token_s": round(coef["output_tokens"], 11),
             "client_s_per_request": round(coef["requests"] / (1 - background), 9),
             "client_s_per_token": round(coef["output_tokens"] / (1 - background), 11),
             "rows": [dict(x, fit_cpu_s=round(p, 3)) for x, p in zip(rows, pred)],
-            "max_abs_error_s": round(max(abs(p - c) for p, c in zip(pred, y)), 3),
-            "rms_error_s": round((sum((p - c) ** 2 for p, c in zip(pred, y)) / len(y)) ** 0.5, 3)}
+            "max_abs_error_s": round(max_abs, 3), "rms_error_s": round(rms, 3)}

@@ -15,9 +15,11 @@ client's are: measured on the GPU host, not fitted to latency.
 from __future__ import annotations
 
 from benchmarks.routing_h2h.summary import workload_names
-from benchmarks.simulator.client_fit import nonnegative_fit
+from benchmarks.simulator.client_fit import fit_errors, nonnegative_fit
 
 COLUMNS = ("one", "requests_per_s", "output_tok_per_s")
+#: The engine fields ``fit_ingress`` sets (and the routing fit then leaves alone).
+FIELDS = ("frontend_s_per_request", "frontend_s_per_token")
 
 
 def ingress_rows(doc: dict) -> list[dict]:
@@ -51,12 +53,10 @@ def fit_ingress(rows: list[dict]) -> dict:
     background = coef["one"]
     if background >= 1:
         raise ValueError(f"the ingress loop's background load is {background:.2f} of its core: nothing left to model")
-    pred = [sum(coef[c] * float(x[c]) for c in COLUMNS) for x in rows]
-    errors = [p - float(x["loop_cores"]) for p, x in zip(pred, rows)]
+    pred, max_abs, rms = fit_errors(rows, coef, "loop_cores")
     return {"background": round(background, 4), "per_request_s": round(coef["requests_per_s"], 7),
             "per_token_s": round(coef["output_tok_per_s"], 9),
             "frontend_s_per_request": round(coef["requests_per_s"] / (1 - background), 7),
             "frontend_s_per_token": round(coef["output_tok_per_s"] / (1 - background), 9),
             "rows": [dict(x, fit_loop_cores=round(p, 3)) for x, p in zip(rows, pred)],
-            "max_abs_error_cores": round(max(abs(e) for e in errors), 3),
-            "rms_error_cores": round((sum(e * e for e in errors) / len(errors)) ** 0.5, 3)}
+            "max_abs_error_cores": round(max_abs, 3), "rms_error_cores": round(rms, 3)}
