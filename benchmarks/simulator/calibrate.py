@@ -1,8 +1,9 @@
 """Calibrate the engine model on GPU results and show how well the simulator reproduces them.
 
-Owns the CLI and the routing head-to-head path: ``gpu_cells`` (the cells of a ``kvserve.routing_h2h/1``
-or ``/2`` JSON: per system, its strategy and ingress count), ``fit`` (a multiplicative coordinate search
-over the fields those cells can identify), ``residuals`` and ``ordering``. The engine's costs come from a
+Owns the CLI and what the routing fit frees and within which bounds (``ROUTING_FREE``, ``ENGINE_BOUNDS``,
+``SHAPE_BOUNDS``, ``frontend_bounds``) and where it starts (``for_shape``, ``ingress_work``, ``fit_start``); the
+routing cells themselves, their simulation, the fit, the residuals and the ordering are ``routing_cells.py``'s.
+The engine's costs come from a
 serving-overhead JSON (``serving_cells.fit_serving``: prefill, decode step, front end, overheads, in
 closed form; kvserve's cells are simulated with its overhead split by its stage histograms where the
 JSON has them, over ``--ingresses`` ingress replicas, and also without, for comparison); the KV tier's
@@ -25,19 +26,20 @@ round-robin cells, which measure the engine (round-robin ignores caches): open-l
 TPOT p50, closed-loop ones on TPOT p50 and throughput. Every other number is a prediction: the
 cache-aware cells, and the closed-loop cells' TTFT; their residuals and the strategies' ordering say
 how far to trust the simulator for routing. Ray's router is simulated by its twin (``ray_twin.py``).
-With ``--ingress-work split`` the ingress's work per request is kvserve's by kind (``ingress_work``: the
-tokeniser for text prompts only, the block hashes per 1K prompt tokens for the hashing strategies only,
-the rest fitted) instead of the serving run's tokenise + hash on every request ("lumped", the default);
-``--decode-per-seq`` also fits ``decode_s_per_seq``; both within physical bounds (``ENGINE_BOUNDS``,
-``frontend_bounds``). With ``--client-logs`` (the run's bench JSONs or log archives), the load generator is one more
-processor-sharing core whose costs per request and per streamed token (over what its loop's background
-load leaves) are fitted from the CPU seconds each cell's client measured of itself (``client_fit.py``),
-set before the fit and not moved by it. With ``--ingress-cpu`` the ingress's costs per request and per streamed token
-are set the same way, from the GPU host's measure of each ingress replica's loop in the routing JSON's ``host_cpu``
-evidence (``ingress_fit.py``), and left out of the fit. ``--frontend loop`` runs the routing cells' ingresses as
-kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``: callbacks in arrival
-order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while the loop is busier than
-``--frontend-merge-busy``), with the same costs free.
+With ``--ingress-work split`` the ingress's work per request is kvserve's by kind (``ingress_work``: the tokeniser
+for text prompts only, the block hashes per 1K prompt tokens for the hashing strategies only, the rest fitted)
+instead of the serving run's tokenise + hash on every request ("lumped", the default); ``--decode-per-seq`` also
+fits ``decode_s_per_seq``; both within physical bounds (``ENGINE_BOUNDS``, ``frontend_bounds``). With
+``--client-logs`` (the run's bench JSONs or log archives), the load generator is one processor-sharing core per
+bench process of each cell (``EngineModel.client_cores``) whose costs per request and per streamed token (over what
+its loop's background load leaves) are fitted from the CPU seconds each cell's client measured of itself
+(``client_fit.py``), set before the fit and not moved by it; the rest of the latency at c=1 (``request_overhead_s``,
+measured with another client) is then free to shrink. With ``--ingress-cpu`` the ingress's costs per request and per
+streamed token are set the same way, from the GPU host's measure of each ingress replica's loop in the routing
+JSON's ``host_cpu`` evidence (``ingress_fit.py``), and left out of the fit. ``--frontend loop`` runs the routing
+cells' ingresses as kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``:
+callbacks in arrival order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while
+the loop is busier than ``--frontend-merge-busy``), with the same costs free.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
@@ -47,22 +49,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.bench.result import git_commit, machine_info
-from benchmarks.routing_h2h.summary import workload_names
-from benchmarks.simulator import workloads
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.ingress_fit import FIELDS as INGRESS_FIELDS
 from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows
-from benchmarks.simulator.load import Driver, LoadPlan
-from benchmarks.simulator.ray_twin import RAY_TWIN
+from benchmarks.simulator.routing_cells import engine_parts_table, fit, gpu_cells, ordering, residual_table, residuals
 from benchmarks.simulator.serving_cells import (
     SHAPES,
     attn_per_pair_s,
@@ -71,263 +68,7 @@ from benchmarks.simulator.serving_cells import (
     serving_residuals,
     serving_table,
 )
-from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
 from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
-from deployments.stages import ENGINE_PARTS
-from serve_app.settings import mooncake_trace
-
-MODELLED = ("round-robin", "least-loaded", "prefix-aware", "kv-aware", RAY_TWIN)
-FREE = ("prefill_attn_s", "gpu_contention")
-
-
-@dataclass(frozen=True)
-class Cell:
-    strategy: str
-    workload: str
-    load: str
-    mode: str
-    level: float
-    duration_s: float
-    measured: dict
-    system: str = ""  # the result's system name (schema /2: e.g. kv-aware-2ingress); "" = the strategy
-    ingresses: int = 1
-    width: int | None = None  # sessions open at once (the GPU run's session_width)
-
-    @property
-    def name(self) -> str:
-        return self.system or self.strategy
-
-
-def _opt(args: list[str], name: str, default: str) -> str:
-    return args[args.index(name) + 1] if name in args else default
-
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    return int(lo), int(hi or lo)
-
-
-def sessions_for(workload: str, args: list[str], block_size: int, seed: int = 0):
-    """The simulator's twin of ``kvserve bench --workload ...`` with the GPU run's arguments (``args``
-    name the bench's workload; the cell's name, e.g. ``no-sharing``, does not matter)."""
-    workload = _opt(args, "--workload", workload)
-    if workload == "docqa":
-        return workloads.docqa_sessions(no_sharing="--no-sharing" in args, docs=int(_opt(args, "--docs", "4")),
-                                        doc_tokens=_range(_opt(args, "--doc-tokens", "4096:8192")),
-                                        question_tokens=_range(_opt(args, "--question-tokens", "32:64")),
-                                        output_len=int(_opt(args, "--output-len", "64")),
-                                        block_size=block_size, seed=seed)
-    if workload == "multiturn":
-        return workloads.multiturn_sessions(sessions=int(_opt(args, "--sessions", "64")),
-                                            turns=int(_opt(args, "--turns", "8")),
-                                            system_words=int(_opt(args, "--system-words", "512")),
-                                            user_words=_range(_opt(args, "--user-words", "32:96")),
-                                            output_len=int(_opt(args, "--output-len", "128")),
-                                            block_size=block_size, seed=seed)
-    if workload == "mooncake":
-        if "--no-sharing" in args:
-            raise ValueError("no simulator twin for mooncake --no-sharing")
-        return iter(workloads.mooncake_sessions(
-            Path(_opt(args, "--trace-file", str(mooncake_trace()))),
-            block_tokens=int(_opt(args, "--block-tokens", "64")),
-            max_input_tokens=int(_opt(args, "--max-input-tokens", "7000")),
-            max_output_tokens=int(_opt(args, "--max-output-tokens", "256")), block_size=block_size, seed=seed))
-    raise ValueError(f"no simulator twin for workload {workload!r}")
-
-
-def _twin(workload: str, args: list[str]) -> bool:
-    wl = _opt(args, "--workload", workload)
-    return wl in ("docqa", "multiturn") or (
-        wl == "mooncake" and "--no-sharing" not in args and mooncake_trace().exists())
-
-
-def gpu_cells(doc: dict) -> list[Cell]:
-    """Every cell of a routing head-to-head result that the simulator models.
-
-    Schema /1: ``results[strategy][workload][level]``. Schema /2: ``results[system][workload][level]``,
-    the system's strategy in its ``routing`` (or ``systems[name].routing``), its ingress count in
-    ``ingress_replicas``; ``runs``, ``routing``, ``ingress_replicas`` are not workloads (``workload_names``).
-    A system running Ray's router (``request_router_class`` ``...:RayPrefixCacheAffinity``) is simulated by
-    its twin (``ray_twin.py``).
-    Closed-loop (``concurrency``) and Poisson (``rate``) cells only: a timed trace replay is skipped.
-    """
-    out = []
-    settings = doc.get("scale_settings", {}).get("workloads", {})
-    for system, res in doc["results"].items():
-        declared = doc.get("systems", {}).get(system, {})
-        routing = {**(declared.get("routing") or {}), **(res.get("routing") or {})}
-        strategy = routing.get("strategy") or system
-        if routing.get("request_router_class", "").endswith(":RayPrefixCacheAffinity"):
-            strategy = RAY_TWIN  # Ray's router on token ids (benchmarks/routing_h2h/ray_router.py): its twin
-        if strategy not in MODELLED:
-            continue
-        ingresses = int(res.get("ingress_replicas") or declared.get("ingress_replicas") or 1)
-        for workload in workload_names(res):
-            if workload not in settings or not _twin(workload, settings[workload]):
-                continue
-            for load, m in (res.get(workload) or {}).items():
-                if not isinstance(m, dict) or "ttft_p50_ms" not in m:
-                    continue
-                spec = m["load"]
-                if spec["mode"] not in ("concurrency", "rate"):
-                    continue  # a timed trace replay (mooncake rNN): no LoadPlan twin here
-                level = spec.get("concurrency") or spec.get("rate")
-                out.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m,
-                                system="" if system == strategy else system, ingresses=ingresses,
-                                width=spec.get("session_width")))
-    return out
-
-
-def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0) -> dict:
-    args = settings["workloads"][cell.workload]
-    sessions = sessions_for(cell.workload, args, engine.block_size, seed)
-    plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
-                    width=cell.width or (None if cell.mode == "concurrency" else 16))
-    knobs = strategy_knobs(cell.strategy)
-    return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas, ingresses=cell.ingresses), engine,
-                    seed=seed).summary(per_replica=False)
-
-
-def modelled(cell: Cell) -> bool:
-    """Every cell with a workload twin is modelled (TTFT p50 compared): open-loop ones, and closed-loop
-    ones, whose TTFT is set by the throughput and the wait for KV blocks (``kv_admission``)."""
-    return True
-
-
-def fit_keys(cell: Cell) -> tuple[str, ...]:
-    """What a cell contributes to the fit: TTFT and TPOT p50 for an open-loop cell; TPOT p50 and
-    throughput for a closed-loop one (its TTFT then follows from them and stays a prediction)."""
-    return ("ttft_p50_ms", "tpot_p50_ms") if cell.mode != "concurrency" else ("tpot_p50_ms", "output_tok_per_s")
-
-
-def gpu_engine_stage_ms(measured: dict) -> float | None:
-    """The mean of the cell's engine stage on the GPU (ms; kvserve's histogram: the replica received the request ->
-    the engine's first output), None for a cell without stage histograms. ``--engine-stage`` fits the simulator's
-    engine stage (routed to a replica -> its first token there: the replica's front end, the wait for a step, the
-    step) to it."""
-    return (((measured.get("evidence") or {}).get("stages_ms") or {}).get("engine") or {}).get("mean")
-
-
-def _loss(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, engine_stage: bool = False) -> float:
-    total = 0.0
-    for c in cells:
-        s = simulate_cell(c, engine, settings, replicas)
-        for key in fit_keys(c):
-            total += math.log(max(s[key], 1e-6) / max(c.measured[key], 1e-6)) ** 2
-        gpu = gpu_engine_stage_ms(c.measured) if engine_stage else None
-        if gpu:
-            total += math.log(max(s["engine_ttft_mean_ms"], 1e-6) / gpu) ** 2
-    return total
-
-
-def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *, rounds: int = 4,
-        free: tuple[str, ...] = FREE, bounds: dict | None = None, engine_stage: bool = False,
-        log=print) -> tuple[EngineModel, dict]:
-    """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed), each
-    field kept within ``bounds[field]`` = (low, high) where given; ``engine_stage`` also fits each cell's engine
-    stage's mean to the GPU's where the cell has it (``gpu_engine_stage_ms``)."""
-    seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "input_s_per_request": 2e-3, "decode_s_per_seq": 1e-4,
-             "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3, "frontend_s_per_token": 1e-4,
-             "replica_s_per_token": 2e-5}
-    bounds = bounds or {}
-    clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
-    best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})
-    best_loss = _loss(cells, best, settings, replicas, engine_stage)
-    evals, step = 1, 2.0
-    for r in range(rounds):
-        for name in free:
-            for factor in (step, 1 / step):
-                while True:
-                    value = clamp(name, getattr(best, name) * factor)
-                    if value == getattr(best, name):
-                        break
-                    cand = best.with_(**{name: value})
-                    loss = _loss(cells, cand, settings, replicas, engine_stage)
-                    evals += 1
-                    if loss >= best_loss - 1e-9:
-                        break
-                    best, best_loss = cand, loss
-        log(f"round {r}: loss {best_loss:.4f} after {evals} evaluations (step x{step:.3f})")
-        step = math.sqrt(step)
-    return best, {"loss": round(best_loss, 5), "evaluations": evals,
-                  "fitted_on": [f"{c.name}/{c.workload}/{c.load}" for c in cells]}
-
-
-def residuals(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int) -> list[dict]:
-    rows = []
-    for c in cells:
-        s = simulate_cell(c, engine, settings, replicas)
-        row = {"workload": c.workload, "load": c.load, "system": c.name, "strategy": c.strategy,
-               "ingresses": c.ingresses, "modelled": modelled(c)}
-        for key in ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_per_s", "cache_hit_rate"):
-            row[f"gpu_{key}"] = round(c.measured[key], 4 if "rate" in key else 1)
-            row[f"sim_{key}"] = s[key]
-        row["ttft_p50_error"] = round(s["ttft_p50_ms"] / c.measured["ttft_p50_ms"] - 1, 3)
-        engine_stage = ((c.measured.get("evidence") or {}).get("stages_ms") or {}).get("engine") or {}
-        row["gpu_engine_ttft_p50_ms"] = engine_stage.get("p50")  # the replica's engine stage, kvserve's histogram
-        row["sim_engine_ttft_p50_ms"] = s["engine_ttft_p50_ms"]
-        row.update(engine_parts(c.measured.get("evidence") or {}, s))
-        row["closed_loop"] = c.mode == "concurrency"
-        rows.append(row)
-    return rows
-
-
-def engine_parts(evidence: dict, sim: dict) -> dict:
-    """The engine stage's mean and its parts' means on the GPU (kvserve's histograms: vLLM's request stamps,
-    ``deployments.stages.ENGINE_PARTS``) beside the simulator's (routed to the replica -> reaching its scheduler ->
-    the step with its first chunk -> its first token); the GPU's are None for cells recorded before the parts
-    were."""
-    engine = ((evidence.get("stages_ms") or {}).get("engine") or {}).get("mean")
-    parts = {k: v.get("mean") for k, v in (evidence.get("engine_parts_ms") or {}).items()}
-    return {"gpu_engine_mean_ms": engine, "gpu_engine_parts_mean_ms": parts or None,
-            "sim_engine_mean_ms": sim["engine_ttft_mean_ms"], "sim_engine_input_mean_ms": sim["engine_input_mean_ms"],
-            "sim_engine_wait_mean_ms": sim["engine_wait_mean_ms"],
-            "sim_engine_prefill_mean_ms": sim["engine_prefill_mean_ms"]}
-
-
-def engine_parts_table(rows: list[dict]) -> str:
-    """Markdown: per cell with the GPU's engine parts, the engine stage's mean and parts, GPU beside simulator;
-    "" when no cell has them."""
-    lines = []
-    for r in rows:
-        parts = r.get("gpu_engine_parts_mean_ms")
-        if not parts:
-            continue
-        gpu = "/".join(_ms1(parts.get(k)) for k in ENGINE_PARTS)
-        lines.append(f"| {r['workload']} | {r['load']} | {r.get('system', r['strategy'])} | "
-                     f"{_ms1(r.get('gpu_engine_mean_ms'))} | {gpu} | {_ms1(r['sim_engine_mean_ms'])} | "
-                     f"{_ms1(r.get('sim_engine_input_mean_ms'))}/{_ms1(r['sim_engine_wait_mean_ms'])}/"
-                     f"{_ms1(r['sim_engine_prefill_mean_ms'])} |")
-    if not lines:
-        return ""
-    head = ("| workload | load | system | GPU engine stage mean ms | GPU replica/vLLM front end/queue/prefill "
-            "| sim engine mean ms | sim front end/wait/prefill |")
-    return "\n".join([head, "|---|---|---|---:|---|---:|---|", *lines])
-
-
-#: Two systems whose GPU TTFT p50s differ by less than this share of the larger are a tie for ``ordering``'s pairs:
-#: a single 30-s cell's p50 moves by more than that between runs at saturation (docs/routing.md).
-TIE_SHARE = 0.1
-
-
-def ordering(rows: list[dict], tie: float = TIE_SHARE) -> dict:
-    """Per (workload, load): systems by TTFT p50 on the GPU and in the simulator, and the pairs of systems the GPU
-    tells apart (p50s more than ``tie`` of the larger apart): how many of those the simulator orders the same way."""
-    out = {}
-    for key in sorted({(r["workload"], r["load"]) for r in rows}):
-        cell = [r for r in rows if (r["workload"], r["load"]) == key]
-        name = lambda r: r.get("system", r["strategy"])
-        gpu = [name(r) for r in sorted(cell, key=lambda r: r["gpu_ttft_p50_ms"])]
-        sim = [name(r) for r in sorted(cell, key=lambda r: r["sim_ttft_p50_ms"])]
-        apart = [(a, b) for i, a in enumerate(cell) for b in cell[i + 1:]
-                 if abs(a["gpu_ttft_p50_ms"] - b["gpu_ttft_p50_ms"]) > tie * max(a["gpu_ttft_p50_ms"],
-                                                                               b["gpu_ttft_p50_ms"])]
-        agree = [(name(a), name(b)) for a, b in apart
-                 if (a["gpu_ttft_p50_ms"] < b["gpu_ttft_p50_ms"]) == (a["sim_ttft_p50_ms"] < b["sim_ttft_p50_ms"])]
-        out["/".join(key)] = {"gpu": gpu, "sim": sim, "same_best": gpu[0] == sim[0], "same_order": gpu == sim,
-                              "pairs_apart": len(apart), "pairs_same_order": len(agree)}
-    return out
-
 
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
                 "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
@@ -543,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.frontend == "loop":
             start = start.with_(frontend_sharing="loop", frontend_hops=args.frontend_hops,
                                 frontend_merge_busy=args.frontend_merge_busy)
-        client = fit_client(client_rows(args.client_logs)) if args.client_logs else None
+        client = (fit_client(client_rows(args.client_logs), cores=max(c.client_processes for c in cells))
+                  if args.client_logs else None)
         if client:
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"])
@@ -555,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                   **(shape_bounds(start) if args.shape_bounds else {})}
         free = (tuple(k for k in ROUTING_FREE if not (ingress and k in INGRESS_FIELDS))
                 + (("decode_s_per_seq",) if args.decode_per_seq else ())
-                + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ()))
+                + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ())
+                + (("request_overhead_s",) if client else ()))
+        if client:  # the c=1 rest held the serving run's client; this client is modelled: the rest may only shrink
+            bounds["request_overhead_s"] = (1e-4, max(start.request_overhead_s, 1e-4))
         start = start.with_(**fit_start(args.start, free))
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,
@@ -586,30 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
-
-
-def _ms(v) -> str:
-    return "" if v is None else f"{v:.0f}"
-
-
-def _ms1(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
-def residual_table(rows: list[dict]) -> str:
-    lines = [("| workload | load | system | GPU TTFT p50 ms | sim | error | GPU p99 | sim p99 | GPU tok/s | "
-              "sim tok/s | GPU hit | sim hit | GPU TPOT ms | sim TPOT | GPU engine stage p50 ms | sim |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        load = r["load"] if r.get("modelled", True) else f"{r['load']} (not modelled)"
-        lines.append(f"| {r['workload']} | {load} | {r.get('system', r['strategy'])} | {r['gpu_ttft_p50_ms']:.0f} | "
-                     f"{r['sim_ttft_p50_ms']:.0f} | "
-                     f"{r['ttft_p50_error']:+.0%} | {r['gpu_ttft_p99_ms']:.0f} | {r['sim_ttft_p99_ms']:.0f} | "
-                     f"{r['gpu_output_tok_per_s']:.0f} | {r['sim_output_tok_per_s']:.0f} | "
-                     f"{r['gpu_cache_hit_rate']:.2f} | "
-                     f"{r['sim_cache_hit_rate']:.2f} | {r['gpu_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} | "
-                     f"{_ms(r.get('gpu_engine_ttft_p50_ms'))} | {_ms(r.get('sim_engine_ttft_p50_ms'))} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -95,20 +95,22 @@ def fit_errors(rows: list[dict], coef: dict[str, float], target: str) -> tuple[l
     return pred, max(abs(e) for e in errors), (sum(e * e for e in errors) / len(errors)) ** 0.5
 
 
-def fit_client(rows: list[dict]) -> dict:
+def fit_client(rows: list[dict], cores: int = 1) -> dict:
     """``background``, ``per_request`` and ``per_token`` by least squares over ``rows`` (``nonnegative_fit``), the
-    simulator's costs (``client_s_per_request``, ``client_s_per_token``: over ``1 - background``) and each row's
+    simulator's costs (``client_s_per_request``, ``client_s_per_token``: over what the background leaves of each of
+    the ``cores`` bench processes the rows' CPU seconds were summed over, ``1 - background / cores``) and each row's
     fit."""
     if len(rows) < len(COLUMNS):
         raise ValueError(f"the client fit needs at least {len(COLUMNS)} bench results with client.cpu_s")
     coef = nonnegative_fit(rows, COLUMNS, "cpu_s")
     background = coef["duration_s"]
-    if background >= 1:
-        raise ValueError(f"the client's background load is {background:.2f} of its core: nothing left to model")
+    if background >= cores:
+        raise ValueError(f"the client's background load is {background:.2f} cores over {cores}: nothing left to model")
+    share = 1 - background / cores
     pred, max_abs, rms = fit_errors(rows, coef, "cpu_s")
     return {"background": round(background, 6), "per_request_s": round(coef["requests"], 9),
             "per_token_s": round(coef["output_tokens"], 11),
-            "client_s_per_request": round(coef["requests"] / (1 - background), 9),
-            "client_s_per_token": round(coef["output_tokens"] / (1 - background), 11),
+            "cores": cores, "client_s_per_request": round(coef["requests"] / share, 9),
+            "client_s_per_token": round(coef["output_tokens"] / share, 11),
             "rows": [dict(x, fit_cpu_s=round(p, 3)) for x, p in zip(rows, pred)],
             "max_abs_error_s": round(max_abs, 3), "rms_error_s": round(rms, 3)}

@@ -38,11 +38,12 @@ token reaches the client when its chunk's callback has run. While the loop was b
 ``frontend_merge_busy`` of the last second (off again below 0.6 of it; 0: never), the streams it routes send
 at most one chunk per ``frontend_merge_interval_s`` for their life, the first and the last at once, as
 kvserve's ingress asks its replicas to (``GenerateRequest.merge_chunks``).
-The load generator (``kvserve bench``: one asyncio process) is one more processor-sharing core,
-shared by every request of the run: ``client_s_per_request`` to build and send a request (after the
-client's clock starts, before the ingress sees it) and ``client_s_per_token`` to read and parse each
-streamed token. The client sees a first token, and a closed-loop worker sends its next request, once
-the client's share has done that work; 0 (the default) is a client of infinite speed.
+The load generator (``kvserve bench``: one asyncio process per ``--processes``) is ``client_cores`` more
+processor-sharing cores, each shared by the requests of its process (request ``rid`` on core ``rid % client_cores``):
+``client_s_per_request`` to build and send a request (after the client's clock starts, before the ingress sees it)
+and ``client_s_per_token`` to read and parse each streamed token. The client sees a first token, and a closed-loop
+worker sends its next request, once the client's share has done that work; 0 (the default) is a client of infinite
+speed.
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
 engine core), one FIFO server costing ``input_s_per_request`` plus ``input_s_per_ktok`` per 1K prompt
 tokens (``input_s``: what grows with the prompt, such as its block hashes and the token ids' trip to
@@ -102,6 +103,7 @@ class EngineModel:
     frontend_merge_interval_s: float = 0.02
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
+    client_cores: int = 1
     kv_blocks: int = 4096
     kv_admission: bool = False
     block_size: int = 16
@@ -127,8 +129,9 @@ class EngineModel:
             raise ValueError("frontend_tokenize_s and frontend_hash_s_per_ktok must be >= 0")
         if self.client_s_per_request < 0 or self.client_s_per_token < 0:
             raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
-        if self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1:
-            raise ValueError("kv_blocks, block_size, chunk_tokens and replicas_per_gpu must be >= 1")
+        if (self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1
+                or self.client_cores < 1):
+            raise ValueError("kv_blocks, block_size, chunk_tokens, replicas_per_gpu and client_cores must be >= 1")
 
     def prefill_chunk_s(self, tokens: int, cached: int) -> float:
         """GPU time of a prefill chunk of ``tokens`` following ``cached`` tokens already in KV."""

@@ -7,7 +7,7 @@ Owns ``Ingress`` (one ingress replica: its own policy, ``routers.load.LoadTracke
 round-robin (a load balancer in front). Each ingress's CPU (``frontend.py``, costs in ``engine.py``)
 delays the route, the first token and, with processor sharing or the event loop ("loop": a request's hops
 and every chunk are callbacks in arrival order), the client's completion. The load
-generator's own core (``engine.client_s_per_*``, one ``PSServer`` for the whole run) builds each
+generator's own cores (``engine.client_s_per_*``, ``client_cores`` ``PSServer``s, one per bench process) build each
 request before the ingress sees it and reads every streamed token: the client's TTFT is its first
 token read, and a closed-loop worker sends its next request once it has read the last. A request
 sent again (its replica failed) keeps its first send time; work queued for the dead stream is dropped.
@@ -101,17 +101,22 @@ class RequestPath:
         if not self.cli_tok:
             (self.seen_first if what == "first" else self.seen_last)(turn, now)
             return
-        self.client.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token, (what, turn, turn.attempts))
-        self.wake_client()
+        core = self.client_of(turn)
+        core.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token, (what, turn, turn.attempts))
+        self.wake_client(core)
 
-    def wake_client(self) -> None:
-        t = self.client.next_time()
-        self.client.version += 1
+    def client_of(self, turn: Turn) -> PSServer:
+        """The client core (bench process) that sends ``turn`` and reads its tokens."""
+        return self.clients[turn.rid % len(self.clients)]
+
+    def wake_client(self, core: PSServer) -> None:
+        t = core.next_time()
+        core.version += 1
         if t is not None:
-            self.push(t, "client", self.client.version)
+            self.push(t, "client", (core, core.version))
 
-    def client_due(self, now: float) -> None:
-        for what, turn, attempt in self.client.due(now):
+    def client_due(self, core: PSServer, now: float) -> None:
+        for what, turn, attempt in core.due(now):
             if attempt != turn.attempts:
                 continue
             if what == "arrive":
@@ -120,7 +125,7 @@ class RequestPath:
                 self.seen_first(turn, now)
             else:
                 self.seen_last(turn, now)
-        self.wake_client()
+        self.wake_client(core)
 
     def stream(self, rep: Replica, tokens: int, now: float) -> None:
         """``tokens`` output tokens leave ``rep`` (one per running request): the replica's front end streams them
@@ -140,7 +145,7 @@ class RequestPath:
                 ing.fifo.work(now, per)
         if not (ing_tok or cli_tok):
             return
-        k, touched = rep.steps, {}  # insertion-ordered: a set of ingresses would wake them in memory-address order
+        k, touched, cores = rep.steps, {}, {}  # insertion-ordered: sets would wake them in memory-address order
         for step, jobs in rep.finishing.items():
             for job in jobs:
                 turn, key = job.turn, (job.turn.rid, job.turn.attempts)
@@ -149,16 +154,18 @@ class RequestPath:
                                          ("last", turn, turn.attempts) if step == k else None)
                     touched[turn.ingress] = None
                 if cli_tok and step != k:  # the last token reaches the client through to_client
-                    self.client.add(now, key, engine.client_s_per_token)
+                    core = self.client_of(turn)
+                    core.add(now, key, engine.client_s_per_token)
+                    cores[core] = None
         for ing in touched:
             self.wake(ing)
-        if cli_tok:
-            self.wake_client()
+        for core in cores:
+            self.wake_client(core)
 
     def stream_loop(self, rep: Replica, now: float) -> None:
         """Frontend "loop": each stream's token of this step is a chunk (a merging stream's only once its interval
         has passed, its last always); the client reads every token."""
-        k, cli_tok = rep.steps, self.cli_tok
+        k, cli_tok, cores = rep.steps, self.cli_tok, {}
         for step, jobs in rep.finishing.items():
             for job in jobs:
                 turn = job.turn
@@ -169,9 +176,11 @@ class RequestPath:
                 if turn.pacer.due(now, False):
                     self.chunk(turn, None, now)
                 if cli_tok:
-                    self.client.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token)
-        if cli_tok:
-            self.wake_client()
+                    core = self.client_of(turn)
+                    core.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token)
+                    cores[core] = None
+        for core in cores:
+            self.wake_client(core)
 
     def route(self, turn: Turn, now: float) -> None:
         ing, engine, res, st = turn.ingress, self.engine, self.res, self.st

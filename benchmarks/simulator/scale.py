@@ -33,9 +33,9 @@ from pathlib import Path
 
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator import workloads
-from benchmarks.simulator.calibrate import sessions_for
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.routing_cells import sessions_for
 from benchmarks.simulator.sim import ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
 from serve_app.settings import mooncake_trace

@@ -112,7 +112,8 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.replica_loop = LoopLag(0.0)  # "loop": the replicas' own loops are never behind (not modelled)
         # tokens reach the client through the ingress's PS core
         self.ing_tok = self.ps and engine.frontend_s_per_token > 0
-        self.client = PSServer()  # the load generator's one core (engine.client_s_per_*)
+        # the load generator's cores (engine.client_s_per_*, one per bench process; a request is served by one)
+        self.clients = [PSServer() for _ in range(engine.client_cores)]
         self.cli_req, self.cli_tok = engine.client_s_per_request > 0, engine.client_s_per_token > 0
         self.st = _State()
         self.heap: list = []
@@ -124,7 +125,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.seq += 1
 
     def run(self) -> Result:
-        cluster, engine, res, st, heap, client = self.cluster, self.engine, self.res, self.st, self.heap, self.client
+        cluster, engine, res, st, heap = self.cluster, self.engine, self.res, self.st, self.heap
         push = self.push
         for _ in range(cluster.replicas):
             self.add_replica(0.0, ready=True)
@@ -147,12 +148,14 @@ class Cluster(RequestPath, Scheduler, Fleet):
             elif kind == "arrive":
                 self.arrive(payload, now)
             elif kind == "send":  # the client builds and sends it on its core, then the ingress has it
-                client.add(now, (payload.rid, payload.attempts), engine.client_s_per_request,
-                           ("arrive", payload, payload.attempts))
-                self.wake_client()
+                core = self.client_of(payload)
+                core.add(now, (payload.rid, payload.attempts), engine.client_s_per_request,
+                         ("arrive", payload, payload.attempts))
+                self.wake_client(core)
             elif kind == "client":
-                if payload == client.version:
-                    self.client_due(now)
+                core, version = payload
+                if version == core.version:
+                    self.client_due(core, now)
             elif kind == "to_client":
                 what, turn, attempt = payload
                 if attempt == turn.attempts:

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.simulator.calibrate import (
+from benchmarks.simulator.calibrate import fit_start
+from benchmarks.simulator.engine import EngineModel
+from benchmarks.simulator.routing_cells import (
     Cell,
     engine_parts_table,
     fit,
-    fit_start,
     gpu_cells,
     gpu_engine_stage_ms,
     ordering,
     residuals,
     simulate_cell,
 )
-from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
 from benchmarks.simulator.tier_cell import fit_engine_floor, fit_tier_hit_s, tier_cell, tier_row
 
@@ -139,7 +139,7 @@ def test_routing_json_schema_2_is_read_per_system_with_its_strategy_and_ingresse
 
 def test_no_sharing_docqa_twin_shares_no_document_between_questions():
     args = ["--workload", "docqa", "--docs", "2", "--doc-tokens", "1024:1024", "--no-sharing"]
-    from benchmarks.simulator.calibrate import sessions_for
+    from benchmarks.simulator.routing_cells import sessions_for
     shared = sessions_for("docqa", [a for a in args if a != "--no-sharing"], 16)
     solo = sessions_for("no-sharing", args, 16)
     firsts = lambda src: [next(src).turns[0].block_hashes[0] for _ in range(8)]

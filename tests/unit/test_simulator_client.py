@@ -1,8 +1,8 @@
 """The load generator's core in the simulator (``EngineModel.client_s_*``) and its fit from the client's
 own CPU seconds (``benchmarks/simulator/client_fit.py``): a lone request is delayed by exactly the
 client's work, every request still completes once, a costly client caps a closed loop at what one
-core can do, and the fit recovers known costs (background, per request, per token), keeps them
-non-negative and counts a result once."""
+core can do (``client_cores`` of them: more), and the fit recovers known costs (background, per request,
+per token), keeps them non-negative and counts a result once."""
 
 from __future__ import annotations
 
@@ -70,9 +70,24 @@ def test_a_costly_client_caps_a_closed_loop_at_one_core():
     assert per_s * 0.004 + costly["output_tok_per_s"] * 0.0004 <= 1.02  # one core's worth of work per second
 
 
+def test_client_cores_share_the_load_and_each_request_keeps_its_own_work():
+    costs = {"client_s_per_request": 0.004, "client_s_per_token": 0.0004}
+    one, four = _closed(ENGINE.with_(**costs)), _closed(ENGINE.with_(client_cores=4, **costs))
+    assert four["requests"] == four["sent"] > 0 and four["retries"] == 0
+    # four processes: no longer one core's worth of work per second, and the wait behind the others shrinks
+    assert four["output_tok_per_s"] > one["output_tok_per_s"]
+    assert four["output_tok_per_s"] / 32 * 0.004 + four["output_tok_per_s"] * 0.0004 > 1.02
+    assert four["ttft_p50_ms"] < one["ttft_p50_ms"]
+    # a lone request is delayed by exactly its own work, however many cores
+    free, lone = _lone(ENGINE), _lone(ENGINE.with_(client_cores=4, **costs))
+    assert lone["ttft_p50_ms"] == pytest.approx(free["ttft_p50_ms"] + 4.0 + 0.4, abs=1e-6)
+
+
 def test_client_costs_are_validated():
     with pytest.raises(ValueError):
         EngineModel(client_s_per_token=-1e-6)
+    with pytest.raises(ValueError):
+        EngineModel(client_cores=0)
 
 
 def _row(cell: str, duration_s: float, requests: int, tokens: int, cpu_s: float) -> dict:
@@ -93,6 +108,9 @@ def test_the_fit_recovers_known_costs():
     assert (fit["client_s_per_request"] == pytest.approx(0.002 / 0.9)
             and fit["client_s_per_token"] == pytest.approx(1e-4 / 0.9))
     assert fit["max_abs_error_s"] == pytest.approx(0.0, abs=1e-3)
+    # summed over four processes, the background is shared by their four cores
+    four = fit_client([_row(str(i), d, r, t, _cpu(d, r, t)) for i, (d, r, t) in enumerate(shapes)], cores=4)
+    assert four["client_s_per_request"] == pytest.approx(0.002 / (1 - 0.1 / 4))
 
 
 def test_the_fit_keeps_costs_non_negative_and_refuses_what_it_cannot_separate():

@@ -9,10 +9,10 @@ import random
 import pytest
 
 from benchmarks.simulator import workloads
-from benchmarks.simulator.calibrate import gpu_cells
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.ray_twin import RAY_TWIN, RayPrefixAffinity, RayTree
+from benchmarks.simulator.routing_cells import gpu_cells
 from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
 from routers.types import ReplicaSnapshot, RoutingRequest
 
