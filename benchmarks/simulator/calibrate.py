@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                                 frontend_merge_busy=args.frontend_merge_busy)
         client = (fit_client(client_rows(args.client_logs), cores=max(c.client_processes for c in cells))
                   if args.client_logs else None)
-        if client:
+        if client:  # each cell is simulated with its own bench processes; the engine written keeps the most
             start = start.with_(client_s_per_request=client["client_s_per_request"],
-                                client_s_per_token=client["client_s_per_token"])
+                                client_s_per_token=client["client_s_per_token"], client_cores=client["cores"])
         ingress = fit_ingress(ingress_rows(routing)) if args.ingress_cpu else None
         if ingress:
             start = start.with_(**{k: ingress[k] for k in INGRESS_FIELDS})
