@@ -53,7 +53,7 @@ import yaml
 
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
-from benchmarks.routing_h2h import evidence, plan, profile
+from benchmarks.routing_h2h import evidence, plan, profile, steps
 from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import (
@@ -321,6 +321,7 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
                            "ingress_replicas": app_args.get("ingress", {}).get("deployment", {}).get("num_replicas"),
                            "runs": [run]}
     calibration = doc.setdefault("calibration", {})
+    windows: dict[tuple[str, str], tuple[str, str]] = {}  # --steps: each cell's first and last second
     try:
         t0 = time.time()
         serverproc.wait_ready(base_url + "/models", args.start_timeout, proc)
@@ -335,11 +336,14 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
             probe.start()
             if prof is not None:
                 prof.start()
+            began = steps.clock()
             cell = run_cell(name, wl, level, scale["workloads"][wl], scale, doc, (base_url, model, work), args)
+            ended = steps.clock()
             cell["evidence"] = probe.finish()
             if prof is not None:
                 cell["evidence"]["profile"] = prof.finish()
             out.setdefault(wl, {})[level] = cell
+            windows[wl, level] = (began, ended)
             save(out)
             if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")
                     and (wl not in calibration or args.recalibrate)):
@@ -348,6 +352,11 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
     except (RuntimeError, TimeoutError, subprocess.SubprocessError) as err:
         run["error"] = f"{type(err).__name__}: {err}"
     finally:
+        if args.steps:  # before the stop: the worker logs are the running session's
+            found = steps.collect(steps.RAY_LOGS, work / f"{name}_steps.log.gz")
+            for (wl, level), window in windows.items():
+                out[wl][level].setdefault("evidence", {})["steps"] = steps.summarise(found, *window)
+            save(out)
         serverproc.stop(proc)
         if args.ray_stop:  # a machine of our own (the GPU box): leave no Ray behind for the next system
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
@@ -423,6 +432,9 @@ def parser() -> argparse.ArgumentParser:
                    help="WORKLOAD:LEVEL cells in which py-spy records every replica, ingress and engine-core process "
                         "(profile.py)")
     p.add_argument("--profile-seconds", type=float, default=10.0, help="--profile: seconds recorded per cell")
+    p.add_argument("--steps", action="store_true",
+                   help="engines log every step (steps.ENGINE_KWARGS); each cell's evidence gets the steps of its "
+                        "seconds (steps.summarise), the lines go beside the server log; not with --merge")
     p.add_argument("--client-processes", type=int,
                    help="client processes per bench run (bench --processes; default: the scale's, 4 on gpu, 1 on cpu)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
@@ -453,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         scale["duration_s"] = args.duration
     if args.fractions:
         scale["fractions"] = [float(f) for f in args.fractions.split(",")]
+    if args.steps and args.merge:
+        p.error("--steps runs the engines with a log line per step: write its cells to their own --out, not --merge")
+    if args.steps:
+        scale["engine_kwargs"] = {**scale["engine_kwargs"], **steps.ENGINE_KWARGS}
     if args.client_processes is None:
         args.client_processes = scale.get("client_processes", 1)
     if args.client_processes < 1:

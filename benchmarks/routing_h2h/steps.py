@@ -8,6 +8,10 @@ logs (``/tmp/ray/session_*/logs/worker-*.out``; one file per Serve replica)::
 
     python -m benchmarks.routing_h2h.steps worker-*.out [--from HH:MM:SS --to HH:MM:SS] [--out steps.json]
 
+``routing_h2h.run --steps`` does it per cell: its engines run with ``ENGINE_KWARGS``, each cell's seconds are
+noted (``clock``), and before the system stops ``collect`` keeps the iteration lines of the replicas' worker logs
+(``RAY_LOGS``) in one gzip beside the server log, summarised per cell into its evidence.
+
 "iteration elapsed time" is the engine core's wait for that step's output (``EngineCore.capture_iteration_details``
 around the step's future), after it scheduled and launched the next step under asynchronous scheduling: a step
 that runs longer on the GPU shows as a longer wait. The log's timestamps have whole seconds, which is all the
@@ -22,6 +26,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,12 @@ _LINE = re.compile(
     r"(?P<clock>\d\d:\d\d:\d\d)\S* \[[^\]]*\] Engine (?P<engine>\d+): Iteration\((?P<index>\d+)\): "
     r"(?P<ctx_reqs>\d+) context requests, (?P<ctx_tokens>\d+) context tokens, (?P<gen_reqs>\d+) generation requests, "
     r"(?P<gen_tokens>\d+) generation tokens, iteration elapsed time: (?P<ms>[\d.]+) ms(?P<dummy> \(dummy\))?")
+
+
+#: The engine argument that makes vLLM log every step (``--steps``).
+ENGINE_KWARGS = {"enable_logging_iteration_details": True}
+#: Where a Serve replica's stdout lands on the machine running Ray (one ``worker-*.out`` per worker process).
+RAY_LOGS = Path("/tmp/ray/session_latest/logs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +96,26 @@ def summarise(steps: list[Step], start: str | None = None, end: str | None = Non
         "decode_batch": _dist([float(s.gen_reqs) for s in dec]),
         "window": [start, end],
     }
+
+
+def clock() -> str:
+    """This machine's wall clock as the log lines stamp it (local time, whole seconds)."""
+    return time.strftime("%H:%M:%S")
+
+
+def collect(log_dir: Path, dest: Path) -> list[Step]:
+    """The iteration lines of every ``worker-*.out`` under ``log_dir``, written to ``dest`` (gzip, one file for all
+    workers, each line prefixed with its worker's file name) and parsed; [] when there are none."""
+    steps, kept = [], []
+    for path in sorted(log_dir.glob("worker-*.out")):
+        with _open(path) as f:
+            lines = [line for line in f if "Iteration(" in line]
+        steps += parse(lines, path.name)
+        kept += [f"{path.name}: {line}" for line in lines]
+    if kept:
+        with gzip.open(dest, "wt") as out:
+            out.writelines(kept)
+    return steps
 
 
 def _open(path: Path):

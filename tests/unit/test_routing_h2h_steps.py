@@ -1,8 +1,22 @@
-"""vLLM's iteration log read into engine steps (benchmarks/routing_h2h/steps.py)."""
+"""vLLM's iteration log read into engine steps (benchmarks/routing_h2h/steps.py), and the harness's ``--steps``:
+the engines log every step, each cell's evidence gets the steps of its own seconds, and such a run never merges into
+another result."""
 
 from __future__ import annotations
 
-from benchmarks.routing_h2h.steps import main, parse, summarise
+import gzip
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from benchmarks.routing_h2h import run
+from benchmarks.routing_h2h import steps as steps_mod
+from benchmarks.routing_h2h.steps import Step, collect, main, parse, summarise
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LINES = [
     ("INFO 12-05 13:07:45 [loggers.py:182] Engine 000: Iteration(7): 1 context requests, 35 context tokens, "
@@ -45,3 +59,68 @@ def test_cli_refuses_logs_without_iteration_lines(tmp_path, capsys):
     log.write_text("\n".join(LINES) + "\n")
     out = tmp_path / "steps.json"
     assert main([str(log), "--out", str(out)]) == 0 and '"prefill_share"' in out.read_text()
+
+
+def test_collect_keeps_every_workers_iteration_lines_in_one_gzip(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "worker-a.out").write_text("\n".join(LINES[:2]) + "\n")
+    (logs / "worker-b.out").write_text("\n".join(LINES[2:]) + "\n")
+    (logs / "worker-c.out").write_text("INFO no steps here\n")
+    (logs / "raylet.out").write_text(LINES[0] + "\n")  # not a worker's log
+    dest = tmp_path / "steps.log.gz"
+    steps = collect(logs, dest)
+    assert [(s.source, s.index) for s in steps] == [("worker-a.out", 7), ("worker-a.out", 8), ("worker-b.out", 9)]
+    with gzip.open(dest, "rt") as f:
+        kept = f.read().splitlines()
+    assert len(kept) == 4 and kept[0].startswith("worker-a.out: ")  # the dummy step's line is kept as written
+    assert parse(kept, "all") == [Step("all", s.clock, s.index, s.ctx_reqs, s.ctx_tokens, s.gen_reqs, s.elapsed_ms)
+                                  for s in steps]
+    assert collect(tmp_path / "none", tmp_path / "none.gz") == [] and not (tmp_path / "none.gz").exists()
+
+
+def _fake_server(monkeypatch, logs):
+    """run_system's server, probe and bench replaced: each cell takes two 'seconds' of the fake clock."""
+    ticks = iter(["13:07:45", "13:07:46", "13:07:47", "13:07:48"])
+    monkeypatch.setattr(steps_mod, "clock", lambda: next(ticks))
+    monkeypatch.setattr(steps_mod, "RAY_LOGS", logs)
+    for name in ("start", "wait_ready", "wait_serving", "stop"):
+        monkeypatch.setattr(run.serverproc, name, lambda *a, **k: None)
+    monkeypatch.setattr(run.serverproc, "deployment_name", lambda model: "d")
+    monkeypatch.setattr(run.evidence, "Probe", lambda *a: SimpleNamespace(url="u", error=None, start=lambda: None,
+                                                                        finish=lambda: {"requests_per_replica": {}}))
+    monkeypatch.setattr(run, "run_cell", lambda name, wl, level, *a: {"ttft_p50_ms": 1.0})
+
+
+def test_steps_summarise_each_cell_over_its_own_seconds(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "worker-a.out").write_text("\n".join(LINES) + "\n")
+    _fake_server(monkeypatch, logs)
+    base = yaml.safe_load((ROOT / "configs/gpu-routing.yaml").read_text())
+    cfg = run.system_config(base, "kv-aware", {})
+    args = run.parser().parse_args(["--steps", "--work-dir", str(tmp_path / "w"), "--scale", "gpu"])
+    (tmp_path / "w").mkdir()
+    saved = []
+    out = run.run_system("kv-aware", cfg, run.SCALES["gpu"], [("docqa", "sat"), ("multiturn", "sat")], {}, args,
+                         saved.append)
+    first, second = out["docqa"]["sat"]["evidence"]["steps"], out["multiturn"]["sat"]["evidence"]["steps"]
+    assert first["window"] == ["13:07:45", "13:07:46"] and first["steps"] == 2  # Iteration 7 and 8
+    assert second["window"] == ["13:07:47", "13:07:48"] and second["steps"] == 1  # 9; the dummy is no step
+    assert "requests_per_replica" in out["docqa"]["sat"]["evidence"]  # the probe's evidence is kept beside
+    assert saved[-1] is out and (tmp_path / "w" / "kv-aware_steps.log.gz").exists()
+
+
+def test_steps_run_the_engines_with_the_iteration_log_and_refuse_merge(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(run, "run_system",
+                        lambda name, cfg, scale, cells, doc, args, save: seen.append(cfg) or {"runs": []})
+    common = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--out", str(tmp_path / "r.json"),
+              "--work-dir", str(tmp_path / "w"), "--systems", "round-robin", "--workloads", "docqa", "--loads", "sat"]
+    with pytest.raises(SystemExit):
+        run.main([*common, "--steps", "--merge"])
+    assert run.main([*common, "--steps"]) == 0
+    models = seen[0]["applications"][0]["args"]["models"]
+    assert all(m["engine_kwargs"]["enable_logging_iteration_details"] is True for m in models)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["scale_settings"]["engine_kwargs"]["enable_logging_iteration_details"] is True
