@@ -11,7 +11,8 @@ GB/s from a KV-tier JSON (``effective_load_gbps``) or ``--tier-gbps``, the in-pr
 from that JSON's two floors (``tier_cell.fit_engine_floor``: a 32-token prompt and a GPU-cache hit), the
 fixed cost of a hit beyond the copy (``tier_hit_s``) from its hit TTFT (``tier_cell.fit_tier_hit_s``), and
 its TTFT cell (``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
-are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``, ``--async-scheduling``).
+are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``, ``--async-scheduling``); what a step costs for
+carrying prefill (``--prefill-step-ms``) is not identifiable there and comes from a routing fit's engine stage.
 
 With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
 rate by parameter count, KV bytes and the per-context decode cost by the shape), takes kvserve's stage
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
+    ap.add_argument("--prefill-step-ms", type=float, default=0.0,
+                    help="what a step costs for carrying prefill (prefill_step_s, ms): taken out of the serving run's "
+                         "c=1 prefill before its speed is fitted (a routing fit's --engine-stage value; default 0)")
     ap.add_argument("--ingress-work", choices=("lumped", "split"), default="lumped",
                     help="kvserve's ingress work per request in the routing fit: 'lumped' (tokenise + hash of the "
                          "serving run on every request) or 'split' (tokeniser for text prompts only, hashes per 1K "
@@ -210,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens,
                        async_scheduling=args.async_scheduling == "on", **({"tier_gbps": gbps} if gbps else {}))
-    engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
+    try:
+        engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses,
+                                     prefill_step_s=args.prefill_step_ms / 1e3)
+    except ValueError as err:
+        ap.error(str(err))
     tier_fit, floor = None, (0.0, 0.0)
     if tier:
         fl = fit_engine_floor(engine, tier)

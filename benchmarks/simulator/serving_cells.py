@@ -10,7 +10,7 @@ serve`` (random ``L`` in / ``O`` out, ignore-eos, so nothing is shared and every
 shape) and, for ``vllm_serve``, ``engine_ms``: the means of vLLM's own queue, prefill and TTFT
 histograms. The fit reads three numbers off ``vllm_serve`` (means over its runs):
 
-    P1    = engine prefill at c=1        = step_s + L / prefill_tokens_per_s + attn(L)
+    P1    = engine prefill at c=1        = step_s + prefill_step_s + L / prefill_tokens_per_s + attn(L)
     ITL1  = median inter-token gap, c=1  = step_s + decode_s_per_ktok * (L + O/2) / 1e3
     ITL64 = median inter-token gap, c=64 = step_s + decode_s_per_ktok * 64 (L + O/2) / 1e3
 
@@ -18,7 +18,10 @@ histograms. The fit reads three numbers off ``vllm_serve`` (means over its runs)
 length cannot separate a per-request decode cost from a per-context-token one, so the whole batch
 term goes to context (``decode_s_per_seq`` = 0): decoding reads every running request's KV.
 ``attn(L)`` is not identifiable from one length either: ``prefill_attn_s`` is derived from the model
-shape (attention FLOPs per query-key pair over linear FLOPs per token, at the fitted prefill speed).
+shape (attention FLOPs per query-key pair over linear FLOPs per token, at the fitted prefill speed). Nor is
+``prefill_step_s``, what a step costs for carrying prefill at all: it is given (``calibrate --prefill-step-ms``, from
+a routing fit's engine stage; 0 by default) and taken out of P1 before the prefill speed is, so the speed is the
+marginal one that a wave of 8K-token chunks at c=64 runs at.
 ``input_s_per_request`` is vLLM's front end at c=1 from the same histograms (engine TTFT - queue -
 prefill: tokenisation, the hop to the engine core, the first output), a FIFO server per replica, so
 a wave of arrivals queues there as in vLLM's API server. ``request_overhead_s`` is the rest: each
@@ -129,8 +132,10 @@ def kvserve_split(doc: dict, system: str, ttft_c1_s: float, prefill_c1_s: float,
             "stages_ms_c1": {k: round(v, 3) for k, v in means.items()}}
 
 
-def fit_serving(doc: dict, *, model_shape: str, base: EngineModel, ingresses: int = 2) -> tuple[EngineModel, dict]:
-    """The engine's cost fields from ``vllm_serve``'s c=1 and c=64 runs; returns (engine, the inputs and overheads)."""
+def fit_serving(doc: dict, *, model_shape: str, base: EngineModel, ingresses: int = 2,
+                prefill_step_s: float = 0.0) -> tuple[EngineModel, dict]:
+    """The engine's cost fields from ``vllm_serve``'s c=1 and c=64 runs, with a step carrying prefill costing
+    ``prefill_step_s`` more; returns (engine, the inputs and overheads)."""
     L, O = _lengths(doc)
     cells = {(c.system, c.concurrency): c for c in serving_cells(doc)}
     p1 = _engine_means(doc, "c1", "prefill") / 1e3
@@ -139,18 +144,22 @@ def fit_serving(doc: dict, *, model_shape: str, base: EngineModel, ingresses: in
     ctx = (L + O / 2) / 1e3
     per_ktok = (itl64 - itl1) / (63 * ctx)
     step = itl1 - per_ktok * ctx
-    rate = L / (p1 - step)  # first pass without attention; attention is a few % at these lengths
+    if p1 - step - prefill_step_s <= 0:
+        raise ValueError(f"the c=1 prefill ({p1 * 1e3:.1f} ms) leaves nothing for the prompt after the step "
+                         f"({step * 1e3:.1f} ms) and the prefill step's surcharge ({prefill_step_s * 1e3:.1f} ms)")
+    rate = L / (p1 - step - prefill_step_s)  # first pass without attention; attention is a few % at these lengths
     for _ in range(3):
         attn = attn_per_pair_s(model_shape, rate)
-        rate = L / (p1 - step - attn * L * (L / 2) / 1e6)
+        rate = L / (p1 - step - prefill_step_s - attn * L * (L / 2) / 1e6)
     front = _engine_means(doc, "c1", "ttft") / 1e3 - p1 - _engine_means(doc, "c1", "queue") / 1e3
     overheads = {s: round(cells[s, 1].measured["ttft_p50_ms"] / 1e3 - p1 - front, 5)
                  for s in SYSTEMS if (s, 1) in cells}
     engine = base.with_(input_s_per_request=front, step_s=step, decode_s_per_seq=0.0, decode_s_per_ktok=per_ktok,
-                        prefill_tokens_per_s=rate,
+                        prefill_tokens_per_s=rate, prefill_step_s=prefill_step_s,
                         prefill_attn_s=attn, kv_bytes_per_token=kv_bytes_per_token(model_shape),
                         request_overhead_s=overheads.get("kvserve", overheads["vllm_serve"]))
     inputs = {"input_len": L, "output_len": O, "engine_prefill_ms_c1": round(p1 * 1e3, 3),
+              "prefill_step_ms": round(prefill_step_s * 1e3, 3),
               "engine_front_end_ms_c1": round(front * 1e3, 3),
               "itl_p50_ms_c1": round(itl1 * 1e3, 3), "itl_p50_ms_c64": round(itl64 * 1e3, 3),
               "request_overhead_s": overheads}

@@ -161,7 +161,7 @@ def test_tier_hit_cost_is_fitted_from_the_hit_alone_or_from_the_floors():
 def _serving_doc(e: EngineModel, L: int = 1024, O: int = 128, front_ms: float = 9.0, http_ms: float = 4.0,
                  stages_ms: dict | None = None) -> dict:
     """What serving_overhead.py would record for engine ``e``: vLLM's histograms and vllm bench's medians."""
-    p1 = e.step_s + L / e.prefill_tokens_per_s + e.prefill_attn_s * L * (L / 2) / 1e6
+    p1 = e.step_s + e.prefill_step_s + L / e.prefill_tokens_per_s + e.prefill_attn_s * L * (L / 2) / 1e6
     itl = lambda n: e.step_s + e.decode_s_per_ktok * n * (L + O / 2) / 1e3
     cmd = f"vllm bench serve --random-input-len {L} --random-output-len {O} --num-prompts {{n}}"
     def run(system, extra_ms):
@@ -192,6 +192,24 @@ def test_serving_fit_recovers_the_engine_behind_the_measurements():
     assert fitted.request_overhead_s == pytest.approx(0.008)  # the engine carries kvserve's overhead
     assert fitted.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
     assert inputs["stage_split"] == {}  # no stage histograms: kvserve runs with its unsplit overhead
+
+
+def test_a_given_prefill_step_surcharge_comes_out_of_the_c1_prefill_before_its_speed():
+    rate = 60_000.0
+    true = EngineModel(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s("llama-3.1-8b", rate), step_s=0.005,
+                       decode_s_per_ktok=4e-5, prefill_step_s=0.004)
+    doc = _serving_doc(true)
+    fitted, inputs = fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(), prefill_step_s=0.004)
+    assert fitted.prefill_tokens_per_s == pytest.approx(rate, rel=1e-3) and fitted.prefill_step_s == 0.004
+    assert inputs["prefill_step_ms"] == 4.0
+    blind, _ = fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel())  # the surcharge read as prefill work
+    assert blind.prefill_tokens_per_s < 0.9 * rate and blind.prefill_step_s == 0.0
+    # both reproduce the c=1 prefill; the blind fit's 8K-token chunk is slower by what it took for per-token work
+    assert (blind.prefill_chunk_s(1024, 0) + blind.prefill_step_s
+            == pytest.approx(fitted.prefill_chunk_s(1024, 0) + fitted.prefill_step_s, rel=1e-6))
+    assert blind.prefill_chunk_s(8192, 0) > fitted.prefill_chunk_s(8192, 0) + fitted.prefill_step_s
+    with pytest.raises(ValueError, match="leaves nothing"):
+        fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(), prefill_step_s=1.0)
 
 
 def test_kvserve_stage_split_puts_ingress_work_in_a_queue_per_ingress_and_the_rest_in_fixed_latency():
