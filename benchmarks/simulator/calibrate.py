@@ -12,7 +12,8 @@ from that JSON's two floors (``tier_cell.fit_engine_floor``: a 32-token prompt a
 fixed cost of a hit beyond the copy (``tier_hit_s``) from its hit TTFT (``tier_cell.fit_tier_hit_s``), and
 its TTFT cell (``tier_cell.py``) is reproduced from that JSON or ``--tier-check``; KV capacity and the prefill chunk
 are the deployment's settings (``--kv-blocks``, ``--chunk-tokens``, ``--async-scheduling``); what a step costs for
-carrying prefill (``--prefill-step-ms``) is not identifiable there and comes from a routing fit's engine stage.
+carrying prefill (``--prefill-step-ms``: given, or ``fit`` from the c=64 cells' TPOT and throughput) is taken out of
+the c=1 prefill before the prefill speed is fitted.
 
 With ``--routing``, the engine is carried to the routing run's model shape (``for_shape``: prefill
 rate by parameter count, KV bytes and the per-context decode cost by the shape), takes kvserve's stage
@@ -64,6 +65,7 @@ from benchmarks.simulator.routing_cells import engine_parts_table, fit, gpu_cell
 from benchmarks.simulator.serving_cells import (
     SHAPES,
     attn_per_pair_s,
+    fit_prefill_step,
     fit_serving,
     kv_bytes_per_token,
     serving_residuals,
@@ -171,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
-    ap.add_argument("--prefill-step-ms", type=float, default=0.0,
-                    help="what a step costs for carrying prefill (prefill_step_s, ms): taken out of the serving run's "
-                         "c=1 prefill before its speed is fitted (a routing fit's --engine-stage value; default 0)")
+    ap.add_argument("--prefill-step-ms", default="0",
+                    help="what a step costs for carrying prefill (prefill_step_s, ms), taken out of the serving run's "
+                         "c=1 prefill before its speed is fitted; 'fit': the value whose fit best reproduces the c=64 "
+                         "cells' TPOT and throughput (serving_cells.fit_prefill_step)")
     ap.add_argument("--ingress-work", choices=("lumped", "split"), default="lumped",
                     help="kvserve's ingress work per request in the routing fit: 'lumped' (tokenise + hash of the "
                          "serving run on every request) or 'split' (tokeniser for text prompts only, hashes per 1K "
@@ -214,11 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     gbps = float(tier["effective_load_gbps"]) if tier else args.tier_gbps
     base = EngineModel(kv_blocks=args.kv_blocks, chunk_tokens=args.chunk_tokens,
                        async_scheduling=args.async_scheduling == "on", **({"tier_gbps": gbps} if gbps else {}))
+    step_fit = None
     try:
+        if args.prefill_step_ms == "fit":
+            step_s, step_fit = fit_prefill_step(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
+        else:
+            try:
+                step_s = float(args.prefill_step_ms) / 1e3
+            except ValueError:
+                raise ValueError("expected milliseconds or 'fit'") from None
         engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses,
-                                     prefill_step_s=args.prefill_step_ms / 1e3)
+                                     prefill_step_s=step_s)
     except ValueError as err:
-        ap.error(str(err))
+        ap.error(f"--prefill-step-ms {args.prefill_step_ms}: {err}")
+    if step_fit:
+        inputs["prefill_step_fit"] = step_fit
     tier_fit, floor = None, (0.0, 0.0)
     if tier:
         fl = fit_engine_floor(engine, tier)

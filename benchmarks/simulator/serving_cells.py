@@ -1,7 +1,7 @@
 """The engine fit on a serving-overhead GPU JSON (``vllm bench serve``, random prompts) and its cells.
 
 Owns ``ServingCell`` (one system at one concurrency, the median over its runs), ``serving_cells``,
-``fit_serving`` (the engine's cost fields, in closed form), ``simulate_serving`` and
+``fit_serving`` (the engine's cost fields, in closed form), ``fit_prefill_step``, ``simulate_serving`` and
 ``serving_residuals``.
 
 The JSON is what ``benchmarks/gpu/serving_overhead.py`` writes: ``runs``, each one system
@@ -19,9 +19,10 @@ length cannot separate a per-request decode cost from a per-context-token one, s
 term goes to context (``decode_s_per_seq`` = 0): decoding reads every running request's KV.
 ``attn(L)`` is not identifiable from one length either: ``prefill_attn_s`` is derived from the model
 shape (attention FLOPs per query-key pair over linear FLOPs per token, at the fitted prefill speed). Nor is
-``prefill_step_s``, what a step costs for carrying prefill at all: it is given (``calibrate --prefill-step-ms``, from
-a routing fit's engine stage; 0 by default) and taken out of P1 before the prefill speed is, so the speed is the
-marginal one that a wave of 8K-token chunks at c=64 runs at.
+``prefill_step_s``, what a step costs for carrying prefill at all: it is given (``calibrate --prefill-step-ms``; 0 by
+default) and taken out of P1 before the prefill speed is, so the speed is the marginal one that a wave of 8K-token
+chunks at c=64 runs at. ``fit_prefill_step`` picks it from the c=64 cells' TPOT and throughput, which the mixed steps
+set (``calibrate --prefill-step-ms fit``), leaving their TTFT the test.
 ``input_s_per_request`` is vLLM's front end at c=1 from the same histograms (engine TTFT - queue -
 prefill: tokenisation, the hop to the engine core, the first output), a FIFO server per replica, so
 a wave of arrivals queues there as in vLLM's API server. ``request_overhead_s`` is the rest: each
@@ -42,6 +43,7 @@ engine) keeps the unsplit form.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -167,6 +169,30 @@ def fit_serving(doc: dict, *, model_shape: str, base: EngineModel, ingresses: in
               for s in SYSTEMS if s != "vllm_serve" and (s, 1) in cells}
     inputs["stage_split"] = {s: v for s, v in splits.items() if v}
     return engine, inputs
+
+
+#: ``fit_prefill_step``'s candidates, ms: what carrying prefill may add to a step, in 0.5-ms steps.
+PREFILL_STEP_GRID_MS = tuple(i / 2 for i in range(25))
+
+
+def fit_prefill_step(doc: dict, *, model_shape: str, base: EngineModel, ingresses: int = 2) -> tuple[float, list[dict]]:
+    """The ``prefill_step_s`` (of ``PREFILL_STEP_GRID_MS``) whose serving fit best reproduces the c=64 cells' TPOT p50
+    and throughput (squared log errors, every system with its own overhead); returns it and each candidate's loss.
+    The c=1 cells stay matched by construction and the c=64 TTFT is not looked at."""
+    rows, best = [], (0.0, math.inf)
+    for ms in PREFILL_STEP_GRID_MS:
+        try:
+            engine, inputs = fit_serving(doc, model_shape=model_shape, base=base, ingresses=ingresses,
+                                         prefill_step_s=ms / 1e3)
+        except ValueError:
+            break  # the surcharge has eaten the c=1 prefill: larger ones cannot fit either
+        res = serving_residuals(doc, engine, inputs["request_overhead_s"], inputs["stage_split"])
+        loss = sum(math.log(r[f"sim_{k}"] / r[f"gpu_{k}"]) ** 2 for r in res if r["concurrency"] > 1
+                   for k in ("tpot_p50_ms", "output_tok_per_s"))
+        rows.append({"prefill_step_ms": ms, "loss": round(loss, 6)})
+        if loss < best[1]:
+            best = (ms / 1e3, loss)
+    return best[0], rows
 
 
 def simulate_serving(cell: ServingCell, engine: EngineModel, doc: dict, seed: int = 0, ingresses: int = 1) -> dict:

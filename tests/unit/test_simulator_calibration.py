@@ -23,7 +23,13 @@ from benchmarks.simulator.routing_cells import (
     residuals,
     simulate_cell,
 )
-from benchmarks.simulator.serving_cells import attn_per_pair_s, fit_serving, serving_cells, serving_residuals
+from benchmarks.simulator.serving_cells import (
+    attn_per_pair_s,
+    fit_prefill_step,
+    fit_serving,
+    serving_cells,
+    serving_residuals,
+)
 from benchmarks.simulator.tier_cell import fit_engine_floor, fit_tier_hit_s, tier_cell, tier_row
 
 pytestmark = pytest.mark.unit
@@ -210,6 +216,23 @@ def test_a_given_prefill_step_surcharge_comes_out_of_the_c1_prefill_before_its_s
     assert blind.prefill_chunk_s(8192, 0) > fitted.prefill_chunk_s(8192, 0) + fitted.prefill_step_s
     with pytest.raises(ValueError, match="leaves nothing"):
         fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(), prefill_step_s=1.0)
+
+
+def test_the_prefill_step_surcharge_is_found_from_the_c64_tpot_and_throughput():
+    rate = 60_000.0
+    true = EngineModel(prefill_tokens_per_s=rate, prefill_attn_s=attn_per_pair_s("llama-3.1-8b", rate), step_s=0.005,
+                       decode_s_per_ktok=4e-5, prefill_step_s=0.004, async_scheduling=True)
+    doc = _serving_doc(true)
+    engine, inputs = fit_serving(doc, model_shape="llama-3.1-8b", base=EngineModel(async_scheduling=True),
+                                 prefill_step_s=0.004)
+    measured = {r["system"]: r for r in serving_residuals(doc, engine, inputs["request_overhead_s"])
+                if r["concurrency"] == 64}
+    for run in doc["runs"]:  # the "GPU" at c=64 is the true engine: its TPOT and throughput carry the mixed steps
+        run["c64"]["median_tpot_ms"] = measured[run["system"]]["sim_tpot_p50_ms"]
+        run["c64"]["output_throughput"] = measured[run["system"]]["sim_output_tok_per_s"]
+    step, rows = fit_prefill_step(doc, model_shape="llama-3.1-8b", base=EngineModel(async_scheduling=True))
+    assert step == pytest.approx(0.004)
+    assert min(rows, key=lambda r: r["loss"])["prefill_step_ms"] == 4.0 and rows[0]["loss"] > rows[8]["loss"]
 
 
 def test_kvserve_stage_split_puts_ingress_work_in_a_queue_per_ingress_and_the_rest_in_fixed_latency():
