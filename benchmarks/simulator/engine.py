@@ -16,7 +16,8 @@ step decodes one token for each running request and spends the rest of a ``chunk
 
 ``prefill_step_s`` is what a step costs for carrying prefill at all (0 by default): on the GPU a step that mixes
 prefill with decodes runs outside vLLM's full CUDA graph, and the engine stage's parts measured there put a cached
-request's first token 3-4 decode steps after its scheduling (``calibrate --engine-stage`` fits it).
+request's first token 3-4 decode steps after its scheduling (``calibrate --engine-stage`` fits it on the routing
+cells; ``calibrate --prefill-step-ms fit`` picks the serving engine's from its c=64 cells' TPOT and throughput).
 
 ``tier_hit_s`` is what a tier hit costs beyond the copy (the directory lookup, the connector's
 scheduling, the wait for the store): fixed per hit, it delays that request's first chunk only (the
