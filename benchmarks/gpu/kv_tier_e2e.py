@@ -1,7 +1,7 @@
 """KV tier end to end through Serve: tier on vs off, same kv-aware router, documents moving between replicas.
 
 Owns the issue's end-to-end tier measurement. For each entry of ``--order`` (tier_off / tier_on) it derives
-a Serve config from the scale's base config (``routing_h2h.run.serve_config``: routing ``kv-aware``, the
+a Serve config from the scale's base config (``routing_h2h.systems.serve_config``: routing ``kv-aware``, the
 router that costs tier-held blocks at ``obj_load_ratio`` of recompute through KV events with medium OBJ;
 each replica's GPU KV cache capped so the document set outgrows one replica's cache but fits the tier
 budget; only ``kv_tier.enabled`` differs), starts it with ``kvserve serve`` (its own Ray, object store sized
@@ -66,7 +66,8 @@ from benchmarks.bench.result import machine_info
 from benchmarks.gpu.kv_tier_evidence import metric_sums, router_kv_evidence, run_evidence
 from benchmarks.gpu.promtext import scrape
 from benchmarks.gpu.serving_overhead import clean
-from benchmarks.routing_h2h.run import run_bench, serve_config
+from benchmarks.routing_h2h.run import run_bench
+from benchmarks.routing_h2h.systems import serve_config
 from serve_app.config.kv_tier import KVTierConfig
 
 SYSTEMS = {"tier_off": False, "tier_on": True}

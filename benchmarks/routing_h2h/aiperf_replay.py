@@ -15,7 +15,7 @@ completions), against kvserve with its default routing (``kv-aware``) and with `
   (cached prompt tokens from the streamed ``usage`` in AIPerf's raw export, which kvserve fills when
   ``expose_cached_tokens`` is on);
 - ``main``: per system (in ``--order``, e.g. ``kv-aware,round-robin,kv-aware,round-robin``) start kvserve with
-  ``serve run`` of ``run.system_config`` (only ``routing`` differs), run AIPerf, stop, and write one JSON with the
+  ``serve run`` of ``systems.system_config`` (only ``routing`` differs), run AIPerf, stop, and write one JSON with the
   commands, machine, git commit, versions, the scaling and ``ttft_p50_ratio_vs_round_robin`` (the default's median
   TTFT p50 over its runs / round-robin's).
 
@@ -49,8 +49,9 @@ import yaml
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h.replay import time_scale_for
-from benchmarks.routing_h2h.run import HAPROXY_PORTS, ROOT, _versions, clear_leftovers, system_config
+from benchmarks.routing_h2h.run import HAPROXY_PORTS, ROOT, _versions, clear_leftovers
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ROUND_ROBIN
+from benchmarks.routing_h2h.systems import system_config
 from serve_app import settings
 
 TRACE_BLOCK_TOKENS = 512

@@ -12,8 +12,8 @@ import yaml
 from benchmarks.bench.workloads.mooncake import MooncakeWorkload
 from benchmarks.routing_h2h import plan, run
 from benchmarks.routing_h2h.replay import time_scale_for, trace_replay
-from benchmarks.routing_h2h.run import RAY_ROUTER_CLASS, SCALES, SYSTEMS, system_config
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, TARGETS, TWO_INGRESS, summarize, table
+from benchmarks.routing_h2h.systems import RAY_ROUTER_CLASS, SCALES, SYSTEMS, system_config
 from serve_app import settings
 from serve_app.config import RoutingConfig, load_app_config
 
