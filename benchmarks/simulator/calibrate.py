@@ -152,6 +152,16 @@ def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineMode
                         decode_s_per_ktok=engine.decode_s_per_ktok * kv / engine.kv_bytes_per_token)
 
 
+def _step_ms(text: str) -> float | str:
+    """``--prefill-step-ms``: milliseconds, or "fit"."""
+    if text == "fit":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds or 'fit', not {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator.calibrate", description=__doc__.splitlines()[0])
     ap.add_argument("--overhead", required=True, help="serving-overhead GPU JSON (runs of vllm bench serve, c1/c64)")
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="ingress replicas in the serving run (configs/gpu.yaml: 2); used with kvserve's stage split")
     ap.add_argument("--kv-blocks", type=int, default=4096, help="KV blocks per replica (num_gpu_blocks_override)")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="max_num_batched_tokens (vLLM's default on an H200)")
-    ap.add_argument("--prefill-step-ms", default="0",
+    ap.add_argument("--prefill-step-ms", type=_step_ms, default=0.0,
                     help="what a step costs for carrying prefill (prefill_step_s, ms), taken out of the serving run's "
                          "c=1 prefill before its speed is fitted; 'fit': the value whose fit best reproduces the c=64 "
                          "cells' TPOT and throughput (serving_cells.fit_prefill_step)")
@@ -222,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prefill_step_ms == "fit":
             step_s, step_fit = fit_prefill_step(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
         else:
-            try:
-                step_s = float(args.prefill_step_ms) / 1e3
-            except ValueError:
-                raise ValueError("expected milliseconds or 'fit'") from None
+            step_s = args.prefill_step_ms / 1e3
         engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses,
                                      prefill_step_s=step_s)
     except ValueError as err:

@@ -138,8 +138,7 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
     plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
                     width=cell.width or (None if cell.mode == "concurrency" else 16))
     knobs = strategy_knobs(cell.strategy)
-    if engine.client_s_per_request or engine.client_s_per_token:  # the client's cores: the cell's bench processes
-        engine = engine.with_(client_cores=cell.client_processes)
+    engine = engine.with_(client_cores=cell.client_processes)  # the client's cores: the cell's bench processes
     return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas, ingresses=cell.ingresses), engine,
                     seed=seed).summary(per_replica=False)
 
