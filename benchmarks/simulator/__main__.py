@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench.cost import DEFAULT_GPU_HOUR_USD
+from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                              "sim_wall_s": round(time.perf_counter() - t0, 2)}
     doc = {
         "command": "python -m benchmarks.simulator " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(), "git_commit": git_commit(),
         "workload": args.workload, "replicas": args.replicas, "requests": args.requests,
         "engine": engine.to_dict(), "cluster": {"ingresses": cluster.ingresses, "event_lag_s": cluster.event_lag_s,
                                                 "tier_budget_blocks": cluster.tier_budget_blocks,

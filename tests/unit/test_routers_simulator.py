@@ -49,6 +49,7 @@ def test_cli_writes_json(tmp_path):
     doc = json.loads(out.read_text())
     assert set(doc["results"]) == {"prefix-aware", "round-robin"}
     assert doc["command"].startswith("python -m benchmarks.simulator")
+    assert doc["git_commit"] and doc["machine"]["cpu_count"] >= 1  # a result names its code and machine
 
 
 def test_mooncake_trace_replay_parses(tmp_path):
