@@ -115,7 +115,8 @@ def measure(texts: list[str], seed: int = 0) -> dict:
         t0 = time.perf_counter()
         tree.insert(text, tenant, time.time())
         insert.append(time.perf_counter() - t0)
-    return {"prefix_match": _quantiles(match), "insert": _quantiles(insert), "get_smallest_tenants": _quantiles(smallest)}
+    return {"prefix_match": _quantiles(match), "insert": _quantiles(insert),
+            "get_smallest_tenants": _quantiles(smallest)}
 
 
 def measure_actor(texts: list[str], seed: int = 0) -> dict:
