@@ -10,6 +10,9 @@ that held its thread.
 
 py-spy samples 100 times a second and skips idle threads (blocked in a system call outside Python), so a
 thread's sample share is roughly the share of the window it ran Python (or native code called from Python).
+With ``idle`` (``run.py --profile-idle``) it samples them too (py-spy's ``--idle``): every thread is then sampled
+the whole window, and a frame's share is the share of wall time the thread spent under it, blocked or not (an
+event loop's synchronous ``ray.get``, for one, which the default leaves out).
 It needs ptrace access to the processes; where it has none (or is not installed) the in-process
 ``benchmarks.stack_sampler`` takes the samples instead (``run.py --profile`` installs it in the Serve replicas, idle
 until turned on; the engine cores, vLLM's own processes, have none and go unsampled then), and where neither can,
@@ -63,8 +66,9 @@ class CellProfiler:
     on for the window instead (its ``on`` file); its stacks carry no thread names, its thread CPU comes with them."""
 
     def __init__(self, out_dir: Path, label: str, delay_s: float = 8.0, seconds: float = 10.0,
-                 rate_hz: int = 100, cpu: HostCpu | None = None, sample_dir: Path | None = None) -> None:
-        self.out_dir, self.label = Path(out_dir), label
+                 rate_hz: int = 100, cpu: HostCpu | None = None, sample_dir: Path | None = None,
+                 idle: bool = False) -> None:
+        self.out_dir, self.label, self.idle = Path(out_dir), label, idle
         self.delay_s, self.seconds, self.rate_hz = delay_s, seconds, rate_hz
         self.sample_dir = None if sample_dir is None else Path(sample_dir)
         self._cpu = cpu or HostCpu()
@@ -97,7 +101,8 @@ class CellProfiler:
             for pid, role in targets:
                 out = self.out_dir / f"{self.label}-{role}-{pid}.pyspy.txt"
                 cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(self.seconds)), "--rate",
-                       str(self.rate_hz), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)]
+                       str(self.rate_hz), "--format", "raw", "--threads", "--nonblocking", "--output", str(out),
+                       *(["--idle"] if self.idle else [])]
                 self._procs.append((pid, role, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                                      stderr=subprocess.PIPE, text=True)))
         elif self.sample_dir is not None and (targets := [t for t in targets if t[1] in ROLES]):
@@ -121,7 +126,7 @@ class CellProfiler:
             return {"error": self.error or "no replica, ingress or engine-core process found"}
         out = {"method": self.method, "delay_s": self.delay_s, "seconds": self.seconds, "processes": results}
         if self.method == "py-spy":
-            out["rate_hz"] = self.rate_hz
+            out.update(rate_hz=self.rate_hz, idle=self.idle)
         elif self.error:
             out["py_spy"] = self.error
         return out

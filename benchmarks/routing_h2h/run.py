@@ -209,7 +209,7 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         run["metrics_url"] = probe.url or probe.error
         for wl, level in cells:
             prof = (profile.CellProfiler(work, f"{name}-{wl}-{level}", seconds=args.profile_seconds,
-                                         sample_dir=sample_dir)
+                                         sample_dir=sample_dir, idle=args.profile_idle)
                     if f"{wl}:{level}" in args.profile else None)
             probe.start()
             if prof is not None:
@@ -310,6 +310,9 @@ def parser() -> argparse.ArgumentParser:
                    help="WORKLOAD:LEVEL cells in which py-spy records every replica, ingress and engine-core process "
                         "(profile.py)")
     p.add_argument("--profile-seconds", type=float, default=10.0, help="--profile: seconds recorded per cell")
+    p.add_argument("--profile-idle", action="store_true",
+                   help="--profile: py-spy samples idle threads too (its --idle), so time a thread spends blocked "
+                        "(a synchronous ray.get on an event loop) shows (profile.py)")
     p.add_argument("--steps", action="store_true",
                    help="engines log every step (steps.ENGINE_KWARGS); each cell's evidence gets the steps of its "
                         "seconds (steps.summarise), the lines go beside the server log; not with --merge")
@@ -347,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps runs the engines with a log line per step: write its cells to their own --out, not --merge")
     if args.steps:
         scale["engine_kwargs"] = {**scale["engine_kwargs"], **steps.ENGINE_KWARGS}
+    if args.profile_idle and not args.profile:
+        p.error("--profile-idle changes what --profile records: name the cells with --profile WORKLOAD:LEVEL")
     if args.client_processes is None:
         args.client_processes = scale.get("client_processes", 1)
     if args.client_processes < 1:
@@ -365,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ("--client-processes", str(args.client_processes)) if args.client_processes > 1 else ()
         if args.profile:  # py-spy in the named cells of every call that runs them
             extra = (*extra, "--profile", ",".join(sorted(args.profile)))
+            if args.profile_idle:
+                extra = (*extra, "--profile-idle")
         print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra),
               end="")
         return 0

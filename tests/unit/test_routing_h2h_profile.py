@@ -131,6 +131,40 @@ def test_records_the_serving_processes_it_finds(tmp_path: Path) -> None:
         assert "error" in proc or "error" in out
 
 
+@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed here")
+def test_idle_samples_a_thread_that_only_waits(tmp_path: Path) -> None:
+    """With ``idle`` py-spy also samples a thread blocked in a system call (here: sleeping); without, it skips it."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+    try:
+        outs = {}
+        for idle in (False, True):
+            p = CellProfiler(tmp_path / str(idle), "cell", delay_s=0.2, seconds=1, cpu=OneProcess(child.pid),
+                             idle=idle)
+            (tmp_path / str(idle)).mkdir()
+            p.start()
+            time.sleep(1.5)
+            outs[idle] = p.finish()
+    finally:
+        child.kill()
+        child.wait()
+    if outs[True].get("method") != "py-spy":
+        pytest.skip(f"py-spy cannot attach here: {outs[True]}")
+    assert outs[True]["idle"] is True and outs[False]["idle"] is False
+    (waiting,) = outs[True]["processes"]
+    frames = [f for f, _ in waiting["threads"][0]["top_inclusive"]]
+    assert waiting["samples"] > 0 and any("<module>" in f for f in frames), frames
+    (skipped,) = outs[False]["processes"]
+    assert skipped.get("samples", 0) < waiting["samples"]
+
+
+def test_profile_idle_needs_cells_to_profile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.routing_h2h import run
+
+    with pytest.raises(SystemExit):
+        run.main(["--out", str(tmp_path / "r.json"), "--profile-idle"])
+    assert "--profile-idle changes what --profile records" in capsys.readouterr().err
+
+
 def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``run.py --profile docqa:sat``: that cell's evidence carries the profile, the other cell's does not."""
     from benchmarks.routing_h2h import run
@@ -148,9 +182,10 @@ def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: p
     class FakeProfiler:
         made: ClassVar[list[str]] = []
 
-        def __init__(self, out_dir: Path, label: str, seconds: float, sample_dir: Path) -> None:
+        def __init__(self, out_dir: Path, label: str, seconds: float, sample_dir: Path, idle: bool) -> None:
             self.made.append(label)
             self.seconds = seconds
+            assert idle is True  # --profile-idle reaches the profiler
             assert sample_dir == tmp_path / "stacks" and sample_dir.is_dir()
 
         def start(self) -> None: ...
@@ -166,7 +201,7 @@ def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(run, "run_cell", lambda *a: {"ttft_p50_ms": 1.0})
     monkeypatch.setattr(run.time, "sleep", lambda s: None)
     args = run.parser().parse_args(["--out", str(tmp_path / "r.json"), "--work-dir", str(tmp_path),
-                                    "--profile", "docqa:sat", "--profile-seconds", "7"])
+                                    "--profile", "docqa:sat", "--profile-seconds", "7", "--profile-idle"])
     base = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/cpu.yaml").read_text())
     cfg = run.system_config(base, "kv-aware", run.SCALES["cpu"]["engine_kwargs"])
     out = run.run_system("kv-aware", cfg, run.SCALES["cpu"], [("docqa", "sat"), ("multiturn", "sat")],
