@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from benchmarks.routing_h2h.summary import (
     DEFAULT_STRATEGY,
@@ -28,14 +29,17 @@ STOP_S = 15.0
 CELL_OVERHEAD_S = 13.0  # + 3 s: the evidence's scrape after each cell waits for Ray's agent to export
 COLD_EXTRA_S = 190.0
 LIMIT_S = 560
-OUT = "/tmp/res/routing_h200.json"
-KEPT = "benchmarks/results/routing_h200.json"
+KEPT = "benchmarks/results/routing_h200.json"  # the committed result a plan's calls merge into, by default
 TRACE = ".carry/mooncake/conversation_trace.jsonl"
 CARRY = [".carry", ".models/shape-llama-3.2-1b"]
 CONFIG = "configs/gpu-routing.yaml"
 BASE_ARGS = ["--config", CONFIG, "--scale", "gpu", "--fast-path", "--ray-stop",
-             "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360",
-             "--merge", "--out", OUT]
+             "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360", "--merge"]
+
+
+def device_out(kept: str) -> str:
+    """Where a call writes on the device: ``/tmp/res/`` and the kept result's file name."""
+    return f"/tmp/res/{PurePosixPath(kept).name}"
 
 Cell = tuple[str, str]  # (workload, level)
 
@@ -88,29 +92,29 @@ def selection_args(cells: list[Cell]) -> list[str]:
 
 
 def commands(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA",
-             extra: tuple[str, ...] = ()) -> list[str]:
-    """One shell line per call for the device (``run`` with ``carry=CARRY``): seed the kept result when the
-    machine is fresh, then ``run_on_device.sh`` (which returns /tmp/res/*.json and the logs); ``extra``
-    flags go to every call (e.g. ``--client-processes 2``)."""
-    out = []
+             extra: tuple[str, ...] = (), kept: str = KEPT) -> list[str]:
+    """One shell line per call for the device (``run`` with ``carry=CARRY``): seed the kept result (``kept``, a
+    committed JSON of the same scale and config) when the machine is fresh, then ``run_on_device.sh`` (which returns
+    /tmp/res/*.json and the logs); ``extra`` flags go to every call (e.g. ``--client-processes 2``)."""
+    out, dest = [], device_out(kept)
     for call in calls:
-        args = [*BASE_ARGS, "--git-commit", git_commit, "--duration", f"{duration_s:g}", "--systems", call.system,
-                *selection_args(call.cells), *extra]
-        out.append(f"mkdir -p /tmp/res && {{ [ -f {OUT} ] || cp {KEPT} /tmp/res/ 2>/dev/null; }}; "
+        args = [*BASE_ARGS, "--out", dest, "--git-commit", git_commit, "--duration", f"{duration_s:g}",
+                "--systems", call.system, *selection_args(call.cells), *extra]
+        out.append(f"mkdir -p /tmp/res && {{ [ -f {dest} ] || cp {kept} /tmp/res/ 2>/dev/null; }}; "
                    f"bash benchmarks/gpu/run_on_device.sh {limit_s} -m benchmarks.routing_h2h.run {shlex.join(args)}")
     return out
 
 
 def render(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA",
-           extra: tuple[str, ...] = ()) -> str:
+           extra: tuple[str, ...] = (), kept: str = KEPT) -> str:
     """The plan as text: per call its system, cells and estimate, then the command; the total last."""
     head = (f"# device plan: {len(calls)} calls, cells of {duration_s:g} s, run(carry={CARRY}); after each call "
-            f"copy the returned routing_h200.json to {KEPT} (a fresh machine starts from it)")
+            f"copy the returned {PurePosixPath(kept).name} to {kept} (a fresh machine starts from it)")
     install = ("# first, in the call right after the last wheel part, install alone (about 40 s, outside any limit): "
                "bash benchmarks/gpu/run_on_device.sh 30 -c pass")
     lines = [head, install]
-    for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s, git_commit, extra), strict=True),
-                                    1):
+    for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s, git_commit, extra, kept),
+                                        strict=True), 1):
         cells = " ".join(f"{wl}:{lv}" for wl, lv in call.cells)
         lines += [f"# {i}. {call.system}: {cells} (~{call.estimate_s:.0f} s)", cmd]
     lines.append(f"# total ~{sum(c.estimate_s for c in calls):.0f} s of device time")

@@ -304,6 +304,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", choices=["full", "summary"],
                    help="print the device calls for the selected cells (full) or for the summary's cells only")
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
+    p.add_argument("--plan-result", default=plan.KEPT,
+                   help="--plan: the committed result (same scale and config) the calls merge into and a fresh "
+                        "machine starts from; its rates set the open-loop levels (e.g. an H100's result on an H100)")
     p.add_argument("--evidence-interval", type=float, default=5.0,
                    help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
     p.add_argument("--profile", type=lambda v: set(v.split(",")), default=set(),
@@ -372,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = (*extra, "--profile", ",".join(sorted(args.profile)))
             if args.profile_idle:
                 extra = (*extra, "--profile-idle")
-        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra),
-              end="")
+        print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra,
+                          args.plan_result), end="")
         return 0
     if not args.out:
         p.error("--out is required (unless --plan)")

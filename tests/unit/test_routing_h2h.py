@@ -352,3 +352,17 @@ def test_plot_series_orders_loads_and_skips_failed_cells() -> None:
     assert [x for x, _ in s["no-sharing"]["round-robin"]] == [0.25, 0.7, 1.0]
     assert s["no-sharing"]["kv-aware"] == [(0.25, 48), (1.0, 410)]
     assert "routing" not in s and "runs" not in s
+
+
+def test_plan_result_names_the_file_every_call_seeds_and_merges_into(capsys: pytest.CaptureFixture) -> None:
+    """``--plan-result`` (an H100's result on an H100): the calls seed from it and write its name under /tmp/res."""
+    kept = "benchmarks/results/routing_h100_5ba85f3.json"
+    assert run.main(["--scale", "gpu", "--plan", "summary", "--plan-result", kept]) == 0
+    text = capsys.readouterr().out
+    cmds = [line for line in text.splitlines() if not line.startswith("#")]
+    assert cmds and f"copy the returned routing_h100_5ba85f3.json to {kept}" in text
+    for cmd in cmds:
+        assert cmd.startswith(f"mkdir -p /tmp/res && {{ [ -f /tmp/res/routing_h100_5ba85f3.json ] || cp {kept} ")
+        args = run.parser().parse_args(cmd.split("benchmarks.routing_h2h.run ", 1)[1].split())
+        assert args.out == "/tmp/res/routing_h100_5ba85f3.json" and args.merge
+    assert "routing_h200" not in text
