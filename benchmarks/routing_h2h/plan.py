@@ -1,7 +1,8 @@
 """The device plan: the matrix cut into calls that each fit one device call, as commands to paste.
 
-Owns ``Call``, ``pack``, ``summary_cells`` and ``commands``. A call is one ``serve run`` of one system
-over some of its cells (workload x load), merged into one result with ``--merge``. Its estimate is
+Owns ``Call``, ``pack``, ``summary_cells``, ``commands`` and ``render`` (the calls as text). A call is one
+``serve run`` of one system over some of its cells (workload x load), merged with ``--merge`` into one result: a
+copy of ``KEPT`` or of the committed result given (``device_out``). Its estimate is
 ``START_S`` (4 x 1B engines on a warm machine: 113-126 s at 54d8ff8) + ``STOP_S`` + per cell ``duration_s +
 CELL_OVERHEAD_S`` (warm-up requests, the drain of those in flight, the metric scrapes), plus ``COLD_EXTRA_S`` for the
 very first call (a fresh machine compiles: 316 s to ready at 54d8ff8; the wheels' install, ~40 s, runs before
@@ -35,11 +36,6 @@ CARRY = [".carry", ".models/shape-llama-3.2-1b"]
 CONFIG = "configs/gpu-routing.yaml"
 BASE_ARGS = ["--config", CONFIG, "--scale", "gpu", "--fast-path", "--ray-stop",
              "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360", "--merge"]
-
-
-def device_out(kept: str) -> str:
-    """Where a call writes on the device: ``/tmp/res/`` and the kept result's file name."""
-    return f"/tmp/res/{PurePosixPath(kept).name}"
 
 Cell = tuple[str, str]  # (workload, level)
 
@@ -89,6 +85,11 @@ def selection_args(cells: list[Cell]) -> list[str]:
     shapes = {tuple(lvs) for lvs in by_wl.values()}
     loads = ",".join(shapes.pop()) if len(shapes) == 1 else ",".join(f"{wl}:{lv}" for wl, lv in cells)
     return ["--workloads", ",".join(by_wl), "--loads", loads]
+
+
+def device_out(kept: str) -> str:
+    """Where a call writes on the device: ``/tmp/res/`` and the kept result's file name."""
+    return f"/tmp/res/{PurePosixPath(kept).name}"
 
 
 def commands(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_commit: str = "SHA",
