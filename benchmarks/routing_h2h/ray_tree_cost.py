@@ -19,9 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
+
+import ray
+from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree, PrefixTreeActor
 
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h.ray_router import tokens_as_text
@@ -95,8 +99,6 @@ def _quantiles(xs: list[float]) -> dict:
 
 def measure(texts: list[str], seed: int = 0) -> dict:
     """Ray's ``PrefixTree`` in this process: seconds per match, insert and smallest-tenant lookup."""
-    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree
-
     tree, rng = PrefixTree(), random.Random(seed)
     tree.add_tenants(list(TENANTS), time.time())
     match, insert, smallest = [], [], []
@@ -121,9 +123,6 @@ def measure(texts: list[str], seed: int = 0) -> dict:
 
 def measure_actor(texts: list[str], seed: int = 0) -> dict:
     """Ray's ``PrefixTreeActor`` through ``ray.get`` (Ray must be initialised): seconds per blocking call."""
-    import ray
-    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTreeActor
-
     actor, rng = PrefixTreeActor.remote(), random.Random(seed)
     ray.get(actor.add_tenants.remote(list(TENANTS), time.time()))
     match, insert = [], []
@@ -153,18 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {w: {"prompt_chars_mean": round(sum(map(len, t[:args.requests])) / len(t[:args.requests]), 1),
                    "in_process": measure(t[:args.requests])} for w, t in texts.items()}
     if not args.no_actor:
-        import ray
-
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             for w, t in texts.items():
                 results[w]["actor"] = measure_actor(t[:args.actor_requests])
         finally:
             ray.shutdown()
-    import ray
-
-    doc = {"schema": "kvserve.ray_tree_cost/1", "command": "python -m benchmarks.routing_h2h.ray_tree_cost "
-           + " ".join(sys.argv[1:] if argv is None else argv), "git_commit": git_commit(), "machine": machine_info(),
+    doc = {"schema": "kvserve.ray_tree_cost/1", "command": shlex.join(
+               ["python", "-m", "benchmarks.routing_h2h.ray_tree_cost", *(sys.argv[1:] if argv is None else argv)]),
+           "git_commit": git_commit(), "machine": machine_info(),
            "versions": {"ray": ray.__version__}, "tenants": len(TENANTS), "concurrency": CONCURRENCY,
            "results": results}
     with open(args.out, "w") as f:

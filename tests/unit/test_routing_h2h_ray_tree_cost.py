@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.routing_h2h import ray_tree_cost as rtc
-
 pytest.importorskip("ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree")
+
+from benchmarks.routing_h2h import ray_tree_cost as rtc  # after the skip: it imports Ray's prefix tree
 
 
 def test_prompt_text_is_one_character_per_token():
