@@ -230,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     step_fit = None
     try:
         if args.prefill_step_ms == "fit":
-            step_s, step_fit = fit_prefill_step(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses)
+            _, step_fit, (engine, inputs) = fit_prefill_step(over, model_shape=args.model_shape, base=base,
+                                                             ingresses=args.ingresses)
         else:
-            step_s = args.prefill_step_ms / 1e3
-        engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses,
-                                     prefill_step_s=step_s)
+            engine, inputs = fit_serving(over, model_shape=args.model_shape, base=base, ingresses=args.ingresses,
+                                         prefill_step_s=args.prefill_step_ms / 1e3)
     except ValueError as err:
         ap.error(f"--prefill-step-ms {args.prefill_step_ms}: {err}")
     if step_fit:

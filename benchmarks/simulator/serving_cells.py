@@ -175,24 +175,28 @@ def fit_serving(doc: dict, *, model_shape: str, base: EngineModel, ingresses: in
 PREFILL_STEP_GRID_MS = tuple(i / 2 for i in range(25))
 
 
-def fit_prefill_step(doc: dict, *, model_shape: str, base: EngineModel, ingresses: int = 2) -> tuple[float, list[dict]]:
+def fit_prefill_step(doc: dict, *, model_shape: str, base: EngineModel,
+                     ingresses: int = 2) -> tuple[float, list[dict], tuple[EngineModel, dict]]:
     """The ``prefill_step_s`` (of ``PREFILL_STEP_GRID_MS``) whose serving fit best reproduces the c=64 cells' TPOT p50
-    and throughput (squared log errors, every system with its own overhead); returns it and each candidate's loss.
-    The c=1 cells stay matched by construction and the c=64 TTFT is not looked at."""
-    rows, best = [], (0.0, math.inf)
+    and throughput (squared log errors, every system with its own overhead); returns it, each candidate's loss and
+    its ``fit_serving`` result. The c=1 cells stay matched by construction and the c=64 TTFT is not looked at.
+    Raises ``fit_serving``'s ValueError when not even 0 ms fits."""
+    rows, best, best_loss = [], None, math.inf
     for ms in PREFILL_STEP_GRID_MS:
         try:
-            engine, inputs = fit_serving(doc, model_shape=model_shape, base=base, ingresses=ingresses,
-                                         prefill_step_s=ms / 1e3)
+            fit = fit_serving(doc, model_shape=model_shape, base=base, ingresses=ingresses, prefill_step_s=ms / 1e3)
         except ValueError:
+            if not rows:
+                raise
             break  # the surcharge has eaten the c=1 prefill: larger ones cannot fit either
+        engine, inputs = fit
         res = serving_residuals(doc, engine, inputs["request_overhead_s"], inputs["stage_split"])
         loss = sum(math.log(r[f"sim_{k}"] / r[f"gpu_{k}"]) ** 2 for r in res if r["concurrency"] > 1
                    for k in ("tpot_p50_ms", "output_tok_per_s"))
         rows.append({"prefill_step_ms": ms, "loss": round(loss, 6)})
-        if loss < best[1]:
-            best = (ms / 1e3, loss)
-    return best[0], rows
+        if loss < best_loss:
+            best, best_loss = (ms / 1e3, fit), loss
+    return best[0], rows, best[1]
 
 
 def simulate_serving(cell: ServingCell, engine: EngineModel, doc: dict, seed: int = 0, ingresses: int = 1) -> dict:

@@ -230,8 +230,10 @@ def test_the_prefill_step_surcharge_is_found_from_the_c64_tpot_and_throughput():
     for run in doc["runs"]:  # the "GPU" at c=64 is the true engine: its TPOT and throughput carry the mixed steps
         run["c64"]["median_tpot_ms"] = measured[run["system"]]["sim_tpot_p50_ms"]
         run["c64"]["output_throughput"] = measured[run["system"]]["sim_output_tok_per_s"]
-    step, rows = fit_prefill_step(doc, model_shape="llama-3.1-8b", base=EngineModel(async_scheduling=True))
+    step, rows, (fitted, fit_inputs) = fit_prefill_step(doc, model_shape="llama-3.1-8b",
+                                                        base=EngineModel(async_scheduling=True))
     assert step == pytest.approx(0.004)
+    assert fitted.prefill_step_s == pytest.approx(0.004) and fit_inputs["prefill_step_ms"] == pytest.approx(4.0)
     assert min(rows, key=lambda r: r["loss"])["prefill_step_ms"] == 4.0 and rows[0]["loss"] > rows[8]["loss"]
 
 
