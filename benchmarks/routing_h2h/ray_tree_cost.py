@@ -28,6 +28,7 @@ import ray
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree, PrefixTreeActor
 
 from benchmarks.bench.result import git_commit, machine_info
+from benchmarks.bench.stats import distribution
 from benchmarks.routing_h2h.ray_router import tokens_as_text
 from benchmarks.routing_h2h.systems import SCALES
 from benchmarks.simulator.routing_cells import sessions_for
@@ -90,15 +91,9 @@ def _decide(matched: str, text: str, tenants: list[str], smallest: Callable[[], 
     return rng.choice(sorted(low) if low else list(TENANTS))
 
 
-def _quantiles(xs: list[float]) -> dict:
-    s = sorted(xs)
-    pick = (lambda q: round(s[int(q * (len(s) - 1))] * 1e3, 4)) if s else (lambda q: None)
-    return {"n": len(s), "p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99),
-            "mean_ms": round(sum(s) / len(s) * 1e3, 4) if s else None}
-
-
 def measure(texts: list[str], seed: int = 0) -> dict:
-    """Ray's ``PrefixTree`` in this process: seconds per match, insert and smallest-tenant lookup."""
+    """Ray's ``PrefixTree`` in this process: milliseconds per match, insert and smallest-tenant lookup
+    (``bench.stats.distribution``; None where there was none)."""
     tree, rng = PrefixTree(), random.Random(seed)
     tree.add_tenants(list(TENANTS), time.time())
     match, insert, smallest = [], [], []
@@ -117,12 +112,12 @@ def measure(texts: list[str], seed: int = 0) -> dict:
         t0 = time.perf_counter()
         tree.insert(text, tenant, time.time())
         insert.append(time.perf_counter() - t0)
-    return {"prefix_match": _quantiles(match), "insert": _quantiles(insert),
-            "get_smallest_tenants": _quantiles(smallest)}
+    return {"prefix_match": distribution(match), "insert": distribution(insert),
+            "get_smallest_tenants": distribution(smallest)}
 
 
 def measure_actor(texts: list[str], seed: int = 0) -> dict:
-    """Ray's ``PrefixTreeActor`` through ``ray.get`` (Ray must be initialised): seconds per blocking call."""
+    """Ray's ``PrefixTreeActor`` through ``ray.get`` (Ray must be initialised): milliseconds per blocking call."""
     actor, rng = PrefixTreeActor.remote(), random.Random(seed)
     ray.get(actor.add_tenants.remote(list(TENANTS), time.time()))
     match, insert = [], []
@@ -137,7 +132,7 @@ def measure_actor(texts: list[str], seed: int = 0) -> dict:
             insert.append(time.perf_counter() - t0)
     finally:
         ray.kill(actor)
-    return {"prefix_match": _quantiles(match), "insert": _quantiles(insert)}
+    return {"prefix_match": distribution(match), "insert": distribution(insert)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(doc, f, indent=1)
     for w, r in results.items():
         line = f"{w}: {r['prompt_chars_mean']:.0f} chars; in process match/insert p50 " \
-               f"{r['in_process']['prefix_match']['p50_ms']:.3f}/{r['in_process']['insert']['p50_ms']:.3f} ms"
+               f"{r['in_process']['prefix_match']['p50']:.3f}/{r['in_process']['insert']['p50']:.3f} ms"
         if "actor" in r:
-            line += f"; ray.get match/insert p50 {r['actor']['prefix_match']['p50_ms']:.2f}/" \
-                    f"{r['actor']['insert']['p50_ms']:.2f} ms"
+            line += f"; ray.get match/insert p50 {r['actor']['prefix_match']['p50']:.2f}/" \
+                    f"{r['actor']['insert']['p50']:.2f} ms"
         print(line)
     print(f"wrote {args.out}")
     return 0
