@@ -23,6 +23,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 import ray
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree, PrefixTreeActor
@@ -31,13 +32,13 @@ from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.bench.stats import distribution
 from benchmarks.routing_h2h.ray_router import tokens_as_text
 from benchmarks.routing_h2h.systems import SCALES
+from benchmarks.simulator.ray_twin import MATCH_RATE_THRESHOLD
 from benchmarks.simulator.routing_cells import sessions_for
 
 WORKLOADS = ("docqa", "multiturn", "mooncake")
 TENANTS = ("r0", "r1", "r2", "r3")
 BLOCK = 16
 CONCURRENCY = 64
-MATCH_RATE_THRESHOLD = 0.1  # Ray 2.60's default match_rate_threshold
 
 
 def prompt_text(block_hashes: tuple[int, ...], prompt_tokens: int) -> str:
@@ -55,32 +56,23 @@ def prompts(workload: str, n: int, trace_file: str | None = None, seed: int = 0)
     sessions = sessions_for(workload, args, BLOCK, seed)
     turns = _interleaved(sessions, random.Random(seed)) if workload == "multiturn" else (
         t for s in sessions for t in s.turns)
-    out = []
-    for t in turns:
-        out.append(prompt_text(t.block_hashes, t.prompt_tokens))
-        if len(out) >= n:
-            break
-    return out
+    return [prompt_text(t.block_hashes, t.prompt_tokens) for t in islice(turns, n)]
 
 
 def _interleaved(sessions: Iterator, rng: random.Random) -> Iterator:
     """Turns of ``CONCURRENCY`` sessions at a time, the next turn from a random one, a new session when one ends."""
-    active = [iter(s.turns) for s in _take(sessions, CONCURRENCY)]
+    active = [iter(s.turns) for s in islice(sessions, CONCURRENCY)]
     while active:
         i = rng.randrange(len(active))
         turn = next(active[i], None)
         if turn is not None:
             yield turn
             continue
-        fresh = _take(sessions, 1)
-        if fresh:
-            active[i] = iter(fresh[0].turns)
+        fresh = next(sessions, None)
+        if fresh is not None:
+            active[i] = iter(fresh.turns)
         else:
             active.pop(i)
-
-
-def _take(it: Iterator, k: int) -> list:
-    return [s for _, s in zip(range(k), it)]
 
 
 def _decide(matched: str, text: str, tenants: list[str], smallest: Callable[[], list[str]] | None,
