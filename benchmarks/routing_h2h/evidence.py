@@ -11,7 +11,9 @@ Only the metrics named below are kept, never the whole text:
   zeros included: a replica seen in any Serve metric but never sent a request counts);
 * ``ray_kvserve_router_decisions_total{reason}`` -> ``decisions_by_reason`` and ``decision_shares``;
   ``kvserve_router_decision_latency_microseconds`` and ``kvserve_stage_route_milliseconds`` (handle call to
-  decision: Serve's queueing plus the decision; the router's event loop shows here) as means;
+  decision: Serve's queueing plus the decision; the router's event loop shows here) as means; for Ray's router
+  (``ray_router.py``) also its steps, ``kvserve_router_ray_call_milliseconds{call}`` -> ``ray_router_ms`` (match,
+  probe, insert: count, mean, p50, p90);
 * ``ray_kvserve_router_kv_events_total{replica}`` -> ``kv_events_by_replica`` (+ resets), predicted and actual
   cached tokens;
 * vLLM's per-replica metrics through Ray's agent (``ray_vllm_*{ReplicaId}``): requests finished, queue /
@@ -63,6 +65,7 @@ KV_EVENTS = "ray_kvserve_router_kv_events"
 KV_RESETS = "ray_kvserve_router_kv_event_resets"
 DECISION_US = "ray_kvserve_router_decision_latency_microseconds"
 ROUTE_MS = "ray_kvserve_stage_route_milliseconds"
+RAY_CALL_MS = "ray_kvserve_router_ray_call_milliseconds"
 #: stage -> histogram (ms) of deployments.stages.STAGES, tagged model and replica.
 STAGE_MS = {stage: f"ray_kvserve_stage_{stage}_milliseconds" for stage in STAGES}
 #: part -> histogram (ms) of deployments.stages.ENGINE_PARTS: the replica's engine stage split by vLLM's request stats.
@@ -278,6 +281,7 @@ def derive(before: Samples, after: Samples, deployment: str) -> dict[str, Any]:
         "decisions_per_request": round(sum(decisions.values()) / sum(req.values()), 3) if sum(req.values()) else None,
         "decision_latency_us_mean": _mean(before, after, DECISION_US),
         "route_wait_ms_mean": _mean(before, after, ROUTE_MS),
+        "ray_router_ms": histogram(before, after, RAY_CALL_MS, "call"),
         "kv_events_by_replica": dict(sorted(kv.items())), "kv_events": sum(kv.values()),
         "kv_event_resets": round(resets),
         "predicted_cached_tokens": round(predicted), "actual_cached_tokens": round(actual),

@@ -2,8 +2,8 @@
 ``summary.table``.
 
 Owns ``evidence_table`` and its cell formatters: requests per replica and their balance, top decision reasons,
-KV events, route wait, vLLM's queue time by replica, the stages' p50s, the engine stage's mean beside its parts'
-(vLLM's request stamps), the event loops' worst lag and the host's CPU.
+KV events, route wait (with Ray's router's steps), vLLM's queue time by replica, the stages' p50s, the engine
+stage's mean beside its parts' (vLLM's request stamps), the event loops' worst lag and the host's CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def evidence_table(results: dict[str, dict]) -> str:
                     continue
                 bal = "-" if ev["balance"] is None else f"{ev['balance']:.2f}"
                 route = "-" if ev.get("route_wait_ms_mean") is None else f"{ev['route_wait_ms_mean']:.1f}"
+                if ev.get("ray_router_ms"):  # Ray's router: its steps' means
+                    route += " (" + ", ".join(f"{k} {v['mean']:.1f}" for k, v in sorted(ev["ray_router_ms"].items()))
+                    route += ")"
                 per = "/".join(str(v) for v in ev["requests_by_replica"].values())
                 rows.append(f"| {wl} | {lv} | {system} | {per} | {bal} | {_top(ev['decision_shares'])} | "
                             f"{ev['kv_events']} | {route} | {_spread(ev['engine_by_replica'], 'queue_ms_mean')} | "

@@ -1,4 +1,4 @@
-"""Ray Serve LLM's ``PrefixCacheAffinityRouter``, fed kvserve's replica requests.
+"""Ray Serve LLM's ``PrefixCacheAffinityRouter``, fed kvserve's replica requests, with its costs on the ingress timed.
 
 Owns ``RayPrefixCacheAffinity``: Ray's router unchanged (its prefix tree actor, thresholds and
 power-of-two fallback) except for where it reads the prompt. Ray's version reads ``prompt`` or
@@ -7,13 +7,26 @@ each token id becomes one character (offset past the surrogate range). Two promp
 character prefix exactly when they share a token prefix, which is the signal Ray's tree uses; its
 character-based thresholds count tokens instead. Select it with
 ``routing.request_router_class: benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity``.
+
+Its steps are timed into the metrics the head-to-head's evidence reads, so Ray's cells show where the ingress waits
+for its router: kvserve's own ``route_wait_ms`` (the handle call to the decision, as ``KVServeRouter`` records it) and
+``router_decision_latency_us`` (Ray's ``choose_replicas``), and ``kvserve_router_ray_call_milliseconds`` by ``call``:
+``match`` (its prefix match, with any queue-length probe it awaits and the synchronous ``ray.get`` to its tree
+actor), ``probe`` (a queue-length probe of replicas not in its cache) and ``insert`` (``on_request_routed``: the
+synchronous ``ray.get`` that inserts the prompt, on the ingress's event loop once the replica took the request).
 """
 
 from __future__ import annotations
 
+import functools
+import time
+
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 
+from deployments.metrics import STAGE_MS_BUCKETS, metrics
+
 _OFFSET = 0x10000  # past the UTF-16 surrogates; chr() accepts ids up to 0x10FFFF - _OFFSET
+STRATEGY = "ray-prefix-cache-affinity"  # the ``strategy`` tag of its decision latency
 
 
 def tokens_as_text(token_ids: list[int]) -> str:
@@ -21,8 +34,18 @@ def tokens_as_text(token_ids: list[int]) -> str:
     return "".join(chr(_OFFSET + t) for t in token_ids)
 
 
+@functools.cache
+def call_ms():
+    """This process's histogram of the router's steps (ms), tagged ``call``."""
+    from ray.util.metrics import Histogram
+
+    return Histogram("kvserve_router_ray_call_milliseconds",
+                     description="Ray's PrefixCacheAffinityRouter on the ingress, per step (benchmarks/routing_h2h/"
+                     "ray_router.py): match, probe, insert.", boundaries=STAGE_MS_BUCKETS, tag_keys=("call",))
+
+
 class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
-    """Ray's prefix-cache affinity router over token ids."""
+    """Ray's prefix-cache affinity router over token ids, its steps timed."""
 
     def _extract_text_from_request(self, pending_request) -> str:
         gen = pending_request.args[0] if pending_request.args else None
@@ -30,3 +53,36 @@ class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
         if ids is None:
             return super()._extract_text_from_request(pending_request)
         return tokens_as_text(ids)
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        t0 = time.perf_counter()
+        chosen = await super().choose_replicas(candidate_replicas, pending_request)
+        if pending_request is not None:
+            m = metrics()
+            gen = pending_request.args[0] if pending_request.args else None
+            m.route_wait_ms.observe(max(time.time() - pending_request.created_at, 0.0) * 1000,
+                                    tags={"model": str(getattr(gen, "model_id", ""))})
+            m.router_decision_latency_us.observe((time.perf_counter() - t0) * 1e6, tags={"strategy": STRATEGY})
+        return chosen
+
+    async def _prefix_match_best_replicas(self, pending_request, candidate_replicas):
+        t0 = time.perf_counter()
+        try:
+            return await super()._prefix_match_best_replicas(pending_request, candidate_replicas)
+        finally:
+            call_ms().observe((time.perf_counter() - t0) * 1000, tags={"call": "match"})
+
+    async def _probe_queue_lens(self, replicas, backoff_index):
+        t0 = time.perf_counter()
+        try:
+            return await super()._probe_queue_lens(replicas, backoff_index)
+        finally:
+            if replicas:
+                call_ms().observe((time.perf_counter() - t0) * 1000, tags={"call": "probe"})
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        t0 = time.perf_counter()
+        try:
+            super().on_request_routed(pending_request, replica_id, result)
+        finally:
+            call_ms().observe((time.perf_counter() - t0) * 1000, tags={"call": "insert"})

@@ -45,6 +45,11 @@ processor-sharing cores, each shared by the requests of its process (request ``r
 and ``client_s_per_token`` to read and parse each streamed token. The client sees a first token, and a closed-loop
 worker sends its next request, once the client's share has done that work; 0 (the default) is a client of infinite
 speed.
+Ray's router (its twin, ``ray_twin.py``) calls its prefix tree actor with a synchronous ``ray.get`` on the ingress's
+event loop twice per request: the match before the decision, the insert once the replica has taken the request.
+Each call holds the whole loop (no other request's work, chunk or decision runs meanwhile) for ``tree_call_s`` plus
+``tree_call_s_per_ktok`` per 1K prompt tokens (``tree_call_hold_s``): decisions queue behind one another and behind
+the loop's work, so a burst of arrivals waits for the calls of every request ahead of it. Both 0 by default.
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
 engine core), one FIFO server costing ``input_s_per_request`` plus ``input_s_per_ktok`` per 1K prompt
 tokens (``input_s``: what grows with the prompt, such as its block hashes and the token ids' trip to
@@ -105,6 +110,8 @@ class EngineModel:
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
     client_cores: int = 1
+    tree_call_s: float = 0.0
+    tree_call_s_per_ktok: float = 0.0
     kv_blocks: int = 4096
     kv_admission: bool = False
     block_size: int = 16
@@ -130,6 +137,8 @@ class EngineModel:
             raise ValueError("frontend_tokenize_s and frontend_hash_s_per_ktok must be >= 0")
         if self.client_s_per_request < 0 or self.client_s_per_token < 0:
             raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
+        if self.tree_call_s < 0 or self.tree_call_s_per_ktok < 0:
+            raise ValueError("tree_call_s and tree_call_s_per_ktok must be >= 0")
         if (self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1
                 or self.client_cores < 1):
             raise ValueError("kv_blocks, block_size, chunk_tokens, replicas_per_gpu and client_cores must be >= 1")
@@ -154,6 +163,10 @@ class EngineModel:
     def input_s(self, prompt_tokens: int) -> float:
         """The replica's front end for one request: fixed, plus a part per prompt token."""
         return self.input_s_per_request + self.input_s_per_ktok * prompt_tokens / 1e3
+
+    def tree_call_hold_s(self, prompt_tokens: int) -> float:
+        """How long one synchronous call of Ray's router to its tree actor holds the ingress's loop."""
+        return self.tree_call_s + self.tree_call_s_per_ktok * prompt_tokens / 1e3
 
     def tier_load_s(self, tokens: int) -> float:
         """The copy of ``tokens`` tokens' KV from the tier at ``tier_gbps``."""

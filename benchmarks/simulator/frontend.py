@@ -13,7 +13,9 @@ Owns the three disciplines ``path.py`` can give an ingress (``EngineModel.fronte
   names a point of that work (the route, the first token, the last token) and is handed back once
   the job's service reaches it.
 
-Virtual time ``v`` is the service every active job has received: ``dv/dt = 1/n``. A job active from
+Virtual time ``v`` is the service every active job has received: ``dv/dt = 1/n``, and 0 while the core is
+held (``PSServer.hold``: a blocking call on the loop, which serves no coroutine until it returns; holds queue
+one after another). A job active from
 ``v0`` with ``w`` seconds of work is done at ``v = v0 + w``; work added to an active job moves its end.
 Invariants (``tests/unit/test_simulator_frontend.py``): the work done equals the busy time (work
 conserved); a lone job's delay is its cost; ``n`` equal jobs started together finish together after
@@ -61,6 +63,11 @@ class LoopServer(FifoServer):
                 self.spans.append([start, end])
         return end
 
+    def hold(self, now: float, seconds: float) -> float:
+        """A blocking call on the loop: nothing else runs for ``seconds`` (queued as a callback is), but its thread is
+        off the CPU meanwhile, so it is not busy time."""
+        return super().work(now, seconds)
+
     def busy_share(self, now: float) -> float:
         """Share of ``[now - window_s, now]`` spent serving callbacks (work queued past ``now`` not counted)."""
         lo = now - self.window_s
@@ -83,17 +90,33 @@ class PSServer:
         self.version = 0
         self.busy_s = 0.0  # real time with at least one active job
         self.work_added_s = 0.0
+        self.holds: deque[tuple[float, float]] = deque()  # (start, end) of the holds not yet over, in order
 
     @property
     def active(self) -> int:
         return len(self.ends)
 
+    def _served(self, t0: float, t1: float) -> float:
+        """Real time within ``[t0, t1]`` that no hold takes."""
+        return (t1 - t0) - sum(max(0.0, min(end, t1) - max(start, t0)) for start, end in self.holds)
+
     def _advance(self, now: float) -> None:
         assert now >= self.t - 1e-9, f"time went back: {now} < {self.t}"
         if self.ends and now > self.t:
-            self.v += (now - self.t) / len(self.ends)
+            self.v += self._served(self.t, now) / len(self.ends)
             self.busy_s += now - self.t
         self.t = max(self.t, now)
+        while self.holds and self.holds[0][1] <= self.t:
+            self.holds.popleft()
+
+    def hold(self, now: float, seconds: float) -> float:
+        """Serve no job for ``seconds`` once the holds already queued are over; returns when this one ends."""
+        self._advance(now)
+        start = max(now, self.holds[-1][1]) if self.holds else now
+        if seconds > 0:
+            self.holds.append((start, start + seconds))
+            self.work_added_s += seconds
+        return start + max(seconds, 0.0)
 
     def add(self, now: float, job: object, seconds: float, mark: object = None) -> None:
         """Add ``seconds`` of work to ``job`` (after what it has pending); ``mark`` is handed back by ``due``
@@ -114,7 +137,17 @@ class PSServer:
         nxt = min(x[0][0] for x in (self._ends, self._marks) if x) if (self._ends or self._marks) else None
         if nxt is None:
             return None
-        return self.t + max(0.0, nxt - self.v) * max(1, len(self.ends))
+        need = max(0.0, nxt - self.v) * max(1, len(self.ends))  # unheld real time to get there
+        t = self.t
+        if need <= 0:
+            return t
+        for start, end in self.holds:
+            if start > t:
+                if t + need <= start:
+                    return t + need
+                need -= start - t
+            t = max(t, end)
+        return t + need
 
     def due(self, now: float) -> list:
         """Bring the server to ``now`` (no job may end strictly before it: wake at ``next_time``); returns

@@ -183,6 +183,24 @@ class RequestPath:
             self.wake_client(core)
 
     def route(self, turn: Turn, now: float) -> None:
+        """``turn``'s work before routing is done: decide, Ray's twin once its tree match has held the loop."""
+        hold = self.engine.tree_call_hold_s(turn.prompt_tokens) if self.tree_calls else 0.0
+        if hold > 0:
+            self.push(self.hold(turn.ingress, now, hold), "decide", (turn, turn.attempts))
+        else:
+            self.decide(turn, now)
+
+    def hold(self, ing: Ingress, now: float, seconds: float) -> float:
+        """A blocking call holds ``ing``'s loop for ``seconds`` behind what it has queued; returns when it ends."""
+        if self.loop:
+            return ing.loop.hold(now, seconds)
+        if self.ps:
+            end = ing.cpu.hold(now, seconds)
+            self.wake(ing)
+            return end
+        return ing.fifo.work(now, seconds)
+
+    def decide(self, turn: Turn, now: float) -> None:
         ing, engine, res, st = turn.ingress, self.engine, self.res, self.st
         t0 = time.perf_counter()
         snaps = [ing.load.snapshot(rid, st.stats[rid], engine.max_ongoing, now) for rid in st.live]
@@ -198,6 +216,8 @@ class RequestPath:
         rep = st.reps[d.replica_id]
         rep.served += 1
         turn.routed_at = now
+        if self.tree_calls:  # Ray's insert, once the replica has the request: it holds the loop for what follows
+            self.hold(ing, now, engine.tree_call_hold_s(turn.prompt_tokens))
         if self.loop:  # kvserve's ingress decides at dispatch, with LoopLag's hysteresis; the replica paces
             if engine.frontend_merge_busy > 0:
                 share = ing.loop.busy_share(now)

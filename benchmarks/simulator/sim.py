@@ -106,6 +106,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
             self.ings.append(Ingress(policy, load, random.Random(f"{seed}/ingress/{i}"),
                                      getattr(policy, "precise", None)))
         self.precise = self.ings[0].precise is not None
+        self.tree_calls = ray_tree is not None  # Ray's router calls its tree actor on the loop (engine.tree_call_*)
         self.hashing = knobs.strategy in HASHING  # the ingress hashes prompts for these (deployments/ingress.py)
         self.ps = engine.frontend_sharing == "ps"
         self.loop = engine.frontend_sharing == "loop"  # chunks and a request's hops through each ingress's loop
@@ -162,6 +163,10 @@ class Cluster(RequestPath, Scheduler, Fleet):
                     self.to_client(what, turn, now)
             elif kind == "route":
                 self.route(payload, now)
+            elif kind == "decide":
+                turn, attempt = payload
+                if attempt == turn.attempts:
+                    self.decide(turn, now)
             elif kind == "hop":
                 self.hop(*payload, now)
             elif kind == "frontend":

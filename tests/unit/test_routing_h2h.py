@@ -57,6 +57,54 @@ def test_ray_router_sees_shared_token_prefixes_as_shared_text() -> None:
     tokens_as_text(list(range(0, 200_000, 997))).encode("utf-8")  # no surrogates: every id is encodable text
 
 
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, dict]] = []
+
+    def observe(self, value: float, tags: dict) -> None:
+        self.seen.append((value, tags))
+
+
+def test_ray_router_times_its_steps_and_the_wait_for_its_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = pytest.importorskip("benchmarks.routing_h2h.ray_router")
+    import asyncio
+    import time
+
+    base = mod.PrefixCacheAffinityRouter
+
+    async def match(self, pending_request, candidate_replicas):
+        await self._probe_queue_lens(candidate_replicas, 0)
+        time.sleep(0.004)  # noqa: ASYNC251 -- Ray's synchronous ray.get to its tree actor blocks the same way
+        return [candidate_replicas[:1]]
+
+    async def probe(self, replicas, backoff_index):
+        await asyncio.sleep(0.003)
+        return [(r, 0) for r in replicas]
+
+    async def choose(self, candidate_replicas, pending_request=None):
+        return await self._prefix_match_best_replicas(pending_request, candidate_replicas)
+
+    monkeypatch.setattr(base, "_prefix_match_best_replicas", match)
+    monkeypatch.setattr(base, "_probe_queue_lens", probe)
+    monkeypatch.setattr(base, "choose_replicas", choose)
+    monkeypatch.setattr(base, "on_request_routed", lambda self, pr, rid, result: time.sleep(0.002))
+    steps, stage = _Recorder(), SimpleNamespace(route_wait_ms=_Recorder(), router_decision_latency_us=_Recorder())
+    monkeypatch.setattr(mod, "call_ms", lambda: steps)
+    monkeypatch.setattr(mod, "metrics", lambda: stage)
+    router = mod.RayPrefixCacheAffinity.__new__(mod.RayPrefixCacheAffinity)
+    pending = SimpleNamespace(args=[SimpleNamespace(prompt_token_ids=[1, 2], model_id="m")],
+                              created_at=time.time() - 0.05)
+    assert asyncio.run(router.choose_replicas(["r0", "r1"], pending)) == [["r0"]]
+    router.on_request_routed(pending, "r0", None)
+    by_call = {tags["call"]: ms for ms, tags in steps.seen}
+    assert set(by_call) == {"probe", "match", "insert"}
+    assert 3 <= by_call["probe"] < by_call["match"] and by_call["match"] >= 7 and by_call["insert"] >= 2
+    (wait, tags), = stage.route_wait_ms.seen
+    assert wait >= 50 + 7 and tags == {"model": "m"}  # from the handle call, through the decision
+    (us, tags), = stage.router_decision_latency_us.seen
+    assert 7_000 <= us < wait * 1000 and tags == {"strategy": "ray-prefix-cache-affinity"}
+
+
 def _h(ttft: float, tps: float, hit: float | None = 0.5, n: int = 100) -> dict:
     return {"ttft_p50_ms": ttft, "ttft_p90_ms": ttft * 2, "ttft_p99_ms": ttft * 3, "output_tok_per_s": tps,
             "requests_per_s": tps / 10, "cache_hit_rate": hit, "completed": n, "errors": 0}

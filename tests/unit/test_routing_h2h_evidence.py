@@ -249,3 +249,27 @@ def test_the_evidence_table_shows_the_worst_loop_lag_of_the_ingresses_and_the_re
     busy = {"timeline": [{"replica_loop_lag_ms": {"r-a": 300.0, "r-b": 2.0}, "replica_loop_busy": {"r-a": 0.21},
                           "ingress_loop_lag_ms": {"i-1": 6.0}, "ingress_loop_busy": {"i-1": 0.55}}]}
     assert evidence_table_mod._loop_lag(busy) == "6 (0.55) / 300 (0.21)"  # lagging while rarely on a CPU: starved
+
+
+def _ray_calls(n: dict[str, tuple[dict[float, float], float]]) -> list[str]:
+    lines = []
+    for call, (buckets, total) in n.items():
+        lab = f'{COMMON},call="{call}"'
+        metric = "ray_kvserve_router_ray_call_milliseconds"
+        lines += [f'{metric}_bucket{{{lab},le="{"+Inf" if le == INF else le}"}} {v}' for le, v in buckets.items()]
+        lines += [f"{metric}_count{{{lab}}} {max(buckets.values())}", f"{metric}_sum{{{lab}}} {total}"]
+    return lines
+
+
+def test_ray_routers_steps_are_deltas_by_call_and_show_in_the_table() -> None:
+    before = parse(scrape_text({"r-a": 1}, {}, {}, {}, extra=_ray_calls({"match": ({1: 5, 2: 10, INF: 10}, 12.0)})))
+    after = parse(scrape_text({"r-a": 41}, {}, {}, {}, extra=_ray_calls({
+        "match": ({1: 5, 2: 30, INF: 50}, 92.0), "insert": ({1: 20, 2: 40, INF: 40}, 50.0)})))
+    ev = derive(before, after, DEP)
+    assert ev["ray_router_ms"]["match"]["n"] == 40 and ev["ray_router_ms"]["match"]["mean"] == 2.0  # (92-12)/40
+    assert ev["ray_router_ms"]["insert"]["n"] == 40 and ev["ray_router_ms"]["insert"]["mean"] == 1.25
+    assert derive(keep(before), keep(after), DEP)["ray_router_ms"] == ev["ray_router_ms"]  # kept by the scrape
+    assert derive(BEFORE, AFTER, DEP)["ray_router_ms"] == {}  # kvserve's routers record none
+    ev["route_wait_ms_mean"] = 30.0
+    row = evidence_table({"ray-prefix-cache-affinity": {"docqa": {"sat": {"evidence": ev}}}})
+    assert "| 30.0 (insert 1.2, match 2.0) |" in row

@@ -184,3 +184,50 @@ def test_every_request_completes_once_through_the_loop():
                    RoutingConfig(strategy="kv-aware").knobs(), ClusterSpec(2, ingresses=2), engine)
     assert res.completed == res.sent == 48
     assert len(res.ttft_s) == 48 and all(t > 0 for t in res.ttft_s)
+
+
+def test_a_hold_serves_no_job_and_holds_queue_one_after_another():
+    s = PSServer()
+    s.add(0.0, "a", 1.0, "done")
+    assert s.hold(0.2, 0.5) == pytest.approx(0.7)
+    assert s.hold(0.3, 0.25) == pytest.approx(0.95)  # behind the first hold, not beside it
+    assert drain(s) == [(pytest.approx(1.75), "done")]  # 1 s of work + 0.75 s held
+    s.add(5.0, "b", 0.1, "b")
+    assert s.hold(5.0, 0.0) == 5.0 and drain(s) == [(pytest.approx(5.1), "b")]  # an empty hold changes nothing
+
+
+def test_a_hold_before_any_job_delays_the_jobs_added_during_it():
+    s = PSServer()
+    s.hold(1.0, 0.2)
+    s.add(1.1, "a", 0.1, "a")
+    s.add(1.1, "b", 0.1, "b")
+    assert [t for t, _ in drain(s)] == [pytest.approx(1.4), pytest.approx(1.4)]  # from 1.2, shared by two
+
+
+def test_a_loop_hold_waits_its_turn_but_is_not_busy_time():
+    loop = LoopServer(window_s=1.0)
+    loop.work(0.0, 0.1)
+    assert loop.hold(0.0, 0.3) == pytest.approx(0.4)
+    assert loop.work(0.05, 0.1) == pytest.approx(0.5)  # behind the hold
+    assert loop.busy_share(1.0) == pytest.approx(0.2)  # the held 0.3 s was off the CPU
+
+
+@pytest.mark.parametrize("sharing", ["ps", "loop", "fifo"])
+def test_ray_tree_calls_hold_its_ingress_and_only_the_twins(sharing):
+    from benchmarks.simulator.ray_twin import RAY_TWIN
+    from benchmarks.simulator.sim import strategy_knobs
+
+    engine = ENGINE.with_(frontend_s_per_request=0.002, frontend_s_per_token=1e-4, frontend_sharing=sharing)
+    held = engine.with_(tree_call_s=0.004, tree_call_s_per_ktok=0.002)
+    assert held.tree_call_hold_s(500) == pytest.approx(0.005)
+
+    def run(strategy, eng):
+        sessions = workloads.docqa_sessions(docs=4, doc_tokens=(512, 1024), output_len=8)
+        plan = LoadPlan("concurrency", 8, num_requests=200)
+        return simulate(Driver(sessions, plan), strategy_knobs(strategy), ClusterSpec(2, ingresses=1), eng)
+
+    base, slow = run(RAY_TWIN, engine), run(RAY_TWIN, held)
+    assert base.completed == slow.completed == 200
+    assert slow.summary()["ttft_p50_ms"] > base.summary()["ttft_p50_ms"] + 4  # at least its own match
+    simulated = [{k: v for k, v in run("kv-aware", e).summary().items() if "_us" not in k} for e in (engine, held)]
+    assert simulated[0] == simulated[1]  # kvserve's routers make no such call (the _us keys are this host's clock)
