@@ -38,7 +38,9 @@ its loop's background load leaves) are fitted from the CPU seconds each cell's c
 (``client_fit.py``), set before the fit and not moved by it; the rest of the latency at c=1 (``request_overhead_s``,
 measured with another client) is then free to shrink. With ``--ingress-cpu`` the ingress's costs per request and per
 streamed token are set the same way, from the GPU host's measure of each ingress replica's loop in the routing
-JSON's ``host_cpu`` evidence (``ingress_fit.py``), and left out of the fit. ``--frontend loop`` runs the routing
+JSON's ``host_cpu`` evidence (``ingress_fit.py``), and left out of the fit; with ``--tree-cost`` the Ray twin's calls to
+its tree actor hold the ingress's loop for what ``ray_tree_cost`` measured (``ingress_fit.tree_call_costs``), also
+set before the fit (the round-robin cells it fits make no such call). ``--frontend loop`` runs the routing
 cells' ingresses as kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``:
 callbacks in arrival order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while
 the loop is busier than ``--frontend-merge-busy``), with the same costs free.
@@ -60,7 +62,7 @@ from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.ingress_fit import FIELDS as INGRESS_FIELDS
-from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows
+from benchmarks.simulator.ingress_fit import TREE_FIELDS, fit_ingress, ingress_rows, tree_call_costs
 from benchmarks.simulator.routing_cells import engine_parts_table, fit, gpu_cells, ordering, residual_table, residuals
 from benchmarks.simulator.serving_cells import (
     SHAPES,
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="set the ingress's costs per request and per streamed token from the GPU host's own measure "
                          "of each ingress replica's loop (the routing JSON's host_cpu evidence; ingress_fit.py) "
                          "instead of fitting them")
+    ap.add_argument("--tree-cost", metavar="RAY_TREE_COST_JSON",
+                    help="hold the ingress's loop for each synchronous call of Ray's router to its tree actor (the Ray "
+                         "twin's cells only), at the cost a ray_tree_cost JSON measured (ingress_fit.tree_call_costs)")
     ap.add_argument("--start", action="append", default=[], metavar="FIELD=VALUE",
                     help="start the routing fit's free FIELD at VALUE instead of where the serving fit carries it "
                          "(repeatable; a coordinate search moves one field at a time, so two fields that trade "
@@ -320,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         ingress = fit_ingress(ingress_rows(routing)) if args.ingress_cpu else None
         if ingress:
             start = start.with_(**{k: ingress[k] for k in INGRESS_FIELDS})
+        tree = tree_call_costs(json.loads(Path(args.tree_cost).read_text())) if args.tree_cost else None
+        if tree:
+            start = start.with_(**{k: tree[k] for k in TREE_FIELDS})
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
@@ -344,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                           "residuals": rrows,
                           "client_fit": client and dict(client, sources=args.client_logs),
                           "ingress_fit": ingress,
+                          "tree_call_fit": tree and dict(tree, file=args.tree_cost),
                           "ordering": order,
                           "ordering_pairs_apart": sum(o["pairs_apart"] for o in order.values()),
                           "ordering_pairs_same_order": sum(o["pairs_same_order"] for o in order.values()),

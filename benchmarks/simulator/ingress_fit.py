@@ -10,6 +10,11 @@ the requests and output tokens per second each ingress carried) and ``fit_ingres
 checks); the simulator's ingress core (``EngineModel.frontend_s_*``, processor sharing) has the rest, so its costs are
 the per-request and per-token ones over ``1 - background``. Set before the routing fit and not moved by it, as the
 client's are: measured on the GPU host, not fitted to latency.
+
+Also ``tree_call_costs``: how long each synchronous call of Ray's router to its tree actor holds the ingress's loop
+(``EngineModel.tree_call_s`` + ``tree_call_s_per_ktok``), fitted from ``benchmarks.routing_h2h.ray_tree_cost``'s
+actor timings (the match and the insert through ``ray.get``, per workload) against each workload's mean prompt in
+tokens (its characters: one per token).
 """
 
 from __future__ import annotations
@@ -60,3 +65,22 @@ def fit_ingress(rows: list[dict]) -> dict:
             "frontend_s_per_token": round(coef["output_tok_per_s"] / (1 - background), 9),
             "rows": [dict(x, fit_loop_cores=round(p, 3)) for x, p in zip(rows, pred)],
             "max_abs_error_cores": round(max_abs, 3), "rms_error_cores": round(rms, 3)}
+
+
+TREE_FIELDS = ("tree_call_s", "tree_call_s_per_ktok")
+
+
+def tree_call_costs(doc: dict) -> dict:
+    """``tree_call_s`` and ``tree_call_s_per_ktok`` by least squares (``nonnegative_fit``) over a ``ray_tree_cost``
+    JSON's actor p50s of ``prefix_match`` and ``insert`` per workload, and each row's fit (ms)."""
+    rows = [{"call": f"{wl}/{call}", "one": 1.0, "ktok": r["prompt_chars_mean"] / 1e3, "ms": r["actor"][call]["p50"]}
+            for wl, r in sorted(doc.get("results", {}).items()) for call in ("prefix_match", "insert")
+            if call in (r.get("actor") or {})]
+    if len(rows) < 2 or len({x["ktok"] for x in rows}) < 2:
+        raise ValueError("the tree-call fit needs the actor timings of at least two prompt lengths")
+    coef = nonnegative_fit(rows, ("one", "ktok"), "ms")
+    pred, max_abs, rms = fit_errors(rows, coef, "ms")
+    return {"tree_call_s": round(coef["one"] / 1e3, 7), "tree_call_s_per_ktok": round(coef["ktok"] / 1e3, 8),
+            "rows": [dict(x, fit_ms=round(p, 3)) for x, p in zip(rows, pred)],
+            "max_abs_error_ms": round(max_abs, 3), "rms_error_ms": round(rms, 3),
+            "source": {k: doc.get(k) for k in ("command", "git_commit", "machine")}}

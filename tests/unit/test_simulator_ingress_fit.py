@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows
+from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows, tree_call_costs
 
 pytestmark = pytest.mark.unit
 
@@ -44,3 +44,24 @@ def test_cells_without_ingress_processes_or_rates_are_not_rows_and_too_few_rows_
     assert [r["cell"] for r in rows] == ["rr/multiturn/sat"] and rows[0]["ingresses"] == 1
     with pytest.raises(ValueError, match="at least 3"):
         fit_ingress(rows)
+
+
+def _tree_doc(ms_of) -> dict:
+    return {"command": "python -m benchmarks.routing_h2h.ray_tree_cost", "git_commit": "abc",
+            "results": {wl: {"prompt_chars_mean": chars,
+                             "actor": {"prefix_match": {"p50": ms_of(chars)}, "insert": {"p50": ms_of(chars)}}}
+                        for wl, chars in (("docqa", 6000.0), ("multiturn", 1300.0), ("mooncake", 1600.0))}}
+
+
+def test_the_tree_call_fit_recovers_a_fixed_and_a_per_token_cost():
+    fit = tree_call_costs(_tree_doc(lambda chars: 0.8 + 0.1 * chars / 1e3))
+    assert fit["tree_call_s"] == pytest.approx(0.0008, abs=1e-7)
+    assert fit["tree_call_s_per_ktok"] == pytest.approx(0.0001, abs=1e-8)
+    assert len(fit["rows"]) == 6 and fit["max_abs_error_ms"] < 1e-3 and fit["source"]["git_commit"] == "abc"
+
+
+def test_the_tree_call_fit_needs_two_prompt_lengths_and_drops_a_negative_slope():
+    with pytest.raises(ValueError, match="two prompt lengths"):
+        tree_call_costs({"results": {"docqa": _tree_doc(lambda c: 1.0)["results"]["docqa"]}})
+    fit = tree_call_costs(_tree_doc(lambda chars: 2.0 - 0.1 * chars / 1e3))  # longer prompts cheaper: no slope
+    assert fit["tree_call_s_per_ktok"] == 0.0 and fit["tree_call_s"] > 0
