@@ -216,8 +216,6 @@ class RequestPath:
         rep = st.reps[d.replica_id]
         rep.served += 1
         turn.routed_at = now
-        if self.tree_calls:  # Ray's insert, once the replica has the request: it holds the loop for what follows
-            self.hold(ing, now, engine.tree_call_hold_s(turn.prompt_tokens))
         if self.loop:  # kvserve's ingress decides at dispatch, with LoopLag's hysteresis; the replica paces
             if engine.frontend_merge_busy > 0:
                 share = ing.loop.busy_share(now)
@@ -225,12 +223,21 @@ class RequestPath:
             # the interval less a nanosecond: simulated steps of exact lengths land on it to within rounding
             turn.pacer = StreamPacer(self.replica_loop, engine.frontend_merge_interval_s - 1e-9, merge=ing.merging)
         front = engine.input_s(turn.prompt_tokens)
+        if self.tree_calls:  # Ray's twin learns the prompt once the replica has taken it (ray_twin.py, 5)
+            taken = max(now, rep.input_until) + front if front > 0 or rep.input_until > now else now
+            self.push(taken, "accepted", (ing, rr, d.replica_id, snap.block_size))
         if front > 0 or rep.input_until > now:  # its own input work, or streaming queued before it
             rep.input_until = max(now, rep.input_until) + front
             rep.entering += 1
             self.push(rep.input_until, "enqueue", (rep, turn))
         else:
             self.enqueue(rep, turn, now)
+
+    def accepted(self, ing: Ingress, request: RoutingRequest, replica_id: str, block_size: int, now: float) -> None:
+        """Ray's twin inserts the prompt into its tree; that synchronous call holds the ingress's loop."""
+        ing.policy.accepted(request, replica_id, block_size)
+        if (hold := self.engine.tree_call_hold_s(request.num_prompt_tokens)) > 0:
+            self.hold(ing, now, hold)
 
     def seen_first(self, turn: Turn, now: float) -> None:
         """The client gets ``turn``'s first token (PS front end: after its ingress streamed it)."""

@@ -16,12 +16,16 @@ defaults, as its ``prefix_aware_router.py`` and ``prefix_tree.py`` decide:
 4. Serve takes the candidate with the shortest queue below ``max_ongoing`` (its queue-length cache;
    here the ingress's own estimate, ``ReplicaSnapshot.running``); equal queues go to ``rng``.
 5. The routed prompt is inserted into the chosen replica's tenant (``on_request_routed``): every
-   block it lacked and the partial block at the end, counted in tokens. Nothing is ever evicted
+   block it lacked and the partial block at the end, counted in tokens, once the replica has taken the
+   request (``accepted``: Serve calls ``on_request_routed`` after the replica's reply to the send), so the
+   decisions made meanwhile see the tree without it. New prompts decided in that window all go to the same
+   smallest tenant (usually one), and their sessions then stay there (their later turns match it longest):
+   a wave of sessions that start together lands on one replica. Nothing is ever evicted
    (``do_eviction`` is off by default) and KV events are not read: the tree believes a replica
    holds whatever was ever routed there.
 
-Not modelled: the synchronous ``ray.get`` calls each decision makes to the tree actor (they block the
-ingress's event loop; their cost lands in the fitted ingress cost per request).
+The synchronous ``ray.get`` calls to the tree actor (the match, the insert) hold the ingress's event loop for
+``EngineModel.tree_call_s`` (+ per 1K tokens) each (``path.py``); 0 unless measured (``calibrate --tree-cost``).
 """
 
 from __future__ import annotations
@@ -105,9 +109,10 @@ class RayPrefixAffinity(Policy):
         reuse = min(matched[rid] * bs, max(request.num_prompt_tokens - 1, 0))
         return Decision(rid, reason, reuse)
 
-    def on_routed(self, request, snapshot, now) -> None:
-        super().on_routed(request, snapshot, now)
-        self.tree.insert(snapshot.replica_id, request.block_hashes, request.num_prompt_tokens, snapshot.block_size)
+    def accepted(self, request: RoutingRequest, replica_id: str, block_size: int) -> None:
+        """``replica_id`` took ``request``: Ray's ``on_request_routed`` inserts its prompt into the tree."""
+        if replica_id in self.tree.tokens:  # not a replica removed meanwhile
+            self.tree.insert(replica_id, request.block_hashes, request.num_prompt_tokens, block_size)
 
     def remove_replica(self, replica_id: str) -> None:
         super().remove_replica(replica_id)

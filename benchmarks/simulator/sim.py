@@ -167,6 +167,8 @@ class Cluster(RequestPath, Scheduler, Fleet):
                 turn, attempt = payload
                 if attempt == turn.attempts:
                     self.decide(turn, now)
+            elif kind == "accepted":
+                self.accepted(*payload, now)
             elif kind == "hop":
                 self.hop(*payload, now)
             elif kind == "frontend":

@@ -30,9 +30,12 @@ def req(hashes: tuple[int, ...], tail: int = 8) -> RoutingRequest:
     return RoutingRequest("m", len(hashes) * BS + tail, hashes)
 
 
-def route(policy, request, snapshots, rng) -> str:
+def route(policy, request, snapshots, rng, taken: bool = True) -> str:
+    """Decide and route; ``taken``: the replica has taken it (its prompt is in the tree) before the next decision."""
     d = policy.choose(request, snapshots, 0.0, rng)
     policy.on_routed(request, next(s for s in snapshots if s.replica_id == d.replica_id), 0.0)
+    if taken:
+        policy.accepted(request, d.replica_id, BS)
     return d.replica_id
 
 
@@ -63,12 +66,36 @@ def test_a_match_below_a_tenth_of_the_prompt_counts_as_new():
     assert d.reason == "no-cache" and d.replica_id == holder  # the smallest tenant, which happens to hold it
 
 
+def test_new_prompts_decided_before_the_first_is_taken_all_go_to_the_same_smallest_tenant():
+    rng = random.Random(0)
+    p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
+    p.tree.add("a")
+    p.accepted(req((500,), tail=0), "a", BS)  # a holds something: b and c are the smallest tenants
+    wave = [route(p, req(tuple(range(100 * i, 100 * i + 40))), snaps({"a": 0, "b": 2, "c": 0}), rng, taken=False)
+            for i in range(1, 6)]
+    assert wave == ["c"] * 5  # of b and c, c has the shorter queue, and no insert has landed: all five there
+    for i in range(1, 6):
+        p.accepted(req(tuple(range(100 * i, 100 * i + 40))), "c", BS)
+    assert route(p, req(tuple(range(900, 940))), snaps({"a": 0, "b": 2, "c": 0}), rng) == "b"  # now b is smallest
+    later = p.choose(req(tuple(range(300, 340)) + (7,)), snaps({"a": 0, "b": 0, "c": 9}), 0.0, rng)
+    assert later.replica_id == "c" and later.reason == "cache-hit"  # its session's next turn stays on the wave's
+
+
+def test_a_prompt_taken_by_a_replica_removed_meanwhile_is_not_inserted():
+    p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
+    p.tree.add("a")
+    p.remove_replica("a")
+    p.accepted(req((1, 2)), "a", BS)
+    assert "a" not in p.tree.tokens
+
+
 def test_within_the_group_the_shortest_queue_wins():
     rng = random.Random(0)
     p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
     doc = tuple(range(1, 11))
     for rid in ("a", "b"):  # both hold the document
-        p.on_routed(req(doc), snaps({rid: 0})[0], 0.0)
+        p.tree.add(rid)
+        p.accepted(req(doc), rid, BS)
     d = p.choose(req(doc + (7,)), snaps({"a": 3, "b": 1, "c": 0}), 0.0, rng)
     assert d.replica_id == "b"  # c is idle but holds nothing; of the holders b has the shorter queue
 
