@@ -14,17 +14,27 @@ for its router: kvserve's own ``route_wait_ms`` (the handle call to the decision
 ``match`` (its prefix match, with any queue-length probe it awaits and the synchronous ``ray.get`` to its tree
 actor), ``probe`` (a queue-length probe of replicas not in its cache) and ``insert`` (``on_request_routed``: the
 synchronous ``ray.get`` that inserts the prompt, on the ingress's event loop once the replica took the request).
+
+With ``request_router_kwargs: {trace_dir: DIR}`` each decision is also written, one JSON line per decision, to
+``DIR/ray-router-<pid>.jsonl`` (``routing_h2h.run --ray-trace``): when, the prompt's length, the candidates Ray's
+``choose_replicas`` returned (its first rank: the longest-match holders or the smallest tenants), Serve's cached
+queue length of each, the replica taken, and how many requests were still waiting for a routing task.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
 import time
+from pathlib import Path
 
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 
 from deployments.metrics import STAGE_MS_BUCKETS, metrics
 
+logger = logging.getLogger(__name__)
 _OFFSET = 0x10000  # past the UTF-16 surrogates; chr() accepts ids up to 0x10FFFF - _OFFSET
 STRATEGY = "ray-prefix-cache-affinity"  # the ``strategy`` tag of its decision latency
 
@@ -45,7 +55,30 @@ def call_ms():
 
 
 class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
-    """Ray's prefix-cache affinity router over token ids, its steps timed."""
+    """Ray's prefix-cache affinity router over token ids, its steps timed (and traced with ``trace_dir``)."""
+
+    def initialize_state(self, trace_dir: str | None = None, **kwargs) -> None:
+        super().initialize_state(**kwargs)
+        self._trace = Path(trace_dir) / f"ray-router-{os.getpid()}.jsonl" if trace_dir else None
+        self._awaiting: dict[int, tuple] = {}  # id(first rank) -> (request, ranks) until Serve selects from it
+        if self._trace is not None:
+            self._trace.parent.mkdir(parents=True, exist_ok=True)
+
+    def _record(self, pending_request, ranks, replica) -> None:
+        """One decision as a JSON line (``trace_dir`` only); never raises into Serve's routing."""
+        try:
+            gen = pending_request.args[0] if pending_request is not None and pending_request.args else None
+            first = [r.replica_id.unique_id for r in (ranks[0] if ranks else [])]
+            line = {"t": round(time.time(), 4), "prompt_tokens": len(getattr(gen, "prompt_token_ids", None) or ()),
+                    "candidates": first,
+                    "queue": {r.replica_id.unique_id: self._replica_queue_len_cache.get(r.replica_id)
+                              for r in self._replicas_list},
+                    "chosen": replica.replica_id.unique_id if replica is not None else None,
+                    "waiting": len(self._pending_requests_to_route)}
+            with self._trace.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        except Exception:  # a trace must not fail a request
+            logger.warning("ray_router: could not trace a decision", exc_info=True)
 
     def _extract_text_from_request(self, pending_request) -> str:
         gen = pending_request.args[0] if pending_request.args else None
@@ -63,7 +96,18 @@ class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
             m.route_wait_ms.observe(max(time.time() - pending_request.created_at, 0.0) * 1000,
                                     tags={"model": str(getattr(gen, "model_id", ""))})
             m.router_decision_latency_us.observe((time.perf_counter() - t0) * 1e6, tags={"strategy": STRATEGY})
+            if getattr(self, "_trace", None) is not None and chosen and chosen[0]:
+                # the replica taken is known once Serve selects from this very list (routing tasks interleave)
+                if len(self._awaiting) > 1000:
+                    self._awaiting.clear()
+                self._awaiting[id(chosen[0])] = (pending_request, chosen)
         return chosen
+
+    async def _select_from_candidate_replicas(self, candidates, backoff_index):
+        replica = await super()._select_from_candidate_replicas(candidates, backoff_index)
+        if getattr(self, "_trace", None) is not None and (seen := self._awaiting.pop(id(candidates), None)):
+            self._record(seen[0], seen[1], replica)
+        return replica
 
     async def _prefix_match_best_replicas(self, pending_request, candidate_replicas):
         t0 = time.perf_counter()

@@ -54,12 +54,13 @@ import yaml
 
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
-from benchmarks.routing_h2h import evidence, plan, profile, steps
+from benchmarks.routing_h2h import evidence, plan, profile, ray_trace, steps
 from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, ROUND_ROBIN, TWO_INGRESS, summarize, table
 from benchmarks.routing_h2h.systems import (
     DIAGNOSTIC,
+    RAY_ROUTER_CLASS,
     SCALES,
     SYSTEMS,
     config_ingress_replicas,
@@ -67,6 +68,7 @@ from benchmarks.routing_h2h.systems import (
     ingress_variant,
     system_config,
     with_stack_sampler,
+    with_step_engine,
 )
 from serve_app import settings
 
@@ -181,6 +183,11 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
     if args.profile:
         sample_dir.mkdir(parents=True, exist_ok=True)
         cfg = with_stack_sampler(cfg, sample_dir)
+    trace_dir = work / f"{name}-ray-trace"
+    routing = cfg["applications"][0]["args"]["routing"]
+    traced = args.ray_trace and routing.get("request_router_class") == RAY_ROUTER_CLASS
+    if traced:
+        routing["request_router_kwargs"] = {**routing.get("request_router_kwargs", {}), "trace_dir": str(trace_dir)}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**(settings.SERVE_FAST_PATH_ENV if args.fast_path else {}), **evidence.SERVER_ENV}
@@ -214,10 +221,12 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
             probe.start()
             if prof is not None:
                 prof.start()
-            began = steps.clock()
+            began, t_began = steps.clock(), time.time()
             cell = run_cell(name, wl, level, scale["workloads"][wl], scale, doc, (base_url, model, work), args)
-            ended = steps.clock()
+            ended, t_ended = steps.clock(), time.time()
             cell["evidence"] = probe.finish()
+            if traced:
+                cell["evidence"]["ray_trace"] = ray_trace.summarise(ray_trace.read(trace_dir), t_began, t_ended)
             if prof is not None:
                 cell["evidence"]["profile"] = prof.finish()
             out.setdefault(wl, {})[level] = cell
@@ -319,6 +328,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", action="store_true",
                    help="engines log every step (steps.ENGINE_KWARGS); each cell's evidence gets the steps of its "
                         "seconds (steps.summarise), the lines go beside the server log; not with --merge")
+    p.add_argument("--step-engine", type=float, metavar="STEP_MS",
+                   help="serve every model with the paced fake engine (benchmarks.step_engine, one token per stream "
+                        "every STEP_MS) on CPUs instead of vLLM (systems.with_step_engine): the routers' behaviour "
+                        "without a GPU")
+    p.add_argument("--ray-trace", action="store_true",
+                   help="Ray's router writes every decision (ray_router.py, trace_dir); each cell's evidence gets "
+                        "their summary (ray_trace.py)")
     p.add_argument("--client-processes", type=int,
                    help="client processes per bench run (bench --processes; default: the scale's, 4 on gpu, 1 on cpu)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
@@ -331,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # --plan prints calls on the device's config (plan.CONFIG), whatever --config says
     base = yaml.safe_load((ROOT / (plan.CONFIG if args.plan else args.config)).read_text())
+    if args.step_engine is not None:
+        if args.step_engine <= 0:
+            p.error(f"--step-engine must be > 0 ms, got {args.step_engine}")
+        base = with_step_engine(base, args.step_engine)
     systems = args.systems.split(",") if args.systems else default_systems(base)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -384,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         args.git_commit = git_commit()
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.merge and out.exists() else None
-    if previous is not None and (previous.get("scale") != args.scale or previous.get("config") != args.config):
-        p.error(f"--merge: {out} was made with --scale {previous.get('scale')} --config {previous.get('config')}")
+    if previous is not None and (previous.get("scale") != args.scale or previous.get("config") != args.config
+                                 or previous.get("step_engine_ms") != args.step_engine):
+        p.error(f"--merge: {out} was made with --scale {previous.get('scale')} --config {previous.get('config')} "
+                f"--step-engine {previous.get('step_engine_ms')}")
     cells_by_system = {s: system_cells(s, cells) for s in systems}
     empty = [s for s, cs in cells_by_system.items() if not cs]
     if empty:
@@ -406,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["git_commits"] = sorted({*doc.get("git_commits", []), args.git_commit} - {None})
     else:
         doc = {"schema": "kvserve.routing_h2h/2", "config": args.config, "scale": args.scale,
-               "scale_settings": scale, "systems": {}, "calibration": {}, "rates": {}, "results": {},
+               "scale_settings": scale, "step_engine_ms": args.step_engine,
+               "systems": {}, "calibration": {}, "rates": {}, "results": {},
                "versions": _versions(), "machine": machine_info(), "commands": [command],
                "git_commits": [args.git_commit] if args.git_commit else []}
     for system in systems:

@@ -3,7 +3,7 @@
 Owns ``SYSTEMS`` (system -> its ``routing`` section, optionally its ingress replica count and the workloads it runs;
 ``DIAGNOSTIC``: those only run when named), ``SCALES`` (per scale: engine overrides, the ``sat`` concurrency, seconds
 per cell, rate fractions, client processes, workloads) and the configs derived from a base Serve config
-(``serve_config``, ``system_config``, ``with_stack_sampler``) with the ingress count they compare
+(``serve_config``, ``system_config``, ``with_stack_sampler``, ``with_step_engine``) with the ingress count they compare
 (``config_ingress_replicas``, ``ingress_variant``, ``default_systems``). ``run.py`` starts them and drives the cells.
 """
 
@@ -129,6 +129,26 @@ def system_config(base: dict, system: str, engine_kwargs: dict[str, Any]) -> dic
     """The Serve config of one of ``SYSTEMS``."""
     spec = SYSTEMS[system]
     return serve_config(base, spec["routing"], engine_kwargs, spec.get("ingress_replicas"))
+
+
+STEP_ENGINE = "benchmarks.step_engine:StepClockEngine"
+
+
+def with_step_engine(base: dict, step_ms: float) -> dict:
+    """``base`` with every model served by the paced fake engine (``benchmarks.step_engine``: one token per stream
+    every ``step_ms``) instead of vLLM, on CPUs: the GPU's fractional GPUs dropped, a tenth of a CPU per replica and
+    ingress so the GPU config's replica counts fit a small machine. Ingress, routers and client are the real ones."""
+    cfg = json.loads(json.dumps(base))
+    for app in cfg["applications"]:
+        args = app.setdefault("args", {})
+        deployments = [m.setdefault("deployment", {}) for m in args.get("models", [])]
+        for m in args.get("models", []):
+            m["engine_class"], m["engine_kwargs"] = STEP_ENGINE, {"step_ms": step_ms}
+        for dep in [*deployments, args.setdefault("ingress", {}).setdefault("deployment", {})]:
+            actor = dep.setdefault("ray_actor_options", {})
+            actor.pop("num_gpus", None)
+            actor["num_cpus"] = 0.1
+    return cfg
 
 
 def with_stack_sampler(cfg: dict, sample_dir: Path) -> dict:

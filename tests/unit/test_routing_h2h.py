@@ -414,3 +414,38 @@ def test_plan_result_names_the_file_every_call_seeds_and_merges_into(capsys: pyt
         args = run.parser().parse_args(cmd.split("benchmarks.routing_h2h.run ", 1)[1].split())
         assert args.out == "/tmp/res/routing_h100_5ba85f3.json" and args.merge
     assert "routing_h200" not in text
+
+
+def test_ray_router_traces_each_decision_with_the_replica_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    mod = pytest.importorskip("benchmarks.routing_h2h.ray_router")
+    import asyncio
+    import json
+    from collections import deque
+
+    base = mod.PrefixCacheAffinityRouter
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in ("r0", "r1")]
+
+    async def choose(self, candidate_replicas, pending_request=None):
+        return [[candidate_replicas[1]], [candidate_replicas[0]]]
+
+    async def select(self, candidates, backoff_index):
+        return candidates[0]
+
+    monkeypatch.setattr(base, "choose_replicas", choose)
+    monkeypatch.setattr(base, "_select_from_candidate_replicas", select)
+    monkeypatch.setattr(mod, "metrics", lambda: SimpleNamespace(route_wait_ms=_Recorder(),
+                                                                router_decision_latency_us=_Recorder()))
+    router = mod.RayPrefixCacheAffinity.__new__(mod.RayPrefixCacheAffinity)
+    router._trace, router._awaiting = tmp_path / "ray-router-1.jsonl", {}
+    router._replicas_list, router._pending_requests_to_route = replicas, deque([1, 2])
+    router._replica_queue_len_cache = SimpleNamespace(get=lambda rid: {"r0": 3, "r1": None}[rid.unique_id])
+    pending = SimpleNamespace(args=[SimpleNamespace(prompt_token_ids=[1, 2, 3], model_id="m")], created_at=0.0)
+
+    async def decide():
+        ranks = await router.choose_replicas(replicas, pending)
+        return await router._select_from_candidate_replicas(ranks[0], 0)
+
+    assert asyncio.run(decide()).replica_id.unique_id == "r1"
+    (line,) = [json.loads(x) for x in router._trace.read_text().splitlines()]
+    assert line["candidates"] == ["r1"] and line["chosen"] == "r1" and line["prompt_tokens"] == 3
+    assert line["queue"] == {"r0": 3, "r1": None} and line["waiting"] == 2 and router._awaiting == {}
