@@ -26,6 +26,8 @@ defaults, as its ``prefix_aware_router.py`` and ``prefix_tree.py`` decide:
 
 The synchronous ``ray.get`` calls to the tree actor (the match, the insert) hold the ingress's event loop for
 ``EngineModel.tree_call_s`` (+ per 1K tokens) each (``path.py``); 0 unless measured (``calibrate --tree-cost``).
+Not modelled: Serve's own dispatch before the replica's reply (the twin's insert lands when the simulated replica's
+front end takes the request; on the GPU the reply follows Serve's whole dispatch stage, docs/routing.md).
 """
 
 from __future__ import annotations
