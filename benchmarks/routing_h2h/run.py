@@ -395,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = (*extra, "--profile", ",".join(sorted(args.profile)))
             if args.profile_idle:
                 extra = (*extra, "--profile-idle")
+        if args.ray_trace:  # Ray's router traces its decisions in every call that runs it
+            extra = (*extra, "--ray-trace")
         print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra,
                           args.plan_result), end="")
         return 0

@@ -364,6 +364,9 @@ def test_client_processes_pass_through_to_every_cell_and_the_device_plan(tmp_pat
     run.main(["--scale", "gpu", "--plan", "summary", "--profile", "docqa:sat"])  # --profile travels with the calls
     assert all(line.endswith("--client-processes 4 --profile docqa:sat")
                for line in capsys.readouterr().out.splitlines() if not line.startswith("#"))
+    run.main(["--scale", "gpu", "--plan", "summary", "--ray-trace"])  # so does --ray-trace
+    assert all(line.endswith("--client-processes 4 --ray-trace")
+               for line in capsys.readouterr().out.splitlines() if not line.startswith("#"))
 
 
 def test_a_mooncake_cell_replays_through_the_bench_at_the_target_rate(tmp_path: Path) -> None:
