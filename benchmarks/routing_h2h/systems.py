@@ -25,6 +25,7 @@ from benchmarks.stack_sampler import HOOK_ENV
 from serve_app.config import IngressConfig
 
 RAY_ROUTER_CLASS = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
+RAY_ROUTER_GUARD = "ray-prefix-cache-affinity-guard"
 
 #: system -> its ``routing`` section, optionally its ingress replica count and the workloads it runs.
 SYSTEMS: dict[str, dict[str, Any]] = {
@@ -34,6 +35,10 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     # round-robin's choices with kv-aware's KV events published, relayed and applied: what the events cost
     "round-robin+events": {"routing": {"strategy": "round-robin", "kv_events": True}},
     RAY_ROUTER: {"routing": {"request_router_class": RAY_ROUTER_CLASS}},
+    # Ray's router with its load guard on (Ray 2.60 ships it off: imbalanced_threshold infinite): power of two choices
+    # once Serve's queue lengths differ by more than 8, half a replica's share of the gpu scale's 64 clients
+    RAY_ROUTER_GUARD: {"routing": {"request_router_class": RAY_ROUTER_CLASS,
+                                   "request_router_kwargs": {"imbalanced_threshold": 8}}},
     # kv-aware with one fixed prefill speed instead of the replicas' meters (40K tokens/s: a 6K-token prompt took
     # ~170 ms on each of four engines sharing the H200): the A/B of the measured speed
     "kv-aware-fixed-speed": {"routing": {"strategy": "kv-aware", "prefill_speed": "fixed",
@@ -49,7 +54,7 @@ SYSTEMS: dict[str, dict[str, Any]] = {
 }
 
 #: systems that explain a result rather than compete: only when named in --systems.
-DIAGNOSTIC = frozenset({"round-robin+events", "kv-aware-fixed-speed", "kv-aware-running128"})
+DIAGNOSTIC = frozenset({"round-robin+events", "kv-aware-fixed-speed", "kv-aware-running128", RAY_ROUTER_GUARD})
 
 _DOCQA_CPU = ["--workload", "docqa", "--docs", "8", "--doc-tokens", "1024:1400", "--question-tokens", "16:32",
               "--output-len", "16"]

@@ -102,7 +102,7 @@ def gpu_cells(doc: dict) -> list[Cell]:
     the system's strategy in its ``routing`` (or ``systems[name].routing``), its ingress count in
     ``ingress_replicas``; ``runs``, ``routing``, ``ingress_replicas`` are not workloads (``workload_names``).
     A system running Ray's router (``request_router_class`` ``...:RayPrefixCacheAffinity``) is simulated by
-    its twin (``ray_twin.py``).
+    its twin (``ray_twin.py``), unless its ``request_router_kwargs`` change Ray's defaults (a trace does not).
     Closed-loop (``concurrency``) and Poisson (``rate``) cells only: a timed trace replay is skipped.
     """
     out = []
@@ -112,6 +112,8 @@ def gpu_cells(doc: dict) -> list[Cell]:
         routing = {**(declared.get("routing") or {}), **(res.get("routing") or {})}
         strategy = routing.get("strategy") or system
         if routing.get("request_router_class", "").endswith(":RayPrefixCacheAffinity"):
+            if set(routing.get("request_router_kwargs") or {}) - {"trace_dir"}:
+                continue  # Ray's router set away from its defaults (a diagnostic system): the twin has the defaults
             strategy = RAY_TWIN  # Ray's router on token ids (benchmarks/routing_h2h/ray_router.py): its twin
         if strategy not in MODELLED:
             continue

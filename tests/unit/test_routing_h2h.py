@@ -29,8 +29,9 @@ def test_each_system_config_differs_only_in_routing_and_engine_overrides(system:
     app = load_app_config(args)  # still a valid kvserve config
     assert app.models[0].engine_kwargs == {**base["applications"][0]["args"]["models"][0]["engine_kwargs"],
                                            **overrides}
-    if system == "ray-prefix-cache-affinity":
+    if system.startswith("ray-prefix-cache-affinity"):
         assert app.routing.request_router_class == RAY_ROUTER_CLASS
+        assert app.routing.request_router_kwargs == SYSTEMS[system]["routing"].get("request_router_kwargs", {})
     else:
         strategy = SYSTEMS[system]["routing"]["strategy"]
         assert app.routing.strategy == strategy and app.routing.request_router_class is None

@@ -119,3 +119,17 @@ def test_calibration_maps_the_ray_system_to_the_twin():
                "ttft_p50_ms": 78.0, "load": {"mode": "concurrency", "concurrency": 64, "duration_s": 30}}}}}}
     (cell,) = gpu_cells(doc)
     assert cell.strategy == RAY_TWIN and cell.ingresses == 2 and cell.name == "ray"
+
+
+def test_a_traced_ray_system_is_the_twin_and_one_with_its_guard_on_is_not_modelled():
+    cell = {"ttft_p50_ms": 78.0, "load": {"mode": "concurrency", "concurrency": 64, "duration_s": 30}}
+    cls = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
+    doc = {"scale_settings": {"workloads": {"docqa": ["--workload", "docqa"]}},
+           "systems": {"ray": {"routing": {"request_router_class": cls}},
+                       "ray-guard": {"routing": {"request_router_class": cls,
+                                                 "request_router_kwargs": {"imbalanced_threshold": 8}}}},
+           "results": {"ray": {"routing": {"request_router_class": cls, "request_router_kwargs": {"trace_dir": "/t"}},
+                               "docqa": {"sat": cell}},
+                       "ray-guard": {"docqa": {"sat": cell}}}}
+    (only,) = gpu_cells(doc)
+    assert only.name == "ray" and only.strategy == RAY_TWIN
