@@ -248,8 +248,8 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         if args.ray_stop:  # a machine of our own (the GPU box): leave no Ray behind for the next system
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
         time.sleep(5)
-        if args.ray_stop:
-            run["left_after_stop"] = serverproc.leftovers((port, *HAPROXY_PORTS))
+        if args.ray_stop:  # HAProxy outlives `ray stop` (here and on the GPU box): end it, as before a start
+            run["left_after_stop"] = clear_leftovers((port, *HAPROXY_PORTS))
     return out
 
 
