@@ -223,13 +223,14 @@ class RequestPath:
             # the interval less a nanosecond: simulated steps of exact lengths land on it to within rounding
             turn.pacer = StreamPacer(self.replica_loop, engine.frontend_merge_interval_s - 1e-9, merge=ing.merging)
         front = engine.input_s(turn.prompt_tokens)
-        if self.tree_calls:  # Ray's twin learns the prompt once the replica has taken it (ray_twin.py, 5)
-            taken = max(now, rep.input_until) + front if front > 0 or rep.input_until > now else now
+        queued = front > 0 or rep.input_until > now  # its own input work, or streaming queued before it
+        taken = max(now, rep.input_until) + front if queued else now  # when the replica has taken it
+        if self.tree_calls:  # Ray's twin learns the prompt then (ray_twin.py, 5)
             self.push(taken, "accepted", (ing, rr, d.replica_id, snap.block_size))
-        if front > 0 or rep.input_until > now:  # its own input work, or streaming queued before it
-            rep.input_until = max(now, rep.input_until) + front
+        if queued:
+            rep.input_until = taken
             rep.entering += 1
-            self.push(rep.input_until, "enqueue", (rep, turn))
+            self.push(taken, "enqueue", (rep, turn))
         else:
             self.enqueue(rep, turn, now)
 
