@@ -13,7 +13,7 @@ Only the metrics named below are kept, never the whole text:
   ``kvserve_router_decision_latency_microseconds`` and ``kvserve_stage_route_milliseconds`` (handle call to
   decision: Serve's queueing plus the decision; the router's event loop shows here) as means; for Ray's router
   (``ray_router.py``) also its steps, ``kvserve_router_ray_call_milliseconds{call}`` -> ``ray_router_ms`` (match,
-  probe, insert: count, mean, p50, p90);
+  probe, insert, routed: count, mean, p50, p90);
 * ``ray_kvserve_router_kv_events_total{replica}`` -> ``kv_events_by_replica`` (+ resets), predicted and actual
   cached tokens;
 * vLLM's per-replica metrics through Ray's agent (``ray_vllm_*{ReplicaId}``): requests finished, queue /

@@ -13,7 +13,9 @@ for its router: kvserve's own ``route_wait_ms`` (the handle call to the decision
 ``router_decision_latency_us`` (Ray's ``choose_replicas``), and ``kvserve_router_ray_call_milliseconds`` by ``call``:
 ``match`` (its prefix match, with any queue-length probe it awaits and the synchronous ``ray.get`` to its tree
 actor), ``probe`` (a queue-length probe of replicas not in its cache) and ``insert`` (``on_request_routed``: the
-synchronous ``ray.get`` that inserts the prompt, on the ingress's event loop once the replica took the request).
+synchronous ``ray.get`` that inserts the prompt, on the ingress's event loop once the replica took the request) and
+``routed`` (the time from the decision to that insert: Serve's send and the replica's reply, during which the tree
+does not yet hold the prompt).
 
 With ``request_router_kwargs: {trace_dir: DIR}`` each decision is also written, one JSON line per decision, to
 ``DIR/ray-router-<pid>.jsonl`` (``routing_h2h.run --ray-trace``): when, the prompt's length, the candidates Ray's
@@ -91,6 +93,10 @@ class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
         t0 = time.perf_counter()
         chosen = await super().choose_replicas(candidate_replicas, pending_request)
         if pending_request is not None:
+            decided = self.__dict__.setdefault("_decided_at", {})  # id(request) -> decision time, until routed
+            if len(decided) > 1000:
+                decided.clear()
+            decided[id(pending_request)] = time.perf_counter()
             m = metrics()
             gen = pending_request.args[0] if pending_request.args else None
             m.route_wait_ms.observe(max(time.time() - pending_request.created_at, 0.0) * 1000,
@@ -126,6 +132,8 @@ class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         t0 = time.perf_counter()
+        if (decided := self.__dict__.get("_decided_at", {}).pop(id(pending_request), None)) is not None:
+            call_ms().observe((t0 - decided) * 1000, tags={"call": "routed"})
         try:
             super().on_request_routed(pending_request, replica_id, result)
         finally:

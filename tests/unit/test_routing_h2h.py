@@ -96,9 +96,12 @@ def test_ray_router_times_its_steps_and_the_wait_for_its_decision(monkeypatch: p
     pending = SimpleNamespace(args=[SimpleNamespace(prompt_token_ids=[1, 2], model_id="m")],
                               created_at=time.time() - 0.05)
     assert asyncio.run(router.choose_replicas(["r0", "r1"], pending)) == [["r0"]]
+    time.sleep(0.005)  # Serve's send and the replica's reply
     router.on_request_routed(pending, "r0", None)
+    router.on_request_routed(SimpleNamespace(args=[]), "r1", None)  # a request it did not decide: no lag
     by_call = {tags["call"]: ms for ms, tags in steps.seen}
-    assert set(by_call) == {"probe", "match", "insert"}
+    assert set(by_call) == {"probe", "match", "insert", "routed"}
+    assert [tags["call"] for _, tags in steps.seen].count("routed") == 1 and by_call["routed"] >= 5
     assert 3 <= by_call["probe"] < by_call["match"] and by_call["match"] >= 7 and by_call["insert"] >= 2
     (wait, tags), = stage.route_wait_ms.seen
     assert wait >= 50 + 7 and tags == {"model": "m"}  # from the handle call, through the decision
