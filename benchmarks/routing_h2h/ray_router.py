@@ -53,7 +53,7 @@ def call_ms():
 
     return Histogram("kvserve_router_ray_call_milliseconds",
                      description="Ray's PrefixCacheAffinityRouter on the ingress, per step (benchmarks/routing_h2h/"
-                     "ray_router.py): match, probe, insert.", boundaries=STAGE_MS_BUCKETS, tag_keys=("call",))
+                     "ray_router.py): match, probe, insert, routed.", boundaries=STAGE_MS_BUCKETS, tag_keys=("call",))
 
 
 class RayPrefixCacheAffinity(PrefixCacheAffinityRouter):
