@@ -1,6 +1,7 @@
 """The device plan: the matrix cut into calls that each fit one device call, as commands to paste.
 
-Owns ``Call``, ``pack``, ``summary_cells``, ``commands`` and ``render`` (the calls as text). A call is one
+Owns ``Call``, ``pack``, ``summary_cells``, ``current_cells`` (what ``--plan-missing`` leaves out), ``commands`` and
+``render`` (the calls as text). A call is one
 ``serve run`` of one system over some of its cells (workload x load), merged with ``--merge`` into one result: a
 copy of ``KEPT`` or of the committed result given (``device_out``). Its estimate is
 ``START_S`` (4 x 1B engines on a warm machine: 113-126 s at 54d8ff8) + ``STOP_S`` + per cell ``duration_s +
@@ -13,6 +14,7 @@ round-robin goes first, since its ``sat`` cells calibrate the arrival rates of e
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -38,6 +40,17 @@ BASE_ARGS = ["--config", CONFIG, "--scale", "gpu", "--fast-path", "--ray-stop",
              "--trace-file", TRACE, "--work-dir", "/tmp/res/work/routing_h2h", "--start-timeout", "360", "--merge"]
 
 Cell = tuple[str, str]  # (workload, level)
+
+# What a cell's numbers depend on: the serving code and the load generator (not the KubeRay manifests); Ray's
+# systems also run the head-to-head's adapter of its router
+MEASURED_PATHS = ("deployments", "routers", "serve_app", ":(exclude)serve_app/kuberay", CONFIG, "benchmarks/bench",
+                  "benchmarks/cli.py")
+RAY_ADAPTER = "benchmarks/routing_h2h/ray_router.py"
+
+
+def measured_paths(system: str) -> tuple[str, ...]:
+    """The paths whose code a ``system``'s cells measured."""
+    return (*MEASURED_PATHS, RAY_ADAPTER) if system.startswith(RAY_ROUTER) else MEASURED_PATHS
 
 
 @dataclass
@@ -75,6 +88,19 @@ def summary_cells(levels: list[str], ingress_variant: str = TWO_INGRESS) -> dict
     no_sharing = [("no-sharing", lv) for lv in levels]
     return {ROUND_ROBIN: sat + no_sharing, DEFAULT_STRATEGY: sat + no_sharing, RAY_ROUTER: sat,
             ingress_variant: [(wl, "sat") for wl in TWO_INGRESS_WORKLOADS]}
+
+
+def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, ...]], bool]) -> set[Cell]:
+    """The cells of ``system`` in a result ``doc`` whose last run measured the code that is here now: ``same_code(sha,
+    paths)`` says whether commit ``sha`` had today's ``paths`` (``measured_paths``). A cell whose run names no commit
+    is not current."""
+    last: dict[Cell, str | None] = {}
+    for run in doc.get("results", {}).get(system, {}).get("runs", []):
+        for cell in run.get("cells", []):
+            wl, _, lv = cell.partition(":")
+            last[(wl, lv)] = run.get("git_commit")
+    paths = measured_paths(system)
+    return {cell for cell, sha in last.items() if sha and same_code(sha, paths)}
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

@@ -20,7 +20,8 @@ so levels never share cache entries and all systems get identical prompts per le
 Pieces: ``--systems``, ``--workloads`` and ``--loads`` (``sat,r25`` or ``docqa:sat,no-sharing:r70``)
 select cells; ``--merge`` writes them into an existing ``--out`` (same scale and config), replacing
 only those cells, so the matrix can run one device call at a time. ``--plan`` prints those calls
-(``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads.
+(``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads; ``--plan-missing``
+leaves out those the kept result already holds from a run of today's code (``plan.current_cells``).
 
 Client: ``--client-processes N`` runs each cell's bench in N client processes (``bench --processes``),
 so the load generator's own CPU cannot delay the reads it times; every cell records its client's
@@ -275,6 +276,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def same_code(sha: str, paths: tuple[str, ...]) -> bool:
+    """Whether commit ``sha`` had the checkout's ``paths`` (False when git does not know it)."""
+    proc = subprocess.run(["git", "diff", "--quiet", sha, "--", *paths], cwd=ROOT, capture_output=True, check=False)
+    return proc.returncode == 0
+
+
 def check_rates(systems: list[str], cells_by_system: dict[str, list[plan.Cell]], calibrated: set[str]) -> list[str]:
     """The ``rNN`` cells that would find no arrival rate: no calibration yet and no round-robin ``sat`` before."""
     have, missing = set(calibrated), []
@@ -316,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-result", default=plan.KEPT,
                    help="--plan: the committed result (same scale and config) the calls merge into and a fresh "
                         "machine starts from; its rates set the open-loop levels (e.g. an H100's result on an H100)")
+    p.add_argument("--plan-missing", action="store_true",
+                   help="--plan: leave out the cells --plan-result already holds from a run of the code here now (no "
+                        "change since its commit under plan.measured_paths)")
     p.add_argument("--evidence-interval", type=float, default=5.0,
                    help="seconds between the metric scrapes of a cell's timeline (0: before and after only)")
     p.add_argument("--profile", type=lambda v: set(v.split(",")), default=set(),
@@ -388,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         chosen = ({s: system_cells(s, cells) for s in systems} if args.plan == "full"
                   else {s: [c for c in cs if c in cells]
                         for s, cs in plan.summary_cells(levels, ingress_variant(base)).items()})
+        if args.plan_missing:
+            kept = json.loads((ROOT / args.plan_result).read_text()) if (ROOT / args.plan_result).exists() else {}
+            chosen = {s: [c for c in cs if c not in plan.current_cells(kept, s, same_code)] for s, cs in chosen.items()}
         chosen = {s: cs for s, cs in chosen.items() if cs}
+        if not chosen:
+            print(f"# nothing to run: {args.plan_result} holds every selected cell from the code here now")
+            return 0
         calls = plan.pack(chosen, scale["duration_s"], args.limit)
         extra = ("--client-processes", str(args.client_processes)) if args.client_processes > 1 else ()
         if args.profile:  # py-spy in the named cells of every call that runs them

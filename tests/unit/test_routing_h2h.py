@@ -3,6 +3,7 @@ its targets, the Mooncake replay's time scale, merging pieces into one result, t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -456,3 +457,42 @@ def test_ray_router_traces_each_decision_with_the_replica_taken(monkeypatch: pyt
     (line,) = [json.loads(x) for x in router._trace.read_text().splitlines()]
     assert line["candidates"] == ["r1"] and line["chosen"] == "r1" and line["prompt_tokens"] == 3
     assert line["queue"] == {"r0": 3, "r1": None} and line["waiting"] == 2 and router._awaiting == {}
+
+
+def test_current_cells_are_those_whose_last_run_measured_todays_code() -> None:
+    doc = {"results": {
+        "kv-aware": {"runs": [{"git_commit": "new", "cells": ["docqa:sat", "mooncake:r70"]},
+                              {"git_commit": "old", "cells": ["mooncake:r70"]},  # measured again, at older code
+                              {"cells": ["multiturn:sat"]}]},  # no commit recorded
+        "ray-prefix-cache-affinity": {"runs": [{"git_commit": "new", "cells": ["docqa:sat"]}]}}}
+    asked = []
+
+    def same_code(sha: str, paths: tuple[str, ...]) -> bool:
+        asked.append(paths)
+        return sha == "new" and plan.RAY_ADAPTER not in paths
+
+    assert plan.current_cells(doc, "kv-aware", same_code) == {("docqa", "sat")}
+    assert plan.current_cells(doc, "ray-prefix-cache-affinity", same_code) == set()  # its adapter changed since
+    assert plan.current_cells(doc, "prefix-aware", same_code) == set()
+    assert plan.RAY_ADAPTER in asked[-1] and "routers" in asked[0] and ":(exclude)serve_app/kuberay" in asked[0]
+
+
+def test_plan_missing_leaves_out_the_current_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"results": {"round-robin": {"runs": [
+        {"git_commit": "abc", "cells": ["docqa:sat", "multiturn:sat", "mooncake:sat"]}]}}}))
+    monkeypatch.setattr(run, "same_code", lambda sha, paths: sha == "abc")
+    assert run.main(["--scale", "gpu", "--plan", "full", "--plan-missing", "--plan-result", str(kept),
+                     "--systems", "round-robin", "--workloads", "docqa,multiturn", "--loads", "sat,r25"]) == 0
+    cells = [line.split(": ", 1)[1].rsplit(" (~", 1)[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("# 1.")]
+    assert cells == ["docqa:r25 multiturn:r25"]
+    assert run.main(["--scale", "gpu", "--plan", "full", "--plan-missing", "--plan-result", str(kept),
+                     "--systems", "round-robin", "--workloads", "docqa", "--loads", "sat"]) == 0
+    assert capsys.readouterr().out.startswith("# nothing to run:")
+
+
+def test_same_code_compares_a_commit_with_the_checkout() -> None:
+    assert run.same_code("HEAD", ("no/such/path",)) is True
+    assert run.same_code("0" * 40, ("no/such/path",)) is False  # a commit git does not know
