@@ -100,7 +100,8 @@ def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, .
             wl, _, lv = cell.partition(":")
             last[(wl, lv)] = run.get("git_commit")
     paths = measured_paths(system)
-    return {cell for cell, sha in last.items() if sha and same_code(sha, paths)}
+    same = {sha: same_code(sha, paths) for sha in set(last.values()) if sha}  # one comparison per commit
+    return {cell for cell, sha in last.items() if sha and same[sha]}
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

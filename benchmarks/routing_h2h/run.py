@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                         for s, cs in plan.summary_cells(levels, ingress_variant(base)).items()})
         if args.plan_missing:
             kept = json.loads((ROOT / args.plan_result).read_text()) if (ROOT / args.plan_result).exists() else {}
-            chosen = {s: [c for c in cs if c not in plan.current_cells(kept, s, same_code)] for s, cs in chosen.items()}
+            current = {s: plan.current_cells(kept, s, same_code) for s in chosen}
+            chosen = {s: [c for c in cs if c not in current[s]] for s, cs in chosen.items()}
         chosen = {s: cs for s, cs in chosen.items() if cs}
         if not chosen:
             print(f"# nothing to run: {args.plan_result} holds every selected cell from the code here now")
