@@ -11,6 +11,7 @@ from where the fit starts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.load import Driver, LoadPlan
-from benchmarks.simulator.ray_twin import RAY_TWIN
+from benchmarks.simulator.ray_twin import RAY_TWIN, RayTree
 from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
 from deployments.stages import ENGINE_PARTS
 from serve_app.settings import mooncake_trace
@@ -40,6 +41,8 @@ class Cell:
     system: str = ""  # the result's system name (schema /2: e.g. kv-aware-2ingress); "" = the strategy
     ingresses: int = 1
     width: int | None = None  # sessions open at once (the GPU run's session_width)
+    #: the cells its GPU run measured before it on the same deployment, in order (Ray's twin only: its tree carries)
+    before: tuple[Cell, ...] = ()
 
     @property
     def name(self) -> str:
@@ -104,6 +107,8 @@ def gpu_cells(doc: dict) -> list[Cell]:
     A system running Ray's router (``request_router_class`` ``...:RayPrefixCacheAffinity``) is simulated by
     its twin (``ray_twin.py``), unless its ``request_router_kwargs`` change Ray's defaults (a trace does not).
     Closed-loop (``concurrency``) and Poisson (``rate``) cells only: a timed trace replay is skipped.
+    A twin cell's ``before`` holds the modelled cells its run (the last of ``runs`` that lists it) measured
+    before it: one deployment serves a run's cells in turn, and Ray's tree actor keeps what they routed.
     """
     out = []
     settings = doc.get("scale_settings", {}).get("workloads", {})
@@ -118,6 +123,7 @@ def gpu_cells(doc: dict) -> list[Cell]:
         if strategy not in MODELLED:
             continue
         ingresses = int(res.get("ingress_replicas") or declared.get("ingress_replicas") or 1)
+        own = []
         for workload in workload_names(res):
             if workload not in settings or not _twin(workload, settings[workload]):
                 continue
@@ -128,13 +134,37 @@ def gpu_cells(doc: dict) -> list[Cell]:
                 if spec["mode"] not in ("concurrency", "rate"):
                     continue  # a timed trace replay (mooncake rNN): no LoadPlan twin here
                 level = spec.get("concurrency") or spec.get("rate")
-                out.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m,
+                own.append(Cell(strategy, workload, load, spec["mode"], float(level), float(spec["duration_s"]), m,
                                 system="" if system == strategy else system, ingresses=ingresses,
                                 width=spec.get("session_width")))
+        if strategy == RAY_TWIN:
+            own = _with_before(own, res.get("runs") or [])
+        out += own
+    return out
+
+
+def _with_before(cells: list[Cell], runs: list[dict]) -> list[Cell]:
+    """``cells`` with ``before`` set from the run that measured each (the last run listing its workload:load)."""
+    by_key = {f"{c.workload}:{c.load}": c for c in cells}
+    out = []
+    for c in cells:
+        key = f"{c.workload}:{c.load}"
+        order = next((r.get("cells") or [] for r in reversed(runs) if key in (r.get("cells") or [])), [])
+        earlier = order[:order.index(key)] if key in order else []
+        out.append(dataclasses.replace(c, before=tuple(by_key[k] for k in earlier if k in by_key)))
     return out
 
 
 def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0) -> dict:
+    """``cell`` in the simulator; Ray's twin first runs the cells its GPU run measured before it (``before``) on
+    the tree it then starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
+    tree = RayTree() if cell.strategy == RAY_TWIN else None
+    for prior in cell.before:
+        _run(prior, engine, settings, replicas, seed, tree)
+    return _run(cell, engine, settings, replicas, seed, tree).summary(per_replica=False)
+
+
+def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int, tree: RayTree | None):
     args = settings["workloads"][cell.workload]
     sessions = sessions_for(cell.workload, args, engine.block_size, seed)
     plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
@@ -142,7 +172,7 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
     knobs = strategy_knobs(cell.strategy)
     engine = engine.with_(client_cores=cell.client_processes)  # the client's cores: the cell's bench processes
     return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas, ingresses=cell.ingresses), engine,
-                    seed=seed).summary(per_replica=False)
+                    seed=seed, ray_tree=tree)
 
 
 def modelled(cell: Cell) -> bool:

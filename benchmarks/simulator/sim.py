@@ -79,26 +79,30 @@ def strategy_knobs(strategy: str, **overrides) -> Knobs:
 
 
 def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int = 0,
-             measure_from: int = 0) -> Result:
+             measure_from: int = 0, ray_tree: RayTree | None = None) -> Result:
     """Run ``driver``'s load through the cluster; returns the per-request record and the router costs.
 
     Requests sent before the ``measure_from``-th one warm the caches and are not in the samples,
-    token counts or throughput (routing costs count them all).
+    token counts or throughput (routing costs count them all). ``ray_tree``: the tree Ray's twin starts from
+    (and updates), as a deployment's tree actor outlives one benchmark cell; a new empty one when None.
     """
-    return Cluster(driver, knobs, cluster, engine, seed=seed, measure_from=measure_from).run()
+    return Cluster(driver, knobs, cluster, engine, seed=seed, measure_from=measure_from, ray_tree=ray_tree).run()
 
 
 class Cluster(RequestPath, Scheduler, Fleet):
     """One simulated run: the shared state every mixin reads, the event heap and its loop."""
 
     def __init__(self, driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int,
-                 measure_from: int) -> None:
+                 measure_from: int, ray_tree: RayTree | None = None) -> None:
         self.driver, self.cluster, self.engine, self.measure_from = driver, cluster, engine, measure_from
         self.res = Result(knobs.strategy)
         self.bs = engine.block_size
         self.tier = ObjectTier(cluster.tier_budget_blocks) if cluster.tier_budget_blocks > 0 else None
         self.ings = []
-        ray_tree = RayTree() if knobs.strategy == RAY_TWIN else None  # Ray's one tree actor, shared by every router
+        if knobs.strategy == RAY_TWIN:  # Ray's one tree actor, shared by every router
+            ray_tree = ray_tree if ray_tree is not None else RayTree()
+        else:
+            ray_tree = None
         for i in range(max(1, cluster.ingresses)):
             policy = RayPrefixAffinity(knobs, ray_tree) if ray_tree is not None else make_policy(knobs)
             load = LoadTracker(default_prefill_s_per_token=knobs.prefill_s_per_token,

@@ -133,3 +133,37 @@ def test_a_traced_ray_system_is_the_twin_and_one_with_its_guard_on_is_not_modell
                        "ray-guard": {"docqa": {"sat": cell}}}}
     (only,) = gpu_cells(doc)
     assert only.name == "ray" and only.strategy == RAY_TWIN
+
+
+def test_a_ray_cell_starts_from_the_tree_its_runs_earlier_cells_left():
+    """One deployment serves a run's cells in turn and Ray's tree actor keeps what they routed: the twin's
+    multiturn cell is simulated after the docqa cell its run measured first, on the same tree."""
+    cls = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
+    load = {"mode": "concurrency", "concurrency": 8, "duration_s": 3}
+    wl = {"docqa": ["--workload", "docqa", "--docs", "4", "--doc-tokens", "256:512", "--output-len", "8"],
+          "multiturn": ["--workload", "multiturn", "--sessions", "8", "--turns", "2", "--system-words", "64",
+                        "--user-words", "8:16", "--output-len", "8"]}
+    cell = {"ttft_p50_ms": 10.0, "load": load}
+    doc = {"scale_settings": {"workloads": wl},
+           "systems": {"ray": {"routing": {"request_router_class": cls}}, "kv-aware": {"routing": {}}},
+           "results": {"ray": {"runs": [{"cells": ["multiturn:sat"]}, {"cells": ["docqa:sat", "multiturn:sat"]}],
+                               "docqa": {"sat": cell}, "multiturn": {"sat": cell}},
+                       "kv-aware": {"runs": [{"cells": ["docqa:sat", "multiturn:sat"]}],
+                                    "docqa": {"sat": cell}, "multiturn": {"sat": cell}}}}
+    cells = {(c.name, c.workload): c for c in gpu_cells(doc)}
+    ray_docqa, ray_multiturn = cells["ray", "docqa"], cells["ray", "multiturn"]
+    assert ray_docqa.before == () and ray_multiturn.before == (ray_docqa,)  # the last run listing it decides
+    assert cells["kv-aware", "multiturn"].before == ()  # only Ray's tree is carried
+
+    engine = EngineModel(prefill_tokens_per_s=50_000, step_s=0.005, kv_blocks=2048)
+    knobs, spec = strategy_knobs(RAY_TWIN), ClusterSpec(4)
+    tree = RayTree()
+    simulate(Driver(workloads.docqa_sessions(docs=4, doc_tokens=(256, 512), output_len=8),
+                    LoadPlan("concurrency", 8, num_requests=16)), knobs, spec, engine, ray_tree=tree)
+    after_docqa = dict(tree.tokens)
+    assert sum(after_docqa.values()) > 0
+    simulate(Driver(workloads.multiturn_sessions(sessions=4, turns=1, system_words=64, user_words=(8, 16),
+                                                 output_len=8),
+                    LoadPlan("concurrency", 1, num_requests=1)), knobs, spec, engine, ray_tree=tree)
+    (grown,) = [r for r in tree.tokens if tree.tokens[r] > after_docqa.get(r, 0)]
+    assert after_docqa[grown] == min(after_docqa.values())  # the new session went to docqa's smallest tenant
