@@ -24,6 +24,11 @@ defaults, as its ``prefix_aware_router.py`` and ``prefix_tree.py`` decide:
    (``do_eviction`` is off by default) and KV events are not read: the tree believes a replica
    holds whatever was ever routed there.
 
+The tree outlives a benchmark cell, as the deployment's tree actor does: the GPU run serves its cells in turn on
+one deployment, so a cell starts from the tenants its run's earlier cells left (``routing_cells.simulate_cell``
+passes one ``RayTree`` through them), and a workload's new sessions first go to the tenant the previous workload
+left smallest.
+
 The synchronous ``ray.get`` calls to the tree actor (the match, the insert) hold the ingress's event loop for
 ``EngineModel.tree_call_s`` (+ per 1K tokens) each (``path.py``); 0 unless measured (``calibrate --tree-cost``).
 Not modelled: Serve's own dispatch before the replica's reply (the twin's insert lands when the simulated replica's
