@@ -155,13 +155,14 @@ def _with_before(cells: list[Cell], runs: list[dict]) -> list[Cell]:
     return out
 
 
-def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0) -> dict:
+def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0,
+                  per_replica: bool = False) -> dict:
     """``cell`` in the simulator; Ray's twin first runs the cells its GPU run measured before it (``before``) on
     the tree it then starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
     tree = RayTree() if cell.strategy == RAY_TWIN else None
     for prior in cell.before:
         _run(prior, engine, settings, replicas, seed, tree)
-    return _run(cell, engine, settings, replicas, seed, tree).summary(per_replica=False)
+    return _run(cell, engine, settings, replicas, seed, tree).summary(per_replica=per_replica)
 
 
 def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int, tree: RayTree | None):
