@@ -43,7 +43,11 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2) -> dict:
     eng = step_engine(engine, float(step_ms))
     rows = []
     for cell in gpu_cells(doc):
-        sims = [simulate_cell(cell, eng, doc["scale_settings"], 4, seed=s, per_replica=True) for s in range(seeds)]
+        replicas = (cell.measured.get("evidence") or {}).get("replicas")
+        if not replicas:
+            raise ValueError(f"{cell.name} {cell.workload}:{cell.load} records no replica count (evidence.replicas)")
+        sims = [simulate_cell(cell, eng, doc["scale_settings"], int(replicas), seed=s, per_replica=True)
+                for s in range(seeds)]
         row = {"system": cell.name, "strategy": cell.strategy, "workload": cell.workload, "load": cell.load}
         for key in KEYS:
             row[f"measured_{key}"] = round(cell.measured[key], 1)

@@ -18,7 +18,7 @@ CLS = "benchmarks.routing_h2h.ray_router:RayPrefixCacheAffinity"
 def doc(step_ms: float | None = 7.0) -> dict:
     load = {"mode": "concurrency", "concurrency": 8, "duration_s": 3}
     cell = {"ttft_p50_ms": 20.0, "ttft_p90_ms": 30.0, "ttft_p99_ms": 40.0, "output_tok_per_s": 900.0, "load": load,
-            "evidence": {"requests_by_replica": {"a": 5, "b": 9}}}
+            "evidence": {"replicas": 4, "requests_by_replica": {"a": 5, "b": 9}}}
     wl = {"multiturn": ["--workload", "multiturn", "--sessions", "8", "--turns", "2", "--system-words", "64",
                         "--user-words", "8:16", "--output-len", "8"]}
     return {"step_engine_ms": step_ms, "scale_settings": {"workloads": wl},
@@ -55,3 +55,13 @@ def test_a_result_without_the_fake_engine_is_refused(tmp_path, capsys):
     engine.write_text(json.dumps({"routing": {"engine": {"step_s": 0.003}}}))
     assert main(["--routing", str(routing), "--engine", str(engine)]) == 2
     assert "not a --step-engine result" in capsys.readouterr().err
+
+
+def test_a_cell_without_its_replica_count_is_refused(tmp_path, capsys):
+    routing, engine = tmp_path / "r.json", tmp_path / "e.json"
+    d = doc()
+    del d["results"]["ray"]["multiturn"]["sat"]["evidence"]["replicas"]
+    routing.write_text(json.dumps(d))
+    engine.write_text(json.dumps({"routing": {"engine": {"step_s": 0.003}}}))
+    assert main(["--routing", str(routing), "--engine", str(engine)]) == 2
+    assert "records no replica count" in capsys.readouterr().err
