@@ -92,16 +92,19 @@ def summary_cells(levels: list[str], ingress_variant: str = TWO_INGRESS) -> dict
 
 def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, ...]], bool]) -> set[Cell]:
     """The cells of ``system`` in a result ``doc`` whose last run measured the code that is here now: ``same_code(sha,
-    paths)`` says whether commit ``sha`` had today's ``paths`` (``measured_paths``). A cell whose run names no commit
-    is not current."""
+    paths)`` says whether commit ``sha`` had today's ``paths`` (``measured_paths``). A run's cells are those it
+    finished (``done``; a run without that record, written before it existed, counts the ``cells`` it started with),
+    and a cell the result does not hold is never current. A cell whose run names no commit is not current."""
+    res = doc.get("results", {}).get(system, {})
     last: dict[Cell, str | None] = {}
-    for run in doc.get("results", {}).get(system, {}).get("runs", []):
-        for cell in run.get("cells", []):
+    for run in res.get("runs", []):
+        for cell in run.get("done", run.get("cells", [])):
             wl, _, lv = cell.partition(":")
             last[(wl, lv)] = run.get("git_commit")
+    held = {cell for cell in last if isinstance((res.get(cell[0]) or {}).get(cell[1]), dict)}
     paths = measured_paths(system)
-    same = {sha: same_code(sha, paths) for sha in set(last.values()) if sha}  # one comparison per commit
-    return {cell for cell, sha in last.items() if sha and same[sha]}
+    same = {sha: same_code(sha, paths) for sha in {last[c] for c in held} if sha}  # one comparison per commit
+    return {cell for cell in held if last[cell] and same[last[cell]]}
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

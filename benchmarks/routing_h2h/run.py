@@ -231,6 +231,7 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
             if prof is not None:
                 cell["evidence"]["profile"] = prof.finish()
             out.setdefault(wl, {})[level] = cell
+            run.setdefault("done", []).append(f"{wl}:{level}")  # a call cut by its limit ends with fewer than "cells"
             windows[wl, level] = (began, ended)
             save(out)
             if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")

@@ -40,7 +40,9 @@ measured with another client) is then free to shrink. With ``--ingress-cpu`` the
 streamed token are set the same way, from the GPU host's measure of each ingress replica's loop in the routing
 JSON's ``host_cpu`` evidence (``ingress_fit.py``), and left out of the fit; with ``--tree-cost`` the Ray twin's calls to
 its tree actor hold the ingress's loop for what ``ray_tree_cost`` measured (``ingress_fit.tree_call_costs``), also
-set before the fit (the round-robin cells it fits make no such call). ``--frontend loop`` runs the routing
+set before the fit (the round-robin cells it fits make no such call); with ``--ray-reply`` the twin has Serve's reply
+to each send ``EngineModel.ray_reply_s`` after its replica took the request, from the GPU's decision-to-insert times
+of Ray's cells (``ingress_fit.ray_reply``), set after the fit. ``--frontend loop`` runs the routing
 cells' ingresses as kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``:
 callbacks in arrival order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while
 the loop is busier than ``--frontend-merge-busy``), with the same costs free.
@@ -62,7 +64,7 @@ from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.ingress_fit import FIELDS as INGRESS_FIELDS
-from benchmarks.simulator.ingress_fit import TREE_FIELDS, fit_ingress, ingress_rows, tree_call_costs
+from benchmarks.simulator.ingress_fit import TREE_FIELDS, fit_ingress, ingress_rows, ray_reply, tree_call_costs
 from benchmarks.simulator.routing_cells import engine_parts_table, fit, gpu_cells, ordering, residual_table, residuals
 from benchmarks.simulator.serving_cells import (
     SHAPES,
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree-cost", metavar="RAY_TREE_COST_JSON",
                     help="hold the ingress's loop for each synchronous call of Ray's router to its tree actor (the Ray "
                          "twin's cells only), at the cost a ray_tree_cost JSON measured (ingress_fit.tree_call_costs)")
+    ap.add_argument("--ray-reply", action="store_true",
+                    help="set ray_reply_s (Serve's reply to a send, after the replica took it: when the Ray twin "
+                         "inserts the prompt and learns the replica's count) from the routing JSON's decision-to-"
+                         "insert times of Ray's router, less the fitted replica front end (ingress_fit.ray_reply)")
     ap.add_argument("--start", action="append", default=[], metavar="FIELD=VALUE",
                     help="start the routing fit's free FIELD at VALUE instead of where the serving fit carries it "
                          "(repeatable; a coordinate search moves one field at a time, so two fields that trade "
@@ -346,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                     ingress_capacity=args.ingress_capacity,
                     ingress_cpu_costs=(capacity or {}).get("cost_fit", {}).get("ingress"),
                     schema=routing.get("schema"))
+        reply = ray_reply(routing, fitted.input_s(0)) if args.ray_reply else None
+        if reply:  # round-robin's cells, the fit's, have no Ray router: set after the fit, for the residuals
+            fitted = fitted.with_(ray_reply_s=reply["ray_reply_s"])
         rrows = residuals(cells, fitted, settings, args.replicas)
         order = ordering(rrows)
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info,
@@ -353,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                           "client_fit": client and dict(client, sources=args.client_logs),
                           "ingress_fit": ingress,
                           "tree_call_fit": tree and dict(tree, file=args.tree_cost),
+                          "ray_reply_fit": reply,
                           "ordering": order,
                           "ordering_pairs_apart": sum(o["pairs_apart"] for o in order.values()),
                           "ordering_pairs_same_order": sum(o["pairs_same_order"] for o in order.values()),

@@ -50,6 +50,9 @@ event loop twice per request: the match before the decision, the insert once the
 Each call holds the whole loop (no other request's work, chunk or decision runs meanwhile) for ``tree_call_s`` plus
 ``tree_call_s_per_ktok`` per 1K prompt tokens (``tree_call_hold_s``): decisions queue behind one another and behind
 the loop's work, so a burst of arrivals waits for the calls of every request ahead of it. Both 0 by default.
+``ray_reply_s`` is how long after the replica has taken a request Serve has its reply to the send, when Ray's router
+learns the prompt (``on_request_routed``: the insert) and Serve's queue-length cache the replica's count; 0 by
+default (``calibrate --ray-reply`` sets it from the GPU's decision-to-insert times).
 Each engine replica has its own front end (vLLM's input processing: tokenisation and the hop to the
 engine core), one FIFO server costing ``input_s_per_request`` plus ``input_s_per_ktok`` per 1K prompt
 tokens (``input_s``: what grows with the prompt, such as its block hashes and the token ids' trip to
@@ -112,6 +115,7 @@ class EngineModel:
     client_cores: int = 1
     tree_call_s: float = 0.0
     tree_call_s_per_ktok: float = 0.0
+    ray_reply_s: float = 0.0
     kv_blocks: int = 4096
     kv_admission: bool = False
     block_size: int = 16
@@ -137,8 +141,8 @@ class EngineModel:
             raise ValueError("frontend_tokenize_s and frontend_hash_s_per_ktok must be >= 0")
         if self.client_s_per_request < 0 or self.client_s_per_token < 0:
             raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
-        if self.tree_call_s < 0 or self.tree_call_s_per_ktok < 0:
-            raise ValueError("tree_call_s and tree_call_s_per_ktok must be >= 0")
+        if self.tree_call_s < 0 or self.tree_call_s_per_ktok < 0 or self.ray_reply_s < 0:
+            raise ValueError("tree_call_s, tree_call_s_per_ktok and ray_reply_s must be >= 0")
         if (self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1
                 or self.client_cores < 1):
             raise ValueError("kv_blocks, block_size, chunk_tokens, replicas_per_gpu and client_cores must be >= 1")

@@ -15,6 +15,11 @@ Also ``tree_call_costs``: how long each synchronous call of Ray's router to its 
 (``EngineModel.tree_call_s`` + ``tree_call_s_per_ktok``), fitted from ``benchmarks.routing_h2h.ray_tree_cost``'s
 actor timings (the match and the insert through ``ray.get``, per workload) against each workload's mean prompt in
 tokens (its characters: one per token).
+
+And ``ray_reply``: how long after its replica has taken a request Serve has the reply to the send
+(``EngineModel.ray_reply_s``), from the GPU's own decision-to-insert times of Ray's router (each cell's
+``evidence.ray_router_ms.routed``, the head-to-head's ``--ray-trace`` adapter): their mean over every decision of
+every such cell, less the twin's own decision-to-take time at an idle replica (its front end, ``input_s``).
 """
 
 from __future__ import annotations
@@ -84,3 +89,23 @@ def tree_call_costs(doc: dict) -> dict:
             "rows": [dict(x, fit_ms=round(p, 3)) for x, p in zip(rows, pred)],
             "max_abs_error_ms": round(max_abs, 3), "rms_error_ms": round(rms, 3),
             "source": {k: doc.get(k) for k in ("command", "git_commit", "machine")}}
+
+
+def ray_reply(doc: dict, taken_s: float) -> dict:
+    """``ray_reply_s`` from a routing head-to-head JSON's ``routed`` timings (module docstring): the decision-weighted
+    mean of its cells' ``routed`` means less ``taken_s``, at least 0; each cell's count and mean (ms)."""
+    rows = []
+    for system, res in doc.get("results", {}).items():
+        for workload in workload_names(res):
+            for load, m in (res.get(workload) or {}).items():
+                routed = ((m.get("evidence") or {}).get("ray_router_ms") or {}).get("routed") if isinstance(m, dict) \
+                    else None
+                if routed and routed.get("n"):
+                    rows.append({"cell": f"{system}/{workload}/{load}", "n": int(routed["n"]),
+                                 "mean_ms": float(routed["mean"]), "p50_ms": routed.get("p50")})
+    if not rows:
+        raise ValueError("no cell of Ray's router with its decision-to-insert times (run the head-to-head with "
+                         "--ray-trace)")
+    mean_ms = sum(r["n"] * r["mean_ms"] for r in rows) / sum(r["n"] for r in rows)
+    return {"ray_reply_s": round(max(mean_ms / 1e3 - taken_s, 0.0), 6), "routed_mean_ms": round(mean_ms, 3),
+            "taken_s": taken_s, "rows": rows}

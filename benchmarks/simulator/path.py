@@ -225,8 +225,8 @@ class RequestPath:
         front = engine.input_s(turn.prompt_tokens)
         queued = front > 0 or rep.input_until > now  # its own input work, or streaming queued before it
         taken = max(now, rep.input_until) + front if queued else now  # when the replica has taken it
-        if self.tree_calls:  # Ray's twin learns the prompt then (ray_twin.py, 5)
-            self.push(taken, "accepted", (ing, rr, d.replica_id, snap.block_size))
+        if self.tree_calls:  # Ray's twin learns the prompt and the replica's count at Serve's reply (ray_twin.py)
+            self.push(taken + engine.ray_reply_s, "accepted", (ing, rr, d.replica_id, snap.block_size))
         if queued:
             rep.input_until = taken
             rep.entering += 1
@@ -235,8 +235,10 @@ class RequestPath:
             self.enqueue(rep, turn, now)
 
     def accepted(self, ing: Ingress, request: RoutingRequest, replica_id: str, block_size: int, now: float) -> None:
-        """Ray's twin inserts the prompt into its tree; that synchronous call holds the ingress's loop."""
-        ing.policy.accepted(request, replica_id, block_size)
+        """Ray's twin has Serve's reply: the replica's count, and the prompt inserted into its tree by a synchronous
+        call that holds the ingress's loop."""
+        rep = self.st.reps.get(replica_id)
+        ing.policy.accepted(request, replica_id, block_size, rep.ongoing if rep is not None else 0)
         if (hold := self.engine.tree_call_hold_s(request.num_prompt_tokens)) > 0:
             self.hold(ing, now, hold)
 
@@ -254,6 +256,8 @@ class RequestPath:
         if turn.output_tokens <= 1 and via_cores:
             self.seen_first(turn, now)
         turn.ingress.load.on_completed(turn.replica, str(turn.rid))
+        if self.tree_calls:  # Serve's queue-length cache of Ray's twin
+            turn.ingress.policy.completed(turn.replica)
         self.outstanding -= 1
         self.driver.finish(turn, now, self.send)
         if turn.rid < self.measure_from:

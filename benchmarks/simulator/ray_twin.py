@@ -13,12 +13,17 @@ defaults, as its ``prefix_aware_router.py`` and ``prefix_tree.py`` decide:
 3. rate >= ``match_rate_threshold`` (0.1): the candidates are the tenants with that longest match;
    otherwise the "smallest tenants", those with the fewest tokens in the tree (over the whole tree,
    as Ray's ``get_smallest_tenants``).
-4. Serve takes the candidate with the shortest queue below ``max_ongoing`` (its queue-length cache;
-   here the ingress's own estimate, ``ReplicaSnapshot.running``); equal queues go to ``rng``.
+4. Serve takes the candidate with the shortest queue below ``max_ongoing`` in its queue-length cache, the
+   first of equal ones (its ``_select_from_candidate_replicas`` keeps the first lowest; the candidates here in
+   replica order). The cache is Serve's, one per ingress: +1 when it sends a request (``on_send_request``),
+   the replica's own count of ongoing requests when its reply to a send comes back (``on_new_queue_len_info``:
+   every ingress's requests, where the ingress's own estimate counts its own), -1 when a request it sent
+   completes (``decrement_queue_len_cache``); a replica it has no entry for counts what the ingress has there
+   (Ray probes it).
 5. The routed prompt is inserted into the chosen replica's tenant (``on_request_routed``): every
-   block it lacked and the partial block at the end, counted in tokens, once the replica has taken the
-   request (``accepted``: Serve calls ``on_request_routed`` after the replica's reply to the send), so the
-   decisions made meanwhile see the tree without it. New prompts decided in that window all go to the same
+   block it lacked and the partial block at the end, counted in tokens, once the replica's reply to the
+   send is back (``accepted``: ``EngineModel.ray_reply_s`` after the replica has taken the request), so
+   the decisions made meanwhile see the tree without it. New prompts decided in that window all go to the same
    smallest tenant (usually one), and their sessions then stay there (their later turns match it longest):
    a wave of sessions that start together lands on one replica. Nothing is ever evicted
    (``do_eviction`` is off by default) and KV events are not read: the tree believes a replica
@@ -31,8 +36,6 @@ left smallest.
 
 The synchronous ``ray.get`` calls to the tree actor (the match, the insert) hold the ingress's event loop for
 ``EngineModel.tree_call_s`` (+ per 1K tokens) each (``path.py``); 0 unless measured (``calibrate --tree-cost``).
-Not modelled: Serve's own dispatch before the replica's reply (the twin's insert lands when the simulated replica's
-front end takes the request; on the GPU the reply follows Serve's whole dispatch stage, docs/routing.md).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class RayPrefixAffinity(Policy):
     def __init__(self, knobs: Knobs, tree: RayTree) -> None:
         super().__init__(knobs)
         self.tree = tree
+        self.queue: dict[str, int] = {}  # Serve's queue-length cache of this ingress (4.)
 
     def choose(self, request: RoutingRequest, snapshots: Sequence[ReplicaSnapshot], now, rng) -> Decision:
         if not snapshots:
@@ -110,17 +114,27 @@ class RayPrefixAffinity(Policy):
             group, reason = [r for r, n in matched.items() if n == best], "cache-hit"
         else:
             group, reason = [r for r in self.tree.smallest() if r in by_id], "no-cache"
-        open_ = [r for r in group if by_id[r].running < by_id[r].max_ongoing] or group or list(by_id)
-        low = min(by_id[r].running for r in open_)
-        rid = rng.choice(sorted(r for r in open_ if by_id[r].running == low))
+        queue = {r: self.queue.get(r, by_id[r].running) for r in by_id}
+        open_ = [r for r in group if queue[r] < by_id[r].max_ongoing] or group or list(by_id)
+        low = min(queue[r] for r in open_)
+        rid = min(r for r in open_ if queue[r] == low)
+        self.queue[rid] = queue[rid] + 1  # the send
         reuse = min(matched[rid] * bs, max(request.num_prompt_tokens - 1, 0))
         return Decision(rid, reason, reuse)
 
-    def accepted(self, request: RoutingRequest, replica_id: str, block_size: int) -> None:
-        """``replica_id`` took ``request``: Ray's ``on_request_routed`` inserts its prompt into the tree."""
+    def accepted(self, request: RoutingRequest, replica_id: str, block_size: int, ongoing: int) -> None:
+        """``replica_id``'s reply to the send of ``request``: it holds ``ongoing`` requests (this one among them), and
+        Ray's ``on_request_routed`` inserts the prompt into the tree."""
         if replica_id in self.tree.tokens:  # not a replica removed meanwhile
+            self.queue[replica_id] = ongoing
             self.tree.insert(replica_id, request.block_hashes, request.num_prompt_tokens, block_size)
+
+    def completed(self, replica_id: str) -> None:
+        """A request this ingress sent to ``replica_id`` is done."""
+        if replica_id in self.queue:
+            self.queue[replica_id] = max(self.queue[replica_id] - 1, 0)
 
     def remove_replica(self, replica_id: str) -> None:
         super().remove_replica(replica_id)
         self.tree.remove(replica_id)
+        self.queue.pop(replica_id, None)

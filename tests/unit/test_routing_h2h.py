@@ -460,18 +460,25 @@ def test_ray_router_traces_each_decision_with_the_replica_taken(monkeypatch: pyt
 
 
 def test_current_cells_are_those_whose_last_run_measured_todays_code() -> None:
+    cell = {"ttft_p50_ms": 1.0}
     doc = {"results": {
         "kv-aware": {"runs": [{"git_commit": "new", "cells": ["docqa:sat", "mooncake:r70"]},
                               {"git_commit": "old", "cells": ["mooncake:r70"]},  # measured again, at older code
-                              {"cells": ["multiturn:sat"]}]},  # no commit recorded
-        "ray-prefix-cache-affinity": {"runs": [{"git_commit": "new", "cells": ["docqa:sat"]}]}}}
+                              {"cells": ["multiturn:sat"]},  # no commit recorded
+                              # cut by its limit: started both, finished docqa:r70 only
+                              {"git_commit": "new", "cells": ["docqa:r70", "no-sharing:r70"], "done": ["docqa:r70"]},
+                              {"git_commit": "new", "cells": ["multiturn:r25"]}],  # cut before a done record existed
+                     "docqa": {"sat": cell, "r70": cell}, "mooncake": {"r70": cell}, "multiturn": {"sat": cell},
+                     "no-sharing": {"r70": cell}},  # an older run's no-sharing:r70, not the cut run's
+        "ray-prefix-cache-affinity": {"runs": [{"git_commit": "new", "cells": ["docqa:sat"]}],
+                                      "docqa": {"sat": cell}}}}
     asked = []
 
     def same_code(sha: str, paths: tuple[str, ...]) -> bool:
         asked.append(paths)
         return sha == "new" and plan.RAY_ADAPTER not in paths
 
-    assert plan.current_cells(doc, "kv-aware", same_code) == {("docqa", "sat")}
+    assert plan.current_cells(doc, "kv-aware", same_code) == {("docqa", "sat"), ("docqa", "r70")}
     assert plan.current_cells(doc, "ray-prefix-cache-affinity", same_code) == set()  # its adapter changed since
     assert plan.current_cells(doc, "prefix-aware", same_code) == set()
     assert plan.RAY_ADAPTER in asked[-1] and "routers" in asked[0] and ":(exclude)serve_app/kuberay" in asked[0]
@@ -480,8 +487,10 @@ def test_current_cells_are_those_whose_last_run_measured_todays_code() -> None:
 def test_plan_missing_leaves_out_the_current_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
     kept = tmp_path / "kept.json"
+    held = {"sat": {"ttft_p50_ms": 1.0}}
     kept.write_text(json.dumps({"results": {"round-robin": {"runs": [
-        {"git_commit": "abc", "cells": ["docqa:sat", "multiturn:sat", "mooncake:sat"]}]}}}))
+        {"git_commit": "abc", "cells": ["docqa:sat", "multiturn:sat", "mooncake:sat"]}],
+        "docqa": held, "multiturn": held, "mooncake": held}}}))
     monkeypatch.setattr(run, "same_code", lambda sha, paths: sha == "abc")
     assert run.main(["--scale", "gpu", "--plan", "full", "--plan-missing", "--plan-result", str(kept),
                      "--systems", "round-robin", "--workloads", "docqa,multiturn", "--loads", "sat,r25"]) == 0

@@ -124,3 +124,22 @@ def test_steps_run_the_engines_with_the_iteration_log_and_refuse_merge(tmp_path,
     assert all(m["engine_kwargs"]["enable_logging_iteration_details"] is True for m in models)
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["scale_settings"]["engine_kwargs"]["enable_logging_iteration_details"] is True
+
+
+def test_a_run_cut_short_records_the_cells_it_finished(tmp_path, monkeypatch):
+    _fake_server(monkeypatch, tmp_path / "no-logs")
+
+    def cell(name, wl, level, *a):
+        if wl == "multiturn":
+            raise TimeoutError("the call's limit")
+        return {"ttft_p50_ms": 1.0}
+
+    monkeypatch.setattr(run, "run_cell", cell)
+    base = yaml.safe_load((ROOT / "configs/gpu-routing.yaml").read_text())
+    args = run.parser().parse_args(["--work-dir", str(tmp_path / "w"), "--scale", "gpu"])
+    (tmp_path / "w").mkdir()
+    out = run.run_system("kv-aware", run.system_config(base, "kv-aware", {}), run.SCALES["gpu"],
+                         [("docqa", "sat"), ("multiturn", "sat")], {}, args, lambda out: None)
+    (record,) = out["runs"]
+    assert record["cells"] == ["docqa:sat", "multiturn:sat"] and record["done"] == ["docqa:sat"]
+    assert "multiturn" not in out and record["error"].startswith("TimeoutError")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.simulator import ingress_fit
 from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows, tree_call_costs
 
 pytestmark = pytest.mark.unit
@@ -65,3 +66,17 @@ def test_the_tree_call_fit_needs_two_prompt_lengths_and_drops_a_negative_slope()
         tree_call_costs({"results": {"docqa": _tree_doc(lambda c: 1.0)["results"]["docqa"]}})
     fit = tree_call_costs(_tree_doc(lambda chars: 2.0 - 0.1 * chars / 1e3))  # longer prompts cheaper: no slope
     assert fit["tree_call_s_per_ktok"] == 0.0 and fit["tree_call_s"] > 0
+
+
+def test_ray_reply_is_the_decision_weighted_routed_mean_less_the_twins_own_take():
+    def cell(n, mean):
+        return {"ttft_p50_ms": 1.0, "evidence": {"ray_router_ms": {"routed": {"n": n, "mean": mean, "p50": mean / 2}}}}
+
+    doc = {"results": {"ray": {"runs": [], "docqa": {"sat": cell(300, 10.0)}, "multiturn": {"sat": cell(100, 30.0)}},
+                       "kv-aware": {"docqa": {"sat": {"ttft_p50_ms": 1.0, "evidence": {}}}}}}
+    got = ingress_fit.ray_reply(doc, taken_s=0.003)
+    assert got["routed_mean_ms"] == 15.0 and got["ray_reply_s"] == 0.012  # (300*10 + 100*30) / 400 ms, less 3 ms
+    assert [r["cell"] for r in got["rows"]] == ["ray/docqa/sat", "ray/multiturn/sat"]
+    assert ingress_fit.ray_reply(doc, taken_s=0.5)["ray_reply_s"] == 0.0  # never negative
+    with pytest.raises(ValueError, match="--ray-trace"):
+        ingress_fit.ray_reply({"results": {"kv-aware": doc["results"]["kv-aware"]}}, taken_s=0.0)

@@ -31,11 +31,13 @@ def req(hashes: tuple[int, ...], tail: int = 8) -> RoutingRequest:
 
 
 def route(policy, request, snapshots, rng, taken: bool = True) -> str:
-    """Decide and route; ``taken``: the replica has taken it (its prompt is in the tree) before the next decision."""
+    """Decide and route; ``taken``: Serve has the replica's reply (its prompt is in the tree, its count in the
+    queue-length cache, here the snapshot's running count and this request) before the next decision."""
     d = policy.choose(request, snapshots, 0.0, rng)
-    policy.on_routed(request, next(s for s in snapshots if s.replica_id == d.replica_id), 0.0)
+    snap = next(s for s in snapshots if s.replica_id == d.replica_id)
+    policy.on_routed(request, snap, 0.0)
     if taken:
-        policy.accepted(request, d.replica_id, BS)
+        policy.accepted(request, d.replica_id, BS, snap.running + 1)
     return d.replica_id
 
 
@@ -70,12 +72,12 @@ def test_new_prompts_decided_before_the_first_is_taken_all_go_to_the_same_smalle
     rng = random.Random(0)
     p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
     p.tree.add("a")
-    p.accepted(req((500,), tail=0), "a", BS)  # a holds something: b and c are the smallest tenants
-    wave = [route(p, req(tuple(range(100 * i, 100 * i + 40))), snaps({"a": 0, "b": 2, "c": 0}), rng, taken=False)
+    p.accepted(req((500,), tail=0), "a", BS, 0)  # a holds something: b and c are the smallest tenants
+    wave = [route(p, req(tuple(range(100 * i, 100 * i + 40))), snaps({"a": 0, "b": 6, "c": 0}), rng, taken=False)
             for i in range(1, 6)]
-    assert wave == ["c"] * 5  # of b and c, c has the shorter queue, and no insert has landed: all five there
+    assert wave == ["c"] * 5  # of b and c, c has the shorter queue (5 sends), and no insert has landed: all five there
     for i in range(1, 6):
-        p.accepted(req(tuple(range(100 * i, 100 * i + 40))), "c", BS)
+        p.accepted(req(tuple(range(100 * i, 100 * i + 40))), "c", BS, 5)
     assert route(p, req(tuple(range(900, 940))), snaps({"a": 0, "b": 2, "c": 0}), rng) == "b"  # now b is smallest
     later = p.choose(req(tuple(range(300, 340)) + (7,)), snaps({"a": 0, "b": 0, "c": 9}), 0.0, rng)
     assert later.replica_id == "c" and later.reason == "cache-hit"  # its session's next turn stays on the wave's
@@ -85,19 +87,45 @@ def test_a_prompt_taken_by_a_replica_removed_meanwhile_is_not_inserted():
     p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
     p.tree.add("a")
     p.remove_replica("a")
-    p.accepted(req((1, 2)), "a", BS)
-    assert "a" not in p.tree.tokens
+    p.accepted(req((1, 2)), "a", BS, 1)
+    assert "a" not in p.tree.tokens and "a" not in p.queue
 
 
 def test_within_the_group_the_shortest_queue_wins():
     rng = random.Random(0)
     p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
     doc = tuple(range(1, 11))
-    for rid in ("a", "b"):  # both hold the document
+    for rid, ongoing in (("a", 3), ("b", 1)):  # both hold the document; their replies told their counts
         p.tree.add(rid)
-        p.accepted(req(doc), rid, BS)
+        p.accepted(req(doc), rid, BS, ongoing)
     d = p.choose(req(doc + (7,)), snaps({"a": 3, "b": 1, "c": 0}), 0.0, rng)
     assert d.replica_id == "b"  # c is idle but holds nothing; of the holders b has the shorter queue
+
+
+def test_the_queue_lengths_are_serves_cache_counted_at_send_set_by_reply_and_done():
+    """Serve's queue-length cache of one ingress: +1 per send, the replica's own count in its reply (every ingress's
+    requests), -1 per completion; a replica without an entry counts the snapshot's; the first of equal queues wins."""
+    rng = random.Random(0)
+    p = RayPrefixAffinity(strategy_knobs(RAY_TWIN), RayTree())
+    idle = snaps({"a": 0, "b": 0, "c": 0})
+    for rid in ("a", "b", "c"):  # equal tenants: every new prompt's group is all three
+        p.tree.add(rid)
+    sent = [p.choose(req((10 + i,), tail=0), idle, 0.0, rng).replica_id for i in range(4)]
+    assert sent == ["a", "b", "c", "a"]  # the first lowest, and each send counted before the next decision
+    assert p.queue == {"a": 2, "b": 1, "c": 1}
+    p.accepted(req((10,), tail=0), "b", BS, 6)  # b's reply: it holds 6 (the other ingress's too)
+    p.completed("a")
+    p.completed("a")
+    assert p.queue == {"a": 0, "b": 6, "c": 1}
+    p.tree.tokens = {"a": 0, "b": 0, "c": 0}  # equal tenants again
+    assert p.choose(req((20,), tail=0), snaps({"a": 9, "b": 0, "c": 0}), 0.0, rng).replica_id == "a"  # its cache: 0
+    p.completed("zz")  # a replica this ingress never sent to: nothing
+    assert "zz" not in p.queue
+
+
+def test_engine_refuses_a_negative_ray_reply():
+    with pytest.raises(ValueError, match="ray_reply_s"):
+        EngineModel(ray_reply_s=-0.001)
 
 
 def test_every_ingress_shares_one_tree_and_docqa_spreads_evenly():
