@@ -94,12 +94,14 @@ def engines(cluster):
     from serve_app.config.kv_tier import KVTierConfig
 
     actors = []
-    for load_mode in LOAD_MODES:
+    for i, load_mode in enumerate(LOAD_MODES):
         tier = KVTierConfig(enabled=True, budget_gib=BUDGET / 1024**3, namespace=NAMESPACE, load_mode=load_mode,
                             directory_name=DIRECTORY, chunk_mib=32, store_slots=4, load_threads=2,
                             lookup_timeout_s=10.0)  # a shared CI box can be slow; correctness is tested here
         kwargs = {**kv_tier_engine_kwargs(tier, "smollm2"), **TEST_KV}
-        env = {**kv_tier_env(tier), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        # each engine's own range for vLLM's ports: three engines starting at once each picked a free port and
+        # two bound the same one (torch's TCPStore: EADDRINUSE); vLLM scans up from VLLM_PORT for a free one
+        env = {**kv_tier_env(tier), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_PORT": str(41000 + 500 * i),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         actors.append(EngineActor.options(runtime_env={"env_vars": env}).remote(str(MODEL), kwargs))
     ray.get([a.__ray_ready__.remote() for a in actors], timeout=300)
