@@ -90,15 +90,21 @@ def summary_cells(levels: list[str], ingress_variant: str = TWO_INGRESS) -> dict
             ingress_variant: [(wl, "sat") for wl in TWO_INGRESS_WORKLOADS]}
 
 
+def finished(run: dict) -> list[str]:
+    """The ``workload:level`` cells a run of ``run_system`` finished, in order: its ``done``, fewer than its ``cells``
+    when a call's limit cut it; a run written before ``done`` existed counts the ``cells`` it started with."""
+    return run.get("done", run.get("cells") or [])
+
+
 def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, ...]], bool]) -> set[Cell]:
     """The cells of ``system`` in a result ``doc`` whose last run measured the code that is here now: ``same_code(sha,
     paths)`` says whether commit ``sha`` had today's ``paths`` (``measured_paths``). A run's cells are those it
-    finished (``done``; a run without that record, written before it existed, counts the ``cells`` it started with),
-    and a cell the result does not hold is never current. A cell whose run names no commit is not current."""
+    ``finished``, and a cell the result does not hold is never current. A cell whose run names no commit is not
+    current."""
     res = doc.get("results", {}).get(system, {})
     last: dict[Cell, str | None] = {}
     for run in res.get("runs", []):
-        for cell in run.get("done", run.get("cells", [])):
+        for cell in finished(run):
             wl, _, lv = cell.partition(":")
             last[(wl, lv)] = run.get("git_commit")
     held = {cell for cell in last if isinstance((res.get(cell[0]) or {}).get(cell[1]), dict)}

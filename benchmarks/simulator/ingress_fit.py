@@ -98,8 +98,9 @@ def ray_reply(doc: dict, taken_s: float) -> dict:
     for system, res in doc.get("results", {}).items():
         for workload in workload_names(res):
             for load, m in (res.get(workload) or {}).items():
-                routed = ((m.get("evidence") or {}).get("ray_router_ms") or {}).get("routed") if isinstance(m, dict) \
-                    else None
+                if not isinstance(m, dict):
+                    continue
+                routed = ((m.get("evidence") or {}).get("ray_router_ms") or {}).get("routed")
                 if routed and routed.get("n"):
                     rows.append({"cell": f"{system}/{workload}/{load}", "n": int(routed["n"]),
                                  "mean_ms": float(routed["mean"]), "p50_ms": routed.get("p50")})

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.routing_h2h.plan import finished
 from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
@@ -107,8 +108,9 @@ def gpu_cells(doc: dict) -> list[Cell]:
     A system running Ray's router (``request_router_class`` ``...:RayPrefixCacheAffinity``) is simulated by
     its twin (``ray_twin.py``), unless its ``request_router_kwargs`` change Ray's defaults (a trace does not).
     Closed-loop (``concurrency``) and Poisson (``rate``) cells only: a timed trace replay is skipped.
-    A twin cell's ``before`` holds the modelled cells its run (the last of ``runs`` that lists it) measured
-    before it: one deployment serves a run's cells in turn, and Ray's tree actor keeps what they routed.
+    A twin cell's ``before`` holds the modelled cells its run (the last of ``runs`` that finished it,
+    ``plan.finished``) measured before it: one deployment serves a run's cells in turn, and Ray's tree actor keeps
+    what they routed.
     """
     out = []
     settings = doc.get("scale_settings", {}).get("workloads", {})
@@ -144,12 +146,12 @@ def gpu_cells(doc: dict) -> list[Cell]:
 
 
 def _with_before(cells: list[Cell], runs: list[dict]) -> list[Cell]:
-    """``cells`` with ``before`` set from the run that measured each (the last run listing its workload:load)."""
+    """``cells`` with ``before`` set from the run that measured each (the last run that finished its workload:load)."""
     by_key = {f"{c.workload}:{c.load}": c for c in cells}
     out = []
     for c in cells:
         key = f"{c.workload}:{c.load}"
-        order = next((r.get("cells") or [] for r in reversed(runs) if key in (r.get("cells") or [])), [])
+        order = next((finished(r) for r in reversed(runs) if key in finished(r)), [])
         earlier = order[:order.index(key)] if key in order else []
         out.append(dataclasses.replace(c, before=tuple(by_key[k] for k in earlier if k in by_key)))
     return out

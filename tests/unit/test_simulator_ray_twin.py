@@ -182,6 +182,11 @@ def test_a_ray_cell_starts_from_the_tree_its_runs_earlier_cells_left():
     ray_docqa, ray_multiturn = cells["ray", "docqa"], cells["ray", "multiturn"]
     assert ray_docqa.before == () and ray_multiturn.before == (ray_docqa,)  # the last run listing it decides
     assert cells["kv-aware", "multiturn"].before == ()  # only Ray's tree is carried
+    # a later run cut by its limit after docqa: multiturn's cell is still the earlier run's, which ran it first
+    doc["results"]["ray"]["runs"] = [{"cells": ["multiturn:sat", "docqa:sat"]},
+                                     {"cells": ["docqa:sat", "multiturn:sat"], "done": ["docqa:sat"]}]
+    cut = {c.workload: c for c in gpu_cells(doc) if c.name == "ray"}
+    assert cut["multiturn"].before == () and cut["docqa"].before == ()
 
     engine = EngineModel(prefill_tokens_per_s=50_000, step_s=0.005, kv_blocks=2048)
     knobs, spec = strategy_knobs(RAY_TWIN), ClusterSpec(4)
