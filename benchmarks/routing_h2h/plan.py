@@ -99,15 +99,15 @@ def finished(run: dict) -> list[str]:
 def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, ...]], bool]) -> set[Cell]:
     """The cells of ``system`` in a result ``doc`` whose last run measured the code that is here now: ``same_code(sha,
     paths)`` says whether commit ``sha`` had today's ``paths`` (``measured_paths``). A run's cells are those it
-    ``finished``, and a cell the result does not hold is never current. A cell whose run names no commit is not
-    current."""
+    ``finished``, and a cell the result does not hold, or holds as an ``error`` (a bench that failed or was cut), is
+    never current. A cell whose run names no commit is not current."""
     res = doc.get("results", {}).get(system, {})
     last: dict[Cell, str | None] = {}
     for run in res.get("runs", []):
         for cell in finished(run):
             wl, _, lv = cell.partition(":")
             last[(wl, lv)] = run.get("git_commit")
-    held = {cell for cell in last if isinstance((res.get(cell[0]) or {}).get(cell[1]), dict)}
+    held = {cell for cell in last if isinstance(m := (res.get(cell[0]) or {}).get(cell[1]), dict) and "error" not in m}
     paths = measured_paths(system)
     same = {sha: same_code(sha, paths) for sha in {last[c] for c in held} if sha}  # one comparison per commit
     return {cell for cell in held if last[cell] and same[last[cell]]}

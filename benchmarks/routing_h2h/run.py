@@ -25,7 +25,9 @@ leaves out those the kept result already holds from a run of today's code (``pla
 
 Client: ``--client-processes N`` runs each cell's bench in N client processes (``bench --processes``),
 so the load generator's own CPU cannot delay the reads it times; every cell records its client's
-process count, CPU use and worst schedule lag under ``client``.
+process count, CPU use and worst schedule lag under ``client``. A bench still running ``--cell-timeout`` after its
+start (default: the cell's duration + ``CELL_GRACE_S``) is cut with the serving processes' stacks (``stall.py``);
+its system stops there and starts afresh for the cells after it.
 
 Output: one JSON (per system x workload x load: TTFT p50/p90/p99, output tok/s, cache-hit rate,
 requests, errors, the bench command, ``client``, and ``evidence``: where the requests went, from Ray's metrics scraped
@@ -55,7 +57,7 @@ import yaml
 
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
-from benchmarks.routing_h2h import evidence, plan, profile, ray_trace, steps
+from benchmarks.routing_h2h import evidence, plan, profile, ray_trace, stall, steps
 from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.replay import trace_replay
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, ROUND_ROBIN, TWO_INGRESS, summarize, table
@@ -75,6 +77,8 @@ from serve_app import settings
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_PORTS = (8404, 9101)  # HAProxy stats and metrics (--fast-path)
+#: seconds a cell's bench may run past its duration (warm-up, the requests in flight at its end) before it is cut
+CELL_GRACE_S = 90.0
 def levels_of(fractions: list[float]) -> list[str]:
     """``sat`` and one ``rNN`` level per fraction (whole percents)."""
     return ["sat", *(f"r{round(f * 100)}" for f in fractions)]
@@ -111,14 +115,22 @@ def rate_for(doc: dict, wl: str, level: str) -> float | None:
 
 
 def run_bench(base_url: str, model: str, workload: list[str], load: list[str], duration_s: float,
-              out: Path, label: str) -> dict:
-    """One ``kvserve bench`` run (a subprocess) -> its headline + load + the command (or an ``error``)."""
+              out: Path, label: str, timeout_s: float | None = None) -> dict:
+    """One ``kvserve bench`` run (a subprocess) -> its headline + load + the command (or an ``error``). Still running
+    ``timeout_s`` after its start (default: its duration + ``CELL_GRACE_S``), it is cut: every serving process's
+    stacks are dumped beside ``out`` (``stall.dump_stacks``), the bench is killed and the error says so, with
+    ``cut``."""
     cmd = [sys.executable, "-m", "benchmarks.cli", "bench", "--base-url", base_url, "--model", model, "--label", label,
            *workload, *load, "--duration", str(duration_s), "--request-timeout", "300", "-o", str(out)]
     print("+", shlex.join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, timeout=duration_s + 900, check=False)
-    if proc.returncode != 0 or not out.exists():
-        return {"error": f"bench exited with {proc.returncode}", "command": shlex.join(cmd)}
+    limit = timeout_s if timeout_s is not None else duration_s + CELL_GRACE_S
+    rc, cut = stall.run_bounded(cmd, ROOT, limit, lambda: stall.dump_stacks(out.parent, out.stem))
+    if cut is not None:
+        print(f"cut: {label} still running {limit:g} s after its start", flush=True)
+        return {"error": f"cut: the bench was still running {limit:g} s after its start (--cell-timeout)",
+                "command": shlex.join(cmd), "cut": {"after_s": limit, "stacks": cut}}
+    if rc != 0 or not out.exists():
+        return {"error": f"bench exited with {rc}", "command": shlex.join(cmd)}
     res = json.loads(out.read_text())
     client = res["summary"]["client"]
     return res["headline"] | {"load": res["config"]["load"], "command": shlex.join(cmd),
@@ -146,20 +158,22 @@ def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, do
         wl_args = [*wl_args, "--trace-file", str(args.trace_file)]
     out = work / f"{name}-{wl}-{level}.json"
     client = client_flags(args)
+    limit = getattr(args, "cell_timeout", None)
     if level == "sat":
         return run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"]), *client],
-                         scale["duration_s"], out, name)
+                         scale["duration_s"], out, name, timeout_s=limit)
     rate = rate_for(doc, wl, level)
     if rate is None:
         return {"error": f"no arrival rate for {wl} {level}: run round-robin at sat on {wl} first"}
     if not trace:
-        return run_bench(base_url, model, wl_args, ["--rate", str(rate), *client], scale["duration_s"], out, name)
+        return run_bench(base_url, model, wl_args, ["--rate", str(rate), *client], scale["duration_s"], out, name,
+                         timeout_s=limit)
     try:
         replay = trace_replay(args.trace_file, rate, scale["duration_s"], int(_flag(wl_args, "--trace-start", "0")))
     except (OSError, ValueError) as err:
         return {"error": f"trace replay: {err}"}
     res = run_bench(base_url, model, wl_args, [*replay.bench_args(), "--prompt-salt", level, *client],
-                    scale["duration_s"], out, name)
+                    scale["duration_s"], out, name, timeout_s=limit)
     return res | {"trace_replay": replay.as_dict()}
 
 
@@ -234,6 +248,9 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
             run.setdefault("done", []).append(f"{wl}:{level}")  # a call cut by its limit ends with fewer than "cells"
             windows[wl, level] = (began, ended)
             save(out)
+            if "cut" in cell:  # the engines may still hold its requests: the later cells get a fresh start (main)
+                run["error"] = f"{wl}:{level} cut; the system stopped after it"
+                break
             if (name == ROUND_ROBIN and level == "sat" and cell.get("requests_per_s")
                     and (wl not in calibration or args.recalibrate)):
                 calibration[wl] = cell["requests_per_s"]
@@ -253,6 +270,15 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         if args.ray_stop:  # HAProxy outlives `ray stop` (here and on the GPU box): end it, as before a start
             run["left_after_stop"] = clear_leftovers((port, *HAPROXY_PORTS))
     return out
+
+
+def after_cut(new: dict, cells: list[plan.Cell]) -> list[plan.Cell]:
+    """The cells of ``cells`` after the one that stopped ``run_system``'s run ``new`` by being cut, else none."""
+    done = plan.finished(new["runs"][-1]) if new.get("runs") else []
+    if not done:
+        return []
+    wl, _, level = done[-1].partition(":")
+    return cells[len(done):] if "cut" in (new.get(wl) or {}).get(level, {}) else []
 
 
 def merge_system(old: dict, new: dict) -> dict:
@@ -313,6 +339,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="/tmp/kvserve-routing-h2h", help="configs, server logs, raw results")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--fast-path", action="store_true", help="run Serve with SERVE_FAST_PATH_ENV (GPU/KubeRay)")
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"cut a cell's bench still running this long after its start (default: the cell's duration "
+                        f"+ {CELL_GRACE_S:g} s): its serving processes' stacks are dumped (stall.py), the error says "
+                        f"so and its system restarts for its later cells")
     p.add_argument("--ray-stop", action="store_true", help="`ray stop --force` after each system (own machine)")
     p.add_argument("--merge", action="store_true",
                    help="write these cells into an existing --out (same scale and config), at its recorded rates")
@@ -455,14 +485,18 @@ def main(argv: list[str] | None = None) -> int:
     for system in systems:
         doc["systems"][system] = SYSTEMS[system]
         cfg = system_config(base, system, scale["engine_kwargs"])
-        before = doc["results"].get(system, {})
+        todo = cells_by_system[system]
+        while todo:  # a cut cell stops its system; the cells after it run on a fresh start
+            before = doc["results"].get(system, {})
 
-        def save(new: dict, system: str = system, old: dict = before) -> None:
-            doc["results"][system] = merge_system(old, new)
-            doc["summary"] = summarize(doc["results"])
-            out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later cell fails
+            def save(new: dict, system: str = system, old: dict = before) -> None:
+                doc["results"][system] = merge_system(old, new)
+                doc["summary"] = summarize(doc["results"])
+                out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what is done if a later cell fails
 
-        save(run_system(system, cfg, scale, cells_by_system[system], doc, args, save))
+            new = run_system(system, cfg, scale, todo, doc, args, save)
+            save(new)
+            todo = after_cut(new, todo)
     md = table(doc["results"]) + "\n" + evidence_table(doc["results"])
     out.with_suffix(".md").write_text(md)
     print(md)

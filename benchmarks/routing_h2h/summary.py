@@ -145,7 +145,7 @@ def workload_names(system_result: dict) -> list[str]:
 
 
 def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per workload x load x system."""
+    """Markdown: one row per workload x load x system (a failed or cut cell: its error in the last column)."""
     lines = ["| workload | load | system | requests | TTFT p50 ms | p90 | p99 | output tok/s | cache hit | errors |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     workloads = dict.fromkeys(wl for r in results.values() for wl in workload_names(r))
@@ -154,7 +154,10 @@ def table(results: dict[str, dict]) -> str:
         for lv in levels:
             for system, r in results.items():
                 h = r.get(wl, {}).get(lv)
-                if not h or "error" in h:
+                if not h:
+                    continue
+                if "error" in h:
+                    lines.append(f"| {wl} | {lv} | {system} | - | - | - | - | - | - | {h['error']} |")
                     continue
                 hit = "-" if h["cache_hit_rate"] is None else f"{h['cache_hit_rate']:.2f}"
                 lines.append(f"| {wl} | {lv} | {system} | {h.get('completed', '-')} | {h['ttft_p50_ms']:.0f} | "

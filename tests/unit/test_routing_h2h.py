@@ -170,6 +170,7 @@ def test_summary_leaves_unmeasured_or_failed_cells_unjudged() -> None:
             and s["met"]["mooncake_ttft_p50_ratio_vs_round_robin"] is None)
     assert s["ttft_p50_ratio_vs_ray_router"] is None and s["two_ingress_hit_rate_delta"] is None
     assert s["met"]["ttft_p50_ratio_vs_round_robin"] is True
+    assert "| mooncake | sat | kv-aware | - | - | - | - | - | - | bench exited with 1 |" in table(results)
 
 
 def test_two_ingress_delta_pairs_the_default_with_its_variant_at_either_base_count() -> None:
@@ -260,7 +261,8 @@ def test_pieces_merge_into_one_result_at_round_robins_rates(tmp_path: Path, monk
 
     def fake_run_system(name, cfg, scale, cells, doc, args, save):  # what run_system records, without a server
         calls.append((name, cells))
-        out = {"routing": cfg["applications"][0]["args"]["routing"], "runs": [{"cells": cells}]}
+        out = {"routing": cfg["applications"][0]["args"]["routing"],
+               "runs": [{"cells": [f"{wl}:{lv}" for wl, lv in cells]}]}
         for wl, lv in cells:
             cell = _h(100 if name == "round-robin" else 50, 40) | {"rate": run.rate_for(doc, wl, lv) if lv != "sat"
                                                                    else None}
@@ -329,7 +331,8 @@ def test_pack_starts_a_new_call_when_the_next_cell_would_pass_the_limit() -> Non
 def test_mooncake_lighter_loads_replay_the_trace_scaled_to_the_target_rate(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     sent = []
-    monkeypatch.setattr(run, "run_bench", lambda url, model, wl, load, d, out, label: sent.append((wl, load)) or {})
+    monkeypatch.setattr(run, "run_bench",
+                        lambda url, model, wl, load, d, out, label, **kw: sent.append((wl, load)) or {})
     path = _trace(tmp_path, [i * 500 for i in range(40)])  # 2 req/s in the trace
     args = SimpleNamespace(trace_file=path)
     scale = {"concurrency": 64, "duration_s": 10, "workloads": SCALES["gpu"]["workloads"]}
@@ -347,7 +350,7 @@ def test_client_processes_pass_through_to_every_cell_and_the_device_plan(tmp_pat
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture) -> None:
     sent = []
-    monkeypatch.setattr(run, "run_bench", lambda url, model, wl, load, d, out, label: sent.append(load) or {})
+    monkeypatch.setattr(run, "run_bench", lambda url, model, wl, load, d, out, label, **kw: sent.append(load) or {})
     scale = {"concurrency": 64, "duration_s": 10, "workloads": {}}
     doc = {"calibration": {"docqa": 10.0}}
     for processes in (1, 3):
@@ -467,8 +470,10 @@ def test_current_cells_are_those_whose_last_run_measured_todays_code() -> None:
                               {"cells": ["multiturn:sat"]},  # no commit recorded
                               # cut by its limit: started both, finished docqa:r70 only
                               {"git_commit": "new", "cells": ["docqa:r70", "no-sharing:r70"], "done": ["docqa:r70"]},
-                              {"git_commit": "new", "cells": ["multiturn:r25"]}],  # cut before a done record existed
-                     "docqa": {"sat": cell, "r70": cell}, "mooncake": {"r70": cell}, "multiturn": {"sat": cell},
+                              {"git_commit": "new", "cells": ["multiturn:r25"]},  # cut before a done record existed
+                              {"git_commit": "new", "cells": ["multiturn:r70"]}],  # its bench cut (stall.py)
+                     "docqa": {"sat": cell, "r70": cell}, "mooncake": {"r70": cell},
+                     "multiturn": {"sat": cell, "r70": {"error": "cut: ...", "cut": {"after_s": 120}}},
                      "no-sharing": {"r70": cell}},  # an older run's no-sharing:r70, not the cut run's
         "ray-prefix-cache-affinity": {"runs": [{"git_commit": "new", "cells": ["docqa:sat"]}],
                                       "docqa": {"sat": cell}}}}
