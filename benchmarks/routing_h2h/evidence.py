@@ -78,6 +78,10 @@ VLLM_HISTOGRAMS = {"queue": "ray_vllm_request_queue_time_seconds", "prefill": "r
 VLLM_FINISHED = "ray_vllm_request_success"
 VLLM_HITS, VLLM_QUERIES = "ray_vllm_prefix_cache_hits", "ray_vllm_prefix_cache_queries"
 VLLM_PREEMPTIONS = "ray_vllm_num_preemptions"
+#: timeline key -> vLLM's gauge by ``ReplicaId`` at a point: requests running and waiting in its scheduler, and the
+#: share of its KV blocks in use (a cell whose engines sit idle while its client waits is not the engines' load)
+VLLM_GAUGES = {"vllm_running": "ray_vllm_num_requests_running", "vllm_waiting": "ray_vllm_num_requests_waiting",
+               "vllm_kv_usage": "ray_vllm_kv_cache_usage_perc"}
 SERVE_ONGOING = "ray_serve_replica_processing_queries"
 #: timeline key -> gauge by replica: what the router's policy sees (set every second by the router)
 #: and what the replica itself reports.
@@ -93,7 +97,8 @@ _KEEP = (SERVE_REQUESTS, SERVE_ONGOING, "ray_serve_deployment_replica_starts", "
          "ray_kvserve_replica_queued_prefill_tokens", "ray_kvserve_replica_loop_lag", "ray_kvserve_replica_loop_busy",
          "ray_kvserve_ingress_loop_lag", "ray_kvserve_ingress_loop_busy", "ray_kvserve_stage_", "ray_kvserve_engine_",
          "ray_vllm_request_queue_time_seconds", "ray_vllm_request_prefill_time_seconds",
-         "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS)
+         "ray_vllm_time_to_first_token_seconds", VLLM_FINISHED, VLLM_HITS, VLLM_QUERIES, VLLM_PREEMPTIONS,
+         *VLLM_GAUGES.values())
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -314,13 +319,17 @@ def view(samples: Samples, deployment: str) -> dict[str, dict[str, float]]:
 
 
 def timeline_point(before: Samples, after: Samples, deployment: str, t_s: float) -> dict[str, Any]:
-    """One interval of the timeline: requests per replica, vLLM queue mean (ms) per replica, decisions by reason
-    (deltas over the interval) and ``view`` at its end."""
+    """One interval of the timeline: requests per replica, vLLM queue mean (ms), requests finished and preemptions per
+    replica, decisions by reason (deltas over the interval), ``view`` at its end and vLLM's ``VLLM_GAUGES`` there."""
     req, _ = requests_by_replica(before, after, deployment)
     queue = histogram(before, after, VLLM_HISTOGRAMS["queue"], "ReplicaId", 1000.0)
     decisions = {k: round(v) for k, v in delta(before, after, DECISIONS, "reason").items() if round(v)}
+    engines = {key: {r: round(v) for r, v in sorted(delta(before, after, metric, "ReplicaId").items()) if r}
+               for key, metric in (("vllm_finished", VLLM_FINISHED), ("vllm_preemptions", VLLM_PREEMPTIONS))}
+    engines |= {key: {r: round(v, 3) for r, v in sorted(sums(after, metric, "ReplicaId").items()) if r}
+                for key, metric in VLLM_GAUGES.items()}
     return {"t_s": round(t_s, 1), "requests": req, "queue_ms_mean": {r: h["mean"] for r, h in sorted(queue.items())},
-            "decisions": decisions, **view(after, deployment)}
+            "decisions": decisions, **view(after, deployment), **{k: v for k, v in engines.items() if v}}
 
 
 def fetch(url: str, timeout_s: float = 10) -> Samples:

@@ -79,6 +79,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_PORTS = (8404, 9101)  # HAProxy stats and metrics (--fast-path)
 #: seconds a cell's bench may run past its duration (warm-up, the requests in flight at its end) before it is cut
 CELL_GRACE_S = 90.0
+
+
 def levels_of(fractions: list[float]) -> list[str]:
     """``sat`` and one ``rNN`` level per fraction (whole percents)."""
     return ["sat", *(f"r{round(f * 100)}" for f in fractions)]

@@ -273,3 +273,20 @@ def test_ray_routers_steps_are_deltas_by_call_and_show_in_the_table() -> None:
     ev["route_wait_ms_mean"] = 30.0
     row = evidence_table({"ray-prefix-cache-affinity": {"docqa": {"sat": {"evidence": ev}}}})
     assert "| 30.0 (insert 1.2, match 2.0) |" in row
+
+
+def test_timeline_points_carry_the_engines_gauges_and_their_finished_and_preempted_requests() -> None:
+    def text(finished: float, preempted: float, running: float, waiting: float, usage: float) -> str:
+        lab = f'{COMMON},ReplicaId="r-a",engine="0",model_name="smollm2"'
+        return "\n".join([f'ray_vllm_request_success_total{{{lab},finished_reason="stop"}} {finished}',
+                          f"ray_vllm_num_preemptions_total{{{lab}}} {preempted}",
+                          f"ray_vllm_num_requests_running{{{lab}}} {running}",
+                          f"ray_vllm_num_requests_waiting{{{lab}}} {waiting}",
+                          f"ray_vllm_kv_cache_usage_perc{{{lab}}} {usage}"]) + "\n"
+
+    before, after = keep(parse(text(10, 2, 30, 0, 0.5))), keep(parse(text(10, 9, 64, 40, 0.9987)))
+    point = evidence.timeline_point(before, after, DEP, 5.0)  # nothing finished, preempting, all blocks in use
+    assert point["vllm_finished"] == {"r-a": 0} and point["vllm_preemptions"] == {"r-a": 7}
+    assert point["vllm_running"] == {"r-a": 64} and point["vllm_waiting"] == {"r-a": 40}
+    assert point["vllm_kv_usage"] == {"r-a": 0.999}
+    assert "vllm_running" not in evidence.timeline_point({}, {}, DEP, 5.0)  # no engine metrics: no keys
