@@ -149,9 +149,9 @@ def test_the_cells_after_a_cut_run_on_a_fresh_start_of_their_system(tmp_path: Pa
     monkeypatch.setattr(run, "run_system", fake_run_system)
     out = tmp_path / "r.json"
     assert run.main(["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--out", str(out), "--work-dir",
-                     str(tmp_path / "w"), "--systems", "round-robin", "--workloads", "docqa,multiturn,mooncake",
+                     str(tmp_path / "w"), "--systems", "round-robin", "--workloads", "docqa,multiturn,no-sharing",
                      "--loads", "sat"]) == 0
-    assert starts == [[("docqa", "sat"), ("multiturn", "sat"), ("mooncake", "sat")], [("mooncake", "sat")]]
+    assert starts == [[("docqa", "sat"), ("multiturn", "sat"), ("no-sharing", "sat")], [("no-sharing", "sat")]]
     res = __import__("json").loads(out.read_text())["results"]["round-robin"]
-    assert [r["done"] for r in res["runs"]] == [["docqa:sat", "multiturn:sat"], ["mooncake:sat"]]
-    assert "cut" in res["multiturn"]["sat"] and res["docqa"]["sat"] == res["mooncake"]["sat"] == ok
+    assert [r["done"] for r in res["runs"]] == [["docqa:sat", "multiturn:sat"], ["no-sharing:sat"]]
+    assert "cut" in res["multiturn"]["sat"] and res["docqa"]["sat"] == res["no-sharing"]["sat"] == ok
