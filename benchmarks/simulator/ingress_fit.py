@@ -24,6 +24,8 @@ every such cell, less the twin's own decision-to-take time at an idle replica (i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator.client_fit import fit_errors, nonnegative_fit
 
@@ -32,24 +34,31 @@ COLUMNS = ("one", "requests_per_s", "output_tok_per_s")
 FIELDS = ("frontend_s_per_request", "frontend_s_per_token")
 
 
-def ingress_rows(doc: dict) -> list[dict]:
-    """Every cell of a routing JSON (``results[system][workload][load]``) with ingress processes in its
-    ``evidence.host_cpu``, sorted by system, workload and load."""
-    rows = []
+def _cells(doc: dict) -> Iterator[tuple[str, dict]]:
+    """``("system/workload/load", cell)`` for every cell of a routing JSON (``results[system][workload][load]``), sorted
+    by system, workload and load."""
     for system, res in sorted(doc.get("results", {}).items()):
         for workload in workload_names(res):
             for load, m in sorted((res.get(workload) or {}).items()):
-                if not isinstance(m, dict) or not m.get("requests_per_s"):
-                    continue
-                procs = [p for p in ((m.get("evidence") or {}).get("host_cpu") or {}).get("processes", [])
-                         if p.get("role") == "ingress" and p.get("busiest_thread_cores") is not None]
-                if not procs:
-                    continue
-                n = len(procs)
-                rows.append({"cell": f"{system}/{workload}/{load}", "ingresses": n, "one": 1.0,
-                             "requests_per_s": round(float(m["requests_per_s"]) / n, 3),
-                             "output_tok_per_s": round(float(m["output_tok_per_s"]) / n, 1),
-                             "loop_cores": round(sum(p["busiest_thread_cores"] for p in procs) / n, 4)})
+                if isinstance(m, dict):
+                    yield f"{system}/{workload}/{load}", m
+
+
+def ingress_rows(doc: dict) -> list[dict]:
+    """Every cell of a routing JSON with ingress processes in its ``evidence.host_cpu`` (``_cells``' order)."""
+    rows = []
+    for cell, m in _cells(doc):
+        if not m.get("requests_per_s"):
+            continue
+        procs = [p for p in ((m.get("evidence") or {}).get("host_cpu") or {}).get("processes", [])
+                 if p.get("role") == "ingress" and p.get("busiest_thread_cores") is not None]
+        if not procs:
+            continue
+        n = len(procs)
+        rows.append({"cell": cell, "ingresses": n, "one": 1.0,
+                     "requests_per_s": round(float(m["requests_per_s"]) / n, 3),
+                     "output_tok_per_s": round(float(m["output_tok_per_s"]) / n, 1),
+                     "loop_cores": round(sum(p["busiest_thread_cores"] for p in procs) / n, 4)})
     return rows
 
 
@@ -95,15 +104,11 @@ def ray_reply(doc: dict, taken_s: float) -> dict:
     """``ray_reply_s`` from a routing head-to-head JSON's ``routed`` timings (module docstring): the decision-weighted
     mean of its cells' ``routed`` means less ``taken_s``, at least 0; each cell's count and mean (ms)."""
     rows = []
-    for system, res in doc.get("results", {}).items():
-        for workload in workload_names(res):
-            for load, m in (res.get(workload) or {}).items():
-                if not isinstance(m, dict):
-                    continue
-                routed = ((m.get("evidence") or {}).get("ray_router_ms") or {}).get("routed")
-                if routed and routed.get("n"):
-                    rows.append({"cell": f"{system}/{workload}/{load}", "n": int(routed["n"]),
-                                 "mean_ms": float(routed["mean"]), "p50_ms": routed.get("p50")})
+    for cell, m in _cells(doc):
+        routed = ((m.get("evidence") or {}).get("ray_router_ms") or {}).get("routed")
+        if routed and routed.get("n"):
+            rows.append({"cell": cell, "n": int(routed["n"]), "mean_ms": float(routed["mean"]),
+                         "p50_ms": routed.get("p50")})
     if not rows:
         raise ValueError("no cell of Ray's router with its decision-to-insert times (run the head-to-head with "
                          "--ray-trace)")
