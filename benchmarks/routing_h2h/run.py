@@ -79,6 +79,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_PORTS = (8404, 9101)  # HAProxy stats and metrics (--fast-path)
 #: seconds a cell's bench may run past its duration (warm-up, the requests in flight at its end) before it is cut
 CELL_GRACE_S = 90.0
+#: the bench's default --request-timeout in every cell (run.py --request-timeout)
+REQUEST_TIMEOUT_S = 300.0
 
 
 def levels_of(fractions: list[float]) -> list[str]:
@@ -117,13 +119,14 @@ def rate_for(doc: dict, wl: str, level: str) -> float | None:
 
 
 def run_bench(base_url: str, model: str, workload: list[str], load: list[str], duration_s: float,
-              out: Path, label: str, timeout_s: float | None = None) -> dict:
+              out: Path, label: str, timeout_s: float | None = None, request_timeout_s: float = 300.0) -> dict:
     """One ``kvserve bench`` run (a subprocess) -> its headline + load + the command (or an ``error``). Still running
     ``timeout_s`` after its start (default: its duration + ``CELL_GRACE_S``), it is cut: every serving process's
     stacks are dumped beside ``out`` (``stall.dump_stacks``), the bench is killed and the error says so, with
-    ``cut``."""
+    ``cut``. A request without a complete answer ``request_timeout_s`` after its send ends as a ``timeout`` error."""
     cmd = [sys.executable, "-m", "benchmarks.cli", "bench", "--base-url", base_url, "--model", model, "--label", label,
-           *workload, *load, "--duration", str(duration_s), "--request-timeout", "300", "-o", str(out)]
+           *workload, *load, "--duration", str(duration_s), "--request-timeout", f"{request_timeout_s:g}", "-o",
+           str(out)]
     print("+", shlex.join(cmd), flush=True)
     limit = timeout_s if timeout_s is not None else duration_s + CELL_GRACE_S
     rc, cut = stall.run_bounded(cmd, ROOT, limit, lambda: stall.dump_stacks(out.parent, out.stem))
@@ -146,9 +149,10 @@ def _flag(args: list[str], name: str, default: str) -> str:
 
 
 def client_flags(args) -> list[str]:
-    """``--processes N`` for the bench when ``--client-processes`` asks for more than one."""
+    """``--processes N`` for the bench when ``--client-processes`` asks for more than one; ``--per-request``."""
     n = getattr(args, "client_processes", 1) or 1
-    return ["--processes", str(n)] if n > 1 else []
+    return [*(["--processes", str(n)] if n > 1 else []), *(["--per-request"] if getattr(args, "per_request", False)
+                                                           else [])]
 
 
 def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, doc: dict, target: tuple,
@@ -160,22 +164,23 @@ def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, do
         wl_args = [*wl_args, "--trace-file", str(args.trace_file)]
     out = work / f"{name}-{wl}-{level}.json"
     client = client_flags(args)
-    limit = getattr(args, "cell_timeout", None)
+    bounds = {"timeout_s": getattr(args, "cell_timeout", None),
+              "request_timeout_s": getattr(args, "request_timeout", None) or REQUEST_TIMEOUT_S}
     if level == "sat":
         return run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"]), *client],
-                         scale["duration_s"], out, name, timeout_s=limit)
+                         scale["duration_s"], out, name, **bounds)
     rate = rate_for(doc, wl, level)
     if rate is None:
         return {"error": f"no arrival rate for {wl} {level}: run round-robin at sat on {wl} first"}
     if not trace:
         return run_bench(base_url, model, wl_args, ["--rate", str(rate), *client], scale["duration_s"], out, name,
-                         timeout_s=limit)
+                         **bounds)
     try:
         replay = trace_replay(args.trace_file, rate, scale["duration_s"], int(_flag(wl_args, "--trace-start", "0")))
     except (OSError, ValueError) as err:
         return {"error": f"trace replay: {err}"}
     res = run_bench(base_url, model, wl_args, [*replay.bench_args(), "--prompt-salt", level, *client],
-                    scale["duration_s"], out, name, timeout_s=limit)
+                    scale["duration_s"], out, name, **bounds)
     return res | {"trace_replay": replay.as_dict()}
 
 
@@ -345,6 +350,12 @@ def parser() -> argparse.ArgumentParser:
                    help=f"cut a cell's bench still running this long after its start (default: the cell's duration "
                         f"+ {CELL_GRACE_S:g} s): its serving processes' stacks are dumped (stall.py), the error says "
                         f"so and its system restarts for its later cells")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
+                   help="the bench's --request-timeout: a request without a complete answer this long after its send "
+                        "ends as a timeout error (default %(default)g)")
+    p.add_argument("--per-request", action="store_true",
+                   help="the bench also stores every request's record in its JSON beside the server log (bench "
+                        "--per-request): which requests failed or never ended, their first chunk and chunks received")
     p.add_argument("--ray-stop", action="store_true", help="`ray stop --force` after each system (own machine)")
     p.add_argument("--merge", action="store_true",
                    help="write these cells into an existing --out (same scale and config), at its recorded rates")
