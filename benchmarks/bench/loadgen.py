@@ -198,8 +198,13 @@ class _Run:
         task.add_done_callback(self.tasks.discard)
 
     async def drain(self) -> None:
+        """Wait for every spawned request; the awaited tasks leave ``tasks`` here, not only through their done
+        callbacks: when every task is already done, Python 3.12's ``gather`` returns without yielding to the
+        loop, so a loop that waited for the callbacks to empty the set would never let them run."""
         while self.tasks:
-            await asyncio.gather(*list(self.tasks))
+            tasks = list(self.tasks)
+            await asyncio.gather(*tasks)
+            self.tasks.difference_update(tasks)
 
     async def sleep_until(self, due: float) -> None:
         delay = self.start + due - time.perf_counter()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from itertools import islice
 
@@ -106,6 +107,30 @@ async def test_poisson_rate_and_duration_bound():
         outcome, s = await bench(server, RandomWorkload(16, 2), LoadSpec("rate", rate=200.0, duration_s=0.3))
     assert s["errors"]["total"] == 0 and 5 <= s["requests"]["completed"] <= 130  # about 60 expected
     assert max(r.start_s for r in outcome.records) < 0.3 + 0.25
+
+
+async def test_open_loop_ends_when_its_sessions_run_out_under_an_eager_gather(monkeypatch):
+    """Sessions that all end before the duration: the last answer drains the pool and the loop goes on to wait for
+    that very request, already done but its done callbacks not yet run. Python 3.12's ``gather`` returns at once for
+    done tasks, without yielding to the event loop (emulated here on any Python): waiting must still end."""
+    real_gather, calls = asyncio.gather, 0
+
+    def eager_gather(*aws):
+        nonlocal calls
+        calls += 1
+        if calls > 1000:
+            raise RuntimeError("drain spins: gather called 1000 times")
+        if aws and all(isinstance(a, asyncio.Future) and a.done() for a in aws):
+            done = asyncio.get_running_loop().create_future()
+            done.set_result([a.result() for a in aws])
+            return done
+        return real_gather(*aws)
+
+    monkeypatch.setattr(asyncio, "gather", eager_gather)
+    wl = MultiTurnWorkload(num_sessions=4, turns=2, system_words=10, user_words=(3, 3), output_len=2)
+    with FakeOpenAI(ttft_s=0.01, itl_s=0.0) as server:
+        outcome, s = await bench(server, wl, LoadSpec("rate", rate=400.0, duration_s=20.0))
+    assert s["requests"]["completed"] == 8 and s["errors"]["total"] == 0 and outcome.duration_s < 5
 
 
 async def test_trace_replay_honours_scaled_timestamps(tmp_path):
