@@ -310,10 +310,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def same_code(sha: str, paths: tuple[str, ...]) -> bool:
-    """Whether commit ``sha`` had the checkout's ``paths`` (False when git does not know it)."""
-    proc = subprocess.run(["git", "diff", "--quiet", sha, "--", *paths], cwd=ROOT, capture_output=True, check=False)
-    return proc.returncode == 0
+def same_code(sha: str, paths: tuple[str, ...], neutral: frozenset[str] = frozenset(plan.NEUTRAL_COMMITS)) -> bool:
+    """Whether commit ``sha`` had the checkout's ``paths`` (False when git does not know it), or differs from it only
+    by ``neutral`` commits (``plan.NEUTRAL_COMMITS``: changes declared not to change a finished cell's measure)."""
+    def git(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
+
+    if git("diff", "--quiet", sha, "--", *paths).returncode == 0:
+        return True
+    since = git("log", "--format=%H", f"{sha}..HEAD", "--", *paths)
+    changed = since.stdout.split()
+    return (since.returncode == 0 and bool(changed) and set(changed) <= neutral
+            and git("diff", "--quiet", "HEAD", "--", *paths).returncode == 0)
 
 
 def check_rates(systems: list[str], cells_by_system: dict[str, list[plan.Cell]], calibrated: set[str]) -> list[str]:

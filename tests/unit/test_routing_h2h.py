@@ -4,6 +4,7 @@ its targets, the Mooncake replay's time scale, merging pieces into one result, t
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -510,3 +511,19 @@ def test_plan_missing_leaves_out_the_current_cells(tmp_path: Path, monkeypatch: 
 def test_same_code_compares_a_commit_with_the_checkout() -> None:
     assert run.same_code("HEAD", ("no/such/path",)) is True
     assert run.same_code("0" * 40, ("no/such/path",)) is False  # a commit git does not know
+
+
+def test_same_code_passes_over_neutral_commits_only() -> None:
+    """A cell measured at the commit before the bench's drain fix (declared neutral) stays current across it, and
+    not without the declaration (later changes of the same file count as neutral here, so the test lasts)."""
+    def git(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *cmd], cwd=run.ROOT, capture_output=True, text=True, check=False)
+
+    fix = "8038cd6140db0bc2f51026b06aeb245d4158f62e"
+    paths = ("benchmarks/bench/loadgen.py",)
+    if git("cat-file", "-e", f"{fix}^").returncode != 0 or git("diff", "--quiet", "HEAD", "--", *paths).returncode:
+        pytest.skip("a shallow clone without the fix's parent, or loadgen.py changed and not committed")
+    later = frozenset(git("log", "--format=%H", f"{fix}..HEAD", "--", *paths).stdout.split())
+    assert fix in plan.NEUTRAL_COMMITS
+    assert run.same_code(f"{fix}^", paths, neutral=later | {fix}) is True
+    assert run.same_code(f"{fix}^", paths, neutral=later) is False
