@@ -119,7 +119,8 @@ def rate_for(doc: dict, wl: str, level: str) -> float | None:
 
 
 def run_bench(base_url: str, model: str, workload: list[str], load: list[str], duration_s: float,
-              out: Path, label: str, timeout_s: float | None = None, request_timeout_s: float = 300.0) -> dict:
+              out: Path, label: str, timeout_s: float | None = None,
+              request_timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
     """One ``kvserve bench`` run (a subprocess) -> its headline + load + the command (or an ``error``). Still running
     ``timeout_s`` after its start (default: its duration + ``CELL_GRACE_S``), it is cut: every serving process's
     stacks are dumped beside ``out`` (``stall.dump_stacks``), the bench is killed and the error says so, with
@@ -129,7 +130,7 @@ def run_bench(base_url: str, model: str, workload: list[str], load: list[str], d
            str(out)]
     print("+", shlex.join(cmd), flush=True)
     limit = timeout_s if timeout_s is not None else duration_s + CELL_GRACE_S
-    rc, cut = stall.run_bounded(cmd, ROOT, limit, lambda: stall.dump_stacks(out.parent, out.stem))
+    rc, cut = stall.run_bounded(cmd, ROOT, limit, lambda group: stall.dump_stacks(out.parent, out.stem, group=group))
     if cut is not None:
         print(f"cut: {label} still running {limit:g} s after its start", flush=True)
         return {"error": f"cut: the bench was still running {limit:g} s after its start (--cell-timeout)",
@@ -151,8 +152,8 @@ def _flag(args: list[str], name: str, default: str) -> str:
 def client_flags(args) -> list[str]:
     """``--processes N`` for the bench when ``--client-processes`` asks for more than one; ``--per-request``."""
     n = getattr(args, "client_processes", 1) or 1
-    return [*(["--processes", str(n)] if n > 1 else []), *(["--per-request"] if getattr(args, "per_request", False)
-                                                           else [])]
+    flags = ["--processes", str(n)] if n > 1 else []
+    return [*flags, "--per-request"] if getattr(args, "per_request", False) else flags
 
 
 def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, doc: dict, target: tuple,

@@ -30,14 +30,15 @@ _FRAMES = 4  # innermost frames kept per thread in the evidence (the file has th
 
 
 def run_bounded(cmd: list[str], cwd: Path, timeout_s: float,
-                on_cut: Callable[[], dict[str, Any]] = dict) -> tuple[int | None, dict[str, Any] | None]:
-    """Run ``cmd`` in a new process group; after ``timeout_s`` call ``on_cut`` (the command still runs) and kill the
-    group (SIGTERM, then SIGKILL after 5 s) -> (its return code, None), or (None, ``on_cut``'s result) when cut."""
+                on_cut: Callable[[int], dict[str, Any]] = lambda group: {}) -> tuple[int | None, dict[str, Any] | None]:
+    """Run ``cmd`` in a new process group; after ``timeout_s`` call ``on_cut`` with that group's id (the command
+    still runs) and kill the group (SIGTERM, then SIGKILL after 5 s) -> (its return code, None), or (None,
+    ``on_cut``'s result) when cut."""
     proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True)
     try:
         return proc.wait(timeout=timeout_s), None
     except subprocess.TimeoutExpired:
-        seen = on_cut()
+        seen = on_cut(proc.pid)
         _kill_group(proc)
         return None, seen
 
@@ -67,9 +68,19 @@ def threads_of(dump: str, frames: int = _FRAMES) -> list[dict[str, Any]]:
     return out
 
 
-def dump_stacks(out_dir: Path, label: str, cpu: HostCpu | None = None, exe: str | None = None) -> dict[str, Any]:
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def dump_stacks(out_dir: Path, label: str, cpu: HostCpu | None = None, exe: str | None = None,
+                group: int | None = None) -> dict[str, Any]:
     """One ``py-spy dump`` of every process in ``DUMP_ROLES`` -> {processes: [{pid, role, file, threads}]} (raw dumps
-    in ``out_dir`` as ``LABEL-stall-ROLE-PID.txt``), or an ``error`` where there is no py-spy or no /proc."""
+    in ``out_dir`` as ``LABEL-stall-ROLE-PID.txt``), or an ``error`` where there is no py-spy or no /proc. Every
+    process of process group ``group`` (the bench's, from ``run_bounded``) counts as a client: the bench's client
+    processes are untitled ``multiprocessing`` children, which ``host_cpu.role`` cannot tell by their command line."""
     exe = exe or shutil.which("py-spy")
     if exe is None:
         return {"error": "py-spy not installed"}
@@ -79,6 +90,8 @@ def dump_stacks(out_dir: Path, label: str, cpu: HostCpu | None = None, exe: str 
     t0 = time.time()
     processes = []
     for pid, (role, _, _) in sorted(reading.procs.items()):
+        if group is not None and _group_of(pid) == group:
+            role = "client"
         if role not in DUMP_ROLES:
             continue
         entry: dict[str, Any] = {"pid": pid, "role": role}

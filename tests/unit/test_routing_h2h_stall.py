@@ -38,7 +38,7 @@ def test_threads_of_keeps_each_threads_innermost_frames() -> None:
 
 def test_a_command_that_ends_in_time_is_not_cut(tmp_path: Path) -> None:
     rc, cut = stall.run_bounded([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, 30,
-                                on_cut=lambda: pytest.fail("not cut"))
+                                on_cut=lambda group: pytest.fail("not cut"))
     assert (rc, cut) == (3, None)
 
 
@@ -48,9 +48,10 @@ def test_a_command_past_its_limit_is_looked_at_then_killed_with_its_children(tmp
               f"time.sleep(60)']); open({str(child_pid)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     seen = []
 
-    def look() -> dict:
+    def look(group: int) -> dict:
         seen.append(int(child_pid.read_text()))  # the command and its child still run while it is looked at
         os.kill(seen[0], 0)
+        assert os.getpgid(seen[0]) == group  # the child is in the group handed to on_cut
         return {"stacks": "taken"}
 
     t0 = time.monotonic()
@@ -83,6 +84,21 @@ def test_the_dump_keeps_each_serving_process_stacks_in_a_file(tmp_path: Path,
     assert engine["role"] == "engine" and engine["threads"][0]["frames"][0] == "wait (threading.py:355)"
     assert (tmp_path / engine["file"]).read_text() == DUMP and engine["file"].endswith("-stall-engine-4242.txt")
     assert client == {"pid": 99, "role": "client", "error": "py-spy dump rc 1: Permission denied"}
+
+
+def test_the_dump_counts_the_bench_group_as_clients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's client processes are untitled multiprocessing children (role "other" by their command line):
+    every process of the bench's process group is dumped as a client."""
+    reading = SimpleNamespace(procs={5: ("other", "python -c from multiprocessing.spawn ...", 9),
+                                     6: ("other", "unrelated", 1)})
+    monkeypatch.setattr(stall, "_group_of", lambda pid: 5)  # 5 is the group leader; 6 is asked but also in it here
+    monkeypatch.setattr(stall.subprocess, "run", lambda cmd, **kw: SimpleNamespace(returncode=0, stdout=DUMP,
+                                                                                    stderr=""))
+    out = stall.dump_stacks(tmp_path, "cell", cpu=SimpleNamespace(read=lambda: reading), exe="py-spy", group=5)
+    assert [(p["pid"], p["role"]) for p in out["processes"]] == [(5, "client"), (6, "client")]
+    monkeypatch.setattr(stall, "_group_of", lambda pid: pid)
+    out = stall.dump_stacks(tmp_path, "cell", cpu=SimpleNamespace(read=lambda: reading), exe="py-spy", group=5)
+    assert [(p["pid"], p["role"]) for p in out["processes"]] == [(5, "client")]
 
 
 def test_a_cut_bench_is_an_error_with_its_stacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
