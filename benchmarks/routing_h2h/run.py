@@ -166,7 +166,7 @@ def run_cell(name: str, wl: str, level: str, wl_args: list[str], scale: dict, do
     out = work / f"{name}-{wl}-{level}.json"
     client = client_flags(args)
     bounds = {"timeout_s": getattr(args, "cell_timeout", None),
-              "request_timeout_s": getattr(args, "request_timeout", None) or REQUEST_TIMEOUT_S}
+              "request_timeout_s": getattr(args, "request_timeout", REQUEST_TIMEOUT_S)}
     if level == "sat":
         return run_bench(base_url, model, wl_args, ["--concurrency", str(scale["concurrency"]), *client],
                          scale["duration_s"], out, name, **bounds)
