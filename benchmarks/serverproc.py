@@ -3,7 +3,8 @@
 Owns ``start`` (a server command in its own process group, output to a log file), ``wait_ready``
 (poll an OpenAI ``/v1/models`` URL until it lists a model, failing fast when the process exits),
 ``wait_serving`` (until a one-token completion succeeds: an ingress can list models while its engine
-replicas are still starting) and
+replicas are still starting), ``wait_app_running`` (until Serve reports every replica of the app running: one
+replica serving is not all of them) and
 ``stop`` (SIGINT to the whole group, SIGKILL after a grace period); ``leftovers`` (what an earlier server
 left: listeners on its ports, vLLM engine cores, HAProxy), ``kill_found`` (end such leftovers by pid, only the
 ones found, and check they are gone), ``gpu_memory_used_mib`` (nvidia-smi, where there is one),
@@ -13,13 +14,16 @@ ones found, and check they are gone), ``gpu_memory_used_mib`` (nvidia-smi, where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from serve_app.launcher import sweep
 
@@ -78,6 +82,52 @@ def wait_serving(base_url: str, model: str, timeout_s: float, proc: subprocess.P
             pass
         time.sleep(2)
     raise TimeoutError(f"{base_url} did not serve {model} within {timeout_s}s")
+
+
+def wait_app_running(app: str, timeout_s: float, proc: subprocess.Popen,
+                     status: Callable[[str], tuple[str, dict[str, dict[str, int]]]] | None = None,
+                     poll_s: float = 1.0) -> dict[str, Any]:
+    """Wait until Serve reports ``app`` RUNNING (every deployment HEALTHY: all its target replicas running) ->
+    ``{"waited_s", "deployments": {name: {state: count}}}``; ``status(app)`` -> (the app's status, its deployments'
+    replicas by state) defaults to ``app_status`` through one Ray driver connection for the wait. Raises if the
+    process exits or time runs out (the message names the replica states last seen)."""
+    if status is None:
+        with ray_driver():
+            return wait_app_running(app, timeout_s, proc, app_status, poll_s)
+    t0, seen = time.time(), ("", {})
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before every replica of {app} ran")
+        seen = status(app)
+        if seen[0] == "RUNNING":
+            return {"waited_s": round(time.time() - t0, 1), "deployments": seen[1]}
+        time.sleep(poll_s)
+    raise TimeoutError(f"{app} not RUNNING after {timeout_s}s (last: {seen[0] or 'no status'} {seen[1]})")
+
+
+@contextlib.contextmanager
+def ray_driver() -> Iterator[None]:
+    """A Ray driver connected to the running cluster for the block (closed after it)."""
+    import ray
+
+    ray.init(address="auto", namespace="kvserve_bench", logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def app_status(app: str) -> tuple[str, dict[str, dict[str, int]]]:
+    """``app``'s status and its deployments' replicas counted by state, from ``serve.status()`` (needs a connected
+    Ray driver); ``("", {})`` while the app is not deployed yet."""
+    from ray import serve
+
+    found = serve.status().applications.get(app)
+    if found is None:
+        return "", {}
+    return (getattr(found.status, "value", found.status),
+            {name: {getattr(k, "value", k): v for k, v in d.replica_states.items()}
+             for name, d in found.deployments.items()})
 
 
 def is_leftover_process(name: str, argv: list[str]) -> bool:

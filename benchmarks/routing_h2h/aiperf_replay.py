@@ -292,6 +292,8 @@ def run_system(system: str, base: dict, input_file: Path, index: int, scaling: d
     try:
         t0 = time.time()
         serverproc.wait_ready(base_url + "/v1/models", args.start_timeout, proc)
+        run["replicas_ready"] = serverproc.wait_app_running(cfg["applications"][0].get("name", "default"),
+                                                             args.start_timeout, proc)
         serverproc.wait_serving(base_url + "/v1", model, args.start_timeout, proc)
         run["ready_s"] = round(time.time() - t0, 1)
         artifacts = work / f"{index:02d}-{system}-aiperf"

@@ -46,6 +46,8 @@ Cell = tuple[str, str]  # (workload, level)
 MEASURED_PATHS = ("deployments", "routers", "serve_app", ":(exclude)serve_app/kuberay", CONFIG, "benchmarks/bench",
                   "benchmarks/cli.py")
 RAY_ADAPTER = "benchmarks/routing_h2h/ray_router.py"
+#: requests per replica in a first cell's first evidence interval above which an idle replica means it was not running
+LATE_MIN_REQUESTS = 4
 #: Commits that changed a measured path without changing what any finished cell measured, and why: a cell measured
 #: before them stays current when they are the only such commits since (``run.same_code``)
 NEUTRAL_COMMITS = {
@@ -107,17 +109,39 @@ def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, .
     """The cells of ``system`` in a result ``doc`` whose last run measured the code that is here now: ``same_code(sha,
     paths)`` says whether commit ``sha`` had today's ``paths`` (``measured_paths``). A run's cells are those it
     ``finished``, and a cell the result does not hold, or holds as an ``error`` (a bench that failed or was cut), is
-    never current. A cell whose run names no commit is not current."""
+    never current. A cell whose run names no commit, or ``started_late``, is not current."""
     res = doc.get("results", {}).get(system, {})
     last: dict[Cell, str | None] = {}
-    for run in res.get("runs", []):
+    runs = res.get("runs", [])
+    for i, run in enumerate(runs):
+        late = started_late(res, run, later=runs[i + 1:])
         for cell in finished(run):
             wl, _, lv = cell.partition(":")
-            last[(wl, lv)] = run.get("git_commit")
+            last[(wl, lv)] = None if late else run.get("git_commit")
     held = {cell for cell in last if isinstance(m := (res.get(cell[0]) or {}).get(cell[1]), dict) and "error" not in m}
     paths = measured_paths(system)
     same = {sha: same_code(sha, paths) for sha in {last[c] for c in held} if sha}  # one comparison per commit
     return {cell for cell in held if last[cell] and same[last[cell]]}
+
+
+def started_late(res: dict, run: dict, later: list[dict] = ()) -> bool:
+    """Whether ``run`` began its first cell before every replica served: a run from before ``run_system`` waited for
+    Serve to report every replica running (no ``replicas_ready``) whose first cell's evidence timeline shows a replica
+    without a request in the first interval while the cell sent at least ``LATE_MIN_REQUESTS`` per replica there
+    (fewer can leave a replica idle by chance). All of such a run's cells count as not current: what the routers
+    learnt while a replica was missing (Ray's tree and its tenants' sizes, the strategies' indexes and the engines'
+    caches) carries into the later cells. A first cell that a ``later`` run measured again cannot be judged: no."""
+    done = finished(run)
+    if "replicas_ready" in run or not done or any(done[0] in finished(r) for r in later):
+        return False
+    wl, _, lv = done[0].partition(":")
+    timeline = (((res.get(wl) or {}).get(lv) or {}).get("evidence") or {}).get("timeline") or []
+    if not timeline:
+        return False
+    replicas = set().union(*(point.get("requests", {}) for point in timeline))
+    first = timeline[0].get("requests", {})
+    idle = [r for r in replicas if not first.get(r)]
+    return bool(idle) and sum(first.values()) >= LATE_MIN_REQUESTS * len(replicas)
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

@@ -490,6 +490,30 @@ def test_current_cells_are_those_whose_last_run_measured_todays_code() -> None:
     assert plan.RAY_ADAPTER in asked[-1] and "routers" in asked[0] and ":(exclude)serve_app/kuberay" in asked[0]
 
 
+def _timeline(*firsts: dict[str, int]) -> dict:
+    return {"ttft_p50_ms": 1.0, "evidence": {"timeline": [{"t_s": 5.0 * (i + 1), "requests": r}
+                                                          for i, r in enumerate(firsts)]}}
+
+
+def test_a_run_whose_first_cell_began_before_every_replica_ran_is_not_current() -> None:
+    late = _timeline({"a": 30, "b": 14, "c": 0}, {"a": 20, "b": 20, "c": 20})  # c took its first request after 5 s
+    light = _timeline({"a": 5, "b": 4, "c": 0}, {"a": 5, "b": 5, "c": 5})  # too few requests to tell
+    even = _timeline({"a": 15, "b": 15, "c": 14})
+    runs = [{"git_commit": "new", "cells": ["docqa:sat", "docqa:r70"]},  # late: both its cells stale
+            {"git_commit": "new", "cells": ["multiturn:r25", "multiturn:r70"]},  # light first cell: kept
+            {"git_commit": "new", "cells": ["mooncake:sat"]},
+            # waited for every replica (run_system since the check): its timeline is not read
+            {"git_commit": "new", "cells": ["no-sharing:sat"], "replicas_ready": {"waited_s": 3.0}}]
+    res = {"runs": runs, "docqa": {"sat": late, "r70": even}, "multiturn": {"r25": light, "r70": even},
+           "mooncake": {"sat": even}, "no-sharing": {"sat": late}}
+    assert [plan.started_late(res, r) for r in runs] == [True, False, False, False]
+    current = plan.current_cells({"results": {"kv-aware": res}}, "kv-aware", lambda sha, paths: True)
+    assert current == {("multiturn", "r25"), ("multiturn", "r70"), ("mooncake", "sat"), ("no-sharing", "sat")}
+    # a later run measured the late run's first cell again: the timeline held is that run's, so no judgement
+    again = {**res, "runs": [*runs, {"git_commit": "new", "cells": ["docqa:sat"]}]}
+    assert not plan.started_late(again, runs[0], later=again["runs"][1:])
+
+
 def test_plan_missing_leaves_out_the_current_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
     kept = tmp_path / "kept.json"

@@ -193,7 +193,8 @@ def test_run_system_profiles_only_the_cells_named(tmp_path: Path, monkeypatch: p
         def finish(self) -> dict:
             return {"seconds": self.seconds, "processes": []}
 
-    for name, fn in {"start": lambda *a: None, "wait_ready": lambda *a: None, "wait_serving": lambda *a: None,
+    for name, fn in {"start": lambda *a: None, "wait_ready": lambda *a: None, "wait_app_running": lambda *a: {},
+                     "wait_serving": lambda *a: None,
                      "stop": lambda *a: None, "deployment_name": lambda m: f"vllm-{m}"}.items():
         monkeypatch.setattr(run.serverproc, name, fn)
     monkeypatch.setattr(run.evidence, "Probe", FakeProbe)

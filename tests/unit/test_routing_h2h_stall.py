@@ -125,7 +125,7 @@ def test_a_cut_cell_is_kept_and_its_system_stops_after_it(tmp_path: Path, monkey
     probe = SimpleNamespace(url="u", error=None, start=lambda: None, finish=lambda: {"view_after": {}})
     monkeypatch.setattr(run, "run_cell", fake_cell)
     monkeypatch.setattr(run.evidence, "Probe", lambda *a, **k: probe)
-    for name in ("start", "wait_ready", "wait_serving", "stop"):
+    for name in ("start", "wait_ready", "wait_app_running", "wait_serving", "stop"):
         monkeypatch.setattr(run.serverproc, name, lambda *a, **k: None)
     monkeypatch.setattr(run.time, "sleep", lambda s: None)
     cfg = {"applications": [{"args": {"models": [{"id": "m"}], "routing": {"strategy": "kv-aware"}}}]}

@@ -84,7 +84,7 @@ def _fake_server(monkeypatch, logs):
     ticks = iter(["13:07:45", "13:07:46", "13:07:47", "13:07:48"])
     monkeypatch.setattr(steps_mod, "clock", lambda: next(ticks))
     monkeypatch.setattr(steps_mod, "RAY_LOGS", logs)
-    for name in ("start", "wait_ready", "wait_serving", "stop"):
+    for name in ("start", "wait_ready", "wait_app_running", "wait_serving", "stop"):
         monkeypatch.setattr(run.serverproc, name, lambda *a, **k: None)
     monkeypatch.setattr(run.serverproc, "deployment_name", lambda model: "d")
     monkeypatch.setattr(run.evidence, "Probe", lambda *a: SimpleNamespace(url="u", error=None, start=lambda: None,

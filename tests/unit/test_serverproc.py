@@ -115,3 +115,33 @@ def test_kill_found_waits_for_a_listed_process_whose_leader_already_exited() -> 
     assert out["exiting"] == [child.pid] and out["killed"] == [] and out["skipped"] == []
     assert out["still_alive"] == []
     assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_wait_app_running_waits_for_every_replica_not_the_first_one_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serverproc.time, "sleep", lambda s: None)
+    alive = types.SimpleNamespace(poll=lambda: None, returncode=None)
+    seen = iter([("", {}),  # the app not deployed yet
+                 ("DEPLOYING", {"ingress": {"RUNNING": 2}, "vllm-m": {"RUNNING": 3, "STARTING": 1}}),
+                 ("RUNNING", {"ingress": {"RUNNING": 2}, "vllm-m": {"RUNNING": 4}})])
+    asked: list[str] = []
+
+    def status(app: str):
+        asked.append(app)
+        return next(seen)
+
+    out = serverproc.wait_app_running("kvserve", 60, alive, status)
+    assert out["deployments"] == {"ingress": {"RUNNING": 2}, "vllm-m": {"RUNNING": 4}} and asked == ["kvserve"] * 3
+
+
+def test_wait_app_running_fails_naming_the_states_it_saw_or_when_the_server_exits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(serverproc.time, "time", lambda: next(clock))
+    monkeypatch.setattr(serverproc.time, "sleep", lambda s: None)
+    alive = types.SimpleNamespace(poll=lambda: None, returncode=None)
+    starting = ("DEPLOYING", {"vllm-m": {"RUNNING": 3, "STARTING": 1}})
+    with pytest.raises(TimeoutError, match="DEPLOYING.*'STARTING': 1"):
+        serverproc.wait_app_running("kvserve", 30, alive, lambda app: starting)
+    gone = types.SimpleNamespace(poll=lambda: 1, returncode=1)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        serverproc.wait_app_running("kvserve", 30, gone, lambda app: starting)
