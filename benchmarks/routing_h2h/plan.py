@@ -14,7 +14,7 @@ round-robin goes first, since its ``sat`` cells calibrate the arrival rates of e
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -124,15 +124,17 @@ def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, .
     return {cell for cell in held if last[cell] and same[last[cell]]}
 
 
-def started_late(res: dict, run: dict, later: list[dict] = ()) -> bool:
-    """Whether ``run`` began its first cell before every replica served: a run from before ``run_system`` waited for
-    Serve to report every replica running (no ``replicas_ready``) whose first cell's evidence timeline shows a replica
+def started_late(res: dict, run: dict, later: Sequence[dict] = ()) -> bool:
+    """Whether ``run`` began its first cell before every replica served: a run without a successful wait for Serve to
+    report every replica running (no ``replicas_ready``, from before ``run_system`` waited, or one holding an
+    ``error``) whose first cell's evidence timeline shows a replica
     without a request in the first interval while the cell sent at least ``LATE_MIN_REQUESTS`` per replica there
     (fewer can leave a replica idle by chance). All of such a run's cells count as not current: what the routers
     learnt while a replica was missing (Ray's tree and its tenants' sizes, the strategies' indexes and the engines'
     caches) carries into the later cells. A first cell that a ``later`` run measured again cannot be judged: no."""
     done = finished(run)
-    if "replicas_ready" in run or not done or any(done[0] in finished(r) for r in later):
+    waited = "error" not in run.get("replicas_ready", {"error": "none"})
+    if waited or not done or any(done[0] in finished(r) for r in later):
         return False
     wl, _, lv = done[0].partition(":")
     timeline = (((res.get(wl) or {}).get(lv) or {}).get("evidence") or {}).get("timeline") or []

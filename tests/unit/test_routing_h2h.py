@@ -503,10 +503,12 @@ def test_a_run_whose_first_cell_began_before_every_replica_ran_is_not_current() 
             {"git_commit": "new", "cells": ["multiturn:r25", "multiturn:r70"]},  # light first cell: kept
             {"git_commit": "new", "cells": ["mooncake:sat"]},
             # waited for every replica (run_system since the check): its timeline is not read
-            {"git_commit": "new", "cells": ["no-sharing:sat"], "replicas_ready": {"waited_s": 3.0}}]
+            {"git_commit": "new", "cells": ["no-sharing:sat"], "replicas_ready": {"waited_s": 3.0}},
+            # could not wait (no Ray driver): judged by its timeline
+            {"git_commit": "new", "cells": ["no-sharing:r25"], "replicas_ready": {"error": "ConnectionError: ..."}}]
     res = {"runs": runs, "docqa": {"sat": late, "r70": even}, "multiturn": {"r25": light, "r70": even},
-           "mooncake": {"sat": even}, "no-sharing": {"sat": late}}
-    assert [plan.started_late(res, r) for r in runs] == [True, False, False, False]
+           "mooncake": {"sat": even}, "no-sharing": {"sat": late, "r25": late}}
+    assert [plan.started_late(res, r) for r in runs] == [True, False, False, False, True]
     current = plan.current_cells({"results": {"kv-aware": res}}, "kv-aware", lambda sha, paths: True)
     assert current == {("multiturn", "r25"), ("multiturn", "r70"), ("mooncake", "sat"), ("no-sharing", "sat")}
     # a later run measured the late run's first cell again: the timeline held is that run's, so no judgement
