@@ -112,12 +112,12 @@ def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, .
     never current. A cell whose run names no commit, or ``started_late``, is not current."""
     res = doc.get("results", {}).get(system, {})
     last: dict[Cell, str | None] = {}
-    runs = res.get("runs", [])
-    for i, run in enumerate(runs):
-        late = started_late(res, run, later=runs[i + 1:])
+    for run in res.get("runs", []):
         for cell in finished(run):
             wl, _, lv = cell.partition(":")
-            last[(wl, lv)] = None if late else run.get("git_commit")
+            last[(wl, lv)] = run.get("git_commit")
+    for cell in late_cells(res):
+        last[cell] = None
     held = {cell for cell in last if isinstance(m := (res.get(cell[0]) or {}).get(cell[1]), dict) and "error" not in m}
     paths = measured_paths(system)
     same = {sha: same_code(sha, paths) for sha in {last[c] for c in held} if sha}  # one comparison per commit
@@ -144,6 +144,17 @@ def started_late(res: dict, run: dict, later: Sequence[dict] = ()) -> bool:
     first = timeline[0].get("requests", {})
     idle = [r for r in replicas if not first.get(r)]
     return bool(idle) and sum(first.values()) >= LATE_MIN_REQUESTS * len(replicas)
+
+
+def late_cells(res: dict) -> set[Cell]:
+    """The cells of one system's result ``res`` whose last run ``started_late``."""
+    runs, last = res.get("runs", []), {}
+    for i, run in enumerate(runs):
+        late = started_late(res, run, later=runs[i + 1:])
+        for cell in finished(run):
+            wl, _, lv = cell.partition(":")
+            last[(wl, lv)] = late
+    return {cell for cell, late in last.items() if late}
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.routing_h2h import plan
 from benchmarks.routing_h2h.evidence_table import evidence_table
 from benchmarks.routing_h2h.summary import table, workload_names
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     doc = json.loads(Path(a.result).read_text())
-    Path(a.result).with_suffix(".md").write_text(table(doc["results"]) + "\n" + evidence_table(doc["results"]))
+    late = {system: plan.late_cells(res) for system, res in doc["results"].items()}
+    Path(a.result).with_suffix(".md").write_text(table(doc["results"], late) + "\n" + evidence_table(doc["results"]))
     data = series(doc["results"])
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.8), squeeze=False)
     names = list(dict.fromkeys(system for systems in data.values() for system in systems))

@@ -525,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             new = run_system(system, cfg, scale, todo, doc, args, save)
             save(new)
             todo = after_cut(new, todo)
-    md = table(doc["results"]) + "\n" + evidence_table(doc["results"])
+    late = {system: plan.late_cells(res) for system, res in doc["results"].items()}
+    md = table(doc["results"], late) + "\n" + evidence_table(doc["results"])
     out.with_suffix(".md").write_text(md)
     print(md)
     print(json.dumps(doc["summary"], indent=2))

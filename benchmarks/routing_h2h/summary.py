@@ -144,8 +144,14 @@ def workload_names(system_result: dict) -> list[str]:
     return [k for k, v in system_result.items() if k not in META and isinstance(v, dict)]
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per workload x load x system (a failed or cut cell: its error in the last column)."""
+LATE_NOTE = ("\\* measured in a run whose first cell began before every replica ran (`plan.started_late`): "
+             "`--plan-missing` lists it again")
+
+
+def table(results: dict[str, dict], late: dict[str, set[tuple[str, str]]] | None = None) -> str:
+    """Markdown: one row per workload x load x system (a failed or cut cell: its error in the last column); a cell in
+    ``late`` (system -> cells, ``plan.late_cells``) has its system marked ``*`` and a note under the table."""
+    late = late or {}
     lines = ["| workload | load | system | requests | TTFT p50 ms | p90 | p99 | output tok/s | cache hit | errors |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     workloads = dict.fromkeys(wl for r in results.values() for wl in workload_names(r))
@@ -160,7 +166,10 @@ def table(results: dict[str, dict]) -> str:
                     lines.append(f"| {wl} | {lv} | {system} | - | - | - | - | - | - | {h['error']} |")
                     continue
                 hit = "-" if h["cache_hit_rate"] is None else f"{h['cache_hit_rate']:.2f}"
-                lines.append(f"| {wl} | {lv} | {system} | {h.get('completed', '-')} | {h['ttft_p50_ms']:.0f} | "
+                name = f"{system} \\*" if (wl, lv) in late.get(system, ()) else system
+                lines.append(f"| {wl} | {lv} | {name} | {h.get('completed', '-')} | {h['ttft_p50_ms']:.0f} | "
                              f"{h['ttft_p90_ms']:.0f} | {h['ttft_p99_ms']:.0f} | {h['output_tok_per_s']:.1f} | {hit} | "
                              f"{h['errors']} |")
+    if any(late.values()):
+        lines += ["", LATE_NOTE]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from benchmarks.bench.workloads.mooncake import MooncakeWorkload
-from benchmarks.routing_h2h import plan, run
+from benchmarks.routing_h2h import plan, run, summary
 from benchmarks.routing_h2h.replay import time_scale_for, trace_replay
 from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, TARGETS, TWO_INGRESS, summarize, table
 from benchmarks.routing_h2h.systems import RAY_ROUTER_CLASS, SCALES, SYSTEMS, system_config
@@ -491,8 +491,9 @@ def test_current_cells_are_those_whose_last_run_measured_todays_code() -> None:
 
 
 def _timeline(*firsts: dict[str, int]) -> dict:
-    return {"ttft_p50_ms": 1.0, "evidence": {"timeline": [{"t_s": 5.0 * (i + 1), "requests": r}
-                                                          for i, r in enumerate(firsts)]}}
+    cell = {"ttft_p50_ms": 1.0, "ttft_p90_ms": 2.0, "ttft_p99_ms": 3.0, "output_tok_per_s": 10.0,
+            "cache_hit_rate": 0.5, "completed": 9, "errors": 0}
+    return cell | {"evidence": {"timeline": [{"t_s": 5.0 * (i + 1), "requests": r} for i, r in enumerate(firsts)]}}
 
 
 def test_a_run_whose_first_cell_began_before_every_replica_ran_is_not_current() -> None:
@@ -511,6 +512,11 @@ def test_a_run_whose_first_cell_began_before_every_replica_ran_is_not_current() 
     assert [plan.started_late(res, r) for r in runs] == [True, False, False, False, True]
     current = plan.current_cells({"results": {"kv-aware": res}}, "kv-aware", lambda sha, paths: True)
     assert current == {("multiturn", "r25"), ("multiturn", "r70"), ("mooncake", "sat"), ("no-sharing", "sat")}
+    late_ones = plan.late_cells(res)
+    assert late_ones == {("docqa", "sat"), ("docqa", "r70"), ("no-sharing", "r25")}
+    md = table({"kv-aware": res}, {"kv-aware": late_ones})
+    assert "| docqa | sat | kv-aware \\* |" in md and "| mooncake | sat | kv-aware |" in md and summary.LATE_NOTE in md
+    assert summary.LATE_NOTE not in table({"kv-aware": res})
     # a later run measured the late run's first cell again: the timeline held is that run's, so no judgement
     again = {**res, "runs": [*runs, {"git_commit": "new", "cells": ["docqa:sat"]}]}
     assert not plan.started_late(again, runs[0], later=again["runs"][1:])
