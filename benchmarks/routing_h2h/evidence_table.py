@@ -1,13 +1,16 @@
 """The head-to-head's evidence as markdown: one row per cell that has evidence (``evidence.derive``), beside
 ``summary.table``.
 
-Owns ``evidence_table`` and its cell formatters: requests per replica and their balance, top decision reasons,
+Owns ``result_markdown`` (a result's .md: that table, its late-start cells marked, then this one), ``evidence_table``
+and its cell formatters: requests per replica and their balance, top decision reasons,
 KV events, route wait (with Ray's router's steps), vLLM's queue time by replica, the stages' p50s, the engine
 stage's mean beside its parts' (vLLM's request stamps), the event loops' worst lag and the host's CPU.
 """
 
 from __future__ import annotations
 
+from benchmarks.routing_h2h import plan
+from benchmarks.routing_h2h.summary import table
 from deployments.stages import ENGINE_PARTS
 
 
@@ -98,3 +101,10 @@ def _stage_p50s(stages_ms: dict[str, dict]) -> str:
     keys = ("tokenize", "dispatch", "engine", "return", "first_byte")
     vals = [stages_ms.get(k, {}).get("p50") for k in keys]
     return "-" if all(v is None for v in vals) else "/".join("-" if v is None else f"{v:.0f}" for v in vals)
+
+
+def result_markdown(results: dict[str, dict]) -> str:
+    """A result's .md: ``summary.table`` with the cells of late-starting runs marked (``plan.late_cells``), then
+    ``evidence_table``."""
+    late = {system: plan.late_cells(res) for system, res in results.items()}
+    return table(results, late) + "\n" + evidence_table(results)

@@ -111,13 +111,8 @@ def current_cells(doc: dict, system: str, same_code: Callable[[str, tuple[str, .
     ``finished``, and a cell the result does not hold, or holds as an ``error`` (a bench that failed or was cut), is
     never current. A cell whose run names no commit, or ``started_late``, is not current."""
     res = doc.get("results", {}).get(system, {})
-    last: dict[Cell, str | None] = {}
-    for run in res.get("runs", []):
-        for cell in finished(run):
-            wl, _, lv = cell.partition(":")
-            last[(wl, lv)] = run.get("git_commit")
-    for cell in late_cells(res):
-        last[cell] = None
+    runs, late = res.get("runs", []), late_cells(res)
+    last = {cell: None if cell in late else runs[i].get("git_commit") for cell, i in last_runs(res).items()}
     held = {cell for cell in last if isinstance(m := (res.get(cell[0]) or {}).get(cell[1]), dict) and "error" not in m}
     paths = measured_paths(system)
     same = {sha: same_code(sha, paths) for sha in {last[c] for c in held} if sha}  # one comparison per commit
@@ -146,15 +141,23 @@ def started_late(res: dict, run: dict, later: Sequence[dict] = ()) -> bool:
     return bool(idle) and sum(first.values()) >= LATE_MIN_REQUESTS * len(replicas)
 
 
-def late_cells(res: dict) -> set[Cell]:
-    """The cells of one system's result ``res`` whose last run ``started_late``."""
-    runs, last = res.get("runs", []), {}
-    for i, run in enumerate(runs):
-        late = started_late(res, run, later=runs[i + 1:])
+def last_runs(res: dict) -> dict[Cell, int]:
+    """Each cell one system's result ``res`` has a run for -> the index in its ``runs`` of the last that ``finished``
+    it."""
+    last: dict[Cell, int] = {}
+    for i, run in enumerate(res.get("runs", [])):
         for cell in finished(run):
             wl, _, lv = cell.partition(":")
-            last[(wl, lv)] = late
-    return {cell for cell, late in last.items() if late}
+            last[(wl, lv)] = i
+    return last
+
+
+def late_cells(res: dict) -> set[Cell]:
+    """The cells of one system's result ``res`` whose last run ``started_late``."""
+    runs = res.get("runs", [])
+    last = last_runs(res)
+    late = {i for i in set(last.values()) if started_late(res, runs[i], later=runs[i + 1:])}
+    return {cell for cell, i in last.items() if i in late}
 
 
 def selection_args(cells: list[Cell]) -> list[str]:

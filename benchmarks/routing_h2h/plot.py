@@ -14,9 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.routing_h2h import plan
-from benchmarks.routing_h2h.evidence_table import evidence_table
-from benchmarks.routing_h2h.summary import table, workload_names
+from benchmarks.routing_h2h.evidence_table import result_markdown
+from benchmarks.routing_h2h.summary import workload_names
 
 
 def level_x(level: str) -> float:
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     doc = json.loads(Path(a.result).read_text())
-    late = {system: plan.late_cells(res) for system, res in doc["results"].items()}
-    Path(a.result).with_suffix(".md").write_text(table(doc["results"], late) + "\n" + evidence_table(doc["results"]))
+    Path(a.result).with_suffix(".md").write_text(result_markdown(doc["results"]))
     data = series(doc["results"])
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.8), squeeze=False)
     names = list(dict.fromkeys(system for systems in data.values() for system in systems))

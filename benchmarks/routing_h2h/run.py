@@ -58,9 +58,9 @@ import yaml
 from benchmarks import serverproc
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.routing_h2h import evidence, plan, profile, ray_trace, stall, steps
-from benchmarks.routing_h2h.evidence_table import evidence_table
+from benchmarks.routing_h2h.evidence_table import result_markdown
 from benchmarks.routing_h2h.replay import trace_replay
-from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, ROUND_ROBIN, TWO_INGRESS, summarize, table
+from benchmarks.routing_h2h.summary import DEFAULT_STRATEGY, ONE_INGRESS, ROUND_ROBIN, TWO_INGRESS, summarize
 from benchmarks.routing_h2h.systems import (
     DIAGNOSTIC,
     RAY_ROUTER_CLASS,
@@ -525,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             new = run_system(system, cfg, scale, todo, doc, args, save)
             save(new)
             todo = after_cut(new, todo)
-    late = {system: plan.late_cells(res) for system, res in doc["results"].items()}
-    md = table(doc["results"], late) + "\n" + evidence_table(doc["results"])
+    md = result_markdown(doc["results"])
     out.with_suffix(".md").write_text(md)
     print(md)
     print(json.dumps(doc["summary"], indent=2))
