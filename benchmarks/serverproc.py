@@ -4,8 +4,8 @@ Owns ``start`` (a server command in its own process group, output to a log file)
 (poll an OpenAI ``/v1/models`` URL until it lists a model, failing fast when the process exits),
 ``wait_serving`` (until a one-token completion succeeds: an ingress can list models while its engine
 replicas are still starting), ``wait_app_running`` (until Serve reports every replica of the app running: one
-replica serving is not all of them) and
-``stop`` (SIGINT to the whole group, SIGKILL after a grace period); ``leftovers`` (what an earlier server
+replica serving is not all of them; each poll asked by a child process, ``python -m benchmarks.serverproc app-status
+APP``) and ``stop`` (SIGINT to the whole group, SIGKILL after a grace period); ``leftovers`` (what an earlier server
 left: listeners on its ports, vLLM engine cores, HAProxy), ``kill_found`` (end such leftovers by pid, only the
 ones found, and check they are gone), ``gpu_memory_used_mib`` (nvidia-smi, where there is one),
 ``deployment_name`` (the Serve deployment of a model id, as ``deployments.vllm_replica`` names it) and
@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -89,11 +90,9 @@ def wait_app_running(app: str, timeout_s: float, proc: subprocess.Popen,
                      poll_s: float = 1.0) -> dict[str, Any]:
     """Wait until Serve reports ``app`` RUNNING (every deployment HEALTHY: all its target replicas running) ->
     ``{"waited_s", "deployments": {name: {state: count}}}``; ``status(app)`` -> (the app's status, its deployments'
-    replicas by state) defaults to ``app_status`` through one Ray driver connection for the wait. Raises if the
-    process exits or time runs out (the message names the replica states last seen)."""
-    if status is None:
-        with ray_driver():
-            return wait_app_running(app, timeout_s, proc, app_status, poll_s)
+    replicas by state) defaults to ``app_status_in_child``. Raises if the process exits or time runs out (the
+    message names the replica states last seen)."""
+    status = status or app_status_in_child
     t0, seen = time.time(), ("", {})
     while time.time() - t0 < timeout_s:
         if proc.poll() is not None:
@@ -128,6 +127,19 @@ def app_status(app: str) -> tuple[str, dict[str, dict[str, int]]]:
     return (getattr(found.status, "value", found.status),
             {name: {getattr(k, "value", k): v for k, v in d.replica_states.items()}
              for name, d in found.deployments.items()})
+
+
+def app_status_in_child(app: str, timeout_s: float = 120.0) -> tuple[str, dict[str, dict[str, int]]]:
+    """``app_status`` asked by a child process with its own Ray driver: a driver in this process would keep Serve's
+    client (its controller's handle) after ``ray.shutdown``, so a later server's wait would ask a controller of the
+    cluster already stopped. Raises ConnectionError when the child cannot ask (no cluster to connect to)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.serverproc", "app-status", app], capture_output=True,
+                         text=True, check=False, timeout=timeout_s, cwd=Path(__file__).resolve().parents[1])
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise ConnectionError(f"Serve status of {app} (exit {out.returncode}): {out.stderr.strip()[-300:]}")
+    found, deployments = json.loads(lines[-1])
+    return found, deployments
 
 
 def is_leftover_process(name: str, argv: list[str]) -> bool:
@@ -234,3 +246,10 @@ def deployment_states(app: str, dep: str) -> tuple[str, dict[str, int]]:
 
     d = serve.status().applications[app].deployments[dep]
     return getattr(d.status, "value", d.status), {getattr(k, "value", k): v for k, v in d.replica_states.items()}
+
+
+if __name__ == "__main__":  # app_status_in_child's child: python -m benchmarks.serverproc app-status APP
+    if len(sys.argv) != 3 or sys.argv[1] != "app-status":
+        sys.exit("usage: python -m benchmarks.serverproc app-status APP")
+    with ray_driver():
+        print(json.dumps(app_status(sys.argv[2])))

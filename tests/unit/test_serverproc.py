@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import types
 
 import pytest
@@ -67,8 +69,6 @@ def test_deployment_name_matches_serves_spelling() -> None:
 
 
 def test_kill_found_kills_only_the_listed_matching_pids() -> None:
-    import subprocess
-
     marker = "kvserve-unit-victim"
     victim = subprocess.Popen(["bash", "-c", f"exec -a {marker} sleep 60"])
     bystander = subprocess.Popen(["sleep", "60"])
@@ -101,7 +101,6 @@ def test_kill_found_kills_only_the_listed_matching_pids() -> None:
 def test_kill_found_waits_for_a_listed_process_whose_leader_already_exited() -> None:
     """An engine core that is tearing down reads as a zombie (empty command line): it is not skipped as
     gone, it is killed and waited for, and reported under ``exiting``."""
-    import subprocess
     import time
 
     import psutil
@@ -145,3 +144,21 @@ def test_wait_app_running_fails_naming_the_states_it_saw_or_when_the_server_exit
     gone = types.SimpleNamespace(poll=lambda: 1, returncode=1)
     with pytest.raises(RuntimeError, match="exited with 1"):
         serverproc.wait_app_running("kvserve", 30, gone, lambda app: starting)
+
+
+def test_app_status_in_child_reads_the_childs_last_line_and_raises_connection_error_when_it_cannot_ask(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[list[str]] = []
+
+    def run(argv, **kw):
+        asked.append(argv)
+        if argv[-1] == "kvserve":
+            line = json.dumps(["RUNNING", {"ingress": {"RUNNING": 2}}])
+            return subprocess.CompletedProcess(argv, 0, stdout="a log line\n" + line + "\n", stderr="")
+        return subprocess.CompletedProcess(argv, 1, stdout="", stderr="ConnectionError: no running Ray instance")
+
+    monkeypatch.setattr(serverproc.subprocess, "run", run)
+    assert serverproc.app_status_in_child("kvserve") == ("RUNNING", {"ingress": {"RUNNING": 2}})
+    assert asked[0][1:] == ["-m", "benchmarks.serverproc", "app-status", "kvserve"]
+    with pytest.raises(ConnectionError, match="other.*exit 1.*no running Ray instance"):
+        serverproc.app_status_in_child("other")
