@@ -14,7 +14,7 @@ round-robin goes first, since its ``sat`` cells calibrate the arrival rates of e
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -126,7 +126,11 @@ def started_late(res: dict, run: dict, later: Sequence[dict] = ()) -> bool:
     without a request in the first interval while the cell sent at least ``LATE_MIN_REQUESTS`` per replica there
     (fewer can leave a replica idle by chance). All of such a run's cells count as not current: what the routers
     learnt while a replica was missing (Ray's tree and its tenants' sizes, the strategies' indexes and the engines'
-    caches) carries into the later cells. A first cell that a ``later`` run measured again cannot be judged: no."""
+    caches) carries into the later cells. A run's ``started_late`` recorded when a later run replaced its first cell
+    (``judge_replaced``) is the answer; without one, a first cell that a ``later`` run measured again cannot be judged:
+    no."""
+    if "started_late" in run:
+        return bool(run["started_late"])
     done = finished(run)
     waited = "error" not in run.get("replicas_ready", {"error": "none"})
     if waited or not done or any(done[0] in finished(r) for r in later):
@@ -139,6 +143,22 @@ def started_late(res: dict, run: dict, later: Sequence[dict] = ()) -> bool:
     first = timeline[0].get("requests", {})
     idle = [r for r in replicas if not first.get(r)]
     return bool(idle) and sum(first.values()) >= LATE_MIN_REQUESTS * len(replicas)
+
+
+def judge_replaced(res: dict, replaced: Iterable[str]) -> list[dict]:
+    """``res``'s runs, where a run whose first cell (``WORKLOAD:LEVEL``) is in ``replaced`` and still holds that cell's
+    evidence comes back a copy with ``started_late`` recorded: judged now, before the cell's new run replaces the
+    timeline it is judged by."""
+    runs, holder = res.get("runs", []), last_runs(res)
+    out = []
+    for i, run in enumerate(runs):
+        done = finished(run)
+        if done and done[0] in replaced and "started_late" not in run:
+            wl, _, lv = done[0].partition(":")
+            if holder.get((wl, lv)) == i:
+                run = {**run, "started_late": started_late(res, run)}
+        out.append(run)
+    return out
 
 
 def last_runs(res: dict) -> dict[Cell, int]:

@@ -296,10 +296,12 @@ def after_cut(new: dict, cells: list[plan.Cell]) -> list[plan.Cell]:
 
 
 def merge_system(old: dict, new: dict) -> dict:
-    """``new``'s cells over ``old``'s (other cells kept); runs appended."""
+    """``new``'s cells over ``old``'s (other cells kept); runs appended, an old run whose first cell ``new`` replaces
+    with ``started_late`` judged first (``plan.judge_replaced``)."""
     merged = {k: v for k, v in old.items() if k not in ("serve_env", "started_at", "ready_s", "error")}
     legacy = {k: old[k] for k in ("serve_env", "started_at", "ready_s", "error") if k in old}  # pre-runs results
-    merged["runs"] = [*([legacy] if legacy else []), *old.get("runs", []), *new["runs"]]
+    replaced = {cell for run in new.get("runs", []) for cell in plan.finished(run)}
+    merged["runs"] = [*([legacy] if legacy else []), *plan.judge_replaced(old, replaced), *new["runs"]]
     for key, value in new.items():
         if key == "runs":
             continue

@@ -520,6 +520,14 @@ def test_a_run_whose_first_cell_began_before_every_replica_ran_is_not_current() 
     # a later run measured the late run's first cell again: the timeline held is that run's, so no judgement
     again = {**res, "runs": [*runs, {"git_commit": "new", "cells": ["docqa:sat"]}]}
     assert not plan.started_late(again, runs[0], later=again["runs"][1:])
+    # ... unless the merge that replaced it judged the run first: its other cell (docqa:r70) stays late
+    merged = run.merge_system(res, {"runs": [{"git_commit": "new", "cells": ["docqa:sat"],
+                                                  "replicas_ready": {"waited_s": 1.0}}], "docqa": {"sat": even}})
+    assert [r.get("started_late") for r in merged["runs"]] == [True, None, None, None, None, None]
+    assert "started_late" not in runs[0]  # the old result is not changed
+    assert plan.late_cells(merged) == {("docqa", "r70"), ("no-sharing", "r25")}
+    # judged once: a later merge keeps the recorded answer though the timeline it read is gone
+    assert plan.judge_replaced(merged, {"docqa:sat"})[0]["started_late"] is True
 
 
 def test_plan_missing_leaves_out_the_current_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
