@@ -124,9 +124,17 @@ def app_status(app: str) -> tuple[str, dict[str, dict[str, int]]]:
     found = serve.status().applications.get(app)
     if found is None:
         return "", {}
-    return (getattr(found.status, "value", found.status),
-            {name: {getattr(k, "value", k): v for k, v in d.replica_states.items()}
-             for name, d in found.deployments.items()})
+    return _name(found.status), {name: _replica_counts(d) for name, d in found.deployments.items()}
+
+
+def _name(state: Any) -> str:
+    """A Serve status enum's string (its ``value``), or the string itself."""
+    return getattr(state, "value", state)
+
+
+def _replica_counts(deployment: Any) -> dict[str, int]:
+    """A ``serve.status()`` deployment's replicas counted by state name."""
+    return {_name(k): v for k, v in deployment.replica_states.items()}
 
 
 def app_status_in_child(app: str, timeout_s: float = 120.0) -> tuple[str, dict[str, dict[str, int]]]:
@@ -245,7 +253,7 @@ def deployment_states(app: str, dep: str) -> tuple[str, dict[str, int]]:
     from ray import serve
 
     d = serve.status().applications[app].deployments[dep]
-    return getattr(d.status, "value", d.status), {getattr(k, "value", k): v for k, v in d.replica_states.items()}
+    return _name(d.status), _replica_counts(d)
 
 
 if __name__ == "__main__":  # app_status_in_child's child: python -m benchmarks.serverproc app-status APP

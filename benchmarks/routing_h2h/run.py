@@ -300,7 +300,7 @@ def merge_system(old: dict, new: dict) -> dict:
     with ``started_late`` judged first (``plan.judge_replaced``)."""
     merged = {k: v for k, v in old.items() if k not in ("serve_env", "started_at", "ready_s", "error")}
     legacy = {k: old[k] for k in ("serve_env", "started_at", "ready_s", "error") if k in old}  # pre-runs results
-    replaced = {cell for run in new.get("runs", []) for cell in plan.finished(run)}
+    replaced = {cell for run in new["runs"] for cell in plan.finished(run)}
     merged["runs"] = [*([legacy] if legacy else []), *plan.judge_replaced(old, replaced), *new["runs"]]
     for key, value in new.items():
         if key == "runs":
