@@ -20,16 +20,30 @@
 # the script under `timeout LIMIT_S` (its output also kept in /tmp/res/work/<script>-<time>.log), then copies
 # /tmp/res (results kept across calls) and the logs under /tmp/res/work to $OUT. The wheel parts may include a
 # folder of extra wheels (/tmp/parts/pextra: the googleapis/api-core pair above); install-on-device takes every p*/.
+# Engine caches: an engine's first start on a fresh machine took ~220 s against ~75 s on a warm one (the H100 logs of
+# 2026-12-06: torch.compile 13 s, then ~96 s silent after CUDA graph capture, against 2 s and none warm). What a warm
+# machine keeps is under $HOME: vLLM's compile cache, FlashInfer's JIT builds and autotune file, Triton's kernels.
+# KVSERVE_SAVE_ENGINE_CACHES=1 on a call packs them into $OUT/engine-caches.tgz after its run; copied to
+# .carry/engine-caches.tgz (git-ignored, carried with .carry) it is unpacked into $HOME before a new machine's first run.
+cache_dirs=(.cache/vllm .cache/flashinfer .triton)
 set -u
 limit=$1; shift
 if [ ! -f /tmp/site/.kvserve-installed ]; then
   bash /tmp/parts/p0/install-on-device >/dev/null && touch /tmp/site/.kvserve-installed || exit 1
 fi
+if [ -f .carry/engine-caches.tgz ] && [ ! -f /tmp/site/.engine-caches-restored ]; then
+  tar xzf .carry/engine-caches.tgz -C "$HOME" && touch /tmp/site/.engine-caches-restored \
+    && echo "engine caches restored from .carry/engine-caches.tgz"
+fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH KVSERVE_MODEL_DIR=$PWD/.models PYTHONUNBUFFERED=1
 mkdir -p /tmp/res/work
 name=$1; [ "$1" = -m ] && name=$2   # the log is named after the script or the module
-timeout "$limit" python3 "$@" 2>&1 | tee "/tmp/res/work/$(basename "$name" .py)-$(date +%s).log"
+timeout "$limit" python3 "$@" 2>&1 | tee "/tmp/res/work/$(basename -- "$name" .py)-$(date +%s).log"
 rc=${PIPESTATUS[0]}
+if [ "${KVSERVE_SAVE_ENGINE_CACHES:-}" = 1 ]; then
+  present=(); for d in "${cache_dirs[@]}"; do [ -d "$HOME/$d" ] && present+=("$d"); done
+  [ ${#present[@]} -gt 0 ] && (cd "$HOME" && du -sh "${present[@]}" && tar czf "$OUT/engine-caches.tgz" "${present[@]}")
+fi
 cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs-$(date +%s).tgz" -C /tmp/res work 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
