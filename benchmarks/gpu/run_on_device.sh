@@ -24,7 +24,9 @@
 # 2026-12-06: torch.compile 13 s, then ~96 s silent after CUDA graph capture, against 2 s and none warm). What a warm
 # machine keeps is under $HOME: vLLM's compile cache, FlashInfer's JIT builds and autotune file, Triton's kernels.
 # KVSERVE_SAVE_ENGINE_CACHES=1 on a call packs them into $OUT/engine-caches.tgz after its run; copied to
-# .carry/engine-caches.tgz (git-ignored, carried with .carry) it is unpacked into $HOME before a new machine's first run.
+# .carry/engine-caches.tgz (git-ignored, carried with .carry) it is unpacked into $HOME before a new machine's first run,
+# its files dated now (-m): FlashInfer's JIT runs ninja, which rebuilds an object older than its freshly installed source.
+# The ~96 s gap is FlashInfer building its sampling ops with nvcc (~/.cache/flashinfer/.../cached_ops/sampling).
 cache_dirs=(.cache/vllm .cache/flashinfer .triton)
 set -u
 limit=$1; shift
@@ -32,7 +34,7 @@ if [ ! -f /tmp/site/.kvserve-installed ]; then
   bash /tmp/parts/p0/install-on-device >/dev/null && touch /tmp/site/.kvserve-installed || exit 1
 fi
 if [ -f .carry/engine-caches.tgz ] && [ ! -f /tmp/site/.engine-caches-restored ]; then
-  tar xzf .carry/engine-caches.tgz -C "$HOME" && touch /tmp/site/.engine-caches-restored \
+  tar xzmf .carry/engine-caches.tgz -C "$HOME" && touch /tmp/site/.engine-caches-restored \
     && echo "engine caches restored from .carry/engine-caches.tgz"
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH KVSERVE_MODEL_DIR=$PWD/.models PYTHONUNBUFFERED=1

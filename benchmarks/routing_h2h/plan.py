@@ -216,9 +216,9 @@ def render(calls: list[Call], duration_s: float, limit_s: int = LIMIT_S, git_com
             f"copy the returned {PurePosixPath(kept).name} to {kept} (a fresh machine starts from it)")
     install = ("# first, in the call right after the last wheel part, install alone (about 40 s, outside any limit): "
                "bash benchmarks/gpu/run_on_device.sh 30 -c pass")
-    caches = ("# engine caches (run_on_device.sh): with .carry/engine-caches.tgz a fresh machine's first engine start "
-              "reuses vLLM's compile and the JIT caches; without it, write KVSERVE_SAVE_ENGINE_CACHES=1 before "
-              "`bash` in call 1 and copy the engine-caches.tgz it returns to .carry/")
+    caches = ("# engine caches (run_on_device.sh): a fresh machine's first engine start reuses vLLM's compile and the "
+              "JIT caches of .carry/engine-caches.tgz; write KVSERVE_SAVE_ENGINE_CACHES=1 before `bash` in call 1 "
+              "and copy the engine-caches.tgz it returns to .carry/ (an engine start that ran to the end has them all)")
     lines = [head, install, caches]
     for i, (call, cmd) in enumerate(zip(calls, commands(calls, duration_s, limit_s, git_commit, extra, kept),
                                         strict=True), 1):
