@@ -21,12 +21,12 @@
 # /tmp/res (results kept across calls) and the logs under /tmp/res/work to $OUT. The wheel parts may include a
 # folder of extra wheels (/tmp/parts/pextra: the googleapis/api-core pair above); install-on-device takes every p*/.
 # Engine caches: an engine's first start on a fresh machine took ~220 s against ~75 s on a warm one (the H100 logs of
-# 2026-12-06: torch.compile 13 s, then ~96 s silent after CUDA graph capture, against 2 s and none warm). What a warm
-# machine keeps is under $HOME: vLLM's compile cache, FlashInfer's JIT builds and autotune file, Triton's kernels.
-# KVSERVE_SAVE_ENGINE_CACHES=1 on a call packs them into $OUT/engine-caches.tgz after its run; copied to
-# .carry/engine-caches.tgz (git-ignored, carried with .carry) it is unpacked into $HOME before a new machine's first run,
-# its files dated now (-m): FlashInfer's JIT runs ninja, which rebuilds an object older than its freshly installed source.
-# The ~96 s gap is FlashInfer building its sampling ops with nvcc (~/.cache/flashinfer/.../cached_ops/sampling).
+# 2026-12-06: torch.compile 13 s against 2 s, then ~96 s after CUDA graph capture, none warm, in which FlashInfer
+# builds its sampling ops with nvcc). What a warm machine keeps is under $HOME: vLLM's compile cache, FlashInfer's JIT
+# builds and autotune file, Triton's kernels. KVSERVE_SAVE_ENGINE_CACHES=1 on a call packs them into
+# $OUT/engine-caches.tgz after its run; copied to .carry/engine-caches.tgz (git-ignored, carried with .carry) it is
+# unpacked into $HOME before a new machine's first run, its files dated now (-m): FlashInfer's JIT runs ninja, which
+# rebuilds an object older than its freshly installed source.
 cache_dirs=(.cache/vllm .cache/flashinfer .triton)
 set -u
 limit=$1; shift
