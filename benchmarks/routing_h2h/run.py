@@ -19,7 +19,8 @@ so levels never share cache entries and all systems get identical prompts per le
 
 Pieces: ``--systems``, ``--workloads`` and ``--loads`` (``sat,r25`` or ``docqa:sat,no-sharing:r70``)
 select cells; ``--merge`` writes them into an existing ``--out`` (same scale and config), replacing
-only those cells, so the matrix can run one device call at a time. ``--plan`` prints those calls
+only those cells and adding their workloads' settings to its ``scale_settings`` (a workload it ran with other
+settings is refused), so the matrix can run one device call at a time. ``--plan`` prints those calls
 (``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads; ``--plan-missing``
 leaves out those the kept result already holds from a run of today's code (``plan.current_cells``).
 
@@ -488,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                                  or previous.get("step_engine_ms") != args.step_engine):
         p.error(f"--merge: {out} was made with --scale {previous.get('scale')} --config {previous.get('config')} "
                 f"--step-engine {previous.get('step_engine_ms')}")
+    held = (previous or {}).get("scale_settings", {}).get("workloads", {})
+    changed = [w for w, a in scale["workloads"].items() if w in held and held[w] != a]
+    if changed:
+        p.error(f"--merge: {out} ran {changed} with other workload settings ({[held[w] for w in changed]})")
     cells_by_system = {s: system_cells(s, cells) for s in systems}
     empty = [s for s, cs in cells_by_system.items() if not cs]
     if empty:
@@ -506,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = previous
         doc["commands"] = [*doc.get("commands", [doc.pop("command", None)]), command]
         doc["git_commits"] = sorted({*doc.get("git_commits", []), args.git_commit} - {None})
+        doc.setdefault("scale_settings", scale)["workloads"] = {**held, **scale["workloads"]}  # every cell's settings
     else:
         doc = {"schema": "kvserve.routing_h2h/2", "config": args.config, "scale": args.scale,
                "scale_settings": scale, "step_engine_ms": args.step_engine,

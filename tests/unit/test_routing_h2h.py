@@ -291,8 +291,19 @@ def test_pieces_merge_into_one_result_at_round_robins_rates(tmp_path: Path, monk
     assert len(doc["results"]["kv-aware"]["runs"]) == 2 and len(doc["commands"]) == 3
     assert doc["summary"]["ttft_p50_ratio_vs_round_robin"] == 0.5
     assert calls[-1] == ("kv-aware", [("docqa", "r25")])
+    # the first call ran docqa and no-sharing: a later call's workload joins the settings every cell ran with
+    assert set(doc["scale_settings"]["workloads"]) == {"docqa", "no-sharing"}
+    assert run.main([*common, "--systems", "round-robin", "--workloads", "multiturn", "--loads", "sat"]) == 0
+    held = __import__("json").loads(out.read_text())["scale_settings"]["workloads"]
+    assert set(held) == {"docqa", "no-sharing", "multiturn"}
+    assert held["docqa"] == doc["scale_settings"]["workloads"]["docqa"]
     with pytest.raises(SystemExit):  # another base config cannot merge into this result
         run.main([*common[:1], "configs/cpu.yaml", *common[2:], "--systems", "round-robin"])
+    edited = __import__("json").loads(out.read_text())
+    edited["scale_settings"]["workloads"]["docqa"] = ["--workload", "docqa", "--docs", "2"]
+    out.write_text(__import__("json").dumps(edited))
+    with pytest.raises(SystemExit):  # nor a workload the result ran with other settings
+        run.main([*common, "--systems", "round-robin", "--workloads", "docqa", "--loads", "sat"])
 
 
 @pytest.mark.parametrize("preset", ["full", "summary"])
