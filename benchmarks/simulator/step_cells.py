@@ -7,6 +7,10 @@ cell of a ``routing_h2h.run --step-engine`` result beside its simulation, over s
 system's TTFT p50 over kv-aware's, measured and simulated). Those cells isolate what is left once the engine is
 out: the ingress, Serve's dispatch, the replicas' loops and the routers' decisions; a twin that misses them there
 misses them on the GPU too, and this check runs in seconds.
+
+With ``--gpu`` the same comparison takes a GPU result (no fake engine) and the calibrated engine as it is: a run
+the calibration did not see (a repeat, another order of cells, another GPU of the same kind) beside its simulation,
+with each seed's TTFT p50 and the requests per replica, where a wave of sessions on one replica shows.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ def step_engine(engine: EngineModel, step_ms: float) -> EngineModel:
                         async_scheduling=False, kv_admission=False, kv_blocks=1 << 20)
 
 
-def compare(doc: dict, engine: EngineModel, seeds: int = 2) -> dict:
-    """Every modelled cell of the fake-engine result ``doc`` against the simulator (medians over ``seeds``)."""
+def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False) -> dict:
+    """Every modelled cell of the fake-engine result ``doc`` against the simulator (medians over ``seeds``); with
+    ``gpu``, of a GPU result against ``engine`` as it is."""
     step_ms = doc.get("step_engine_ms")
-    if not step_ms:
-        raise ValueError("not a --step-engine result: its step_engine_ms is missing")
-    eng = step_engine(engine, float(step_ms))
+    if gpu and step_ms:
+        raise ValueError(f"a --step-engine result (step_engine_ms {step_ms}): compare it without --gpu")
+    if not gpu and not step_ms:
+        raise ValueError("not a --step-engine result: its step_engine_ms is missing (--gpu compares a GPU result)")
+    eng = engine if gpu else step_engine(engine, float(step_ms))
     rows = []
     for cell in gpu_cells(doc):
         replicas = (cell.measured.get("evidence") or {}).get("replicas")
@@ -53,6 +60,10 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2) -> dict:
             row[f"measured_{key}"] = round(cell.measured[key], 1)
             row[f"sim_{key}"] = round(statistics.median(s[key] for s in sims), 1)
         row["ttft_p50_error"] = round(row["sim_ttft_p50_ms"] / row["measured_ttft_p50_ms"] - 1, 3)
+        row["sim_ttft_p50_ms_by_seed"] = [round(s["ttft_p50_ms"], 1) for s in sims]
+        if "cache_hit_rate" in cell.measured:
+            row["measured_cache_hit_rate"] = round(cell.measured["cache_hit_rate"], 3)
+        row["sim_cache_hit_rate_by_seed"] = [round(s["cache_hit_rate"], 3) for s in sims]
         # requests per replica, busiest first: a wave of sessions on one replica shows here
         row["measured_requests_by_replica"] = sorted(
             ((cell.measured.get("evidence") or {}).get("requests_by_replica") or {}).values(), reverse=True)
@@ -72,20 +83,23 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = [("| system | workload | load | TTFT p50 ms measured | sim | error | p90 | sim | p99 | sim | tok/s | sim | "
-            "requests per replica measured | sim (seed 0) |"),
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+            "requests per replica measured | sim (seed 0) | sim TTFT p50 by seed |"),
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         m = [r[f"{side}_{k}"] for k in KEYS for side in ("measured", "sim")]
         out.append(f"| {r['system']} | {r['workload']} | {r['load']} | {m[0]:.1f} | {m[1]:.1f} | "
                    f"{r['ttft_p50_error']:+.0%} | {m[2]:.0f} | {m[3]:.0f} | {m[4]:.0f} | {m[5]:.0f} | {m[6]:.0f} | "
                    f"{m[7]:.0f} | {'/'.join(map(str, r['measured_requests_by_replica']))} | "
-                   f"{'/'.join(map(str, r['sim_requests_by_replica'][0]))} |")
+                   f"{'/'.join(map(str, r['sim_requests_by_replica'][0]))} | "
+                   f"{' / '.join(f'{x:.0f}' for x in r['sim_ttft_p50_ms_by_seed'])} |")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.simulator.step_cells", description=__doc__.splitlines()[0])
-    ap.add_argument("--routing", required=True, help="a routing_h2h.run --step-engine result JSON")
+    ap.add_argument("--routing", required=True, help="a routing_h2h.run --step-engine result JSON (with --gpu: a GPU "
+                    "result)")
+    ap.add_argument("--gpu", action="store_true", help="--routing is a GPU result: simulate it on --engine as it is")
     ap.add_argument("--engine", required=True, help="a calibration JSON (its routing.engine) or an EngineModel JSON")
     ap.add_argument("--seeds", type=int, default=2, help="simulations per cell (their median is reported)")
     ap.add_argument("--out", help="write the comparison JSON here")
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(Path(args.routing).read_text())
         cal = json.loads(Path(args.engine).read_text())
         engine = EngineModel(**(cal.get("routing", {}).get("engine") or cal.get("engine") or cal))
-        result = compare(doc, engine, args.seeds)
+        result = compare(doc, engine, args.seeds, gpu=args.gpu)
     except (OSError, ValueError, TypeError) as exc:
         print(f"step_cells: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The fake-engine cells in the simulator (``benchmarks/simulator/step_cells.py``): the engine's GPU parts become the
-paced clock, every cell is compared, and a result without a fake engine is refused with a clear message."""
+paced clock, every cell is compared, a result without a fake engine is refused with a clear message, and ``--gpu``
+simulates a GPU result on the calibrated engine as it is."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ def test_every_cell_is_compared_and_ratios_are_over_kv_aware():
         assert len(r["sim_requests_by_replica"]) == 2 and sum(r["sim_requests_by_replica"][0]) > 0
     (ratio,) = out["ratios"]
     assert ratio["system"] == "ray" and ratio["measured_ttft_p50_vs_kv_aware"] == 1.0
+
+
+def test_a_gpu_result_is_simulated_on_the_engine_as_it_is():
+    slow = EngineModel(frontend_s_per_request=1e-3, prefill_tokens_per_s=1e3)  # a prompt costs ~0.1 s per 100 tokens
+    gpu = compare(doc(None), slow, seeds=2, gpu=True)
+    fake = compare(doc(7.0), slow, seeds=2)
+    assert gpu["step_engine_ms"] is None and gpu["engine"]["prefill_tokens_per_s"] == 1e3
+    for g, f in zip(gpu["cells"], fake["cells"]):
+        assert len(g["sim_ttft_p50_ms_by_seed"]) == 2 and g["sim_ttft_p50_ms"] > f["sim_ttft_p50_ms"]
+    with pytest.raises(ValueError, match="compare it without --gpu"):
+        compare(doc(7.0), slow, gpu=True)
 
 
 def test_a_result_without_the_fake_engine_is_refused(tmp_path, capsys):
