@@ -40,6 +40,10 @@ class Turn:
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
     text: bool = False  # sent as text (chat messages: the ingress tokenises it), not as token ids
     pacer: object = None  # loop front end: when its chunks go out (deployments.pacing.StreamPacer, set at routing)
+    #: the blocks its decode fills, continuing ``block_hashes`` in one token stream (full blocks of the prompt and
+    #: all but the last output token, whose KV is never computed): vLLM caches them as they fill, so a later turn
+    #: whose prompt holds this answer reuses them
+    output_hashes: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

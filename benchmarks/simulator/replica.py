@@ -128,6 +128,22 @@ class Replica:
             del self.lru[h]
         return removed
 
+    def cache_output(self, hashes: Sequence[int]) -> list[int]:
+        """Cache the blocks a finished job's decode filled (``Turn.output_hashes``) as evictable, before its prompt's
+        (``release`` then moves those to the recent end, so a request's tail goes first, as vLLM frees it); returns
+        the newly stored ones. The caller evicts after ``release`` (the job's tail still counts until then)."""
+        lru, stored = self.lru, []
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                stored.append(h)
+                if h in self.held:
+                    self.held_uncached -= 1
+        stored.reverse()
+        return stored
+
     def release(self, job: Job) -> None:
         """``job`` finished: its blocks no other job holds become evictable, most recent (its head last to go)."""
         if not job.admitted:

@@ -167,7 +167,8 @@ def multiturn_sessions(
     Its turns are chat messages (``Turn.text``: the ingress tokenises them).
 
     The conversation is one token stream per session (system, user 1, answer 1, ...); block i of the
-    stream is the same in every turn that holds it whole, so its key is (session, i).
+    stream is the same in every turn that holds it whole, so its key is (session, i). A turn's answer is in
+    the stream too: the blocks its decode fills (``Turn.output_hashes``) are the next turn's to reuse.
     """
     index = 0
     while sessions == 0 or index < sessions:
@@ -176,8 +177,10 @@ def multiturn_sessions(
         out = []
         for _ in range(turns):
             length += int(rng.randint(*user_words) * TOKENS_PER_WORD) + CHAT_MESSAGE_TOKENS
-            ids = [(salt, 3, index, b) for b in range(length // block_size)]
-            out.append(Turn(length, output_len, chain_keys(ids), text=True))
+            full = (length + output_len - 1) // block_size  # the last output token's KV is never computed
+            keys = chain_keys([(salt, 3, index, b) for b in range(max(full, length // block_size))])
+            prompt = length // block_size
+            out.append(Turn(length, output_len, keys[:prompt], text=True, output_hashes=keys[prompt:full]))
             length += output_len + CHAT_MESSAGE_TOKENS
         yield SimSession(f"s{salt}-{index}", out, sticky=sticky)
         index += 1

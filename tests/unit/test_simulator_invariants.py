@@ -57,6 +57,29 @@ def test_closed_loop_keeps_concurrency_and_multiturn_turns_follow_each_other():
     assert res.cached_tokens > 0  # later turns reuse earlier turns' blocks
 
 
+def test_a_turns_answer_is_cached_for_the_next_turn_as_vllm_caches_decode_blocks():
+    sessions = list(workloads.multiturn_sessions(sessions=8, turns=4, system_words=128, output_len=40))
+    first, second = sessions[0].turns[:2]
+    assert second.block_hashes[:len(first.block_hashes) + len(first.output_hashes)] == (
+        first.block_hashes + first.output_hashes)  # the answer's blocks are the next prompt's
+    assert len(first.block_hashes) + len(first.output_hashes) == (first.prompt_tokens + 40 - 1) // 16
+    # one replica with room for everything: every block a turn's prompt shares with its session's stream so far hits
+    plan = LoadPlan("concurrency", 4, num_requests=32)
+    res = simulate(Driver(iter(sessions), plan), knobs("round-robin"), ClusterSpec(1), ENGINE.with_(kv_blocks=4096))
+    bound = sum(min((a.prompt_tokens + 39) // 16, b.prompt_tokens // 16) * 16
+                for s in sessions for a, b in zip(s.turns, s.turns[1:]))
+    assert res.completed == 32 and res.cached_tokens == bound
+    # a finished request's answer goes before its prompt, the answer's last block first (vLLM frees a request's tail
+    # first), and the cache never holds more than its blocks
+    rep = Replica("r0", 0, capacity_blocks=5)
+    job = Job(Turn(64, 40, (1, 2, 3, 4), output_hashes=(5, 6)))
+    assert rep.admit(job, 8, 16) and rep.held_blocks == 7  # 4 prompt blocks + a tail of ceil(104 / 16) - 4
+    rep.insert(job.turn.block_hashes)  # its prefill is done
+    assert rep.cache_output(job.turn.output_hashes) == [5, 6]
+    rep.release(job)
+    assert rep.evict_unreferenced() == [6] and list(rep.lru) == [5, 4, 3, 2, 1] and rep.pool_blocks == 5
+
+
 def test_kv_admission_holds_shared_blocks_once_and_releases_them():
     rep = Replica("r0", 0, capacity_blocks=10)
     a, b, c = (Job(Turn(64, 16, (1, 2, 3, 4))), Job(Turn(64, 16, (1, 2, 3, 5))),
