@@ -163,12 +163,13 @@ class Scheduler:
         """``job``'s last token leaves ``rep``; the client sees it now, or (PS front end) once its ingress has
         streamed it."""
         turn = job.turn
+        # the answer's blocks join this replica's cache (and its KV events), not the tier's (it stores prompts)
         stored = rep.cache_output(turn.output_hashes) if turn.output_hashes else []
         rep.release(job)
         if stored:
             removed = rep.evict_unreferenced()
-            self.emit(rep, [BlockStored(tuple(stored), "GPU")] + ([BlockRemoved(tuple(removed), "GPU")] if removed
-                                                                   else []), now)
+            events = [BlockStored(tuple(stored), "GPU")] + ([BlockRemoved(tuple(removed), "GPU")] if removed else [])
+            self.emit(rep, events, now)
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
         turn.replica = rep.rid
