@@ -132,6 +132,11 @@ class Replica:
         """Cache the blocks a finished job's decode filled (``Turn.output_hashes``) as evictable, before its prompt's
         (``release`` then moves those to the recent end, so a request's tail goes first, as vLLM frees it); returns
         the newly stored ones. The caller evicts after ``release`` (the job's tail still counts until then)."""
+        return self._cache(hashes)
+
+    def _cache(self, hashes: Sequence[int]) -> list[int]:
+        """Put ``hashes`` at the recent end of the cache, the first of them most recent; returns those it lacked, in
+        order (no eviction: the callers evict when their accounting allows)."""
         lru, stored = self.lru, []
         for h in reversed(hashes):
             if h in lru:
@@ -179,18 +184,8 @@ class Replica:
 
     def insert(self, hashes: Sequence[int]) -> tuple[list[int], list[int]]:
         """Cache ``hashes`` (most recent last, the prompt's head kept longest); returns (stored, evicted)."""
-        lru, stored = self.lru, []
-        for h in reversed(hashes):
-            if h in lru:
-                lru.move_to_end(h)
-            else:
-                lru[h] = None
-                stored.append(h)
-                if h in self.held:
-                    self.held_uncached -= 1
-        removed = self.evict_unreferenced()
-        stored.reverse()
-        return stored, removed
+        stored = self._cache(hashes)
+        return stored, self.evict_unreferenced()
 
     def take_all(self) -> list[Turn]:
         """Everything this replica holds (it failed): waiting, loading and decoding turns."""

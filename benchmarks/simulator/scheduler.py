@@ -23,6 +23,12 @@ from benchmarks.simulator.replica import Job, Replica
 from routers.events import BlockRemoved, BlockStored
 
 
+def gpu_events(stored: list[int], removed: list[int]) -> list:
+    """The KV events of a replica's cache change: its stored blocks, then those it evicted (none for an empty list)."""
+    return (([BlockStored(tuple(stored), "GPU")] if stored else [])
+            + ([BlockRemoved(tuple(removed), "GPU")] if removed else []))
+
+
 class Scheduler:
     """Mixin of ``sim.Cluster``: enqueue, look up, step, first token, complete."""
 
@@ -142,9 +148,7 @@ class Scheduler:
             self.res.engine_prefill_s.append(now - job.started_at)
         rep.meter.first_output(now, turn.prompt_tokens - job.cached, turn.routed_at)
         stored, removed = rep.insert(turn.block_hashes)
-        events = (([BlockStored(tuple(stored), "GPU")] if stored else [])
-                  + ([BlockRemoved(tuple(removed), "GPU")] if removed else []))
-        self.emit(rep, events, now)
+        self.emit(rep, gpu_events(stored, removed), now)
         if tier is not None:
             put, evicted = tier.put(turn.block_hashes, rep.rid)
             if put:
@@ -167,9 +171,7 @@ class Scheduler:
         stored = rep.cache_output(turn.output_hashes) if turn.output_hashes else []
         rep.release(job)
         if stored:
-            removed = rep.evict_unreferenced()
-            events = [BlockStored(tuple(stored), "GPU")] + ([BlockRemoved(tuple(removed), "GPU")] if removed else [])
-            self.emit(rep, events, now)
+            self.emit(rep, gpu_events(stored, rep.evict_unreferenced()), now)
         rep.running -= 1
         rep.context_tokens -= turn.prompt_tokens + turn.output_tokens
         turn.replica = rep.rid
