@@ -11,11 +11,13 @@ from where the fit starts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.bench.command import prompt_seed
 from benchmarks.routing_h2h.plan import finished
 from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
@@ -55,6 +57,18 @@ class Cell:
         command = (self.measured.get("command") or "").split()
         return int(_opt(command, "--processes", "1"))
 
+    @property
+    def prompt_seed(self) -> int | str:
+        """The seed of the GPU cell's prompts, by the bench's own rule (``--seed`` salted by ``--prompt-salt``,
+        default the load level: ``0/c64``, ``0/r24.716``): the twin's sessions are then the GPU run's own
+        (documents' lengths and picks, sessions' turn lengths)."""
+        command = (self.measured.get("command") or "").split()
+        salt = _opt(command, "--prompt-salt", "") if "--prompt-salt" in command else None
+        return prompt_seed(argparse.Namespace(
+            seed=int(_opt(command, "--seed", "0")), prompt_salt=salt, workload=self.workload, trace=None,
+            concurrency=int(self.level) if self.mode == "concurrency" else None,
+            rate=self.level if self.mode == "rate" else None))
+
 
 def _opt(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default
@@ -65,7 +79,7 @@ def _range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-def sessions_for(workload: str, args: list[str], block_size: int, seed: int = 0):
+def sessions_for(workload: str, args: list[str], block_size: int, seed: int | str = 0):
     """The simulator's twin of ``kvserve bench --workload ...`` with the GPU run's arguments (``args``
     name the bench's workload; the cell's name, e.g. ``no-sharing``, does not matter)."""
     workload = _opt(args, "--workload", workload)
@@ -159,8 +173,9 @@ def _with_before(cells: list[Cell], runs: list[dict]) -> list[Cell]:
 
 def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0,
                   per_replica: bool = False) -> dict:
-    """``cell`` in the simulator; Ray's twin first runs the cells its GPU run measured before it (``before``) on
-    the tree it then starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
+    """``cell`` in the simulator on the GPU run's prompts (``Cell.prompt_seed``); ``seed`` draws the rest (arrivals,
+    routers' ties). Ray's twin first runs the cells its GPU run measured before it (``before``) on the tree it then
+    starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
     tree = RayTree() if cell.strategy == RAY_TWIN else None
     for prior in cell.before:
         _run(prior, engine, settings, replicas, seed, tree)
@@ -169,7 +184,7 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
 
 def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int, tree: RayTree | None):
     args = settings["workloads"][cell.workload]
-    sessions = sessions_for(cell.workload, args, engine.block_size, seed)
+    sessions = sessions_for(cell.workload, args, engine.block_size, cell.prompt_seed)
     plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
                     width=cell.width or (None if cell.mode == "concurrency" else 16))
     knobs = strategy_knobs(cell.strategy)

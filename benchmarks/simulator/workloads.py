@@ -142,7 +142,7 @@ def trace_sessions(requests: list[SimRequest]) -> list[SimSession]:
 
 def docqa_sessions(
     *, docs: int = 24, doc_tokens: tuple[int, int] = (4096, 8192), question_tokens: tuple[int, int] = (32, 64),
-    output_len: int = 64, block_size: int = 16, seed: int = 0, salt: int = 0, no_sharing: bool = False,
+    output_len: int = 64, block_size: int = 16, seed: int | str = 0, salt: int = 0, no_sharing: bool = False,
 ) -> Iterator[SimSession]:
     """``kvserve bench --workload docqa``: endless one-turn sessions over ``docs`` shared documents
     (``no_sharing``: the bench's control, each question with a fresh document of the picked one's length)."""
@@ -161,7 +161,7 @@ def docqa_sessions(
 
 def multiturn_sessions(
     *, sessions: int = 128, turns: int = 8, system_words: int = 512, user_words: tuple[int, int] = (32, 96),
-    output_len: int = 128, block_size: int = 16, seed: int = 0, salt: int = 0, sticky: bool = False,
+    output_len: int = 128, block_size: int = 16, seed: int | str = 0, salt: int = 0, sticky: bool = False,
 ) -> Iterator[SimSession]:
     """``kvserve bench --workload multiturn``: turn k's prompt is the whole history, so it extends turn k-1's.
     Its turns are chat messages (``Turn.text``: the ingress tokenises them).
@@ -189,7 +189,7 @@ def multiturn_sessions(
 def mooncake_sessions(
     path: str | Path, *, block_tokens: int = 64, max_input_tokens: int | None = 7000,
     max_output_tokens: int | None = 256,
-    time_scale: float = 1.0, copies: int = 1, limit: int | None = None, block_size: int = 16, seed: int = 0,
+    time_scale: float = 1.0, copies: int = 1, limit: int | None = None, block_size: int = 16, seed: int | str = 0,
 ) -> list[SimSession]:
     """``kvserve bench --workload mooncake`` (hash id -> ``block_tokens`` tokens, lengths x block_tokens/512;
     ``time_scale`` 10 replays ten times faster, as the bench's flag does).

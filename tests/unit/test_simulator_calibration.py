@@ -328,3 +328,27 @@ def test_input_cost_grows_with_the_prompt_and_is_never_negative():
     assert engine.input_s(2000) == pytest.approx(0.010)
     with pytest.raises(ValueError):
         EngineModel(input_s_per_ktok=-1e-3)
+
+
+def test_twin_replays_the_gpu_cells_own_prompts():
+    """A cell's twin sessions use the seed its bench command gave the prompts (salted by the load level), so the
+    docqa twin's prompt lengths are the bench's, question by question; another seed gives other prompts."""
+    from itertools import islice
+
+    from benchmarks.bench.workloads.docqa import DocQAWorkload
+    from benchmarks.simulator.routing_cells import sessions_for
+
+    command = "python -m benchmarks.cli bench --workload docqa --concurrency 64 --processes 4 --duration 30"
+    cell = Cell("kv-aware", "docqa", "sat", "concurrency", 64.0, 30.0, {"command": command})
+    assert cell.prompt_seed == "0/c64"
+    assert Cell("kv-aware", "docqa", "r70", "rate", 24.716, 30.0, {"command": command}).prompt_seed == "0/r24.716"
+    salted = {"command": command + " --seed 3 --prompt-salt x"}
+    assert Cell("kv-aware", "docqa", "sat", "concurrency", 64.0, 30.0, salted).prompt_seed == "3/x"
+
+    args = ["--workload", "docqa", "--docs", "24", "--doc-tokens", "4096:8192", "--question-tokens", "32:64"]
+    bench = DocQAWorkload(num_docs=24, doc_tokens=(4096, 8192), question_tokens=(32, 64), api="completions",
+                          seed=cell.prompt_seed)
+    sent = [s.next_request(None).input_tokens for s in islice(bench.sessions(), 32)]
+    twin = lambda seed: [s.turns[0].prompt_tokens for s in islice(sessions_for("docqa", args, 16, seed), 32)]
+    assert twin(cell.prompt_seed) == sent
+    assert twin(0) != sent
