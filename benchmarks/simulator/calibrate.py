@@ -20,8 +20,7 @@ rate by parameter count, KV bytes and the per-context decode cost by the shape),
 split (its ingress work on one processor-sharing core per ingress, the system's ``ingress_replicas``),
 the run's KV blocks (``num_gpu_blocks_override``, with ``kv_admission``: requests wait for blocks), and
 the fields one serving run cannot pin (``ROUTING_FREE``: prefill rate and attention term, the fixed
-step cost, the per-context decode cost, ``gpu_contention`` between replicas sharing a GPU and
-``prefill_contention`` between their prefill chunks, the replica's
+step cost, the per-context decode cost, ``gpu_contention`` between replicas sharing a GPU, the replica's
 cost per streamed token on its front end (``replica_s_per_token``: the dispatch stage), and the
 ingress's costs per request and per streamed token, kept within ``frontend_bounds``: the GPU host's
 tokenise + hash below, the CPU-measured ingress of ``--ingress-capacity`` above) are fitted on its
@@ -79,16 +78,14 @@ from benchmarks.simulator.serving_cells import (
 from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
 
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
-                "prefill_contention", "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
+                "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
-#: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), its prefill chunks at most
-#: doubled again by each peer prefilling (``prefill_contention`` <= 1: the arithmetic shared), and a decoding
+#: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
 #: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``), and the replica's front end
 #: 0.1-30 ms per request (``input_s_per_request``, ``--engine-stage``).
-ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05),
-                 "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3),
-                 "input_s_per_request": (1e-4, 0.03)}
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), "decode_s_per_seq": (1e-6, 1e-3),
+                 "replica_s_per_token": (1e-6, 1e-3), "input_s_per_request": (1e-4, 0.03)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
 #: per-context decode cost was measured on the serving run (its ITL's growth with the batch's context) and carried
 #: to the shape by KV bytes, the attention term derived from the shape's FLOPs; the round-robin cells alone

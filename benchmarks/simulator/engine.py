@@ -11,7 +11,6 @@ step decodes one token for each running request and spends the rest of a ``chunk
             + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6)
             + prefill_step_s if any chunk ]
           x (1 + gpu_contention * busy_peers)
-        + sum_i (p_i / prefill_tokens_per_s + ...) * prefill_contention * prefilling_peers
     tier_load(t tokens) = t * kv_bytes_per_token / (tier_gbps * 1e9)   (the copy)
     tier_ready(t tokens) = tier_load(t) + tier_hit_s                     (before the request's first chunk)
 
@@ -78,11 +77,8 @@ the engine core forms step k+1 while step k runs, so a request that reaches it w
 joins step k+2 at the earliest, one step later than a synchronous scheduler would take it; an idle
 engine takes it at once. The steps' lengths and the tokens they stream are the same either way.
 
-``busy_peers`` counts the other replicas on the same GPU stepping when a step starts (``replicas_per_gpu`` > 1
-models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU), and
-``prefilling_peers`` those of them whose step carries prefill: prefill is compute-bound, so two engines prefilling
-at once share the GPU's arithmetic (``prefill_contention`` near 1 per such peer), where decode steps of a small
-model are short memory-bound kernels that overlap a peer's (``gpu_contention``, applied to the whole step).
+``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1
+models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU).
 """
 
 from __future__ import annotations
@@ -101,7 +97,6 @@ class EngineModel:
     chunk_tokens: int = 8192
     async_scheduling: bool = False
     gpu_contention: float = 0.0
-    prefill_contention: float = 0.0
     replicas_per_gpu: int = 1
     request_overhead_s: float = 0.0
     input_s_per_request: float = 0.0
@@ -156,14 +151,12 @@ class EngineModel:
         """GPU time of a prefill chunk of ``tokens`` following ``cached`` tokens already in KV."""
         return tokens / self.prefill_tokens_per_s + self.prefill_attn_s * tokens * (cached + tokens / 2) / 1e6
 
-    def step_time_s(self, decoding: int, context_tokens: int, prefill_s: float, busy_peers: int,
-                    prefilling_peers: int = 0) -> float:
+    def step_time_s(self, decoding: int, context_tokens: int, prefill_s: float, busy_peers: int) -> float:
         """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s``, plus ``prefill_step_s``
-        for a step that carries any), contention with the peers stepping and, for the chunks, with those prefilling."""
+        for a step that carries any), contention."""
         base = self.step_s + self.decode_s_per_seq * decoding + self.decode_s_per_ktok * context_tokens / 1e3
         mixed = self.prefill_step_s if prefill_s > 0 else 0.0
-        return ((base + prefill_s + mixed) * (1 + self.gpu_contention * busy_peers)
-                + prefill_s * self.prefill_contention * prefilling_peers)
+        return (base + prefill_s + mixed) * (1 + self.gpu_contention * busy_peers)
 
     def prepare_s(self, prompt_tokens: int, *, text: bool, hashed: bool) -> float:
         """The ingress's work on one request before it is routed: the fixed part, the tokeniser for a text
