@@ -4,9 +4,9 @@ engine's free fields to them, and how the simulated cells compare with the GPU's
 Owns ``Cell`` and ``gpu_cells`` (the cells of a ``kvserve.routing_h2h/1`` or ``/2`` JSON: per system, its strategy,
 ingress count, the bench processes its load came from and the seed of its prompts), ``sessions_for`` (the twin of
 ``kvserve bench``'s workloads), ``simulate_cell`` (on the GPU cell's own prompts), ``fit`` (a multiplicative
-coordinate search over the fields the cells can identify, within bounds), ``residuals`` with the engine stage's parts (``engine_parts``), ``ordering`` (the strategies per
-workload and load, by pairs apart on the GPU) and the markdown tables. ``calibrate.py`` decides what is free and
-from where the fit starts.
+coordinate search over the fields the cells can identify, within bounds), ``residuals`` with the engine stage's
+parts (``engine_parts``), ``ordering`` (the strategies per workload and load, by pairs apart on the GPU) and the
+markdown tables. ``calibrate.py`` decides what is free and from where the fit starts.
 """
 
 from __future__ import annotations
