@@ -128,15 +128,11 @@ class Replica:
             del self.lru[h]
         return removed
 
-    def cache_output(self, hashes: Sequence[int]) -> list[int]:
-        """Cache the blocks a finished job's decode filled (``Turn.output_hashes``) as evictable, before its prompt's
-        (``release`` then moves those to the recent end, so a request's tail goes first, as vLLM frees it); returns
-        the newly stored ones. The caller evicts after ``release`` (the job's tail still counts until then)."""
-        return self._cache(hashes)
-
-    def _cache(self, hashes: Sequence[int]) -> list[int]:
+    def cache(self, hashes: Sequence[int]) -> list[int]:
         """Put ``hashes`` at the recent end of the cache, the first of them most recent; returns those it lacked, in
-        order (no eviction: the callers evict when their accounting allows)."""
+        order. No eviction: the callers evict when their accounting allows (``insert`` at once; a finished job's
+        decode blocks, ``Turn.output_hashes``, after ``release``, which then moves its prompt's blocks to the recent
+        end, so a request's tail goes first, as vLLM frees it)."""
         lru, stored = self.lru, []
         for h in reversed(hashes):
             if h in lru:
@@ -184,7 +180,7 @@ class Replica:
 
     def insert(self, hashes: Sequence[int]) -> tuple[list[int], list[int]]:
         """Cache ``hashes`` (most recent last, the prompt's head kept longest); returns (stored, evicted)."""
-        stored = self._cache(hashes)
+        stored = self.cache(hashes)
         return stored, self.evict_unreferenced()
 
     def take_all(self) -> list[Turn]:

@@ -168,7 +168,7 @@ class Scheduler:
         streamed it."""
         turn = job.turn
         # the answer's blocks join this replica's cache (and its KV events), not the tier's (it stores prompts)
-        stored = rep.cache_output(turn.output_hashes) if turn.output_hashes else []
+        stored = rep.cache(turn.output_hashes)
         rep.release(job)
         if stored:
             self.emit(rep, gpu_events(stored, rep.evict_unreferenced()), now)

@@ -75,7 +75,7 @@ def test_a_turns_answer_is_cached_for_the_next_turn_as_vllm_caches_decode_blocks
     job = Job(Turn(64, 40, (1, 2, 3, 4), output_hashes=(5, 6)))
     assert rep.admit(job, 8, 16) and rep.held_blocks == 7  # 4 prompt blocks + a tail of ceil(104 / 16) - 4
     rep.insert(job.turn.block_hashes)  # its prefill is done
-    assert rep.cache_output(job.turn.output_hashes) == [5, 6]
+    assert rep.cache(job.turn.output_hashes) == [5, 6]
     rep.release(job)
     assert rep.evict_unreferenced() == [6] and list(rep.lru) == [5, 4, 3, 2, 1] and rep.pool_blocks == 5
 
