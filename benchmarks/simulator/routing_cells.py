@@ -63,14 +63,14 @@ class Cell:
         default the load level: ``0/c64``, ``0/r24.716``): the twin's sessions are then the GPU run's own
         (documents' lengths and picks, sessions' turn lengths)."""
         command = (self.measured.get("command") or "").split()
-        salt = _opt(command, "--prompt-salt", "") if "--prompt-salt" in command else None
         return prompt_seed(argparse.Namespace(
-            seed=int(_opt(command, "--seed", "0")), prompt_salt=salt, workload=self.workload, trace=None,
+            seed=int(_opt(command, "--seed", "0")), prompt_salt=_opt(command, "--prompt-salt", None),
+            workload=self.workload, trace=None,
             concurrency=int(self.level) if self.mode == "concurrency" else None,
             rate=self.level if self.mode == "rate" else None))
 
 
-def _opt(args: list[str], name: str, default: str) -> str:
+def _opt(args: list[str], name: str, default: str | None) -> str | None:
     return args[args.index(name) + 1] if name in args else default
 
 
