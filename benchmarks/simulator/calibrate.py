@@ -45,7 +45,11 @@ to each send ``EngineModel.ray_reply_s`` after its replica took the request, fro
 of Ray's cells (``ingress_fit.ray_reply``), set after the fit. ``--frontend loop`` runs the routing
 cells' ingresses as kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``:
 callbacks in arrival order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while
-the loop is busier than ``--frontend-merge-busy``), with the same costs free.
+the loop is busier than ``--frontend-merge-busy``), with the same costs free. ``--prefill-contention`` also fits
+``EngineModel.prefill_contention`` (prefill chunks of co-located engines sharing the GPU's arithmetic),
+``--prefill-step-apart`` keeps the surcharge of a step carrying prefill out of the contention
+(``prefill_step_contends``), and ``--tokenize-profile`` holds the ingress's loop for each chat prompt's inline
+tokenising at what py-spy measured on the GPU runs' ingresses (``ingress_fit.tokenize_hold``), set before the fit.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
@@ -64,7 +68,14 @@ from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator.client_fit import client_rows, fit_client
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.ingress_fit import FIELDS as INGRESS_FIELDS
-from benchmarks.simulator.ingress_fit import TREE_FIELDS, fit_ingress, ingress_rows, ray_reply, tree_call_costs
+from benchmarks.simulator.ingress_fit import (
+    TREE_FIELDS,
+    fit_ingress,
+    ingress_rows,
+    ray_reply,
+    tokenize_hold,
+    tree_call_costs,
+)
 from benchmarks.simulator.routing_cells import engine_parts_table, fit, gpu_cells, ordering, residual_table, residuals
 from benchmarks.simulator.serving_cells import (
     SHAPES,
@@ -80,12 +91,14 @@ from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_fl
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
                 "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
-#: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), and a decoding
+#: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), its prefill chunks at most
+#: doubled again by each peer prefilling (``prefill_contention`` <= 1, ``--prefill-contention``), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
 #: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``), and the replica's front end
 #: 0.1-30 ms per request (``input_s_per_request``, ``--engine-stage``).
-ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05), "decode_s_per_seq": (1e-6, 1e-3),
-                 "replica_s_per_token": (1e-6, 1e-3), "input_s_per_request": (1e-4, 0.03)}
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05),
+                 "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3),
+                 "input_s_per_request": (1e-4, 0.03)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
 #: per-context decode cost was measured on the serving run (its ITL's growth with the batch's context) and carried
 #: to the shape by KV bytes, the attention term derived from the shape's FLOPs; the round-robin cells alone
@@ -219,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree-cost", metavar="RAY_TREE_COST_JSON",
                     help="hold the ingress's loop for each synchronous call of Ray's router to its tree actor (the Ray "
                          "twin's cells only), at the cost a ray_tree_cost JSON measured (ingress_fit.tree_call_costs)")
+    ap.add_argument("--prefill-contention", action="store_true",
+                    help="also fit prefill_contention: prefill chunks of replicas sharing a GPU cost more per peer "
+                         "prefilling at once (EngineModel.prefill_contention)")
+    ap.add_argument("--prefill-step-apart", action="store_true",
+                    help="a step's surcharge for carrying prefill (prefill_step_s) is the engine's own time, outside "
+                         "the GPU's contention (EngineModel.prefill_step_contends false)")
+    ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
+                    help="hold the ingress's loop for each chat prompt's inline tokenising (multiturn), at what a "
+                         "routing JSON's py-spy profiles of its ingresses measured (ingress_fit.tokenize_hold)")
     ap.add_argument("--ray-reply", action="store_true",
                     help="set ray_reply_s (Serve's reply to a send, after the replica took it: when the Ray twin "
                          "inserts the prompt and learns the replica's count) from the routing JSON's decision-to-"
@@ -328,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         if client:  # each cell is simulated with its own bench processes; the engine written keeps the most
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"], client_cores=client["cores"])
+        if args.prefill_step_apart:
+            start = start.with_(prefill_step_contends=False)
+        tok = tokenize_hold(json.loads(Path(args.tokenize_profile).read_text())) if args.tokenize_profile else None
+        if tok:
+            start = start.with_(tokenize_hold_s=tok["tokenize_hold_s"])
         ingress = fit_ingress(ingress_rows(routing)) if args.ingress_cpu else None
         if ingress:
             start = start.with_(**{k: ingress[k] for k in INGRESS_FIELDS})
@@ -337,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         capacity = json.loads(Path(args.ingress_capacity).read_text()) if args.ingress_capacity else None
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
-        free = (tuple(k for k in ROUTING_FREE if not (ingress and k in INGRESS_FIELDS))
+        routing_free = ROUTING_FREE
+        if args.prefill_contention:  # beside gpu_contention, where the coordinate search visits it
+            at = ROUTING_FREE.index("gpu_contention") + 1
+            routing_free = (*ROUTING_FREE[:at], "prefill_contention", *ROUTING_FREE[at:])
+        free = (tuple(k for k in routing_free if not (ingress and k in INGRESS_FIELDS))
                 + (("decode_s_per_seq",) if args.decode_per_seq else ())
                 + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ())
                 + (("request_overhead_s",) if client else ()))
@@ -360,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["routing"] = {"machine": routing.get("machine"), "engine": fitted.to_dict(), "fit": info,
                           "residuals": rrows,
                           "client_fit": client and dict(client, sources=args.client_logs),
-                          "ingress_fit": ingress,
+                          "ingress_fit": ingress, "tokenize_fit": tok and dict(tok, file=args.tokenize_profile),
                           "tree_call_fit": tree and dict(tree, file=args.tree_cost),
                           "ray_reply_fit": reply,
                           "ordering": order,

@@ -9,8 +9,10 @@ step decodes one token for each running request and spends the rest of a ``chunk
     step(d decoding requests holding k context tokens, prefill chunks of p_i tokens after c_i cached)
         = [ step_s + decode_s_per_seq * d + decode_s_per_ktok * k / 1e3
             + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6)
-            + prefill_step_s if any chunk ]
+            + prefill_step_s if any chunk and prefill_step_contends ]
           x (1 + gpu_contention * busy_peers)
+        + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * ...) * prefill_contention * prefilling_peers
+        + prefill_step_s if any chunk and not prefill_step_contends
     tier_load(t tokens) = t * kv_bytes_per_token / (tier_gbps * 1e9)   (the copy)
     tier_ready(t tokens) = tier_load(t) + tier_hit_s                     (before the request's first chunk)
 
@@ -18,6 +20,12 @@ step decodes one token for each running request and spends the rest of a ``chunk
 prefill with decodes runs outside vLLM's full CUDA graph, and the engine stage's parts measured there put a cached
 request's first token 3-4 decode steps after its scheduling (``calibrate --engine-stage`` fits it on the routing
 cells; ``calibrate --prefill-step-ms fit`` picks the serving engine's from its c=64 cells' TPOT and throughput).
+
+``prefill_step_contends`` (True by default) stretches that surcharge with the step's contention, as GPU time; False
+adds it after, as time the engine spends outside the GPU's sharing (the CPU of an eager step: launching its kernels).
+``prefill_contention`` (0 by default) is what prefill chunks cost more per peer prefilling at once: prefill is
+compute-bound, so two co-located engines prefilling share the GPU's arithmetic, where the decode steps of a small
+model are short memory-bound kernels that overlap a peer's (``gpu_contention``, on the whole step).
 
 ``tier_hit_s`` is what a tier hit costs beyond the copy (the directory lookup, the connector's
 scheduling, the wait for the store): fixed per hit, it delays that request's first chunk only (the
@@ -45,6 +53,10 @@ processor-sharing cores, each shared by the requests of its process (request ``r
 and ``client_s_per_token`` to read and parse each streamed token. The client sees a first token, and a closed-loop
 worker sends its next request, once the client's share has done that work; 0 (the default) is a client of infinite
 speed.
+``tokenize_hold_s`` (0 by default): how long the ingress's event loop is held tokenising a chat prompt
+(``Turn.text``), which kvserve's ingress does inline for a prompt up to ``deployments.ingress._INLINE_CHARS``: nothing
+else on that ingress (no other request's work, chunk or decision) runs meanwhile; the request is routed once it
+ends (``calibrate --tokenize-profile`` measures it from py-spy profiles of the GPU runs' ingresses).
 Ray's router (its twin, ``ray_twin.py``) calls its prefix tree actor with a synchronous ``ray.get`` on the ingress's
 event loop twice per request: the match before the decision, the insert once the replica has taken the request.
 Each call holds the whole loop (no other request's work, chunk or decision runs meanwhile) for ``tree_call_s`` plus
@@ -77,8 +89,9 @@ the engine core forms step k+1 while step k runs, so a request that reaches it w
 joins step k+2 at the earliest, one step later than a synchronous scheduler would take it; an idle
 engine takes it at once. The steps' lengths and the tokens they stream are the same either way.
 
-``busy_peers`` counts the other replicas on the same GPU that are stepping (``replicas_per_gpu`` > 1
-models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU).
+``busy_peers`` counts the other replicas on the same GPU stepping when a step starts (``replicas_per_gpu`` > 1
+models fractional-GPU deployments such as configs/gpu-routing.yaml, whose engines time-share one GPU), and
+``prefilling_peers`` those of them whose step carries prefill.
 """
 
 from __future__ import annotations
@@ -97,6 +110,8 @@ class EngineModel:
     chunk_tokens: int = 8192
     async_scheduling: bool = False
     gpu_contention: float = 0.0
+    prefill_contention: float = 0.0
+    prefill_step_contends: bool = True
     replicas_per_gpu: int = 1
     request_overhead_s: float = 0.0
     input_s_per_request: float = 0.0
@@ -113,6 +128,7 @@ class EngineModel:
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
     client_cores: int = 1
+    tokenize_hold_s: float = 0.0
     tree_call_s: float = 0.0
     tree_call_s_per_ktok: float = 0.0
     ray_reply_s: float = 0.0
@@ -133,8 +149,8 @@ class EngineModel:
         if self.frontend_hops < 1 or not 0 <= self.frontend_merge_busy <= 1 or self.frontend_merge_interval_s <= 0:
             raise ValueError("frontend_hops must be >= 1, frontend_merge_busy within 0-1 and "
                              "frontend_merge_interval_s > 0")
-        if self.tier_hit_s < 0 or self.prefill_step_s < 0:
-            raise ValueError("tier_hit_s and prefill_step_s must be >= 0")
+        if self.tier_hit_s < 0 or self.prefill_step_s < 0 or self.prefill_contention < 0 or self.tokenize_hold_s < 0:
+            raise ValueError("tier_hit_s, prefill_step_s, prefill_contention and tokenize_hold_s must be >= 0")
         if self.input_s_per_request < 0 or self.input_s_per_ktok < 0 or self.replica_s_per_token < 0:
             raise ValueError("input_s_per_request, input_s_per_ktok and replica_s_per_token must be >= 0")
         if self.frontend_tokenize_s < 0 or self.frontend_hash_s_per_ktok < 0:
@@ -151,12 +167,15 @@ class EngineModel:
         """GPU time of a prefill chunk of ``tokens`` following ``cached`` tokens already in KV."""
         return tokens / self.prefill_tokens_per_s + self.prefill_attn_s * tokens * (cached + tokens / 2) / 1e6
 
-    def step_time_s(self, decoding: int, context_tokens: int, prefill_s: float, busy_peers: int) -> float:
+    def step_time_s(self, decoding: int, context_tokens: int, prefill_s: float, busy_peers: int,
+                    prefilling_peers: int = 0) -> float:
         """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s``, plus ``prefill_step_s``
-        for a step that carries any), contention."""
+        for a step that carries any), contention with the peers stepping and, for the chunks, with those prefilling."""
         base = self.step_s + self.decode_s_per_seq * decoding + self.decode_s_per_ktok * context_tokens / 1e3
         mixed = self.prefill_step_s if prefill_s > 0 else 0.0
-        return (base + prefill_s + mixed) * (1 + self.gpu_contention * busy_peers)
+        shared, apart = (mixed, 0.0) if self.prefill_step_contends else (0.0, mixed)
+        return ((base + prefill_s + shared) * (1 + self.gpu_contention * busy_peers)
+                + prefill_s * self.prefill_contention * prefilling_peers + apart)
 
     def prepare_s(self, prompt_tokens: int, *, text: bool, hashed: bool) -> float:
         """The ingress's work on one request before it is routed: the fixed part, the tokeniser for a text

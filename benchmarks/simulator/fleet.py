@@ -5,7 +5,7 @@ Owns ``Fleet``, the part of a run (``sim.Cluster``) that starts replicas (ready 
 ingress's ``LoadTracker``, delivers KV events to every ingress's policy (``event_lag_s`` late), and
 kills replicas (failure or scale-down): their requests are re-sent through the ingresses, their
 tier objects die with them. Replicas sharing a GPU (``replicas_per_gpu``) slow each other while both
-step (``peers_busy``).
+step (``peers_busy``), and their prefill chunks slow each other more (``peers_prefilling``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class Fleet:
 
     def peers_busy(self, rep: Replica) -> int:
         return sum(1 for p in self.st.gpus[rep.gpu] if p is not rep and p.alive and p.stepping)
+
+    def peers_prefilling(self, rep: Replica) -> int:
+        return sum(1 for p in self.st.gpus[rep.gpu] if p is not rep and p.alive and p.prefilling)
 
     def report(self, rep: Replica, now: float) -> dict:
         engine, bs = self.engine, self.bs

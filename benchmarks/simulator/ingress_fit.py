@@ -16,6 +16,10 @@ Also ``tree_call_costs``: how long each synchronous call of Ray's router to its 
 actor timings (the match and the insert through ``ray.get``, per workload) against each workload's mean prompt in
 tokens (its characters: one per token).
 
+And ``tokenize_hold``: how long the ingress's loop is held tokenising a chat prompt inline
+(``EngineModel.tokenize_hold_s``), from py-spy profiles of the GPU runs' ingresses (its loop thread's time in the
+tokenizer per request).
+
 And ``ray_reply``: how long after its replica has taken a request Serve has the reply to the send
 (``EngineModel.ray_reply_s``), from the GPU's own decision-to-insert times of Ray's router (each cell's
 ``evidence.ray_router_ms.routed``, the head-to-head's ``--ray-trace`` adapter): their mean over every decision of
@@ -82,6 +86,34 @@ def fit_ingress(rows: list[dict]) -> dict:
 
 
 TREE_FIELDS = ("tree_call_s", "tree_call_s_per_ktok")
+#: The frame py-spy names for the tokenizer's encode (transformers' fast tokenizer, its Rust call inside)
+TOKENIZE_FRAME = "TokenizersBackend._encode_plus"
+
+
+def tokenize_hold(doc: dict) -> dict:
+    """``tokenize_hold_s``: how long an ingress's event loop is held tokenising one chat prompt, from a routing JSON's
+    py-spy profiles (``evidence.profile``, ``run.py --profile``) of a chat workload's cells (multiturn): per ingress
+    process, its loop thread's self time in the tokenizer's encode frame (``TOKENIZE_FRAME``; py-spy samples 100 times
+    a second) over the requests it carried; their mean, and each process's row (ms)."""
+    rows = []
+    for cell, m in _cells(doc):
+        prof = (m.get("evidence") or {}).get("profile") or {}
+        procs = [p for p in prof.get("processes", []) if p.get("role") == "ingress"]
+        if "/multiturn/" not in cell or not prof.get("seconds") or not m.get("requests_per_s") or not procs:
+            continue
+        rps = float(m["requests_per_s"]) / len(procs)
+        for p in procs:
+            loop = next((t for t in p.get("threads", []) if "AsyncIO Thread" in t.get("thread", "")), None)
+            if loop is None:
+                continue
+            share = sum(x for name, x in loop.get("top_self", []) if name.startswith(TOKENIZE_FRAME))
+            cores = share * p["samples"] / 100 / prof["seconds"]
+            rows.append({"cell": cell, "pid": p.get("pid"), "loop_tokenize_cores": round(cores, 4),
+                         "requests_per_s": round(rps, 3), "ms": round(cores / rps * 1e3, 3)})
+    if not rows:
+        raise ValueError("no multiturn cell with a py-spy profile of its ingresses (run.py --profile multiturn:sat)")
+    return {"tokenize_hold_s": round(sum(r["ms"] for r in rows) / len(rows) / 1e3, 6), "rows": rows,
+            "machine": doc.get("machine"), "git_commits": doc.get("git_commits")}
 
 
 def tree_call_costs(doc: dict) -> dict:

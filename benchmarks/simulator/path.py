@@ -183,8 +183,11 @@ class RequestPath:
             self.wake_client(core)
 
     def route(self, turn: Turn, now: float) -> None:
-        """``turn``'s work before routing is done: decide, Ray's twin once its tree match has held the loop."""
+        """``turn``'s work before routing is done: decide, once the loop is no longer held by its inline tokenising (a
+        chat prompt, ``tokenize_hold_s``) and Ray's twin's tree match."""
         hold = self.engine.tree_call_hold_s(turn.prompt_tokens) if self.tree_calls else 0.0
+        if turn.text:
+            hold += self.engine.tokenize_hold_s
         if hold > 0:
             self.push(self.hold(turn.ingress, now, hold), "decide", (turn, turn.attempts))
         else:

@@ -70,6 +70,7 @@ class Replica:
     alive: bool = True
     ready: bool = True
     stepping: bool = False
+    prefilling: bool = False  # its current step carries prefill chunks
     lru: OrderedDict = field(default_factory=OrderedDict)
     waiting: deque = field(default_factory=deque)
     loading: list = field(default_factory=list)
@@ -192,7 +193,7 @@ class Replica:
         self.running = self.context_tokens = 0
         self.held.clear()
         self.held_tail = self.held_uncached = 0
-        self.stepping = False
+        self.stepping = self.prefilling = False
         self.meter = PrefillMeter()
         return [j.turn for j in jobs]
 

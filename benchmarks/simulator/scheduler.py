@@ -98,13 +98,14 @@ class Scheduler:
             if wake is not None:
                 self.push(wake, "wake", rep)
             return
-        rep.stepping = True
-        dur = engine.step_time_s(rep.running, rep.context_tokens, prefill_s, self.peers_busy(rep))
+        rep.stepping, rep.prefilling = True, bool(chunks)
+        dur = engine.step_time_s(rep.running, rep.context_tokens, prefill_s, self.peers_busy(rep),
+                                 self.peers_prefilling(rep))
         self.res.busy_s += dur
         self.push(now + dur, "step", (rep, chunks))
 
     def end_step(self, rep: Replica, chunks: list, now: float) -> None:
-        rep.stepping = False
+        rep.stepping = rep.prefilling = False
         rep.steps += 1
         k = rep.steps
         self.stream(rep, rep.running, now)

@@ -36,6 +36,7 @@ def step_engine(engine: EngineModel, step_ms: float) -> EngineModel:
         raise ValueError(f"step_ms must be > 0, got {step_ms}")
     return engine.with_(step_s=step_ms / 1e3, prefill_tokens_per_s=FREE_PREFILL_TOKENS_PER_S, prefill_attn_s=0.0,
                         prefill_step_s=0.0, decode_s_per_seq=0.0, decode_s_per_ktok=0.0, gpu_contention=0.0,
+                        prefill_contention=0.0,
                         async_scheduling=False, kv_admission=False, kv_blocks=1 << 20)
 
 

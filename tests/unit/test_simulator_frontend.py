@@ -231,3 +231,25 @@ def test_ray_tree_calls_hold_its_ingress_and_only_the_twins(sharing):
     assert slow.summary()["ttft_p50_ms"] > base.summary()["ttft_p50_ms"] + 4  # at least its own match
     simulated = [{k: v for k, v in run("kv-aware", e).summary().items() if "_us" not in k} for e in (engine, held)]
     assert simulated[0] == simulated[1]  # kvserve's routers make no such call (the _us keys are this host's clock)
+
+
+@pytest.mark.parametrize("sharing", ["ps", "loop"])
+def test_a_chat_prompts_inline_tokenising_holds_its_ingress_and_a_token_id_prompt_behind_it(sharing):
+    # One ingress; tokenising a chat prompt holds its loop 20 ms. Alone, a chat prompt's TTFT grows by exactly that
+    # and a token-id prompt's not at all; a token-id prompt arriving 3 ms after a chat prompt (whose 2 ms of work are
+    # done by then, so the hold has begun) waits behind the hold.
+    engine = ENGINE.with_(frontend_s_per_request=0.002, frontend_sharing=sharing)
+    held = engine.with_(tokenize_hold_s=0.02)
+
+    def ttfts(eng, chat: list[bool]) -> list[float]:
+        sessions = [workloads.SimSession(f"s{i}", [workloads.Turn(
+            256, 2, workloads.chain_keys([(i, b) for b in range(16)]), text=text)], arrival_s=0.003 * i)
+            for i, text in enumerate(chat)]
+        return sorted(simulate(Driver(iter(sessions), LoadPlan("trace")), RoutingConfig(strategy="round-robin").knobs(),
+                               ClusterSpec(2, ingresses=1), eng).ttft_s)
+
+    assert ttfts(held, [True]) == pytest.approx([ttfts(engine, [True])[0] + 0.02])
+    assert ttfts(held, [False]) == pytest.approx(ttfts(engine, [False]))
+    assert min(ttfts(held, [True, False])) > max(ttfts(engine, [True, False])) + 0.015
+    with pytest.raises(ValueError, match="tokenize_hold_s"):
+        EngineModel(tokenize_hold_s=-1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.simulator import ingress_fit
-from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows, tree_call_costs
+from benchmarks.simulator.ingress_fit import fit_ingress, ingress_rows, tokenize_hold, tree_call_costs
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +80,23 @@ def test_ray_reply_is_the_decision_weighted_routed_mean_less_the_twins_own_take(
     assert ingress_fit.ray_reply(doc, taken_s=0.5)["ray_reply_s"] == 0.0  # never negative
     with pytest.raises(ValueError, match="--ray-trace"):
         ingress_fit.ray_reply({"results": {"kv-aware": doc["results"]["kv-aware"]}}, taken_s=0.0)
+
+
+def test_the_tokenize_hold_is_each_ingress_loops_tokenizer_time_per_request_it_carried():
+    def profiled(req_s: float, shares: list[float]) -> dict:
+        procs = [{"pid": i, "role": "ingress", "samples": 600, "threads": [
+            {"thread": "thread (7): AsyncIO Thread: default", "top_self": [
+                ["TokenizersBackend._encode_plus (transformers/tokenization_utils_tokenizers.py)", sh],
+                ["RequestResponseCycle.send (http/httptools_impl.py)", 0.05]]}]} for i, sh in enumerate(shares)]
+        procs.append({"pid": 9, "role": "replica", "samples": 300, "threads": []})
+        return {"requests_per_s": req_s, "evidence": {"profile": {"seconds": 10.0, "processes": procs}}}
+
+    # 600 samples in 10 s at 100 a second, 0.25 of them in the tokenizer: 0.15 of a core; 60 requests/s over two
+    # ingresses: 30 each, so 5 ms per request; the other ingress 0.2: 4 ms; docqa (token ids) has no such cell
+    doc = {"results": {"kv-aware": {"multiturn": {"sat": profiled(60.0, [0.25, 0.2])},
+                                    "docqa": {"sat": profiled(60.0, [0.9, 0.9])}}}}
+    hold = tokenize_hold(doc)
+    assert [r["ms"] for r in hold["rows"]] == pytest.approx([5.0, 4.0])
+    assert hold["tokenize_hold_s"] == pytest.approx(0.0045)
+    with pytest.raises(ValueError, match="py-spy"):
+        tokenize_hold({"results": {"kv-aware": {"docqa": {"sat": profiled(60.0, [0.3])}}}})

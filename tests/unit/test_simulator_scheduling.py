@@ -64,8 +64,33 @@ def test_a_step_that_carries_prefill_costs_prefill_step_s_more_and_a_decode_step
     assert engine.step_time_s(3, 0, 0.0, 0) == pytest.approx(STEP)
     assert engine.step_time_s(3, 0, 0.001, 0) == pytest.approx(STEP + 0.001 + 0.004)
     assert engine.with_(gpu_contention=0.5).step_time_s(0, 0, 0.001, 2) == pytest.approx(2 * (STEP + 0.005))
+    # kept apart from the contention (the engine's own time, not the GPU's), the surcharge is not stretched
+    apart = engine.with_(gpu_contention=0.5, prefill_step_contends=False)
+    assert apart.step_time_s(0, 0, 0.001, 2) == pytest.approx(2 * (STEP + 0.001) + 0.004)
+    assert apart.step_time_s(0, 0, 0.0, 2) == pytest.approx(2 * STEP)
     # A alone: its prefill step is 14 ms, then its 3 more tokens come from decode steps of 10 ms each
     res = simulate(_trace([(0.0, 4)]), strategy_knobs("round-robin"), ClusterSpec(1), engine)
     assert res.ttft_s == pytest.approx([0.014]) and res.e2e_s == pytest.approx([0.044])
     with pytest.raises(ValueError, match="prefill_step_s"):
         ENGINE.with_(prefill_step_s=-1.0)
+
+
+def test_prefill_chunks_on_one_gpu_share_it_where_decode_steps_do_not():
+    # Two replicas on one GPU, one request each at t=0 with a 1,000-token prompt (10 ms of prefill on an idle GPU)
+    # and one output token. A step is timed when it starts, against the peers stepping then: the first replica's
+    # step starts alone, the second's beside it. Its chunk costs prefill_contention more per peer prefilling;
+    # gpu_contention stretches the whole step per peer stepping.
+    engine = ENGINE.with_(prefill_tokens_per_s=100_000, replicas_per_gpu=2)
+    twin = lambda **kw: sorted(simulate(
+        Driver(iter([SimSession(f"r{i}", [Turn(1000, 1, (2000 + i,))]) for i in range(2)]), LoadPlan("trace")),
+        strategy_knobs("round-robin"), ClusterSpec(2), engine.with_(**kw)).ttft_s)
+    assert twin() == pytest.approx([STEP + 0.01] * 2)
+    assert twin(prefill_contention=1.0) == pytest.approx([STEP + 0.01, STEP + 0.02])
+    assert twin(gpu_contention=0.5) == pytest.approx([STEP + 0.01, 1.5 * (STEP + 0.01)])
+    assert twin(gpu_contention=0.5, prefill_contention=1.0) == pytest.approx([STEP + 0.01, 1.5 * (STEP + 0.01) + 0.01])
+    # beside a peer that only decodes, a prompt's chunk pays gpu_contention alone
+    beside_decode = lambda **kw: simulate(
+        Driver(iter([SimSession("d", [Turn(16, 50, (4000,))]), SimSession("p", [Turn(1000, 1, (4001,))],
+                                                                          arrival_s=0.015)]), LoadPlan("trace")),
+        strategy_knobs("round-robin"), ClusterSpec(2), engine.with_(**kw)).ttft_s[1]
+    assert beside_decode(prefill_contention=1.0) == pytest.approx(beside_decode()) == pytest.approx(STEP + 0.01)
