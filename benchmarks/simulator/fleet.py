@@ -5,7 +5,7 @@ Owns ``Fleet``, the part of a run (``sim.Cluster``) that starts replicas (ready 
 ingress's ``LoadTracker``, delivers KV events to every ingress's policy (``event_lag_s`` late), and
 kills replicas (failure or scale-down): their requests are re-sent through the ingresses, their
 tier objects die with them. Replicas sharing a GPU (``replicas_per_gpu``) slow each other while both
-step (``peers_busy``), and their prefill chunks slow each other more (``peers_prefilling``).
+step, and their prefill chunks slow each other more (``peers``).
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ class Fleet:
                 ing.precise.mark_live(rep.rid)
         self.push(now, "stats", rep)
 
-    def peers_busy(self, rep: Replica) -> int:
-        return sum(1 for p in self.st.gpus[rep.gpu] if p is not rep and p.alive and p.stepping)
-
-    def peers_prefilling(self, rep: Replica) -> int:
-        return sum(1 for p in self.st.gpus[rep.gpu] if p is not rep and p.alive and p.prefilling)
+    def peers(self, rep: Replica) -> tuple[int, int]:
+        """The other live replicas on ``rep``'s GPU stepping now, and those of them whose step carries prefill."""
+        stepping = prefilling = 0
+        for p in self.st.gpus[rep.gpu]:
+            if p is not rep and p.alive and p.stepping:
+                stepping += 1
+                prefilling += p.prefilling
+        return stepping, prefilling
 
     def report(self, rep: Replica, now: float) -> dict:
         engine, bs = self.engine, self.bs

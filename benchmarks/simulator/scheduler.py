@@ -99,8 +99,7 @@ class Scheduler:
                 self.push(wake, "wake", rep)
             return
         rep.stepping, rep.prefilling = True, bool(chunks)
-        dur = engine.step_time_s(rep.running, rep.context_tokens, prefill_s, self.peers_busy(rep),
-                                 self.peers_prefilling(rep))
+        dur = engine.step_time_s(rep.running, rep.context_tokens, prefill_s, *self.peers(rep))
         self.res.busy_s += dur
         self.push(now + dur, "step", (rep, chunks))
 
