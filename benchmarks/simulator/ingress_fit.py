@@ -93,13 +93,14 @@ TOKENIZE_FRAME = "TokenizersBackend._encode_plus"
 def tokenize_hold(doc: dict) -> dict:
     """``tokenize_hold_s``: how long an ingress's event loop is held tokenising one chat prompt, from a routing JSON's
     py-spy profiles (``evidence.profile``, ``run.py --profile``) of a chat workload's cells (multiturn): per ingress
-    process, its loop thread's self time in the tokenizer's encode frame (``TOKENIZE_FRAME``; py-spy samples 100 times
-    a second) over the requests it carried; their mean, and each process's row (ms)."""
+    process, its loop thread's self time in the tokenizer's encode frame (``TOKENIZE_FRAME``; its samples over the
+    profile's ``rate_hz``) over the requests it carried; their mean, and each process's row (ms)."""
     rows = []
     for cell, m in _cells(doc):
         prof = (m.get("evidence") or {}).get("profile") or {}
         procs = [p for p in prof.get("processes", []) if p.get("role") == "ingress"]
-        if "/multiturn/" not in cell or not prof.get("seconds") or not m.get("requests_per_s") or not procs:
+        timed = prof.get("seconds") and prof.get("rate_hz")  # py-spy's; the in-process sampler's has no rate
+        if "/multiturn/" not in cell or not timed or not m.get("requests_per_s") or not procs:
             continue
         rps = float(m["requests_per_s"]) / len(procs)
         for p in procs:
@@ -107,7 +108,7 @@ def tokenize_hold(doc: dict) -> dict:
             if loop is None:
                 continue
             share = sum(x for name, x in loop.get("top_self", []) if name.startswith(TOKENIZE_FRAME))
-            cores = share * p["samples"] / 100 / prof["seconds"]
+            cores = share * p["samples"] / prof["rate_hz"] / prof["seconds"]
             rows.append({"cell": cell, "pid": p.get("pid"), "loop_tokenize_cores": round(cores, 4),
                          "requests_per_s": round(rps, 3), "ms": round(cores / rps * 1e3, 3)})
     if not rows:

@@ -89,7 +89,7 @@ def test_the_tokenize_hold_is_each_ingress_loops_tokenizer_time_per_request_it_c
                 ["TokenizersBackend._encode_plus (transformers/tokenization_utils_tokenizers.py)", sh],
                 ["RequestResponseCycle.send (http/httptools_impl.py)", 0.05]]}]} for i, sh in enumerate(shares)]
         procs.append({"pid": 9, "role": "replica", "samples": 300, "threads": []})
-        return {"requests_per_s": req_s, "evidence": {"profile": {"seconds": 10.0, "processes": procs}}}
+        return {"requests_per_s": req_s, "evidence": {"profile": {"seconds": 10.0, "rate_hz": 100, "processes": procs}}}
 
     # 600 samples in 10 s at 100 a second, 0.25 of them in the tokenizer: 0.15 of a core; 60 requests/s over two
     # ingresses: 30 each, so 5 ms per request; the other ingress 0.2: 4 ms; docqa (token ids) has no such cell
