@@ -77,6 +77,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--processes", type=int, default=1,
                    help="client processes sharing the load (concurrency, rate, trace lines and sessions split "
                    "between them; one merged result). Use when summary.client.cpu_util nears 1 (default %(default)s)")
+    g.add_argument("--server-timing", action="store_true",
+                   help="read each answer's Server-Timing header (a kvserve ingress with ingress.server_timing_header) "
+                   "and httpx's trace: summary.server_timing_ms splits the time to the first chunk into the client's "
+                   "send, the way to the ingress, the ingress's stages and the way back")
 
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="result JSON path (default bench-LABEL-WORKLOAD-LOAD-TIME.json)")

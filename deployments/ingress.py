@@ -319,7 +319,8 @@ class Ingress:
                 raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(acc, chunks, n_choices, include_usage, track.first, track.error)
-            return StreamingResponse(track.wrap(events, acc), media_type="text/event-stream")
+            return StreamingResponse(track.wrap(events, acc), media_type="text/event-stream",
+                                     headers=self._timing_header(stages))
         try:
             async for offset, chunk in chunks:
                 track.first()
@@ -332,9 +333,13 @@ class Ingress:
             raise
         finally:
             track.done(acc)
-        show = acc.replica_id and self._cfg.ingress.expose_replica_header
-        headers = {"x-kvserve-replica": acc.replica_id} if show else None
-        return JSONResponse(acc.response(n_choices), headers=headers)
+        headers = self._timing_header(stages) or {}
+        if acc.replica_id and self._cfg.ingress.expose_replica_header:
+            headers["x-kvserve-replica"] = acc.replica_id
+        return JSONResponse(acc.response(n_choices), headers=headers or None)
+
+    def _timing_header(self, stages: RequestStages) -> dict[str, str] | None:
+        return {"server-timing": stages.server_timing()} if self._cfg.ingress.server_timing_header else None
 
 
 def build_ingress(cfg: AppConfig, replicas: dict[str, Any]):

@@ -3,7 +3,8 @@
 Owns: ``STAGES`` (the stage names, in request order), ``AcceptedAtMiddleware`` (an ASGI middleware that
 stamps when the HTTP request arrived), ``RequestStages`` (one request's stamps; it records one histogram
 per stage when the first byte goes out) and ``Tracer`` (request spans over OTLP when
-``tracing.otlp_traces_endpoint`` is set; otherwise nothing is imported or exported).
+``tracing.otlp_traces_endpoint`` is set; otherwise nothing is imported or exported). ``RequestStages.server_timing``
+is the ``Server-Timing`` response header of ``ingress.server_timing_header``.
 
 The stages, each from the end of the previous one:
 
@@ -143,6 +144,17 @@ class RequestStages:
         if self.first_chunk:
             out["first_byte"] = first_byte - self.first_chunk
         return {k: max(v, 0.0) * 1000 for k, v in out.items()}
+
+    def server_timing(self) -> str:
+        """A ``Server-Timing`` header value: ``accepted`` (``desc``: when the request was accepted, epoch seconds),
+        each stage stamped up to the first chunk at the ingress and ``ingress`` (accepted -> that chunk), in ms."""
+        accepted_wall = time.time() - (time.perf_counter() - self.accepted)
+        parts = [f'accepted;desc="{accepted_wall:.6f}"']
+        parts += [f"{stage};dur={ms:.3f}" for stage, ms in self.durations_ms(self.first_chunk).items()
+                  if stage != "first_byte"]
+        if self.first_chunk:
+            parts.append(f"ingress;dur={(self.first_chunk - self.accepted) * 1000:.3f}")
+        return ", ".join(parts)
 
     def first_byte(self) -> None:
         """The first byte of the response goes out now: record every stage once."""

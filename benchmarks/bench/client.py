@@ -11,6 +11,15 @@ process needs to open its own connection pool and ``StreamClient``), the request
     e2e_s          send -> ``data: [DONE]``
     usage          prompt/completion tokens and ``prompt_tokens_details.cached_tokens`` if reported
 
+With ``server_timing`` (``kvserve bench --server-timing``, against an ingress with ``ingress.server_timing_header``)
+each request also records where its time to the first chunk went, from its ``Server-Timing`` header
+(``parse_server_timing``) and httpx's trace of the request:
+
+    sent_s         send -> the request's headers start going out (the client's loop and connection pool)
+    accepted_s     send -> the ingress accepted it (the header's ``accepted``, an epoch time: both ends' wall
+                   clocks, exact on one machine)
+    server_ms      the ingress's stages up to its first chunk (``tokenize`` .. ``return`` and their sum ``ingress``)
+
 Every failure becomes a record with ``error`` set (``http_<status>``, ``connect``, ``timeout``,
 ``read``, ``stream_error``, ``bad_chunk``, ``incomplete``); nothing is raised or dropped. Prompts are
 never logged or kept.
@@ -57,6 +66,25 @@ class RequestRecord:
     usage_reported: bool = False
     content_chunks: int = 0
     text: str | None = None
+    sent_s: float | None = None
+    accepted_s: float | None = None
+    server_ms: dict | None = None
+
+
+def parse_server_timing(value: str) -> tuple[float | None, dict[str, float]]:
+    """A ``Server-Timing`` header -> (its ``accepted`` metric's ``desc`` as a number, or None; name -> ``dur``)."""
+    accepted, durations = None, {}
+    for metric in value.split(","):
+        name, *params = (p.strip() for p in metric.split(";"))
+        fields = dict(p.partition("=")[::2] for p in params)
+        try:
+            if name == "accepted" and "desc" in fields:
+                accepted = float(fields["desc"].strip('"'))
+            elif name and "dur" in fields:
+                durations[name] = float(fields["dur"])
+        except ValueError:
+            continue
+    return accepted, durations
 
 
 def _error_detail(body: bytes) -> str:
@@ -82,6 +110,7 @@ class ClientSettings:
     ignore_eos: bool = True
     temperature: float = 0.0
     request_timeout_s: float = 600.0
+    server_timing: bool = False
 
     def open(self, max_connections: int | None) -> httpx.AsyncClient:
         """A connection pool of ``max_connections`` (None: unbounded) with these headers."""
@@ -93,7 +122,7 @@ class ClientSettings:
     def client(self, http: httpx.AsyncClient) -> StreamClient:
         return StreamClient(http, self.base_url, self.model, ignore_eos=self.ignore_eos,
                             temperature=self.temperature, extra_body=self.extra_body,
-                            request_timeout_s=self.request_timeout_s)
+                            request_timeout_s=self.request_timeout_s, server_timing=self.server_timing)
 
 
 class StreamClient:
@@ -101,7 +130,7 @@ class StreamClient:
 
     def __init__(self, http: httpx.AsyncClient, base_url: str, model: str, *, ignore_eos: bool = True,
                  temperature: float = 0.0, extra_body: dict | None = None, request_timeout_s: float = 600.0,
-                 clock=time.perf_counter) -> None:
+                 clock=time.perf_counter, server_timing: bool = False) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._model = model
@@ -110,6 +139,7 @@ class StreamClient:
         self._extra = dict(extra_body or {})
         self._timeout = request_timeout_s
         self._clock = clock
+        self._server_timing = server_timing
 
     def body(self, request: BenchRequest) -> tuple[str, dict]:
         """Return (url, JSON body) for ``request``."""
@@ -134,10 +164,23 @@ class StreamClient:
         record = RequestRecord(start_s=t0 - run_start, max_tokens=request.max_tokens,
                                input_tokens=request.input_tokens, session_id=request.session_id, tag=request.tag)
         pieces: list[str] | None = [] if keep_text else None
+        extensions = None
+        if self._server_timing:
+            t0_wall = time.time()
+
+            async def trace(event: str, _info: dict) -> None:
+                if event.endswith("send_request_headers.started") and record.sent_s is None:
+                    record.sent_s = self._clock() - t0
+
+            extensions = {"trace": trace}
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._http.stream("POST", url, json=body, headers=headers) as response:
+                async with self._http.stream("POST", url, json=body, headers=headers,
+                                             extensions=extensions) as response:
                     record.status = response.status_code
+                    if self._server_timing and "server-timing" in response.headers:
+                        accepted, record.server_ms = parse_server_timing(response.headers["server-timing"])
+                        record.accepted_s = accepted - t0_wall if accepted is not None else None
                     if response.status_code != 200:
                         record.error = f"http_{response.status_code}"
                         record.detail = _error_detail(await response.aread())

@@ -179,7 +179,8 @@ def processes(args: argparse.Namespace) -> int:
 def client_settings(args: argparse.Namespace, model: str | None, extra: dict, headers: dict) -> ClientSettings:
     return ClientSettings(base_url=args.base_url.rstrip("/"), model=model or "", headers=headers, extra_body=extra,
                           ignore_eos=not args.no_ignore_eos, temperature=args.temperature,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout,
+                          server_timing=bool(getattr(args, "server_timing", False)))
 
 
 async def _run(args: argparse.Namespace, workload, spec: LoadSpec, extra: dict, headers: dict) -> tuple:
@@ -247,7 +248,7 @@ def run_bench(args: argparse.Namespace) -> int:
     label = args.label or f"{args.base_url.split('//')[-1].split('/')[0]}"
     client_cfg = {"ignore_eos": not args.no_ignore_eos, "temperature": args.temperature,
                   "request_timeout_s": args.request_timeout, "extra_body": extra, "headers": sorted(headers),
-                  "processes": processes(args)}
+                  "processes": processes(args), "server_timing": bool(getattr(args, "server_timing", False))}
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     result = build_result(label=label, workload=workload, spec=spec, base_url=args.base_url, model=model,
                           seed=args.seed, client=client_cfg, argv=argv, machine=machine,

@@ -10,7 +10,9 @@ total cached prompt tokens / total prompt tokens over the successful requests wh
 ``cached_tokens`` (None when none did). Errors are counted by kind, never dropped. ``client``: CPU
 seconds of the measured phase (summed over the client processes; ``cpu_util`` is that over the wall
 time, so it may exceed 1 with several), the worst schedule lag, and with several processes each one's
-own figures under ``processes``.
+own figures under ``processes``. ``server_timing_ms`` (only when requests carried the ingress's ``Server-Timing``,
+``server_split``): each successful request's time to its first chunk split at the client's send, the ingress's
+acceptance and its first chunk there.
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ def _tpot(record: RequestRecord) -> float | None:
     return (record.e2e_s - record.ttft_s) / (record.output_tokens - 1)
 
 
+def server_split(records: Sequence[RequestRecord]) -> dict | None:
+    """Where the time to the first chunk went, over ``records`` that recorded the server's timing (None if none)::
+
+        send        the client's send -> its request's headers start going out (its loop, its connection pool)
+        to_ingress  -> the ingress accepted it (the connection, the proxy, the ingress's loop before its middleware)
+        ingress     -> the ingress had the first chunk from its replica (``stages``: the ingress's own split)
+        to_client   -> the client read its first chunk (the ingress writing it, the proxy, the client's loop)
+    """
+    timed = [r for r in records if r.accepted_s is not None and r.server_ms and "ingress" in r.server_ms
+             and r.first_chunk_s is not None]
+    if not timed:
+        return None
+    sent = [r.sent_s if r.sent_s is not None else 0.0 for r in timed]
+    out = {"send": distribution(sent),
+           "to_ingress": distribution(r.accepted_s - s for r, s in zip(timed, sent)),
+           "ingress": distribution(r.server_ms["ingress"] / 1000 for r in timed),
+           "to_client": distribution(r.first_chunk_s - r.accepted_s - r.server_ms["ingress"] / 1000 for r in timed)}
+    names = dict.fromkeys(k for r in timed for k in r.server_ms if k != "ingress")
+    out["stages"] = {k: distribution(r.server_ms[k] / 1000 for r in timed if k in r.server_ms) for k in names}
+    return out
+
+
 def summarize(outcome: RunOutcome) -> dict:
     """The ``summary`` object of the result JSON."""
     records = outcome.records
@@ -75,7 +99,7 @@ def summarize(outcome: RunOutcome) -> dict:
               "max_schedule_lag_ms": outcome.max_lag_s * 1000.0}
     if outcome.processes:
         client["processes"] = outcome.processes
-    return {
+    out = {
         "requests": {"issued": len(records), "completed": len(ok), "failed": len(failed),
                      "warmup": len(outcome.warmup_records), "warmup_failed": sum(warm_failed.values())},
         "errors": {"total": len(failed), "by_kind": dict(sorted(kinds.items())), "samples": samples,
@@ -104,6 +128,10 @@ def summarize(outcome: RunOutcome) -> dict:
         "sessions": {"started": outcome.sessions_started, "cut_by_error": outcome.sessions_cut},
         "client": client,
     }
+    split = server_split(ok)
+    if split is not None:
+        out["server_timing_ms"] = split
+    return out
 
 
 def headline(summary: dict) -> dict:

@@ -11,7 +11,8 @@ cells (workload x load) with
 
 Loads: ``sat`` is a closed loop at the scale's concurrency (the highest load); ``rNN`` is NN% of the
 request rate round-robin sustained at ``sat`` on that workload (recorded in ``calibration`` the first
-time round-robin completes it, so every system and every later piece sees the same rates): Poisson
+time round-robin completes it, so every system and every later piece sees the same rates; or taken from another
+result's calibration with ``--rates-from``): Poisson
 arrivals, except on ``mooncake``, which replays the trace's own timestamps with ``--time-scale`` set
 so that the mean rate over the lines replayed is the target (``replay.py``; the scale, the trace's
 rate and the line count are stored in the cell's ``trace_replay``). Prompts are salted by load level,
@@ -26,9 +27,10 @@ leaves out those the kept result already holds from a run of today's code (``pla
 
 Client: ``--client-processes N`` runs each cell's bench in N client processes (``bench --processes``),
 so the load generator's own CPU cannot delay the reads it times; every cell records its client's
-process count, CPU use and worst schedule lag under ``client``. A bench still running ``--cell-timeout`` after its
-start (default: the cell's duration + ``CELL_GRACE_S``) is cut with the serving processes' stacks (``stall.py``);
-its system stops there and starts afresh for the cells after it.
+process count, CPU use and worst schedule lag under ``client``; with ``--server-timing`` also ``server_timing_ms``
+(the ingress's ``Server-Timing`` header against the client's clock: ``run_bench``). A bench still running
+``--cell-timeout`` after its start (default: the cell's duration + ``CELL_GRACE_S``) is cut with the serving
+processes' stacks (``stall.py``); its system stops there and starts afresh for the cells after it.
 
 Output: one JSON (per system x workload x load: TTFT p50/p90/p99, output tok/s, cache-hit rate,
 requests, errors, the bench command, ``client``, and ``evidence``: where the requests went, from Ray's metrics scraped
@@ -71,6 +73,7 @@ from benchmarks.routing_h2h.systems import (
     default_systems,
     ingress_variant,
     system_config,
+    with_server_timing,
     with_stack_sampler,
     with_step_engine,
 )
@@ -140,10 +143,20 @@ def run_bench(base_url: str, model: str, workload: list[str], load: list[str], d
         return {"error": f"bench exited with {rc}", "command": shlex.join(cmd)}
     res = json.loads(out.read_text())
     client = res["summary"]["client"]
-    return res["headline"] | {"load": res["config"]["load"], "command": shlex.join(cmd),
+    split = res["summary"].get("server_timing_ms")
+    timing = {"server_timing_ms": server_timing_brief(split)} if split else {}
+    return res["headline"] | timing | {"load": res["config"]["load"], "command": shlex.join(cmd),
                               "client": {"processes": res["config"]["client"].get("processes", 1),
                                          "cpu_util": client["cpu_util"],
                                          "max_schedule_lag_ms": client["max_schedule_lag_ms"]}}
+
+
+def server_timing_brief(split: dict) -> dict:
+    """The bench's ``server_timing_ms`` as p50 and mean per part and per ingress stage."""
+    brief = {k: {"p50": round(v["p50"], 3), "mean": round(v["mean"], 3)} for k, v in split.items() if k != "stages"}
+    brief["stages"] = {k: {"p50": round(v["p50"], 3), "mean": round(v["mean"], 3)}
+                       for k, v in split.get("stages", {}).items() if v}
+    return brief
 
 
 def _flag(args: list[str], name: str, default: str) -> str:
@@ -151,9 +164,12 @@ def _flag(args: list[str], name: str, default: str) -> str:
 
 
 def client_flags(args) -> list[str]:
-    """``--processes N`` for the bench when ``--client-processes`` asks for more than one; ``--per-request``."""
+    """``--processes N`` for the bench when ``--client-processes`` asks for more than one; ``--per-request``;
+    ``--server-timing``."""
     n = getattr(args, "client_processes", 1) or 1
     flags = ["--processes", str(n)] if n > 1 else []
+    if getattr(args, "server_timing", False):
+        flags.append("--server-timing")
     return [*flags, "--per-request"] if getattr(args, "per_request", False) else flags
 
 
@@ -377,6 +393,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-stop", action="store_true", help="`ray stop --force` after each system (own machine)")
     p.add_argument("--merge", action="store_true",
                    help="write these cells into an existing --out (same scale and config), at its recorded rates")
+    p.add_argument("--rates-from", metavar="RESULT",
+                   help="the open-loop levels' rates from this result's calibration (round-robin's sat rates, e.g. "
+                        "the committed benchmarks/results/routing_h200.json on an H200), not from a round-robin run "
+                        "here; recorded as rates_from")
     p.add_argument("--recalibrate", action="store_true",
                    help="round-robin's sat cells replace the recorded rates of their workloads")
     p.add_argument("--plan", choices=["full", "summary"],
@@ -407,6 +427,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-trace", action="store_true",
                    help="Ray's router writes every decision (ray_router.py, trace_dir); each cell's evidence gets "
                         "their summary (ray_trace.py)")
+    p.add_argument("--server-timing", action="store_true",
+                   help="every ingress sends its Server-Timing header (systems.with_server_timing) and every bench "
+                        "reads it (bench --server-timing): each cell gets server_timing_ms, its time to the first "
+                        "chunk split at the client's send, the ingress's acceptance and its first chunk there")
     p.add_argument("--client-processes", type=int,
                    help="client processes per bench run (bench --processes; default: the scale's, 4 on gpu, 1 on cpu)")
     p.add_argument("--git-commit", help="commit of the code measured, recorded per run (default: `git rev-parse "
@@ -423,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.step_engine <= 0:
             p.error(f"--step-engine must be > 0 ms, got {args.step_engine}")
         base = with_step_engine(base, args.step_engine)
+    if args.server_timing:
+        base = with_server_timing(base)
     systems = args.systems.split(",") if args.systems else default_systems(base)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -497,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     empty = [s for s, cs in cells_by_system.items() if not cs]
     if empty:
         p.error(f"no cells selected for {empty}")
-    calibrated = set((previous or {}).get("calibration", {})) | set((previous or {}).get("rates", {}))
+    rates_from = json.loads(Path(args.rates_from).read_text()).get("calibration", {}) if args.rates_from else {}
+    if args.rates_from and not rates_from:
+        p.error(f"--rates-from: {args.rates_from} records no calibration")
+    calibrated = set((previous or {}).get("calibration", {})) | set((previous or {}).get("rates", {})) | set(rates_from)
     no_rate = check_rates(systems, cells_by_system, calibrated)
     if no_rate:
         p.error(f"no arrival rate for {no_rate}: round-robin's sat cell on those workloads must run first "
@@ -518,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                "systems": {}, "calibration": {}, "rates": {}, "results": {},
                "versions": _versions(), "machine": machine_info(), "commands": [command],
                "git_commits": [args.git_commit] if args.git_commit else []}
+    if rates_from:
+        doc["calibration"] = {**rates_from, **doc["calibration"]}
+        doc["rates_from"] = sorted({*doc.get("rates_from", []), args.rates_from})
     for system in systems:
         doc["systems"][system] = SYSTEMS[system]
         cfg = system_config(base, system, scale["engine_kwargs"])

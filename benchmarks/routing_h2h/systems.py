@@ -3,8 +3,9 @@
 Owns ``SYSTEMS`` (system -> its ``routing`` section, optionally its ingress replica count and the workloads it runs;
 ``DIAGNOSTIC``: those only run when named), ``SCALES`` (per scale: engine overrides, the ``sat`` concurrency, seconds
 per cell, rate fractions, client processes, workloads) and the configs derived from a base Serve config
-(``serve_config``, ``system_config``, ``with_stack_sampler``, ``with_step_engine``) with the ingress count they compare
-(``config_ingress_replicas``, ``ingress_variant``, ``default_systems``). ``run.py`` starts them and drives the cells.
+(``serve_config``, ``system_config``, ``with_stack_sampler``, ``with_step_engine``, ``with_server_timing``) with
+the ingress count they compare (``config_ingress_replicas``, ``ingress_variant``, ``default_systems``). ``run.py``
+starts them and drives the cells.
 """
 
 from __future__ import annotations
@@ -153,6 +154,13 @@ def with_step_engine(base: dict, step_ms: float) -> dict:
             actor = dep.setdefault("ray_actor_options", {})
             actor.pop("num_gpus", None)
             actor["num_cpus"] = 0.1
+    return cfg
+
+
+def with_server_timing(cfg: dict) -> dict:
+    """``cfg`` with every ingress sending its ``Server-Timing`` header (``ingress.server_timing_header``)."""
+    for app in cfg["applications"]:
+        app.setdefault("args", {}).setdefault("ingress", {})["server_timing_header"] = True
     return cfg
 
 

@@ -62,6 +62,13 @@ class IngressConfig(BaseModel):
         "a cache group, a client could learn which prefixes others sent.")
     expose_replica_header: bool = Field(
         default=False, description="Send the `x-kvserve-replica` response header (which replica served the request).")
+    server_timing_header: bool = Field(
+        default=False,
+        description="Send a `Server-Timing` response header: the request's stages up to its first chunk at the "
+        "ingress (`tokenize`, `hash`, `dispatch`, `engine`, `return`, their sum `ingress`; `dur` in ms) and when the "
+        "ingress accepted it (`accepted;desc=` epoch seconds), so a client can tell its own and the network's time "
+        "from the server's (`kvserve bench --server-timing`). Off by default: it tells clients how loaded the "
+        "replicas are.")
     max_body_bytes: int | None = Field(
         default=4 * 1024 * 1024, ge=1024,
         description="Largest request body accepted, in bytes; a larger one gets a 413 before it is parsed. JSON "

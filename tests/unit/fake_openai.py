@@ -4,7 +4,9 @@ Owns ``FakeOpenAI``: aiohttp on 127.0.0.1, a random port, its own thread and eve
 SSE chunks ``data: {...}`` ending with ``data: [DONE]``: it waits ``ttft_s``, sends one text chunk per
 output token every ``itl_s``, then a usage chunk whose ``cached_tokens`` come from a 16-token-block
 prefix cache, so cache-hit accounting can be checked. ``fail_every=k`` answers every k-th request
-with 500; ``mode`` breaks streams (``stream_error``, ``drop``). Requests it saw are in ``seen``.
+with 500; ``mode`` breaks streams (``stream_error``, ``drop``). ``server_timing``: the headers go out with the
+first chunk, with a ``Server-Timing`` header as kvserve's ingress sends it (accepted when the handler started; its
+``ingress`` stage the ``ttft_s`` waited). Requests it saw are in ``seen``.
 A fake is used only in unit tests; integration tests run the real service.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 from aiohttp import web
 
@@ -22,8 +25,9 @@ BLOCK = 16
 class FakeOpenAI:
     """A streaming OpenAI-shaped server with timing, failure injection and a prefix cache."""
 
-    def __init__(self, ttft_s=0.05, itl_s=0.002, fail_every=0, mode="ok"):
+    def __init__(self, ttft_s=0.05, itl_s=0.002, fail_every=0, mode="ok", server_timing=False):
         self.ttft_s, self.itl_s, self.fail_every, self.mode = ttft_s, itl_s, fail_every, mode
+        self.server_timing = server_timing
         self.count = 0
         self.seen: list[dict] = []
         self.blocks: set[tuple] = set()
@@ -45,6 +49,7 @@ class FakeOpenAI:
         return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
     async def generate(self, request):
+        accepted = time.time()
         body = await request.json()
         self.count += 1
         self.seen.append({"body": body, "session": request.headers.get("x-session-id"), "path": request.path})
@@ -54,9 +59,15 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": "injected failure"}}, status=500)
         chat = "messages" in body
         tokens = (" ".join(m["content"] for m in body["messages"]).split() if chat else body["prompt"])
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        headers = {"Content-Type": "text/event-stream"}
+        if self.server_timing:
+            await asyncio.sleep(self.ttft_s)
+            headers["Server-Timing"] = f'accepted;desc="{accepted:.6f}", engine;dur={self.ttft_s * 1000:.3f}, ' \
+                                       f'ingress;dur={(time.time() - accepted) * 1000:.3f}'
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        await asyncio.sleep(self.ttft_s)
+        if not self.server_timing:
+            await asyncio.sleep(self.ttft_s)
         n = body["max_tokens"]
         for i in range(n):
             if i:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.protocol import GenerateChunk, GenerateRequest
+from deployments.protocol import GenerateChunk, GenerateRequest, ReplicaTiming
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,7 @@ class StubHandle:
 
     ``validate_sampling``: check the request's ``SamplingParams`` as the replica does, and raise what it raises.
     ``pieces``: the answer's text, one token per piece; each token gets logprobs when the request asks.
+    ``timing``: called with the request, it gives the first chunk's ``ReplicaTiming`` (default: none).
     """
 
     deployment_name = "vllm-stub"
@@ -42,6 +43,7 @@ class StubHandle:
         self.fail_after, self.gap_s = 0, 0.0
         self.pieces: list[str] | None = None  # the answer, one token per piece (default " w0", " w1", ...)
         self.finish_reason = "length"
+        self.timing: Callable[[GenerateRequest], ReplicaTiming | None] = lambda req: None
         self.calls: list[_Call] = []
         self.requests: list[GenerateRequest] = []
         self.generate = SimpleNamespace(remote=self._remote)
@@ -80,7 +82,8 @@ class StubHandle:
                 token_ids={c: [100 + i] for c in range(n)}, logprobs=lps,
                 finish_reasons={c: self.finish_reason for c in range(n)} if last else {},
                 prompt_tokens=len(req.prompt_token_ids) if i == 0 else None,
-                cached_tokens=self.cached_tokens if i == 0 else None, replica_id="r0" if i == 0 else None)
+                cached_tokens=self.cached_tokens if i == 0 else None, replica_id="r0" if i == 0 else None,
+                timing=self.timing(req) if i == 0 else None)
 
 
 class _Call:

@@ -22,9 +22,9 @@ from tests.unit.fake_openai import FakeOpenAI  # after the skip: it needs aiohtt
 pytestmark = pytest.mark.unit
 
 
-async def bench(server, workload, spec, model="fake", warmup=0):
+async def bench(server, workload, spec, model="fake", warmup=0, server_timing=False):
     async with httpx.AsyncClient(timeout=30) as http:
-        client = StreamClient(http, server.base_url, model)
+        client = StreamClient(http, server.base_url, model, server_timing=server_timing)
         outcome = await run_load(client, workload.sessions(), spec, keep_text=workload.needs_answers,
                                  warmup=workload.warmup(warmup) if warmup else None)
     return outcome, summarize(outcome)
@@ -54,6 +54,22 @@ async def test_random_fixed_concurrency_measures_ttft_and_throughput():
     bodies = [x["body"] for x in server.seen]
     assert all(b["stream"] and b["stream_options"] == {"include_usage": True} and b["ignore_eos"] for b in bodies)
     assert all(len(b["prompt"]) == 64 and b["max_tokens"] == 10 for b in bodies)
+
+
+async def test_server_timing_splits_the_time_to_the_first_chunk_at_the_ingress():
+    wl = RandomWorkload(input_len=16, output_len=3)
+    with FakeOpenAI(ttft_s=0.08, server_timing=True) as server:
+        outcome, s = await bench(server, wl, LoadSpec("concurrency", concurrency=2, num_requests=6),
+                                 server_timing=True)
+        _, plain = await bench(server, wl, LoadSpec("concurrency", concurrency=2, num_requests=2))
+    split = s["server_timing_ms"]
+    assert split["ingress"]["count"] == 6 and split["stages"]["engine"]["p50"] == pytest.approx(80)
+    assert split["ingress"]["min"] >= 80
+    for r in outcome.records:  # the parts add up to the client's time to its first chunk
+        parts = r.accepted_s + r.server_ms["ingress"] / 1000
+        assert 0 <= r.sent_s <= r.accepted_s < parts <= r.first_chunk_s + 1e-6
+    assert 0 <= split["to_client"]["p50"] < 80 and 0 <= split["to_ingress"]["p50"] < 80
+    assert "server_timing_ms" not in plain  # the bench reads the header only when asked
 
 
 async def test_errors_are_counted_not_dropped():

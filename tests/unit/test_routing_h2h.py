@@ -578,3 +578,42 @@ def test_same_code_passes_over_neutral_commits_only() -> None:
     assert fix in plan.NEUTRAL_COMMITS
     assert run.same_code(f"{fix}^", paths, neutral=later | {fix}) is True
     assert run.same_code(f"{fix}^", paths, neutral=later) is False
+
+
+def test_server_timing_turns_on_the_header_in_every_ingress_and_the_benchs_reading() -> None:
+    from benchmarks.routing_h2h.systems import with_server_timing
+
+    base = yaml.safe_load((ROOT / "configs/gpu-routing.yaml").read_text())
+    cfg = with_server_timing(system_config(base, "kv-aware", {}))
+    assert load_app_config(cfg["applications"][0]["args"]).ingress.server_timing_header
+    assert not load_app_config(base["applications"][0]["args"]).ingress.server_timing_header
+    on = SimpleNamespace(client_processes=4, per_request=False, server_timing=True)
+    assert run.client_flags(on) == ["--processes", "4", "--server-timing"]
+    assert "--server-timing" not in run.client_flags(SimpleNamespace(client_processes=4))
+    split = {"send": {"p50": 0.1, "mean": 0.2, "p99": 1.0}, "stages": {"engine": {"p50": 30.0, "mean": 31.0},
+                                                                       "dispatch": None}}
+    assert run.server_timing_brief(split) == {"send": {"p50": 0.1, "mean": 0.2},
+                                              "stages": {"engine": {"p50": 30.0, "mean": 31.0}}}
+
+
+def test_rates_from_a_committed_result_set_the_open_loop_levels(tmp_path: Path, monkeypatch) -> None:
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"calibration": {"docqa": 40.0}}))
+    seen = {}
+
+    def fake_system(name, cfg, scale, cells, doc, args, save=lambda new: None):
+        seen["rate"] = run.rate_for(doc, "docqa", "r70")
+        return {"routing": {}, "runs": [], "docqa": {}}
+
+    monkeypatch.setattr(run, "run_system", fake_system)
+    out = tmp_path / "out.json"
+    argv = ["--config", "configs/gpu-routing.yaml", "--scale", "gpu", "--systems", "kv-aware", "--workloads", "docqa",
+            "--loads", "r70", "--out", str(out), "--work-dir", str(tmp_path / "w"), "--git-commit", "abc"]
+    with pytest.raises(SystemExit):  # no round-robin sat run and no rates: refused before anything starts
+        run.main(argv)
+    assert run.main([*argv, "--rates-from", str(kept)]) == 0
+    doc = json.loads(out.read_text())
+    assert seen["rate"] == 28.0 and doc["rates_from"] == [str(kept)] and doc["rates"]["docqa"]["r70"] == 28.0
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        run.main([*argv, "--rates-from", str(tmp_path / "empty.json")])
