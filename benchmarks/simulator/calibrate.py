@@ -50,6 +50,9 @@ the loop is busier than ``--frontend-merge-busy``), with the same costs free. ``
 ``--prefill-step-apart`` keeps the surcharge of a step carrying prefill out of the contention
 (``prefill_step_contends``), and ``--tokenize-profile`` holds the ingress's loop for each chat prompt's inline
 tokenising at what py-spy measured on the GPU runs' ingresses (``ingress_fit.tokenize_hold``), set before the fit.
+``--first-text`` makes the TTFT of a share of token-id prompts their second token's, the share of the GPU runs' such
+requests whose first token decoded to no text (``text_fit.first_text``, ``EngineModel.empty_first_share``), set
+before the fit.
 
 CLI: ``python -m benchmarks.simulator.calibrate --overhead O.json [--kv-tier K.json | --tier-gbps G]
 [--routing R.json]`` writes ``sim_calibration.json`` (engine, inputs, residual tables) and prints them.
@@ -86,6 +89,7 @@ from benchmarks.simulator.serving_cells import (
     serving_residuals,
     serving_table,
 )
+from benchmarks.simulator.text_fit import first_text
 from benchmarks.simulator.tier_cell import LLM_CLASS_CHUNK_TOKENS, fit_engine_floor, fit_tier_hit_s, tier_row
 
 ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_per_ktok", "gpu_contention",
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
                     help="hold the ingress's loop for each chat prompt's inline tokenising (multiturn), at what a "
                          "routing JSON's py-spy profiles of its ingresses measured (ingress_fit.tokenize_hold)")
+    ap.add_argument("--first-text", nargs="+", metavar="LOGS",
+                    help="bench JSONs or log archives with per-request records (run.py --per-request): the share of "
+                         "token-id prompts whose first token decoded to no text, so that their TTFT is their second "
+                         "token's (text_fit.first_text, EngineModel.empty_first_share)")
     ap.add_argument("--ray-reply", action="store_true",
                     help="set ray_reply_s (Serve's reply to a send, after the replica took it: when the Ray twin "
                          "inserts the prompt and learns the replica's count) from the routing JSON's decision-to-"
@@ -355,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         tok = tokenize_hold(json.loads(Path(args.tokenize_profile).read_text())) if args.tokenize_profile else None
         if tok:
             start = start.with_(tokenize_hold_s=tok["tokenize_hold_s"])
+        text = first_text(args.first_text) if args.first_text else None
+        if text:
+            start = start.with_(empty_first_share=text["empty_first_share"])
         ingress = fit_ingress(ingress_rows(routing)) if args.ingress_cpu else None
         if ingress:
             start = start.with_(**{k: ingress[k] for k in INGRESS_FIELDS})
@@ -392,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                           "residuals": rrows,
                           "client_fit": client and dict(client, sources=args.client_logs),
                           "ingress_fit": ingress, "tokenize_fit": tok and dict(tok, file=args.tokenize_profile),
+                          "first_text_fit": text and dict(text, sources=args.first_text),
                           "tree_call_fit": tree and dict(tree, file=args.tree_cost),
                           "ray_reply_fit": reply,
                           "ordering": order,

@@ -57,6 +57,10 @@ speed.
 (``Turn.text``), which kvserve's ingress does inline for a prompt up to ``deployments.ingress._INLINE_CHARS``: nothing
 else on that ingress (no other request's work, chunk or decision) runs meanwhile; the request is routed once it
 ends (``calibrate --tokenize-profile`` measures it from py-spy profiles of the GPU runs' ingresses).
+``empty_first_share`` (0 by default): the share of token-id prompts (``/v1/completions``; a chat prompt's first token
+always carried text on the GPU) whose first output token decodes to no text, so that the client's TTFT, its first
+token with text, is its second token (``text_from``: chosen by a hash of the request's number, no random draw); the
+model's property, not the load's (``calibrate --first-text`` measures it from the bench's per-request records).
 Ray's router (its twin, ``ray_twin.py``) calls its prefix tree actor with a synchronous ``ray.get`` on the ingress's
 event loop twice per request: the match before the decision, the insert once the replica has taken the request.
 Each call holds the whole loop (no other request's work, chunk or decision runs meanwhile) for ``tree_call_s`` plus
@@ -129,6 +133,7 @@ class EngineModel:
     client_s_per_token: float = 0.0
     client_cores: int = 1
     tokenize_hold_s: float = 0.0
+    empty_first_share: float = 0.0
     tree_call_s: float = 0.0
     tree_call_s_per_ktok: float = 0.0
     ray_reply_s: float = 0.0
@@ -149,6 +154,8 @@ class EngineModel:
         if self.frontend_hops < 1 or not 0 <= self.frontend_merge_busy <= 1 or self.frontend_merge_interval_s <= 0:
             raise ValueError("frontend_hops must be >= 1, frontend_merge_busy within 0-1 and "
                              "frontend_merge_interval_s > 0")
+        if not 0 <= self.empty_first_share < 1:
+            raise ValueError(f"empty_first_share must be within [0, 1), got {self.empty_first_share}")
         if self.tier_hit_s < 0 or self.prefill_step_s < 0 or self.prefill_contention < 0 or self.tokenize_hold_s < 0:
             raise ValueError("tier_hit_s, prefill_step_s, prefill_contention and tokenize_hold_s must be >= 0")
         if self.input_s_per_request < 0 or self.input_s_per_ktok < 0 or self.replica_s_per_token < 0:
@@ -162,6 +169,13 @@ class EngineModel:
         if (self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1
                 or self.client_cores < 1):
             raise ValueError("kv_blocks, block_size, chunk_tokens, replicas_per_gpu and client_cores must be >= 1")
+
+    def text_from(self, rid: int, text: bool, output_tokens: int) -> int:
+        """Which output token of request ``rid`` is the first with text: 2 for a share ``empty_first_share`` of the
+        token-id prompts with more than one output token (a multiplicative hash of ``rid``), else 1."""
+        if text or output_tokens < 2 or self.empty_first_share <= 0:
+            return 1
+        return 2 if (rid * 2654435761 % 2**32) / 2**32 < self.empty_first_share else 1
 
     def prefill_chunk_s(self, tokens: int, cached: int) -> float:
         """GPU time of a prefill chunk of ``tokens`` following ``cached`` tokens already in KV."""

@@ -36,6 +36,9 @@ class Turn:
     routed_at: float = 0.0  # the ingress handed it to a replica (the replica's prefill meter times from here)
     first_at: float = 0.0  # its first token left the engine
     seen_first_at: float = 0.0  # ... and reached the client (PS front end: streamed by its ingress)
+    text_from: int = 1  # its first output token with text (2: the first decodes to none; EngineModel.text_from)
+    second_at: float = 0.0  # text_from 2: its second token left the engine (loop: its chunk went out)
+    text_seen: bool = False  # the client has its first token with text: its TTFT is recorded
     replica: str = ""  # the replica that completed it
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
     text: bool = False  # sent as text (chat messages: the ingress tokenises it), not as token ids

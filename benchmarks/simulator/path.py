@@ -43,6 +43,7 @@ class RequestPath:
     """Mixin of ``sim.Cluster``: client -> ingress -> replica's front end, and tokens back to the client."""
 
     def send(self, t: float, turn: Turn) -> None:
+        turn.text_from = self.engine.text_from(turn.rid, turn.text, turn.output_tokens)
         self.outstanding += 1
         self.res.sent += 1
         self.push(t, "send" if self.cli_req else "arrive", turn)
@@ -99,7 +100,7 @@ class RequestPath:
     def to_client(self, what: str, turn: Turn, now: float) -> None:
         """The ingress streamed ``turn``'s first or last token: the client reads it (its core, if costly)."""
         if not self.cli_tok:
-            (self.seen_first if what == "first" else self.seen_last)(turn, now)
+            {"first": self.seen_first, "text": self.seen_text}.get(what, self.seen_last)(turn, now)
             return
         core = self.client_of(turn)
         core.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token, (what, turn, turn.attempts))
@@ -123,6 +124,8 @@ class RequestPath:
                 self.arrive(turn, now)
             elif what == "first":
                 self.seen_first(turn, now)
+            elif what == "text":
+                self.seen_text(turn, now)
             else:
                 self.seen_last(turn, now)
         self.wake_client(core)
@@ -174,7 +177,10 @@ class RequestPath:
                     self.chunk(turn, "last", now)
                     continue
                 if turn.pacer.due(now, False):
-                    self.chunk(turn, None, now)
+                    text = turn.text_from == 2 and not turn.second_at  # its first chunk had no text: this one has
+                    if text:
+                        turn.second_at = now
+                    self.chunk(turn, "text" if text else None, now)
                 if cli_tok:
                     core = self.client_of(turn)
                     core.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token)
@@ -246,10 +252,27 @@ class RequestPath:
             self.hold(ing, now, hold)
 
     def seen_first(self, turn: Turn, now: float) -> None:
-        """The client gets ``turn``'s first token (PS front end: after its ingress streamed it)."""
+        """The client gets ``turn``'s first token (PS front end: after its ingress streamed it): its TTFT, unless that
+        token has no text (``text_from`` 2: then its second token's, ``second_token``; the loop streams that one)."""
         turn.seen_first_at = now
         if not turn.first_token:
             turn.first_token = True
+            if turn.text_from == 1:
+                self.seen_text(turn, now)
+            elif turn.second_at and not self.loop:
+                self.seen_text(turn, now + turn.second_at - turn.first_at)
+
+    def second_token(self, turn: Turn, now: float) -> None:
+        """``turn``'s second token leaves its engine and its first had no text (not the loop front end, which streams
+        it): the client sees it as long after its first as the engine made it after its first."""
+        turn.second_at = now
+        if turn.first_token:
+            self.seen_text(turn, turn.seen_first_at + now - turn.first_at)
+
+    def seen_text(self, turn: Turn, now: float) -> None:
+        """The client gets ``turn``'s first token with text: its TTFT, once."""
+        if not turn.text_seen:
+            turn.text_seen = True
             if turn.rid >= self.measure_from:
                 self.res.ttft_s.append(now - turn.sent_at + self.engine.request_overhead_s)
 
@@ -258,6 +281,7 @@ class RequestPath:
         res, via_cores = self.res, self.ing_tok or self.cli_tok or self.loop
         if turn.output_tokens <= 1 and via_cores:
             self.seen_first(turn, now)
+        self.seen_text(turn, now)  # at the latest with its last token
         turn.ingress.load.on_completed(turn.replica, str(turn.rid))
         if self.tree_calls:  # Serve's queue-length cache of Ray's twin
             turn.ingress.policy.completed(turn.replica)

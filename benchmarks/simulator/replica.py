@@ -75,6 +75,7 @@ class Replica:
     waiting: deque = field(default_factory=deque)
     loading: list = field(default_factory=list)
     finishing: dict = field(default_factory=dict)
+    second: dict = field(default_factory=dict)  # step -> turns whose second token it ends and whose first had no text
     running: int = 0
     context_tokens: int = 0
     steps: int = 0

@@ -108,6 +108,8 @@ class Scheduler:
         rep.steps += 1
         k = rep.steps
         self.stream(rep, rep.running, now)
+        for turn in rep.second.pop(k, ()):
+            self.second_token(turn, now)
         rep.context_tokens += rep.running
         for job in rep.finishing.pop(k, ()):
             self.complete(rep, job, now)
@@ -135,12 +137,11 @@ class Scheduler:
             seen = turn.ingress.fifo.work(now, engine.frontend_s_per_token) if engine.frontend_s_per_token > 0 else now
             self.push(seen, "to_client", ("first", turn, turn.attempts))
         elif not turn.first_token:
-            turn.first_token = True
             turn.first_at = now
-            if turn.rid >= self.measure_from:
-                seen = (turn.ingress.fifo.work(now, engine.frontend_s_per_token)
-                        if engine.frontend_s_per_token > 0 else now)
-                self.res.ttft_s.append(seen - turn.sent_at + engine.request_overhead_s)
+            costly = engine.frontend_s_per_token > 0 and turn.rid >= self.measure_from
+            self.seen_first(turn, turn.ingress.fifo.work(now, engine.frontend_s_per_token) if costly else now)
+        if turn.text_from == 2 and not self.loop and turn.output_tokens > 1:
+            rep.second.setdefault(k + 1, []).append(turn)
         if turn.rid >= self.measure_from and turn.attempts == 0:
             self.res.engine_ttft_s.append(now - turn.routed_at)  # kvserve's engine stage: the replica's whole part
             self.res.engine_input_s.append(job.enqueued_at - turn.routed_at)
