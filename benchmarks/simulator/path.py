@@ -9,8 +9,9 @@ delays the route, the first token and, with processor sharing or the event loop 
 and every chunk are callbacks in arrival order), the client's completion. The load
 generator's own cores (``engine.client_s_per_*``, ``client_cores`` ``PSServer``s, one per bench process) build each
 request before the ingress sees it and reads every streamed token: the client's TTFT is its first
-token read, and a closed-loop worker sends its next request once it has read the last. A request
-sent again (its replica failed) keeps its first send time; work queued for the dead stream is dropped.
+token with text read (``Turn.text_from``), and a closed-loop worker sends its next request once it has read the
+last. A request sent again (its replica failed) keeps its first send time; work queued for the dead stream is
+dropped.
 """
 
 from __future__ import annotations
