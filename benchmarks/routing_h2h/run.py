@@ -153,9 +153,11 @@ def run_bench(base_url: str, model: str, workload: list[str], load: list[str], d
 
 def server_timing_brief(split: dict) -> dict:
     """The bench's ``server_timing_ms`` as p50 and mean per part and per ingress stage."""
-    brief = {k: {"p50": round(v["p50"], 3), "mean": round(v["mean"], 3)} for k, v in split.items() if k != "stages"}
-    brief["stages"] = {k: {"p50": round(v["p50"], 3), "mean": round(v["mean"], 3)}
-                       for k, v in split.get("stages", {}).items() if v}
+    def pick(dist: dict) -> dict:
+        return {"p50": round(dist["p50"], 3), "mean": round(dist["mean"], 3)}
+
+    brief = {k: pick(v) for k, v in split.items() if k != "stages"}
+    brief["stages"] = {k: pick(v) for k, v in split.get("stages", {}).items() if v}
     return brief
 
 

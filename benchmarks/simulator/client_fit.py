@@ -2,7 +2,8 @@
 
 Owns ``client_rows`` (one row per distinct ``kvserve bench`` result: its measured phase's wall
 seconds, requests and output tokens, and the client process's CPU seconds over that phase,
-``summary.client.cpu_s``) and ``fit_client`` (non-negative least squares through the origin)::
+``summary.client.cpu_s``; read by ``bench_docs``, which ``text_fit`` shares) and ``fit_client`` (non-negative least
+squares through the origin)::
 
     cpu_s = background * duration_s + per_request * requests + per_token * output_tokens
 
@@ -22,7 +23,8 @@ import tarfile
 from pathlib import Path
 
 
-def _bench_docs(path: Path):
+def bench_docs(path: Path):
+    """(file name, JSON document) of ``path`` (a ``.json``) or of every JSON file inside it (a ``.tgz`` archive)."""
     if path.suffix == ".json":
         yield path.name, json.loads(path.read_text())
         return
@@ -36,7 +38,7 @@ def client_rows(paths: list[str]) -> list[dict]:
     """Every bench result under ``paths`` that recorded its client's CPU, once each, sorted by name."""
     rows = {}
     for p in paths:
-        for name, doc in _bench_docs(Path(p)):
+        for name, doc in bench_docs(Path(p)):
             summary = doc.get("summary") if isinstance(doc, dict) else None
             cpu = ((summary or {}).get("client") or {}).get("cpu_s")
             if cpu is None:

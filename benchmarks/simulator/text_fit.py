@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.simulator.client_fit import _bench_docs
+from benchmarks.simulator.client_fit import bench_docs
 
 
 def first_text(paths: list[str]) -> dict:
@@ -20,7 +20,7 @@ def first_text(paths: list[str]) -> dict:
     workload, and each result's row; ValueError if none holds such records."""
     rows = {}
     for p in paths:
-        for name, doc in _bench_docs(Path(p)):
+        for name, doc in bench_docs(Path(p)):
             if not isinstance(doc, dict) or not doc.get("requests"):
                 continue
             workload = (doc.get("config") or {}).get("workload") or {}
