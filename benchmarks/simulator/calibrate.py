@@ -79,7 +79,8 @@ from benchmarks.simulator.ingress_fit import (
     tokenize_hold,
     tree_call_costs,
 )
-from benchmarks.simulator.routing_cells import engine_parts_table, fit, gpu_cells, ordering, residual_table, residuals
+from benchmarks.simulator.repeats import with_repeats
+from benchmarks.simulator.routing_cells import engine_parts_table, fit, ordering, residual_table, residuals
 from benchmarks.simulator.serving_cells import (
     SHAPES,
     attn_per_pair_s,
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tier-check", default=None, metavar="PREFIX_TOKENS:RECOMPUTE_MS:TIER_HIT_MS",
                     help="a KV-tier GPU result given by hand (without --kv-tier): reproduced in the output")
     ap.add_argument("--routing", default=None, help="routing head-to-head JSON (kvserve.routing_h2h/1) of the same GPU")
+    ap.add_argument("--routing-repeats", nargs="+", default=[], metavar="ROUTING_JSON",
+                    help="results of the same scale and config that ran some of --routing's cells again: each such "
+                         "cell is compared at its median run (repeats.with_repeats), every run's p50 beside it")
     ap.add_argument("--ingress-capacity", default="benchmarks/results/ingress_capacity_cpu.json",
                     help="the ingress's CPU costs measured on a CPU (bounds the fitted ones; '' for none)")
     ap.add_argument("--client-logs", nargs="*", default=[],
@@ -301,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(), "git_commit": git_commit(),
         "sources": {"overhead": args.overhead, "overhead_machine": over.get("machine"),
                     "overhead_git_commit": over.get("git_commit"), "kv_tier": args.kv_tier,
-                    "tier_gbps": gbps, "tier_source": args.kv_tier or args.tier_source, "routing": args.routing},
+                    "tier_gbps": gbps, "tier_source": args.kv_tier or args.tier_source, "routing": args.routing,
+                    "routing_repeats": args.routing_repeats},
         "engine": engine.to_dict(), "serving_fit": inputs, "tier_fit": tier_fit, "serving_residuals": rows,
         "serving_residuals_unsplit": [r for r in unsplit if r["system"] in inputs["stage_split"]],
         "serving_tested_cells": len(tested),
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc["tier"]))
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())
-        settings, cells = routing["scale_settings"], gpu_cells(routing)
+        settings = routing["scale_settings"]
+        cells = with_repeats(routing, [(f, json.loads(Path(f).read_text())) for f in args.routing_repeats])
         kw = settings.get("engine_kwargs", {})
         # kvserve's form (its ingress work on one shared core per ingress, the rest a constant), the routing run's shape
         split = inputs["stage_split"].get("kvserve", {})
