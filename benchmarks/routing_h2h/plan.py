@@ -1,9 +1,9 @@
 """The device plan: the matrix cut into calls that each fit one device call, as commands to paste.
 
-Owns ``Call``, ``pack``, ``summary_cells``, ``current_cells`` (what ``--plan-missing`` leaves out), ``commands`` and
-``render`` (the calls as text). A call is one
-``serve run`` of one system over some of its cells (workload x load), merged with ``--merge`` into one result: a
-copy of ``KEPT`` or of the committed result given (``device_out``). Its estimate is
+Owns ``Call``, ``pack``, ``summary_cells``, ``current_cells`` (what ``--plan-missing`` leaves out), ``again_cells``
+(what ``--plan again`` runs once more), ``commands`` and ``render`` (the calls as text). A call is one ``serve run``
+of one system over some of its cells (workload x load), merged with ``--merge`` into one result: a copy of ``KEPT``
+or of the committed result given (``device_out``). Its estimate is
 ``START_S`` (4 x 1B engines on a warm machine: 113-126 s at 54d8ff8) + ``STOP_S`` + per cell ``duration_s +
 CELL_OVERHEAD_S`` (warm-up requests, the drain of those in flight, the metric scrapes), plus ``COLD_EXTRA_S`` for the
 very first call (a fresh machine compiles: 316 s to ready at 54d8ff8; the wheels' install, ~40 s, runs before
@@ -97,6 +97,24 @@ def summary_cells(levels: list[str], ingress_variant: str = TWO_INGRESS) -> dict
     no_sharing = [("no-sharing", lv) for lv in levels]
     return {ROUND_ROBIN: sat + no_sharing, DEFAULT_STRATEGY: sat + no_sharing, RAY_ROUTER: sat,
             ingress_variant: [(wl, "sat") for wl in TWO_INGRESS_WORKLOADS]}
+
+
+def again_cells(doc: dict, systems: Iterable[str], selected: Iterable[Cell]) -> dict[str, list[Cell]]:
+    """The cells of ``systems`` that a result ``doc`` holds at a closed-loop or Poisson load (a trace replay is
+    left out: the simulator's calibration compares the others), among ``selected``, in the order its last run of
+    each system finished them (Ray's router keeps its tree from one cell to the next), the others after: what
+    ``--plan again`` runs once more."""
+    wanted, out = set(selected), {}
+    for system in systems:
+        res = (doc.get("results") or {}).get(system) or {}
+        held = [(wl, lv) for wl, levels in res.items() if isinstance(levels, dict)
+                for lv, m in levels.items() if isinstance(m, dict) and "ttft_p50_ms" in m
+                and (m.get("load") or {}).get("mode") in ("concurrency", "rate") and (wl, lv) in wanted]
+        order = [tuple(k.split(":", 1)) for run in res.get("runs") or [] for k in finished(run)]
+        rank = {cell: i for i, cell in enumerate(order)}  # a cell's last run decides its place
+        if held:
+            out[system] = sorted(held, key=lambda c: rank.get(c, len(order)))
+    return out
 
 
 def finished(run: dict) -> list[str]:

@@ -23,7 +23,9 @@ select cells; ``--merge`` writes them into an existing ``--out`` (same scale and
 only those cells and adding their workloads' settings to its ``scale_settings`` (a workload it ran with other
 settings is refused), so the matrix can run one device call at a time. ``--plan`` prints those calls
 (``plan.py``) instead of running anything; ``--plan summary`` only the cells the summary reads; ``--plan-missing``
-leaves out those the kept result already holds from a run of today's code (``plan.current_cells``).
+leaves out those the kept result already holds from a run of today's code (``plan.current_cells``); ``--plan again``
+runs every closed-loop and Poisson cell of ``--again-of`` once more (``plan.again_cells``: repeated runs, into a new
+``--plan-result``, for the simulator's ``calibrate --routing-repeats``).
 
 Client: ``--client-processes N`` runs each cell's bench in N client processes (``bench --processes``),
 so the load generator's own CPU cannot delay the reads it times; every cell records its client's
@@ -401,8 +403,12 @@ def parser() -> argparse.ArgumentParser:
                         "here; recorded as rates_from")
     p.add_argument("--recalibrate", action="store_true",
                    help="round-robin's sat cells replace the recorded rates of their workloads")
-    p.add_argument("--plan", choices=["full", "summary"],
-                   help="print the device calls for the selected cells (full) or for the summary's cells only")
+    p.add_argument("--plan", choices=["full", "summary", "again"],
+                   help="print the device calls for the selected cells (full), for the summary's cells only, or "
+                        "(again) for every selected cell --again-of holds at a closed-loop or Poisson load, once "
+                        "more (with --plan-result a new file, --rates-from the result whose rates they ran at)")
+    p.add_argument("--again-of", default=plan.KEPT, metavar="RESULT",
+                   help="--plan again: the result whose cells run once more (plan.again_cells)")
     p.add_argument("--limit", type=int, default=plan.LIMIT_S, help="--plan: seconds per device call")
     p.add_argument("--plan-result", default=plan.KEPT,
                    help="--plan: the committed result (same scale and config) the calls merge into and a fresh "
@@ -485,9 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
     if args.plan:
-        chosen = ({s: system_cells(s, cells) for s in systems} if args.plan == "full"
-                  else {s: [c for c in cs if c in cells]
-                        for s, cs in plan.summary_cells(levels, ingress_variant(base)).items()})
+        if args.plan == "again":
+            chosen = plan.again_cells(json.loads((ROOT / args.again_of).read_text()), systems, cells)
+        elif args.plan == "full":
+            chosen = {s: system_cells(s, cells) for s in systems}
+        else:
+            chosen = {s: [c for c in cs if c in cells]
+                      for s, cs in plan.summary_cells(levels, ingress_variant(base)).items()}
         if args.plan_missing:
             kept = json.loads((ROOT / args.plan_result).read_text()) if (ROOT / args.plan_result).exists() else {}
             current = {s: plan.current_cells(kept, s, same_code) for s in chosen}
@@ -504,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra = (*extra, "--profile-idle")
         if args.ray_trace:  # Ray's router traces its decisions in every call that runs it
             extra = (*extra, "--ray-trace")
+        if args.per_request:
+            extra = (*extra, "--per-request")
+        if args.rates_from:  # the open-loop cells at another result's rates (a new --plan-result has none)
+            extra = (*extra, "--rates-from", args.rates_from)
         print(plan.render(calls, scale["duration_s"], args.limit, args.git_commit or git_commit() or "SHA", extra,
                           args.plan_result), end="")
         return 0

@@ -559,6 +559,36 @@ def test_plan_missing_leaves_out_the_current_cells(tmp_path: Path, monkeypatch: 
     assert capsys.readouterr().out.startswith("# nothing to run:")
 
 
+def test_plan_again_runs_every_closed_loop_and_poisson_cell_of_a_result_once_more(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--plan again``: the cells a result holds (a trace replay left out), Ray's in the order its last run took
+    them, into a new ``--plan-result`` at the rates of ``--rates-from``, with the flags given passed to every call."""
+    sat, r70 = {"mode": "concurrency", "concurrency": 64}, {"mode": "rate", "rate": 24.7}
+    cell = lambda load: {"ttft_p50_ms": 1.0, "load": load}
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"results": {
+        "kv-aware": {"docqa": {"sat": cell(sat), "r70": cell(r70)},
+                     "mooncake": {"r70": cell({"mode": "trace"})}},
+        "ray-prefix-cache-affinity": {"runs": [{"cells": ["mooncake:sat", "multiturn:sat"]},
+                                               {"cells": ["docqa:sat", "multiturn:sat", "mooncake:sat"]}],
+                                      "mooncake": {"sat": cell(sat)}, "docqa": {"sat": cell(sat)},
+                                      "multiturn": {"sat": cell(sat)}}}}))
+    new = "benchmarks/results/routing_h200_again2.json"
+    assert run.main(["--scale", "gpu", "--plan", "again", "--again-of", str(kept), "--plan-result", new,
+                     "--rates-from", "benchmarks/results/routing_h200.json", "--per-request", "--ray-trace",
+                     "--client-processes", "4"]) == 0
+    text = capsys.readouterr().out
+    calls = [line.split(". ", 1)[1].rsplit(" (~", 1)[0] for line in text.splitlines() if line[:3] in ("# 1", "# 2")]
+    assert calls == ["kv-aware: docqa:sat docqa:r70", "ray-prefix-cache-affinity: docqa:sat multiturn:sat mooncake:sat"]
+    for cmd in (line for line in text.splitlines() if not line.startswith("#")):
+        args = run.parser().parse_args(cmd.split("benchmarks.routing_h2h.run ", 1)[1].split())
+        assert args.out == "/tmp/res/routing_h200_again2.json" and args.merge and args.per_request
+        assert args.rates_from == "benchmarks/results/routing_h200.json" and args.ray_trace
+        assert args.client_processes == 4
+    assert plan.again_cells(json.loads(kept.read_text()), ["kv-aware"], [("docqa", "r70")]) == {
+        "kv-aware": [("docqa", "r70")]}  # --loads narrows it
+
+
 def test_same_code_compares_a_commit_with_the_checkout() -> None:
     assert run.same_code("HEAD", ("no/such/path",)) is True
     assert run.same_code("0" * 40, ("no/such/path",)) is False  # a commit git does not know
