@@ -5,7 +5,8 @@ in other results of the same scale and config (a lease that ran again the cells 
 missed). A cell with copies is represented by its median copy by TTFT p50 (``statistics.median_low``: a measured
 run, never an average of two; with an even count the lower of the two middle ones), and carries every copy's TTFT
 p50 in ``Cell.runs_ttft_p50_ms`` for the residual table. A copy whose load differs from the cell's (mode, level,
-duration, session width: another calibration's rate) is an error, not a silent second cell.
+duration, session width: another calibration's rate), or a result of another scale, config or GPU, is an error, not
+a silent second cell.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def with_repeats(doc: dict, repeats: Iterable[tuple[str, dict]]) -> list[Cell]:
         for field in ("scale", "config"):
             if other.get(field) != doc.get(field):
                 raise ValueError(f"{name}: {field} {other.get(field)!r}, the routing result's is {doc.get(field)!r}")
+        gpus, ours = (other.get("machine") or {}).get("gpus"), (doc.get("machine") or {}).get("gpus")
+        if gpus != ours:
+            raise ValueError(f"{name}: ran on {gpus}, the routing result on {ours}: another machine's numbers")
         for copy in gpu_cells(other):
             if _key(copy) not in copies:
                 continue

@@ -1,6 +1,6 @@
 """A routing cell measured more than once is compared at its median run (``benchmarks/simulator/repeats.py``):
 the median copy by TTFT p50 is a measured run with its own evidence and (Ray's twin) its own earlier cells, every
-run's p50 goes beside it in the residual row, and a copy of another load or scale is refused."""
+run's p50 goes beside it in the residual row, and a copy of another load, scale or GPU is refused."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ def _cell(p50: float, load: dict = SAT, tag: str = "") -> dict:
             "cache_hit_rate": 0.5, "load": load, "command": f"bench --seed 0 {tag}"}
 
 
-def _doc(results: dict, runs: dict | None = None, scale: str = "gpu") -> dict:
+def _doc(results: dict, runs: dict | None = None, scale: str = "gpu", gpu: str = "NVIDIA H200") -> dict:
     res = {system: {**cells, "runs": (runs or {}).get(system, [])} for system, cells in results.items()}
     return {"scale": scale, "config": "configs/gpu-routing.yaml", "scale_settings": {"workloads": WL},
+            "machine": {"gpus": [gpu]},
             "systems": {"ray": {"routing": {"request_router_class": RAY}}, "kv-aware": {"routing": {}}},
             "results": res}
 
@@ -65,7 +66,7 @@ def test_a_ray_copy_keeps_the_cells_its_own_run_measured_before_it():
     assert [b.measured["ttft_p50_ms"] for b in mt.before] == [61.0]  # again's run measured docqa first
 
 
-def test_a_copy_of_another_load_or_scale_is_an_error():
+def test_a_copy_of_another_load_scale_or_gpu_is_an_error():
     main = _doc({"kv-aware": {"docqa": {"r70": _cell(42.0, {"mode": "rate", "rate": 24.716, "duration_s": 3})}}})
     other_rate = _doc({"kv-aware": {"docqa": {"r70": _cell(40.0, {"mode": "rate", "rate": 20.0, "duration_s": 3})}}})
     with pytest.raises(ValueError, match=r"other.json: kv-aware/docqa/r70 ran rate 20 .*rate 24.716"):
@@ -73,6 +74,10 @@ def test_a_copy_of_another_load_or_scale_is_an_error():
     cpu = _doc({"kv-aware": {"docqa": {"r70": _cell(40.0)}}}, scale="cpu")
     with pytest.raises(ValueError, match="cpu.json: scale 'cpu', the routing result's is 'gpu'"):
         with_repeats(main, [("cpu.json", cpu)])
+    h100 = _doc({"kv-aware": {"docqa": {"r70": _cell(47.0)}}}, gpu="NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match=r"h100.json: ran on \['NVIDIA H100 80GB HBM3'\], the routing result on "
+                                         r"\['NVIDIA H200'\]"):
+        with_repeats(main, [("h100.json", h100)])
 
 
 def test_the_residual_row_and_table_show_every_run():
