@@ -346,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.routing:
         routing = json.loads(Path(args.routing).read_text())
         settings = routing["scale_settings"]
-        cells = with_repeats(routing, [(f, json.loads(Path(f).read_text())) for f in args.routing_repeats])
+        try:
+            cells = with_repeats(routing, [(f, json.loads(Path(f).read_text())) for f in args.routing_repeats])
+        except ValueError as err:  # a copy of another load, scale, config or GPU
+            ap.error(f"--routing-repeats {err}")
         kw = settings.get("engine_kwargs", {})
         # kvserve's form (its ingress work on one shared core per ingress, the rest a constant), the routing run's shape
         split = inputs["stage_split"].get("kvserve", {})

@@ -1,8 +1,8 @@
 """GPU cells measured more than once: each compared at its median run.
 
 Owns ``with_repeats``: a routing result's modelled cells (``routing_cells.gpu_cells``) joined with the same cells
-in other results of the same scale and config (a lease that ran again the cells whose single run the simulator
-missed). A cell with copies is represented by its median copy by TTFT p50 (``statistics.median_low``: a measured
+in other results of the same scale, config and GPU (the calibration's cells run once more: ``routing_h2h.run --plan
+again``). A cell with copies is represented by its median copy by TTFT p50 (``statistics.median_low``: a measured
 run, never an average of two; with an even count the lower of the two middle ones), and carries every copy's TTFT
 p50 in ``Cell.runs_ttft_p50_ms`` for the residual table. A copy whose load differs from the cell's (mode, level,
 duration, session width: another calibration's rate), or a result of another scale, config or GPU, is an error, not

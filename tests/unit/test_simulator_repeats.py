@@ -4,6 +4,8 @@ run's p50 goes beside it in the residual row, and a copy of another load, scale 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.simulator.engine import EngineModel
@@ -88,3 +90,16 @@ def test_the_residual_row_and_table_show_every_run():
     (row,) = residuals(cells, engine, {"workloads": WL}, 4)
     assert row["gpu_ttft_p50_ms"] == 85.0 and row["gpu_runs_ttft_p50_ms"] == [64.0, 90.0, 85.0]
     assert "| 85 (runs 64, 90, 85) |" in residual_table([row])
+
+
+def test_calibrate_refuses_another_gpus_repeats_with_a_precise_message(tmp_path, capsys):
+    from benchmarks.simulator.calibrate import main
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks/results"
+    h100 = results / "routing_h100_bf9a8ce_repeat_a2.json"
+    with pytest.raises(SystemExit):
+        main(["--overhead", str(results / "serving_overhead.json"), "--routing", str(results / "routing_h200.json"),
+              "--routing-repeats", str(h100), "--out", str(tmp_path / "cal.json")])
+    assert (f"--routing-repeats {h100}: ran on ['NVIDIA H100 80GB HBM3'], the routing result on ['NVIDIA H200']"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "cal.json").exists()
