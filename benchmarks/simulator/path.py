@@ -101,7 +101,7 @@ class RequestPath:
     def to_client(self, what: str, turn: Turn, now: float) -> None:
         """The ingress streamed ``turn``'s first or last token: the client reads it (its core, if costly)."""
         if not self.cli_tok:
-            {"first": self.seen_first, "text": self.seen_text}.get(what, self.seen_last)(turn, now)
+            self.seen(what, turn, now)
             return
         core = self.client_of(turn)
         core.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token, (what, turn, turn.attempts))
@@ -123,12 +123,8 @@ class RequestPath:
                 continue
             if what == "arrive":
                 self.arrive(turn, now)
-            elif what == "first":
-                self.seen_first(turn, now)
-            elif what == "text":
-                self.seen_text(turn, now)
             else:
-                self.seen_last(turn, now)
+                self.seen(what, turn, now)
         self.wake_client(core)
 
     def stream(self, rep: Replica, tokens: int, now: float) -> None:
@@ -251,6 +247,11 @@ class RequestPath:
         ing.policy.accepted(request, replica_id, block_size, rep.ongoing if rep is not None else 0)
         if (hold := self.engine.tree_call_hold_s(request.num_prompt_tokens)) > 0:
             self.hold(ing, now, hold)
+
+    def seen(self, what: str, turn: Turn, now: float) -> None:
+        """The client reads a chunk of ``turn`` the ingress streamed: its ``first`` token, its first with ``text``
+        (the loop's second chunk when the first had none), or its ``last``."""
+        {"first": self.seen_first, "text": self.seen_text, "last": self.seen_last}[what](turn, now)
 
     def seen_first(self, turn: Turn, now: float) -> None:
         """The client gets ``turn``'s first token (PS front end: after its ingress streamed it): its TTFT, unless that

@@ -140,7 +140,7 @@ class Scheduler:
             turn.first_at = now
             costly = engine.frontend_s_per_token > 0 and turn.rid >= self.measure_from
             self.seen_first(turn, turn.ingress.fifo.work(now, engine.frontend_s_per_token) if costly else now)
-        if turn.text_from == 2 and not self.loop and turn.output_tokens > 1:
+        if turn.text_from == 2 and not self.loop:  # text_from is 1 for a single output token
             rep.second.setdefault(k + 1, []).append(turn)
         if turn.rid >= self.measure_from and turn.attempts == 0:
             self.res.engine_ttft_s.append(now - turn.routed_at)  # kvserve's engine stage: the replica's whole part
