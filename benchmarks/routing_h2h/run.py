@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     if args.plan:
         if args.plan == "again":
+            if not (ROOT / args.again_of).is_file():
+                p.error(f"--again-of: {args.again_of} not found (the result whose cells run once more)")
             chosen = plan.again_cells(json.loads((ROOT / args.again_of).read_text()), systems, cells)
         elif args.plan == "full":
             chosen = {s: system_cells(s, cells) for s in systems}

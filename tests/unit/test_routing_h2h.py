@@ -587,6 +587,9 @@ def test_plan_again_runs_every_closed_loop_and_poisson_cell_of_a_result_once_mor
         assert args.client_processes == 4
     assert plan.again_cells(json.loads(kept.read_text()), ["kv-aware"], [("docqa", "r70")]) == {
         "kv-aware": [("docqa", "r70")]}  # --loads narrows it
+    with pytest.raises(SystemExit):
+        run.main(["--scale", "gpu", "--plan", "again", "--again-of", str(tmp_path / "none.json")])
+    assert f"--again-of: {tmp_path / 'none.json'} not found" in capsys.readouterr().err
 
 
 def test_same_code_compares_a_commit_with_the_checkout() -> None:
