@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see ../shared/device/README.md for shipping the wheel parts first). Build the parts
 # with Ray's metrics agent's missing dependency, so that the kvserve_stage_* histograms can be scraped there:
-# (parts of 34 MiB: with the repository's ~28 MiB of tracked files a call stays under the device's 64 MiB)
-#   ../shared/device/make-wheelhouse --part-mib 34 --extra opencensus==0.11.4 --extra opencensus-context==0.1.3 \
+# (--part-mib 32: with the repository's ~30 MB of tracked files a call of one part stays under the device's 64 MiB)
+#   ../shared/device/make-wheelhouse --part-mib 32 --extra opencensus==0.11.4 --extra opencensus-context==0.1.3 \
 #       --extra six==1.17.0 && cp .whl/install-on-device .whl/p0/
 # and install googleapis-common-protos==1.76.0 and google-api-core==2.44.0 (--no-deps) beside them: opencensus
 # imports google.rpc, and without it the dashboard agent fails its imports and `ray start` times out.

@@ -45,7 +45,9 @@ to each send ``EngineModel.ray_reply_s`` after its replica took the request, fro
 of Ray's cells (``ingress_fit.ray_reply``), set after the fit. ``--frontend loop`` runs the routing
 cells' ingresses as kvserve's event loop instead of a processor-sharing core (``EngineModel.frontend_sharing``:
 callbacks in arrival order, a request's work before routing in ``--frontend-hops`` callbacks, chunks merged while
-the loop is busier than ``--frontend-merge-busy``), with the same costs free. ``--prefill-contention`` also fits
+the loop is busier than ``--frontend-merge-busy``), with the same costs free. ``--ingress-balance leastconn`` spreads
+the routing cells' requests over their ingresses as Serve's HAProxy does (``EngineModel.ingress_balance``), not
+round-robin. ``--prefill-contention`` also fits
 ``EngineModel.prefill_contention`` (prefill chunks of co-located engines sharing the GPU's arithmetic),
 ``--prefill-step-apart`` keeps the surcharge of a step carrying prefill out of the contention
 (``prefill_step_contends``), and ``--tokenize-profile`` holds the ingress's loop for each chat prompt's inline
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frontend", choices=("ps", "loop"), default="ps",
                     help="the routing cells' ingress: a processor-sharing core, or kvserve's event loop (callbacks "
                          "in arrival order, chunks merged while it is busy)")
+    ap.add_argument("--ingress-balance", choices=("round-robin", "leastconn"), default="round-robin",
+                    help="how the routing cells' requests are spread over their ingresses: round-robin, or leastconn "
+                         "as Serve's HAProxy does (fewest streams open)")
     ap.add_argument("--frontend-hops", type=int, default=3,
                     help="--frontend loop: callbacks a request's work before routing is split into")
     ap.add_argument("--frontend-merge-busy", type=float, default=0.5,
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.frontend == "loop":
             start = start.with_(frontend_sharing="loop", frontend_hops=args.frontend_hops,
                                 frontend_merge_busy=args.frontend_merge_busy)
+        start = start.with_(ingress_balance=args.ingress_balance)
         client = (fit_client(client_rows(args.client_logs), cores=max(c.client_processes for c in cells))
                   if args.client_logs else None)
         if client:  # each cell is simulated with its own bench processes; the engine written keeps the most

@@ -47,6 +47,12 @@ token reaches the client when its chunk's callback has run. While the loop was b
 ``frontend_merge_busy`` of the last second (off again below 0.6 of it; 0: never), the streams it routes send
 at most one chunk per ``frontend_merge_interval_s`` for their life, the first and the last at once, as
 kvserve's ingress asks its replicas to (``GenerateRequest.merge_chunks``).
+``ingress_balance`` is how the load balancer in front spreads requests over the ingress replicas: "round-robin"
+(the default: by request number) or "leastconn", what Serve's HAProxy does by default
+(``RAY_SERVE_HAPROXY_BALANCE_ALGORITHM``): the ingress with the fewest requests open (taken, last token not yet
+streamed), round-robin among equals. With a closed loop whose every worker holds one session (``--session-width``
+equal to the concurrency), a worker's next turn is sent just after its last ended, so leastconn sends it back to the
+ingress that streamed that one more often than not, and a prefix-aware ingress then knows the session's prefix.
 The load generator (``kvserve bench``: one asyncio process per ``--processes``) is ``client_cores`` more
 processor-sharing cores, each shared by the requests of its process (request ``rid`` on core ``rid % client_cores``):
 ``client_s_per_request`` to build and send a request (after the client's clock starts, before the ingress sees it)
@@ -126,6 +132,7 @@ class EngineModel:
     frontend_tokenize_s: float = 0.0
     frontend_hash_s_per_ktok: float = 0.0
     frontend_sharing: str = "ps"
+    ingress_balance: str = "round-robin"
     frontend_hops: int = 1
     frontend_merge_busy: float = 0.0
     frontend_merge_interval_s: float = 0.02
@@ -151,6 +158,8 @@ class EngineModel:
             raise ValueError("prefill_tokens_per_s, step_s and tier_gbps must be > 0")
         if self.frontend_sharing not in ("ps", "fifo", "loop"):
             raise ValueError(f"frontend_sharing must be 'ps', 'fifo' or 'loop', not {self.frontend_sharing!r}")
+        if self.ingress_balance not in ("round-robin", "leastconn"):
+            raise ValueError(f"ingress_balance must be 'round-robin' or 'leastconn', not {self.ingress_balance!r}")
         if self.frontend_hops < 1 or not 0 <= self.frontend_merge_busy <= 1 or self.frontend_merge_interval_s <= 0:
             raise ValueError("frontend_hops must be >= 1, frontend_merge_busy within 0-1 and "
                              "frontend_merge_interval_s > 0")

@@ -41,6 +41,7 @@ class Turn:
     text_seen: bool = False  # the client has its first token with text: its TTFT is recorded
     replica: str = ""  # the replica that completed it
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
+    streaming: bool = False  # open on its ingress (counted in its ``streams``) until its last token is streamed
     text: bool = False  # sent as text (chat messages: the ingress tokenises it), not as token ids
     pacer: object = None  # loop front end: when its chunks go out (deployments.pacing.StreamPacer, set at routing)
     #: the blocks its decode fills, continuing ``block_hashes`` in one token stream (full blocks of the prompt and

@@ -4,7 +4,8 @@ the tokens streamed back.
 Owns ``Ingress`` (one ingress replica: its own policy, ``routers.load.LoadTracker`` and RNG, exactly as
 ``deployments/request_router.py`` wires them, and its CPU) and ``RequestPath``, the part of a run
 (``sim.Cluster``) between the client and a replica's front end. Requests are spread over ingresses
-round-robin (a load balancer in front). Each ingress's CPU (``frontend.py``, costs in ``engine.py``)
+by the load balancer in front (``EngineModel.ingress_balance``: round-robin, or HAProxy's leastconn on the streams
+each ingress has open). Each ingress's CPU (``frontend.py``, costs in ``engine.py``)
 delays the route, the first token and, with processor sharing or the event loop ("loop": a request's hops
 and every chunk are callbacks in arrival order), the client's completion. The load
 generator's own cores (``engine.client_s_per_*``, ``client_cores`` ``PSServer``s, one per bench process) build each
@@ -38,6 +39,7 @@ class Ingress:
     cpu: PSServer = field(default_factory=PSServer)  # its CPU, frontend_sharing "ps"
     loop: LoopServer = field(default_factory=LoopServer)  # its event loop, frontend_sharing "loop"
     merging: bool = False  # "loop": the streams it routes now ask for merged chunks
+    streams: int = 0  # requests it has taken whose last token it has not streamed yet (leastconn's count)
 
 
 class RequestPath:
@@ -51,8 +53,11 @@ class RequestPath:
 
     def arrive(self, turn: Turn, now: float) -> None:
         engine = self.engine
-        ing = self.ings[(turn.rid + turn.attempts) % len(self.ings)]
-        turn.ingress = ing
+        if turn.ingress is not None and turn.streaming:  # sent again (its replica failed): that stream is gone
+            turn.ingress.streams -= 1
+        ing = self.balance(turn)
+        ing.streams += 1
+        turn.ingress, turn.streaming = ing, True
         work = engine.prepare_s(turn.prompt_tokens, text=turn.text, hashed=self.hashing)
         if self.loop:  # each hop is a callback behind what the loop has queued meanwhile
             per = work / engine.frontend_hops
@@ -64,6 +69,16 @@ class RequestPath:
             self.wake(ing)
         else:
             self.push(ing.fifo.work(now, work), "route", turn)
+
+    def balance(self, turn: Turn) -> Ingress:
+        """The ingress the load balancer gives ``turn``: by its number (round-robin), or (leastconn) the one with the
+        fewest streams open, the first of those after the last one picked."""
+        n = len(self.ings)
+        if self.engine.ingress_balance == "round-robin" or n == 1:
+            return self.ings[(turn.rid + turn.attempts) % n]
+        least = min(ing.streams for ing in self.ings)
+        self.balanced = next(i for k in range(1, n + 1) if self.ings[i := (self.balanced + k) % n].streams == least)
+        return self.ings[self.balanced]
 
     def hop(self, turn: Turn, attempt: int, left: int, per: float, now: float) -> None:
         """One of ``turn``'s callbacks on its ingress's loop ran ("loop"): queue the next, or route it."""
@@ -100,6 +115,9 @@ class RequestPath:
 
     def to_client(self, what: str, turn: Turn, now: float) -> None:
         """The ingress streamed ``turn``'s first or last token: the client reads it (its core, if costly)."""
+        if what == "last" and turn.streaming:  # its stream ends: the load balancer counts it no more
+            turn.ingress.streams -= 1
+            turn.streaming = False
         if not self.cli_tok:
             self.seen(what, turn, now)
             return

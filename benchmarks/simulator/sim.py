@@ -99,6 +99,7 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.bs = engine.block_size
         self.tier = ObjectTier(cluster.tier_budget_blocks) if cluster.tier_budget_blocks > 0 else None
         self.ings = []
+        self.balanced = -1  # the ingress leastconn picked last (RequestPath.balance)
         if knobs.strategy == RAY_TWIN:  # Ray's one tree actor, shared by every router
             ray_tree = ray_tree if ray_tree is not None else RayTree()
         else:

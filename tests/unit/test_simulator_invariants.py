@@ -223,3 +223,26 @@ def test_replica_front_end_is_a_fifo_and_a_request_in_it_survives_its_replica_dy
                    ClusterSpec(2, failures=((0.005, 1),)), engine)
     assert res.sent == res.completed == 32 and res.retries > 0
     assert res.per_replica["r0000"] == 32 and res.retries == res.per_replica["r0001"]  # all resent to the survivor
+
+
+def test_leastconn_sends_a_sessions_next_turn_back_to_the_ingress_that_knows_it():
+    """A closed loop whose every worker holds one session: leastconn (Serve's HAProxy) gives a worker's next turn to
+    the ingress whose stream just ended, so each prefix-aware ingress predicts more of its prompts than when the
+    balancer alternates; the requests and each ingress's count of open streams come out whole, a failure included."""
+    from benchmarks.simulator.sim import Cluster
+
+    def run(balance: str) -> tuple[float, Cluster]:
+        plan = LoadPlan("concurrency", 16, num_requests=480, width=16)
+        driver = Driver(workloads.multiturn_sessions(sessions=0, turns=6, system_words=64, output_len=16), plan)
+        cluster = Cluster(driver, knobs("prefix-aware"), ClusterSpec(4, ingresses=2, failures=((1.0, 2),)),
+                          ENGINE.with_(ingress_balance=balance), seed=0, measure_from=0)
+        res = cluster.run()
+        assert res.sent == res.completed == 480 and res.retries > 0
+        return res.predicted_cached_tokens / res.prompt_tokens, cluster
+
+    alternating, _ = run("round-robin")
+    least, cluster = run("leastconn")
+    assert least > alternating + 0.05
+    assert [ing.streams for ing in cluster.ings] == [0, 0]
+    with pytest.raises(ValueError, match="ingress_balance"):
+        ENGINE.with_(ingress_balance="random")
