@@ -53,7 +53,7 @@ class RequestPath:
 
     def arrive(self, turn: Turn, now: float) -> None:
         engine = self.engine
-        if turn.ingress is not None and turn.streaming:  # sent again (its replica failed): that stream is gone
+        if turn.streaming:  # sent again (its replica failed): that stream is gone
             turn.ingress.streams -= 1
         ing = self.balance(turn)
         ing.streams += 1
