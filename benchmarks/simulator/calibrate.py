@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-step-apart", action="store_true",
                     help="a step's surcharge for carrying prefill (prefill_step_s) is the engine's own time, outside "
                          "the GPU's contention (EngineModel.prefill_step_contends false)")
+    ap.add_argument("--graph-tokens", type=int, default=0, metavar="N",
+                    help="a step scheduling at most N tokens runs as a CUDA graph and pays no prefill_step_s "
+                         "(EngineModel.graph_tokens; vLLM's max_cudagraph_capture_size, 512 by default; 0: off)")
     ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
                     help="hold the ingress's loop for each chat prompt's inline tokenising (multiturn), at what a "
                          "routing JSON's py-spy profiles of its ingresses measured (ingress_fit.tokenize_hold)")
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                                 client_s_per_token=client["client_s_per_token"], client_cores=client["cores"])
         if args.prefill_step_apart:
             start = start.with_(prefill_step_contends=False)
+        if args.graph_tokens:
+            start = start.with_(graph_tokens=args.graph_tokens)
         tok = tokenize_hold(json.loads(Path(args.tokenize_profile).read_text())) if args.tokenize_profile else None
         if tok:
             start = start.with_(tokenize_hold_s=tok["tokenize_hold_s"])

@@ -99,7 +99,8 @@ class Scheduler:
                 self.push(wake, "wake", rep)
             return
         rep.stepping, rep.prefilling = True, bool(chunks)
-        dur = engine.step_time_s(rep.running, rep.context_tokens, prefill_s, *self.peers(rep))
+        dur = engine.step_time_s(rep.running, rep.context_tokens, prefill_s, *self.peers(rep),
+                                 prefill_tokens=sum(take for _, take in chunks))
         self.res.busy_s += dur
         self.push(now + dur, "step", (rep, chunks))
 

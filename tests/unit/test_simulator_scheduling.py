@@ -74,6 +74,22 @@ def test_a_step_that_carries_prefill_costs_prefill_step_s_more_and_a_decode_step
     with pytest.raises(ValueError, match="prefill_step_s"):
         ENGINE.with_(prefill_step_s=-1.0)
 
+def test_a_step_small_enough_for_a_cuda_graph_pays_no_prefill_surcharge():
+    engine = ENGINE.with_(prefill_step_s=0.004, graph_tokens=512)
+    # 3 decodes + a 509-token chunk fit the graph; one token more does not
+    assert engine.step_time_s(3, 0, 0.001, 0, prefill_tokens=509) == pytest.approx(STEP + 0.001)
+    assert engine.step_time_s(3, 0, 0.001, 0, prefill_tokens=510) == pytest.approx(STEP + 0.001 + 0.004)
+    assert ENGINE.with_(prefill_step_s=0.004).step_time_s(3, 0, 0.001, 0, prefill_tokens=16) == pytest.approx(
+        STEP + 0.001 + 0.004)  # graph_tokens 0: every prefill step pays
+    # the simulator counts a step's chunk tokens: A's 16-token prompt is one 10-ms step, B's 1,024 tokens pay 4 ms
+    small = simulate(_trace([(0.0, 1)]), strategy_knobs("round-robin"), ClusterSpec(1), engine)
+    big = [SimSession("b", [Turn(1024, 1, tuple(range(64)))], arrival_s=0.0)]
+    large = simulate(Driver(iter(big), LoadPlan("trace")), strategy_knobs("round-robin"), ClusterSpec(1), engine)
+    assert small.ttft_s == pytest.approx([STEP]) and large.ttft_s == pytest.approx([STEP + 0.004])
+    with pytest.raises(ValueError, match="graph_tokens"):
+        ENGINE.with_(graph_tokens=-1)
+
+
 
 def test_prefill_chunks_on_one_gpu_share_it_where_decode_steps_do_not():
     # Two replicas on one GPU, one request each at t=0 with a 1,000-token prompt (10 ms of prefill on an idle GPU)
