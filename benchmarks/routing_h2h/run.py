@@ -234,7 +234,8 @@ def run_system(name: str, cfg: dict, scale: dict, cells: list[plan.Cell], doc: d
         routing["request_router_kwargs"] = {**routing.get("request_router_kwargs", {}), "trace_dir": str(trace_dir)}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**(settings.SERVE_FAST_PATH_ENV if args.fast_path else {}), **evidence.SERVER_ENV}
+    env = {**(settings.SERVE_FAST_PATH_ENV if args.fast_path else {}), **evidence.SERVER_ENV,
+           **(steps.SERVER_ENV if args.steps else {})}
     port = cfg.get("http_options", {}).get("port", 8000)
     left = clear_leftovers((port, *HAPROXY_PORTS)) if args.ray_stop else None
     cmd = ["serve", "run", str(cfg_path)]
@@ -426,8 +427,9 @@ def parser() -> argparse.ArgumentParser:
                    help="--profile: py-spy samples idle threads too (its --idle), so time a thread spends blocked "
                         "(a synchronous ray.get on an event loop) shows (profile.py)")
     p.add_argument("--steps", action="store_true",
-                   help="engines log every step (steps.ENGINE_KWARGS); each cell's evidence gets the steps of its "
-                        "seconds (steps.summarise), the lines go beside the server log; not with --merge")
+                   help="engines log every step (steps.ENGINE_KWARGS; steps.SERVER_ENV keeps the lines in the "
+                        "workers' logs under --fast-path); each cell's evidence gets the steps of its seconds "
+                        "(steps.summarise), the lines go beside the server log; not with --merge")
     p.add_argument("--step-engine", type=float, metavar="STEP_MS",
                    help="serve every model with the paced fake engine (benchmarks.step_engine, one token per stream "
                         "every STEP_MS) on CPUs instead of vLLM (systems.with_step_engine): the routers' behaviour "

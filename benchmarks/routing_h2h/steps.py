@@ -40,6 +40,9 @@ _LINE = re.compile(
 
 #: The engine argument that makes vLLM log every step (``--steps``).
 ENGINE_KWARGS = {"enable_logging_iteration_details": True}
+#: Where Serve starts with ``--fast-path`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED``), a replica's stdout, vLLM's log lines
+#: with it, goes to Serve's own buffered replica log instead of the worker's: ``--steps`` keeps it on the worker's.
+SERVER_ENV = {"RAY_SERVE_LOG_TO_STDERR": "1"}
 #: Where a Serve replica's stdout lands on the machine running Ray (one ``worker-*.out`` per worker process).
 RAY_LOGS = Path("/tmp/ray/session_latest/logs")
 
