@@ -111,6 +111,22 @@ def test_steps_summarise_each_cell_over_its_own_seconds(tmp_path, monkeypatch):
     assert saved[-1] is out and (tmp_path / "w" / "kv-aware_steps.log.gz").exists()
 
 
+@pytest.mark.parametrize("flags", [["--steps", "--fast-path"], ["--fast-path"]])
+def test_steps_keep_the_replicas_stdout_in_the_worker_logs_under_the_fast_path(tmp_path, monkeypatch, flags):
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED alone sends a replica's stdout (vLLM's iteration lines) to Serve's buffered
+    # replica log, where collect() does not look: --steps starts Serve with RAY_SERVE_LOG_TO_STDERR=1
+    _fake_server(monkeypatch, tmp_path / "no-logs")
+    envs = []
+    monkeypatch.setattr(run.serverproc, "start", lambda cmd, env, *a, **k: envs.append(env))
+    base = yaml.safe_load((ROOT / "configs/gpu-routing.yaml").read_text())
+    args = run.parser().parse_args([*flags, "--work-dir", str(tmp_path / "w"), "--scale", "gpu"])
+    (tmp_path / "w").mkdir()
+    run.run_system("kv-aware", run.system_config(base, "kv-aware", {}), run.SCALES["gpu"], [("docqa", "sat")], {},
+                   args, lambda doc: None)
+    assert envs[0]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert envs[0].get("RAY_SERVE_LOG_TO_STDERR") == ("1" if "--steps" in flags else None)
+
+
 def test_steps_run_the_engines_with_the_iteration_log_and_refuse_merge(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(run, "run_system",
