@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/sim_calibration.json")
     args = ap.parse_args(argv)
+    if args.graph_tokens < 0:
+        ap.error(f"--graph-tokens {args.graph_tokens}: a token count is >= 0 (0: off)")
     t0 = time.perf_counter()
     over = json.loads(Path(args.overhead).read_text())
     tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None

@@ -22,8 +22,9 @@ request's first token 3-4 decode steps after its scheduling (``calibrate --engin
 cells; ``calibrate --prefill-step-ms fit`` picks the serving engine's from its c=64 cells' TPOT and throughput).
 
 ``graph_tokens`` (0 by default: every step carrying prefill pays ``prefill_step_s``) is the most tokens a step may
-schedule (its decodes plus its chunks) and still run as a CUDA graph (vLLM's ``max_cudagraph_capture_size``, 512 by
-default): such a step pays no ``prefill_step_s``, so a cached request's short chunk costs its own tokens only.
+schedule (its decodes plus its chunks) and still run from captured CUDA graphs, piecewise around attention when it
+mixes prefill with decodes (vLLM's ``max_cudagraph_capture_size``, 512 by default): such a step pays no
+``prefill_step_s``, so a cached request's short chunk costs its own tokens only.
 
 ``prefill_step_contends`` (True by default) stretches that surcharge with the step's contention, as GPU time; False
 adds it after, as time the engine spends outside the GPU's sharing (the CPU of an eager step: launching its kernels).
