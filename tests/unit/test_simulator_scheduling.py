@@ -74,6 +74,7 @@ def test_a_step_that_carries_prefill_costs_prefill_step_s_more_and_a_decode_step
     with pytest.raises(ValueError, match="prefill_step_s"):
         ENGINE.with_(prefill_step_s=-1.0)
 
+
 def test_a_step_small_enough_for_a_cuda_graph_pays_no_prefill_surcharge():
     engine = ENGINE.with_(prefill_step_s=0.004, graph_tokens=512)
     # 3 decodes + a 509-token chunk fit the graph; one token more does not
@@ -88,7 +89,6 @@ def test_a_step_small_enough_for_a_cuda_graph_pays_no_prefill_surcharge():
     assert small.ttft_s == pytest.approx([STEP]) and large.ttft_s == pytest.approx([STEP + 0.004])
     with pytest.raises(ValueError, match="graph_tokens"):
         ENGINE.with_(graph_tokens=-1)
-
 
 
 def test_prefill_chunks_on_one_gpu_share_it_where_decode_steps_do_not():
