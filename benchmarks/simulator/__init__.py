@@ -9,5 +9,5 @@ shared KV tier), ``load`` and ``workloads`` (the twin of ``kvserve bench``'s loa
 cells), ``tier_cell`` (the KV-tier cell), ``calibrate`` (the CLI, routing cells, residuals) and
 ``scale`` (the 8-1024 replica table). CLIs: ``python -m benchmarks.simulator``,
 ``python -m benchmarks.simulator.calibrate``, ``python -m benchmarks.simulator.scale``;
-docs/benchmarks.md has the results.
+docs/benchmarks.md has the results; docs/calibration_history.md the routing calibration's earlier fits and trials.
 """
