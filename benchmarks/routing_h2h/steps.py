@@ -3,10 +3,12 @@ by whether the step carried a prefill.
 
 Owns ``parse`` (vLLM's ``Iteration(N): ...`` lines, which its default stat logger writes for every step when the
 engine runs with ``enable_logging_iteration_details``) and ``summarise`` (per kind of step: count, mean and
-percentiles of the core's wait, and of the prefill steps' context tokens), with a CLI over the replicas' worker
+percentiles of the core's wait, and of the prefill steps' context tokens; the prefill steps' wait again split by
+whether the step scheduled at most ``graph_tokens`` tokens, the size up to which vLLM runs a mixed step from captured
+(piecewise) CUDA graphs), with a CLI over the replicas' worker
 logs (``/tmp/ray/session_*/logs/worker-*.out``; one file per Serve replica)::
 
-    python -m benchmarks.routing_h2h.steps worker-*.out [--from HH:MM:SS --to HH:MM:SS] [--out steps.json]
+    python -m benchmarks.routing_h2h.steps worker-*.out [--from HH:MM:SS --to HH:MM:SS] [--graph-tokens N] [--out F]
 
 ``routing_h2h.run --steps`` does it per cell: its engines run with ``ENGINE_KWARGS``, each cell's seconds are
 noted (``clock``), and before the system stops ``collect`` keeps the iteration lines of the replicas' worker logs
@@ -38,6 +40,10 @@ _LINE = re.compile(
     r"(?P<gen_tokens>\d+) generation tokens, iteration elapsed time: (?P<ms>[\d.]+) ms(?P<dummy> \(dummy\))?")
 
 
+#: vLLM's default ``max_cudagraph_capture_size`` (0.26: ``FULL_AND_PIECEWISE`` graphs up to 512 tokens, as the GPU
+#: engines' start lines say): a step scheduling at most this many tokens, prefill included, replays captured graphs
+#: (piecewise for a mixed step: its attention runs outside them).
+GRAPH_TOKENS = 512
 #: The engine argument that makes vLLM log every step (``--steps``).
 ENGINE_KWARGS = {"enable_logging_iteration_details": True}
 #: Where Serve starts with ``--fast-path`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED``), a replica's stdout, vLLM's log lines
@@ -56,10 +62,16 @@ class Step:
     ctx_tokens: int
     gen_reqs: int
     elapsed_ms: float
+    gen_tokens: int = 0
 
     @property
     def prefill(self) -> bool:
         return self.ctx_tokens > 0
+
+    @property
+    def tokens(self) -> int:
+        """What the step scheduled: its prefill chunks' tokens and its decodes' tokens."""
+        return self.ctx_tokens + self.gen_tokens
 
 
 def parse(lines, source: str = "") -> list[Step]:
@@ -70,7 +82,7 @@ def parse(lines, source: str = "") -> list[Step]:
         if m is None or m["dummy"]:
             continue
         out.append(Step(source, m["clock"], int(m["index"]), int(m["ctx_reqs"]), int(m["ctx_tokens"]),
-                        int(m["gen_reqs"]), float(m["ms"])))
+                        int(m["gen_reqs"]), float(m["ms"]), int(m["gen_tokens"])))
     return out
 
 
@@ -82,10 +94,12 @@ def _dist(xs: list[float]) -> dict[str, float]:
             **{f"p{q}": round(percentile(xs, q), 2) for q in (10, 50, 90, 99)}}
 
 
-def summarise(steps: list[Step], start: str | None = None, end: str | None = None) -> dict:
+def summarise(steps: list[Step], start: str | None = None, end: str | None = None,
+              graph_tokens: int = GRAPH_TOKENS) -> dict:
     """Per kind of step (``prefill``: carried context tokens; ``decode``: did not) the core's wait in ms, the
-    prefill steps' context tokens and requests, and the share of steps that carried a prefill; only steps whose
-    line's clock is within [``start``, ``end``] (HH:MM:SS, inclusive) when given."""
+    prefill steps' wait again by their scheduled tokens (``prefill_in_graph``: at most ``graph_tokens``;
+    ``prefill_over_graph``: more), the prefill steps' context tokens and requests, and the share of steps that carried
+    a prefill; only steps whose line's clock is within [``start``, ``end``] (HH:MM:SS, inclusive) when given."""
     steps = [s for s in steps if (start is None or s.clock >= start) and (end is None or s.clock <= end)]
     pre = [s for s in steps if s.prefill]
     dec = [s for s in steps if not s.prefill]
@@ -93,7 +107,10 @@ def summarise(steps: list[Step], start: str | None = None, end: str | None = Non
         "steps": len(steps),
         "sources": len({s.source for s in steps}),
         "prefill_share": round(len(pre) / len(steps), 4) if steps else None,
-        "wait_ms": {"prefill": _dist([s.elapsed_ms for s in pre]), "decode": _dist([s.elapsed_ms for s in dec])},
+        "wait_ms": {"prefill": _dist([s.elapsed_ms for s in pre]), "decode": _dist([s.elapsed_ms for s in dec]),
+                    "prefill_in_graph": _dist([s.elapsed_ms for s in pre if s.tokens <= graph_tokens]),
+                    "prefill_over_graph": _dist([s.elapsed_ms for s in pre if s.tokens > graph_tokens])},
+        "graph_tokens": graph_tokens,
         "prefill_ctx_tokens": _dist([float(s.ctx_tokens) for s in pre]),
         "prefill_ctx_reqs": _dist([float(s.ctx_reqs) for s in pre]),
         "decode_batch": _dist([float(s.gen_reqs) for s in dec]),
@@ -130,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("logs", nargs="+", type=Path, help="worker logs (.out, or .gz) with vLLM's iteration lines")
     ap.add_argument("--from", dest="start", help="first second (HH:MM:SS) of the window")
     ap.add_argument("--to", dest="end", help="last second (HH:MM:SS) of the window")
+    ap.add_argument("--graph-tokens", type=int, default=GRAPH_TOKENS,
+                    help=f"split the prefill steps at this many scheduled tokens (vLLM's CUDA-graph size; "
+                         f"default {GRAPH_TOKENS})")
     ap.add_argument("--out", type=Path, help="write the summary here as JSON")
     args = ap.parse_args(argv)
+    if args.graph_tokens < 0:
+        ap.error(f"--graph-tokens must be >= 0, got {args.graph_tokens}")
     steps = []
     for path in args.logs:
         with _open(path) as f:
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if not steps:
         print("no vLLM iteration lines in the logs (was enable_logging_iteration_details set?)", file=sys.stderr)
         return 1
-    doc = summarise(steps, args.start, args.end)
+    doc = summarise(steps, args.start, args.end, args.graph_tokens)
     text = json.dumps(doc, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -47,6 +47,11 @@ def test_summary_splits_the_wait_by_kind_of_step_within_the_window():
     assert doc["wait_ms"]["prefill"]["n"] == 2 and doc["wait_ms"]["prefill"]["mean"] == 21.25
     assert doc["wait_ms"]["decode"] == {"n": 1, "mean": 5.25, "p10": 5.25, "p50": 5.25, "p90": 5.25, "p99": 5.25}
     assert doc["prefill_ctx_tokens"]["mean"] == 467.5
+    # by scheduled tokens against the CUDA-graph size: 35 tokens fit 512, 900 + 14 do not
+    assert steps[2].tokens == 914 and doc["graph_tokens"] == 512
+    assert doc["wait_ms"]["prefill_in_graph"]["mean"] == 30.5 and doc["wait_ms"]["prefill_in_graph"]["n"] == 1
+    assert doc["wait_ms"]["prefill_over_graph"]["mean"] == 12.0 and doc["wait_ms"]["prefill_over_graph"]["n"] == 1
+    assert summarise(steps, graph_tokens=1024)["wait_ms"]["prefill_over_graph"] == {"n": 0}
     windowed = summarise(steps, "13:07:46", "13:07:46")
     assert windowed["steps"] == 1 and windowed["wait_ms"]["prefill"] == {"n": 0}
 
@@ -59,6 +64,11 @@ def test_cli_refuses_logs_without_iteration_lines(tmp_path, capsys):
     log.write_text("\n".join(LINES) + "\n")
     out = tmp_path / "steps.json"
     assert main([str(log), "--out", str(out)]) == 0 and '"prefill_share"' in out.read_text()
+    assert main([str(log), "--graph-tokens", "1024", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["wait_ms"]["prefill_in_graph"]["n"] == 2
+    with pytest.raises(SystemExit):
+        main([str(log), "--graph-tokens", "-1"])
+    assert "--graph-tokens must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_collect_keeps_every_workers_iteration_lines_in_one_gzip(tmp_path):
@@ -74,8 +84,8 @@ def test_collect_keeps_every_workers_iteration_lines_in_one_gzip(tmp_path):
     with gzip.open(dest, "rt") as f:
         kept = f.read().splitlines()
     assert len(kept) == 4 and kept[0].startswith("worker-a.out: ")  # the dummy step's line is kept as written
-    assert parse(kept, "all") == [Step("all", s.clock, s.index, s.ctx_reqs, s.ctx_tokens, s.gen_reqs, s.elapsed_ms)
-                                  for s in steps]
+    assert parse(kept, "all") == [Step("all", s.clock, s.index, s.ctx_reqs, s.ctx_tokens, s.gen_reqs, s.elapsed_ms,
+                                       s.gen_tokens) for s in steps]
     assert collect(tmp_path / "none", tmp_path / "none.gz") == [] and not (tmp_path / "none.gz").exists()
 
 
