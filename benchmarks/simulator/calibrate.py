@@ -101,9 +101,11 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), its prefill chunks at most
 #: doubled again by each peer prefilling (``prefill_contention`` <= 1, ``--prefill-contention``), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
-#: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``), and the replica's front end
+#: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``; ``graph_step_s`` for a step within
+#: the CUDA-graph size, ``--graph-step-ms fit``), and the replica's front end
 #: 0.1-30 ms per request (``input_s_per_request``, ``--engine-stage``).
 ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05),
+                 "graph_step_s": (1e-4, 0.05),
                  "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3),
                  "input_s_per_request": (1e-4, 0.03)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
@@ -254,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-tokens", type=int, default=0, metavar="N",
                     help="a step scheduling at most N tokens runs as a CUDA graph and pays no prefill_step_s "
                          "(EngineModel.graph_tokens; vLLM's max_cudagraph_capture_size, 512 by default; 0: off)")
+    ap.add_argument("--graph-step-ms", metavar="MS|fit",
+                    help="with --graph-tokens: what a step within them costs for carrying prefill (graph_step_s: "
+                         "its attention outside the piecewise graphs), in ms or 'fit' (within prefill_step_s's bounds)")
     ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
                     help="hold the ingress's loop for each chat prompt's inline tokenising (multiturn), at what a "
                          "routing JSON's py-spy profiles of its ingresses measured (ingress_fit.tokenize_hold)")
@@ -276,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.graph_tokens < 0:
         ap.error(f"--graph-tokens {args.graph_tokens}: a token count is >= 0 (0: off)")
+    graph_step_s = None
+    if args.graph_step_ms is not None:
+        if not args.graph_tokens:
+            ap.error("--graph-step-ms is the surcharge of a step within --graph-tokens: give --graph-tokens N (N > 0)")
+        try:
+            graph_step_s = None if args.graph_step_ms == "fit" else float(args.graph_step_ms) / 1e3
+        except ValueError:
+            ap.error(f"--graph-step-ms {args.graph_step_ms}: a number of ms or 'fit'")
+        if graph_step_s is not None and not graph_step_s >= 0:
+            ap.error(f"--graph-step-ms {args.graph_step_ms}: a surcharge is >= 0 ms")
     t0 = time.perf_counter()
     over = json.loads(Path(args.overhead).read_text())
     tier = json.loads(Path(args.kv_tier).read_text()) if args.kv_tier else None
@@ -382,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             start = start.with_(prefill_step_contends=False)
         if args.graph_tokens:
             start = start.with_(graph_tokens=args.graph_tokens)
+        if graph_step_s is not None:
+            start = start.with_(graph_step_s=graph_step_s)
         tok = tokenize_hold(json.loads(Path(args.tokenize_profile).read_text())) if args.tokenize_profile else None
         if tok:
             start = start.with_(tokenize_hold_s=tok["tokenize_hold_s"])
@@ -404,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         free = (tuple(k for k in routing_free if not (ingress and k in INGRESS_FIELDS))
                 + (("decode_s_per_seq",) if args.decode_per_seq else ())
                 + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ())
+                + (("graph_step_s",) if args.graph_step_ms == "fit" else ())
                 + (("request_overhead_s",) if client else ()))
         if client:  # the c=1 rest held the serving run's client; this client is modelled: the rest may only shrink
             bounds["request_overhead_s"] = (1e-4, max(start.request_overhead_s, 1e-4))

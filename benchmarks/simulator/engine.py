@@ -9,10 +9,11 @@ step decodes one token for each running request and spends the rest of a ``chunk
     step(d decoding requests holding k context tokens, prefill chunks of p_i tokens after c_i cached)
         = [ step_s + decode_s_per_seq * d + decode_s_per_ktok * k / 1e3
             + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6)
-            + prefill_step_s if any chunk (and d + sum_i p_i > graph_tokens) and prefill_step_contends ]
+            + mixed if prefill_step_contends ]
           x (1 + gpu_contention * busy_peers)
         + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * ...) * prefill_contention * prefilling_peers
-        + prefill_step_s if any chunk (and d + sum_i p_i > graph_tokens) and not prefill_step_contends
+        + mixed if not prefill_step_contends
+    mixed = 0 without chunks; graph_step_s if d + sum_i p_i <= graph_tokens (> 0); else prefill_step_s
     tier_load(t tokens) = t * kv_bytes_per_token / (tier_gbps * 1e9)   (the copy)
     tier_ready(t tokens) = tier_load(t) + tier_hit_s                     (before the request's first chunk)
 
@@ -23,8 +24,10 @@ cells; ``calibrate --prefill-step-ms fit`` picks the serving engine's from its c
 
 ``graph_tokens`` (0 by default: every step carrying prefill pays ``prefill_step_s``) is the most tokens a step may
 schedule (its decodes plus its chunks) and still run from captured CUDA graphs, piecewise around attention when it
-mixes prefill with decodes (vLLM's ``max_cudagraph_capture_size``, 512 by default): such a step pays no
-``prefill_step_s``, so a cached request's short chunk costs its own tokens only.
+mixes prefill with decodes (vLLM's ``max_cudagraph_capture_size``, 512 by default): such a step pays
+``graph_step_s`` (0 by default, so a cached request's short chunk costs its own tokens only) instead of
+``prefill_step_s``: the attention of a mixed step runs outside the piecewise graphs, and the GPU's iteration log puts
+such a step's wait between a decode step's and a larger prefill step's (``routing_h2h.steps``).
 
 ``prefill_step_contends`` (True by default) stretches that surcharge with the step's contention, as GPU time; False
 adds it after, as time the engine spends outside the GPU's sharing (the CPU of an eager step: launching its kernels).
@@ -128,6 +131,7 @@ class EngineModel:
     prefill_contention: float = 0.0
     prefill_step_contends: bool = True
     graph_tokens: int = 0
+    graph_step_s: float = 0.0
     replicas_per_gpu: int = 1
     request_overhead_s: float = 0.0
     input_s_per_request: float = 0.0
@@ -181,8 +185,9 @@ class EngineModel:
             raise ValueError("client_s_per_request and client_s_per_token must be >= 0")
         if self.tree_call_s < 0 or self.tree_call_s_per_ktok < 0 or self.ray_reply_s < 0:
             raise ValueError("tree_call_s, tree_call_s_per_ktok and ray_reply_s must be >= 0")
-        if self.graph_tokens < 0:
-            raise ValueError(f"graph_tokens must be >= 0, got {self.graph_tokens}")
+        if self.graph_tokens < 0 or self.graph_step_s < 0:
+            raise ValueError(f"graph_tokens and graph_step_s must be >= 0, got {self.graph_tokens} and "
+                             f"{self.graph_step_s}")
         if (self.kv_blocks < 1 or self.block_size < 1 or self.replicas_per_gpu < 1 or self.chunk_tokens < 1
                 or self.client_cores < 1):
             raise ValueError("kv_blocks, block_size, chunk_tokens, replicas_per_gpu and client_cores must be >= 1")
@@ -201,12 +206,13 @@ class EngineModel:
     def step_time_s(self, decoding: int, context_tokens: int, prefill_s: float, busy_peers: int,
                     prefilling_peers: int = 0, prefill_tokens: int | None = None) -> float:
         """One engine step: fixed cost, the decode batch, the prefill chunks (``prefill_s`` of ``prefill_tokens``
-        tokens, plus ``prefill_step_s`` for a step that carries any and schedules more than ``graph_tokens``),
-        contention with the peers stepping and, for the chunks, with those prefilling."""
+        tokens, plus ``prefill_step_s`` for a step that carries any and schedules more than ``graph_tokens``,
+        ``graph_step_s`` for one within them), contention with the peers stepping and, for the chunks, with those
+        prefilling."""
         base = self.step_s + self.decode_s_per_seq * decoding + self.decode_s_per_ktok * context_tokens / 1e3
         in_graph = (self.graph_tokens > 0 and prefill_tokens is not None
                     and decoding + prefill_tokens <= self.graph_tokens)
-        mixed = self.prefill_step_s if prefill_s > 0 and not in_graph else 0.0
+        mixed = 0.0 if prefill_s <= 0 else self.graph_step_s if in_graph else self.prefill_step_s
         shared, apart = (mixed, 0.0) if self.prefill_step_contends else (0.0, mixed)
         return ((base + prefill_s + shared) * (1 + self.gpu_contention * busy_peers)
                 + prefill_s * self.prefill_contention * prefilling_peers + apart)

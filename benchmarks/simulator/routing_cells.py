@@ -234,9 +234,9 @@ def fit(cells: list[Cell], engine: EngineModel, settings: dict, replicas: int, *
     """Multiplicative coordinate search over ``free`` (zero-valued terms start at a small seed), each
     field kept within ``bounds[field]`` = (low, high) where given; ``engine_stage`` also fits each cell's engine
     stage's mean to the GPU's where the cell has it (``gpu_engine_stage_ms``)."""
-    seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "input_s_per_request": 2e-3, "decode_s_per_seq": 1e-4,
-             "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3, "prefill_contention": 0.3, "frontend_s_per_token": 1e-4,
-             "replica_s_per_token": 2e-5}
+    seeds = {"prefill_attn_s": 5e-4, "prefill_step_s": 2e-3, "graph_step_s": 2e-3, "input_s_per_request": 2e-3,
+             "decode_s_per_seq": 1e-4, "decode_s_per_ktok": 1e-5, "gpu_contention": 0.3, "prefill_contention": 0.3,
+             "frontend_s_per_token": 1e-4, "replica_s_per_token": 2e-5}
     bounds = bounds or {}
     clamp = lambda k, v: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v
     best = engine.with_(**{k: clamp(k, getattr(engine, k) or seeds.get(k, 1.0)) for k in free})

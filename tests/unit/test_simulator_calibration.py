@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.simulator.calibrate import fit_start
+from benchmarks.simulator.calibrate import fit_start, main
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.routing_cells import (
     Cell,
@@ -97,6 +97,16 @@ def test_fit_start_sets_only_fitted_fields_and_refuses_anything_else():
     for bad in ("kv_blocks=10", "step_s", "step_s=fast"):
         with pytest.raises(SystemExit, match="--start"):
             fit_start([bad], free)
+
+
+def test_the_graph_step_surcharge_needs_a_graph_size_and_is_a_number_of_ms_or_fit(capsys):
+    with pytest.raises(SystemExit):
+        main(["--overhead", "absent.json", "--graph-step-ms", "fit"])
+    assert "--graph-step-ms is the surcharge of a step within --graph-tokens" in capsys.readouterr().err
+    for bad, why in (("fast", "a number of ms or 'fit'"), ("-1", "a surcharge is >= 0 ms")):
+        with pytest.raises(SystemExit):
+            main(["--overhead", "absent.json", "--graph-tokens", "512", "--graph-step-ms", bad])
+        assert f"--graph-step-ms {bad}: {why}" in capsys.readouterr().err
 
 
 def test_ordering_compares_the_gpu_and_simulated_ranking():

@@ -91,6 +91,23 @@ def test_a_step_small_enough_for_a_cuda_graph_pays_no_prefill_surcharge():
         ENGINE.with_(graph_tokens=-1)
 
 
+def test_a_step_within_the_cuda_graph_pays_its_own_surcharge_for_carrying_prefill():
+    engine = ENGINE.with_(prefill_step_s=0.004, graph_tokens=512, graph_step_s=0.0015)
+    assert engine.step_time_s(3, 0, 0.001, 0, prefill_tokens=509) == pytest.approx(STEP + 0.001 + 0.0015)
+    assert engine.step_time_s(3, 0, 0.001, 0, prefill_tokens=510) == pytest.approx(STEP + 0.001 + 0.004)
+    assert engine.step_time_s(3, 0, 0.0, 0) == pytest.approx(STEP)  # a decode step pays neither
+    # without graph_tokens every prefill step pays prefill_step_s, graph_step_s unused
+    assert ENGINE.with_(prefill_step_s=0.004, graph_step_s=0.0015).step_time_s(
+        3, 0, 0.001, 0, prefill_tokens=16) == pytest.approx(STEP + 0.001 + 0.004)
+    # contended like the larger step's surcharge: stretched by the busy peers, or added after them when apart
+    shared = ENGINE.with_(graph_tokens=512, graph_step_s=0.002, gpu_contention=0.5)
+    assert shared.step_time_s(0, 0, 0.001, 2, prefill_tokens=64) == pytest.approx((STEP + 0.001 + 0.002) * 2)
+    apart = shared.with_(prefill_step_contends=False)
+    assert apart.step_time_s(0, 0, 0.001, 2, prefill_tokens=64) == pytest.approx((STEP + 0.001) * 2 + 0.002)
+    with pytest.raises(ValueError, match="graph_step_s"):
+        ENGINE.with_(graph_step_s=-0.001)
+
+
 def test_prefill_chunks_on_one_gpu_share_it_where_decode_steps_do_not():
     # Two replicas on one GPU, one request each at t=0 with a 1,000-token prompt (10 ms of prefill on an idle GPU)
     # and one output token. A step is timed when it starts, against the peers stepping then: the first replica's
