@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a step's surcharge for carrying prefill (prefill_step_s) is the engine's own time, outside "
                          "the GPU's contention (EngineModel.prefill_step_contends false)")
     ap.add_argument("--graph-tokens", type=int, default=0, metavar="N",
-                    help="a step scheduling at most N tokens runs as a CUDA graph and pays no prefill_step_s "
-                         "(EngineModel.graph_tokens; vLLM's max_cudagraph_capture_size, 512 by default; 0: off)")
+                    help="a step scheduling at most N tokens runs as a CUDA graph and pays graph_step_s "
+                         "(--graph-step-ms; 0 unless given) instead of prefill_step_s (EngineModel.graph_tokens; "
+                         "vLLM's max_cudagraph_capture_size, 512 by default; 0: off)")
     ap.add_argument("--graph-step-ms", metavar="MS|fit",
                     help="with --graph-tokens: what a step within them costs for carrying prefill (graph_step_s: "
                          "its attention outside the piecewise graphs), in ms or 'fit' (within prefill_step_s's bounds)")
