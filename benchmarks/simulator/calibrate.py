@@ -179,7 +179,7 @@ def for_shape(engine: EngineModel, from_shape: str, to_shape: str) -> EngineMode
 
 
 def _step_ms(text: str) -> float | str:
-    """``--prefill-step-ms``: milliseconds, or "fit"."""
+    """``--prefill-step-ms`` and ``--graph-step-ms``: milliseconds, or "fit"."""
     if text == "fit":
         return text
     try:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a step scheduling at most N tokens runs as a CUDA graph and pays graph_step_s "
                          "(--graph-step-ms; 0 unless given) instead of prefill_step_s (EngineModel.graph_tokens; "
                          "vLLM's max_cudagraph_capture_size, 512 by default; 0: off)")
-    ap.add_argument("--graph-step-ms", metavar="MS|fit",
+    ap.add_argument("--graph-step-ms", type=_step_ms, metavar="MS|fit",
                     help="with --graph-tokens: what a step within them costs for carrying prefill (graph_step_s: "
                          "its attention outside the piecewise graphs), in ms or 'fit' (within prefill_step_s's bounds)")
     ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
@@ -286,10 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.graph_step_ms is not None:
         if not args.graph_tokens:
             ap.error("--graph-step-ms is the surcharge of a step within --graph-tokens: give --graph-tokens N (N > 0)")
-        try:
-            graph_step_s = None if args.graph_step_ms == "fit" else float(args.graph_step_ms) / 1e3
-        except ValueError:
-            ap.error(f"--graph-step-ms {args.graph_step_ms}: a number of ms or 'fit'")
+        graph_step_s = None if args.graph_step_ms == "fit" else args.graph_step_ms / 1e3
         if graph_step_s is not None and not graph_step_s >= 0:
             ap.error(f"--graph-step-ms {args.graph_step_ms}: a surcharge is >= 0 ms")
     t0 = time.perf_counter()
