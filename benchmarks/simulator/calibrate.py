@@ -82,7 +82,14 @@ from benchmarks.simulator.ingress_fit import (
     tree_call_costs,
 )
 from benchmarks.simulator.repeats import with_repeats
-from benchmarks.simulator.routing_cells import engine_parts_table, fit, ordering, residual_table, residuals
+from benchmarks.simulator.routing_cells import (
+    engine_parts_table,
+    fit,
+    ordering,
+    residual_table,
+    residuals,
+    with_split_load,
+)
 from benchmarks.simulator.serving_cells import (
     SHAPES,
     attn_per_pair_s,
@@ -260,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-step-ms", type=_step_ms, metavar="MS|fit",
                     help="with --graph-tokens: what a step within them costs for carrying prefill (graph_step_s: "
                          "its attention outside the piecewise graphs), in ms or 'fit' (within prefill_step_s's bounds)")
+    ap.add_argument("--split-load", action="store_true",
+                    help="replay each routing cell's bench processes (their shares, session shards and arrival "
+                         "streams: routing_cells.with_split_load) rather than one stream of the whole load")
     ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
                     help="hold the ingress's loop for each chat prompt's inline tokenising (multiturn), at what a "
                          "routing JSON's py-spy profiles of its ingresses measured (ingress_fit.tokenize_hold)")
@@ -373,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = with_repeats(routing, [(f, json.loads(Path(f).read_text())) for f in args.routing_repeats])
         except ValueError as err:  # a copy of another load, scale, config or GPU
             ap.error(f"--routing-repeats {err}")
+        if args.split_load:
+            cells = with_split_load(cells)
         kw = settings.get("engine_kwargs", {})
         # kvserve's form (its ingress work on one shared core per ingress, the rest a constant), the routing run's shape
         split = inputs["stage_split"].get("kvserve", {})

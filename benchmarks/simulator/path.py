@@ -126,8 +126,9 @@ class RequestPath:
         self.wake_client(core)
 
     def client_of(self, turn: Turn) -> PSServer:
-        """The client core (bench process) that sends ``turn`` and reads its tokens."""
-        return self.clients[turn.rid % len(self.clients)]
+        """The client core (bench process) that sends ``turn`` and reads its tokens: its part's
+        (``SplitDriver``), else one by request number."""
+        return self.clients[(turn.part if turn.part >= 0 else turn.rid) % len(self.clients)]
 
     def wake_client(self, core: PSServer) -> None:
         t = core.next_time()

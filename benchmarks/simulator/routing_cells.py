@@ -22,7 +22,7 @@ from benchmarks.routing_h2h.plan import finished
 from benchmarks.routing_h2h.summary import workload_names
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
-from benchmarks.simulator.load import Driver, LoadPlan
+from benchmarks.simulator.load import LoadPlan, split_driver
 from benchmarks.simulator.ray_twin import RAY_TWIN, RayTree
 from benchmarks.simulator.sim import ClusterSpec, simulate, strategy_knobs
 from deployments.stages import ENGINE_PARTS
@@ -49,6 +49,9 @@ class Cell:
     #: the TTFT p50 of every GPU run of this cell when it ran more than once, ``measured`` being the median one
     #: (``repeats.with_repeats``); () for a cell measured once
     runs_ttft_p50_ms: tuple[float, ...] = ()
+    #: replay the bench's processes (``load.split_driver``: each one's share, session shard and arrival stream)
+    #: rather than one stream of the whole load
+    split_load: bool = False
 
     @property
     def name(self) -> str:
@@ -59,6 +62,11 @@ class Cell:
         """The bench processes the GPU cell's load came from (its command's ``--processes``; 1 without)."""
         command = (self.measured.get("command") or "").split()
         return int(_opt(command, "--processes", "1"))
+
+    @property
+    def bench_seed(self) -> int:
+        """The GPU cell's ``--seed`` (0 without): with the cell's processes it sets the bench's arrival streams."""
+        return int(_opt((self.measured.get("command") or "").split(), "--seed", "0"))
 
     @property
     def prompt_seed(self) -> int | str:
@@ -176,9 +184,12 @@ def _with_before(cells: list[Cell], runs: list[dict]) -> list[Cell]:
 
 def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0,
                   per_replica: bool = False) -> dict:
-    """``cell`` in the simulator on the GPU run's prompts (``Cell.prompt_seed``); ``seed`` draws the rest (arrivals,
-    routers' ties). Ray's twin first runs the cells its GPU run measured before it (``before``) on the tree it then
-    starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
+    """``cell`` in the simulator on the GPU run's prompts (``Cell.prompt_seed``); ``seed`` s draws the arrivals as the
+    bench's ``--seed`` + s would (with ``Cell.split_load``, its processes' shares, session shards and arrival streams,
+    ``load.split_driver``: ``seed`` 0 replays the GPU run's arrivals; else one stream of the whole load) and the
+    routers' ties. Ray's twin first runs the cells its
+    GPU run measured before it (``before``) on the tree it then starts from (the replicas' caches and kvserve's
+    indexes start empty in every cell)."""
     tree = RayTree() if cell.strategy == RAY_TWIN else None
     for prior in cell.before:
         _run(prior, engine, settings, replicas, seed, tree)
@@ -188,12 +199,18 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
 def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int, tree: RayTree | None):
     args = settings["workloads"][cell.workload]
     sessions = sessions_for(cell.workload, args, engine.block_size, cell.prompt_seed)
-    plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=seed,
+    plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=cell.bench_seed + seed,
                     width=cell.width or (None if cell.mode == "concurrency" else 16))
     knobs = strategy_knobs(cell.strategy)
     engine = engine.with_(client_cores=cell.client_processes)  # the client's cores: the cell's bench processes
-    return simulate(Driver(sessions, plan), knobs, ClusterSpec(replicas, ingresses=cell.ingresses), engine,
-                    seed=seed, ray_tree=tree)
+    processes = cell.client_processes if cell.split_load else 1
+    return simulate(split_driver(sessions, plan, processes), knobs,
+                    ClusterSpec(replicas, ingresses=cell.ingresses), engine, seed=seed, ray_tree=tree)
+
+
+def with_split_load(cells: list[Cell]) -> list[Cell]:
+    """``cells`` (and the cells each ran after) replaying their bench processes (``Cell.split_load``)."""
+    return [dataclasses.replace(c, split_load=True, before=tuple(with_split_load(list(c.before)))) for c in cells]
 
 
 def modelled(cell: Cell) -> bool:

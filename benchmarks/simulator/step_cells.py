@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.bench.result import git_commit, machine_info
 from benchmarks.simulator.engine import EngineModel
-from benchmarks.simulator.routing_cells import gpu_cells, simulate_cell
+from benchmarks.simulator.routing_cells import gpu_cells, simulate_cell, with_split_load
 
 KEYS = ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "output_tok_per_s")
 FREE_PREFILL_TOKENS_PER_S = 1e12  # the fake engine's prompt costs nothing (prefill_ms_per_1k 0)
@@ -40,9 +40,10 @@ def step_engine(engine: EngineModel, step_ms: float) -> EngineModel:
                         async_scheduling=False, kv_admission=False, kv_blocks=1 << 20)
 
 
-def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False) -> dict:
+def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False, split_load: bool = False) -> dict:
     """Every modelled cell of the fake-engine result ``doc`` against the simulator (medians over ``seeds``); with
-    ``gpu``, of a GPU result against ``engine`` as it is."""
+    ``gpu``, of a GPU result against ``engine`` as it is; with ``split_load``, each cell replaying its bench
+    processes (``routing_cells.with_split_load``)."""
     step_ms = doc.get("step_engine_ms")
     if gpu and step_ms:
         raise ValueError(f"a --step-engine result (step_engine_ms {step_ms}): compare it without --gpu")
@@ -50,7 +51,8 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False) -
         raise ValueError("not a --step-engine result: its step_engine_ms is missing (--gpu compares a GPU result)")
     eng = engine if gpu else step_engine(engine, float(step_ms))
     rows = []
-    for cell in gpu_cells(doc):
+    cells = gpu_cells(doc)
+    for cell in with_split_load(cells) if split_load else cells:
         replicas = (cell.measured.get("evidence") or {}).get("replicas")
         if not replicas:
             raise ValueError(f"{cell.name} {cell.workload}:{cell.load} records no replica count (evidence.replicas)")
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="--routing is a GPU result: simulate it on --engine as it is")
     ap.add_argument("--engine", required=True, help="a calibration JSON (its routing.engine) or an EngineModel JSON")
     ap.add_argument("--seeds", type=int, default=2, help="simulations per cell (their median is reported)")
+    ap.add_argument("--split-load", action="store_true",
+                    help="each cell replays its bench processes (shares, session shards, arrival streams)")
     ap.add_argument("--out", help="write the comparison JSON here")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(Path(args.routing).read_text())
         cal = json.loads(Path(args.engine).read_text())
         engine = EngineModel(**(cal.get("routing", {}).get("engine") or cal.get("engine") or cal))
-        result = compare(doc, engine, args.seeds, gpu=args.gpu)
+        result = compare(doc, engine, args.seeds, gpu=args.gpu, split_load=args.split_load)
     except (OSError, ValueError, TypeError) as exc:
         print(f"step_cells: {exc}", file=sys.stderr)
         return 2
