@@ -50,7 +50,7 @@ class Turn:
     second_at: float = 0.0  # text_from 2: its second token left the engine (loop: its chunk went out)
     text_seen: bool = False  # the client has its first token with text: its TTFT is recorded
     replica: str = ""  # the replica that completed it
-    part: int = -1  # the bench process that sent it (``SplitDriver``; -1: one driver)
+    part: int = -1  # the bench process that sent it (``SplitDriver``'s part; -1: one driver)
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)
     streaming: bool = False  # open on its ingress (counted in its ``streams``) until its last token is streamed
     text: bool = False  # sent as text (chat messages: the ingress tokenises it), not as token ids
@@ -227,8 +227,8 @@ class SplitDriver:
     """``kvserve bench --processes N``'s load: part k is a ``Driver`` with process k's share of the plan
     (``LoadPlan.split``) over the sessions process k owns (positions k, k+N, ... of the stream, as
     ``Shard.owns``). Sends are numbered across the parts in send order (``Turn.rid``) and carry their part
-    (``Turn.part``: the client core that serves them); a finished turn goes back to its part. Concurrency
-    and rate only: a trace keeps one driver (the bench's parts keep every line's arrival time)."""
+    (``Turn.part``); a finished turn goes back to its part. Concurrency and rate only: a trace keeps one driver
+    (the bench's parts keep every line's arrival time)."""
 
     def __init__(self, sessions: Iterator[SimSession], plan: LoadPlan, processes: int) -> None:
         if plan.mode not in ("concurrency", "rate"):
