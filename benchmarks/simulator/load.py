@@ -227,8 +227,8 @@ class SplitDriver:
     """``kvserve bench --processes N``'s load: part k is a ``Driver`` with process k's share of the plan
     (``LoadPlan.split``) over the sessions process k owns (positions k, k+N, ... of the stream, as
     ``Shard.owns``). Sends are numbered across the parts in send order (``Turn.rid``) and carry their part
-    (``Turn.part``); a finished turn goes back to its part. Concurrency and rate only: a trace keeps one driver
-    (the bench's parts keep every line's arrival time)."""
+    (``Turn.part``: the client core that serves them); a finished turn goes back to its part. Concurrency and
+    rate only: a trace keeps one driver (the bench's parts keep every line's arrival time)."""
 
     def __init__(self, sessions: Iterator[SimSession], plan: LoadPlan, processes: int) -> None:
         if plan.mode not in ("concurrency", "rate"):

@@ -126,10 +126,11 @@ class RequestPath:
         self.wake_client(core)
 
     def client_of(self, turn: Turn) -> PSServer:
-        """The client core that sends ``turn`` and reads its tokens, by request number (also for a ``SplitDriver``'s
-        parts: a part's workers pinned to one processor-sharing core finish their sends together and, on engines of
-        equal steps, stay in step; a bench process's event loop serves its callbacks one after the other)."""
-        return self.clients[turn.rid % len(self.clients)]
+        """The client core (bench process) that sends ``turn`` and reads its tokens: its part's (``SplitDriver``), else
+        one by request number. A part's workers sharing one processor-sharing core finish sends started together at
+        once, so on engines of equal steps (the fake-engine cells) they stay in step, where a bench process's event
+        loop serves its callbacks one after the other (docs/benchmarks.md section 2, the load)."""
+        return self.clients[(turn.part if turn.part >= 0 else turn.rid) % len(self.clients)]
 
     def wake_client(self, core: PSServer) -> None:
         t = core.next_time()

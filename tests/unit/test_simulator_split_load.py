@@ -102,7 +102,7 @@ def test_split_driver_keeps_one_driver_for_one_process_or_a_trace():
 
 
 @pytest.mark.parametrize("plan", [LoadPlan("concurrency", 16, duration_s=4.0), LoadPlan("rate", 20.0, duration_s=4.0)])
-def test_every_request_of_a_split_load_completes_once_through_the_client_cores(plan):
+def test_every_request_of_a_split_load_completes_once_on_its_parts_client_cores(plan):
     engine = EngineModel(prefill_tokens_per_s=20_000, step_s=0.005, kv_blocks=1024, block_size=16, client_cores=4,
                          client_s_per_request=0.001, client_s_per_token=0.0002)
     sessions = workloads.multiturn_sessions(sessions=32, turns=4, system_words=256, output_len=16, block_size=16)
