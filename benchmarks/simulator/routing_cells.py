@@ -58,24 +58,28 @@ class Cell:
         return self.system or self.strategy
 
     @property
+    def _command(self) -> list[str]:
+        """The GPU cell's bench command, split into its arguments."""
+        return (self.measured.get("command") or "").split()
+
+    @property
     def client_processes(self) -> int:
         """The bench processes the GPU cell's load came from (its command's ``--processes``; 1 without)."""
-        command = (self.measured.get("command") or "").split()
-        return int(_opt(command, "--processes", "1"))
+        return int(_opt(self._command, "--processes", "1"))
 
     @property
     def bench_seed(self) -> int:
-        """The GPU cell's ``--seed`` (0 without): with the cell's processes it sets the bench's arrival streams."""
-        return int(_opt((self.measured.get("command") or "").split(), "--seed", "0"))
+        """The GPU cell's ``--seed`` (0 without): it seeds the bench's prompts and, with the cell's processes, its
+        arrival streams."""
+        return int(_opt(self._command, "--seed", "0"))
 
     @property
     def prompt_seed(self) -> int | str:
         """The seed of the GPU cell's prompts, by the bench's own rule (``--seed`` salted by ``--prompt-salt``,
         default the load level: ``0/c64``, ``0/r24.716``): the twin's sessions are then the GPU run's own
         (documents' lengths and picks, sessions' turn lengths)."""
-        command = (self.measured.get("command") or "").split()
         return prompt_seed(argparse.Namespace(
-            seed=int(_opt(command, "--seed", "0")), prompt_salt=_opt(command, "--prompt-salt", None),
+            seed=self.bench_seed, prompt_salt=_opt(self._command, "--prompt-salt", None),
             workload=self.workload, trace=None,
             concurrency=int(self.level) if self.mode == "concurrency" else None,
             rate=self.level if self.mode == "rate" else None))
@@ -187,9 +191,8 @@ def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int
     """``cell`` in the simulator on the GPU run's prompts (``Cell.prompt_seed``); ``seed`` s draws the arrivals as the
     bench's ``--seed`` + s would (with ``Cell.split_load``, its processes' shares, session shards and arrival streams,
     ``load.split_driver``: ``seed`` 0 replays the GPU run's arrivals; else one stream of the whole load) and the
-    routers' ties. Ray's twin first runs the cells its
-    GPU run measured before it (``before``) on the tree it then starts from (the replicas' caches and kvserve's
-    indexes start empty in every cell)."""
+    routers' ties. Ray's twin first runs the cells its GPU run measured before it (``before``) on the tree it then
+    starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
     tree = RayTree() if cell.strategy == RAY_TWIN else None
     for prior in cell.before:
         _run(prior, engine, settings, replicas, seed, tree)

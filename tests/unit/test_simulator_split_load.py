@@ -60,10 +60,7 @@ def test_each_part_is_the_bench_process_of_its_index(plan):
 
 def test_a_split_poisson_load_sends_at_the_bench_processes_arrival_times():
     plan = LoadPlan("rate", 8.0, duration_s=5.0, seed=3)
-    drv, sink = SplitDriver(_sessions(), plan, 4), _Sink()
-    t = drv.begin(sink)
-    while t is not None:
-        t = drv.tick(t, sink)
+    sink = _drive(SplitDriver(_sessions(), plan, 4))
     expected = []
     for spec in split_load(LoadSpec(mode="rate", rate=8.0, duration_s=5.0, seed=3), 4):
         times = _poisson(spec.rate, random.Random(spec.arrivals_key))  # the bench process's own arrivals
@@ -119,17 +116,19 @@ def test_the_committed_h200_open_loop_cells_replay_the_gpu_runs_request_counts()
     assert len(cells) == 6
     for cell in cells:
         plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=cell.bench_seed, width=16)
-        sessions = sessions_for(cell.workload, doc["scale_settings"]["workloads"][cell.workload], 16, cell.prompt_seed)
-        split = _sends(split_driver(sessions, plan, cell.client_processes))
+
+        def sessions(cell=cell):
+            return sessions_for(cell.workload, doc["scale_settings"]["workloads"][cell.workload], 16, cell.prompt_seed)
+
+        split = len(_drive(split_driver(sessions(), plan, cell.client_processes)).sent)
         assert (cell.measured["errors"], split) == (0, cell.measured["completed"]), (cell.name, cell.load)
-        one = _sends(Driver(sessions_for(cell.workload, doc["scale_settings"]["workloads"][cell.workload], 16,
-                                         cell.prompt_seed), plan))
-        assert one != split
+        assert len(_drive(Driver(sessions(), plan)).sent) != split
 
 
-def _sends(drv) -> int:
+def _drive(drv) -> _Sink:
+    """Every send of an open-loop driver (its arrivals do not wait for completions)."""
     sink = _Sink()
     t = drv.begin(sink)
     while t is not None:
         t = drv.tick(t, sink)
-    return len(sink.sent)
+    return sink
