@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-load", action="store_true",
                     help="replay each routing cell's bench processes (their shares, session shards and arrival "
                          "streams: routing_cells.with_split_load) rather than one stream of the whole load")
+    ap.add_argument("--client-sharing", choices=("ps", "fifo"), default="ps",
+                    help="how a bench process's core serves its requests' work: processor sharing (the default) or "
+                         "one callback after the other in the order queued, as its event loop does "
+                         "(EngineModel.client_sharing)")
     ap.add_argument("--tokenize-profile", metavar="ROUTING_JSON",
                     help="hold the ingress's loop for each chat prompt's inline tokenising (multiturn), at what a "
                          "routing JSON's py-spy profiles of its ingresses measured (ingress_fit.tokenize_hold)")
@@ -403,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         if client:  # each cell is simulated with its own bench processes; the engine written keeps the most
             start = start.with_(client_s_per_request=client["client_s_per_request"],
                                 client_s_per_token=client["client_s_per_token"], client_cores=client["cores"])
+        if args.client_sharing != "ps":
+            start = start.with_(client_sharing=args.client_sharing)
         if args.prefill_step_apart:
             start = start.with_(prefill_step_contends=False)
         if args.graph_tokens:

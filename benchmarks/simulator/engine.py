@@ -62,11 +62,13 @@ streamed), round-robin among equals. With a closed loop whose every worker holds
 equal to the concurrency), a worker's next turn is sent just after its last ended, so leastconn sends it back to the
 ingress that streamed that one more often than not, and a prefix-aware ingress then knows the session's prefix.
 The load generator (``kvserve bench``: one asyncio process per ``--processes``) is ``client_cores`` more
-processor-sharing cores, each shared by the requests of its process (request ``rid`` on core ``rid % client_cores``):
-``client_s_per_request`` to build and send a request (after the client's clock starts, before the ingress sees it)
-and ``client_s_per_token`` to read and parse each streamed token. The client sees a first token, and a closed-loop
-worker sends its next request, once the client's share has done that work; 0 (the default) is a client of infinite
-speed.
+cores, each serving the requests of its process (request ``rid`` on core ``rid % client_cores``, or its bench
+process's, ``path.client_of``): ``client_s_per_request`` to build and send a request (after the client's clock starts,
+before the ingress sees it) and ``client_s_per_token`` to read and parse each streamed token. The client sees a first
+token, and a closed-loop worker sends its next request, once its core has done that work; 0 (the default) is a
+client of infinite speed. ``client_sharing`` is how a core serves them: "ps" (the default) shares it equally among
+the requests with work pending; "fifo" runs each piece of work (a send, a token read) as one callback in the order
+queued, as the bench process's asyncio loop does (``frontend.QueueServer``).
 ``tokenize_hold_s`` (0 by default): how long the ingress's event loop is held tokenising a chat prompt
 (``Turn.text``), which kvserve's ingress does inline for a prompt up to ``deployments.ingress._INLINE_CHARS``: nothing
 else on that ingress (no other request's work, chunk or decision) runs meanwhile; the request is routed once it
@@ -149,6 +151,7 @@ class EngineModel:
     client_s_per_request: float = 0.0
     client_s_per_token: float = 0.0
     client_cores: int = 1
+    client_sharing: str = "ps"
     tokenize_hold_s: float = 0.0
     empty_first_share: float = 0.0
     tree_call_s: float = 0.0
@@ -168,6 +171,8 @@ class EngineModel:
             raise ValueError("prefill_tokens_per_s, step_s and tier_gbps must be > 0")
         if self.frontend_sharing not in ("ps", "fifo", "loop"):
             raise ValueError(f"frontend_sharing must be 'ps', 'fifo' or 'loop', not {self.frontend_sharing!r}")
+        if self.client_sharing not in ("ps", "fifo"):
+            raise ValueError(f"client_sharing must be 'ps' or 'fifo', not {self.client_sharing!r}")
         if self.ingress_balance not in ("round-robin", "leastconn"):
             raise ValueError(f"ingress_balance must be 'round-robin' or 'leastconn', not {self.ingress_balance!r}")
         if self.frontend_hops < 1 or not 0 <= self.frontend_merge_busy <= 1 or self.frontend_merge_interval_s <= 0:

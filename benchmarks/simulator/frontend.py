@@ -1,6 +1,8 @@
-"""The ingress replica's CPU as a queueing server: ``FifoServer``, ``LoopServer`` and ``PSServer``.
+"""The ingress replica's and the load generator's CPUs as queueing servers: ``FifoServer``, ``LoopServer``,
+``PSServer`` and ``QueueServer``.
 
-Owns the three disciplines ``path.py`` can give an ingress (``EngineModel.frontend_sharing``):
+Owns the three disciplines ``path.py`` can give an ingress (``EngineModel.frontend_sharing``) and the two it can give
+a bench process's core (``EngineModel.client_sharing``: ``PSServer`` or ``QueueServer``):
 
 - ``FifoServer``: one queue, work done in arrival order; a job finishes once everything queued before it
   has. Kept for the earlier calibrations and for callers that ask for it.
@@ -12,6 +14,10 @@ Owns the three disciplines ``path.py`` can give an ingress (``EngineModel.fronte
   ingress (its work before routing, then one cost per token on the way back, done in order); ``mark``
   names a point of that work (the route, the first token, the last token) and is handed back once
   the job's service reaches it.
+
+- ``QueueServer``: ``PSServer``'s interface served as an asyncio loop serves its callbacks, one after the other in
+  the order they were queued: every ``add`` is one callback (building and sending a request, reading a token), and
+  its ``mark`` is handed back when that callback has run. Sends started together leave one after the other.
 
 Virtual time ``v`` is the service every active job has received: ``dv/dt = 1/n``, and 0 while the core is
 held (``PSServer.hold``: a blocking call on the loop, which serves no coroutine until it returns; holds queue
@@ -160,4 +166,36 @@ class PSServer:
             end, _, job = heapq.heappop(self._ends)
             if self.ends.get(job) == end:
                 del self.ends[job]
+        return out
+
+
+class QueueServer:
+    """One core running its callbacks in the order they were queued, with ``PSServer``'s ``add`` / ``next_time`` /
+    ``due`` (a bench process's event loop)."""
+
+    def __init__(self) -> None:
+        self.busy_until = 0.0
+        self._marks: list = []  # heap (time the callback has run, seq, mark)
+        self._seq = 0
+        self.version = 0
+        self.work_added_s = 0.0
+
+    def add(self, now: float, job: object, seconds: float, mark: object = None) -> None:
+        """Queue a callback of ``seconds`` behind every one queued before (``job`` names its request, unused:
+        callbacks of one request keep their order as all do); ``mark`` is handed back by ``due`` once it has run."""
+        self.busy_until = max(now, self.busy_until) + seconds
+        self.work_added_s += seconds
+        if mark is not None:
+            self._seq += 1
+            heapq.heappush(self._marks, (self.busy_until, self._seq, mark))
+
+    def next_time(self) -> float | None:
+        """When the next marked callback has run (None: none pending)."""
+        return self._marks[0][0] if self._marks else None
+
+    def due(self, now: float) -> list:
+        """The marks of the callbacks run by ``now``, in the order they ran."""
+        out = []
+        while self._marks and self._marks[0][0] <= now + _EPS:
+            out.append(heapq.heappop(self._marks)[2])
         return out

@@ -8,7 +8,8 @@ by the load balancer in front (``EngineModel.ingress_balance``: round-robin, or 
 each ingress has open). Each ingress's CPU (``frontend.py``, costs in ``engine.py``)
 delays the route, the first token and, with processor sharing or the event loop ("loop": a request's hops
 and every chunk are callbacks in arrival order), the client's completion. The load
-generator's own cores (``engine.client_s_per_*``, ``client_cores`` ``PSServer``s, one per bench process) build each
+generator's own cores (``engine.client_s_per_*``, ``client_cores`` of them, one per bench process, processor-sharing or
+serving callbacks in order: ``engine.client_sharing``) build each
 request before the ingress sees it and reads every streamed token: the client's TTFT is its first
 token with text read (``Turn.text_from``), and a closed-loop worker sends its next request once it has read the
 last. A request sent again (its replica failed) keeps its first send time; work queued for the dead stream is
@@ -21,7 +22,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer
+from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer, QueueServer
 from benchmarks.simulator.load import Turn
 from benchmarks.simulator.replica import Replica
 from deployments.pacing import LoopLag, StreamPacer
@@ -125,20 +126,20 @@ class RequestPath:
         core.add(now, (turn.rid, turn.attempts), self.engine.client_s_per_token, (what, turn, turn.attempts))
         self.wake_client(core)
 
-    def client_of(self, turn: Turn) -> PSServer:
+    def client_of(self, turn: Turn) -> PSServer | QueueServer:
         """The client core (bench process) that sends ``turn`` and reads its tokens: its part's (``SplitDriver``), else
         one by request number. A part's workers sharing one processor-sharing core finish sends started together at
-        once, so on engines of equal steps (the fake-engine cells) they stay in step, where a bench process's event
-        loop serves its callbacks one after the other (docs/benchmarks.md section 2, the load)."""
+        once, so on engines of equal steps (the fake-engine cells) they stay in step; a core serving its callbacks in
+        order (``client_sharing`` "fifo"), as a bench process's event loop does, sends them one after the other."""
         return self.clients[(turn.part if turn.part >= 0 else turn.rid) % len(self.clients)]
 
-    def wake_client(self, core: PSServer) -> None:
+    def wake_client(self, core: PSServer | QueueServer) -> None:
         t = core.next_time()
         core.version += 1
         if t is not None:
             self.push(t, "client", (core, core.version))
 
-    def client_due(self, core: PSServer, now: float) -> None:
+    def client_due(self, core: PSServer | QueueServer, now: float) -> None:
         for what, turn, attempt in core.due(now):
             if attempt != turn.attempts:
                 continue

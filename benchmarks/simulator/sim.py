@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.fleet import Fleet
-from benchmarks.simulator.frontend import PSServer
+from benchmarks.simulator.frontend import PSServer, QueueServer
 from benchmarks.simulator.load import Driver
 from benchmarks.simulator.path import Ingress, RequestPath
 from benchmarks.simulator.ray_twin import RAY_TWIN, RayPrefixAffinity, RayTree, ray_knobs
@@ -118,8 +118,10 @@ class Cluster(RequestPath, Scheduler, Fleet):
         self.replica_loop = LoopLag(0.0)  # "loop": the replicas' own loops are never behind (not modelled)
         # tokens reach the client through the ingress's PS core
         self.ing_tok = self.ps and engine.frontend_s_per_token > 0
-        # the load generator's cores (engine.client_s_per_*, one per bench process; a request is served by one)
-        self.clients = [PSServer() for _ in range(engine.client_cores)]
+        # the load generator's cores (engine.client_s_per_*, one per bench process; a request is served by one;
+        # engine.client_sharing: processor sharing or its callbacks in order)
+        core = QueueServer if engine.client_sharing == "fifo" else PSServer
+        self.clients = [core() for _ in range(engine.client_cores)]
         self.cli_req, self.cli_tok = engine.client_s_per_request > 0, engine.client_s_per_token > 0
         self.st = _State()
         self.heap: list = []

@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=2, help="simulations per cell (their median is reported)")
     ap.add_argument("--split-load", action="store_true",
                     help="each cell replays its bench processes (shares, session shards, arrival streams)")
+    ap.add_argument("--client-sharing", choices=("ps", "fifo"),
+                    help="the engine's client cores served this way instead (EngineModel.client_sharing)")
     ap.add_argument("--out", help="write the comparison JSON here")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(Path(args.routing).read_text())
         cal = json.loads(Path(args.engine).read_text())
         engine = EngineModel(**(cal.get("routing", {}).get("engine") or cal.get("engine") or cal))
+        if args.client_sharing:
+            engine = engine.with_(client_sharing=args.client_sharing)
         result = compare(doc, engine, args.seeds, gpu=args.gpu, split_load=args.split_load)
     except (OSError, ValueError, TypeError) as exc:
         print(f"step_cells: {exc}", file=sys.stderr)

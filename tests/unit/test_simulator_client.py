@@ -1,8 +1,9 @@
 """The load generator's core in the simulator (``EngineModel.client_s_*``) and its fit from the client's
 own CPU seconds (``benchmarks/simulator/client_fit.py``): a lone request is delayed by exactly the
 client's work, every request still completes once, a costly client caps a closed loop at what one
-core can do (``client_cores`` of them: more), and the fit recovers known costs (background, per request,
-per token), keeps them non-negative and counts a result once."""
+core can do (``client_cores`` of them: more), whether a core shares itself among its requests or runs their work in
+order (``client_sharing``); a core running it in order sends requests started together one after another; and the
+fit recovers known costs (background, per request, per token), keeps them non-negative and counts a result once."""
 
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ def _closed(engine: EngineModel, replicas: int = 2) -> dict:
     return simulate(Driver(sessions, plan), KNOBS, ClusterSpec(replicas), engine).summary(per_replica=False)
 
 
+@pytest.mark.parametrize("client", ["ps", "fifo"])
 @pytest.mark.parametrize("ingress", [{}, {"frontend_s_per_request": 0.003, "frontend_s_per_token": 0.0004},
                                      {"frontend_s_per_request": 0.003, "frontend_s_per_token": 0.0004,
                                       "frontend_sharing": "fifo"}])
-def test_a_lone_request_waits_exactly_the_clients_work(ingress):
-    base = ENGINE.with_(**ingress)
+def test_a_lone_request_waits_exactly_the_clients_work(ingress, client):
+    base = ENGINE.with_(client_sharing=client, **ingress)
     free, costly = _lone(base), _lone(base.with_(client_s_per_request=0.002, client_s_per_token=0.0005))
     assert costly["requests"] == free["requests"] == 1
     assert costly["ttft_p50_ms"] == pytest.approx(free["ttft_p50_ms"] + 2.0 + 0.5, abs=1e-6)
@@ -55,15 +57,18 @@ def test_a_one_token_answer_is_counted_once():
     assert costly["requests"] == 1 and costly["ttft_p50_ms"] == pytest.approx(free["ttft_p50_ms"] + 1.0, abs=1e-6)
 
 
-def test_every_request_completes_once_through_a_costly_client():
+@pytest.mark.parametrize("client", ["ps", "fifo"])
+def test_every_request_completes_once_through_a_costly_client(client):
     for ingress in ({}, {"frontend_s_per_request": 0.002, "frontend_s_per_token": 0.0002}):
-        out = _closed(ENGINE.with_(client_s_per_request=0.003, client_s_per_token=0.0003, **ingress))
+        out = _closed(ENGINE.with_(client_s_per_request=0.003, client_s_per_token=0.0003, client_sharing=client,
+                                   **ingress))
         assert out["requests"] == out["sent"] > 0 and out["retries"] == 0
 
 
-def test_a_costly_client_caps_a_closed_loop_at_one_core():
+@pytest.mark.parametrize("client", ["ps", "fifo"])
+def test_a_costly_client_caps_a_closed_loop_at_one_core(client):
     free = _closed(ENGINE)
-    costly = _closed(ENGINE.with_(client_s_per_request=0.004, client_s_per_token=0.0004))
+    costly = _closed(ENGINE.with_(client_s_per_request=0.004, client_s_per_token=0.0004, client_sharing=client))
     assert costly["ttft_p50_ms"] > free["ttft_p50_ms"] + 4.0 + 0.4
     assert costly["output_tok_per_s"] < free["output_tok_per_s"]
     per_s = costly["output_tok_per_s"] / 32  # 32 tokens per answer
@@ -81,6 +86,23 @@ def test_client_cores_share_the_load_and_each_request_keeps_its_own_work():
     # a lone request is delayed by exactly its own work, however many cores
     free, lone = _lone(ENGINE), _lone(ENGINE.with_(client_cores=4, **costs))
     assert lone["ttft_p50_ms"] == pytest.approx(free["ttft_p50_ms"] + 4.0 + 0.4, abs=1e-6)
+
+
+def test_a_client_running_its_work_in_order_sends_a_burst_one_after_another():
+    """Eight requests of one bench process at once: its loop sends them 4 ms apart, where a processor-sharing core
+    finishes all eight sends together after 32 ms (each on an idle replica of its own)."""
+    reqs = workloads.no_sharing(8, 1e6, prompt_tokens=64, output_tokens=1, poisson=False)
+
+    def ttfts(**costs) -> list[float]:
+        res = simulate(Driver(workloads.trace_sessions(reqs), LoadPlan("trace", 0.0)), KNOBS, ClusterSpec(8),
+                       ENGINE.with_(step_s=1e-4, **costs))
+        return sorted(t * 1e3 for t in res.ttft_s)
+
+    free = ttfts()[0]
+    fifo = ttfts(client_s_per_request=0.004, client_sharing="fifo")
+    ps = ttfts(client_s_per_request=0.004, client_sharing="ps")
+    assert fifo == pytest.approx([free + 4.0 * k for k in range(1, 9)], abs=0.05)
+    assert ps == pytest.approx([free + 32.0] * 8, abs=0.05)
 
 
 def test_client_costs_are_validated():

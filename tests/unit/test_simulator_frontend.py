@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.simulator import workloads
 from benchmarks.simulator.engine import EngineModel
-from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer
+from benchmarks.simulator.frontend import FifoServer, LoopServer, PSServer, QueueServer
 from benchmarks.simulator.load import Driver, LoadPlan
 from benchmarks.simulator.sim import ClusterSpec, simulate
 from serve_app.config.routing import RoutingConfig
@@ -74,9 +74,25 @@ def test_fifo_server_queues_in_arrival_order():
     assert f.work(5.0, 0.01) == pytest.approx(5.01)
 
 
+def test_a_queue_server_runs_callbacks_started_together_one_after_another():
+    s = QueueServer()
+    for j in range(4):
+        s.add(1.0, j, 0.01, j)  # four sends started at once (a bench process's workers)
+    s.add(1.0, 0, 0.002)  # an unmarked callback (a token read) delays what is queued after it
+    s.add(1.0, 9, 0.001, "after")
+    done = drain(s)
+    assert [m for _, m in done] == [0, 1, 2, 3, "after"]
+    assert [round(t, 9) for t, _ in done] == [1.01, 1.02, 1.03, 1.04, 1.043]
+    s.add(5.0, 1, 0.01, "idle")  # a core idle meanwhile starts at once
+    assert drain(s) == [(pytest.approx(5.01), "idle")]
+    assert s.work_added_s == pytest.approx(0.053)
+
+
 def test_the_sharing_is_validated():
     with pytest.raises(ValueError):
         EngineModel(frontend_sharing="lifo")
+    with pytest.raises(ValueError, match="client_sharing"):
+        EngineModel(client_sharing="loop")
 
 
 def _closed(engine: EngineModel) -> dict:
