@@ -106,13 +106,14 @@ ROUTING_FREE = ("prefill_tokens_per_s", "prefill_attn_s", "step_s", "decode_s_pe
                 "frontend_s_per_request", "frontend_s_per_token", "replica_s_per_token")
 #: Physical bounds of the engine's free fields in the routing fit: a co-located replica's step is at most
 #: doubled by each busy peer (``gpu_contention`` <= 1: the GPU time-sliced between them), its prefill chunks at most
-#: doubled again by each peer prefilling (``prefill_contention`` <= 1, ``--prefill-contention``), and a decoding
+#: doubled again by each peer prefilling (``prefill_contention`` <= 1, ``--prefill-contention``), a peer only decoding
+#: counts for at most one prefilling there (``decoding_peer_share`` <= 1, ``--decoding-peer-share``), and a decoding
 #: sequence costs a step at most 1 ms beyond its KV read (its sampling and output processing), and carrying prefill
 #: costs a step 0.1-50 ms beyond its chunks (``prefill_step_s``, ``--engine-stage``; ``graph_step_s`` for a step within
 #: the CUDA-graph size, ``--graph-step-ms fit``), and the replica's front end
 #: 0.1-30 ms per request (``input_s_per_request``, ``--engine-stage``).
-ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_contention": (0.01, 1.0), "prefill_step_s": (1e-4, 0.05),
-                 "graph_step_s": (1e-4, 0.05),
+ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_contention": (0.01, 1.0), "decoding_peer_share": (0.01, 1.0),
+                 "prefill_step_s": (1e-4, 0.05), "graph_step_s": (1e-4, 0.05),
                  "decode_s_per_seq": (1e-6, 1e-3), "replica_s_per_token": (1e-6, 1e-3),
                  "input_s_per_request": (1e-4, 0.03)}
 #: How far the fit may move the two context terms from the start (``for_shape``'s, with ``--shape-bounds``): the
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-contention", action="store_true",
                     help="also fit prefill_contention: prefill chunks of replicas sharing a GPU cost more per peer "
                          "prefilling at once (EngineModel.prefill_contention)")
+    ap.add_argument("--decoding-peer-share", action="store_true",
+                    help="also fit decoding_peer_share: what a co-located peer only decoding counts for in "
+                         "gpu_contention against one prefilling (EngineModel.decoding_peer_share, 1 unless fitted)")
     ap.add_argument("--prefill-step-apart", action="store_true",
                     help="a step's surcharge for carrying prefill (prefill_step_s) is the engine's own time, outside "
                          "the GPU's contention (EngineModel.prefill_step_contends false)")
@@ -431,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         bounds = {**frontend_bounds(split, capacity, args.ingress_work), **ENGINE_BOUNDS,
                   **(shape_bounds(start) if args.shape_bounds else {})}
         routing_free = ROUTING_FREE
-        if args.prefill_contention:  # beside gpu_contention, where the coordinate search visits it
-            at = ROUTING_FREE.index("gpu_contention") + 1
-            routing_free = (*ROUTING_FREE[:at], "prefill_contention", *ROUTING_FREE[at:])
+        at = ROUTING_FREE.index("gpu_contention") + 1  # beside it, where the coordinate search visits them
+        extra = (("prefill_contention",) if args.prefill_contention else ()) + (
+            ("decoding_peer_share",) if args.decoding_peer_share else ())
+        routing_free = (*ROUTING_FREE[:at], *extra, *ROUTING_FREE[at:])
         free = (tuple(k for k in routing_free if not (ingress and k in INGRESS_FIELDS))
                 + (("decode_s_per_seq",) if args.decode_per_seq else ())
                 + (("prefill_step_s", "input_s_per_request") if args.engine_stage else ())

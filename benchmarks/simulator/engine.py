@@ -10,7 +10,7 @@ step decodes one token for each running request and spends the rest of a ``chunk
         = [ step_s + decode_s_per_seq * d + decode_s_per_ktok * k / 1e3
             + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * p_i * (c_i + p_i / 2) / 1e6)
             + mixed if prefill_step_contends ]
-          x (1 + gpu_contention * busy_peers)
+          x (1 + gpu_contention * (prefilling_peers + decoding_peer_share * (busy_peers - prefilling_peers)))
         + sum_i (p_i / prefill_tokens_per_s + prefill_attn_s * ...) * prefill_contention * prefilling_peers
         + mixed if not prefill_step_contends
     mixed = 0 without chunks; graph_step_s if d + sum_i p_i <= graph_tokens (> 0); else prefill_step_s
@@ -31,6 +31,10 @@ such a step's wait between a decode step's and a larger prefill step's (``routin
 
 ``prefill_step_contends`` (True by default) stretches that surcharge with the step's contention, as GPU time; False
 adds it after, as time the engine spends outside the GPU's sharing (the CPU of an eager step: launching its kernels).
+``decoding_peer_share`` (1 by default) is what a busy peer whose step carries no prefill counts for in that
+contention against one whose step does: a small model's decode steps are short kernels with the GPU idle between
+them, so a peer only decoding may take less of the GPU's time than one prefilling (``calibrate
+--decoding-peer-share`` fits it).
 ``prefill_contention`` (0 by default) is what prefill chunks cost more per peer prefilling at once: prefill is
 compute-bound, so two co-located engines prefilling share the GPU's arithmetic, where the decode steps of a small
 model are short memory-bound kernels that overlap a peer's (``gpu_contention``, on the whole step).
@@ -130,6 +134,7 @@ class EngineModel:
     chunk_tokens: int = 8192
     async_scheduling: bool = False
     gpu_contention: float = 0.0
+    decoding_peer_share: float = 1.0
     prefill_contention: float = 0.0
     prefill_step_contends: bool = True
     graph_tokens: int = 0
@@ -180,6 +185,8 @@ class EngineModel:
                              "frontend_merge_interval_s > 0")
         if not 0 <= self.empty_first_share < 1:
             raise ValueError(f"empty_first_share must be within [0, 1), got {self.empty_first_share}")
+        if not 0 <= self.decoding_peer_share <= 1:
+            raise ValueError(f"decoding_peer_share must be within [0, 1], got {self.decoding_peer_share}")
         if self.tier_hit_s < 0 or self.prefill_step_s < 0 or self.prefill_contention < 0 or self.tokenize_hold_s < 0:
             raise ValueError("tier_hit_s, prefill_step_s, prefill_contention and tokenize_hold_s must be >= 0")
         if self.input_s_per_request < 0 or self.input_s_per_ktok < 0 or self.replica_s_per_token < 0:
@@ -219,7 +226,8 @@ class EngineModel:
                     and decoding + prefill_tokens <= self.graph_tokens)
         mixed = 0.0 if prefill_s <= 0 else self.graph_step_s if in_graph else self.prefill_step_s
         shared, apart = (mixed, 0.0) if self.prefill_step_contends else (0.0, mixed)
-        return ((base + prefill_s + shared) * (1 + self.gpu_contention * busy_peers)
+        peers = prefilling_peers + self.decoding_peer_share * (busy_peers - prefilling_peers)
+        return ((base + prefill_s + shared) * (1 + self.gpu_contention * peers)
                 + prefill_s * self.prefill_contention * prefilling_peers + apart)
 
     def prepare_s(self, prompt_tokens: int, *, text: bool, hashed: bool) -> float:

@@ -127,3 +127,23 @@ def test_prefill_chunks_on_one_gpu_share_it_where_decode_steps_do_not():
                                                                           arrival_s=0.015)]), LoadPlan("trace")),
         strategy_knobs("round-robin"), ClusterSpec(2), engine.with_(**kw)).ttft_s[1]
     assert beside_decode(prefill_contention=1.0) == pytest.approx(beside_decode()) == pytest.approx(STEP + 0.01)
+
+
+def test_a_peer_only_decoding_counts_for_its_share_of_the_contention():
+    engine = ENGINE.with_(gpu_contention=0.5)
+    # two busy peers, one of them prefilling: with the default share both count whole
+    assert engine.step_time_s(0, 0, 0.001, 2, 1) == pytest.approx(2 * (STEP + 0.001))
+    quarter = engine.with_(decoding_peer_share=0.25)
+    assert quarter.step_time_s(0, 0, 0.001, 2, 1) == pytest.approx((1 + 0.5 * 1.25) * (STEP + 0.001))
+    assert quarter.step_time_s(0, 0, 0.001, 3, 0) == pytest.approx((1 + 0.5 * 0.75) * (STEP + 0.001))
+    assert quarter.step_time_s(2, 0, 0.0, 2, 2) == engine.step_time_s(2, 0, 0.0, 2, 2)  # prefilling peers whole
+    # in a run: a prompt beside a peer that only decodes is stretched by that share of the contention
+    twin = ENGINE.with_(prefill_tokens_per_s=100_000, replicas_per_gpu=2, gpu_contention=0.5)
+    ttft = lambda **kw: simulate(
+        Driver(iter([SimSession("d", [Turn(16, 50, (4000,))]), SimSession("p", [Turn(1000, 1, (4001,))],
+                                                                          arrival_s=0.015)]), LoadPlan("trace")),
+        strategy_knobs("round-robin"), ClusterSpec(2), twin.with_(**kw)).ttft_s[1]
+    assert ttft() == pytest.approx(1.5 * (STEP + 0.01))
+    assert ttft(decoding_peer_share=0.2) == pytest.approx(1.1 * (STEP + 0.01))
+    with pytest.raises(ValueError, match="decoding_peer_share"):
+        ENGINE.with_(decoding_peer_share=1.5)
