@@ -206,7 +206,7 @@ def run(args) -> dict:
             fleet.ask(i, "decode", args.peer_batch, args.decode_tokens, 1)
         peers = args.engines - 1
         plan = [(None, 0), *[("decode", k) for k in range(1, peers + 1)],
-                *[("prefill", k) for k in range(1, peers + 1)]]
+                *[("prefill", k) for k in range(1, peers + 1)], (None, 0)]  # alone again last: did it drift?
         measures = [("prefill", n, ("prefill", n, args.reps)) for n in args.prompt_tokens]
         measures += [("decode", b, ("decode", b, args.decode_tokens, args.reps)) for b in args.batch]
         for what, size, measure in measures:
