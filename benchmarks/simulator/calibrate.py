@@ -123,17 +123,19 @@ ENGINE_BOUNDS = {"gpu_contention": (0.01, 1.0), "prefill_contention": (0.01, 1.0
 SHAPE_BOUNDS = {"decode_s_per_ktok": 2.0, "prefill_attn_s": 8.0}
 
 
-def fit_start(specs: list[str], free: tuple[str, ...]) -> dict[str, float]:
-    """``--start FIELD=VALUE`` options as fields of the fit's start; a field the fit does not move is an error."""
+def fit_start(specs: list[str], free: tuple[str, ...], option: str = "--start") -> dict[str, float]:
+    """``--start FIELD=VALUE`` (or ``--hold``) options as fields of the fit's start; a field the fit does not move is
+    an error."""
     out = {}
     for spec in specs:
         name, sep, value = spec.partition("=")
         if not sep or name not in free:
-            raise SystemExit(f"--start {spec!r}: expected FIELD=VALUE with FIELD one of the fitted fields {list(free)}")
+            raise SystemExit(f"{option} {spec!r}: expected FIELD=VALUE with FIELD one of the fitted fields "
+                             f"{list(free)}")
         try:
             out[name] = float(value)
         except ValueError:
-            raise SystemExit(f"--start {spec!r}: {value!r} is not a number") from None
+            raise SystemExit(f"{option} {spec!r}: {value!r} is not a number") from None
     return out
 
 
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="start the routing fit's free FIELD at VALUE instead of where the serving fit carries it "
                          "(repeatable; a coordinate search moves one field at a time, so two fields that trade "
                          "against each other are found together only from a start near both)")
+    ap.add_argument("--hold", action="append", default=[], metavar="FIELD=VALUE",
+                    help="set the routing fit's free FIELD to VALUE and keep it out of the fit: a quantity measured "
+                         "apart (e.g. gpu_contention from benchmarks/gpu/colocated_contention.py); repeatable")
     ap.add_argument("--shape-bounds", action="store_true",
                     help="keep the routing fit's context terms near the start (SHAPE_BOUNDS)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -446,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                 + (("request_overhead_s",) if client else ()))
         if client:  # the c=1 rest held the serving run's client; this client is modelled: the rest may only shrink
             bounds["request_overhead_s"] = (1e-4, max(start.request_overhead_s, 1e-4))
-        start = start.with_(**fit_start(args.start, free))
+        held = fit_start(args.hold, free, option="--hold")
+        free = tuple(k for k in free if k not in held)
+        start = start.with_(**fit_start(args.start, free), **held)
         fitted, info = fit([c for c in cells if c.strategy == "round-robin"], start, settings,
                            args.replicas, rounds=args.rounds, free=free, bounds=bounds,
                            engine_stage=args.engine_stage, log=lambda m: print(m, file=sys.stderr))

@@ -97,6 +97,10 @@ def test_fit_start_sets_only_fitted_fields_and_refuses_anything_else():
     for bad in ("kv_blocks=10", "step_s", "step_s=fast"):
         with pytest.raises(SystemExit, match="--start"):
             fit_start([bad], free)
+    # --hold reads the same way and names itself
+    assert fit_start(["step_s=0.002"], free, option="--hold") == {"step_s": 0.002}
+    with pytest.raises(SystemExit, match="--hold 'kv_blocks=10'"):
+        fit_start(["kv_blocks=10"], free, option="--hold")
 
 
 def test_the_graph_step_surcharge_needs_a_graph_size_and_is_a_number_of_ms_or_fit(capsys):
