@@ -32,9 +32,8 @@ such a step's wait between a decode step's and a larger prefill step's (``routin
 ``prefill_step_contends`` (True by default) stretches that surcharge with the step's contention, as GPU time; False
 adds it after, as time the engine spends outside the GPU's sharing (the CPU of an eager step: launching its kernels).
 ``decoding_peer_share`` (1 by default) is what a busy peer whose step carries no prefill counts for in that
-contention against one whose step does: a small model's decode steps are short kernels with the GPU idle between
-them, so a peer only decoding may take less of the GPU's time than one prefilling (``calibrate
---decoding-peer-share`` fits it).
+contention against one whose step does (``calibrate --decoding-peer-share`` fits it; what co-located engines cost
+each other on a GPU is measured by ``benchmarks/gpu/colocated_contention.py``).
 ``prefill_contention`` (0 by default) is what prefill chunks cost more per peer prefilling at once: prefill is
 compute-bound, so two co-located engines prefilling share the GPU's arithmetic, where the decode steps of a small
 model are short memory-bound kernels that overlap a peer's (``gpu_contention``, on the whole step).
