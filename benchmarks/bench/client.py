@@ -10,6 +10,8 @@ process needs to open its own connection pool and ``StreamClient``), the request
     itl_s          gaps between consecutive content chunks after the first
     e2e_s          send -> ``data: [DONE]``
     usage          prompt/completion tokens and ``prompt_tokens_details.cached_tokens`` if reported
+    replica        the replica that served it, from kvserve's ``x-kvserve-replica`` response header
+                   (``ingress.expose_replica_header``; None without it)
 
 With ``server_timing`` (``kvserve bench --server-timing``, against an ingress with ``ingress.server_timing_header``)
 each request also records where its time to the first chunk went, from its ``Server-Timing`` header
@@ -69,6 +71,11 @@ class RequestRecord:
     sent_s: float | None = None
     accepted_s: float | None = None
     server_ms: dict | None = None
+    replica: str | None = None
+
+
+#: kvserve's response header naming the replica that served a request (``ingress.expose_replica_header``).
+REPLICA_HEADER = "x-kvserve-replica"
 
 
 def parse_server_timing(value: str) -> tuple[float | None, dict[str, float]]:
@@ -178,6 +185,7 @@ class StreamClient:
                 async with self._http.stream("POST", url, json=body, headers=headers,
                                              extensions=extensions) as response:
                     record.status = response.status_code
+                    record.replica = response.headers.get(REPLICA_HEADER)
                     if self._server_timing and "server-timing" in response.headers:
                         accepted, record.server_ms = parse_server_timing(response.headers["server-timing"])
                         record.accepted_s = accepted - t0_wall if accepted is not None else None

@@ -6,7 +6,8 @@ output token every ``itl_s``, then a usage chunk whose ``cached_tokens`` come fr
 prefix cache, so cache-hit accounting can be checked. ``fail_every=k`` answers every k-th request
 with 500; ``mode`` breaks streams (``stream_error``, ``drop``). ``server_timing``: the headers go out with the
 first chunk, with a ``Server-Timing`` header as kvserve's ingress sends it (accepted when the handler started; its
-``ingress`` stage the ``ttft_s`` waited). Requests it saw are in ``seen``.
+``ingress`` stage the ``ttft_s`` waited). ``replicas``: names it answers from in turn, in kvserve's
+``x-kvserve-replica`` header. Requests it saw are in ``seen``.
 A fake is used only in unit tests; integration tests run the real service.
 """
 
@@ -25,9 +26,9 @@ BLOCK = 16
 class FakeOpenAI:
     """A streaming OpenAI-shaped server with timing, failure injection and a prefix cache."""
 
-    def __init__(self, ttft_s=0.05, itl_s=0.002, fail_every=0, mode="ok", server_timing=False):
+    def __init__(self, ttft_s=0.05, itl_s=0.002, fail_every=0, mode="ok", server_timing=False, replicas=()):
         self.ttft_s, self.itl_s, self.fail_every, self.mode = ttft_s, itl_s, fail_every, mode
-        self.server_timing = server_timing
+        self.server_timing, self.replicas = server_timing, tuple(replicas)
         self.count = 0
         self.seen: list[dict] = []
         self.blocks: set[tuple] = set()
@@ -60,6 +61,8 @@ class FakeOpenAI:
         chat = "messages" in body
         tokens = (" ".join(m["content"] for m in body["messages"]).split() if chat else body["prompt"])
         headers = {"Content-Type": "text/event-stream"}
+        if self.replicas:
+            headers["x-kvserve-replica"] = self.replicas[(self.count - 1) % len(self.replicas)]
         if self.server_timing:
             await asyncio.sleep(self.ttft_s)
             headers["Server-Timing"] = f'accepted;desc="{accepted:.6f}", engine;dur={self.ttft_s * 1000:.3f}, ' \

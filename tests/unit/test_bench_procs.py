@@ -61,6 +61,17 @@ def test_two_processes_send_every_request_once_and_merge_one_result(tmp_path, ca
     assert "in 2 processes" in capsys.readouterr().out
 
 
+def test_each_request_records_the_replica_its_answer_named(tmp_path):
+    with FakeOpenAI(ttft_s=0.0, itl_s=0.0, replicas=("r-a", "r-b", "r-c")) as server:
+        named = _bench(server, tmp_path, "--workload", "random", "--input-len", "16", "--output-len", "2",
+                       "--concurrency", "2", "--num-requests", "9", "--warmup", "0", "--processes", "2")
+    assert sorted(r["replica"] for r in named["requests"]) == ["r-a"] * 3 + ["r-b"] * 3 + ["r-c"] * 3
+    with FakeOpenAI(ttft_s=0.0, itl_s=0.0) as server:  # a server without kvserve's header: none recorded
+        plain = _bench(server, tmp_path, "--workload", "random", "--input-len", "16", "--output-len", "2",
+                       "--concurrency", "1", "--num-requests", "2", "--warmup", "0")
+    assert [r["replica"] for r in plain["requests"]] == [None, None]
+
+
 def test_two_processes_replay_a_trace_at_its_times(tmp_path):
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps({"timestamp": 100 * i, "input_length": 1024, "output_length": 2,
