@@ -49,6 +49,7 @@ class Turn:
     text_from: int = 1  # its first output token with text (2: the first decodes to none; EngineModel.text_from)
     second_at: float = 0.0  # text_from 2: its second token left the engine (loop: its chunk went out)
     text_seen: bool = False  # the client has its first token with text: its TTFT is recorded
+    ttft_s: float = -1.0  # that TTFT (s; -1 until then)
     replica: str = ""  # the replica that completed it
     part: int = -1  # the bench process that sent it (``SplitDriver``'s part; -1: one driver)
     ingress: object = None  # the simulated ingress that routed it (its LoadTracker hears the completion)

@@ -297,8 +297,9 @@ class RequestPath:
         """The client gets ``turn``'s first token with text: its TTFT, once."""
         if not turn.text_seen:
             turn.text_seen = True
+            turn.ttft_s = now - turn.sent_at + self.engine.request_overhead_s
             if turn.rid >= self.measure_from:
-                self.res.ttft_s.append(now - turn.sent_at + self.engine.request_overhead_s)
+                self.res.ttft_s.append(turn.ttft_s)
 
     def seen_last(self, turn: Turn, now: float) -> None:
         """The client gets ``turn``'s last token: the request is done for the ingress and the driver."""
@@ -316,6 +317,9 @@ class RequestPath:
         if res.first_measured is None:
             res.first_measured = turn.sent_at
         res.e2e_s.append(now - turn.sent_at + self.engine.request_overhead_s)
+        if res.requests is not None:  # shaped as kvserve bench's per-request rows (routing_h2h.beside reads both)
+            res.requests.append({"replica": turn.replica, "start_s": turn.sent_at, "ttft_s": turn.ttft_s,
+                                 "e2e_s": res.e2e_s[-1], "ok": True})
         if turn.output_tokens > 1:
             start = turn.seen_first_at if via_cores else turn.first_at
             res.tpot_s.append((now - start) / (turn.output_tokens - 1))

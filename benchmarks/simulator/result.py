@@ -57,6 +57,7 @@ class Result:
     index_bytes_per_ingress: int | None = None
     reasons: Counter = field(default_factory=Counter)
     per_replica: dict[str, int] = field(default_factory=dict)
+    requests: list[dict] | None = None  # per measured request (``simulate(keep_requests=True)``), else None
 
     def summary(self, *, gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD, per_replica: bool = True) -> dict:
         ms = lambda xs, q: round(pct(xs, q) * 1e3, 2)

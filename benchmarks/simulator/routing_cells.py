@@ -187,19 +187,25 @@ def _with_before(cells: list[Cell], runs: list[dict]) -> list[Cell]:
 
 
 def simulate_cell(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int = 0,
-                  per_replica: bool = False) -> dict:
+                  per_replica: bool = False, keep_requests: bool = False) -> dict:
     """``cell`` in the simulator on the GPU run's prompts (``Cell.prompt_seed``); ``seed`` s draws the arrivals as the
     bench's ``--seed`` + s would (with ``Cell.split_load``, its processes' shares, session shards and arrival streams,
     ``load.split_driver``: ``seed`` 0 replays the GPU run's arrivals; else one stream of the whole load) and the
     routers' ties. Ray's twin first runs the cells its GPU run measured before it (``before``) on the tree it then
-    starts from (the replicas' caches and kvserve's indexes start empty in every cell)."""
+    starts from (the replicas' caches and kvserve's indexes start empty in every cell). ``keep_requests``: the summary
+    also holds ``requests``, a row per measured request (``sim.simulate``'s)."""
     tree = RayTree() if cell.strategy == RAY_TWIN else None
     for prior in cell.before:
         _run(prior, engine, settings, replicas, seed, tree)
-    return _run(cell, engine, settings, replicas, seed, tree).summary(per_replica=per_replica)
+    res = _run(cell, engine, settings, replicas, seed, tree, keep_requests)
+    out = res.summary(per_replica=per_replica)
+    if keep_requests:
+        out["requests"] = res.requests
+    return out
 
 
-def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int, tree: RayTree | None):
+def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: int, tree: RayTree | None,
+         keep_requests: bool = False):
     args = settings["workloads"][cell.workload]
     sessions = sessions_for(cell.workload, args, engine.block_size, cell.prompt_seed)
     plan = LoadPlan(cell.mode, cell.level, duration_s=cell.duration_s, seed=cell.bench_seed + seed,
@@ -208,7 +214,8 @@ def _run(cell: Cell, engine: EngineModel, settings: dict, replicas: int, seed: i
     engine = engine.with_(client_cores=cell.client_processes)  # the client's cores: the cell's bench processes
     processes = cell.client_processes if cell.split_load else 1
     return simulate(split_driver(sessions, plan, processes), knobs,
-                    ClusterSpec(replicas, ingresses=cell.ingresses), engine, seed=seed, ray_tree=tree)
+                    ClusterSpec(replicas, ingresses=cell.ingresses), engine, seed=seed, ray_tree=tree,
+                    keep_requests=keep_requests)
 
 
 def with_split_load(cells: list[Cell]) -> list[Cell]:

@@ -79,14 +79,19 @@ def strategy_knobs(strategy: str, **overrides) -> Knobs:
 
 
 def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int = 0,
-             measure_from: int = 0, ray_tree: RayTree | None = None) -> Result:
+             measure_from: int = 0, ray_tree: RayTree | None = None, keep_requests: bool = False) -> Result:
     """Run ``driver``'s load through the cluster; returns the per-request record and the router costs.
 
     Requests sent before the ``measure_from``-th one warm the caches and are not in the samples,
     token counts or throughput (routing costs count them all). ``ray_tree``: the tree Ray's twin starts from
     (and updates), as a deployment's tree actor outlives one benchmark cell; a new empty one when None.
+    ``keep_requests``: ``Result.requests`` holds a row per measured request (its replica, send time, TTFT, end),
+    shaped as ``kvserve bench --per-request`` rows.
     """
-    return Cluster(driver, knobs, cluster, engine, seed=seed, measure_from=measure_from, ray_tree=ray_tree).run()
+    cl = Cluster(driver, knobs, cluster, engine, seed=seed, measure_from=measure_from, ray_tree=ray_tree)
+    if keep_requests:
+        cl.res.requests = []
+    return cl.run()
 
 
 class Cluster(RequestPath, Scheduler, Fleet):

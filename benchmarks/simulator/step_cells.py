@@ -10,7 +10,9 @@ misses them on the GPU too, and this check runs in seconds.
 
 With ``--gpu`` the same comparison takes a GPU result (no fake engine) and the calibrated engine as it is: a run
 the calibration did not see (a repeat, another order of cells, another GPU of the same kind) beside its simulation,
-with each seed's TTFT p50 and the requests per replica, where a wave of sessions on one replica shows.
+with each seed's TTFT p50 and the requests per replica, where a wave of sessions on one replica shows. ``--beside``
+adds each cell's twin TTFTs grouped by the other replicas busy at each send (``benchmarks/routing_h2h/beside.py``),
+to set beside the same grouping of a ``--per-request`` GPU run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench.result import git_commit, machine_info
+from benchmarks.routing_h2h.beside import beside as beside_rows
+from benchmarks.routing_h2h.beside import summarise
 from benchmarks.simulator.engine import EngineModel
 from benchmarks.simulator.routing_cells import gpu_cells, simulate_cell, with_split_load
 
@@ -40,10 +44,12 @@ def step_engine(engine: EngineModel, step_ms: float) -> EngineModel:
                         async_scheduling=False, kv_admission=False, kv_blocks=1 << 20)
 
 
-def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False, split_load: bool = False) -> dict:
+def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False, split_load: bool = False,
+            beside: bool = False) -> dict:
     """Every modelled cell of the fake-engine result ``doc`` against the simulator (medians over ``seeds``); with
     ``gpu``, of a GPU result against ``engine`` as it is; with ``split_load``, each cell replaying its bench
-    processes (``routing_cells.with_split_load``)."""
+    processes (``routing_cells.with_split_load``); with ``beside``, each cell's seed-0 TTFTs grouped by the other
+    replicas busy at each send (``sim_beside``: ``routing_h2h.beside``, as a ``--per-request`` GPU run's are)."""
     step_ms = doc.get("step_engine_ms")
     if gpu and step_ms:
         raise ValueError(f"a --step-engine result (step_engine_ms {step_ms}): compare it without --gpu")
@@ -56,8 +62,8 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False, s
         replicas = (cell.measured.get("evidence") or {}).get("replicas")
         if not replicas:
             raise ValueError(f"{cell.name} {cell.workload}:{cell.load} records no replica count (evidence.replicas)")
-        sims = [simulate_cell(cell, eng, doc["scale_settings"], int(replicas), seed=s, per_replica=True)
-                for s in range(seeds)]
+        sims = [simulate_cell(cell, eng, doc["scale_settings"], int(replicas), seed=s, per_replica=True,
+                              keep_requests=beside and s == 0) for s in range(seeds)]
         row = {"system": cell.name, "strategy": cell.strategy, "workload": cell.workload, "load": cell.load}
         for key in KEYS:
             row[f"measured_{key}"] = round(cell.measured[key], 1)
@@ -71,6 +77,8 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False, s
         row["measured_requests_by_replica"] = sorted(
             ((cell.measured.get("evidence") or {}).get("requests_by_replica") or {}).values(), reverse=True)
         row["sim_requests_by_replica"] = [sorted(s["requests_per_replica"].values(), reverse=True) for s in sims]
+        if beside:
+            row["sim_beside"] = summarise(beside_rows(sims[0].pop("requests")))
         rows.append(row)
     ratios = []
     for r in rows:
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="each cell replays its bench processes (shares, session shards, arrival streams)")
     ap.add_argument("--client-sharing", choices=("ps", "fifo"),
                     help="the engine's client cores served this way instead (EngineModel.client_sharing)")
+    ap.add_argument("--beside", action="store_true",
+                    help="also each cell's seed-0 TTFT p50 by the other replicas busy at each send (sim_beside)")
     ap.add_argument("--out", help="write the comparison JSON here")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineModel(**(cal.get("routing", {}).get("engine") or cal.get("engine") or cal))
         if args.client_sharing:
             engine = engine.with_(client_sharing=args.client_sharing)
-        result = compare(doc, engine, args.seeds, gpu=args.gpu, split_load=args.split_load)
+        result = compare(doc, engine, args.seeds, gpu=args.gpu, split_load=args.split_load, beside=args.beside)
     except (OSError, ValueError, TypeError) as exc:
         print(f"step_cells: {exc}", file=sys.stderr)
         return 2

@@ -105,6 +105,19 @@ def test_a_client_running_its_work_in_order_sends_a_burst_one_after_another():
     assert ps == pytest.approx([free + 32.0] * 8, abs=0.05)
 
 
+def test_kept_requests_are_the_measured_ones_shaped_as_bench_rows():
+    reqs = workloads.no_sharing(6, 50.0, prompt_tokens=64, output_tokens=3, poisson=False)
+    run = lambda keep: simulate(Driver(workloads.trace_sessions(reqs), LoadPlan("trace", 0.0)), KNOBS,
+                                ClusterSpec(2), ENGINE, measure_from=2, keep_requests=keep)
+    assert run(False).requests is None
+    res = run(True)
+    assert len(res.requests) == res.completed == 4
+    assert sorted(r["ttft_s"] for r in res.requests) == pytest.approx(sorted(res.ttft_s))
+    assert sorted(r["e2e_s"] for r in res.requests) == pytest.approx(sorted(res.e2e_s))
+    assert {r["replica"] for r in res.requests} <= {"r0000", "r0001"} and all(r["ok"] for r in res.requests)
+    assert all(r["ttft_s"] <= r["e2e_s"] for r in res.requests)
+
+
 def test_client_costs_are_validated():
     with pytest.raises(ValueError):
         EngineModel(client_s_per_token=-1e-6)

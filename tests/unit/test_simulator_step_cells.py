@@ -1,6 +1,7 @@
 """The fake-engine cells in the simulator (``benchmarks/simulator/step_cells.py``): the engine's GPU parts become the
 paced clock, every cell is compared, a result without a fake engine is refused with a clear message, and ``--gpu``
-simulates a GPU result on the calibrated engine as it is."""
+simulates a GPU result on the calibrated engine as it is; ``beside`` groups a cell's twin TTFTs by the replicas busy
+at each send."""
 
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def test_every_cell_is_compared_and_ratios_are_over_kv_aware():
         assert len(r["sim_requests_by_replica"]) == 2 and sum(r["sim_requests_by_replica"][0]) > 0
     (ratio,) = out["ratios"]
     assert ratio["system"] == "ray" and ratio["measured_ttft_p50_vs_kv_aware"] == 1.0
+
+
+def test_beside_groups_each_cells_twin_ttfts_by_the_replicas_busy_at_each_send():
+    out = compare(doc(None), EngineModel(frontend_s_per_request=1e-3), seeds=2, gpu=True, beside=True)
+    for r in out["cells"]:
+        b = r["sim_beside"]
+        assert b["requests"] > 0 and sum(g["n"] for g in b["by_busy_others"].values()) == b["requests"]
+        assert set(b["by_busy_others"]) <= {"0", "1", "2", "3"}  # four replicas: at most three others
+        assert sum(g["n"] for g in b["by_same_replica"].values()) == b["requests"]
+    assert "sim_beside" not in compare(doc(None), EngineModel(), seeds=1, gpu=True)["cells"][0]
 
 
 def test_a_gpu_result_is_simulated_on_the_engine_as_it_is():
