@@ -24,6 +24,8 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.simulator.client_fit import bench_docs
+
 
 def beside(rows: list[dict]) -> list[dict]:
     """Per measured request with a replica and a TTFT: ``busy_others`` (other replicas with a request in flight at its
@@ -64,15 +66,14 @@ def summarise(per_request: list[dict]) -> dict:
 
 
 def _docs(paths: list[str], cell: str | None):
+    """(label, bench JSON) of each input: a ``.json`` under its name, an archive's members (``--cell``'s only) as
+    ``ARCHIVE:MEMBER``."""
     for p in map(Path, paths):
-        if p.suffix == ".json":
-            yield p.name, json.loads(p.read_text())
-            continue
-        with tarfile.open(p) as tar:
-            for m in tar.getmembers():
-                name = Path(m.name).name
-                if m.isfile() and name.endswith(".json") and (cell is None or name == f"{cell}.json"):
-                    yield f"{p.name}:{name}", json.load(tar.extractfile(m))
+        for name, doc in bench_docs(p):
+            if p.suffix == ".json":
+                yield name, doc
+            elif cell is None or name == f"{cell}.json":
+                yield f"{p.name}:{name}", doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,12 +169,12 @@ class PSServer:
         return out
 
 
-class QueueServer:
-    """One core running its callbacks in the order they were queued, with ``PSServer``'s ``add`` / ``next_time`` /
-    ``due`` (a bench process's event loop)."""
+class QueueServer(FifoServer):
+    """``FifoServer``'s one queue with ``PSServer``'s ``add`` / ``next_time`` / ``due``: one core running its
+    callbacks in the order they were queued (a bench process's event loop)."""
 
     def __init__(self) -> None:
-        self.busy_until = 0.0
+        super().__init__()
         self._marks: list = []  # heap (time the callback has run, seq, mark)
         self._seq = 0
         self.version = 0
@@ -183,11 +183,11 @@ class QueueServer:
     def add(self, now: float, job: object, seconds: float, mark: object = None) -> None:
         """Queue a callback of ``seconds`` behind every one queued before (``job`` names its request, unused:
         callbacks of one request keep their order as all do); ``mark`` is handed back by ``due`` once it has run."""
-        self.busy_until = max(now, self.busy_until) + seconds
+        done = self.work(now, seconds)
         self.work_added_s += seconds
         if mark is not None:
             self._seq += 1
-            heapq.heappush(self._marks, (self.busy_until, self._seq, mark))
+            heapq.heappush(self._marks, (done, self._seq, mark))
 
     def next_time(self) -> float | None:
         """When the next marked callback has run (None: none pending)."""

@@ -88,19 +88,17 @@ def simulate(driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineM
     ``keep_requests``: ``Result.requests`` holds a row per measured request (its replica, send time, TTFT, end),
     shaped as ``kvserve bench --per-request`` rows.
     """
-    cl = Cluster(driver, knobs, cluster, engine, seed=seed, measure_from=measure_from, ray_tree=ray_tree)
-    if keep_requests:
-        cl.res.requests = []
-    return cl.run()
+    return Cluster(driver, knobs, cluster, engine, seed=seed, measure_from=measure_from, ray_tree=ray_tree,
+                   keep_requests=keep_requests).run()
 
 
 class Cluster(RequestPath, Scheduler, Fleet):
     """One simulated run: the shared state every mixin reads, the event heap and its loop."""
 
     def __init__(self, driver: Driver, knobs: Knobs, cluster: ClusterSpec, engine: EngineModel, *, seed: int,
-                 measure_from: int, ray_tree: RayTree | None = None) -> None:
+                 measure_from: int, ray_tree: RayTree | None = None, keep_requests: bool = False) -> None:
         self.driver, self.cluster, self.engine, self.measure_from = driver, cluster, engine, measure_from
-        self.res = Result(knobs.strategy)
+        self.res = Result(knobs.strategy, requests=[] if keep_requests else None)
         self.bs = engine.block_size
         self.tier = ObjectTier(cluster.tier_budget_blocks) if cluster.tier_budget_blocks > 0 else None
         self.ings = []
