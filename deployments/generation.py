@@ -120,10 +120,11 @@ async def merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIte
             t.cancel()
 
 
-async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """``stream`` with its first item already awaited: an error before any output (overload, the engine refusing
-    the request, the deadline) raises here, while the response's status can still say so; after it, a stream
-    ends with an error event instead. An empty stream stays empty."""
+async def primed(stream: AsyncIterator[Any]) -> tuple[Any | None, AsyncIterator[Any]]:
+    """``stream`` with its first item already awaited, and that item (None for an empty stream): an error before
+    any output (overload, the engine refusing the request, the deadline) raises here, while the response's status
+    and headers can still say so; after it, a stream ends with an error event instead. An empty stream stays
+    empty."""
     it = aiter(stream)
     try:
         first = await anext(it)
@@ -142,7 +143,7 @@ async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
             if aclose is not None:
                 await aclose()
 
-    return rest()
+    return (None if first is _EMPTY else first), rest()
 
 
 _EMPTY = object()

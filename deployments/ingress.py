@@ -304,7 +304,7 @@ class Ingress:
                         self._cfg.ingress.request_timeout_s)
         if body.stream:
             try:  # refused before its first output: the status says so (after it, an error event does)
-                chunks = await primed(chunks)
+                first, chunks = await primed(chunks)
             except APIError as err:
                 track.error(err)
                 track.done(acc)
@@ -320,7 +320,7 @@ class Ingress:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(acc, chunks, n_choices, include_usage, track.first, track.error)
             return StreamingResponse(track.wrap(events, acc), media_type="text/event-stream",
-                                     headers=self._timing_header(stages))
+                                     headers=self._headers(stages, first[1].replica_id if first else None))
         try:
             async for offset, chunk in chunks:
                 track.first()
@@ -333,13 +333,17 @@ class Ingress:
             raise
         finally:
             track.done(acc)
-        headers = self._timing_header(stages) or {}
-        if acc.replica_id and self._cfg.ingress.expose_replica_header:
-            headers["x-kvserve-replica"] = acc.replica_id
-        return JSONResponse(acc.response(n_choices), headers=headers or None)
+        return JSONResponse(acc.response(n_choices), headers=self._headers(stages, acc.replica_id))
 
-    def _timing_header(self, stages: RequestStages) -> dict[str, str] | None:
-        return {"server-timing": stages.server_timing()} if self._cfg.ingress.server_timing_header else None
+    def _headers(self, stages: RequestStages, replica_id: str | None) -> dict[str, str] | None:
+        """The response's optional headers: Server-Timing (``ingress.server_timing_header``) and the replica that
+        served it (``ingress.expose_replica_header``; a stream names the replica of its first chunk)."""
+        headers = {}
+        if self._cfg.ingress.server_timing_header:
+            headers["server-timing"] = stages.server_timing()
+        if replica_id and self._cfg.ingress.expose_replica_header:
+            headers["x-kvserve-replica"] = replica_id
+        return headers or None
 
 
 def build_ingress(cfg: AppConfig, replicas: dict[str, Any]):

@@ -265,7 +265,7 @@ async def test_the_replica_gets_the_tenants_salt_whatever_the_client_sends(monke
     assert [r.cache_salt for r in handle.requests] == ["tenant:acme/tenant:ab", "tenant:ab", "tenant:ab"]
 
 
-async def test_cached_tokens_and_the_replica_header_are_off_unless_configured(monkeypatch):
+async def test_cached_tokens_and_the_replica_header_are_off_unless_configured_streamed_or_not(monkeypatch):
     for expose in (False, True):
         handle = StubHandle(cached_tokens=16)
         over = {"ingress": {"expose_cached_tokens": expose, "expose_replica_header": expose}}
@@ -277,6 +277,7 @@ async def test_cached_tokens_and_the_replica_header_are_off_unless_configured(mo
         assert r.status_code == 200 and s.status_code == 200
         assert ("prompt_tokens_details" in r.json()["usage"]) is expose
         assert ("x-kvserve-replica" in r.headers) is expose
+        assert ("x-kvserve-replica" in s.headers) is expose  # a stream names its replica too
         assert ('"cached_tokens":16' in s.text) is expose
         if expose:
             assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
