@@ -319,7 +319,7 @@ class RequestPath:
         res.e2e_s.append(now - turn.sent_at + self.engine.request_overhead_s)
         if res.requests is not None:  # shaped as kvserve bench's per-request rows (routing_h2h.beside reads both)
             res.requests.append({"replica": turn.replica, "start_s": turn.sent_at, "ttft_s": turn.ttft_s,
-                                 "e2e_s": res.e2e_s[-1], "ok": True})
+                                 "e2e_s": res.e2e_s[-1], "output_tokens": turn.output_tokens, "ok": True})
         if turn.output_tokens > 1:
             start = turn.seen_first_at if via_cores else turn.first_at
             res.tpot_s.append((now - start) / (turn.output_tokens - 1))

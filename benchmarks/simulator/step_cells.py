@@ -48,8 +48,9 @@ def compare(doc: dict, engine: EngineModel, seeds: int = 2, gpu: bool = False, s
             beside: bool = False) -> dict:
     """Every modelled cell of the fake-engine result ``doc`` against the simulator (medians over ``seeds``); with
     ``gpu``, of a GPU result against ``engine`` as it is; with ``split_load``, each cell replaying its bench
-    processes (``routing_cells.with_split_load``); with ``beside``, each cell's seed-0 TTFTs grouped by the other
-    replicas busy at each send (``sim_beside``: ``routing_h2h.beside``, as a ``--per-request`` GPU run's are)."""
+    processes (``routing_cells.with_split_load``); with ``beside``, each cell's seed-0 TTFTs and TPOTs grouped by the
+    requests in flight and the other replicas busy at each send (``sim_beside``: ``routing_h2h.beside``, as a
+    ``--per-request`` GPU run's are)."""
     step_ms = doc.get("step_engine_ms")
     if gpu and step_ms:
         raise ValueError(f"a --step-engine result (step_engine_ms {step_ms}): compare it without --gpu")
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-sharing", choices=("ps", "fifo"),
                     help="the engine's client cores served this way instead (EngineModel.client_sharing)")
     ap.add_argument("--beside", action="store_true",
-                    help="also each cell's seed-0 TTFT p50 by the other replicas busy at each send (sim_beside)")
+                    help="also each cell's seed-0 TTFT and TPOT p50 by the requests in flight and the other replicas "
+                         "busy at each send (sim_beside)")
     ap.add_argument("--out", help="write the comparison JSON here")
     args = ap.parse_args(argv)
     if args.seeds < 1:
