@@ -81,12 +81,12 @@ def summarise(per_request: list[dict]) -> dict:
 
 def _docs(paths: list[str], cell: str | None):
     """(label, bench JSON) of each input: a ``.json`` under its name, an archive's members (``--cell``'s only) as
-    ``ARCHIVE:MEMBER``."""
+    ``ARCHIVE:PATH-IN-IT`` (one archive may hold a cell of several runs)."""
     for p in map(Path, paths):
-        for name, doc in bench_docs(p):
+        for name, doc in bench_docs(p, member_paths=True):
             if p.suffix == ".json":
                 yield name, doc
-            elif cell is None or name == f"{cell}.json":
+            elif cell is None or Path(name).name == f"{cell}.json":
                 yield f"{p.name}:{name}", doc
 
 

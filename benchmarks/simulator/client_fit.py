@@ -23,15 +23,18 @@ import tarfile
 from pathlib import Path
 
 
-def bench_docs(path: Path):
-    """(file name, JSON document) of ``path`` (a ``.json``) or of every JSON file inside it (a ``.tgz`` archive)."""
+def bench_docs(path: Path, member_paths: bool = False):
+    """(file name, JSON document) of ``path`` (a ``.json``) or of every JSON file inside it (a ``.tgz`` archive); with
+    ``member_paths``, an archive's files are named by their path in it (``work/r25_a/CELL.json``), so the same cell of
+    two runs in one archive keeps both."""
     if path.suffix == ".json":
         yield path.name, json.loads(path.read_text())
         return
     with tarfile.open(path) as tar:
         for member in tar.getmembers():
             if member.isfile() and member.name.endswith(".json"):
-                yield Path(member.name).name, json.load(tar.extractfile(member))
+                name = member.name.removeprefix("./") if member_paths else Path(member.name).name
+                yield name, json.load(tar.extractfile(member))
 
 
 def client_rows(paths: list[str]) -> list[dict]:

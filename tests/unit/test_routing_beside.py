@@ -48,19 +48,22 @@ def test_the_summary_groups_ttft_and_tpot_by_the_counts():
     assert s["by_same_replica"]["1"] == {"n": 1, "ttft_p50_ms": 70.0, "ttft_mean_ms": 70.0, "tpot_p50_ms": 13.0}
 
 
-def test_the_cli_reads_archives_by_cell_and_groups_rows_without_replicas_by_what_was_in_flight(tmp_path, capsys):
+def test_the_cli_reads_each_run_of_a_cell_and_groups_rows_without_replicas_by_what_was_in_flight(tmp_path, capsys):
     archive = tmp_path / "logs.tgz"
     with tarfile.open(archive, "w:gz") as tar:
-        for name, doc in (("kv-aware-no-sharing-r25.json", {"requests": ROWS}),
-                          ("round-robin-no-sharing-r25.json", {"requests": [dict(r, replica=None) for r in ROWS]})):
+        for name, doc in (("a/kv-aware-no-sharing-r25.json", {"requests": ROWS}),
+                          ("b/kv-aware-no-sharing-r25.json", {"requests": ROWS[:2]}),
+                          ("a/round-robin-no-sharing-r25.json", {"requests": [dict(r, replica=None) for r in ROWS]})):
             data = json.dumps(doc).encode()
-            info = tarfile.TarInfo(f"./work/routing_h2h/{name}")
+            info = tarfile.TarInfo(f"./work/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "beside.json"
     assert main([str(archive), "--cell", "kv-aware-no-sharing-r25", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert list(doc["results"]) == ["logs.tgz:kv-aware-no-sharing-r25.json"] and doc["skipped"] == []
+    assert list(doc["results"]) == ["logs.tgz:work/a/kv-aware-no-sharing-r25.json",
+                                    "logs.tgz:work/b/kv-aware-no-sharing-r25.json"] and doc["skipped"] == []
+    assert doc["results"]["logs.tgz:work/b/kv-aware-no-sharing-r25.json"]["requests"] == 2  # one run each
     assert "other replicas busy" in capsys.readouterr().out
     assert main([str(archive), "--cell", "round-robin-no-sharing-r25"]) == 0
     printed = capsys.readouterr().out
