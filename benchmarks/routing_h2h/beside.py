@@ -55,8 +55,9 @@ def beside(rows: list[dict]) -> list[dict]:
 
 
 def summarise(per_request: list[dict]) -> dict:
-    """TTFT p50 and mean (ms), TPOT p50 (ms) and the count, per number of other requests in flight and, over the rows
-    naming their replica, per number of busy other replicas and per number on the same replica."""
+    """TTFT p50 and mean (ms), TPOT p50 (ms) and the count, per number of other requests in flight (with, where rows
+    name their replica, how many of them were sent onto a replica already busy: ``stacked``, and their TTFT p50) and,
+    over the rows naming their replica, per number of busy other replicas and per number on the same replica."""
     def group(key: str) -> dict:
         by: dict[int, list[dict]] = defaultdict(list)
         for p in per_request:
@@ -68,6 +69,10 @@ def summarise(per_request: list[dict]) -> dict:
             out[str(k)] = {"n": len(ps), "ttft_p50_ms": round(statistics.median(ttfts), 2),
                            "ttft_mean_ms": round(statistics.fmean(ttfts), 2),
                            "tpot_p50_ms": round(statistics.median(tpots), 3) if tpots else None}
+            if key == "in_flight" and any(p["same"] is not None for p in ps):  # sent onto a replica already busy
+                stacked = [p["ttft_ms"] for p in ps if p["same"]]
+                out[str(k)]["stacked"] = len(stacked)
+                out[str(k)]["stacked_ttft_p50_ms"] = round(statistics.median(stacked), 2) if stacked else None
         return out
 
     def mean(key: str) -> float | None:
@@ -115,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in results.items():
         print(f"{name}: {s['requests']} requests, {s['in_flight_mean']} others in flight at a send on average")
         for k, g in s["by_in_flight"].items():
+            onto = (f", {g['stacked']} onto a busy replica (TTFT p50 {g['stacked_ttft_p50_ms']})"
+                    if "stacked" in g else "")
             print(f"  {k} in flight: n={g['n']} TTFT p50 {g['ttft_p50_ms']} ms, mean {g['ttft_mean_ms']}, "
-                  f"TPOT p50 {g['tpot_p50_ms']}")
+                  f"TPOT p50 {g['tpot_p50_ms']}{onto}")
         if not s["named"]:
             print("  (no row names its replica: busy replicas need an ingress with expose_replica_header)")
             continue

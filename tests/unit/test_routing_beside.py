@@ -42,7 +42,11 @@ def test_the_summary_groups_ttft_and_tpot_by_the_counts():
     s = summarise(beside(ROWS))
     assert s["requests"] == 6 and s["named"] == 5 and s["busy_others_mean"] == pytest.approx(4 / 5)
     assert s["in_flight_mean"] == pytest.approx(7 / 6, abs=1e-3)
-    assert s["by_in_flight"]["1"] == {"n": 2, "ttft_p50_ms": 60.0, "ttft_mean_ms": 60.0, "tpot_p50_ms": 92.0}
+    assert s["by_in_flight"]["1"] == {"n": 2, "ttft_p50_ms": 60.0, "ttft_mean_ms": 60.0, "tpot_p50_ms": 92.0,
+                                      "stacked": 0, "stacked_ttft_p50_ms": None}
+    assert s["by_in_flight"]["2"]["stacked"] == 1 and s["by_in_flight"]["2"]["stacked_ttft_p50_ms"] == 70.0
+    unnamed = summarise(beside([dict(r, replica=None) for r in ROWS]))
+    assert "stacked" not in unnamed["by_in_flight"]["1"] and unnamed["busy_others_mean"] is None
     assert s["by_busy_others"]["0"] == {"n": 2, "ttft_p50_ms": 45.0, "ttft_mean_ms": 45.0, "tpot_p50_ms": 50.5}
     assert s["by_busy_others"]["2"]["n"] == 1 and s["by_busy_others"]["2"]["ttft_p50_ms"] == 90.0
     assert s["by_same_replica"]["1"] == {"n": 1, "ttft_p50_ms": 70.0, "ttft_mean_ms": 70.0, "tpot_p50_ms": 13.0}
