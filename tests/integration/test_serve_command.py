@@ -58,7 +58,8 @@ def _wait_line(lines: queue.Queue, needle: str, timeout_s: float, seen: list[str
     raise AssertionError(f"no line with {needle!r} within {timeout_s} s; last lines:\n" + "\n".join(seen[-30:]))
 
 
-def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
+def _start(tmp_path: Path) -> tuple[subprocess.Popen, queue.Queue, int, dict[str, str]]:
+    """``kvserve serve`` on a free port in its own session: (process, its output lines, port, its environment)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
@@ -67,6 +68,11 @@ def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
                             start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    return proc, lines, port, env
+
+
+def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
+    proc, lines, port, env = _start(tmp_path)
     seen: list[str] = []
     base = f"http://127.0.0.1:{port}"
     chat = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -133,14 +139,7 @@ def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
 def test_the_engine_ends_when_the_ray_processes_are_killed_under_it(tmp_path: Path) -> None:
     """Every Ray process of the run SIGKILLed, as ``ray stop --force`` does (it kills Ray's processes by name, and
     vLLM's are not among them): the vLLM engine processes, re-parented and killed by no one, end themselves."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "serve_app.cli", "serve", str(_config(tmp_path, port))],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    proc, lines, _, _ = _start(tmp_path)
     seen: list[str] = []
     tree: list[psutil.Process] = []
     try:
