@@ -61,7 +61,8 @@ class IngressConfig(BaseModel):
         description="Report usage.prompt_tokens_details.cached_tokens. Off by default: with several tenants sharing "
         "a cache group, a client could learn which prefixes others sent.")
     expose_replica_header: bool = Field(
-        default=False, description="Send the `x-kvserve-replica` response header (which replica served the request).")
+        default=False, description="Send the `x-kvserve-replica` response header (which replica served the request; a "
+        "stream's names the replica of its first chunk).")
     server_timing_header: bool = Field(
         default=False,
         description="Send a `Server-Timing` response header: the request's stages up to its first chunk at the "

@@ -3,9 +3,9 @@
 On the shared app (configs/cpu.yaml + ``SHARED``, whose routing is the default, kv-aware): pins a shared prefix,
 follows a ``reset_prefix_cache``, publishes no token ids, survives a killed replica (whose engine processes end
 with it), which is why this module is the shared app's last user (it deletes the app when it ends). Round-robin
-against kv-aware is test_routing_round_robin's, on the fake engine. Non-streaming responses name their replica in
-the ``x-kvserve-replica`` header; replicas are reached one by one through their Serve actors (tests only). On the
-CPU backend a KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
+against kv-aware is test_routing_round_robin's, on the fake engine. Responses name their replica in the
+``x-kvserve-replica`` header (a stream, its first chunk's); replicas are reached one by one through their Serve
+actors (tests only). On the CPU backend a KV block is 128 tokens, so the shared prefixes here are > 1,000 tokens.
 """
 
 from __future__ import annotations
