@@ -34,7 +34,11 @@ def register() -> None:
     """vLLM general plugin: watch the parent in this process if ``multiprocessing`` started it (once per process)."""
     global _started
     if not _started:
-        _started = watch_parent()
+        try:
+            _started = watch_parent()
+        except Exception:  # a watch that cannot start must not take the engine down with it
+            logger.exception("parent watch not started in process %s", os.getpid())
+            _started = True
 
 
 def watch_parent(grace_s: float = GRACE_S, poll_s: float = POLL_S,

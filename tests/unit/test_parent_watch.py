@@ -1,5 +1,6 @@
 """``deployments/parent_watch.py``: a ``multiprocessing`` child (as vLLM's EngineCore is of its replica) ends itself,
-SIGTERM first, when its parent is killed; any other process is left alone; the plugin is registered with vLLM."""
+SIGTERM first, when its parent is killed; any other process is left alone; a watch that cannot start raises nothing;
+the plugin is registered with vLLM."""
 
 from __future__ import annotations
 
@@ -70,6 +71,18 @@ def _state(pid: str) -> str:
 def test_a_process_multiprocessing_did_not_start_is_left_alone():
     assert multiprocessing.parent_process() is None  # pytest's own process
     assert watch_parent(on_death=lambda pid: pytest.fail("no parent to watch")) is False
+
+
+def test_a_watch_that_cannot_start_leaves_the_process_running(monkeypatch):
+    import deployments.parent_watch as pw
+
+    def broken():
+        raise ValueError("process not started")
+
+    monkeypatch.setattr(pw, "_started", False)
+    monkeypatch.setattr(pw, "watch_parent", broken)
+    pw.register()  # logs, does not raise
+    assert pw._started
 
 
 def test_vllm_finds_the_plugin():
